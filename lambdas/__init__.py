@@ -1,0 +1,1 @@
+"""Code shipped as Lambda assets: `handlers` (thin) over `core` (the domain)."""

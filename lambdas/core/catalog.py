@@ -1,0 +1,181 @@
+"""What the catalog says about tables, columns, keys and sequences (read-only queries)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from lambdas.core.db import Connection, fetch_all
+from lambdas.core.tables import TableName
+
+SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # format_type(), e.g. 'numeric(12,2)'
+    not_null: bool
+    has_default: bool = False
+    generated: bool = False  # GENERATED ALWAYS AS (...) STORED: computed, never copied
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: TableName
+    oid: int
+    relkind: str  # 'r' table, 'p' partitioned
+    persistence: str  # 'p' permanent, 'u' unlogged, 't' temporary
+    replica_identity: str  # 'd' default (pk), 'i' index, 'f' full, 'n' nothing
+    primary_key: tuple[str, ...]
+    replica_identity_index: str | None
+    columns: tuple[Column, ...]
+    estimated_rows: int
+    size_bytes: int
+    partition_parent: TableName | None = None
+    key_types: tuple[str, ...] = field(default=())
+
+    @property
+    def has_usable_identity(self) -> bool:
+        """Whether UPDATE/DELETE can be replicated (and still run on the source once published)."""
+        if self.replica_identity == "f":
+            return True
+        if self.replica_identity == "i":
+            return self.replica_identity_index is not None
+        if self.replica_identity == "d":
+            return bool(self.primary_key)
+        return False
+
+
+def list_tables(conn: Connection) -> list[TableName]:
+    """Every ordinary and partitioned table outside the system schemas."""
+    rows = fetch_all(
+        conn,
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN %s AND n.nspname NOT LIKE 'pg_temp%%'"
+        " AND n.nspname NOT LIKE 'pg_toast%%'",
+        (SYSTEM_SCHEMAS,),
+    )
+    return sorted(TableName(s, t) for s, t in rows)
+
+
+def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[TableName, TableInfo]:
+    """Catalog facts for `tables` that exist; missing tables are simply absent from the result."""
+    names = list(tables)
+    if not names:
+        return {}
+    rows = fetch_all(
+        conn,
+        """
+        WITH wanted(schema_name, table_name) AS (SELECT * FROM unnest(%s::text[], %s::text[]))
+        SELECT n.nspname, c.relname, c.oid, c.relkind, c.relpersistence, c.relreplident,
+               greatest(c.reltuples, 0)::bigint,
+               pg_total_relation_size(c.oid),
+               (SELECT array_agg(a.attname ORDER BY k.ord)
+                  FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+                 WHERE i.indrelid = c.oid AND i.indisprimary),
+               (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord)
+                  FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+                 WHERE i.indrelid = c.oid AND i.indisprimary),
+               (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                 WHERE i.indrelid = c.oid AND i.indisreplident),
+               (SELECT pn.nspname || '.' || pc.relname FROM pg_inherits h
+                  JOIN pg_class pc ON pc.oid = h.inhparent JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+                 WHERE h.inhrelid = c.oid LIMIT 1)
+          FROM wanted w
+          JOIN pg_namespace n ON n.nspname = w.schema_name
+          JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.table_name AND c.relkind IN ('r', 'p')
+        """,
+        ([t.schema for t in names], [t.name for t in names]),
+    )
+    columns = _columns(conn, [r[2] for r in rows])
+    result: dict[TableName, TableInfo] = {}
+    for schema, name, oid, relkind, persistence, replident, est, size, pk, pk_types, ri_index, parent in rows:
+        table = TableName(schema, name)
+        result[table] = TableInfo(
+            name=table,
+            oid=oid,
+            relkind=relkind,
+            persistence=persistence,
+            replica_identity=replident,
+            primary_key=tuple(pk or ()),
+            replica_identity_index=ri_index,
+            columns=tuple(columns.get(oid, ())),
+            estimated_rows=int(est),
+            size_bytes=int(size),
+            partition_parent=TableName.parse(parent) if parent else None,
+            key_types=tuple(pk_types or ()),
+        )
+    return result
+
+
+def _columns(conn: Connection, oids: list[int]) -> dict[int, list[Column]]:
+    if not oids:
+        return {}
+    rows = fetch_all(
+        conn,
+        "SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.atthasdef,"
+        " a.attgenerated <> ''"
+        " FROM pg_attribute a WHERE a.attrelid = ANY(%s::oid[]) AND a.attnum > 0 AND NOT a.attisdropped"
+        " ORDER BY a.attrelid, a.attnum",
+        (oids,),
+    )
+    out: dict[int, list[Column]] = {}
+    for oid, name, typ, not_null, has_default, generated in rows:
+        out.setdefault(oid, []).append(Column(name, typ, not_null, has_default, generated))
+    return out
+
+
+@dataclass(frozen=True)
+class SequenceUse:
+    """A sequence a selected table draws from: owned by a column (serial/identity) or only named in a default."""
+
+    sequence: TableName
+    table: TableName
+    column: str
+    owned: bool
+
+
+def sequences_for_tables(conn: Connection, tables: Iterable[TableName]) -> list[SequenceUse]:
+    names = list(tables)
+    if not names:
+        return []
+    rows = fetch_all(
+        conn,
+        """
+        WITH wanted(schema_name, table_name) AS (SELECT * FROM unnest(%s::text[], %s::text[])),
+        rels AS (
+            SELECT c.oid, n.nspname, c.relname FROM wanted w
+              JOIN pg_namespace n ON n.nspname = w.schema_name
+              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.table_name
+        ),
+        owned AS (  -- serial and identity columns: the sequence depends on the column
+            SELECT d.objid AS seq, r.nspname, r.relname, a.attname, true AS owned
+              FROM rels r JOIN pg_depend d ON d.refobjid = r.oid AND d.classid = 'pg_class'::regclass
+                          AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+              JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+              JOIN pg_attribute a ON a.attrelid = r.oid AND a.attnum = d.refobjsubid
+        ),
+        in_defaults AS (  -- nextval('seq') in a column default: the default depends on the sequence
+            SELECT d.refobjid AS seq, r.nspname, r.relname, a.attname, false AS owned
+              FROM rels r JOIN pg_attrdef ad ON ad.adrelid = r.oid
+              JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                              AND d.refclassid = 'pg_class'::regclass
+              JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+              JOIN pg_attribute a ON a.attrelid = r.oid AND a.attnum = ad.adnum
+        )
+        SELECT DISTINCT ON (u.seq, u.nspname, u.relname, u.attname)
+               sn.nspname, sc.relname, u.nspname, u.relname, u.attname,
+               EXISTS (SELECT 1 FROM owned o WHERE o.seq = u.seq)
+          FROM (SELECT * FROM owned UNION ALL SELECT * FROM in_defaults) u
+          JOIN pg_class sc ON sc.oid = u.seq JOIN pg_namespace sn ON sn.oid = sc.relnamespace
+         ORDER BY u.seq, u.nspname, u.relname, u.attname
+        """,
+        ([t.schema for t in names], [t.name for t in names]),
+    )
+    return sorted(
+        (SequenceUse(TableName(ss, sn), TableName(ts, tn), col, bool(owned)) for ss, sn, ts, tn, col, owned in rows),
+        key=lambda u: (u.sequence, u.table, u.column),
+    )

@@ -1,0 +1,68 @@
+"""Connections and small query helpers over psycopg2.
+
+DSNs carry passwords: they are never put into messages. `redact_dsn` gives a loggable form.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+from psycopg2 import sql
+
+Connection = psycopg2.extensions.connection
+Query = str | sql.Composable
+
+_PASSWORD_RE = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_URI_PASSWORD_RE = re.compile(r"(postgres(?:ql)?://[^:/@]+:)([^@]+)(@)")
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by '***'."""
+    return _URI_PASSWORD_RE.sub(r"\1***\3", _PASSWORD_RE.sub(r"\1***", dsn))
+
+
+class DatabaseUnreachable(ConnectionError):
+    pass
+
+
+def connect(dsn: str, *, application_name: str = "zdm", autocommit: bool = True, **kwargs: Any) -> Connection:
+    """Open a connection; the error names the (redacted) DSN, never the password."""
+    try:
+        conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10, **kwargs)
+    except psycopg2.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnreachable(f"cannot connect to {redact_dsn(dsn)}: {reason}") from None
+    if not isinstance(conn, psycopg2.extras._replicationConnection):  # those are always autocommit
+        conn.autocommit = autocommit
+    return conn
+
+
+def fetch_all(conn: Connection, query: Query, params: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        return list(cur.fetchall())
+
+
+def fetch_one(conn: Connection, query: Query, params: Sequence[Any] | dict[str, Any] | None = None) -> tuple[Any, ...] | None:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        return cur.fetchone()
+
+
+def fetch_value(conn: Connection, query: Query, params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
+    row = fetch_one(conn, query, params)
+    return None if row is None else row[0]
+
+
+def execute(conn: Connection, query: Query, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+
+
+def server_version_num(conn: Connection) -> int:
+    return int(conn.server_version)

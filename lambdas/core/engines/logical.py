@@ -1,0 +1,534 @@
+"""PostgreSQL native logical replication: a publication on the source, a subscription on the target.
+
+Initial copy, by `copy_method`:
+- parallel-snapshot: the slot is created over the replication protocol with EXPORT_SNAPSHOT,
+  key ranges are copied in parallel from that snapshot, then a subscription is attached to
+  the existing slot without copying. The copy's progress is recorded on the target in
+  `_zdm.copy_state`, so a start interrupted mid-copy is recognised and redone from scratch.
+- subscription: PostgreSQL's own table synchronisation (one stream per table).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import psycopg2
+import psycopg2.extras
+from psycopg2 import sql
+
+from lambdas.core.catalog import TableInfo, describe_tables
+from lambdas.core.config import LogicalSettings
+from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_one, fetch_value
+from lambdas.core.engines.base import (
+    Phase,
+    ReplicationEngine,
+    ReplicationStatus,
+    SlotHealth,
+    StartResult,
+    TableStatus,
+    TableSyncState,
+    TeardownResult,
+)
+from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopySessionFactory, copy_in_parallel
+from lambdas.core.lsn import Lsn, applied_lsn
+from lambdas.core.ranges import plan_ranges
+from lambdas.core.tables import TableName
+
+STATE_SCHEMA = "_zdm"
+
+_SUBSCRIPTION_STATES = {
+    "i": TableSyncState.PENDING,
+    "d": TableSyncState.COPYING,
+    "f": TableSyncState.COPIED,
+    "s": TableSyncState.COPIED,
+    "r": TableSyncState.READY,
+}
+
+
+class ReplicationSetupError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ReplicationNames:
+    """The publication, slot and subscription of one replication direction share one name."""
+
+    base: str
+
+    @property
+    def publication(self) -> str:
+        return self.base
+
+    @property
+    def slot(self) -> str:
+        return self.base
+
+    @property
+    def subscription(self) -> str:
+        return self.base
+
+
+@dataclass(frozen=True)
+class LogicalReplicationPlan:
+    names: ReplicationNames
+    tables: tuple[TableName, ...]
+    settings: LogicalSettings = field(default_factory=LogicalSettings)
+    initial_copy: bool = True
+
+
+class LogicalEngine(ReplicationEngine):
+    name = "logical"
+
+    def __init__(
+        self,
+        source_dsn: str,
+        target_dsn: str,
+        plan: LogicalReplicationPlan,
+        *,
+        subscription_conninfo: str | None = None,
+        on_copy_progress: Callable[[ChunkCopied], None] | None = None,
+        connector: Callable[..., Connection] = connect,
+    ) -> None:
+        self._source_dsn = source_dsn
+        self._target_dsn = target_dsn
+        # How the target server reaches the source (may differ from how we do).
+        self._conninfo = subscription_conninfo or source_dsn
+        self.plan = plan
+        self._on_copy_progress = on_copy_progress
+        self._connect = connector
+
+    # -- connections -------------------------------------------------------------------
+    def _source(self) -> Connection:
+        return self._connect(self._source_dsn, application_name="zdm-control")
+
+    def _target(self) -> Connection:
+        return self._connect(self._target_dsn, application_name="zdm-control")
+
+    # -- start -------------------------------------------------------------------------
+    def start(self) -> StartResult:
+        names = self.plan.names
+        source, target = self._source(), self._target()
+        try:
+            infos = self._describe(source)
+            tables = _replicated_tables(infos)
+            self._ensure_publication(source, tables)
+            sub = _subscription(target, names.subscription)
+            if sub is not None:
+                enabled = sub[1]
+                if not enabled:
+                    execute(target, sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(names.subscription)))
+                return StartResult(self.name, already_running=enabled, tables=[str(t.name) for t in tables])
+            if self.plan.initial_copy and self.plan.settings.copy_method == "parallel-snapshot":
+                return self._start_with_parallel_copy(source, target, infos, tables)
+            return self._start_subscription(source, target, tables, copy_data=self.plan.initial_copy)
+        finally:
+            source.close()
+            target.close()
+
+    def _describe(self, source: Connection) -> dict[TableName, TableInfo]:
+        infos = describe_tables(source, self.plan.tables)
+        missing = [str(t) for t in self.plan.tables if t not in infos]
+        if missing:
+            raise ReplicationSetupError(
+                f"tables not found on the source: {', '.join(missing)}; fix 'tables' in the migration file"
+            )
+        return infos
+
+    def _ensure_publication(self, source: Connection, tables: Sequence[TableInfo]) -> None:
+        """The publication holds exactly the selected tables (partitioned ones through their root)."""
+        pub = sql.Identifier(self.plan.names.publication)
+        table_list = sql.SQL(", ").join(t.name.ident for t in tables)
+        exists = fetch_value(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.names.publication,))
+        if exists:
+            execute(source, sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, table_list))
+        else:
+            execute(
+                source,
+                sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)").format(
+                    pub, table_list
+                ),
+            )
+
+    def _start_subscription(
+        self, source: Connection, target: Connection, tables: Sequence[TableInfo], *, copy_data: bool
+    ) -> StartResult:
+        names = self.plan.names
+        # A slot left by an interrupted CREATE SUBSCRIPTION (it creates the slot remotely first).
+        _drop_slot(source, names.slot)
+        if copy_data:
+            _require_empty(target, tables)
+        execute(
+            target,
+            sql.SQL(
+                "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {pub}"
+                " WITH (slot_name = {slot}, create_slot = true, copy_data = {copy})"
+            ).format(
+                sub=sql.Identifier(names.subscription),
+                conn=sql.Literal(self._conninfo),
+                pub=sql.Identifier(names.publication),
+                slot=sql.Literal(names.slot),
+                copy=sql.Literal(copy_data),
+            ),
+        )
+        return StartResult(self.name, already_running=False, tables=[str(t.name) for t in tables])
+
+    def _start_with_parallel_copy(
+        self, source: Connection, target: Connection, infos: dict[TableName, TableInfo], tables: Sequence[TableInfo]
+    ) -> StartResult:
+        names = self.plan.names
+        _ensure_state_tables(target)
+        previous = fetch_one(
+            target,
+            sql.SQL("SELECT state FROM {}.copy_state WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)),
+            (names.slot,),
+        )
+        if previous is not None and previous[0] == "copying":
+            # An earlier start died mid-copy: its rows are ours and its snapshot is gone. Redo.
+            _truncate(target, tables)
+        _drop_slot(source, names.slot)
+        _require_empty(target, tables)
+        execute(
+            target,
+            sql.SQL(
+                "INSERT INTO {s}.copy_state (slot, state, started_at) VALUES (%s, 'copying', now())"
+                " ON CONFLICT (slot) DO UPDATE SET state = 'copying', started_at = now(), finished_at = NULL,"
+                " consistent_lsn = NULL"
+            ).format(s=sql.Identifier(STATE_SCHEMA)),
+            (names.slot,),
+        )
+        execute(target, sql.SQL("DELETE FROM {}.copy_chunks WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)), (names.slot,))
+
+        started = time.monotonic()
+        repl = self._connect(self._source_dsn, application_name="zdm-slot", connection_factory=psycopg2.extras.LogicalReplicationConnection)
+        try:
+            with repl.cursor() as cur:
+                cur.execute(
+                    sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT").format(sql.Identifier(names.slot))
+                )
+                row = cur.fetchone()
+            if row is None:
+                raise ReplicationSetupError("CREATE_REPLICATION_SLOT returned nothing")
+            consistent_lsn, snapshot = row[1], row[2]
+            chunks = self._plan_chunks(source, tables)
+            execute(
+                target,
+                sql.SQL(
+                    "INSERT INTO {s}.copy_chunks (slot, table_name, chunk_no, rows_copied, done)"
+                    " SELECT %s, t, n, 0, false FROM unnest(%s::text[], %s::int[]) AS u(t, n)"
+                ).format(s=sql.Identifier(STATE_SCHEMA)),
+                (names.slot, [str(c.table.name) for c in chunks], [c.number for c in chunks]),
+            )
+            copied = copy_in_parallel(
+                chunks,
+                snapshot,
+                CopySessionFactory(
+                    open_source=lambda: self._connect(self._source_dsn, application_name="zdm-copy"),
+                    open_target=lambda: self._connect(self._target_dsn, application_name="zdm-copy"),
+                ),
+                workers=self.plan.settings.copy_workers,
+                record_chunk=self._record_chunk,
+                on_progress=self._on_copy_progress,
+            )
+        finally:
+            repl.close()  # the exported snapshot is no longer needed once every worker imported it
+        for table in tables:
+            execute(target, sql.SQL("ANALYZE {}").format(table.name.ident))
+        execute(
+            target,
+            sql.SQL(
+                "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {pub}"
+                " WITH (slot_name = {slot}, create_slot = false, copy_data = false, enabled = true)"
+            ).format(
+                sub=sql.Identifier(names.subscription),
+                conn=sql.Literal(self._conninfo),
+                pub=sql.Identifier(names.publication),
+                slot=sql.Literal(names.slot),
+            ),
+        )
+        execute(
+            target,
+            sql.SQL(
+                "UPDATE {}.copy_state SET state = 'done', finished_at = now(), consistent_lsn = %s WHERE slot = %s"
+            ).format(sql.Identifier(STATE_SCHEMA)),
+            (consistent_lsn, names.slot),
+        )
+        return StartResult(
+            self.name,
+            already_running=False,
+            tables=[str(t.name) for t in tables],
+            rows_copied=sum(c.rows for c in copied),
+            copy_seconds=time.monotonic() - started,
+            consistent_lsn=consistent_lsn,
+        )
+
+    def _plan_chunks(self, source: Connection, tables: Sequence[TableInfo]) -> list[CopyChunk]:
+        chunk_rows = self.plan.settings.copy_chunk_rows
+        chunks: list[CopyChunk] = []
+        for table in tables:
+            ranges = plan_ranges(source, table, chunk_rows)
+            per_chunk = max(1, table.estimated_rows // len(ranges))
+            chunks += [CopyChunk(table, i, r, per_chunk) for i, r in enumerate(ranges)]
+        return chunks
+
+    def _record_chunk(self, target: Connection, chunk: CopyChunk, rows: int) -> None:
+        execute(
+            target,
+            sql.SQL(
+                "UPDATE {}.copy_chunks SET rows_copied = %s, done = true WHERE slot = %s AND table_name = %s AND chunk_no = %s"
+            ).format(sql.Identifier(STATE_SCHEMA)),
+            (rows, self.plan.names.slot, str(chunk.table.name), chunk.number),
+        )
+
+    # -- status ------------------------------------------------------------------------
+    def status(self) -> ReplicationStatus:
+        names = self.plan.names
+        source, target = self._source(), self._target()
+        try:
+            slot = _slot_health(source, names.slot)
+            source_lsn = Lsn.parse(fetch_value(source, "SELECT pg_current_wal_lsn()::text"))
+            sub = _subscription(target, names.subscription)
+            copy_state = _copy_state(target, names.slot)
+            problems: list[str] = []
+            if slot.lost:
+                problems.append(
+                    f"slot {names.slot} lost its WAL (max_slot_wal_keep_size exceeded): replication cannot continue; "
+                    "tear down and start again"
+                )
+            if sub is None:
+                if copy_state is not None and copy_state.state == "copying":
+                    return ReplicationStatus(
+                        self.name, Phase.COPYING, copy_state.tables, source_lsn=str(source_lsn), slot=slot, problems=problems
+                    )
+                return ReplicationStatus(self.name, Phase.NOT_STARTED, source_lsn=str(source_lsn), slot=slot, problems=problems)
+            _, enabled, worker_running = sub
+            tables = _subscription_tables(target, sub[0])
+            if copy_state is not None:
+                copied = {t.table: t for t in copy_state.tables}
+                tables = [
+                    TableStatus(t.table, t.state, copied[t.table].rows_copied, copied[t.table].chunks_total, copied[t.table].chunks_done)
+                    if t.table in copied else t
+                    for t in tables
+                ]
+            applied = applied_lsn(target, names.subscription)
+            replay_lsn, replay_lag = _walsender(source, names.slot)
+            if replay_lsn is not None:
+                lag_bytes: int | None = max(0, source_lsn - replay_lsn)
+            elif slot.exists:
+                confirmed = fetch_value(source, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (names.slot,))
+                lag_bytes = max(0, source_lsn - Lsn.parse(confirmed)) if confirmed else None
+            else:
+                lag_bytes = None
+            lag_seconds: float | None
+            if replay_lag is not None:
+                lag_seconds = replay_lag
+            elif replay_lsn is not None:
+                lag_seconds = 0.0  # caught up and idle: PostgreSQL clears replay_lag
+            else:
+                lag_seconds = None
+            if enabled and not worker_running:
+                problems.append(f"subscription {names.subscription} is enabled but its apply worker is not running; see the target's log")
+            if enabled and not slot.exists:
+                problems.append(f"slot {names.slot} is missing on the source")
+            if not enabled:
+                phase = Phase.STOPPED
+            elif any(t.state is not TableSyncState.READY for t in tables):
+                phase = Phase.COPYING
+            else:
+                phase = Phase.STREAMING
+            return ReplicationStatus(
+                self.name,
+                phase,
+                tables,
+                lag_bytes=lag_bytes,
+                lag_seconds=lag_seconds,
+                source_lsn=str(source_lsn),
+                applied_lsn=str(applied) if applied else None,
+                slot=slot,
+                problems=problems,
+            )
+        finally:
+            source.close()
+            target.close()
+
+    # -- stop / teardown -----------------------------------------------------------------
+    def stop(self) -> None:
+        target = self._target()
+        try:
+            sub = _subscription(target, self.plan.names.subscription)
+            if sub is not None and sub[1]:
+                execute(target, sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(self.plan.names.subscription)))
+        finally:
+            target.close()
+
+    def teardown(self) -> TeardownResult:
+        names = self.plan.names
+        removed: list[str] = []
+        target = self._target()
+        try:
+            if _subscription(target, names.subscription) is not None:
+                sub = sql.Identifier(names.subscription)
+                execute(target, sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sub))
+                # Detach the slot so DROP SUBSCRIPTION does not need the source; we drop it below.
+                execute(target, sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(sub))
+                execute(target, sql.SQL("DROP SUBSCRIPTION {}").format(sub))
+                removed.append(f"subscription {names.subscription}")
+            if fetch_value(target, "SELECT to_regclass(%s)", (f"{STATE_SCHEMA}.copy_state",)):
+                execute(target, sql.SQL("DELETE FROM {}.copy_chunks WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)), (names.slot,))
+                execute(target, sql.SQL("DELETE FROM {}.copy_state WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)), (names.slot,))
+        finally:
+            target.close()
+        source = self._source()
+        try:
+            if _drop_slot(source, names.slot):
+                removed.append(f"slot {names.slot}")
+            if fetch_value(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (names.publication,)):
+                execute(source, sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(names.publication)))
+                removed.append(f"publication {names.publication}")
+        finally:
+            source.close()
+        return TeardownResult(removed)
+
+
+# -- helpers (module level: each is one query or one small step) ----------------------------
+
+
+def _replicated_tables(infos: dict[TableName, TableInfo]) -> list[TableInfo]:
+    """Selected tables minus partitions whose root is selected (they replicate through the root)."""
+    return [info for name, info in sorted(infos.items()) if info.partition_parent not in infos]
+
+
+def _subscription(target: Connection, name: str) -> tuple[int, bool, bool] | None:
+    row = fetch_one(
+        target,
+        "SELECT s.oid, s.subenabled, EXISTS (SELECT 1 FROM pg_stat_subscription w WHERE w.subid = s.oid AND w.relid IS NULL"
+        " AND w.pid IS NOT NULL) FROM pg_subscription s"
+        " WHERE s.subname = %s AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (name,),
+    )
+    return (int(row[0]), bool(row[1]), bool(row[2])) if row else None
+
+
+def _subscription_tables(target: Connection, sub_oid: int) -> list[TableStatus]:
+    rows = fetch_all(
+        target,
+        "SELECT n.nspname || '.' || c.relname, r.srsubstate FROM pg_subscription_rel r"
+        " JOIN pg_class c ON c.oid = r.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE r.srsubid = %s ORDER BY 1",
+        (sub_oid,),
+    )
+    return [TableStatus(name, _SUBSCRIPTION_STATES.get(state, TableSyncState.PENDING)) for name, state in rows]
+
+
+@dataclass(frozen=True)
+class _CopyState:
+    state: str
+    tables: list[TableStatus]
+
+
+def _copy_state(target: Connection, slot: str) -> _CopyState | None:
+    if not fetch_value(target, "SELECT to_regclass(%s)", (f"{STATE_SCHEMA}.copy_state",)):
+        return None
+    row = fetch_one(target, sql.SQL("SELECT state FROM {}.copy_state WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)), (slot,))
+    if row is None:
+        return None
+    rows = fetch_all(
+        target,
+        sql.SQL(
+            "SELECT table_name, count(*), count(*) FILTER (WHERE done), sum(rows_copied) FROM {}.copy_chunks"
+            " WHERE slot = %s GROUP BY table_name ORDER BY table_name"
+        ).format(sql.Identifier(STATE_SCHEMA)),
+        (slot,),
+    )
+    tables = []
+    for name, total, done, rows_copied in rows:
+        state = TableSyncState.COPIED if done == total else (TableSyncState.COPYING if done else TableSyncState.PENDING)
+        if row[0] == "done":
+            state = TableSyncState.READY
+        tables.append(TableStatus(name, state, int(rows_copied or 0), int(total), int(done)))
+    return _CopyState(row[0], tables)
+
+
+def _ensure_state_tables(target: Connection) -> None:
+    schema = sql.Identifier(STATE_SCHEMA)
+    execute(target, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+    execute(
+        target,
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.copy_state (slot text PRIMARY KEY, state text NOT NULL,"
+            " started_at timestamptz, finished_at timestamptz, consistent_lsn pg_lsn)"
+        ).format(schema),
+    )
+    execute(
+        target,
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.copy_chunks (slot text, table_name text, chunk_no int,"
+            " rows_copied bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,"
+            " PRIMARY KEY (slot, table_name, chunk_no))"
+        ).format(schema),
+    )
+
+
+def _slot_health(source: Connection, slot: str) -> SlotHealth:
+    row = fetch_one(
+        source,
+        "SELECT active, wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, safe_wal_size"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    )
+    if row is None:
+        return SlotHealth(slot, exists=False)
+    active, wal_status, retained, safe = row
+    return SlotHealth(slot, True, bool(active), wal_status, None if retained is None else int(retained), None if safe is None else int(safe))
+
+
+def _walsender(source: Connection, slot: str) -> tuple[Lsn | None, float | None]:
+    row = fetch_one(
+        source,
+        "SELECT r.replay_lsn::text, extract(epoch FROM r.replay_lag)::float8 FROM pg_stat_replication r"
+        " JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s",
+        (slot,),
+    )
+    if row is None or row[0] is None:
+        return None, None
+    return Lsn.parse(row[0]), row[1]
+
+
+def _drop_slot(source: Connection, slot: str, wait_seconds: float = 10.0) -> bool:
+    """Drop the slot if it exists, ending a walsender that still holds it. True if it existed."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        row = fetch_one(source, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        if row is None:
+            return False
+        if row[0] is None:
+            try:
+                execute(source, "SELECT pg_drop_replication_slot(%s)", (slot,))
+                return True
+            except psycopg2.errors.ObjectInUse:
+                pass  # it became active between our look and the drop
+            except psycopg2.errors.UndefinedObject:
+                return False
+        else:
+            execute(source, "SELECT pg_terminate_backend(%s)", (row[0],))
+        if time.monotonic() > deadline:
+            raise ReplicationSetupError(f"slot {slot} stays in use on the source; end the session using it and retry")
+        time.sleep(0.05)
+
+
+def _require_empty(target: Connection, tables: Sequence[TableInfo]) -> None:
+    full = [
+        str(t.name)
+        for t in tables
+        if fetch_value(target, sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(t.name.ident))
+    ]
+    if full:
+        raise ReplicationSetupError(
+            f"target tables already hold rows: {', '.join(full)}; the initial copy needs them empty "
+            "(truncate them on the target, or exclude them in the migration file)"
+        )
+
+
+def _truncate(target: Connection, tables: Sequence[TableInfo]) -> None:
+    execute(target, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(t.name.ident for t in tables)))

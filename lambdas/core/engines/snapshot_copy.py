@@ -1,0 +1,199 @@
+"""Initial copy of key ranges in parallel, all from one exported snapshot.
+
+The replication slot is created with EXPORT_SNAPSHOT; every copy session imports that
+snapshot, so the copied rows are exactly the state at the slot's consistent point and the
+subscription then streams from the slot with no gap and no overlap. Big tables are split
+into key ranges so one table is copied by many streams at once (a plain subscription
+copies each table through a single stream).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from psycopg2 import sql
+
+from lambdas.core.catalog import TableInfo
+from lambdas.core.db import Connection, execute
+from lambdas.core.ranges import KeyRange, range_predicate
+
+PIPE_BUFFER = 1 << 20
+
+
+@dataclass(frozen=True)
+class CopyChunk:
+    table: TableInfo
+    number: int
+    key_range: KeyRange
+    estimated_rows: int
+
+
+@dataclass(frozen=True)
+class ChunkCopied:
+    table: str
+    number: int
+    rows: int
+    seconds: float
+
+
+class CopyFailed(RuntimeError):
+    pass
+
+
+ProgressCallback = Callable[[ChunkCopied], None]
+
+
+def copy_columns(table: TableInfo) -> list[str]:
+    return [c.name for c in table.columns if not c.generated]
+
+
+def copy_out_sql(source: Connection, chunk: CopyChunk) -> str:
+    cols = copy_columns(chunk.table)
+    predicate, params = range_predicate(chunk.table.primary_key, chunk.table.key_types, chunk.key_range)
+    query = sql.SQL("COPY (SELECT {cols} FROM {table} WHERE {pred}) TO STDOUT WITH (FORMAT binary)").format(
+        cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols), table=chunk.table.name.ident, pred=predicate
+    )
+    with source.cursor() as cur:
+        # COPY cannot take bind parameters; mogrify quotes them as literals client-side.
+        return cur.mogrify(query, params).decode()
+
+
+def copy_in_sql(target: Connection, chunk: CopyChunk) -> str:
+    query = sql.SQL("COPY {table} ({cols}) FROM STDIN WITH (FORMAT binary)").format(
+        table=chunk.table.name.ident,
+        cols=sql.SQL(", ").join(sql.Identifier(c) for c in copy_columns(chunk.table)),
+    )
+    return query.as_string(target)
+
+
+def copy_chunk(source: Connection, target: Connection, chunk: CopyChunk) -> int:
+    """Stream one key range from the source session to the target session; returns rows copied."""
+    out_sql = copy_out_sql(source, chunk)
+    in_sql = copy_in_sql(target, chunk)
+    read_fd, write_fd = os.pipe()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_fd, "wb", buffering=PIPE_BUFFER) as writer, source.cursor() as cur:
+                cur.copy_expert(out_sql, writer, size=PIPE_BUFFER)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    producer = threading.Thread(target=produce, name=f"copy-out-{chunk.table.name}-{chunk.number}", daemon=True)
+    producer.start()
+    try:
+        with os.fdopen(read_fd, "rb", buffering=PIPE_BUFFER) as reader, target.cursor() as cur:
+            cur.copy_expert(in_sql, reader, size=PIPE_BUFFER)
+            rows = cur.rowcount
+    finally:
+        producer.join()
+    if errors:
+        raise CopyFailed(f"reading {chunk.table.name} chunk {chunk.number} from the source failed: {errors[0]}")
+    return int(rows)
+
+
+@dataclass(frozen=True)
+class CopySessionFactory:
+    """How a copy worker opens its two sessions."""
+
+    open_source: Callable[[], Connection]
+    open_target: Callable[[], Connection]
+
+
+def _prepare_source(conn: Connection, snapshot: str) -> None:
+    conn.autocommit = False
+    execute(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    execute(conn, "SET TRANSACTION SNAPSHOT %s", (snapshot,))
+
+
+def _prepare_target(conn: Connection) -> None:
+    conn.autocommit = False
+    # The source already enforced its constraints; firing FK triggers per copied row would
+    # only slow the copy (the subscription's apply worker runs as 'replica' too).
+    execute(conn, "SET session_replication_role = replica")
+    execute(conn, "SET synchronous_commit = off")
+
+
+def copy_in_parallel(
+    chunks: Sequence[CopyChunk],
+    snapshot: str,
+    sessions: CopySessionFactory,
+    *,
+    workers: int,
+    record_chunk: Callable[[Connection, CopyChunk, int], None] | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> list[ChunkCopied]:
+    """Copy all chunks with `workers` session pairs; each target chunk commits on its own.
+
+    `record_chunk(target, chunk, rows)` runs inside the chunk's target transaction, so the
+    progress record and the data commit together. The first failure stops every worker
+    and is raised; the caller decides how to clean up (the snapshot cannot be reused).
+    """
+    work: queue.Queue[CopyChunk] = queue.Queue()
+    for chunk in sorted(chunks, key=lambda c: -c.estimated_rows):
+        work.put(chunk)
+    done: list[ChunkCopied] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+    imported = threading.Barrier(min(workers, len(chunks)) + 1, timeout=120)
+
+    def worker() -> None:
+        source = target = None
+        try:
+            source = sessions.open_source()
+            _prepare_source(source, snapshot)
+            target = sessions.open_target()
+            _prepare_target(target)
+        except BaseException as exc:
+            failures.append(exc)
+            imported.abort()
+            for conn in (source, target):
+                if conn is not None:
+                    conn.close()
+            return
+        try:
+            imported.wait()
+            while not failures:
+                try:
+                    chunk = work.get_nowait()
+                except queue.Empty:
+                    break
+                started = time.monotonic()
+                rows = copy_chunk(source, target, chunk)
+                if record_chunk is not None:
+                    record_chunk(target, chunk, rows)
+                target.commit()
+                result = ChunkCopied(str(chunk.table.name), chunk.number, rows, time.monotonic() - started)
+                with lock:
+                    done.append(result)
+                if on_progress is not None:
+                    on_progress(result)
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            for conn in (source, target):
+                try:
+                    conn.rollback()
+                finally:
+                    conn.close()
+
+    threads = [threading.Thread(target=worker, name=f"copy-worker-{i}", daemon=True) for i in range(min(workers, len(chunks)))]
+    for thread in threads:
+        thread.start()
+    try:
+        imported.wait()
+    except threading.BrokenBarrierError:
+        pass
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise CopyFailed(f"initial copy failed: {failures[0]}") from failures[0]
+    return done

@@ -1,0 +1,120 @@
+"""WAL positions, and waiting until the target has applied the source's WAL up to one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from psycopg2 import sql
+
+from lambdas.core.db import Connection, fetch_value
+
+
+@dataclass(frozen=True, order=True)
+class Lsn:
+    value: int
+
+    @classmethod
+    def parse(cls, text: str) -> Lsn:
+        high, _, low = text.partition("/")
+        if not low:
+            raise ValueError(f"{text!r} is not an LSN such as '16/B374D848'")
+        return cls((int(high, 16) << 32) + int(low, 16))
+
+    def __str__(self) -> str:
+        return f"{self.value >> 32:X}/{self.value & 0xFFFFFFFF:X}"
+
+    def __sub__(self, other: Lsn) -> int:
+        return self.value - other.value
+
+
+def current_lsn(conn: Connection) -> Lsn:
+    return Lsn.parse(fetch_value(conn, "SELECT pg_current_wal_lsn()::text"))
+
+
+def applied_lsn(target: Connection, subscription: str) -> Lsn | None:
+    """What the target has applied for `subscription`: its replication origin's progress.
+
+    The origin moves as each replicated transaction commits on the target, so it is the
+    fastest and most exact signal (the source's confirmed_flush_lsn waits for feedback).
+    """
+    value = fetch_value(
+        target,
+        sql.SQL(
+            "SELECT pg_replication_origin_progress('pg_' || s.oid, false)::text"
+            " FROM pg_subscription s WHERE s.subname = %s AND s.subdbid ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ),
+        (subscription,),
+    )
+    return Lsn.parse(value) if value else None
+
+
+def reported_replay_lsn(source: Connection, slot: str) -> Lsn | None:
+    """What the subscriber last reported as applied, through the walsender feeding `slot`.
+
+    When the subscriber has nothing pending it reports everything it received as done, so
+    this passes positions after the last commit (WAL that carried no replicated change).
+    """
+    value = fetch_value(
+        source,
+        "SELECT r.replay_lsn::text FROM pg_stat_replication r"
+        " JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s",
+        (slot,),
+    )
+    return Lsn.parse(value) if value else None
+
+
+class LsnWaitTimeout(TimeoutError):
+    pass
+
+
+@dataclass(frozen=True)
+class LsnWaitResult:
+    target_lsn: Lsn
+    reached_lsn: Lsn
+    waited_seconds: float
+    signal: str  # which signal passed the position: 'origin' or 'walsender'
+
+
+def wait_for_lsn(
+    target: Connection,
+    subscription: str,
+    lsn: Lsn,
+    *,
+    timeout: float,
+    source: Connection | None = None,
+    slot: str | None = None,
+    poll_interval: float = 0.001,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> LsnWaitResult:
+    """Block until the target has applied the source's WAL up to `lsn`, or raise LsnWaitTimeout.
+
+    Reads the subscription's origin progress on the target (exact, moves at each applied
+    commit). When `lsn` lies after the last replicated commit (other WAL followed it), the
+    origin never gets there; with `source` and `slot` given, the walsender's replay position
+    (the subscriber's own report of what it has applied) is accepted too.
+    """
+    start = clock()
+    interval = poll_interval
+    last_seen: Lsn | None = None
+    while True:
+        origin = applied_lsn(target, subscription)
+        if origin is not None:
+            last_seen = origin
+            if origin >= lsn:
+                return LsnWaitResult(lsn, origin, clock() - start, "origin")
+        if source is not None and slot is not None:
+            replay = reported_replay_lsn(source, slot)
+            if replay is not None and replay >= lsn:
+                return LsnWaitResult(lsn, replay, clock() - start, "walsender")
+        if clock() - start >= timeout:
+            seen = str(last_seen) if last_seen else "nothing"
+            raise LsnWaitTimeout(
+                f"target did not apply up to {lsn} within {timeout:g}s (subscription {subscription!r} "
+                f"has applied {seen}); check the subscription's worker in pg_stat_subscription"
+            )
+        sleep(interval)
+        interval = min(interval * 2, 0.05)

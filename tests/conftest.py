@@ -1,0 +1,74 @@
+"""Shared fixtures. Integration tests get real PostgreSQL servers from rehearsal.servers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from rehearsal.servers import PostgresServer, start_server
+
+
+@pytest.fixture(scope="session")
+def pg_pair() -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    """A source and a target server for the whole session; tests use their own databases."""
+    source = start_server("test-source")
+    try:
+        target = start_server("test-target")
+    except BaseException:
+        source.stop()
+        raise
+    try:
+        yield source, target
+    finally:
+        source.stop()
+        target.stop()
+
+
+_db_counter = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def fresh_dbs(pg_pair: tuple[PostgresServer, PostgresServer]) -> Iterator[tuple[str, str]]:
+    """A new empty database on each server; yields (source_dsn, target_dsn) and drops both after."""
+    source, target = pg_pair
+    name = f"t{next(_db_counter)}"
+    source.create_database(name)
+    target.create_database(name)
+    try:
+        yield source.dsn(name), target.dsn(name)
+    finally:
+        for server in (target, source):
+            server.psql(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+            )
+        # A subscription owns a slot on the source; drop it first so the source can drop the database.
+        _drop_subscriptions(target, name)
+        _drop_slots(source, name)
+        target.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        source.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _drop_subscriptions(server: PostgresServer, dbname: str) -> None:
+    subs = server.psql(
+        f"SELECT s.subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = '{dbname}'"
+    )
+    for sub in filter(None, subs.splitlines()):
+        server.psql(f'ALTER SUBSCRIPTION "{sub}" DISABLE', dbname)
+        server.psql(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)', dbname)
+        server.psql(f'DROP SUBSCRIPTION "{sub}"', dbname)
+
+
+def _drop_slots(server: PostgresServer, dbname: str) -> None:
+    server.psql(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+        f"WHERE database = '{dbname}' AND active_pid IS NOT NULL"
+    )
+    import time
+
+    for _ in range(50):
+        left = server.psql(f"SELECT count(*) FROM pg_replication_slots WHERE database = '{dbname}' AND active")
+        if left == "0":
+            break
+        time.sleep(0.1)
+    server.psql(f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{dbname}'")
