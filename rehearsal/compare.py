@@ -1,0 +1,101 @@
+"""Row-for-row comparison of tables on two servers: the ground truth tests and reports rely on.
+
+Deliberately simple and independent of the product's validator (which it can then check):
+both sides stream (primary key, md5 of the whole row) in key order and are merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from psycopg2 import sql
+
+from lambdas.core.catalog import describe_tables
+from lambdas.core.db import Connection, execute
+from lambdas.core.tables import TableName
+
+# Settings that change a row's text form; pinned the same on both sides.
+TEXT_FORM_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, YMD",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "3",
+    "bytea_output": "hex",
+}
+
+
+def pin_text_form(conn: Connection) -> None:
+    for name, value in TEXT_FORM_SETTINGS.items():
+        execute(conn, "SELECT set_config(%s, %s, false)", (name, value))
+
+
+@dataclass
+class TableDiff:
+    table: str
+    source_rows: int = 0
+    target_rows: int = 0
+    missing_on_target: list[str] = field(default_factory=list)
+    extra_on_target: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+    @property
+    def equal(self) -> bool:
+        return not (self.missing_on_target or self.extra_on_target or self.changed)
+
+
+def _stream(conn: Connection, table: TableName, key: Sequence[str], batch: int = 20_000) -> Iterator[tuple[str, str]]:
+    key_cols = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    # Ordered by the key's text in byte order ("C"), which is also Python's str order, so the
+    # merge below sees the same order on both sides whatever the key's type or collation.
+    query = sql.SQL('SELECT k, md5(t::text) FROM {table} t, LATERAL (SELECT ({keys})::text COLLATE "C" AS k) x ORDER BY k').format(
+        keys=key_cols, table=table.ident
+    )
+    with conn.cursor(name=f"cmp_{table.name}") as cur:
+        cur.itersize = batch
+        cur.execute(query)
+        for row in cur:
+            yield row[0], row[1]
+
+
+def compare_table(source: Connection, target: Connection, table: TableName, key: Sequence[str]) -> TableDiff:
+    diff = TableDiff(str(table))
+    src, tgt = _stream(source, table, key), _stream(target, table, key)
+    s, t = next(src, None), next(tgt, None)
+    while s is not None or t is not None:
+        if t is None or (s is not None and s[0] < t[0]):
+            assert s is not None
+            diff.source_rows += 1
+            diff.missing_on_target.append(s[0])
+            s = next(src, None)
+        elif s is None or t[0] < s[0]:
+            diff.target_rows += 1
+            diff.extra_on_target.append(t[0])
+            t = next(tgt, None)
+        else:
+            diff.source_rows += 1
+            diff.target_rows += 1
+            if s[1] != t[1]:
+                diff.changed.append(s[0])
+            s, t = next(src, None), next(tgt, None)
+    return diff
+
+
+def compare_databases(source_dsn: str, target_dsn: str, tables: Sequence[TableName]) -> list[TableDiff]:
+    """Row-for-row comparison of `tables`; each side in one repeatable-read snapshot."""
+    from lambdas.core.db import connect
+
+    source, target = connect(source_dsn, autocommit=False), connect(target_dsn, autocommit=False)
+    try:
+        for conn in (source, target):
+            execute(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            pin_text_form(conn)
+        infos = describe_tables(source, tables)
+        diffs = []
+        for table in tables:
+            info = infos[table]
+            diffs.append(compare_table(source, target, table, info.primary_key))
+        return diffs
+    finally:
+        source.close()
+        target.close()

@@ -1,0 +1,163 @@
+"""A live write workload against the sample schema, for the rehearsal and the tests.
+
+Each client runs short transactions (new order with items, status and total updates,
+customer profile edits, event inserts and deletes) on its own connection and records
+every attempt's latency and outcome, so a test or report can show failed transactions
+and the longest pause.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg2
+
+from lambdas.core.db import Connection, connect
+
+
+@dataclass
+class WorkloadStats:
+    committed: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (start time, seconds)
+
+    def merge(self, other: WorkloadStats) -> None:
+        self.committed += other.committed
+        self.failed += other.failed
+        self.errors += other.errors[:20]
+        self.latencies += other.latencies
+
+    @property
+    def max_latency(self) -> float:
+        return max((lat for _, lat in self.latencies), default=0.0)
+
+
+def _new_order(cur: psycopg2.extensions.cursor, rng: random.Random, max_customer: int, max_product: int) -> None:
+    cur.execute(
+        "INSERT INTO orders (customer_id, status, total, note) VALUES (%s, 'new', %s, %s) RETURNING id",
+        (rng.randint(1, max_customer), round(rng.uniform(1, 500), 2), rng.choice([None, "", "rush – ünïcødé"])),
+    )
+    row = cur.fetchone()
+    assert row is not None
+    for line in range(1, rng.randint(1, 3) + 1):
+        cur.execute(
+            "INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price) VALUES (%s, %s, %s, %s, %s)",
+            (row[0], line, rng.randint(1, max_product), rng.randint(1, 4), round(rng.uniform(1, 99), 2)),
+        )
+    cur.execute(
+        "INSERT INTO events (order_id, kind, payload) VALUES (%s, 'created', %s::jsonb)",
+        (row[0], '{"source": "workload"}'),
+    )
+
+
+def _update_order(cur: psycopg2.extensions.cursor, rng: random.Random, max_order: int) -> None:
+    cur.execute(
+        "UPDATE orders SET status = %s, total = total + 1 WHERE id = %s",
+        (rng.choice(["paid", "shipped", "cancelled"]), rng.randint(1, max_order)),
+    )
+
+
+def _update_customer(cur: psycopg2.extensions.cursor, rng: random.Random, max_customer: int) -> None:
+    cur.execute(
+        "UPDATE customers SET profile = jsonb_set(profile, '{visits}', to_jsonb(%s::int)) WHERE id = %s",
+        (rng.randint(1, 1000), rng.randint(1, max_customer)),
+    )
+
+
+def _delete_event(cur: psycopg2.extensions.cursor, rng: random.Random) -> None:
+    cur.execute("DELETE FROM events WHERE id = (SELECT id FROM events TABLESAMPLE SYSTEM (0.1) LIMIT 1)")
+
+
+class Workload:
+    """`clients` threads writing until `stop()`; `rate` caps transactions per second per client."""
+
+    def __init__(
+        self,
+        dsn: str | Callable[[], str],
+        *,
+        clients: int = 4,
+        rate: float | None = None,
+        seed: int = 7,
+        connector: Callable[..., Connection] = connect,
+    ) -> None:
+        self._dsn = dsn
+        self._clients = clients
+        self._rate = rate
+        self._seed = seed
+        self._connect = connector
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._stats: list[WorkloadStats] = []
+
+    def start(self) -> Workload:
+        probe = self._connect(self._current_dsn())
+        try:
+            with probe.cursor() as cur:
+                cur.execute("SELECT (SELECT max(id) FROM customers), (SELECT max(id) FROM products), (SELECT max(id) FROM orders)")
+                row = cur.fetchone()
+                assert row is not None
+                limits = tuple(int(v or 1) for v in row)
+        finally:
+            probe.close()
+        for i in range(self._clients):
+            stats = WorkloadStats()
+            self._stats.append(stats)
+            thread = threading.Thread(target=self._run, args=(i, stats, limits), name=f"workload-{i}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        return self
+
+    def _current_dsn(self) -> str:
+        return self._dsn() if callable(self._dsn) else self._dsn
+
+    def _run(self, index: int, stats: WorkloadStats, limits: tuple[int, ...]) -> None:
+        rng = random.Random(self._seed * 1000 + index)
+        max_customer, max_product, max_order = limits
+        conn: Connection | None = None
+        interval = 1.0 / self._rate if self._rate else 0.0
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                if conn is None or conn.closed:
+                    conn = self._connect(self._current_dsn(), application_name=f"workload-{index}", autocommit=False)
+                with conn.cursor() as cur:
+                    kind = rng.random()
+                    if kind < 0.4:
+                        _new_order(cur, rng, max_customer, max_product)
+                    elif kind < 0.7:
+                        _update_order(cur, rng, max_order)
+                    elif kind < 0.9:
+                        _update_customer(cur, rng, max_customer)
+                    else:
+                        _delete_event(cur, rng)
+                conn.commit()
+                stats.committed += 1
+            except (psycopg2.Error, ConnectionError) as exc:
+                stats.failed += 1
+                if len(stats.errors) < 20:
+                    stats.errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                if conn is not None:
+                    try:
+                        conn.rollback()
+                    except psycopg2.Error:
+                        conn.close()
+                time.sleep(0.01)
+            stats.latencies.append((began, time.monotonic() - began))
+            if interval:
+                time.sleep(max(0.0, interval - (time.monotonic() - began)))
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> WorkloadStats:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        total = WorkloadStats()
+        for stats in self._stats:
+            total.merge(stats)
+        return total

@@ -1,0 +1,291 @@
+"""The `logical` engine against two real PostgreSQL servers, with writes running."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from psycopg2 import sql
+
+from lambdas.core.config import LogicalSettings
+from lambdas.core.db import connect, execute, fetch_value
+from lambdas.core.engines.base import Phase, ReplicationStatus
+from lambdas.core.engines.logical import (
+    LogicalEngine,
+    LogicalReplicationPlan,
+    ReplicationNames,
+    ReplicationSetupError,
+)
+from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyFailed
+from lambdas.core.lsn import LsnWaitTimeout, current_lsn, wait_for_lsn
+from lambdas.core.sequences import sync_sequences
+from lambdas.core.tables import TableName
+from rehearsal import sample
+from rehearsal.compare import compare_databases
+from rehearsal.workload import Workload
+
+TABLES = tuple(TableName.parse(t) for t in sample.SAMPLE_TABLES)
+
+
+def make_engine(src: str, tgt: str, **settings: object) -> LogicalEngine:
+    opts: dict[str, object] = {"copy_workers": 3, "copy_chunk_rows": 20_000}
+    opts.update(settings)
+    plan = LogicalReplicationPlan(ReplicationNames("zdm_test"), TABLES, LogicalSettings.model_validate(opts))
+    return LogicalEngine(src, tgt, plan)
+
+
+def given_sample(src: str, tgt: str, rows: int) -> None:
+    source, target = connect(src), connect(tgt)
+    sample.create_schema(source)
+    sample.create_schema(target)
+    sample.load_data(source, rows)
+    source.close()
+    target.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def caught_up(engine: LogicalEngine, src: str, tgt: str, timeout: float = 60) -> None:
+    source, target = connect(src), connect(tgt)
+    try:
+        wait_for_lsn(target, "zdm_test", current_lsn(source), timeout=timeout, source=source, slot="zdm_test")
+    finally:
+        source.close()
+        target.close()
+
+
+def assert_identical(src: str, tgt: str) -> None:
+    diffs = compare_databases(src, tgt, list(TABLES))
+    for diff in diffs:
+        assert diff.equal, (
+            f"{diff.table}: {len(diff.missing_on_target)} missing, {len(diff.extra_on_target)} extra, "
+            f"{len(diff.changed)} changed (e.g. {(diff.missing_on_target + diff.extra_on_target + diff.changed)[:5]})"
+        )
+        assert diff.source_rows == diff.target_rows
+
+
+def slot_exists(src: str) -> bool:
+    conn = connect(src)
+    try:
+        return bool(fetch_value(conn, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'zdm_test'"))
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_initial_copy_plus_live_writes_converge_row_for_row(fresh_dbs: tuple[str, str]) -> None:
+    # Given a source with 1M rows over five related tables and writers running on it
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 1_000_000)
+    workload = Workload(src, clients=4).start()
+    engine = make_engine(src, tgt, copy_chunk_rows=100_000, copy_workers=4)
+    try:
+        # When replication starts (parallel copy from the slot's snapshot) while writes continue
+        result = engine.start()
+        assert result.rows_copied >= 1_000_000
+        samples: list[ReplicationStatus] = []
+        for _ in range(20):
+            samples.append(engine.status())
+            time.sleep(0.1)
+    finally:
+        stats = workload.stop()
+    # Then lag is reported while writes run ...
+    assert stats.committed > 100, stats.errors
+    assert stats.failed == 0, stats.errors
+    assert all(s.phase is Phase.STREAMING for s in samples)
+    assert all(s.lag_bytes is not None and s.lag_seconds is not None for s in samples)
+    assert max(s.lag_bytes or 0 for s in samples) > 0
+    # ... and falls to zero once they stop
+    wait_until(lambda: engine.status().lag_bytes == 0, 30, "lag_bytes to reach 0")
+    assert engine.status().lag_seconds == pytest.approx(0.0, abs=0.5)
+    # And the target equals the source row for row
+    caught_up(engine, src, tgt)
+    assert_identical(src, tgt)
+    engine.teardown()
+
+
+def test_sequences_synced_so_target_inserts_succeed(fresh_dbs: tuple[str, str]) -> None:
+    # Given replicated data (sequences do not travel with logical replication)
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 5_000)
+    engine = make_engine(src, tgt)
+    engine.start()
+    source, target = connect(src), connect(tgt)
+    try:
+        # When the source hands out more values, then sequences are synced with a margin
+        execute(source, "INSERT INTO customers (email, name) VALUES ('late@example.com', 'Late')")
+        execute(source, "INSERT INTO orders (customer_id) VALUES (1)")
+        caught_up(engine, src, tgt)
+        synced = sync_sequences(source, target, TABLES, margin=100)
+        again = sync_sequences(source, target, TABLES, margin=100)
+        engine.teardown()
+        # Then every sequence used by the tables moved, including the one only named in a default
+        names = {str(s.sequence) for s in synced}
+        assert {"public.customers_id_seq", "public.orders_id_seq", "public.products_id_seq", "public.invoice_no_seq"} <= names
+        assert all(s.target_next_after >= s.source_next + 100 for s in synced)
+        # And running it again changes nothing (never moves a sequence backwards)
+        assert not any(s.changed for s in again)
+        # And inserts on the target with the default sequences succeed
+        execute(target, "INSERT INTO customers (email, name) VALUES ('new@example.com', 'New')")
+        execute(target, "INSERT INTO orders (customer_id) VALUES (1)")
+        execute(target, "INSERT INTO products (sku, name, price) VALUES ('NEW-1', 'New', 1.00)")
+        assert fetch_value(target, "SELECT count(*) FROM customers WHERE email = 'new@example.com'") == 1
+    finally:
+        source.close()
+        target.close()
+
+
+def test_start_twice_is_a_no_op_and_teardown_twice_is_clean(fresh_dbs: tuple[str, str]) -> None:
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 3_000)
+    engine = make_engine(src, tgt)
+    # When start is called twice
+    first = engine.start()
+    second = engine.start()
+    # Then the second call finds replication running and copies nothing again
+    assert not first.already_running and first.rows_copied > 0
+    assert second.already_running and second.rows_copied == 0
+    caught_up(engine, src, tgt)
+    assert_identical(src, tgt)
+    # When teardown is called twice
+    removed = engine.teardown().removed
+    assert sorted(removed) == ["publication zdm_test", "slot zdm_test", "subscription zdm_test"]
+    assert engine.teardown().removed == []
+    # Then nothing of ours is left on either side
+    assert not slot_exists(src)
+    assert engine.status().phase is Phase.NOT_STARTED
+
+
+def test_teardown_and_restart_after_a_start_that_died_mid_copy(fresh_dbs: tuple[str, str]) -> None:
+    # Given a start that fails after some chunks were copied and committed on the target
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 50_000)
+    calls: list[ChunkCopied] = []
+
+    def crash_after_two(chunk: ChunkCopied) -> None:
+        calls.append(chunk)
+        if len(calls) == 2:
+            raise RuntimeError("injected crash mid-copy")
+
+    plan = LogicalReplicationPlan(ReplicationNames("zdm_test"), TABLES, LogicalSettings(copy_workers=1, copy_chunk_rows=5_000))
+    failing = LogicalEngine(src, tgt, plan, on_copy_progress=crash_after_two)
+    with pytest.raises(CopyFailed, match="injected crash"):
+        failing.start()
+    assert slot_exists(src)
+    assert failing.status().phase is Phase.COPYING
+    # When start is simply called again
+    engine = make_engine(src, tgt)
+    engine.start()
+    # Then the partial copy was discarded and redone: the target equals the source
+    caught_up(engine, src, tgt)
+    assert_identical(src, tgt)
+    # And after another failed start (on an emptied target), teardown leaves nothing of ours behind
+    engine.teardown()
+    target = connect(tgt)
+    execute(target, "TRUNCATE customers, products, orders, order_items, events")
+    target.close()
+    calls.clear()
+    with pytest.raises(CopyFailed):
+        LogicalEngine(src, tgt, plan, on_copy_progress=crash_after_two).start()
+    engine.teardown()
+    engine.teardown()
+    assert not slot_exists(src)
+    assert engine.status().phase is Phase.NOT_STARTED
+
+
+def test_refuses_to_copy_into_a_target_that_already_has_data(fresh_dbs: tuple[str, str]) -> None:
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 1_000)
+    target = connect(tgt)
+    execute(target, "INSERT INTO products (sku, name, price) VALUES ('X', 'pre-existing', 1)")
+    target.close()
+    with pytest.raises(ReplicationSetupError, match=r"public\.products"):
+        make_engine(src, tgt).start()
+    assert not slot_exists(src)
+
+
+def test_stop_pauses_and_start_resumes_without_loss(fresh_dbs: tuple[str, str]) -> None:
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 2_000)
+    engine = make_engine(src, tgt)
+    engine.start()
+    engine.stop()
+    engine.stop()
+    assert engine.status().phase is Phase.STOPPED
+    source = connect(src)
+    execute(source, "UPDATE orders SET note = 'while stopped' WHERE id <= 100")
+    source.close()
+    resumed = engine.start()
+    assert resumed.already_running is False and resumed.rows_copied == 0
+    caught_up(engine, src, tgt)
+    assert_identical(src, tgt)
+    engine.teardown()
+
+
+def test_wait_for_lsn_times_out_when_the_target_does_not_apply(fresh_dbs: tuple[str, str]) -> None:
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 1_000)
+    engine = make_engine(src, tgt)
+    engine.start()
+    engine.stop()
+    source, target = connect(src), connect(tgt)
+    try:
+        execute(source, "UPDATE orders SET note = 'unapplied' WHERE id = 1")
+        with pytest.raises(LsnWaitTimeout, match="did not apply"):
+            wait_for_lsn(target, "zdm_test", current_lsn(source), timeout=0.5)
+        engine.start()
+        result = wait_for_lsn(target, "zdm_test", current_lsn(source), timeout=30, source=source, slot="zdm_test")
+        assert result.reached_lsn >= result.target_lsn
+        assert fetch_value(target, "SELECT note FROM orders WHERE id = 1") == "unapplied"
+    finally:
+        source.close()
+        target.close()
+        engine.teardown()
+
+
+def test_subscription_copy_method_reports_table_states_until_ready(fresh_dbs: tuple[str, str]) -> None:
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 20_000)
+    engine = make_engine(src, tgt, copy_method="subscription")
+    engine.start()
+    assert engine.start().already_running
+    wait_until(lambda: engine.status().copy_done, 60, "table sync to finish")
+    status = engine.status()
+    assert {t.table for t in status.tables} == {str(t) for t in TABLES}
+    caught_up(engine, src, tgt)
+    assert_identical(src, tgt)
+    engine.teardown()
+
+
+def test_partitioned_table_replicates_through_its_root(fresh_dbs: tuple[str, str]) -> None:
+    src, tgt = fresh_dbs
+    ddl = (
+        "CREATE TABLE measurements (id bigint, at date NOT NULL, v numeric, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);"
+        "CREATE TABLE measurements_2024 PARTITION OF measurements FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');"
+        "CREATE TABLE measurements_2025 PARTITION OF measurements FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
+    )
+    source, target = connect(src), connect(tgt)
+    execute(source, ddl)
+    execute(target, ddl)
+    execute(source, "INSERT INTO measurements SELECT g, date '2024-06-01' + (g % 400), g / 7.0 FROM generate_series(1, 30000) g")
+    execute(source, "ANALYZE measurements")
+    tables = (TableName("public", "measurements"), TableName("public", "measurements_2024"))
+    plan = LogicalReplicationPlan(ReplicationNames("zdm_test"), tables, LogicalSettings(copy_workers=2, copy_chunk_rows=5_000))
+    engine = LogicalEngine(src, tgt, plan)
+    result = engine.start()
+    assert result.tables == ["public.measurements"]  # the selected leaf travels through its root
+    assert result.rows_copied == 30_000
+    execute(source, "INSERT INTO measurements VALUES (999999, '2025-03-01', 1)")
+    caught_up(engine, src, tgt)
+    query = sql.SQL("SELECT count(*), sum(v) FROM {}").format(sql.Identifier("measurements"))
+    assert fetch_value(target, query) == fetch_value(source, query) == 30_001
+    engine.teardown()
+    source.close()
+    target.close()
