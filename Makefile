@@ -1,0 +1,65 @@
+# Every target does the set-up it needs; `make setup` is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ROWS ?= 1000000
+OUT ?= out/rehearsal
+FAULT ?=
+MIGRATION ?= migrations/example.yaml
+APT_PACKAGES := postgresql pgbouncer pgcopydb
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup system-packages test lint unit integration infrastructure e2e rehearse synth bench clean
+
+setup: system-packages $(VENV)/.installed node_modules/.installed
+
+# Debian packages, only those missing (apt-get needs root; CI and sessions run as root).
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check lambdas stacks rehearsal bench tests app.py
+	$(VENV)/bin/ruff format --check lambdas stacks rehearsal bench tests app.py
+	$(VENV)/bin/mypy lambdas stacks rehearsal
+
+# The README's test command: linters, then every test tier.
+test: lint
+	$(PY) -m pytest tests -q -p no:cacheprovider --timeout 900
+
+unit: setup
+	$(PY) -m pytest tests/unit -q
+
+integration: setup
+	$(PY) -m pytest tests/integration -q
+
+infrastructure: setup
+	$(PY) -m pytest tests/infrastructure -q
+
+rehearse: setup
+	$(PY) -m rehearsal --rows $(ROWS) --out $(OUT) $(if $(FAULT),--fault $(FAULT),)
+
+synth: setup
+	npx cdk synth -q -c migration=$(MIGRATION) > /dev/null
+	@echo "template: cdk.out/$$(ls cdk.out | grep -m1 '\.template\.json$$')"
+
+bench: setup
+	$(PY) -m bench.copy --rows $(or $(BENCH_ROWS),5000000)
+
+clean:
+	rm -rf cdk.out out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,109 @@
+"""Preflight: everything that would stop or endanger a migration, checked before anything is created.
+
+`run_preflight` reads facts from both servers (facts.py, the only SQL) and evaluates them with pure
+checks (checks.py); `format_report` renders the result for a terminal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+
+from lambdas.core.config import Migration
+from lambdas.core.db import Connection
+from lambdas.core.preflight.checks import CHECKS, evaluate, server_version_result
+from lambdas.core.preflight.facts import (
+    DiskProbe,
+    LocalDiskProbe,
+    PreflightFacts,
+    WalSampler,
+    gather_server,
+    gather_tables,
+    server_version,
+)
+from lambdas.core.preflight.model import CheckResult, PreflightReport, Status
+from lambdas.core.preflight.report import format_report
+
+__all__ = [
+    "CHECKS",
+    "CheckResult",
+    "DiskProbe",
+    "LocalDiskProbe",
+    "PreflightFacts",
+    "PreflightReport",
+    "Status",
+    "evaluate",
+    "format_report",
+    "gather_facts",
+    "run_preflight",
+]
+
+
+def gather_facts(
+    source_conn: Connection,
+    target_conn: Connection,
+    migration: Migration,
+    *,
+    disk_probe: DiskProbe | None = None,
+    wal_rate_sample_seconds: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PreflightFacts:
+    """Read everything the checks need. The WAL sample runs across the other reads, so it adds
+    at most `wal_rate_sample_seconds` to the run, often less."""
+    sampler = WalSampler(source_conn, wal_rate_sample_seconds, clock, sleep)
+    sampler.start()
+    source = gather_server(source_conn)
+    target = gather_server(target_conn)
+    tables = gather_tables(source_conn, target_conn, list(migration.tables.include), list(migration.tables.exclude))
+    free_disk = disk_probe.free_bytes(source_conn) if disk_probe is not None else None
+    wal = sampler.finish()
+    return PreflightFacts(
+        source=source,
+        target=target,
+        tables=tables,
+        wal=wal,
+        free_disk_bytes=free_disk,
+        engine=migration.engine.type,
+        copy_method=migration.engine.logical.copy_method,
+        expected_copy_mb_per_s=migration.engine.logical.expected_copy_mb_per_s,
+    )
+
+
+def run_preflight(
+    source_conn: Connection,
+    target_conn: Connection,
+    migration: Migration,
+    *,
+    disk_probe: DiskProbe | None = None,
+    wal_rate_sample_seconds: float = 1.0,
+) -> PreflightReport:
+    """Check that `migration` can run between these two servers; read-only on both.
+
+    Pass connections as `lambdas.core.db.connect` opens them (autocommit). With a connection not
+    in autocommit, the transaction the preflight opened is rolled back at the end. A server older
+    than PostgreSQL 10 gets only the version check (the others need catalog views it lacks).
+    """
+    idle = [
+        conn
+        for conn in (source_conn, target_conn)
+        if not conn.autocommit and conn.info.transaction_status == TRANSACTION_STATUS_IDLE
+    ]
+    try:
+        versions = server_version(source_conn), server_version(target_conn)
+        version_check = server_version_result(*versions)
+        if version_check.status == "fail":
+            return PreflightReport([version_check])
+        facts = gather_facts(
+            source_conn,
+            target_conn,
+            migration,
+            disk_probe=disk_probe,
+            wal_rate_sample_seconds=wal_rate_sample_seconds,
+        )
+        return evaluate(facts)
+    finally:
+        for conn in idle:
+            conn.rollback()

@@ -1,0 +1,862 @@
+"""The preflight checks: pure functions from gathered facts to a CheckResult (no I/O here).
+
+Each check names what it measured and, when it does not pass, says exactly what to do. Problem
+lists are complete: a table that cannot be migrated is named, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable
+
+from lambdas.core.catalog import Column, TableInfo
+from lambdas.core.preflight.facts import (
+    LARGE_OBJECT_COUNT_CAP,
+    TARGET_ROW_COUNT_CAP,
+    PreflightFacts,
+    ServerFacts,
+    ServerVersion,
+)
+from lambdas.core.preflight.model import CheckResult, PreflightReport, Status
+
+MIN_VERSION_NUM = 100000  # logical replication arrived in PostgreSQL 10
+FORWARD_SLOTS_NEEDED = 2  # the forward slot, plus headroom (a retried or temporary slot)
+WAL_MARGIN = 2.0  # warn when the estimate uses more than 1/WAL_MARGIN of what is allowed or free
+
+
+def fmt_bytes(value: float) -> str:
+    size = float(value)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(size) < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"  # pragma: no cover
+
+
+def fmt_seconds(value: float) -> str:
+    if value < 120:
+        return f"{value:.1f} s"
+    if value < 7200:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"
+
+
+def _join(items: Iterable[object]) -> str:
+    return ", ".join(str(i) for i in items)
+
+
+def _worst(statuses: Iterable[Status]) -> Status:
+    found = set(statuses)
+    if "fail" in found:
+        return "fail"
+    if "warn" in found:
+        return "warn"
+    return "pass"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+def server_version_result(source: ServerVersion, target: ServerVersion) -> CheckResult:
+    """Versions alone (also used when a server is too old for the other checks to run)."""
+    measured = f"source {source.text}, target {target.text}"
+    too_old = [
+        f"{side} runs PostgreSQL {v.text}"
+        for side, v in (("source", source), ("target", target))
+        if v.num < MIN_VERSION_NUM
+    ]
+    if too_old:
+        return CheckResult(
+            "server_version",
+            "fail",
+            measured,
+            "Logical replication needs PostgreSQL 10 or later on both servers: upgrade the old server "
+            "(on RDS: modify the DB instance's engine version) before migrating.",
+            too_old,
+        )
+    if target.major < source.major:
+        return CheckResult(
+            "server_version",
+            "warn",
+            measured,
+            f"The target (PostgreSQL {target.major}) is older than the source ({source.major}): types, "
+            "functions and defaults that exist only in the newer version fail on the target. Use a target of "
+            f"major version {source.major} or later, or confirm the schema applies cleanly on the target.",
+            [f"target major {target.major} < source major {source.major}"],
+        )
+    return CheckResult("server_version", "pass", measured)
+
+
+def check_server_version(facts: PreflightFacts) -> CheckResult:
+    return server_version_result(facts.source.version, facts.target.version)
+
+
+def _restart_hint(server: ServerFacts, setting: str, value: object) -> str:
+    if server.is_rds:
+        return f"set {setting} = {value} in the DB parameter group and reboot the instance"
+    return f"ALTER SYSTEM SET {setting} = {value}; then restart PostgreSQL (a reload is not enough)"
+
+
+def check_wal_level(facts: PreflightFacts) -> CheckResult:
+    src = facts.source
+    measured = f"source wal_level={src.wal_level}" + (" (RDS)" if src.is_rds else "")
+    if src.wal_level == "logical":
+        return CheckResult("wal_level", "pass", measured)
+    if src.is_rds:
+        remedy = (
+            "Set rds.logical_replication = 1 in the source's DB parameter group (cluster parameter group on "
+            "Aurora) and reboot the instance; wal_level then becomes 'logical'."
+        )
+    else:
+        remedy = (
+            "On the source run ALTER SYSTEM SET wal_level = 'logical'; then restart PostgreSQL (a reload is not "
+            "enough). Logical decoding, and so the replication slot, needs it."
+        )
+    return CheckResult("wal_level", "fail", measured, remedy, [f"source wal_level is {src.wal_level!r}, not 'logical'"])
+
+
+def _sync_workers(facts: PreflightFacts) -> int:
+    return min(facts.target.max_sync_workers_per_subscription, max(1, len(facts.tables.selected)))
+
+
+def _capacity(
+    name: str,
+    what: str,
+    setting: str,
+    server: ServerFacts,
+    limit: int,
+    used: int,
+    needed: int,
+    wanted: int,
+    why: str,
+    extra_remedy: str = "",
+) -> CheckResult:
+    free = limit - used
+    measured = f"{what}: {free} free ({setting}={limit}, {used} in use); need {needed}" + (
+        f", want {wanted}" if wanted > needed else ""
+    )
+    if free >= wanted:
+        return CheckResult(name, "pass", measured)
+    status: Status = "fail" if free < needed else "warn"
+    target_value = used + wanted
+    remedy = f"Raise {setting} to at least {target_value}: {_restart_hint(server, setting, target_value)}."
+    if extra_remedy:
+        remedy += " " + extra_remedy
+    return CheckResult(name, status, measured, remedy, [f"{free} free, {needed} needed ({why})"])
+
+
+def check_source_replication_slots(facts: PreflightFacts) -> CheckResult:
+    src = facts.source
+    wanted = FORWARD_SLOTS_NEEDED
+    why = "the forward slot plus headroom"
+    if facts.engine == "logical" and facts.copy_method == "subscription":
+        wanted = max(wanted, 1 + _sync_workers(facts))
+        why += f"; the subscription copy opens up to {_sync_workers(facts)} table-sync slots at once"
+    return _capacity(
+        "source_replication_slots",
+        "replication slots on the source",
+        "max_replication_slots",
+        src,
+        src.max_replication_slots,
+        src.slots_used,
+        FORWARD_SLOTS_NEEDED,
+        wanted,
+        why,
+        "Or drop slots nobody uses: SELECT slot_name, active FROM pg_replication_slots; "
+        "SELECT pg_drop_replication_slot('<slot_name>'); (an inactive slot also keeps WAL forever).",
+    )
+
+
+def check_source_wal_senders(facts: PreflightFacts) -> CheckResult:
+    src = facts.source
+    wanted = FORWARD_SLOTS_NEEDED
+    why = "the forward stream plus headroom"
+    if facts.engine == "logical" and facts.copy_method == "subscription":
+        wanted = max(wanted, 1 + _sync_workers(facts))
+        why += f"; each of up to {_sync_workers(facts)} table-sync workers uses a WAL sender"
+    return _capacity(
+        "source_wal_senders",
+        "WAL senders on the source",
+        "max_wal_senders",
+        src,
+        src.max_wal_senders,
+        src.wal_senders_used,
+        FORWARD_SLOTS_NEEDED,
+        wanted,
+        why,
+    )
+
+
+def check_target_subscription_capacity(facts: PreflightFacts) -> CheckResult:
+    name = "target_subscription_capacity"
+    if facts.engine != "logical":
+        return CheckResult(name, "pass", f"not needed (engine {facts.engine})")
+    tgt = facts.target
+    extra = _sync_workers(facts) if facts.copy_method == "subscription" else 0
+    wanted = 1 + extra
+    origins_free = None if tgt.origins_used is None else tgt.max_replication_slots - tgt.origins_used
+    workers_free = tgt.max_logical_replication_workers - tgt.logical_workers_used
+    processes_free = tgt.max_worker_processes - tgt.background_workers_used
+    rows: list[tuple[str, int | None, int, str]] = [
+        (
+            "max_replication_slots (replication origins)",
+            origins_free,
+            tgt.max_replication_slots,
+            "max_replication_slots",
+        ),
+        (
+            "max_logical_replication_workers",
+            workers_free,
+            tgt.max_logical_replication_workers,
+            "max_logical_replication_workers",
+        ),
+        ("max_worker_processes", processes_free, tgt.max_worker_processes, "max_worker_processes"),
+    ]
+    details: list[str] = []
+    statuses: list[Status] = []
+    fixes: list[str] = []
+    for label, free, limit, setting in rows:
+        if free is None:
+            details.append(f"{label}: {limit}, use unknown (pg_replication_origin is not readable by this role)")
+            statuses.append("pass" if limit >= wanted else "fail")
+            continue
+        status: Status = "pass" if free >= wanted else ("fail" if free < 1 else "warn")
+        statuses.append(status)
+        details.append(f"{label}: {free} free of {limit}, need 1" + (f", want {wanted}" if wanted > 1 else ""))
+        if status != "pass":
+            fixes.append(f"{setting} = {limit - free + wanted}")
+    status = _worst(statuses)
+    measured = (
+        f"origins free {'?' if origins_free is None else origins_free}, logical workers free {workers_free}, "
+        f"worker processes free {processes_free}"
+    )
+    if status == "pass":
+        return CheckResult(name, "pass", measured)
+    how = (
+        "in the target's DB parameter group, then reboot"
+        if tgt.is_rds
+        else "with ALTER SYSTEM SET on the target, then restart it"
+    )
+    remedy = (
+        "The subscription needs one apply worker and one replication origin"
+        + (f", plus up to {extra} table-sync workers" if extra else "")
+        + f". Set {_join(fixes) or 'these settings higher'} {how}; max_worker_processes must also cover "
+        "max_logical_replication_workers plus any parallel and extension workers."
+    )
+    return CheckResult(name, status, measured, remedy, details)
+
+
+def check_reverse_replication(facts: PreflightFacts) -> CheckResult:
+    """Cutover starts replication target -> source (rollback path): the target must be able to publish."""
+    name = "reverse_replication"
+    tgt = facts.target
+    slots_free = tgt.max_replication_slots - tgt.slots_used
+    senders_free = tgt.max_wal_senders - tgt.wal_senders_used
+    measured = f"target wal_level={tgt.wal_level}, {slots_free} slot(s) and {senders_free} WAL sender(s) free"
+    problems: list[str] = []
+    fixes: list[str] = []
+    if tgt.wal_level != "logical":
+        problems.append(f"target wal_level is {tgt.wal_level!r}, not 'logical'")
+        fixes.append("rds.logical_replication = 1" if tgt.is_rds else "wal_level = 'logical'")
+    if slots_free < 1:
+        problems.append(
+            f"no free replication slot on the target ({tgt.slots_used} of {tgt.max_replication_slots} used)"
+        )
+        fixes.append(f"max_replication_slots = {tgt.slots_used + 1}")
+    if senders_free < 1:
+        problems.append(f"no free WAL sender on the target ({tgt.wal_senders_used} of {tgt.max_wal_senders} used)")
+        fixes.append(f"max_wal_senders = {tgt.wal_senders_used + 1}")
+    if not problems:
+        return CheckResult(name, "pass", measured)
+    how = (
+        "in the target's DB parameter group and reboot it"
+        if tgt.is_rds
+        else "on the target (ALTER SYSTEM SET) and restart it"
+    )
+    remedy = (
+        "At cutover the target starts replicating back to the source so that a rollback loses nothing; "
+        f"it cannot without these. Set {_join(fixes)} {how} before starting."
+    )
+    return CheckResult(name, "fail", measured, remedy, problems)
+
+
+# --- roles -----------------------------------------------------------------------------------
+
+
+def check_source_role(facts: PreflightFacts) -> CheckResult:
+    name = "source_role"
+    src = facts.source
+    role = src.role
+    rds_repl = "rds_replication" in role.member_of
+    can_replicate = role.superuser or role.replication or rds_repl
+    measured = f"role {role.name}: superuser={_yes(role.superuser)}, replication={_yes(role.replication)}" + (
+        f", rds_replication={_yes(rds_repl)}" if src.is_rds else ""
+    )
+    problems: list[str] = []
+    remedies: list[str] = []
+    if not can_replicate:
+        problems.append(
+            f"role {role.name} may not replicate (no REPLICATION attribute, not superuser"
+            + (", not in rds_replication)" if src.is_rds else ")")
+        )
+        if src.is_rds:
+            remedies.append(f"as the master user run: GRANT rds_replication TO {role.name};")
+        else:
+            remedies.append(f"as a superuser run: ALTER ROLE {role.name} REPLICATION;")
+    if not role.superuser:
+        if facts.tables.source_not_owned:
+            problems.append(
+                f"role {role.name} does not own {_join(facts.tables.source_not_owned)} "
+                "(CREATE PUBLICATION ... FOR TABLE needs the owner)"
+            )
+            remedies.append(
+                "connect as the tables' owner, or ALTER TABLE <table> OWNER TO " + role.name + " for each listed table;"
+            )
+        if not role.can_create_in_database:
+            problems.append(
+                f"role {role.name} has no CREATE privilege on database {src.database} (publications need it)"
+            )
+            remedies.append(f"GRANT CREATE ON DATABASE {src.database} TO {role.name};")
+    if facts.tables.source_unreadable:
+        problems.append(
+            f"role {role.name} may not SELECT from {_join(facts.tables.source_unreadable)} (the copy reads them)"
+        )
+        remedies.append(f"GRANT SELECT ON <each listed table> TO {role.name};")
+    if not problems:
+        return CheckResult(name, "pass", measured)
+    return CheckResult(name, "fail", measured, "On the source, " + " ".join(remedies), problems)
+
+
+def check_target_role(facts: PreflightFacts) -> CheckResult:
+    name = "target_role"
+    if facts.engine != "logical":
+        return CheckResult(name, "pass", f"not needed (engine {facts.engine})")
+    tgt = facts.target
+    role = tgt.role
+    major = tgt.version.major
+    measured = f"role {role.name} on PostgreSQL {major}: superuser={_yes(role.superuser)}"
+    if role.superuser:
+        return CheckResult(name, "pass", measured)
+    if tgt.is_rds and "rds_superuser" in role.member_of:
+        return CheckResult(name, "pass", measured + ", rds_superuser=yes")
+    if major >= 16:
+        has_right = "pg_create_subscription" in role.member_of
+        measured += (
+            f", pg_create_subscription={_yes(has_right)}, CREATE on database={_yes(role.can_create_in_database)}"
+        )
+        if has_right and role.can_create_in_database:
+            return CheckResult(name, "pass", measured)
+        grants = []
+        if not has_right:
+            grants.append(f"GRANT pg_create_subscription TO {role.name};")
+        if not role.can_create_in_database:
+            grants.append(f"GRANT CREATE ON DATABASE {tgt.database} TO {role.name};")
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            "On the target, as a superuser run: " + " ".join(grants),
+            [f"role {role.name} cannot create a subscription"],
+        )
+    return CheckResult(
+        name,
+        "fail",
+        measured,
+        f"PostgreSQL {major} lets only superusers create subscriptions: give the target endpoint a superuser "
+        "(the master user, a member of rds_superuser, on RDS), or upgrade the target to PostgreSQL 16+ and "
+        f"GRANT pg_create_subscription TO {role.name}.",
+        [f"role {role.name} cannot create a subscription"],
+    )
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def check_table_selection(facts: PreflightFacts) -> CheckResult:
+    name = "table_selection"
+    tables = facts.tables
+    measured = (
+        f"{len(tables.selected)} of {len(tables.candidates)} source tables selected "
+        f"(include {_join(tables.include)}" + (f"; exclude {_join(tables.exclude)}" if tables.exclude else "") + ")"
+    )
+    details: list[str] = []
+    names = [str(t) for t in tables.candidates]
+    for pattern in tables.unmatched_include:
+        close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {_join(close)}?" if close else ""
+        details.append(f"include pattern {pattern!r} matches no table on the source{hint}")
+    if not tables.selected:
+        details.append("no table is selected: nothing would be migrated")
+    if not details:
+        return CheckResult(name, "pass", measured)
+    return CheckResult(
+        name,
+        "fail",
+        measured,
+        "Fix 'tables.include' in the migration file: each pattern is 'schema.table' (wildcards * ? allowed) and "
+        "must match at least one table on the source; names are case-sensitive. Remove patterns for tables "
+        "that do not exist.",
+        details,
+    )
+
+
+def _identity_problem(info: TableInfo) -> str:
+    if info.replica_identity == "n":
+        return f"{info.name}: REPLICA IDENTITY NOTHING"
+    if info.replica_identity == "i":
+        return f"{info.name}: REPLICA IDENTITY USING INDEX, but the index no longer exists"
+    return f"{info.name}: no primary key (replica identity default)"
+
+
+def check_replica_identity(facts: PreflightFacts) -> CheckResult:
+    name = "replica_identity"
+    infos = [facts.tables.source[t] for t in facts.tables.selected if t in facts.tables.source]
+    missing = [i for i in infos if not i.has_usable_identity]
+    full_only = [i for i in infos if i.has_usable_identity and i.replica_identity == "f" and not i.primary_key]
+    measured = (
+        f"{len(infos) - len(missing)} of {len(infos)} selected tables have a primary key or usable replica identity"
+    )
+    if missing:
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            "Give each listed table a primary key (ALTER TABLE <table> ADD PRIMARY KEY (<columns>)), or point the "
+            "replica identity at a unique index on NOT NULL columns (ALTER TABLE <table> REPLICA IDENTITY USING "
+            "INDEX <index>); as a last resort ALTER TABLE <table> REPLICA IDENTITY FULL (slow on big tables); or "
+            "exclude the table. Do not start without it: once such a table is in the publication, every UPDATE "
+            "and DELETE on it FAILS ON THE SOURCE ('cannot update table ... because it does not have a replica "
+            "identity and publishes updates').",
+            [_identity_problem(i) for i in missing],
+        )
+    if full_only:
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            "These tables replicate with REPLICA IDENTITY FULL and have no primary key: each UPDATE/DELETE is found "
+            "on the target by scanning, and validation cannot split them by key. Add a primary key if you can.",
+            [f"{i.name}: REPLICA IDENTITY FULL, no primary key" for i in full_only],
+        )
+    return CheckResult(name, "pass", measured)
+
+
+def check_unlogged_tables(facts: PreflightFacts) -> CheckResult:
+    name = "unlogged_tables"
+    unlogged = [
+        t for t in facts.tables.selected if t in facts.tables.source and facts.tables.source[t].persistence == "u"
+    ]
+    measured = f"{len(unlogged)} unlogged table(s) selected"
+    if not unlogged:
+        return CheckResult(name, "pass", measured)
+    return CheckResult(
+        name,
+        "fail",
+        measured,
+        "Logical decoding does not see unlogged tables: their changes would never reach the target. Make them "
+        "logged (ALTER TABLE <table> SET LOGGED; rewrites the table under an exclusive lock) or exclude them "
+        "in 'tables.exclude' and handle their contents yourself.",
+        [f"{t}: UNLOGGED" for t in unlogged],
+    )
+
+
+_INT_RANK = {"smallint": 1, "integer": 2, "bigint": 3}
+_VARCHAR_RE = re.compile(r"^character varying(?:\((\d+)\))?$")
+_NUMERIC_RE = re.compile(r"^numeric(?:\((\d+),(\d+)\))?$")
+
+
+def is_safe_widening(source_type: str, target_type: str) -> bool:
+    """Whether every source value fits the target type and keeps its text form (so validation agrees)."""
+    if source_type in _INT_RANK and target_type in _INT_RANK:
+        return _INT_RANK[target_type] >= _INT_RANK[source_type]
+    if source_type in _INT_RANK and target_type == "numeric":
+        return True
+    src_vc, tgt_vc = _VARCHAR_RE.match(source_type), _VARCHAR_RE.match(target_type)
+    if src_vc and (
+        target_type == "text"
+        or (
+            tgt_vc
+            and (
+                tgt_vc.group(1) is None
+                or (src_vc.group(1) is not None and int(tgt_vc.group(1)) >= int(src_vc.group(1)))
+            )
+        )
+    ):
+        return True
+    src_num, tgt_num = _NUMERIC_RE.match(source_type), _NUMERIC_RE.match(target_type)
+    if src_num and tgt_num and src_num.group(1) is not None:
+        if tgt_num.group(1) is None:
+            return True
+        return tgt_num.group(2) == src_num.group(2) and int(tgt_num.group(1)) >= int(src_num.group(1))
+    return False
+
+
+def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Status, str]]:
+    """Column-by-column differences (name, type, nullability), each with how bad it is."""
+    found: list[tuple[Status, str]] = []
+    tgt_cols: dict[str, Column] = {c.name: c for c in target.columns}
+    src_cols: dict[str, Column] = {c.name: c for c in source.columns}
+    t = source.name
+    for col in source.columns:
+        other = tgt_cols.get(col.name)
+        if other is None:
+            found.append(("fail", f"{t}.{col.name}: missing on the target (source type {col.type})"))
+            continue
+        if other.type != col.type:
+            if is_safe_widening(col.type, other.type):
+                found.append(
+                    ("warn", f"{t}.{col.name}: type {col.type} on the source, {other.type} on the target (wider)")
+                )
+            else:
+                found.append(("fail", f"{t}.{col.name}: type {col.type} on the source, {other.type} on the target"))
+        if other.not_null and not col.not_null:
+            found.append(("fail", f"{t}.{col.name}: NOT NULL on the target but nullable on the source"))
+        elif col.not_null and not other.not_null:
+            found.append(("warn", f"{t}.{col.name}: nullable on the target but NOT NULL on the source"))
+    for col in target.columns:
+        if col.name in src_cols:
+            continue
+        if col.not_null and not col.has_default:
+            found.append(("fail", f"{t}.{col.name}: extra target column, NOT NULL without a default"))
+        else:
+            found.append(("warn", f"{t}.{col.name}: extra target column ({col.type}), not on the source"))
+    return found
+
+
+def check_target_schema(facts: PreflightFacts) -> CheckResult:
+    name = "target_schema"
+    tables = facts.tables
+    findings: list[tuple[Status, str]] = []
+    missing_tables = 0
+    for table in tables.selected:
+        source = tables.source.get(table)
+        if source is None:
+            continue
+        target = tables.target.get(table)
+        if target is None:
+            missing_tables += 1
+            findings.append(("fail", f"{table}: table missing on the target"))
+            continue
+        findings.extend(compare_table(source, target))
+    status = _worst(s for s, _ in findings)
+    measured = (
+        f"{len(tables.selected) - missing_tables} of {len(tables.selected)} selected tables exist on the target; "
+        f"{sum(1 for s, _ in findings if s == 'fail')} blocking and {sum(1 for s, _ in findings if s == 'warn')} "
+        "other differences"
+    )
+    if status == "pass":
+        return CheckResult(name, "pass", measured)
+    details = [f"{s.upper()}: {text}" for s, text in findings]
+    remedy = (
+        "Create the schema on the target before starting (pg_dump --schema-only --no-publications "
+        "--no-subscriptions on the source, restored on the target), then fix each listed difference: "
+        "missing tables and columns make the apply stop, a different type or a NOT NULL that the source does "
+        "not have rejects rows, an extra NOT NULL column without a default rejects every insert."
+        if status == "fail"
+        else "Not blocking: replication copies these rows, but the schemas differ; align them if the "
+        "application expects the source's definition after cutover."
+    )
+    return CheckResult(name, status, measured, remedy, details)
+
+
+def check_target_empty(facts: PreflightFacts) -> CheckResult:
+    name = "target_empty"
+    tables = facts.tables
+    present = [t for t in tables.selected if t in tables.target]
+    rows = tables.target_rows
+    measured = f"{len(rows)} of {len(present)} target tables hold rows"
+    if rows:
+        details = [
+            f"{t}: {'more than ' + str(TARGET_ROW_COUNT_CAP) if n > TARGET_ROW_COUNT_CAP else n} row(s)"
+            for t, n in sorted(rows.items())
+        ]
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            "The initial copy needs empty target tables: existing rows collide with copied keys or are "
+            "duplicated. If they are left over from an earlier attempt or a test, empty them on the target: "
+            f"TRUNCATE {_join(sorted(rows))}; otherwise exclude these tables.",
+            details,
+        )
+    if tables.target_unreadable:
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            "The target role may not SELECT from these tables, so they could not be checked for rows: grant "
+            "SELECT on them to the target role, or check them yourself.",
+            [f"{t}: not readable by the target role" for t in tables.target_unreadable],
+        )
+    return CheckResult(name, "pass", measured)
+
+
+def check_extensions(facts: PreflightFacts) -> CheckResult:
+    name = "extensions"
+    src, tgt = facts.source.extensions, facts.target.extensions
+    missing = sorted(set(src) - set(tgt) - {"plpgsql"})
+    versions = sorted(e for e in set(src) & set(tgt) if src[e] != tgt[e] and e != "plpgsql")
+    measured = f"{len(src)} extension(s) on the source, {len(missing)} missing on the target"
+    if missing:
+        details = []
+        for ext in missing:
+            if ext in facts.target.available_extensions:
+                details.append(f"{ext} {src[ext]}: available on the target, run CREATE EXTENSION {ext};")
+            else:
+                details.append(
+                    f"{ext} {src[ext]}: not available on the target server: install its package"
+                    + (" (on RDS: check that your engine version supports it)" if facts.target.is_rds else "")
+                )
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            f"In the target database run CREATE EXTENSION for {_join(missing)} (before creating the schema: "
+            "their types and functions are used by it).",
+            details,
+        )
+    if versions:
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            "Extension versions differ: run ALTER EXTENSION <name> UPDATE on the older side if the schema "
+            "or application relies on the newer behaviour.",
+            [f"{e}: {src[e]} on the source, {tgt[e]} on the target" for e in versions],
+        )
+    return CheckResult(name, "pass", measured)
+
+
+def check_partitions(facts: PreflightFacts) -> CheckResult:
+    name = "partitions"
+    tables = facts.tables
+    selected = set(tables.selected)
+    infos = [tables.source[t] for t in tables.selected if t in tables.source]
+    roots = [
+        i for i in infos if i.relkind == "p" and (i.partition_parent is None or i.partition_parent not in selected)
+    ]
+    children = [i for i in infos if i.partition_parent is not None]
+    orphans = [i for i in children if i.partition_parent not in selected]
+    measured = f"{len(roots)} partitioned root(s), {len(children)} partition(s) selected"
+    details = [
+        f"{i.name}: partitioned; replicates through its root (publish_via_partition_root = true), so the target "
+        "may partition it differently"
+        for i in roots
+    ]
+    details += [
+        f"{i.name}: partition of {i.partition_parent}, replicates through it" for i in children if i not in orphans
+    ]
+    if orphans:
+        details += [f"{i.name}: partition of {i.partition_parent}, which is not selected" for i in orphans]
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            "A partition selected without its parent replicates as a table of its own: the target needs a table "
+            "of that name, and rows routed through the parent on the target will not match. Prefer selecting the "
+            f"partitioned parent ({_join(sorted({str(i.partition_parent) for i in orphans}))}) in 'tables.include'.",
+            details,
+        )
+    return CheckResult(name, "pass", measured, "", details)
+
+
+def check_sequences(facts: PreflightFacts) -> CheckResult:
+    name = "sequences"
+    uses = facts.tables.sequences
+    unowned = [u for u in uses if not u.owned]
+    measured = (
+        f"{len({u.sequence for u in uses})} sequence(s) used by selected tables, "
+        f"{len({u.sequence for u in unowned})} owned by no column"
+    )
+    if not unowned:
+        return CheckResult(name, "pass", measured)
+    return CheckResult(
+        name,
+        "warn",
+        measured,
+        "Logical replication does not carry sequence values; the cutover copies them all, these included "
+        "(plus cutover.sequence_margin). Make sure each exists on the target (pg_dump --schema-only includes "
+        "it) and that nothing on the target draws from it before cutover. To tie one to its column: "
+        "ALTER SEQUENCE <sequence> OWNED BY <table>.<column>.",
+        [f"{u.sequence}: used in the default of {u.table}.{u.column}, owned by no column" for u in unowned],
+    )
+
+
+def _is_lo_type(type_name: str) -> bool:
+    return type_name == "oid" or type_name.rsplit(".", 1)[-1] == "lo"
+
+
+def check_large_objects(facts: PreflightFacts) -> CheckResult:
+    name = "large_objects"
+    columns = [
+        f"{info.name}.{col.name} ({col.type})"
+        for t in facts.tables.selected
+        if (info := facts.tables.source.get(t)) is not None
+        for col in info.columns
+        if _is_lo_type(col.type)
+    ]
+    count = facts.source.large_objects
+    shown = "unknown" if count is None else (f"at least {count}" if count >= LARGE_OBJECT_COUNT_CAP else str(count))
+    measured = f"{shown} large object(s) in the source database, {len(columns)} oid/lo column(s) selected"
+    details = list(columns)
+    if count:
+        details.append(f"pg_largeobject_metadata holds {shown} large object(s)")
+    remedy = (
+        "Large objects (pg_largeobject) are not replicated by logical decoding: the target would hold "
+        "references to objects that do not exist. Move the contents into bytea columns before migrating "
+        "(e.g. ALTER TABLE <table> ADD COLUMN data bytea; UPDATE <table> SET data = lo_get(<oid column>)), or "
+        "exclude these tables and copy the large objects separately during a write freeze "
+        "(pg_dump --large-objects)."
+    )
+    if columns:
+        return CheckResult(name, "fail", measured, remedy, details)
+    if count:
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            "No selected column references large objects by type, but the database holds some: if the "
+            "application stores their oids in other columns, they will be missing on the target. " + remedy,
+            details,
+        )
+    if count is None:
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            "The source role may not read pg_largeobject_metadata: check with a superuser that "
+            "SELECT count(*) FROM pg_largeobject_metadata returns 0.",
+            ["pg_largeobject_metadata not readable"],
+        )
+    return CheckResult(name, "pass", measured)
+
+
+# --- WAL retention ---------------------------------------------------------------------------
+
+
+def check_wal_retention(facts: PreflightFacts) -> CheckResult:
+    """The slot keeps all WAL written during the copy: does the limit (or the disk) allow that much?"""
+    name = "wal_retention"
+    mb_per_s = facts.expected_copy_mb_per_s
+    copy_seconds = facts.tables.copy_bytes / (mb_per_s * 1024 * 1024)
+    rate = facts.wal.bytes_per_second
+    expected = rate * copy_seconds
+    limit = facts.source.max_slot_wal_keep_size
+    free = facts.free_disk_bytes
+    measured = (
+        f"copy of {fmt_bytes(facts.tables.copy_bytes)} at {mb_per_s:g} MB/s takes ~{fmt_seconds(copy_seconds)}; "
+        f"WAL rate {fmt_bytes(rate)}/s (sampled over {facts.wal.seconds:.1f} s) -> ~{fmt_bytes(expected)} retained; "
+        f"max_slot_wal_keep_size={'unlimited' if limit is None else fmt_bytes(limit)}; "
+        f"free disk {'unknown' if free is None else fmt_bytes(free)}"
+    )
+    details = [
+        f"estimated copy time: {fmt_seconds(copy_seconds)} ({fmt_bytes(facts.tables.copy_bytes)} / "
+        f"engine.logical.expected_copy_mb_per_s={mb_per_s:g})",
+        f"WAL generation rate: {fmt_bytes(rate)}/s, measured over {facts.wal.seconds:.1f} s; measure at peak write "
+        "time, the rate may be higher then",
+        f"WAL retained by the slot during the copy: ~{fmt_bytes(expected)}",
+    ]
+    needed = int(expected * WAL_MARGIN) + 1
+    if limit is not None:
+        if expected > limit:
+            return CheckResult(
+                name,
+                "fail",
+                measured,
+                f"max_slot_wal_keep_size ({fmt_bytes(limit)}) is smaller than the ~{fmt_bytes(expected)} of WAL the "
+                "slot must keep during the copy: the server would invalidate the slot and the migration would have "
+                f"to start over. Raise it to at least {fmt_bytes(needed)} "
+                + (
+                    "(DB parameter group, no reboot needed)"
+                    if facts.source.is_rds
+                    else f"(ALTER SYSTEM SET max_slot_wal_keep_size = '{needed // (1024 * 1024) + 1}MB'; "
+                    "SELECT pg_reload_conf();)"
+                )
+                + ", or copy faster (more engine.logical.copy_workers, copy at a quieter time) and set "
+                "expected_copy_mb_per_s to the speed you measured.",
+                details,
+            )
+        if free is not None and expected > free:
+            return CheckResult(
+                name,
+                "fail",
+                measured,
+                f"The ~{fmt_bytes(expected)} of WAL kept during the copy exceeds the {fmt_bytes(free)} free on the "
+                "source's disk: grow the volume (on RDS: allocated storage) or copy at a quieter time.",
+                details,
+            )
+        if expected * WAL_MARGIN > limit:
+            return CheckResult(
+                name,
+                "warn",
+                measured,
+                f"Less than {WAL_MARGIN:g}x headroom under max_slot_wal_keep_size: a busier hour or a slower copy "
+                f"invalidates the slot. Raise it to at least {fmt_bytes(needed)}.",
+                details,
+            )
+        return CheckResult(name, "pass", measured)
+    if free is None:
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            f"max_slot_wal_keep_size is unlimited, so the slot may fill the source's disk, and free disk space "
+            f"could not be measured from here. Check that the volume holding the source's pg_wal has more than "
+            f"{fmt_bytes(needed)} free (on RDS: the CloudWatch metric FreeStorageSpace); consider setting "
+            "max_slot_wal_keep_size as a safety limit.",
+            details,
+        )
+    if expected > free:
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            f"The ~{fmt_bytes(expected)} of WAL kept during the copy exceeds the {fmt_bytes(free)} free on the "
+            "source's disk, and max_slot_wal_keep_size is unlimited: the source would run out of disk and stop. "
+            "Grow the volume, copy faster or at a quieter time.",
+            details,
+        )
+    if expected * WAL_MARGIN > free:
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            f"Less than {WAL_MARGIN:g}x headroom on the source's disk for the WAL kept during the copy: grow the "
+            f"volume to have at least {fmt_bytes(needed)} free, or set max_slot_wal_keep_size as a safety limit.",
+            details,
+        )
+    return CheckResult(name, "pass", measured)
+
+
+Check = Callable[[PreflightFacts], CheckResult]
+
+CHECKS: tuple[Check, ...] = (
+    check_server_version,
+    check_wal_level,
+    check_source_replication_slots,
+    check_source_wal_senders,
+    check_target_subscription_capacity,
+    check_reverse_replication,
+    check_source_role,
+    check_target_role,
+    check_table_selection,
+    check_replica_identity,
+    check_unlogged_tables,
+    check_target_schema,
+    check_target_empty,
+    check_extensions,
+    check_partitions,
+    check_sequences,
+    check_large_objects,
+    check_wal_retention,
+)
+
+
+def evaluate(facts: PreflightFacts) -> PreflightReport:
+    """Run every check over the facts."""
+    return PreflightReport([check(facts) for check in CHECKS])

@@ -1,0 +1,398 @@
+"""Facts the preflight needs, read from the source and target connections (all the SQL I/O).
+
+Everything here only reads: no object is created, no setting changed. Queries a role may not be
+allowed to run are guarded by a privilege test first and their fact becomes None ("unknown"),
+so a weakly privileged role still gets a full report instead of an exception half-way.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from psycopg2 import sql
+
+from lambdas.core.catalog import SequenceUse, TableInfo, describe_tables, list_tables, sequences_for_tables
+from lambdas.core.db import Connection, fetch_all, fetch_one, fetch_value
+from lambdas.core.lsn import Lsn, current_lsn
+from lambdas.core.tables import TableName, select_tables, unmatched_patterns
+
+# Rows counted (at most) in a non-empty target table: enough to tell "a few test rows" from "real data"
+# without scanning a big table.
+TARGET_ROW_COUNT_CAP = 1000
+# Large objects counted at most (pg_largeobject_metadata can be huge).
+LARGE_OBJECT_COUNT_CAP = 10_000
+# Tables per batched query (EXISTS probes, privilege tests).
+_BATCH = 200
+
+# Roles whose membership matters: RDS's replication and superuser stand-ins, PG16's subscription right.
+INTERESTING_ROLES = ("rds_replication", "rds_superuser", "pg_create_subscription")
+
+# pg_stat_activity.backend_type values that are not background workers (they do not use max_worker_processes).
+_NON_BGWORKER_TYPES = (
+    "client backend",
+    "autovacuum launcher",
+    "autovacuum worker",
+    "background writer",
+    "checkpointer",
+    "walwriter",
+    "walsender",
+    "walreceiver",
+    "walsummarizer",
+    "startup",
+    "archiver",
+    "logger",
+    "standalone backend",
+    "slotsync worker",
+    "io worker",
+)
+
+_SETTINGS = (
+    "wal_level",
+    "max_replication_slots",
+    "max_wal_senders",
+    "max_logical_replication_workers",
+    "max_sync_workers_per_subscription",
+    "max_worker_processes",
+    "max_slot_wal_keep_size",
+    "rds.logical_replication",
+)
+
+_UNIT_RE = re.compile(r"^(\d*)\s*(B|kB|MB|GB|TB)$")
+_UNIT_BYTES = {"B": 1, "kB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+@dataclass(frozen=True)
+class ServerVersion:
+    num: int  # server_version_num, e.g. 150004
+    text: str  # server_version, e.g. '15.4 (Debian 15.4-1)'
+
+    @property
+    def major(self) -> int:
+        return self.num // 10000 if self.num >= 100000 else self.num // 100
+
+
+@dataclass(frozen=True)
+class RoleFacts:
+    name: str
+    superuser: bool
+    replication: bool
+    member_of: frozenset[str]  # those of INTERESTING_ROLES the role is a member of
+    can_create_in_database: bool
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """Settings, capacity and rights of one server, as seen by the connection's role."""
+
+    version: ServerVersion
+    database: str
+    wal_level: str
+    is_rds: bool  # the server has the rds.logical_replication setting
+    max_replication_slots: int
+    max_wal_senders: int
+    max_logical_replication_workers: int
+    max_sync_workers_per_subscription: int
+    max_worker_processes: int
+    max_slot_wal_keep_size: int | None  # bytes; None = unlimited (-1, or before PG13)
+    slots_used: int
+    wal_senders_used: int
+    background_workers_used: int
+    logical_workers_used: int
+    origins_used: int | None  # None: pg_replication_origin not readable by this role
+    role: RoleFacts
+    extensions: dict[str, str]  # installed in the database: name -> version
+    available_extensions: frozenset[str]  # installable on the server
+    large_objects: int | None  # capped at LARGE_OBJECT_COUNT_CAP; None: not readable
+
+
+@dataclass(frozen=True)
+class TableFacts:
+    """The table selection and what both catalogs say about the selected tables."""
+
+    include: list[str]
+    exclude: list[str]
+    candidates: list[TableName]  # every table on the source
+    selected: list[TableName]
+    unmatched_include: list[str]
+    source: dict[TableName, TableInfo]
+    target: dict[TableName, TableInfo]  # selected tables that exist on the target
+    target_rows: dict[TableName, int]  # non-empty target tables: rows, counted up to TARGET_ROW_COUNT_CAP + 1
+    target_unreadable: list[TableName]  # target tables the target role may not SELECT from
+    source_not_owned: list[TableName]  # selected tables the source role does not own
+    source_unreadable: list[TableName]  # selected tables the source role may not SELECT from
+    sequences: list[SequenceUse]
+    copy_bytes: int  # on-disk size of the selected tables, partitions of selected roots included
+
+
+@dataclass(frozen=True)
+class WalSample:
+    start: Lsn
+    end: Lsn
+    seconds: float
+
+    @property
+    def bytes_per_second(self) -> float:
+        if self.seconds <= 0:
+            return 0.0
+        return max(0, self.end - self.start) / self.seconds
+
+
+@dataclass(frozen=True)
+class PreflightFacts:
+    source: ServerFacts
+    target: ServerFacts
+    tables: TableFacts
+    wal: WalSample
+    free_disk_bytes: int | None  # free space where the source keeps its WAL; None = unknown
+    engine: str = "logical"  # 'logical' or 'dms'
+    copy_method: str = "parallel-snapshot"
+    expected_copy_mb_per_s: float = 50.0
+
+
+class DiskProbe(ABC):
+    """Tells how much disk is free where a server keeps its WAL."""
+
+    @abstractmethod
+    def free_bytes(self, conn: Connection) -> int | None:
+        """Free bytes, or None when it cannot be measured from here."""
+
+
+class LocalDiskProbe(DiskProbe):
+    """Measures the server's data directory (its pg_wal if visible) when it is on this machine.
+
+    Returns None for remote servers (RDS), when the role may not read data_directory, or when
+    that path does not exist here.
+    """
+
+    def free_bytes(self, conn: Connection) -> int | None:
+        data_directory = fetch_value(conn, "SELECT setting FROM pg_settings WHERE name = 'data_directory'")
+        if not data_directory:
+            return None
+        host = conn.info.host or ""
+        if host and not host.startswith("/") and host not in ("localhost", "127.0.0.1", "::1"):
+            return None
+        datadir = Path(data_directory)
+        for path in (datadir / "pg_wal", datadir):
+            try:
+                if path.is_dir():
+                    return int(shutil.disk_usage(path).free)
+            except OSError:
+                continue
+        return None
+
+
+def server_version(conn: Connection) -> ServerVersion:
+    text = fetch_value(conn, "SHOW server_version")
+    return ServerVersion(int(conn.server_version), str(text))
+
+
+def _setting_bytes(value: str, unit: str | None) -> int | None:
+    """A size setting in bytes; None for -1 (unlimited)."""
+    number = int(value)
+    if number < 0:
+        return None
+    match = _UNIT_RE.match(unit or "B")
+    if not match:
+        return number
+    return number * int(match.group(1) or 1) * _UNIT_BYTES[match.group(2)]
+
+
+def _count(conn: Connection, query: str, params: Sequence[object] | None = None) -> int:
+    return int(fetch_value(conn, query, params) or 0)
+
+
+def _can_select(conn: Connection, relation: str) -> bool:
+    return bool(fetch_value(conn, "SELECT has_table_privilege(%s, 'SELECT')", (relation,)))
+
+
+def gather_server(conn: Connection) -> ServerFacts:
+    version = server_version(conn)
+    settings = {
+        name: (setting, unit)
+        for name, setting, unit in fetch_all(
+            conn, "SELECT name, setting, unit FROM pg_settings WHERE name = ANY(%s)", (list(_SETTINGS),)
+        )
+    }
+
+    def integer(name: str, default: int = 0) -> int:
+        return int(settings[name][0]) if name in settings else default
+
+    keep = settings.get("max_slot_wal_keep_size")
+    role_row = fetch_one(
+        conn,
+        "SELECT current_user, r.rolsuper, r.rolreplication, has_database_privilege(current_database(), 'CREATE')"
+        " FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    assert role_row is not None  # the current role always exists
+    member_of = frozenset(
+        r[0]
+        for r in fetch_all(
+            conn,
+            "SELECT r.rolname FROM pg_roles r WHERE r.rolname = ANY(%s) AND pg_has_role(current_user, r.oid, 'MEMBER')",
+            (list(INTERESTING_ROLES),),
+        )
+    )
+    origins_used = (
+        _count(conn, "SELECT count(*) FROM pg_replication_origin")
+        if _can_select(conn, "pg_catalog.pg_replication_origin")
+        else None
+    )
+    large_objects = (
+        _count(
+            conn,
+            "SELECT count(*) FROM (SELECT 1 FROM pg_largeobject_metadata LIMIT %s) lo",
+            (LARGE_OBJECT_COUNT_CAP,),
+        )
+        if _can_select(conn, "pg_catalog.pg_largeobject_metadata")
+        else None
+    )
+    return ServerFacts(
+        version=version,
+        database=str(fetch_value(conn, "SELECT current_database()")),
+        wal_level=settings.get("wal_level", ("unknown", None))[0],
+        is_rds="rds.logical_replication" in settings,
+        max_replication_slots=integer("max_replication_slots"),
+        max_wal_senders=integer("max_wal_senders"),
+        max_logical_replication_workers=integer("max_logical_replication_workers"),
+        max_sync_workers_per_subscription=integer("max_sync_workers_per_subscription", 2),
+        max_worker_processes=integer("max_worker_processes", 8),
+        max_slot_wal_keep_size=_setting_bytes(keep[0], keep[1]) if keep else None,
+        slots_used=_count(conn, "SELECT count(*) FROM pg_replication_slots"),
+        wal_senders_used=_count(conn, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'"),
+        background_workers_used=_count(
+            conn,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type <> ALL(%s)",
+            (list(_NON_BGWORKER_TYPES),),
+        ),
+        logical_workers_used=_count(
+            conn, "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'logical replication %%worker'"
+        ),
+        origins_used=origins_used,
+        role=RoleFacts(
+            name=str(role_row[0]),
+            superuser=bool(role_row[1]),
+            replication=bool(role_row[2]),
+            member_of=member_of,
+            can_create_in_database=bool(role_row[3]),
+        ),
+        extensions={str(n): str(v) for n, v in fetch_all(conn, "SELECT extname, extversion FROM pg_extension")},
+        available_extensions=frozenset(str(r[0]) for r in fetch_all(conn, "SELECT name FROM pg_available_extensions")),
+        large_objects=large_objects,
+    )
+
+
+def _batches(items: Sequence[TableInfo]) -> Iterable[Sequence[TableInfo]]:
+    for start in range(0, len(items), _BATCH):
+        yield items[start : start + _BATCH]
+
+
+def _privileges(conn: Connection, tables: Iterable[TableInfo]) -> tuple[list[TableName], list[TableName]]:
+    """(tables the role does not own, tables it may not SELECT from)."""
+    infos = {t.oid: t.name for t in tables}
+    if not infos:
+        return [], []
+    rows = fetch_all(
+        conn,
+        "SELECT c.oid, pg_has_role(c.relowner, 'USAGE'), has_table_privilege(c.oid, 'SELECT')"
+        " FROM pg_class c WHERE c.oid = ANY(%s::oid[])",
+        (list(infos),),
+    )
+    not_owned = sorted(infos[oid] for oid, owned, _ in rows if not owned)
+    unreadable = sorted(infos[oid] for oid, _, readable in rows if not readable)
+    return not_owned, unreadable
+
+
+def _non_empty(conn: Connection, tables: Sequence[TableInfo]) -> dict[TableName, int]:
+    """Row counts (capped) of the tables that hold any row; cheap EXISTS probes first."""
+    non_empty: list[TableInfo] = []
+    for batch in _batches(tables):
+        # Our own position numbers go in as sql.Literal, not %s: a '%' in a table name would otherwise
+        # be taken for a placeholder.
+        query = sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT {}::int, EXISTS (SELECT 1 FROM {})").format(sql.Literal(i), t.name.ident)
+            for i, t in enumerate(batch)
+        )
+        for index, has_rows in fetch_all(conn, query):
+            if has_rows:
+                non_empty.append(batch[index])
+    counts: dict[TableName, int] = {}
+    for batch in _batches(non_empty):
+        query = sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT {}::int, (SELECT count(*) FROM (SELECT 1 FROM {} LIMIT {}) s)").format(
+                sql.Literal(i), t.name.ident, sql.Literal(TARGET_ROW_COUNT_CAP + 1)
+            )
+            for i, t in enumerate(batch)
+        )
+        for index, rows in fetch_all(conn, query):
+            counts[batch[index].name] = int(rows)
+    return counts
+
+
+def _copy_bytes(conn: Connection, tables: Iterable[TableInfo]) -> int:
+    """Size of the tables plus every partition (or inheritance child) below them, each counted once."""
+    oids = [t.oid for t in tables]
+    if not oids:
+        return 0
+    return _count(
+        conn,
+        "WITH RECURSIVE tree(oid) AS ("
+        " SELECT unnest(%s::oid[])"
+        " UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)"
+        " SELECT coalesce(sum(pg_total_relation_size(oid)), 0)::bigint FROM tree",
+        (oids,),
+    )
+
+
+def gather_tables(source: Connection, target: Connection, include: list[str], exclude: list[str]) -> TableFacts:
+    candidates = list_tables(source)
+    selected = select_tables(candidates, include, exclude)
+    source_info = describe_tables(source, selected)
+    target_info = describe_tables(target, selected)
+    not_owned, source_unreadable = _privileges(source, source_info.values())
+    _, target_unreadable = _privileges(target, target_info.values())
+    readable_target = [t for t in target_info.values() if t.name not in set(target_unreadable)]
+    return TableFacts(
+        include=list(include),
+        exclude=list(exclude),
+        candidates=candidates,
+        selected=selected,
+        unmatched_include=unmatched_patterns(candidates, include),
+        source=source_info,
+        target=target_info,
+        target_rows=_non_empty(target, sorted(readable_target, key=lambda t: t.name)),
+        target_unreadable=target_unreadable,
+        source_not_owned=not_owned,
+        source_unreadable=source_unreadable,
+        sequences=sequences_for_tables(source, selected),
+        copy_bytes=_copy_bytes(source, source_info.values()),
+    )
+
+
+@dataclass
+class WalSampler:
+    """Two readings of the source's WAL position, `seconds` apart; other work may run in between."""
+
+    conn: Connection
+    seconds: float
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    _start: Lsn | None = None
+    _started_at: float = 0.0
+
+    def start(self) -> None:
+        self._start = current_lsn(self.conn)
+        self._started_at = self.clock()
+
+    def finish(self) -> WalSample:
+        assert self._start is not None, "call start() first"
+        remaining = self.seconds - (self.clock() - self._started_at)
+        if remaining > 0:
+            self.sleep(remaining)
+        end = current_lsn(self.conn)
+        return WalSample(self._start, end, self.clock() - self._started_at)

@@ -1,0 +1,36 @@
+"""The migration's settings as an SSM parameter: what the Lambdas read at run time."""
+
+from __future__ import annotations
+
+import json
+
+from aws_cdk import aws_ssm as ssm
+from constructs import Construct
+
+from lambdas.core.config import Migration
+
+
+class MigrationConfigError(ValueError):
+    pass
+
+
+def deployable_settings(migration: Migration) -> dict[str, object]:
+    """The file's settings with no secret material: AWS endpoints are Secrets Manager ARNs."""
+    for side in ("source", "target"):
+        if getattr(migration, side).dsn is not None:
+            raise MigrationConfigError(
+                f"{side}.dsn is for local runs; for AWS give {side}.secret_arn, {side}.host and {side}.database"
+            )
+    return migration.model_dump(mode="json", exclude={"router": {"pgbouncer": {"admin_dsn"}}})
+
+
+class MigrationConfig(Construct):
+    def __init__(self, scope: Construct, construct_id: str, *, migration: Migration) -> None:
+        super().__init__(scope, construct_id)
+        self.parameter = ssm.StringParameter(
+            self,
+            "Settings",
+            parameter_name=f"/zdm/{migration.name}/settings",
+            string_value=json.dumps(deployable_settings(migration), sort_keys=True),
+            description=f"Settings of migration {migration.name} (no secrets: credentials stay in Secrets Manager)",
+        )

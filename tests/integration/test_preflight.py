@@ -1,0 +1,548 @@
+"""Preflight against real PostgreSQL servers: a good pair passes, and each bad setup is caught with its fix."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import pytest
+from psycopg2.extensions import parse_dsn
+
+from lambdas.core.config import Migration, parse_migration
+from lambdas.core.db import Connection, connect, execute
+from lambdas.core.preflight import LocalDiskProbe, PreflightReport, format_report, run_preflight
+from rehearsal.sample import create_schema, load_data
+from rehearsal.servers import PostgresServer, start_server
+
+WAL_SAMPLE_SECONDS = 0.2
+_role_counter = itertools.count(1)
+
+
+def migration_for(source_dsn: str, target_dsn: str, **extra: Any) -> Migration:
+    return parse_migration({"name": "t", "source": {"dsn": source_dsn}, "target": {"dsn": target_dsn}, **extra})
+
+
+def preflight(source: Connection, target: Connection, migration: Migration) -> PreflightReport:
+    return run_preflight(
+        source, target, migration, disk_probe=LocalDiskProbe(), wal_rate_sample_seconds=WAL_SAMPLE_SECONDS
+    )
+
+
+def dbname(dsn: str) -> str:
+    return str(parse_dsn(dsn)["dbname"])
+
+
+def run_sql(dsn: str, statement: str) -> None:
+    conn = connect(dsn)
+    try:
+        execute(conn, statement)
+    finally:
+        conn.close()
+
+
+@dataclass
+class Pair:
+    """Connections (as the superuser) to a new database on each server."""
+
+    source: Connection
+    target: Connection
+    source_dsn: str
+    target_dsn: str
+
+    def migration(self, **extra: Any) -> Migration:
+        return migration_for(self.source_dsn, self.target_dsn, **extra)
+
+    def both(self, statement: str) -> None:
+        execute(self.source, statement)
+        execute(self.target, statement)
+
+    def preflight(self, **extra: Any) -> PreflightReport:
+        return preflight(self.source, self.target, self.migration(**extra))
+
+
+@pytest.fixture
+def dbs(fresh_dbs: tuple[str, str]) -> Iterator[Pair]:
+    source_dsn, target_dsn = fresh_dbs
+    source, target = connect(source_dsn), connect(target_dsn)
+    try:
+        yield Pair(source, target, source_dsn, target_dsn)
+    finally:
+        source.close()
+        target.close()
+
+
+@pytest.fixture
+def shop(dbs: Pair) -> Pair:
+    """The sample shop schema on both sides, data only on the source."""
+    create_schema(dbs.source)
+    create_schema(dbs.target)
+    load_data(dbs.source, 2_000)
+    return dbs
+
+
+# --- the good pair -----------------------------------------------------------------------------
+
+
+def test_good_pair_passes_with_no_failure(shop: Pair) -> None:
+    # Given the sample schema on both servers, data on the source only
+
+    # When the preflight runs
+    started = time.monotonic()
+    report = shop.preflight()
+    elapsed = time.monotonic() - started
+
+    # Then nothing fails, and the only warning is the sample's sequence that no column owns
+    assert report.ok, format_report(report)
+    assert [c.name for c in report.warnings] == ["sequences"]
+    assert report.get("sequences").details == [
+        "public.invoice_no_seq: used in the default of public.orders.invoice_no, owned by no column"
+    ]
+    assert report.get("table_selection").measured.startswith("5 of 5 source tables selected")
+    # free disk was measured on this machine, so the WAL estimate is compared with it
+    assert "free disk unknown" not in report.get("wal_retention").measured
+    # and it is quick: the WAL sample overlaps the other reads
+    assert elapsed < 2.0
+
+
+def test_report_reads_as_a_table(shop: Pair) -> None:
+    # Given a good pair with a non-empty target table
+    execute(shop.target, "INSERT INTO products (sku, name, price) VALUES ('X-1', 'leftover', 1)")
+
+    # When the report is formatted
+    text = format_report(shop.preflight())
+
+    # Then each check has a status line, failures carry their fix, and the verdict closes it
+    lines = text.splitlines()
+    assert any(line.startswith("PASS  wal_level") for line in lines)
+    assert any(line.startswith("FAIL  target_empty") for line in lines)
+    assert "- public.products: 1 row(s)" in text
+    assert "fix: The initial copy needs empty target tables" in text
+    assert lines[-1].startswith("preflight: ") and "NOT ready" in lines[-1]
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def test_table_without_primary_key_or_identity_is_named(dbs: Pair) -> None:
+    # Given a table with no primary key, one with REPLICA IDENTITY NOTHING, and one keyed by a unique index
+    dbs.both(
+        """
+        CREATE TABLE audit_log (at timestamptz NOT NULL, message text);
+        CREATE TABLE blobs (id int PRIMARY KEY, body text);
+        ALTER TABLE blobs REPLICA IDENTITY NOTHING;
+        CREATE TABLE tags (code text NOT NULL, label text);
+        CREATE UNIQUE INDEX tags_code ON tags (code);
+        ALTER TABLE tags REPLICA IDENTITY USING INDEX tags_code;
+        """,
+    )
+
+    # When the preflight runs
+    report = dbs.preflight()
+
+    # Then both unusable tables are named (not skipped), the index-keyed one is accepted
+    check = report.get("replica_identity")
+    assert check.status == "fail"
+    assert check.details == [
+        "public.audit_log: no primary key (replica identity default)",
+        "public.blobs: REPLICA IDENTITY NOTHING",
+    ]
+    assert "ADD PRIMARY KEY" in check.remedy
+    assert "UPDATE and DELETE on it FAILS ON THE SOURCE" in check.remedy
+    assert not report.ok
+
+
+def test_schema_mismatches_are_listed_column_by_column(dbs: Pair) -> None:
+    # Given a target whose tables differ from the source's in each way that matters
+    execute(
+        dbs.source,
+        """
+        CREATE TABLE accounts (id int PRIMARY KEY, balance numeric(12,2) NOT NULL, note text, region text,
+                               visits smallint);
+        CREATE TABLE payments (id int PRIMARY KEY);
+        """,
+    )
+    execute(
+        dbs.target,
+        """
+        CREATE TABLE accounts (id int PRIMARY KEY, balance text NOT NULL, note text NOT NULL, visits bigint,
+                               flagged boolean NOT NULL, comment text);
+        """,
+    )
+
+    # When the preflight runs
+    report = dbs.preflight()
+
+    # Then every difference is listed, with the blocking ones failing the check
+    check = report.get("target_schema")
+    assert check.status == "fail"
+    assert set(check.details) == {
+        "FAIL: public.accounts.balance: type numeric(12,2) on the source, text on the target",
+        "FAIL: public.accounts.note: NOT NULL on the target but nullable on the source",
+        "FAIL: public.accounts.region: missing on the target (source type text)",
+        "WARN: public.accounts.visits: type smallint on the source, bigint on the target (wider)",
+        "FAIL: public.accounts.flagged: extra target column, NOT NULL without a default",
+        "WARN: public.accounts.comment: extra target column (text), not on the source",
+        "FAIL: public.payments: table missing on the target",
+    }
+    assert "pg_dump --schema-only" in check.remedy
+    assert check.measured.startswith("1 of 2 selected tables exist on the target")
+
+
+def test_only_nullability_loosening_and_extra_nullable_columns_warn(
+    dbs: Pair,
+) -> None:
+    # Given a target that accepts everything the source holds, but is not identical
+    execute(dbs.source, "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL)")
+    execute(
+        dbs.target, "CREATE TABLE items (id int PRIMARY KEY, name text, added_at timestamptz NOT NULL DEFAULT now())"
+    )
+
+    # When the preflight runs
+    check = dbs.preflight().get("target_schema")
+
+    # Then the differences are reported as warnings only
+    assert check.status == "warn"
+    assert check.details == [
+        "WARN: public.items.name: nullable on the target but NOT NULL on the source",
+        "WARN: public.items.added_at: extra target column (timestamp with time zone), not on the source",
+    ]
+
+
+def test_non_empty_target_tables_fail_with_row_counts(
+    shop: Pair,
+) -> None:
+    # Given rows left on the target in two sample tables, one of them with many rows
+    execute(shop.target, "INSERT INTO customers (email, name) VALUES ('a@x', 'A'), ('b@x', 'B'), ('c@x', 'C')")
+    execute(
+        shop.target, "INSERT INTO products (sku, name, price) SELECT 'S' || g, 'p', 1 FROM generate_series(1, 1500) g"
+    )
+
+    # When the preflight runs
+    check = shop.preflight().get("target_empty")
+
+    # Then both are listed with their (capped) row counts and the fix names them
+    assert check.status == "fail"
+    assert check.details == ["public.customers: 3 row(s)", "public.products: more than 1000 row(s)"]
+    assert "TRUNCATE public.customers, public.products" in check.remedy
+    assert check.measured == "2 of 5 target tables hold rows"
+
+
+def test_extension_missing_on_target_fails(dbs: Pair) -> None:
+    # Given citext and hstore installed on the source only (plpgsql is everywhere and ignored)
+    execute(dbs.source, "CREATE EXTENSION citext; CREATE EXTENSION hstore")
+    execute(dbs.source, "CREATE TABLE people (id int PRIMARY KEY, email citext)")
+    execute(dbs.target, "CREATE TABLE people (id int PRIMARY KEY, email text)")
+
+    # When the preflight runs
+    report = dbs.preflight()
+
+    # Then the missing extensions are listed with the statement that installs them
+    check = report.get("extensions")
+    assert check.status == "fail"
+    assert len(check.details) == 2
+    assert check.details[0].startswith("citext ") and "CREATE EXTENSION citext;" in check.details[0]
+    assert check.details[1].startswith("hstore ") and "CREATE EXTENSION hstore;" in check.details[1]
+    assert "citext, hstore" in check.remedy
+    # and the column typed by the extension differs too
+    assert (
+        "FAIL: public.people.email: type citext on the source, text on the target"
+        in report.get("target_schema").details
+    )
+
+
+def test_unlogged_table_fails(dbs: Pair) -> None:
+    # Given an unlogged table selected for migration
+    execute(dbs.source, "CREATE UNLOGGED TABLE sessions (id int PRIMARY KEY, data text)")
+    execute(dbs.target, "CREATE TABLE sessions (id int PRIMARY KEY, data text)")
+
+    # When the preflight runs
+    check = dbs.preflight().get("unlogged_tables")
+
+    # Then it fails, naming the table and how to make it replicable
+    assert check.status == "fail"
+    assert check.details == ["public.sessions: UNLOGGED"]
+    assert "ALTER TABLE <table> SET LOGGED" in check.remedy
+
+
+def test_large_objects_are_unsupported(dbs: Pair) -> None:
+    # Given a table referencing a large object through an oid column
+    dbs.both("CREATE TABLE documents (id int PRIMARY KEY, content oid)")
+    execute(dbs.source, "INSERT INTO documents VALUES (1, lo_from_bytea(0, 'hello'))")
+
+    # When the preflight runs
+    check = dbs.preflight().get("large_objects")
+
+    # Then it fails, naming the column, and says how to move the data
+    assert check.status == "fail"
+    assert check.details == [
+        "public.documents.content (oid)",
+        "pg_largeobject_metadata holds 1 large object(s)",
+    ]
+    assert "bytea" in check.remedy and "lo_get" in check.remedy
+
+
+def test_large_objects_without_a_referencing_column_warn(dbs: Pair) -> None:
+    # Given a large object in the database but no oid/lo column among the selected tables
+    dbs.both("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    execute(dbs.source, "SELECT lo_from_bytea(0, 'orphan')")
+
+    # When the preflight runs
+    check = dbs.preflight().get("large_objects")
+
+    # Then it warns
+    assert check.status == "warn"
+    assert check.measured.startswith("1 large object(s) in the source database")
+
+
+def test_sequence_used_in_default_but_owned_by_no_column_warns(dbs: Pair) -> None:
+    # Given a sequence named in a default but owned by no column, next to an ordinary serial column
+    dbs.both(
+        """
+        CREATE SEQUENCE ticket_no;
+        CREATE TABLE tickets (id serial PRIMARY KEY, number bigint NOT NULL DEFAULT nextval('ticket_no'));
+        """,
+    )
+
+    # When the preflight runs
+    report = dbs.preflight()
+
+    # Then it warns about that sequence only, and the migration is not blocked
+    check = report.get("sequences")
+    assert check.status == "warn"
+    assert check.details == ["public.ticket_no: used in the default of public.tickets.number, owned by no column"]
+    assert "cutover copies them" in check.remedy
+    assert report.ok
+
+
+def test_include_pattern_matching_nothing_fails(shop: Pair) -> None:
+    # Given a migration whose include list has a typo, and a schema that does not exist
+    include = ["public.orders", "public.ordr_items", "archive.*"]
+
+    # When the preflight runs
+    check = shop.preflight(tables={"include": include}).get("table_selection")
+
+    # Then each pattern matching nothing is named, with a close match when there is one
+    assert check.status == "fail"
+    assert check.details == [
+        "include pattern 'public.ordr_items' matches no table on the source; did you mean public.order_items?",
+        "include pattern 'archive.*' matches no table on the source",
+    ]
+    assert "tables.include" in check.remedy
+
+
+def test_partitioned_tables_replicate_through_their_root(dbs: Pair) -> None:
+    # Given a partitioned table with two partitions on both sides
+    dbs.both(
+        """
+        CREATE TABLE measurements (id bigint, at date NOT NULL, value float8, PRIMARY KEY (id, at))
+            PARTITION BY RANGE (at);
+        CREATE TABLE measurements_2024 PARTITION OF measurements FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+        CREATE TABLE measurements_2025 PARTITION OF measurements FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+        """
+    )
+    execute(
+        dbs.source, "INSERT INTO measurements SELECT g, date '2024-06-01' + g % 400, g FROM generate_series(1, 500) g"
+    )
+
+    # When only the partitioned root is selected
+    report = dbs.preflight(tables={"include": ["public.measurements"]})
+
+    # Then it passes with a note, and the copy estimate counts its partitions' data
+    check = report.get("partitions")
+    assert check.status == "pass"
+    assert check.measured == "1 partitioned root(s), 0 partition(s) selected"
+    assert check.details[0].startswith("public.measurements: partitioned; replicates through its root")
+    assert "copy of 0 B" not in report.get("wal_retention").measured
+    assert report.ok, format_report(report)
+
+    # When the whole schema is selected (root and partitions)
+    check = dbs.preflight().get("partitions")
+
+    # Then the partitions are noted as replicating through the root
+    assert check.status == "pass"
+    assert check.measured == "1 partitioned root(s), 2 partition(s) selected"
+    assert "public.measurements_2024: partition of public.measurements, replicates through it" in check.details
+
+    # When one partition is selected without its root
+    check = dbs.preflight(tables={"include": ["public.measurements_2024"]}).get("partitions")
+
+    # Then it warns and suggests selecting the parent
+    assert check.status == "warn"
+    assert check.details == ["public.measurements_2024: partition of public.measurements, which is not selected"]
+    assert "(public.measurements)" in check.remedy
+
+
+# --- roles -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plain_role(pg_pair: tuple[PostgresServer, PostgresServer]) -> Iterator[str]:
+    """A LOGIN role with no REPLICATION and no SUPERUSER, on both servers (trust auth: no password)."""
+    name = f"zdm_plain_{next(_role_counter)}"
+    for server in pg_pair:
+        server.psql(f"CREATE ROLE {name} LOGIN NOREPLICATION NOSUPERUSER")
+    try:
+        yield name
+    finally:
+        for server in pg_pair:
+            server.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'")
+            server.psql(f"DROP ROLE IF EXISTS {name}")
+
+
+def test_source_role_that_cannot_replicate_fails(
+    pg_pair: tuple[PostgresServer, PostgresServer], shop: Pair, plain_role: str
+) -> None:
+    # Given the sample schema, and a source connection as a plain role that may not replicate
+    source_server, _ = pg_pair
+    source = connect(source_server.dsn(dbname(shop.source_dsn), user=plain_role))
+    try:
+        # When the preflight runs as that role
+        report = preflight(source, shop.target, shop.migration())
+    finally:
+        source.close()
+
+    # Then the role check fails and says how to grant replication; the other reads still worked
+    check = report.get("source_role")
+    assert check.status == "fail"
+    assert check.measured == f"role {plain_role}: superuser=no, replication=no"
+    assert check.details[0] == f"role {plain_role} may not replicate (no REPLICATION attribute, not superuser)"
+    assert any("does not own public.customers, public.events" in d for d in check.details)
+    assert any("no CREATE privilege on database" in d for d in check.details)
+    assert any("may not SELECT from public.customers" in d for d in check.details)
+    assert f"ALTER ROLE {plain_role} REPLICATION;" in check.remedy
+    assert report.get("wal_level").status == "pass"
+    assert report.get("replica_identity").status == "pass"
+
+
+def test_target_role_that_cannot_create_a_subscription_fails(
+    pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair, plain_role: str
+) -> None:
+    # Given a target connection as a plain role on PostgreSQL 15
+    _, target_server = pg_pair
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY)")
+    target = connect(target_server.dsn(dbname(dbs.target_dsn), user=plain_role))
+    try:
+        # When the preflight runs
+        report = preflight(dbs.source, target, dbs.migration())
+    finally:
+        target.close()
+
+    # Then it fails: only superusers create subscriptions before PostgreSQL 16
+    check = report.get("target_role")
+    assert check.status == "fail"
+    assert check.measured == f"role {plain_role} on PostgreSQL 15: superuser=no"
+    assert "lets only superusers create subscriptions" in check.remedy
+    # and the target table it may not read is reported as unchecked rather than assumed empty
+    assert report.get("target_empty").status == "warn"
+    assert report.get("target_empty").details == ["public.t: not readable by the target role"]
+
+
+# --- server settings ---------------------------------------------------------------------------
+
+
+class Writer:
+    """Writes continuously on its own connection so that the source generates WAL."""
+
+    def __init__(self, dsn: str) -> None:
+        self.conn = connect(dsn)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            execute(self.conn, "INSERT INTO ledger (note) SELECT repeat('x', 200) FROM generate_series(1, 200)")
+
+    def __enter__(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.conn.close()
+
+
+def test_max_slot_wal_keep_size_too_small_fails(pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair) -> None:
+    # Given a source letting a slot keep only 1 MB of WAL, a table being written to, and a slow expected copy
+    source_server, _ = pg_pair
+    dbs.both("CREATE TABLE ledger (id bigserial PRIMARY KEY, note text)")
+    execute(dbs.source, "INSERT INTO ledger (note) SELECT repeat('x', 200) FROM generate_series(1, 5000)")
+    source_server.psql("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+    source_server.psql("SELECT pg_reload_conf()")
+    try:
+        # When the preflight samples the WAL rate while the application writes
+        with Writer(dbs.source_dsn):
+            report = dbs.preflight(engine={"logical": {"expected_copy_mb_per_s": 0.05}})
+    finally:
+        source_server.psql("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        source_server.psql("SELECT pg_reload_conf()")
+
+    # Then the retention check fails and says how to fix it
+    check = report.get("wal_retention")
+    assert check.status == "fail", check
+    assert "max_slot_wal_keep_size=1.0 MB" in check.measured
+    assert "ALTER SYSTEM SET max_slot_wal_keep_size" in check.remedy
+    assert "expected_copy_mb_per_s" in check.remedy
+
+
+def test_wal_level_not_logical_fails(dbs: Pair) -> None:
+    # Given a source server running with wal_level=replica
+    replica_level = start_server("wal-replica", settings={"wal_level": "replica"})
+    try:
+        replica_level.create_database("app")
+        run_sql(replica_level.dsn("app"), "CREATE TABLE t (id int PRIMARY KEY)")
+        execute(dbs.target, "CREATE TABLE t (id int PRIMARY KEY)")
+        source = connect(replica_level.dsn("app"))
+        try:
+            # When the preflight runs
+            report = preflight(source, dbs.target, migration_for(replica_level.dsn("app"), dbs.target_dsn))
+        finally:
+            source.close()
+    finally:
+        replica_level.stop()
+
+    # Then it fails with the setting to change and the restart it needs
+    check = report.get("wal_level")
+    assert check.status == "fail"
+    assert check.measured == "source wal_level=replica"
+    assert "ALTER SYSTEM SET wal_level = 'logical'" in check.remedy
+    assert "restart" in check.remedy
+    assert not report.ok
+
+
+def test_preflight_only_reads(shop: Pair) -> None:
+    # Given a good pair
+    # When the preflight runs
+    shop.preflight()
+
+    # Then it created no slot, publication or subscription on either side
+    for conn in (shop.source, shop.target):
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)"
+                " + (SELECT count(*) FROM pg_subscription)"
+            )
+            row = cur.fetchone()
+            assert row is not None and row[0] == 0
+
+
+def test_connection_not_in_autocommit_is_left_idle(fresh_dbs: tuple[str, str]) -> None:
+    # Given connections not in autocommit
+    source_dsn, target_dsn = fresh_dbs
+    source = psycopg2.connect(source_dsn)
+    target = psycopg2.connect(target_dsn)
+    try:
+        # When the preflight runs
+        run_preflight(source, target, migration_for(source_dsn, target_dsn), wal_rate_sample_seconds=0.05)
+
+        # Then it leaves no transaction open on either
+        assert source.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        assert target.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    finally:
+        source.close()
+        target.close()
