@@ -22,6 +22,7 @@ from lambdas.core.preflight.model import CheckResult, PreflightReport, Status
 
 MIN_VERSION_NUM = 100000  # logical replication arrived in PostgreSQL 10
 FORWARD_SLOTS_NEEDED = 2  # the forward slot, plus headroom (a retried or temporary slot)
+MIN_FREE_DISK_ADVICE = 1024**3  # never advise less free disk than this, however quiet the source
 WAL_MARGIN = 2.0  # warn when the estimate uses more than 1/WAL_MARGIN of what is allowed or free
 
 
@@ -377,6 +378,15 @@ def check_target_role(facts: PreflightFacts) -> CheckResult:
 # --- tables ----------------------------------------------------------------------------------
 
 
+def suggest_table(pattern: str, names: list[str]) -> str | None:
+    """The table a mistyped pattern most likely meant: close as a whole and in its table part."""
+    wanted = pattern.rpartition(".")[2]
+    for candidate in difflib.get_close_matches(pattern, names, n=5, cutoff=0.75):
+        if difflib.SequenceMatcher(None, wanted, candidate.rpartition(".")[2]).ratio() >= 0.7:
+            return candidate
+    return None
+
+
 def check_table_selection(facts: PreflightFacts) -> CheckResult:
     name = "table_selection"
     tables = facts.tables
@@ -387,8 +397,8 @@ def check_table_selection(facts: PreflightFacts) -> CheckResult:
     details: list[str] = []
     names = [str(t) for t in tables.candidates]
     for pattern in tables.unmatched_include:
-        close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.6)
-        hint = f"; did you mean {_join(close)}?" if close else ""
+        close = suggest_table(pattern, names)
+        hint = f"; did you mean {close}?" if close else ""
         details.append(f"include pattern {pattern!r} matches no table on the source{hint}")
     if not tables.selected:
         details.append("no table is selected: nothing would be migrated")
@@ -569,7 +579,9 @@ def check_target_empty(facts: PreflightFacts) -> CheckResult:
     tables = facts.tables
     present = [t for t in tables.selected if t in tables.target]
     rows = tables.target_rows
-    measured = f"{len(rows)} of {len(present)} target tables hold rows"
+    measured = f"{len(rows)} of {len(present)} target tables hold rows" + (
+        f"; {len(tables.target_unreadable)} could not be read" if tables.target_unreadable else ""
+    )
     if rows:
         details = [
             f"{t}: {'more than ' + str(TARGET_ROW_COUNT_CAP) if n > TARGET_ROW_COUNT_CAP else n} row(s)"
@@ -762,6 +774,7 @@ def check_wal_retention(facts: PreflightFacts) -> CheckResult:
         f"WAL retained by the slot during the copy: ~{fmt_bytes(expected)}",
     ]
     needed = int(expected * WAL_MARGIN) + 1
+    disk_to_check = max(needed, MIN_FREE_DISK_ADVICE)
     if limit is not None:
         if expected > limit:
             return CheckResult(
@@ -807,7 +820,7 @@ def check_wal_retention(facts: PreflightFacts) -> CheckResult:
             measured,
             f"max_slot_wal_keep_size is unlimited, so the slot may fill the source's disk, and free disk space "
             f"could not be measured from here. Check that the volume holding the source's pg_wal has more than "
-            f"{fmt_bytes(needed)} free (on RDS: the CloudWatch metric FreeStorageSpace); consider setting "
+            f"{fmt_bytes(disk_to_check)} free (on RDS: the CloudWatch metric FreeStorageSpace); consider setting "
             "max_slot_wal_keep_size as a safety limit.",
             details,
         )

@@ -1,0 +1,1 @@
+"""Thin Lambda handlers: event -> typed model -> one domain call -> typed result."""

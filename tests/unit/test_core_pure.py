@@ -1,0 +1,64 @@
+"""Small pure pieces: LSNs, table selection, DSN redaction, endpoints."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from lambdas.core.config import Endpoint
+from lambdas.core.db import redact_dsn
+from lambdas.core.endpoints import EndpointError, resolve_dsn
+from lambdas.core.lsn import Lsn
+from lambdas.core.tables import TableName, select_tables, unmatched_patterns
+
+
+def test_lsn_parses_orders_and_subtracts() -> None:
+    a, b = Lsn.parse("0/16B3748"), Lsn.parse("1/0")
+    assert a < b
+    assert b - a == (1 << 32) - 0x16B3748
+    assert str(Lsn.parse("16/B374D848")) == "16/B374D848"
+    with pytest.raises(ValueError, match="not an LSN"):
+        Lsn.parse("garbage")
+
+
+def test_select_tables_applies_include_then_exclude() -> None:
+    tables = [TableName("public", n) for n in ("orders", "orders_archive", "tmp_x", "customers")] + [TableName("sales", "a")]
+    chosen = select_tables(tables, ["public.*", "sales.a"], ["public.*_archive", "public.tmp_*"])
+    assert [str(t) for t in chosen] == ["public.customers", "public.orders", "sales.a"]
+    assert unmatched_patterns(tables, ["public.orders", "billing.*"]) == ["billing.*"]
+
+
+def test_redact_dsn_hides_passwords_in_both_forms() -> None:
+    assert "hunter2" not in redact_dsn("host=x password=hunter2 user=u")
+    assert "hunter2" not in redact_dsn("host=x password='hun ter2' user=u").replace("***", "")
+    assert redact_dsn("postgresql://u:hunter2@h/db") == "postgresql://u:***@h/db"
+
+
+class FakeSecrets:
+    def __init__(self, payload: str) -> None:
+        self.payload = payload
+        self.asked: list[str] = []
+
+    def get_secret_value(self, *, SecretId: str) -> dict[str, Any]:  # noqa: N803
+        self.asked.append(SecretId)
+        return {"SecretString": self.payload}
+
+
+ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:src-AbC"
+
+
+def test_secret_endpoint_becomes_a_tls_dsn() -> None:
+    endpoint = Endpoint(secret_arn=ARN, host="db.internal", database="shop")
+    secrets = FakeSecrets(json.dumps({"username": "app", "password": "p@ss word"}))
+    dsn = resolve_dsn(endpoint, secrets)
+    assert secrets.asked == [ARN]
+    assert "sslmode=require" in dsn and "host=db.internal" in dsn and "dbname=shop" in dsn
+
+
+def test_malformed_secret_is_named_without_its_content() -> None:
+    endpoint = Endpoint(secret_arn=ARN, host="db.internal", database="shop")
+    with pytest.raises(EndpointError, match="username") as info:
+        resolve_dsn(endpoint, FakeSecrets('{"user": "app", "pw": "topsecret"}'))
+    assert "topsecret" not in str(info.value)
