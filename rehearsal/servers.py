@@ -218,7 +218,8 @@ def reap_orphans(root: Path = DEFAULT_ROOT) -> list[Path]:
     if not root.is_dir():
         return reaped
     for directory in root.iterdir():
-        if directory.is_dir() and not _owner_alive(directory):
+        # Only server folders (they carry owner.pid); anything else here is not ours to remove.
+        if (directory / "owner.pid").is_file() and not _owner_alive(directory):
             bindir_file = directory / "bindir"
             if bindir_file.exists():
                 _stop_and_remove(Path(bindir_file.read_text()), directory, RunAs.for_current_user())

@@ -1,0 +1,601 @@
+"""The pure preflight checks, over hand-built facts (no servers)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from lambdas.core.catalog import Column, SequenceUse, TableInfo
+from lambdas.core.lsn import Lsn
+from lambdas.core.preflight import checks, format_report
+from lambdas.core.preflight.facts import (
+    PreflightFacts,
+    RoleFacts,
+    ServerFacts,
+    ServerVersion,
+    TableFacts,
+    WalSample,
+)
+from lambdas.core.preflight.model import CheckResult, PreflightReport
+from lambdas.core.tables import TableName
+
+MB = 1024**2
+GB = 1024**3
+ORDERS = TableName("public", "orders")
+ITEMS = TableName("public", "items")
+
+
+def server(**changes: Any) -> ServerFacts:
+    """A well-configured PostgreSQL 15 server, connected as a superuser."""
+    base = ServerFacts(
+        version=ServerVersion(150004, "15.4"),
+        database="app",
+        wal_level="logical",
+        is_rds=False,
+        max_replication_slots=10,
+        max_wal_senders=10,
+        max_logical_replication_workers=4,
+        max_sync_workers_per_subscription=2,
+        max_worker_processes=8,
+        max_slot_wal_keep_size=None,
+        slots_used=0,
+        wal_senders_used=0,
+        background_workers_used=1,
+        logical_workers_used=0,
+        origins_used=0,
+        role=RoleFacts("postgres", superuser=True, replication=True, member_of=frozenset(), can_create_in_database=True),
+        extensions={"plpgsql": "1.0"},
+        available_extensions=frozenset({"plpgsql", "citext", "hstore"}),
+        large_objects=0,
+    )
+    return replace(base, **changes)
+
+
+def role(**changes: Any) -> RoleFacts:
+    base = RoleFacts("app", superuser=False, replication=False, member_of=frozenset(), can_create_in_database=True)
+    return replace(base, **changes)
+
+
+def table(name: TableName = ORDERS, **changes: Any) -> TableInfo:
+    base = TableInfo(
+        name=name,
+        oid=16384,
+        relkind="r",
+        persistence="p",
+        replica_identity="d",
+        primary_key=("id",),
+        replica_identity_index=None,
+        columns=(Column("id", "bigint", True, True), Column("note", "text", False)),
+        estimated_rows=0,
+        size_bytes=8192,
+    )
+    return replace(base, **changes)
+
+
+def tables(*infos: TableInfo, target: list[TableInfo] | None = None, **changes: Any) -> TableFacts:
+    """Selection of `infos` on the source; the target holds the same tables unless `target` is given."""
+    infos = infos or (table(),)
+    names = [i.name for i in infos]
+    target_infos = list(infos) if target is None else target
+    base = TableFacts(
+        include=["public.*"],
+        exclude=[],
+        candidates=sorted(names),
+        selected=sorted(names),
+        unmatched_include=[],
+        source={i.name: i for i in infos},
+        target={i.name: i for i in target_infos},
+        target_rows={},
+        target_unreadable=[],
+        source_not_owned=[],
+        source_unreadable=[],
+        sequences=[],
+        copy_bytes=sum(i.size_bytes for i in infos),
+    )
+    return replace(base, **changes)
+
+
+def facts(**changes: Any) -> PreflightFacts:
+    base = PreflightFacts(
+        source=server(),
+        target=server(),
+        tables=tables(),
+        wal=WalSample(Lsn(0), Lsn(0), 1.0),
+        free_disk_bytes=100 * GB,
+    )
+    return replace(base, **changes)
+
+
+def wal(bytes_per_second: float) -> WalSample:
+    return WalSample(Lsn(1000), Lsn(1000 + int(bytes_per_second)), 1.0)
+
+
+# --- the whole report --------------------------------------------------------------------------
+
+
+def test_good_facts_pass_every_check() -> None:
+    # Given facts of a well-prepared pair
+    # When every check runs
+    report = checks.evaluate(facts())
+
+    # Then all pass, one result per check, in a stable order
+    assert report.ok
+    assert [c.status for c in report.checks] == ["pass"] * len(checks.CHECKS)
+    assert [c.name for c in report.checks][:2] == ["server_version", "wal_level"]
+    assert len({c.name for c in report.checks}) == len(checks.CHECKS)
+
+
+def test_report_ok_means_no_failure_and_warnings_do_not_block() -> None:
+    warn = CheckResult("a", "warn", "m", "do x", ["d"])
+    fail = CheckResult("b", "fail", "m", "do y")
+    assert PreflightReport([warn]).ok
+    report = PreflightReport([warn, fail, CheckResult("c", "pass", "m")])
+    assert not report.ok
+    assert report.failures == [fail] and report.warnings == [warn]
+    assert report.get("b") is fail and "b" in report and "z" not in report
+    with pytest.raises(KeyError, match="no preflight check named 'z'"):
+        report.get("z")
+    assert report.to_dict()["ok"] is False
+    assert report.to_dict()["checks"][0] == {
+        "name": "a",
+        "status": "warn",
+        "measured": "m",
+        "remedy": "do x",
+        "details": ["d"],
+    }
+
+
+def test_format_report_shows_status_details_fix_and_verdict() -> None:
+    report = PreflightReport(
+        [
+            CheckResult("wal_level", "pass", "source wal_level=logical"),
+            CheckResult("target_empty", "fail", "1 of 2 target tables hold rows", "TRUNCATE public.orders;", ["x"]),
+        ]
+    )
+    text = format_report(report)
+    lines = text.splitlines()
+    assert lines[2].startswith("PASS  wal_level") and "source wal_level=logical" in lines[2]
+    assert lines[3].startswith("FAIL  target_empty")
+    assert "      - x" in lines
+    assert "      fix: TRUNCATE public.orders;" in lines
+    assert lines[-1] == "preflight: 1 passed, 0 warning(s), 1 failed: NOT ready: fix every FAIL above"
+
+
+# --- servers -----------------------------------------------------------------------------------
+
+
+def test_server_older_than_10_fails() -> None:
+    result = checks.check_server_version(facts(source=server(version=ServerVersion(90624, "9.6.24"))))
+    assert result.status == "fail"
+    assert result.details == ["source runs PostgreSQL 9.6.24"]
+    assert "PostgreSQL 10 or later" in result.remedy
+
+
+def test_target_older_major_than_source_warns() -> None:
+    result = checks.check_server_version(
+        facts(source=server(version=ServerVersion(160002, "16.2")), target=server(version=ServerVersion(150004, "15.4")))
+    )
+    assert result.status == "warn"
+    assert result.measured == "source 16.2, target 15.4"
+    assert "major version 16 or later" in result.remedy
+
+
+def test_newer_target_passes() -> None:
+    result = checks.check_server_version(facts(target=server(version=ServerVersion(160002, "16.2"))))
+    assert result.status == "pass"
+
+
+def test_wal_level_replica_fails_with_restart_remedy() -> None:
+    result = checks.check_wal_level(facts(source=server(wal_level="replica")))
+    assert result.status == "fail"
+    assert "ALTER SYSTEM SET wal_level = 'logical'" in result.remedy and "restart" in result.remedy
+
+
+def test_wal_level_on_rds_points_to_the_parameter_group() -> None:
+    result = checks.check_wal_level(facts(source=server(wal_level="replica", is_rds=True)))
+    assert result.status == "fail"
+    assert result.measured == "source wal_level=replica (RDS)"
+    assert "rds.logical_replication = 1" in result.remedy and "parameter group" in result.remedy
+    assert "ALTER SYSTEM" not in result.remedy
+
+
+@pytest.mark.parametrize(
+    ("limit", "used", "status"),
+    [(10, 0, "pass"), (2, 0, "pass"), (3, 2, "fail"), (1, 0, "fail"), (0, 0, "fail")],
+)
+def test_source_slots_need_two_free(limit: int, used: int, status: str) -> None:
+    result = checks.check_source_replication_slots(
+        facts(source=server(max_replication_slots=limit, slots_used=used))
+    )
+    assert result.status == status
+    if status == "fail":
+        assert f"Raise max_replication_slots to at least {used + 2}" in result.remedy
+        assert "pg_drop_replication_slot" in result.remedy
+
+
+def test_subscription_copy_wants_a_slot_per_sync_worker() -> None:
+    # Given the subscription copy (table-sync workers open their own slots) and 2 sync workers
+    two_tables = tables(table(ORDERS), table(ITEMS, oid=2))
+    result = checks.check_source_replication_slots(
+        facts(copy_method="subscription", tables=two_tables, source=server(max_replication_slots=2))
+    )
+    # Then two free slots are enough to start, but fewer than wanted
+    assert result.status == "warn"
+    assert "want 3" in result.measured
+
+
+def test_wal_senders_in_use_are_subtracted() -> None:
+    result = checks.check_source_wal_senders(facts(source=server(max_wal_senders=4, wal_senders_used=3)))
+    assert result.status == "fail"
+    assert result.measured.startswith("WAL senders on the source: 1 free (max_wal_senders=4, 3 in use)")
+    assert "ALTER SYSTEM SET max_wal_senders = 5" in result.remedy
+
+
+def test_rds_capacity_remedy_uses_the_parameter_group() -> None:
+    result = checks.check_source_wal_senders(facts(source=server(max_wal_senders=1, is_rds=True)))
+    assert "DB parameter group" in result.remedy and "ALTER SYSTEM" not in result.remedy
+
+
+def test_target_without_free_logical_worker_fails() -> None:
+    result = checks.check_target_subscription_capacity(
+        facts(target=server(max_logical_replication_workers=4, logical_workers_used=4))
+    )
+    assert result.status == "fail"
+    assert "max_logical_replication_workers: 0 free of 4, need 1" in result.details
+    assert "max_logical_replication_workers = 5" in result.remedy
+
+
+def test_target_without_free_origin_or_worker_process_fails() -> None:
+    result = checks.check_target_subscription_capacity(
+        facts(target=server(max_replication_slots=2, origins_used=2, max_worker_processes=3, background_workers_used=3))
+    )
+    assert result.status == "fail"
+    assert "max_replication_slots = 3" in result.remedy and "max_worker_processes = 4" in result.remedy
+
+
+def test_target_capacity_with_unreadable_origins_judges_the_setting() -> None:
+    result = checks.check_target_subscription_capacity(facts(target=server(origins_used=None)))
+    assert result.status == "pass"
+    assert result.measured.startswith("origins free ?")
+
+
+def test_subscription_checks_do_not_apply_to_dms() -> None:
+    weak = server(max_logical_replication_workers=0, role=role())
+    assert checks.check_target_subscription_capacity(facts(engine="dms", target=weak)).status == "pass"
+    assert checks.check_target_role(facts(engine="dms", target=weak)).status == "pass"
+
+
+def test_target_that_cannot_publish_back_fails_reverse_replication() -> None:
+    result = checks.check_reverse_replication(facts(target=server(wal_level="replica", max_wal_senders=0)))
+    assert result.status == "fail"
+    assert result.details == [
+        "target wal_level is 'replica', not 'logical'",
+        "no free WAL sender on the target (0 of 0 used)",
+    ]
+    assert "rollback" in result.remedy and "wal_level = 'logical'" in result.remedy
+
+
+# --- roles -------------------------------------------------------------------------------------
+
+
+def test_source_role_without_replication_fails() -> None:
+    result = checks.check_source_role(facts(source=server(role=role())))
+    assert result.status == "fail"
+    assert result.details == ["role app may not replicate (no REPLICATION attribute, not superuser)"]
+    assert "ALTER ROLE app REPLICATION;" in result.remedy
+
+
+def test_source_role_on_rds_is_told_to_join_rds_replication() -> None:
+    result = checks.check_source_role(facts(source=server(is_rds=True, role=role())))
+    assert result.status == "fail"
+    assert "GRANT rds_replication TO app;" in result.remedy
+    assert result.measured.endswith("rds_replication=no")
+
+
+@pytest.mark.parametrize(
+    "rights",
+    [
+        {"replication": True},
+        {"member_of": frozenset({"rds_replication"})},
+        {"superuser": True, "can_create_in_database": False},
+    ],
+)
+def test_source_role_that_can_replicate_and_owns_the_tables_passes(rights: dict[str, Any]) -> None:
+    assert checks.check_source_role(facts(source=server(role=role(**rights)))).status == "pass"
+
+
+def test_source_role_must_own_and_read_the_tables_and_create_in_the_database() -> None:
+    result = checks.check_source_role(
+        facts(
+            source=server(role=role(replication=True, can_create_in_database=False)),
+            tables=tables(source_not_owned=[ORDERS], source_unreadable=[ORDERS]),
+        )
+    )
+    assert result.status == "fail"
+    assert result.details == [
+        "role app does not own public.orders (CREATE PUBLICATION ... FOR TABLE needs the owner)",
+        "role app has no CREATE privilege on database app (publications need it)",
+        "role app may not SELECT from public.orders (the copy reads them)",
+    ]
+    assert "GRANT CREATE ON DATABASE app TO app;" in result.remedy
+
+
+def test_target_role_on_15_must_be_superuser() -> None:
+    result = checks.check_target_role(facts(target=server(role=role())))
+    assert result.status == "fail"
+    assert "PostgreSQL 15 lets only superusers create subscriptions" in result.remedy
+
+
+def test_target_role_on_16_needs_pg_create_subscription() -> None:
+    pg16 = ServerVersion(160002, "16.2")
+    missing = checks.check_target_role(facts(target=server(version=pg16, role=role())))
+    assert missing.status == "fail"
+    assert "GRANT pg_create_subscription TO app;" in missing.remedy
+    granted = role(member_of=frozenset({"pg_create_subscription"}))
+    assert checks.check_target_role(facts(target=server(version=pg16, role=granted))).status == "pass"
+
+
+def test_target_role_rds_superuser_passes() -> None:
+    rds = server(is_rds=True, role=role(member_of=frozenset({"rds_superuser"})))
+    assert checks.check_target_role(facts(target=rds)).status == "pass"
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def test_include_pattern_matching_nothing_fails_with_a_suggestion() -> None:
+    selection = tables(include=["public.ordres", "public.*"], unmatched_include=["public.ordres"])
+    result = checks.check_table_selection(facts(tables=selection))
+    assert result.status == "fail"
+    assert result.details == ["include pattern 'public.ordres' matches no table on the source; did you mean public.orders?"]
+
+
+def test_empty_selection_fails() -> None:
+    result = checks.check_table_selection(facts(tables=tables(selected=[], source={}, target={})))
+    assert result.status == "fail"
+    assert "no table is selected" in result.details[0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"primary_key": ()}, "public.orders: no primary key (replica identity default)"),
+        ({"replica_identity": "n"}, "public.orders: REPLICA IDENTITY NOTHING"),
+        ({"replica_identity": "i"}, "public.orders: REPLICA IDENTITY USING INDEX, but the index no longer exists"),
+    ],
+)
+def test_table_without_usable_identity_fails_by_name(changes: dict[str, Any], problem: str) -> None:
+    result = checks.check_replica_identity(facts(tables=tables(table(**changes), table(ITEMS, oid=2))))
+    assert result.status == "fail"
+    assert result.details == [problem]
+    assert result.measured == "1 of 2 selected tables have a primary key or usable replica identity"
+    assert "FAILS ON THE SOURCE" in result.remedy
+
+
+def test_identity_by_index_passes_and_full_without_key_warns() -> None:
+    by_index = table(primary_key=(), replica_identity="i", replica_identity_index="orders_code")
+    assert checks.check_replica_identity(facts(tables=tables(by_index))).status == "pass"
+    full = checks.check_replica_identity(facts(tables=tables(table(primary_key=(), replica_identity="f"))))
+    assert full.status == "warn"
+    assert full.details == ["public.orders: REPLICA IDENTITY FULL, no primary key"]
+
+
+def test_unlogged_table_fails() -> None:
+    result = checks.check_unlogged_tables(facts(tables=tables(table(persistence="u"))))
+    assert result.status == "fail"
+    assert result.details == ["public.orders: UNLOGGED"]
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "safe"),
+    [
+        ("integer", "bigint", True),
+        ("smallint", "integer", True),
+        ("bigint", "integer", False),
+        ("integer", "numeric", True),
+        ("character varying(20)", "text", True),
+        ("character varying(20)", "character varying(40)", True),
+        ("character varying(40)", "character varying(20)", False),
+        ("character varying(20)", "character varying", True),
+        ("character varying", "character varying(20)", False),
+        ("numeric(12,2)", "numeric", True),
+        ("numeric(12,2)", "numeric(14,2)", True),
+        ("numeric(12,2)", "numeric(14,3)", False),
+        ("numeric", "numeric(12,2)", False),
+        ("real", "double precision", False),
+        ("text", "integer", False),
+    ],
+)
+def test_safe_widening(source: str, target: str, safe: bool) -> None:
+    assert checks.is_safe_widening(source, target) is safe
+
+
+def test_schema_differences_are_listed_with_their_weight() -> None:
+    source = table(
+        columns=(
+            Column("id", "bigint", True),
+            Column("amount", "numeric(12,2)", True),
+            Column("note", "text", False),
+            Column("code", "text", True),
+            Column("gone", "text", False),
+            Column("small", "integer", False),
+        )
+    )
+    target = table(
+        columns=(
+            Column("id", "bigint", True),
+            Column("amount", "text", True),
+            Column("note", "text", True),
+            Column("code", "text", False),
+            Column("small", "bigint", False),
+            Column("must", "integer", True),
+            Column("defaulted", "integer", True, has_default=True),
+            Column("optional", "text", False),
+        )
+    )
+    missing = TableInfo(**{**table(ITEMS).__dict__, "oid": 2})
+    result = checks.check_target_schema(facts(tables=tables(source, missing, target=[target])))
+    assert result.status == "fail"
+    assert result.details == [
+        "FAIL: public.items: table missing on the target",
+        "FAIL: public.orders.amount: type numeric(12,2) on the source, text on the target",
+        "FAIL: public.orders.note: NOT NULL on the target but nullable on the source",
+        "WARN: public.orders.code: nullable on the target but NOT NULL on the source",
+        "FAIL: public.orders.gone: missing on the target (source type text)",
+        "WARN: public.orders.small: type integer on the source, bigint on the target (wider)",
+        "FAIL: public.orders.must: extra target column, NOT NULL without a default",
+        "WARN: public.orders.defaulted: extra target column (integer), not on the source",
+        "WARN: public.orders.optional: extra target column (text), not on the source",
+    ]
+    assert result.measured == "1 of 2 selected tables exist on the target; 5 blocking and 4 other differences"
+
+
+def test_schema_with_only_harmless_differences_warns() -> None:
+    target = table(columns=(*table().columns, Column("extra", "text", False)))
+    result = checks.check_target_schema(facts(tables=tables(table(), target=[target])))
+    assert result.status == "warn"
+    assert "Not blocking" in result.remedy
+
+
+def test_non_empty_target_tables_fail_with_capped_counts() -> None:
+    selection = tables(table(), table(ITEMS, oid=2), target_rows={ORDERS: 3, ITEMS: 1001})
+    result = checks.check_target_empty(facts(tables=selection))
+    assert result.status == "fail"
+    assert result.details == ["public.items: more than 1000 row(s)", "public.orders: 3 row(s)"]
+    assert "TRUNCATE public.items, public.orders;" in result.remedy
+
+
+def test_unreadable_target_tables_are_reported_not_assumed_empty() -> None:
+    result = checks.check_target_empty(facts(tables=tables(target_unreadable=[ORDERS])))
+    assert result.status == "warn"
+    assert result.measured == "0 of 1 target tables hold rows; 1 could not be read"
+
+
+def test_missing_extensions_fail_and_plpgsql_is_ignored() -> None:
+    source = server(extensions={"plpgsql": "1.0", "citext": "1.6", "postgis": "3.4"})
+    target = server(extensions={}, available_extensions=frozenset({"citext"}))
+    result = checks.check_extensions(facts(source=source, target=target))
+    assert result.status == "fail"
+    assert result.details == [
+        "citext 1.6: available on the target, run CREATE EXTENSION citext;",
+        "postgis 3.4: not available on the target server: install its package",
+    ]
+
+
+def test_extension_version_difference_warns() -> None:
+    result = checks.check_extensions(
+        facts(source=server(extensions={"citext": "1.6"}), target=server(extensions={"citext": "1.5"}))
+    )
+    assert result.status == "warn"
+    assert result.details == ["citext: 1.6 on the source, 1.5 on the target"]
+
+
+def test_partitioned_root_passes_with_a_note_and_orphan_partition_warns() -> None:
+    root = table(TableName("public", "events"), relkind="p", oid=10)
+    leaf = table(TableName("public", "events_2024"), oid=11, partition_parent=root.name)
+    with_root = checks.check_partitions(facts(tables=tables(root, leaf)))
+    assert with_root.status == "pass"
+    assert with_root.details[0].startswith("public.events: partitioned; replicates through its root")
+    assert with_root.details[1] == "public.events_2024: partition of public.events, replicates through it"
+    alone = checks.check_partitions(facts(tables=tables(leaf)))
+    assert alone.status == "warn"
+    assert alone.details == ["public.events_2024: partition of public.events, which is not selected"]
+
+
+def test_sequence_owned_by_no_column_warns() -> None:
+    uses = [
+        SequenceUse(TableName("public", "orders_id_seq"), ORDERS, "id", owned=True),
+        SequenceUse(TableName("public", "invoice_no"), ORDERS, "invoice", owned=False),
+    ]
+    result = checks.check_sequences(facts(tables=tables(sequences=uses)))
+    assert result.status == "warn"
+    assert result.details == ["public.invoice_no: used in the default of public.orders.invoice, owned by no column"]
+    assert result.measured == "2 sequence(s) used by selected tables, 1 owned by no column"
+
+
+@pytest.mark.parametrize("type_name", ["oid", "lo", "public.lo"])
+def test_large_object_columns_fail(type_name: str) -> None:
+    info = table(columns=(Column("id", "bigint", True), Column("doc", type_name, False)))
+    result = checks.check_large_objects(facts(tables=tables(info)))
+    assert result.status == "fail"
+    assert result.details == [f"public.orders.doc ({type_name})"]
+
+
+def test_large_objects_without_columns_warn_and_unknown_warns() -> None:
+    assert checks.check_large_objects(facts(source=server(large_objects=5))).status == "warn"
+    unknown = checks.check_large_objects(facts(source=server(large_objects=None)))
+    assert unknown.status == "warn"
+    assert "pg_largeobject_metadata" in unknown.remedy
+
+
+# --- WAL retention -----------------------------------------------------------------------------
+
+
+def retention(rate: float, copy_bytes: int, *, limit: int | None, free: int | None, mb_per_s: float = 10) -> CheckResult:
+    return checks.check_wal_retention(
+        facts(
+            tables=tables(copy_bytes=copy_bytes),
+            wal=wal(rate),
+            source=server(max_slot_wal_keep_size=limit),
+            free_disk_bytes=free,
+            expected_copy_mb_per_s=mb_per_s,
+        )
+    )
+
+
+def test_wal_limit_smaller_than_expected_retention_fails() -> None:
+    # 1 GB at 10 MB/s = 102.4 s; 1 MB/s of WAL -> 102.4 MB retained > 64 MB allowed
+    result = retention(MB, GB, limit=64 * MB, free=None)
+    assert result.status == "fail"
+    assert "max_slot_wal_keep_size=64.0 MB" in result.measured
+    assert "~102.4 MB retained" in result.measured
+    assert "ALTER SYSTEM SET max_slot_wal_keep_size = '206MB'" in result.remedy
+    assert "expected_copy_mb_per_s" in result.remedy
+
+
+def test_wal_limit_with_little_headroom_warns_and_ample_passes() -> None:
+    assert retention(MB, GB, limit=150 * MB, free=None).status == "warn"
+    assert retention(MB, GB, limit=1024 * MB, free=None).status == "pass"
+
+
+def test_rds_wal_limit_remedy_uses_the_parameter_group() -> None:
+    result = checks.check_wal_retention(
+        facts(tables=tables(copy_bytes=GB), wal=wal(MB), source=server(max_slot_wal_keep_size=MB, is_rds=True))
+    )
+    assert result.status == "fail"
+    assert "DB parameter group" in result.remedy and "ALTER SYSTEM" not in result.remedy
+
+
+def test_unlimited_retention_is_compared_with_free_disk() -> None:
+    assert retention(MB, GB, limit=None, free=50 * MB).status == "fail"
+    assert retention(MB, GB, limit=None, free=150 * MB).status == "warn"
+    assert retention(MB, GB, limit=None, free=10 * GB).status == "pass"
+
+
+def test_unlimited_retention_with_unknown_disk_warns_what_to_check() -> None:
+    result = retention(MB, GB, limit=None, free=None)
+    assert result.status == "warn"
+    assert "could not be measured" in result.remedy
+    assert "FreeStorageSpace" in result.remedy
+    assert "free disk unknown" in result.measured
+
+
+def test_quiet_source_passes() -> None:
+    assert retention(0, 100 * GB, limit=MB, free=None).status == "pass"
+
+
+def test_wal_sample_rate() -> None:
+    assert WalSample(Lsn(100), Lsn(300), 2.0).bytes_per_second == 100
+    assert WalSample(Lsn(100), Lsn(300), 0).bytes_per_second == 0
+    assert WalSample(Lsn(300), Lsn(100), 1.0).bytes_per_second == 0
+
+
+def test_byte_and_time_formatting() -> None:
+    assert checks.fmt_bytes(512) == "512 B"
+    assert checks.fmt_bytes(1536) == "1.5 kB"
+    assert checks.fmt_bytes(3 * GB) == "3.0 GB"
+    assert checks.fmt_seconds(30) == "30.0 s"
+    assert checks.fmt_seconds(600) == "10.0 min"
+    assert checks.fmt_seconds(3 * 3600) == "3.0 h"
