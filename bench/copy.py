@@ -125,6 +125,7 @@ class EngineRun:
     rows_copied: int
     started: float
     trace: EngineTrace
+    error: str | None = None  # why start() failed; copy_seconds is then the time until it failed
 
     @property
     def total_seconds(self) -> float:
@@ -152,12 +153,23 @@ def run_engine(
     engine = LogicalEngine(source_dsn, target_dsn, plan, on_copy_progress=trace.on_chunk, connector=trace.connector)
     log(f"ours: LogicalEngine.start() with {workers} copy worker(s), {chunk_rows:,} rows per chunk")
     started = time.monotonic()
+    rows_copied, error = 0, None
     with ticker(lambda: f"target A holds {database_size(target_dsn)}"), timed() as copy_time:
-        result = engine.start()
-    log(f"ours: start() returned after {copy_time.seconds:.2f}s ({result.rows_copied:,} rows copied)")
-    removed = engine.teardown()
-    log(f"ours: teardown removed {', '.join(removed.removed) or 'nothing'}")
-    return EngineRun(schema_time.seconds, copy_time.seconds, result.rows_copied, started, trace)
+        try:
+            rows_copied = engine.start().rows_copied
+        except Exception as exc:  # reported (and made the exit status) by main; pgcopydb still runs
+            error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if error:
+        log(f"ours: start() FAILED after {copy_time.seconds:.2f}s: {error}")
+    else:
+        log(f"ours: start() returned after {copy_time.seconds:.2f}s ({rows_copied:,} rows copied)")
+    # Teardown stops the walsender and apply worker, so they take no CPU while pgcopydb runs.
+    try:
+        removed = engine.teardown().removed
+        log(f"ours: teardown removed {', '.join(removed) or 'nothing'}")
+    except Exception as exc:
+        log(f"ours: teardown failed ({type(exc).__name__}: {exc}); the servers are thrown away anyway")
+    return EngineRun(schema_time.seconds, copy_time.seconds, rows_copied, started, trace, error)
 
 
 def engine_breakdown(run: EngineRun) -> list[tuple[str, float | None]]:
@@ -329,24 +341,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             prints = fingerprints_of({"source": source_dsn, "engine": engine_dsn, "pgcopydb": pgcopydb_dsn}, tables)
         log(f"check done in {t.seconds:.1f}s")
     engine_problems = mismatches(prints["source"], prints["engine"])
+    if engine.error:
+        engine_problems.insert(0, f"LogicalEngine.start() failed: {engine.error}")
     pgcopydb_problems = mismatches(prints["source"], prints["pgcopydb"])
     if pgc.returncode != 0:
         pgcopydb_problems.insert(0, f"pgcopydb exited with code {pgc.returncode}; see {pgc.log_path}")
 
-    ratio = engine.total_seconds / pgc.seconds if pgc.seconds > 0 else float("inf")
     engine_ok, pgcopydb_ok = not engine_problems, not pgcopydb_problems
+    # A time is only a result when the run finished; a failed run's time is left out (null).
+    copy_s = None if engine.error else engine.copy_seconds
+    total_s = None if engine.error else engine.total_seconds
+    pgcopydb_s = pgc.seconds if pgc.returncode == 0 else None
+    ratio = total_s / pgcopydb_s if total_s is not None and pgcopydb_s else None
     result = {
         "rows": rows,
         "workers": args.workers,
-        "engine_copy_seconds": round(engine.copy_seconds, 3),
-        "engine_schema_seconds": round(engine.schema_seconds, 3),
-        "engine_total_seconds": round(engine.total_seconds, 3),
-        "pgcopydb_seconds": round(pgc.seconds, 3),
-        "ratio": round(ratio, 4),
+        "engine_copy_seconds": _round(copy_s, 3),
+        "engine_schema_seconds": _round(engine.schema_seconds, 3),
+        "engine_total_seconds": _round(total_s, 3),
+        "pgcopydb_seconds": _round(pgcopydb_s, 3),
+        "ratio": _round(ratio, 4),
         "engine_rows_match": engine_ok,
         "pgcopydb_rows_match": pgcopydb_ok,
         "goal_ratio": GOAL_RATIO,
-        "goal_met": engine_ok and ratio <= GOAL_RATIO,
+        "goal_met": engine_ok and ratio is not None and ratio <= GOAL_RATIO,
     }
 
     out: TextIO = sys.stderr if args.json else sys.stdout
@@ -363,8 +381,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _rate(rows: int, seconds: float | None) -> float | None:
+    return rows / seconds if seconds else None
+
+
 def report(
-    out: TextIO, rows: int, engine: EngineRun, pgc: PgcopydbRun, ratio: float, engine_ok: bool, pgcopydb_ok: bool
+    out: TextIO, rows: int, engine: EngineRun, pgc: PgcopydbRun, ratio: float | None, engine_ok: bool, pgcopydb_ok: bool
 ) -> None:
     print(file=out)
     print("Where our engine's start() spent its time:", file=out)
@@ -379,19 +405,25 @@ def report(
         print(file=out)
         print("pgcopydb's own summary:", file=out)
         print_table(["step", "connection", "duration"], [list(s) for s in pgc.steps], out)
+    copy_s = None if engine.error else engine.copy_seconds
+    total_s = None if engine.error else engine.total_seconds
+    pgcopydb_s = pgc.seconds if pgc.returncode == 0 else None
     print(file=out)
     print_table(
         ["tool", "seconds", "rows/s", "matches"],
         [
             ["ours: schema", engine.schema_seconds, None, None],
-            ["ours: copy (LogicalEngine.start)", engine.copy_seconds, rows / engine.copy_seconds, engine_ok],
-            ["ours: total (schema + copy)", engine.total_seconds, rows / engine.total_seconds, engine_ok],
-            ["pgcopydb clone", pgc.seconds, rows / pgc.seconds, pgcopydb_ok],
+            ["ours: copy (LogicalEngine.start)", copy_s, _rate(rows, copy_s), engine_ok],
+            ["ours: total (schema + copy)", total_s, _rate(rows, total_s), engine_ok],
+            ["pgcopydb clone", pgcopydb_s, _rate(rows, pgcopydb_s), pgcopydb_ok],
         ],
         out,
     )
-    met = "met" if engine_ok and ratio <= GOAL_RATIO else "NOT met"
-    print(f"\nratio ours/pgcopydb: {ratio:.3f} (goal <= {GOAL_RATIO}: {met})", file=out)
+    if ratio is None:
+        print("\nratio ours/pgcopydb: n/a (a tool failed; see the errors below)", file=out)
+    else:
+        met = "met" if engine_ok and ratio <= GOAL_RATIO else "NOT met"
+        print(f"\nratio ours/pgcopydb: {ratio:.3f} (goal <= {GOAL_RATIO}: {met})", file=out)
     out.flush()
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lambdas.core.catalog import list_tables
 from lambdas.core.config import MigrationFileError, load_migration
 from lambdas.core.db import connect
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
@@ -25,8 +26,7 @@ from lambdas.core.engines.snapshot_copy import ChunkCopied
 from lambdas.core.lsn import current_lsn, wait_for_lsn
 from lambdas.core.preflight import format_report, run_preflight
 from lambdas.core.sequences import sync_sequences
-from lambdas.core.tables import TableName, select_tables
-from lambdas.core.catalog import list_tables
+from lambdas.core.tables import select_tables
 from rehearsal import sample
 from rehearsal.compare import compare_databases
 from rehearsal.servers import ServerError, running_servers
@@ -56,8 +56,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for server in (source_server, target_server):
             server.create_database("shop")
         src, tgt = source_server.dsn("shop"), target_server.dsn("shop")
-        migration = base.model_copy(update={"source": base.source.model_copy(update={"dsn": src}),
-                                            "target": base.target.model_copy(update={"dsn": tgt})})
+        migration = base.model_copy(
+            update={
+                "source": base.source.model_copy(update={"dsn": src}),
+                "target": base.target.model_copy(update={"dsn": tgt}),
+            }
+        )
         say(f"servers: source on port {source_server.port}, target on port {target_server.port}")
 
         started = time.monotonic()
@@ -88,7 +92,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
         result = engine.start()
         phases["initial_copy_seconds"] = time.monotonic() - t0
-        say(f"initial copy: {result.rows_copied:,} rows in {result.copy_seconds:.1f}s; streaming from {result.consistent_lsn}")
+        say(
+            f"initial copy: {result.rows_copied:,} rows in {result.copy_seconds:.1f}s; streaming from {result.consistent_lsn}"
+        )
 
         lag_bytes: list[int] = []
         lag_seconds: list[float] = []
@@ -97,13 +103,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             status = engine.status()
             lag_bytes.append(status.lag_bytes or 0)
             lag_seconds.append(status.lag_seconds or 0.0)
-            say(f"  streaming: lag {status.lag_bytes} bytes, {status.lag_seconds or 0:.3f}s, slot {status.slot.wal_status if status.slot else '-'}")
+            say(
+                f"  streaming: lag {status.lag_bytes} bytes, {status.lag_seconds or 0:.3f}s, slot {status.slot.wal_status if status.slot else '-'}"
+            )
             time.sleep(0.5)
         stats = workload.stop()
         phases["streaming_seconds"] = time.monotonic() - t0
 
         t0 = time.monotonic()
-        caught = wait_for_lsn(target, plan.names.subscription, current_lsn(source), timeout=60, source=source, slot=plan.names.slot)
+        caught = wait_for_lsn(
+            target, plan.names.subscription, current_lsn(source), timeout=60, source=source, slot=plan.names.slot
+        )
         phases["catch_up_seconds"] = time.monotonic() - t0
         synced = sync_sequences(source, target, tables, margin=migration.cutover.sequence_margin)
         t0 = time.monotonic()
@@ -122,13 +132,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "preflight": {c.name: c.status for c in report.checks},
         "lag_bytes": _percentiles(lag_bytes),
         "lag_seconds": _percentiles(lag_seconds),
-        "catch_up": {"lsn": str(caught.target_lsn), "waited_seconds": round(caught.waited_seconds, 4), "signal": caught.signal},
-        "workload": {"committed": stats.committed, "failed": stats.failed, "max_latency_ms": round(stats.max_latency * 1000, 1)},
+        "catch_up": {
+            "lsn": str(caught.target_lsn),
+            "waited_seconds": round(caught.waited_seconds, 4),
+            "signal": caught.signal,
+        },
+        "workload": {
+            "committed": stats.committed,
+            "failed": stats.failed,
+            "max_latency_ms": round(stats.max_latency * 1000, 1),
+        },
         "sequences_synced": len(synced),
         "rows_compared": sum(d.source_rows for d in diffs),
         "rows_lost": sum(len(d.missing_on_target) for d in diffs),
         "rows_differing": sum(len(d.changed) + len(d.extra_on_target) for d in diffs),
-        "tables": {d.table: {"source_rows": d.source_rows, "target_rows": d.target_rows, "equal": d.equal} for d in diffs},
+        "tables": {
+            d.table: {"source_rows": d.source_rows, "target_rows": d.target_rows, "equal": d.equal} for d in diffs
+        },
     }
 
 
@@ -155,11 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     say("")
     say(f"outcome            {summary['outcome']}")
     say(f"rows copied        {summary['rows_copied']:,} in {summary['copy_seconds']}s")
-    say(f"lag (bytes)        p50 {summary['lag_bytes']['p50']:.0f}  p99 {summary['lag_bytes']['p99']:.0f}  max {summary['lag_bytes']['max']:.0f}")
-    say(f"lag (seconds)      p50 {summary['lag_seconds']['p50']:.3f}  p99 {summary['lag_seconds']['p99']:.3f}  max {summary['lag_seconds']['max']:.3f}")
+    say(
+        f"lag (bytes)        p50 {summary['lag_bytes']['p50']:.0f}  p99 {summary['lag_bytes']['p99']:.0f}  max {summary['lag_bytes']['max']:.0f}"
+    )
+    say(
+        f"lag (seconds)      p50 {summary['lag_seconds']['p50']:.3f}  p99 {summary['lag_seconds']['p99']:.3f}  max {summary['lag_seconds']['max']:.3f}"
+    )
     say(f"writes             {summary['workload']['committed']:,} committed, {summary['workload']['failed']} failed")
     say(f"catch-up           {summary['catch_up']['waited_seconds'] * 1000:.1f} ms ({summary['catch_up']['signal']})")
-    say(f"rows compared      {summary['rows_compared']:,}; lost {summary['rows_lost']}, differing {summary['rows_differing']}")
+    say(
+        f"rows compared      {summary['rows_compared']:,}; lost {summary['rows_lost']}, differing {summary['rows_differing']}"
+    )
     say(f"summary            {args.out / 'summary.json'}")
     return 0 if summary["outcome"] == "replicated" else 1
 

@@ -48,9 +48,9 @@ def _stream(conn: Connection, table: TableName, key: Sequence[str], batch: int =
     key_cols = sql.SQL(", ").join(sql.Identifier(k) for k in key)
     # Ordered by the key's text in byte order ("C"), which is also Python's str order, so the
     # merge below sees the same order on both sides whatever the key's type or collation.
-    query = sql.SQL('SELECT k, md5(t::text) FROM {table} t, LATERAL (SELECT ({keys})::text COLLATE "C" AS k) x ORDER BY k').format(
-        keys=key_cols, table=table.ident
-    )
+    query = sql.SQL(
+        'SELECT k, md5(t::text) FROM {table} t, LATERAL (SELECT ({keys})::text COLLATE "C" AS k) x ORDER BY k'
+    ).format(keys=key_cols, table=table.ident)
     with conn.cursor(name=f"cmp_{table.name}") as cur:
         cur.itersize = batch
         cur.execute(query)

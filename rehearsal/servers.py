@@ -145,7 +145,19 @@ class PostgresServer:
 
     def psql(self, sql_text: str, dbname: str = "postgres") -> str:
         out = subprocess.run(
-            [str(self.bindir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", self.dsn(dbname), "-c", sql_text],
+            [
+                str(self.bindir / "psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                self.dsn(dbname),
+                "-c",
+                sql_text,
+            ],
             text=True,
             capture_output=True,
         )
@@ -258,7 +270,7 @@ def start_server(
     reap_orphans(root)
     root.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(PermissionError):
-        os.chmod(root, 0o1777)  # shared by root and unprivileged callers
+        os.chmod(root, 0o1777)  # noqa: S103 - sticky, shared by root and the unprivileged server user
     if port is not None and not port_is_free(port):
         raise ServerError(f"port {port} on 127.0.0.1 is already in use: stop what listens there or choose another port")
     directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
@@ -273,8 +285,18 @@ def start_server(
     guardian_pid = _spawn_guardian(owner, directory) if guardian else None
     try:
         init = run_as.run(
-            [str(bindir / "initdb"), "-D", str(datadir), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
-             "--locale=C.UTF-8", "--no-sync"]
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(datadir),
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ]
         )
         if init.returncode != 0:
             raise ServerError(f"initdb failed: {init.stderr.strip()}")

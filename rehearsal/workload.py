@@ -98,7 +98,9 @@ class Workload:
         probe = self._connect(self._current_dsn())
         try:
             with probe.cursor() as cur:
-                cur.execute("SELECT (SELECT max(id) FROM customers), (SELECT max(id) FROM products), (SELECT max(id) FROM orders)")
+                cur.execute(
+                    "SELECT (SELECT max(id) FROM customers), (SELECT max(id) FROM products), (SELECT max(id) FROM orders)"
+                )
                 row = cur.fetchone()
                 assert row is not None
                 limits = tuple(int(v or 1) for v in row)
@@ -116,7 +118,7 @@ class Workload:
         return self._dsn() if callable(self._dsn) else self._dsn
 
     def _run(self, index: int, stats: WorkloadStats, limits: tuple[int, ...]) -> None:
-        rng = random.Random(self._seed * 1000 + index)
+        rng = random.Random(self._seed * 1000 + index)  # noqa: S311 - reproducible load, not crypto
         max_customer, max_product, max_order = limits
         conn: Connection | None = None
         interval = 1.0 / self._rate if self._rate else 0.0

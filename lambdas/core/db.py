@@ -11,7 +11,6 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
-import psycopg2.extras
 from psycopg2 import sql
 
 Connection = psycopg2.extensions.connection
@@ -33,22 +32,26 @@ class DatabaseUnreachable(ConnectionError):
 def connect(dsn: str, *, application_name: str = "zdm", autocommit: bool = True, **kwargs: Any) -> Connection:
     """Open a connection; the error names the (redacted) DSN, never the password."""
     try:
-        conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10, **kwargs)
+        conn: Connection = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10, **kwargs)
     except psycopg2.OperationalError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseUnreachable(f"cannot connect to {redact_dsn(dsn)}: {reason}") from None
-    if not isinstance(conn, psycopg2.extras._replicationConnection):  # those are always autocommit
+    if "connection_factory" not in kwargs:  # replication connections are always autocommit
         conn.autocommit = autocommit
     return conn
 
 
-def fetch_all(conn: Connection, query: Query, params: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+def fetch_all(
+    conn: Connection, query: Query, params: Sequence[Any] | dict[str, Any] | None = None
+) -> list[tuple[Any, ...]]:
     with conn.cursor() as cur:
         cur.execute(query, params)
         return list(cur.fetchall())
 
 
-def fetch_one(conn: Connection, query: Query, params: Sequence[Any] | dict[str, Any] | None = None) -> tuple[Any, ...] | None:
+def fetch_one(
+    conn: Connection, query: Query, params: Sequence[Any] | dict[str, Any] | None = None
+) -> tuple[Any, ...] | None:
     with conn.cursor() as cur:
         cur.execute(query, params)
         return cur.fetchone()

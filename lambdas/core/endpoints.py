@@ -11,7 +11,7 @@ from lambdas.core.config import Endpoint
 
 
 class SecretReader(Protocol):
-    def get_secret_value(self, *, SecretId: str) -> dict[str, Any]: ...  # noqa: N803 (boto3's name)
+    def get_secret_value(self, *, SecretId: str) -> dict[str, Any]: ...
 
 
 class EndpointError(ValueError):
@@ -35,6 +35,11 @@ def resolve_dsn(endpoint: Endpoint, secrets: SecretReader | None = None) -> str:
         ) from None
     return str(
         make_dsn(
-            host=endpoint.host, port=endpoint.port, dbname=endpoint.database, user=user, password=password, sslmode="require"
+            host=endpoint.host,
+            port=endpoint.port,
+            dbname=endpoint.database,
+            user=user,
+            password=password,
+            sslmode="require",
         )
     )

@@ -72,7 +72,9 @@ def integer_boundaries(low: int, high: int, chunks: int) -> list[Bound]:
     return [(str(p),) for p in points if low < p <= high]
 
 
-def range_predicate(key_columns: Sequence[str], key_types: Sequence[str], key_range: KeyRange) -> tuple[sql.Composable, list[str]]:
+def range_predicate(
+    key_columns: Sequence[str], key_types: Sequence[str], key_range: KeyRange
+) -> tuple[sql.Composable, list[str]]:
     """A WHERE clause (row comparison, so composite keys work) and its parameters."""
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in key_columns)
 

@@ -29,9 +29,7 @@ class TableName:
         return f"{self.schema}.{self.name}"
 
 
-def select_tables(
-    candidates: Iterable[TableName], include: Iterable[str], exclude: Iterable[str]
-) -> list[TableName]:
+def select_tables(candidates: Iterable[TableName], include: Iterable[str], exclude: Iterable[str]) -> list[TableName]:
     """Tables matching any include pattern and no exclude pattern, sorted.
 
     Patterns match 'schema.table' case-sensitively (PostgreSQL names are case-sensitive once quoted).

@@ -128,7 +128,12 @@ def test_sequences_synced_so_target_inserts_succeed(fresh_dbs: tuple[str, str]) 
         engine.teardown()
         # Then every sequence used by the tables moved, including the one only named in a default
         names = {str(s.sequence) for s in synced}
-        assert {"public.customers_id_seq", "public.orders_id_seq", "public.products_id_seq", "public.invoice_no_seq"} <= names
+        assert {
+            "public.customers_id_seq",
+            "public.orders_id_seq",
+            "public.products_id_seq",
+            "public.invoice_no_seq",
+        } <= names
         assert all(s.target_next_after >= s.source_next + 100 for s in synced)
         # And running it again changes nothing (never moves a sequence backwards)
         assert not any(s.changed for s in again)
@@ -174,7 +179,9 @@ def test_teardown_and_restart_after_a_start_that_died_mid_copy(fresh_dbs: tuple[
         if len(calls) == 2:
             raise RuntimeError("injected crash mid-copy")
 
-    plan = LogicalReplicationPlan(ReplicationNames("zdm_test"), TABLES, LogicalSettings(copy_workers=1, copy_chunk_rows=5_000))
+    plan = LogicalReplicationPlan(
+        ReplicationNames("zdm_test"), TABLES, LogicalSettings(copy_workers=1, copy_chunk_rows=5_000)
+    )
     failing = LogicalEngine(src, tgt, plan, on_copy_progress=crash_after_two)
     with pytest.raises(CopyFailed, match="injected crash"):
         failing.start()
@@ -274,10 +281,15 @@ def test_partitioned_table_replicates_through_its_root(fresh_dbs: tuple[str, str
     source, target = connect(src), connect(tgt)
     execute(source, ddl)
     execute(target, ddl)
-    execute(source, "INSERT INTO measurements SELECT g, date '2024-06-01' + (g % 400), g / 7.0 FROM generate_series(1, 30000) g")
+    execute(
+        source,
+        "INSERT INTO measurements SELECT g, date '2024-06-01' + (g % 400), g / 7.0 FROM generate_series(1, 30000) g",
+    )
     execute(source, "ANALYZE measurements")
     tables = (TableName("public", "measurements"), TableName("public", "measurements_2024"))
-    plan = LogicalReplicationPlan(ReplicationNames("zdm_test"), tables, LogicalSettings(copy_workers=2, copy_chunk_rows=5_000))
+    plan = LogicalReplicationPlan(
+        ReplicationNames("zdm_test"), tables, LogicalSettings(copy_workers=2, copy_chunk_rows=5_000)
+    )
     engine = LogicalEngine(src, tgt, plan)
     result = engine.start()
     assert result.tables == ["public.measurements"]  # the selected leaf travels through its root

@@ -24,7 +24,9 @@ def test_lsn_parses_orders_and_subtracts() -> None:
 
 
 def test_select_tables_applies_include_then_exclude() -> None:
-    tables = [TableName("public", n) for n in ("orders", "orders_archive", "tmp_x", "customers")] + [TableName("sales", "a")]
+    tables = [TableName("public", n) for n in ("orders", "orders_archive", "tmp_x", "customers")] + [
+        TableName("sales", "a")
+    ]
     chosen = select_tables(tables, ["public.*", "sales.a"], ["public.*_archive", "public.tmp_*"])
     assert [str(t) for t in chosen] == ["public.customers", "public.orders", "sales.a"]
     assert unmatched_patterns(tables, ["public.orders", "billing.*"]) == ["billing.*"]
@@ -41,7 +43,7 @@ class FakeSecrets:
         self.payload = payload
         self.asked: list[str] = []
 
-    def get_secret_value(self, *, SecretId: str) -> dict[str, Any]:  # noqa: N803
+    def get_secret_value(self, *, SecretId: str) -> dict[str, Any]:
         self.asked.append(SecretId)
         return {"SecretString": self.payload}
 

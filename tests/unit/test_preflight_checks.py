@@ -45,7 +45,9 @@ def server(**changes: Any) -> ServerFacts:
         background_workers_used=1,
         logical_workers_used=0,
         origins_used=0,
-        role=RoleFacts("postgres", superuser=True, replication=True, member_of=frozenset(), can_create_in_database=True),
+        role=RoleFacts(
+            "postgres", superuser=True, replication=True, member_of=frozenset(), can_create_in_database=True
+        ),
         extensions={"plpgsql": "1.0"},
         available_extensions=frozenset({"plpgsql", "citext", "hstore"}),
         large_objects=0,
@@ -175,7 +177,9 @@ def test_server_older_than_10_fails() -> None:
 
 def test_target_older_major_than_source_warns() -> None:
     result = checks.check_server_version(
-        facts(source=server(version=ServerVersion(160002, "16.2")), target=server(version=ServerVersion(150004, "15.4")))
+        facts(
+            source=server(version=ServerVersion(160002, "16.2")), target=server(version=ServerVersion(150004, "15.4"))
+        )
     )
     assert result.status == "warn"
     assert result.measured == "source 16.2, target 15.4"
@@ -206,9 +210,7 @@ def test_wal_level_on_rds_points_to_the_parameter_group() -> None:
     [(10, 0, "pass"), (2, 0, "pass"), (3, 2, "fail"), (1, 0, "fail"), (0, 0, "fail")],
 )
 def test_source_slots_need_two_free(limit: int, used: int, status: str) -> None:
-    result = checks.check_source_replication_slots(
-        facts(source=server(max_replication_slots=limit, slots_used=used))
-    )
+    result = checks.check_source_replication_slots(facts(source=server(max_replication_slots=limit, slots_used=used)))
     assert result.status == status
     if status == "fail":
         assert f"Raise max_replication_slots to at least {used + 2}" in result.remedy
@@ -349,11 +351,13 @@ def test_include_pattern_matching_nothing_fails_with_a_suggestion() -> None:
     selection = tables(include=["public.ordres", "public.*"], unmatched_include=["public.ordres"])
     result = checks.check_table_selection(facts(tables=selection))
     assert result.status == "fail"
-    assert result.details == ["include pattern 'public.ordres' matches no table on the source; did you mean public.orders?"]
+    assert result.details == [
+        "include pattern 'public.ordres' matches no table on the source; did you mean public.orders?"
+    ]
 
 
 def test_empty_selection_fails() -> None:
-    result = checks.check_table_selection(facts(tables=tables(selected=[], source={}, target={})))
+    result = checks.check_table_selection(facts(tables=tables(selected=[], source={}, target=[])))
     assert result.status == "fail"
     assert "no table is selected" in result.details[0]
 
@@ -435,7 +439,7 @@ def test_schema_differences_are_listed_with_their_weight() -> None:
             Column("optional", "text", False),
         )
     )
-    missing = TableInfo(**{**table(ITEMS).__dict__, "oid": 2})
+    missing = table(ITEMS, oid=2)
     result = checks.check_target_schema(facts(tables=tables(source, missing, target=[target])))
     assert result.status == "fail"
     assert result.details == [
@@ -533,7 +537,9 @@ def test_large_objects_without_columns_warn_and_unknown_warns() -> None:
 # --- WAL retention -----------------------------------------------------------------------------
 
 
-def retention(rate: float, copy_bytes: int, *, limit: int | None, free: int | None, mb_per_s: float = 10) -> CheckResult:
+def retention(
+    rate: float, copy_bytes: int, *, limit: int | None, free: int | None, mb_per_s: float = 10
+) -> CheckResult:
     return checks.check_wal_retention(
         facts(
             tables=tables(copy_bytes=copy_bytes),
@@ -551,7 +557,7 @@ def test_wal_limit_smaller_than_expected_retention_fails() -> None:
     assert result.status == "fail"
     assert "max_slot_wal_keep_size=64.0 MB" in result.measured
     assert "~102.4 MB retained" in result.measured
-    assert "ALTER SYSTEM SET max_slot_wal_keep_size = '206MB'" in result.remedy
+    assert "ALTER SYSTEM SET max_slot_wal_keep_size = '205MB'" in result.remedy
     assert "expected_copy_mb_per_s" in result.remedy
 
 

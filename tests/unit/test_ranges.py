@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from psycopg2 import sql
 
 from lambdas.core.ranges import (
@@ -22,7 +24,7 @@ class FakeConn:
 def test_ranges_cover_the_whole_key_space_without_overlap() -> None:
     ranges = ranges_from_boundaries([("10",), ("20",)])
     assert ranges == [KeyRange(None, ("10",)), KeyRange(("10",), ("20",)), KeyRange(("20",), None)]
-    for left, right in zip(ranges, ranges[1:], strict=False):
+    for left, right in itertools.pairwise(ranges):
         assert left.upper == right.lower
 
 
@@ -54,8 +56,10 @@ def test_key_range_round_trips_through_json() -> None:
 def test_range_predicate_uses_row_comparison_for_composite_keys() -> None:
     from lambdas.core.ranges import range_predicate
 
-    predicate, params = range_predicate(["order_id", "line_no"], ["bigint", "integer"], KeyRange(("5", "1"), ("9", "2")))
+    predicate, params = range_predicate(
+        ["order_id", "line_no"], ["bigint", "integer"], KeyRange(("5", "1"), ("9", "2"))
+    )
     assert isinstance(predicate, sql.Composed)
     assert params == ["5", "1", "9", "2"]
-    whole, none = range_predicate(["id"], ["bigint"], KeyRange(None, None))
+    _, none = range_predicate(["id"], ["bigint"], KeyRange(None, None))
     assert none == []

@@ -198,14 +198,24 @@ class LogicalEngine(ReplicationEngine):
             ).format(s=sql.Identifier(STATE_SCHEMA)),
             (names.slot,),
         )
-        execute(target, sql.SQL("DELETE FROM {}.copy_chunks WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)), (names.slot,))
+        execute(
+            target,
+            sql.SQL("DELETE FROM {}.copy_chunks WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)),
+            (names.slot,),
+        )
 
         started = time.monotonic()
-        repl = self._connect(self._source_dsn, application_name="zdm-slot", connection_factory=psycopg2.extras.LogicalReplicationConnection)
+        repl = self._connect(
+            self._source_dsn,
+            application_name="zdm-slot",
+            connection_factory=psycopg2.extras.LogicalReplicationConnection,
+        )
         try:
             with repl.cursor() as cur:
                 cur.execute(
-                    sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT").format(sql.Identifier(names.slot))
+                    sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT").format(
+                        sql.Identifier(names.slot)
+                    )
                 )
                 row = cur.fetchone()
             if row is None:
@@ -299,16 +309,30 @@ class LogicalEngine(ReplicationEngine):
             if sub is None:
                 if copy_state is not None and copy_state.state == "copying":
                     return ReplicationStatus(
-                        self.name, Phase.COPYING, copy_state.tables, source_lsn=str(source_lsn), slot=slot, problems=problems
+                        self.name,
+                        Phase.COPYING,
+                        copy_state.tables,
+                        source_lsn=str(source_lsn),
+                        slot=slot,
+                        problems=problems,
                     )
-                return ReplicationStatus(self.name, Phase.NOT_STARTED, source_lsn=str(source_lsn), slot=slot, problems=problems)
+                return ReplicationStatus(
+                    self.name, Phase.NOT_STARTED, source_lsn=str(source_lsn), slot=slot, problems=problems
+                )
             _, enabled, worker_running = sub
             tables = _subscription_tables(target, sub[0])
             if copy_state is not None:
                 copied = {t.table: t for t in copy_state.tables}
                 tables = [
-                    TableStatus(t.table, t.state, copied[t.table].rows_copied, copied[t.table].chunks_total, copied[t.table].chunks_done)
-                    if t.table in copied else t
+                    TableStatus(
+                        t.table,
+                        t.state,
+                        copied[t.table].rows_copied,
+                        copied[t.table].chunks_total,
+                        copied[t.table].chunks_done,
+                    )
+                    if t.table in copied
+                    else t
                     for t in tables
                 ]
             applied = applied_lsn(target, names.subscription)
@@ -316,7 +340,11 @@ class LogicalEngine(ReplicationEngine):
             if replay_lsn is not None:
                 lag_bytes: int | None = max(0, source_lsn - replay_lsn)
             elif slot.exists:
-                confirmed = fetch_value(source, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (names.slot,))
+                confirmed = fetch_value(
+                    source,
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                    (names.slot,),
+                )
                 lag_bytes = max(0, source_lsn - Lsn.parse(confirmed)) if confirmed else None
             else:
                 lag_bytes = None
@@ -328,7 +356,9 @@ class LogicalEngine(ReplicationEngine):
             else:
                 lag_seconds = None
             if enabled and not worker_running:
-                problems.append(f"subscription {names.subscription} is enabled but its apply worker is not running; see the target's log")
+                problems.append(
+                    f"subscription {names.subscription} is enabled but its apply worker is not running; see the target's log"
+                )
             if enabled and not slot.exists:
                 problems.append(f"slot {names.slot} is missing on the source")
             if not enabled:
@@ -358,7 +388,10 @@ class LogicalEngine(ReplicationEngine):
         try:
             sub = _subscription(target, self.plan.names.subscription)
             if sub is not None and sub[1]:
-                execute(target, sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(self.plan.names.subscription)))
+                execute(
+                    target,
+                    sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(self.plan.names.subscription)),
+                )
         finally:
             target.close()
 
@@ -375,8 +408,16 @@ class LogicalEngine(ReplicationEngine):
                 execute(target, sql.SQL("DROP SUBSCRIPTION {}").format(sub))
                 removed.append(f"subscription {names.subscription}")
             if fetch_value(target, "SELECT to_regclass(%s)", (f"{STATE_SCHEMA}.copy_state",)):
-                execute(target, sql.SQL("DELETE FROM {}.copy_chunks WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)), (names.slot,))
-                execute(target, sql.SQL("DELETE FROM {}.copy_state WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)), (names.slot,))
+                execute(
+                    target,
+                    sql.SQL("DELETE FROM {}.copy_chunks WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)),
+                    (names.slot,),
+                )
+                execute(
+                    target,
+                    sql.SQL("DELETE FROM {}.copy_state WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)),
+                    (names.slot,),
+                )
         finally:
             target.close()
         source = self._source()
@@ -430,7 +471,9 @@ class _CopyState:
 def _copy_state(target: Connection, slot: str) -> _CopyState | None:
     if not fetch_value(target, "SELECT to_regclass(%s)", (f"{STATE_SCHEMA}.copy_state",)):
         return None
-    row = fetch_one(target, sql.SQL("SELECT state FROM {}.copy_state WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)), (slot,))
+    row = fetch_one(
+        target, sql.SQL("SELECT state FROM {}.copy_state WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)), (slot,)
+    )
     if row is None:
         return None
     rows = fetch_all(
@@ -480,7 +523,14 @@ def _slot_health(source: Connection, slot: str) -> SlotHealth:
     if row is None:
         return SlotHealth(slot, exists=False)
     active, wal_status, retained, safe = row
-    return SlotHealth(slot, True, bool(active), wal_status, None if retained is None else int(retained), None if safe is None else int(safe))
+    return SlotHealth(
+        slot,
+        True,
+        bool(active),
+        wal_status,
+        None if retained is None else int(retained),
+        None if safe is None else int(safe),
+    )
 
 
 def _walsender(source: Connection, slot: str) -> tuple[Lsn | None, float | None]:

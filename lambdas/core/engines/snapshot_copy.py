@@ -9,6 +9,7 @@ copies each table through a single stream).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -185,13 +186,13 @@ def copy_in_parallel(
                 finally:
                     conn.close()
 
-    threads = [threading.Thread(target=worker, name=f"copy-worker-{i}", daemon=True) for i in range(min(workers, len(chunks)))]
+    threads = [
+        threading.Thread(target=worker, name=f"copy-worker-{i}", daemon=True) for i in range(min(workers, len(chunks)))
+    ]
     for thread in threads:
         thread.start()
-    try:
+    with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed; its error is raised below
         imported.wait()
-    except threading.BrokenBarrierError:
-        pass
     for thread in threads:
         thread.join()
     if failures:
