@@ -116,15 +116,19 @@ def plan_ranges(conn: Connection, table: TableInfo, rows_per_chunk: int) -> list
         if row is None or row[0] is None:
             return [WHOLE_TABLE]
         return ranges_from_boundaries(integer_boundaries(int(row[0]), int(row[1]), chunks))
-    wanted_samples = chunks * 50
+    # SYSTEM sampling reads whole blocks (clumps of neighbouring keys), so ask for enough rows
+    # to touch many blocks; quantiles of the sorted sample then give even chunks.
+    wanted_samples = max(chunks * 500, 20_000)
     percent = min(100.0, max(0.01, 100.0 * wanted_samples / max(estimated, 1)))
-    cols = [sql.SQL("{}::text").format(sql.Identifier(c)) for c in key]
+    cols = [sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in key]
     sample = fetch_all(
         conn,
-        sql.SQL("SELECT {cols} FROM {t} TABLESAMPLE SYSTEM (%s) ORDER BY {order}").format(
+        # Order by the table's columns, qualified: a bare name would pick the output column
+        # (the ::text form) and sort keys as text, giving overlapping ranges.
+        sql.SQL("SELECT {cols} FROM {t} AS t TABLESAMPLE SYSTEM (%s) ORDER BY {order}").format(
             cols=sql.SQL(", ").join(cols),
             t=table.name.ident,
-            order=sql.SQL(", ").join(sql.Identifier(c) for c in key),
+            order=sql.SQL(", ").join(sql.Identifier("t", c) for c in key),
         ),
         (percent,),
     )
