@@ -82,6 +82,39 @@ def database_size(dsn: str) -> str:
         conn.close()
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat; None where there is no /proc."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def cpu_busy(sample_seconds: float = 1.0) -> float | None:
+    """Fraction (0..1) of all CPUs busy over a short sample; None if it cannot be measured."""
+    before = _cpu_times()
+    time.sleep(sample_seconds)
+    after = _cpu_times()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def check_quiet(before_what: str, threshold: float = 0.10) -> float | None:
+    """Log how busy the CPUs are while we are idle; warn when others' work will skew our timings."""
+    busy = cpu_busy()
+    if busy is None:
+        return None
+    message = f"CPU busy before {before_what}: {busy:.0%} of {default_workers()} CPU(s) (not ours: we are idle)"
+    if busy > threshold:
+        message += " -- WARNING: other processes are using the CPUs; timings will be noisy"
+    log(message)
+    return busy
+
+
 @dataclass
 class Timer:
     seconds: float = 0.0
