@@ -65,13 +65,9 @@ def sync_sequences(
         if before.next_value < wanted:
             # setval(v, true): nextval() then returns v + increment.
             fetch_value(
-                target, "SELECT setval(%s::regclass, %s, true)", (str_regclass(sequence), wanted - before.increment)
+                target, "SELECT setval(%s::regclass, %s, true)", (sequence.regclass, wanted - before.increment)
             )
             after = read_position(target, sequence).next_value
         results.append(SequenceSync(sequence, src.next_value, before.next_value, after))
     return results
 
-
-def str_regclass(name: TableName) -> str:
-    """A regclass literal for `name`, quoted so that any identifier survives the cast."""
-    return '"{}"."{}"'.format(name.schema.replace('"', '""'), name.name.replace('"', '""'))

@@ -25,6 +25,11 @@ class TableName:
     def ident(self) -> sql.Identifier:
         return sql.Identifier(self.schema, self.name)
 
+    @property
+    def regclass(self) -> str:
+        """A value for `%s::regclass` / to_regclass(%s): quoted so any name survives the cast."""
+        return '"{}"."{}"'.format(self.schema.replace('"', '""'), self.name.replace('"', '""'))
+
     def __str__(self) -> str:
         return f"{self.schema}.{self.name}"
 

@@ -71,6 +71,14 @@ def assert_identical(src: str, tgt: str) -> None:
         assert diff.source_rows == diff.target_rows
 
 
+def index_exists(dsn: str, name: str) -> bool:
+    conn = connect(dsn)
+    try:
+        return fetch_value(conn, "SELECT to_regclass(%s)", (name,)) is not None
+    finally:
+        conn.close()
+
+
 def slot_exists(src: str) -> bool:
     conn = connect(src)
     try:
@@ -187,12 +195,15 @@ def test_teardown_and_restart_after_a_start_that_died_mid_copy(fresh_dbs: tuple[
         failing.start()
     assert slot_exists(src)
     assert failing.status().phase is Phase.COPYING
+    # (the secondary index is dropped for the copy, its definition recorded on the target)
+    assert not index_exists(tgt, "public.orders_customer_idx")
     # When start is simply called again
     engine = make_engine(src, tgt)
     engine.start()
     # Then the partial copy was discarded and redone: the target equals the source
     caught_up(engine, src, tgt)
     assert_identical(src, tgt)
+    assert index_exists(tgt, "public.orders_customer_idx")
     # And after another failed start (on an emptied target), teardown leaves nothing of ours behind
     engine.teardown()
     target = connect(tgt)
@@ -201,9 +212,11 @@ def test_teardown_and_restart_after_a_start_that_died_mid_copy(fresh_dbs: tuple[
     calls.clear()
     with pytest.raises(CopyFailed):
         LogicalEngine(src, tgt, plan, on_copy_progress=crash_after_two).start()
-    engine.teardown()
-    engine.teardown()
+    assert not index_exists(tgt, "public.orders_customer_idx")
+    assert "(restored index orders_customer_idx)" in engine.teardown().removed
+    assert engine.teardown().removed == []
     assert not slot_exists(src)
+    assert index_exists(tgt, "public.orders_customer_idx")
     assert engine.status().phase is Phase.NOT_STARTED
 
 

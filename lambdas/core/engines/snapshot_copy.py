@@ -128,17 +128,25 @@ def copy_in_parallel(
     *,
     workers: int,
     record_chunk: Callable[[Connection, CopyChunk, int], None] | None = None,
+    on_table_copied: Callable[[Connection, TableInfo], None] | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> list[ChunkCopied]:
     """Copy all chunks with `workers` session pairs; each target chunk commits on its own.
 
     `record_chunk(target, chunk, rows)` runs inside the chunk's target transaction, so the
-    progress record and the data commit together. The first failure stops every worker
-    and is raised; the caller decides how to clean up (the snapshot cannot be reused).
+    progress record and the data commit together. `on_table_copied(target, table)` runs in
+    the worker that committed a table's last chunk (index builds and ANALYZE then overlap
+    the other tables' copy). The first failure stops every worker and is raised; the caller
+    decides how to clean up (the snapshot cannot be reused).
     """
     work: queue.Queue[CopyChunk] = queue.Queue()
     for chunk in sorted(chunks, key=lambda c: -c.estimated_rows):
         work.put(chunk)
+    chunks_left: dict[str, int] = {}
+    tables: dict[str, TableInfo] = {}
+    for chunk in chunks:
+        chunks_left[str(chunk.table.name)] = chunks_left.get(str(chunk.table.name), 0) + 1
+        tables[str(chunk.table.name)] = chunk.table
     done: list[ChunkCopied] = []
     failures: list[BaseException] = []
     lock = threading.Lock()
@@ -173,8 +181,13 @@ def copy_in_parallel(
                 result = ChunkCopied(str(chunk.table.name), chunk.number, rows, time.monotonic() - started)
                 with lock:
                     done.append(result)
+                    chunks_left[result.table] -= 1
+                    table_finished = chunks_left[result.table] == 0
                 if on_progress is not None:
                     on_progress(result)
+                if table_finished and on_table_copied is not None:
+                    on_table_copied(target, tables[result.table])
+                    target.commit()
         except threading.BrokenBarrierError:
             pass
         except BaseException as exc:
