@@ -98,6 +98,8 @@ def test_initial_copy_plus_live_writes_converge_row_for_row(fresh_dbs: tuple[str
         # When replication starts (parallel copy from the slot's snapshot) while writes continue
         result = engine.start()
         assert result.rows_copied >= 1_000_000
+        # (lag in seconds is unknown, None, until the subscriber's walsender has connected)
+        wait_until(lambda: engine.status().lag_seconds is not None, 30, "the subscriber to connect")
         samples: list[ReplicationStatus] = []
         for _ in range(20):
             samples.append(engine.status())

@@ -31,6 +31,7 @@ from lambdas.core.engines.base import (
     TableSyncState,
     TeardownResult,
 )
+from lambdas.core.engines.deferred_indexes import defer_indexes, ensure_deferred_table, restore_indexes
 from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopySessionFactory, copy_in_parallel
 from lambdas.core.lsn import Lsn, applied_lsn
 from lambdas.core.ranges import plan_ranges
@@ -205,7 +206,7 @@ class LogicalEngine(ReplicationEngine):
         )
 
         for table in tables:
-            _defer_secondary_indexes(target, names.slot, table)
+            defer_indexes(target, STATE_SCHEMA, names.slot, table)
         started = time.monotonic()
         repl = self._connect(
             self._source_dsn,
@@ -294,7 +295,7 @@ class LogicalEngine(ReplicationEngine):
 
     def _finish_table(self, target: Connection, table: TableInfo) -> None:
         """A table's rows are all in: build its deferred indexes, then gather planner statistics."""
-        _restore_deferred_indexes(target, self.plan.names.slot, table.name)
+        restore_indexes(target, STATE_SCHEMA, self.plan.names.slot, table.name)
         execute(target, sql.SQL("ANALYZE {}").format(table.name.ident))
 
     # -- status ------------------------------------------------------------------------
@@ -414,8 +415,8 @@ class LogicalEngine(ReplicationEngine):
                 execute(target, sql.SQL("DROP SUBSCRIPTION {}").format(sub))
                 removed.append(f"subscription {names.subscription}")
             if fetch_value(target, "SELECT to_regclass(%s)", (f"{STATE_SCHEMA}.copy_state",)):
-                restored = _restore_deferred_indexes(target, names.slot, None)
-                removed += [f"(restored index {name})" for name in restored]
+                restored = restore_indexes(target, STATE_SCHEMA, names.slot, None)
+                removed += [f"(restored {name})" for name in restored]
                 execute(
                     target,
                     sql.SQL("DELETE FROM {}.copy_chunks WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)),
@@ -519,13 +520,7 @@ def _ensure_state_tables(target: Connection) -> None:
             " PRIMARY KEY (slot, table_name, chunk_no))"
         ).format(schema),
     )
-    execute(
-        target,
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {}.deferred_indexes (slot text, table_name text, index_name text,"
-            " definition text NOT NULL, PRIMARY KEY (slot, table_name, index_name))"
-        ).format(schema),
-    )
+    ensure_deferred_table(target, STATE_SCHEMA)
 
 
 def _slot_health(source: Connection, slot: str) -> SlotHealth:
@@ -597,71 +592,3 @@ def _require_empty(target: Connection, tables: Sequence[TableInfo]) -> None:
 
 def _truncate(target: Connection, tables: Sequence[TableInfo]) -> None:
     execute(target, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(t.name.ident for t in tables)))
-
-
-def _defer_secondary_indexes(target: Connection, slot: str, table: TableInfo) -> None:
-    """Drop the table's plain secondary indexes for the copy, recording their definitions first.
-
-    Building an index once after the copy is much cheaper than maintaining it row by row.
-    Indexes behind constraints (primary key, unique, exclusion) and the replica identity
-    index stay. The record and the drop commit together, so a crash cannot lose an index:
-    a later start or teardown recreates whatever is recorded.
-    """
-    if table.relkind != "r":
-        return  # partitioned indexes cascade to partitions; left as they are
-    rows = fetch_all(
-        target,
-        "SELECT ic.relname, pg_get_indexdef(i.indexrelid)"
-        " FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid"
-        " WHERE i.indrelid = (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        "                     WHERE n.nspname = %s AND c.relname = %s)"
-        " AND NOT i.indisreplident AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
-        (table.name.schema, table.name.name),
-    )
-    for index_name, definition in rows:
-        execute(target, "BEGIN")
-        try:
-            execute(
-                target,
-                sql.SQL(
-                    "INSERT INTO {}.deferred_indexes (slot, table_name, index_name, definition) VALUES (%s, %s, %s, %s)"
-                    " ON CONFLICT DO NOTHING"
-                ).format(sql.Identifier(STATE_SCHEMA)),
-                (slot, str(table.name), index_name, definition),
-            )
-            execute(target, sql.SQL("DROP INDEX {}").format(sql.Identifier(table.name.schema, index_name)))
-            execute(target, "COMMIT")
-        except BaseException:
-            execute(target, "ROLLBACK")
-            raise
-
-
-def _restore_deferred_indexes(target: Connection, slot: str, table: TableName | None) -> list[str]:
-    """Recreate recorded indexes (of one table, or all) that are missing; forget the records."""
-    if not fetch_value(target, "SELECT to_regclass(%s)", (f"{STATE_SCHEMA}.deferred_indexes",)):
-        return []
-    query = sql.SQL("SELECT table_name, index_name, definition FROM {}.deferred_indexes WHERE slot = %s").format(
-        sql.Identifier(STATE_SCHEMA)
-    )
-    params = [slot]
-    if table is not None:
-        query = query + sql.SQL(" AND table_name = %s")
-        params.append(str(table))
-    restored: list[str] = []
-    for table_name, index_name, definition in fetch_all(target, query, params):
-        owner = TableName.parse(table_name)
-        index_there = fetch_value(target, "SELECT to_regclass(%s)", (TableName(owner.schema, index_name).regclass,))
-        table_there = fetch_value(target, "SELECT to_regclass(%s)", (owner.regclass,))
-        if table_there and not index_there:
-            # pg_get_indexdef() output: DDL generated by the server, every name already quoted.
-            execute(target, sql.SQL(definition))
-            restored.append(index_name)
-        execute(
-            target,
-            sql.SQL("DELETE FROM {}.deferred_indexes WHERE slot = %s AND table_name = %s AND index_name = %s").format(
-                sql.Identifier(STATE_SCHEMA)
-            ),
-            (slot, table_name, index_name),
-        )
-    return restored
-
