@@ -15,19 +15,10 @@ from lambdas.core.catalog import describe_tables
 from lambdas.core.db import Connection, execute
 from lambdas.core.tables import TableName
 
-# Settings that change a row's text form; pinned the same on both sides.
-TEXT_FORM_SETTINGS = {
-    "TimeZone": "UTC",
-    "DateStyle": "ISO, YMD",
-    "IntervalStyle": "postgres",
-    "extra_float_digits": "3",
-    "bytea_output": "hex",
-}
+# One definition of the settings that change a row's text form, shared with the validator.
+from lambdas.core.textform import TEXT_FORM_SETTINGS, pin_text_form
 
-
-def pin_text_form(conn: Connection) -> None:
-    for name, value in TEXT_FORM_SETTINGS.items():
-        execute(conn, "SELECT set_config(%s, %s, false)", (name, value))
+__all__ = ["TEXT_FORM_SETTINGS", "TableDiff", "compare_databases", "compare_table", "pin_text_form"]
 
 
 @dataclass

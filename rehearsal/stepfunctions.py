@@ -133,7 +133,7 @@ class LocalStateMachine:
         config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
         function_names = {sub: re.sub(r"FunctionArn$", "", sub) or sub for sub in self.handlers}
         routed = {function_names[sub]: h for sub, h in self.handlers.items()}
-        with mock_aws(config=config), _routed_lambdas(routed):  # type: ignore[arg-type]
+        with mock_aws(config=config), _routed_lambdas(routed):  # type: ignore[call-overload]
             iam = boto3.client("iam", region_name=REGION)
             role = iam.create_role(RoleName="zdm-local", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
             lam = boto3.client("lambda", region_name=REGION)

@@ -1,15 +1,28 @@
-"""One stack per migration. Replication, streaming, traffic, orchestration and monitoring
-constructs join this stack as they land (see the open infrastructure issue)."""
+"""One stack per migration, one construct per concern:
+
+config (settings parameter) -> security (KMS keys) -> network -> streaming (MSK) ->
+replication (DMS) -> traffic (RDS Proxy, Route53) -> orchestration (Lambdas, state machine) ->
+monitoring (alarms, composite, EventBridge rollback rule, dashboard).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import aws_cdk as cdk
 from constructs import Construct
 
 from lambdas.core.config import Migration
+from stacks.common import MigrationContext, aws_environment
 from stacks.config import MigrationConfig
+from stacks.monitoring import Monitoring
+from stacks.network import Network
+from stacks.orchestration import ASL, HANDLERS, HandlerSpec, Orchestration
+from stacks.replication import Replication
+from stacks.security import Security
+from stacks.streaming import Streaming
+from stacks.traffic import Traffic
 
 
 def stack_name_for(migration: Migration) -> str:
@@ -17,7 +30,66 @@ def stack_name_for(migration: Migration) -> str:
 
 
 class MigrationStack(cdk.Stack):
-    def __init__(self, scope: Construct, construct_id: str, *, migration: Migration, **kwargs: Any) -> None:
-        super().__init__(scope, construct_id, description=f"Zero-downtime migration {migration.name}", **kwargs)
-        cdk.Tags.of(self).add("zdm:migration", migration.name)
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        migration: Migration,
+        handlers: tuple[HandlerSpec, ...] = HANDLERS,
+        definition_file: Path = ASL,
+        **kwargs: Any,
+    ) -> None:
+        env = aws_environment(migration)  # refuses local (DSN) endpoints before anything is built
+        super().__init__(
+            scope,
+            construct_id,
+            description=f"Zero-downtime migration {migration.name}",
+            env=cdk.Environment(account=env.account, region=env.region),
+            **kwargs,
+        )
+        # AWS::RDS::DBProxyTargetGroup takes no tags (CDK would add them).
+        self._zones = migration.aws.network.availability_zones or [f"{env.region}a", f"{env.region}b"]
+        cdk.Tags.of(self).add("zdm:migration", migration.name, exclude_resource_types=["AWS::RDS::DBProxyTargetGroup"])
         self.config = MigrationConfig(self, "Config", migration=migration)
+        self.security = Security(self, "Security", migration_name=migration.name, env=env)
+        ctx = MigrationContext(self, migration, env, self.security.keys)
+        self.network = Network(self, "Network", ctx=ctx)
+        self.streaming = (
+            Streaming(self, "Streaming", ctx=ctx, network=self.network) if migration.aws.streaming.enabled else None
+        )
+        needs_dms = migration.engine.type == "dms" or migration.aws.streaming.dms_change_stream
+        self.replication = (
+            Replication(self, "Replication", ctx=ctx, network=self.network, streaming=self.streaming)
+            if needs_dms
+            else None
+        )
+        self.traffic = Traffic(self, "Traffic", ctx=ctx, network=self.network)
+        self.orchestration = Orchestration(
+            self,
+            "Orchestration",
+            ctx=ctx,
+            network=self.network,
+            settings=self.config.parameter,
+            replication=self.replication,
+            traffic=self.traffic,
+            handlers=handlers,
+            definition_file=definition_file,
+        )
+        self.monitoring = Monitoring(
+            self,
+            "Monitoring",
+            ctx=ctx,
+            replication=self.replication,
+            rollback=self.orchestration.function_for("alarm"),
+            dead_letters=self.orchestration.dead_letters,
+        )
+        cdk.CfnOutput(self, "StateMachineArn", value=self.orchestration.state_machine.state_machine_arn)
+        cdk.CfnOutput(self, "Dashboard", value=f"zdm-{migration.name}")
+        cdk.CfnOutput(self, "WriterName", value=self.traffic.writer_name)
+        cdk.CfnOutput(self, "ReaderName", value=self.traffic.reader_name)
+
+    @property
+    def availability_zones(self) -> list[str]:
+        """The file's zones: CDK would otherwise look the region's zones up (an AWS call at synth time)."""
+        return list(self._zones)

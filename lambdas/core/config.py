@@ -8,6 +8,7 @@ path and what to do about it.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import itertools
 import re
 from pathlib import Path
@@ -27,6 +28,9 @@ from pydantic import (
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 _ARN_RE = re.compile(r"^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:.+$")
 _PATTERN_RE = re.compile(r"^[A-Za-z0-9_*?$\[\]-]+\.[A-Za-z0-9_*?$\[\]-]+$")
+_RDS_ID_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{0,62}$")
+_KMS_ARN_RE = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[a-zA-Z0-9-]+$")
+_AWS_ENDPOINT_FIELDS = ("rds_cluster_identifier", "rds_instance_identifier", "secret_kms_key_arn")
 
 
 class _Model(BaseModel):
@@ -41,6 +45,15 @@ class Endpoint(_Model):
     host: str | None = None
     port: int = Field(default=5432, ge=1, le=65535)
     database: str | None = None
+    rds_cluster_identifier: str | None = Field(
+        default=None, description="Aurora cluster behind `host`: the RDS Proxy target and the database alarms"
+    )
+    rds_instance_identifier: str | None = Field(
+        default=None, description="RDS instance behind `host` (when it is not an Aurora cluster)"
+    )
+    secret_kms_key_arn: str | None = Field(
+        default=None, description="customer managed KMS key encrypting the secret (readers are granted kms:Decrypt)"
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> Endpoint:
@@ -65,6 +78,26 @@ class Endpoint(_Model):
                     f"with 'secret_arn' also give {', '.join(repr(m) for m in missing)} "
                     "(the secret holds only the credentials)"
                 )
+        aws_only = [f for f in _AWS_ENDPOINT_FIELDS if getattr(self, f) is not None]
+        if self.dsn is not None and aws_only:
+            raise ValueError(
+                f"{', '.join(repr(f) for f in aws_only)} describe an AWS database; with 'dsn' (local runs) leave them out"
+            )
+        if self.rds_cluster_identifier is not None and self.rds_instance_identifier is not None:
+            raise ValueError(
+                "give 'rds_cluster_identifier' (Aurora) or 'rds_instance_identifier' (RDS instance), not both"
+            )
+        for field in ("rds_cluster_identifier", "rds_instance_identifier"):
+            value = getattr(self, field)
+            if value is not None and not _RDS_ID_RE.match(value):
+                raise ValueError(
+                    f"{field} {value!r} is not an RDS identifier: 1-63 letters, digits and '-', "
+                    "starting with a letter (the first label of the endpoint's DNS name)"
+                )
+        if self.secret_kms_key_arn is not None and not _KMS_ARN_RE.match(self.secret_kms_key_arn):
+            raise ValueError(
+                "'secret_kms_key_arn' is not a KMS key ARN: expected 'arn:aws:kms:<region>:<account>:key/<key id>'"
+            )
         return self
 
 
@@ -101,12 +134,58 @@ class LogicalSettings(_Model):
     )
 
 
+_DCU_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384)
+
+
 class DmsSettings(_Model):
+    """AWS DMS: a replication instance or DMS Serverless runs the full-load-and-cdc task."""
+
     serverless: bool = False
     instance_class: str = "dms.r6i.large"
     allocated_storage_gb: int = Field(default=100, ge=5, le=6144)
     lob_mode: Literal["full", "limited"] = "full"
     lob_max_kb: int = Field(default=64, ge=1)
+    multi_az: bool = Field(default=True, description="a standby in a second zone (AWS recommends it for CDC)")
+    engine_version: str | None = Field(
+        default=None, description="DMS engine version, e.g. '3.5.4'; none: DMS's default"
+    )
+    min_capacity_units: int = Field(default=2, description="DMS Serverless: fewest DCUs")
+    max_capacity_units: int = Field(default=16, description="DMS Serverless: most DCUs")
+    target_table_prep: Literal["do-nothing", "truncate"] = Field(
+        default="do-nothing",
+        description="do-nothing: the target schema exists and is empty; truncate: empty the target tables first",
+    )
+    max_full_load_subtasks: int = Field(default=8, ge=1, le=49, description="tables loaded at once")
+    validation_failure_max: int = Field(
+        default=10_000, ge=1, description="DMS stops validating a task after this many failed rows"
+    )
+    ca_certificate_arn: str | None = Field(
+        default=None,
+        description="DMS certificate (the RDS CA bundle) to verify the servers: sslmode verify-full; "
+        "none: sslmode require (encrypted, server not verified)",
+    )
+
+    @field_validator("instance_class")
+    @classmethod
+    def _instance_class(cls, value: str) -> str:
+        if not re.match(r"^dms\.[a-z0-9]+\.[a-z0-9]+$", value):
+            raise ValueError(f"{value!r} is not a DMS instance class, e.g. 'dms.r6i.large' or 'dms.c6i.xlarge'")
+        return value
+
+    @field_validator("min_capacity_units", "max_capacity_units")
+    @classmethod
+    def _dcu(cls, value: int) -> int:
+        if value not in _DCU_STEPS:
+            raise ValueError(f"{value} is not a DMS capacity unit step; use one of {', '.join(map(str, _DCU_STEPS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _capacity_range(self) -> DmsSettings:
+        if self.min_capacity_units > self.max_capacity_units:
+            raise ValueError(
+                f"min_capacity_units ({self.min_capacity_units}) is above max_capacity_units ({self.max_capacity_units})"
+            )
+        return self
 
 
 class Engine(_Model):
@@ -115,12 +194,42 @@ class Engine(_Model):
     dms: DmsSettings = Field(default_factory=DmsSettings)
 
 
+_BACKEND_KEYS = frozenset({"host", "port", "dbname", "user"})
+
+
 class PgbouncerSettings(_Model):
     admin_dsn: SecretStr | None = Field(
         default=None, description="DSN of pgbouncer's admin console (database 'pgbouncer')"
     )
     database_alias: str = Field(default="app", description="the name clients connect to")
     config_path: str | None = Field(default=None, description="pgbouncer.ini the router rewrites")
+    reader_alias: str | None = Field(
+        default=None, description="the name read-only clients connect to; reads shift by its host list"
+    )
+    source_backend: str | None = Field(
+        default=None,
+        description="how pgbouncer reaches the source ('host=... port=... dbname=...', no password); "
+        "none: the source endpoint's host, port and database",
+    )
+    target_backend: str | None = Field(default=None, description="the same for the target")
+
+    @field_validator("source_backend", "target_backend")
+    @classmethod
+    def _backend(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        keys = {part.split("=", 1)[0].strip() for part in value.split() if "=" in part}
+        if "password" in keys:
+            raise ValueError(
+                "a pgbouncer backend must not hold a password (it is written into pgbouncer.ini): "
+                "let pgbouncer's auth_file or auth_query supply it"
+            )
+        unknown = sorted(keys - _BACKEND_KEYS)
+        if unknown or not {"host", "dbname"} <= keys:
+            raise ValueError(
+                f"expected 'host=... port=... dbname=...' (keys host, port, dbname, user); got keys {sorted(keys)}"
+            )
+        return value
 
 
 class Route53Settings(_Model):
@@ -129,10 +238,17 @@ class Route53Settings(_Model):
     writer_record: str = "writer"
     reader_record: str = "reader"
     ttl_seconds: int = Field(default=5, ge=1, le=300)
+    insync_timeout_seconds: float = Field(
+        default=180.0, gt=0, description="longest wait for a record change to reach every Route53 server (INSYNC)"
+    )
 
 
 class RdsProxySettings(_Model):
     proxy_name: str | None = None
+    target_group_name: str = Field(default="default", description="the proxy's target group the router retargets")
+    registration_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="longest wait for the new target to become AVAILABLE behind the proxy"
+    )
 
 
 class Router(_Model):
@@ -203,17 +319,57 @@ class ReadShift(_Model):
 
 class Validation(_Model):
     enabled: bool = True
-    chunk_rows: int = Field(default=100_000, ge=100)
+    chunk_rows: int = Field(default=100_000, ge=100, description="rows per chunk: one Map item, one task")
     max_parallel_chunks: int = Field(default=8, ge=1, le=1000)
     report_first_keys: int = Field(default=20, ge=0)
+    slice_rows: int = Field(
+        default=10_000,
+        ge=10,
+        description="rows per key range compared inside a chunk (at most chunk_rows); a mismatching "
+        "slice is fetched as (key, row hash) pairs and diffed, or split further when it holds more",
+    )
+    recheck_attempts: int = Field(
+        default=5,
+        ge=2,
+        le=100,
+        description="re-checks of a difference seen while replication runs (a row only the target has "
+        "must be seen in two re-checks in a row)",
+    )
+    recheck_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="how long one re-check waits for the target to apply the source's WAL"
+    )
+    row_hash: Literal["auto", "md5"] = Field(
+        default="auto",
+        description="auto: PostgreSQL's 64-bit text hash when both servers give the same hashes (checked at "
+        "plan time), else md5 of the UTF-8 text; md5: always md5 (slower, portable everywhere)",
+    )
 
 
 class Cutover(_Model):
     fence_timeout_seconds: float = Field(default=5.0, gt=0)
+    fence_grace_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="how long transactions open at the fence may run on before their sessions are ended",
+    )
+    terminate_long_transactions: bool = Field(
+        default=True,
+        description="end sessions whose transaction outlives the grace (true), or wait for them and give up "
+        "the attempt at the fence timeout (false)",
+    )
     catch_up_timeout_seconds: float = Field(default=30.0, gt=0)
     sequence_margin: int = Field(default=1000, ge=0)
     post_cutover_bake_seconds: float = Field(default=60.0, ge=0)
     rollback_window_hours: float = Field(default=24.0, ge=0)
+
+    @model_validator(mode="after")
+    def _grace_within_timeout(self) -> Cutover:
+        if self.fence_grace_seconds >= self.fence_timeout_seconds:
+            raise ValueError(
+                f"fence_grace_seconds ({self.fence_grace_seconds:g}) must be below fence_timeout_seconds "
+                f"({self.fence_timeout_seconds:g}): the grace is part of the time the fence may take"
+            )
+        return self
 
 
 class Alarms(_Model):
@@ -221,6 +377,159 @@ class Alarms(_Model):
     error_rate_metric: str | None = Field(
         default=None, description="'Namespace/MetricName' of the application's error rate"
     )
+    error_rate_threshold: float = Field(default=1.0, ge=0, description="the error rate above which it alarms")
+    error_rate_statistic: Literal["Average", "Sum", "Maximum", "p90", "p99"] = "Average"
+    error_rate_dimensions: dict[str, str] = Field(
+        default_factory=dict, description="dimensions of the error-rate metric, e.g. {Service: shop-api}"
+    )
+    max_lag_seconds: float = Field(
+        default=60.0, gt=0, description="replication lag that counts as unhealthy (rolls back), not the shift gate"
+    )
+    max_retained_wal: ByteSize = Field(default=10 * 1024**3, description="WAL the slot may keep on the source")
+    target_errors_per_minute: int = Field(
+        default=10, ge=1, description="ERROR/FATAL/PANIC lines a minute in the target's PostgreSQL log"
+    )
+    evaluation_minutes: int = Field(default=3, ge=1, le=60, description="minutes a threshold must be crossed")
+
+    @field_validator("max_retained_wal", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> int:
+        return parse_bytes(value)
+
+    @field_validator("error_rate_metric")
+    @classmethod
+    def _metric(cls, value: str | None) -> str | None:
+        if value is not None and (value.count("/") < 1 or value.startswith("/") or value.endswith("/")):
+            raise ValueError(
+                f"{value!r} must be 'Namespace/MetricName' (the namespace may hold '/'), e.g. 'Shop/API/ErrorRate'"
+            )
+        return value
+
+
+_VPC_RE = re.compile(r"^vpc-[0-9a-f]{8,17}$")
+_SUBNET_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+_SG_RE = re.compile(r"^sg-[0-9a-f]{8,17}$")
+_AZ_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d[a-z]$")
+
+
+class Network(_Model):
+    """Where the migration's resources run: an existing VPC (ids) or a new one (explicit zones)."""
+
+    vpc_id: str | None = Field(default=None, description="existing VPC; none: the stack creates one")
+    vpc_cidr: str | None = Field(
+        default=None, description="the VPC's IPv4 range (required with vpc_id; new VPC default 10.80.0.0/16)"
+    )
+    subnet_ids: list[str] = Field(default_factory=list, description="private subnets, one per zone (with vpc_id)")
+    availability_zones: list[str] = Field(
+        default_factory=list, description="zone of each subnet (with vpc_id); the new VPC's zones otherwise"
+    )
+    nat_gateways: int = Field(default=1, ge=1, le=3, description="new VPC only: NAT gateways for AWS API calls")
+    source_security_group_id: str | None = Field(
+        default=None, description="the source database's security group: ingress from the migration is added"
+    )
+    target_security_group_id: str | None = None
+
+    @field_validator("vpc_cidr")
+    @classmethod
+    def _cidr(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            network = ipaddress.IPv4Network(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 CIDR block, e.g. '10.80.0.0/16'") from None
+        if not 16 <= network.prefixlen <= 24:
+            raise ValueError(f"{value!r}: use a prefix from /16 to /24")
+        return value
+
+    @model_validator(mode="after")
+    def _ids(self) -> Network:
+        problems: list[str] = []
+        if self.vpc_id is not None and not _VPC_RE.match(self.vpc_id):
+            problems.append(f"vpc_id {self.vpc_id!r} is not a VPC id (vpc-0123456789abcdef0)")
+        problems += [
+            f"subnet id {s!r} is not a subnet id (subnet-0123...)" for s in self.subnet_ids if not _SUBNET_RE.match(s)
+        ]
+        problems += [
+            f"zone {z!r} is not an availability zone name (eu-west-1a)"
+            for z in self.availability_zones
+            if not _AZ_RE.match(z)
+        ]
+        for field in ("source_security_group_id", "target_security_group_id"):
+            value = getattr(self, field)
+            if value is not None and not _SG_RE.match(value):
+                problems.append(f"{field} {value!r} is not a security group id (sg-0123...)")
+        if len(set(self.availability_zones)) != len(self.availability_zones):
+            problems.append(f"availability_zones repeat a zone: {self.availability_zones}")
+        if self.vpc_id is not None:
+            if len(self.subnet_ids) < 2:
+                problems.append("with vpc_id give at least 2 'subnet_ids' (private subnets in different zones)")
+            if len(self.availability_zones) != len(self.subnet_ids):
+                problems.append(
+                    f"with vpc_id give the zone of each subnet in 'availability_zones', in the same order "
+                    f"({len(self.subnet_ids)} subnet(s), {len(self.availability_zones)} zone(s))"
+                )
+            if self.vpc_cidr is None:
+                problems.append("with vpc_id give 'vpc_cidr' (the VPC's range: database and proxy rules use it)")
+        else:
+            if self.subnet_ids:
+                problems.append("'subnet_ids' belong to an existing VPC: give 'vpc_id' too, or leave them out")
+            if len(self.availability_zones) == 1:
+                problems.append("a new VPC needs at least 2 'availability_zones' (or none for <region>a and <region>b)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ProvisionedKafka(_Model):
+    broker_instance_type: str = "kafka.m7g.large"
+    brokers_per_zone: int = Field(default=1, ge=1, le=5)
+    volume_gb: int = Field(default=100, ge=1, le=16384)
+    kafka_version: str = "3.6.0"
+
+
+class Streaming(_Model):
+    """An MSK cluster carrying the change stream (consumers, MSK Connect, the DMS Kafka task)."""
+
+    enabled: bool = False
+    cluster: Literal["serverless", "provisioned"] = Field(
+        default="serverless",
+        description="serverless: IAM sign-in only; provisioned: IAM for clients plus SASL/SCRAM for DMS",
+    )
+    topic: str | None = Field(default=None, description="change-stream topic; none: zdm.<name>.changes")
+    partitions: int = Field(default=6, ge=1, le=1000)
+    dms_change_stream: bool = Field(
+        default=False, description="a CDC-only DMS task writing every change of the selected tables to the topic"
+    )
+    provisioned: ProvisionedKafka = Field(default_factory=ProvisionedKafka)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[a-zA-Z0-9._-]{1,249}$", value):
+            raise ValueError(f"{value!r} is not a Kafka topic name: letters, digits, '.', '_' and '-', at most 249")
+        return value
+
+    @model_validator(mode="after")
+    def _dms_needs_scram(self) -> Streaming:
+        if self.dms_change_stream and not self.enabled:
+            raise ValueError("dms_change_stream writes to the MSK cluster: set 'enabled: true' too")
+        if self.dms_change_stream and self.cluster == "serverless":
+            raise ValueError(
+                "dms_change_stream needs 'cluster: provisioned': MSK Serverless accepts only IAM sign-in, "
+                "and a DMS Kafka endpoint can sign in only with SASL/SCRAM or TLS"
+            )
+        return self
+
+
+class Aws(_Model):
+    """What only an AWS deployment uses (`cdk deploy`); local runs ignore it."""
+
+    network: Network = Field(default_factory=Network)
+    streaming: Streaming = Field(default_factory=Streaming)
+    log_retention_days: Literal[
+        1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653
+    ] = 90
 
 
 class Migration(_Model):
@@ -235,6 +544,7 @@ class Migration(_Model):
     validation: Validation = Field(default_factory=Validation)
     cutover: Cutover = Field(default_factory=Cutover)
     alarms: Alarms = Field(default_factory=Alarms)
+    aws: Aws = Field(default_factory=Aws)
 
     @field_validator("name")
     @classmethod

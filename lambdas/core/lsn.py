@@ -66,6 +66,26 @@ def reported_replay_lsn(source: Connection, slot: str) -> Lsn | None:
     return Lsn.parse(value) if value else None
 
 
+def received_lsn(target: Connection, subscription: str) -> Lsn | None:
+    """The last source position the subscription's apply worker has taken from the stream.
+
+    The worker takes messages one at a time and applies (commits) each transaction before it
+    takes the next message, and the walsender sends transactions in commit order and
+    keepalives only after every transaction before their position. So once this is strictly
+    past a position, every transaction that committed at or before it has been applied
+    (a transaction's own messages carry positions at most its commit's end, and the worker
+    notes a position before applying the message carrying it: hence strictly past).
+    """
+    value = fetch_value(
+        target,
+        "SELECT w.received_lsn::text FROM pg_stat_subscription w JOIN pg_subscription s ON s.oid = w.subid"
+        " WHERE s.subname = %s AND w.relid IS NULL AND s.subdbid ="
+        " (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (subscription,),
+    )
+    return Lsn.parse(value) if value else None
+
+
 class LsnWaitTimeout(TimeoutError):
     pass
 
@@ -75,7 +95,7 @@ class LsnWaitResult:
     target_lsn: Lsn
     reached_lsn: Lsn
     waited_seconds: float
-    signal: str  # which signal passed the position: 'origin' or 'walsender'
+    signal: str  # which signal passed the position: 'origin', 'received' or 'walsender'
 
 
 def wait_for_lsn(
@@ -87,6 +107,7 @@ def wait_for_lsn(
     source: Connection | None = None,
     slot: str | None = None,
     poll_interval: float = 0.001,
+    max_poll_interval: float = 0.05,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> LsnWaitResult:
@@ -94,8 +115,10 @@ def wait_for_lsn(
 
     Reads the subscription's origin progress on the target (exact, moves at each applied
     commit). When `lsn` lies after the last replicated commit (other WAL followed it), the
-    origin never gets there; with `source` and `slot` given, the walsender's replay position
-    (the subscriber's own report of what it has applied) is accepted too.
+    origin never gets there; the apply worker's received position strictly past `lsn` (a
+    keepalive the walsender sends once it has decoded that far, see `received_lsn`) is
+    accepted then, and, with `source` and `slot` given, the walsender's replay position (the
+    subscriber's own report, which waits for the target to flush its WAL).
     """
     start = clock()
     interval = poll_interval
@@ -106,6 +129,9 @@ def wait_for_lsn(
             last_seen = origin
             if origin >= lsn:
                 return LsnWaitResult(lsn, origin, clock() - start, "origin")
+        received = received_lsn(target, subscription)
+        if received is not None and received > lsn:
+            return LsnWaitResult(lsn, received, clock() - start, "received")
         if source is not None and slot is not None:
             replay = reported_replay_lsn(source, slot)
             if replay is not None and replay >= lsn:
@@ -117,4 +143,4 @@ def wait_for_lsn(
                 f"has applied {seen}); check the subscription's worker in pg_stat_subscription"
             )
         sleep(interval)
-        interval = min(interval * 2, 0.05)
+        interval = min(interval * 2, max_poll_interval)

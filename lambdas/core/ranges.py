@@ -103,22 +103,50 @@ def plan_ranges(conn: Connection, table: TableInfo, rows_per_chunk: int) -> list
     """
     if not table.primary_key:
         return [WHOLE_TABLE]
-    estimated = table.estimated_rows or _sampled_row_estimate(conn, table)
+    estimated = estimate_rows(conn, table)
     chunks = chunk_count(estimated, rows_per_chunk)
     if chunks == 1:
         return [WHOLE_TABLE]
+    return ranges_from_boundaries(key_boundaries(conn, table, chunks, estimated=estimated))
+
+
+def estimate_rows(conn: Connection, table: TableInfo) -> int:
+    """The planner's row estimate, or a 1% block sample's for a never-analyzed table."""
+    return table.estimated_rows or _sampled_row_estimate(conn, table)
+
+
+def key_boundaries(
+    conn: Connection,
+    table: TableInfo,
+    parts: int,
+    *,
+    estimated: int | None = None,
+    samples_per_part: int = 500,
+    max_samples: int | None = None,
+) -> list[Bound]:
+    """Up to `parts - 1` sorted, distinct keys splitting the table into parts of about equal size.
+
+    Single integer keys: min..max split evenly. Other keys: quantiles of a block sample of about
+    `samples_per_part` keys per part (at least 20,000, at most `max_samples`).
+    """
     key = table.primary_key
+    if parts <= 1 or not key:
+        return []
     if len(key) == 1 and table.key_types[0] in INTEGER_TYPES:
         row = fetch_one(
             conn,
             sql.SQL("SELECT min({k}), max({k}) FROM {t}").format(k=sql.Identifier(key[0]), t=table.name.ident),
         )
         if row is None or row[0] is None:
-            return [WHOLE_TABLE]
-        return ranges_from_boundaries(integer_boundaries(int(row[0]), int(row[1]), chunks))
+            return []
+        return integer_boundaries(int(row[0]), int(row[1]), parts)
+    if estimated is None:
+        estimated = estimate_rows(conn, table)
     # SYSTEM sampling reads whole blocks (clumps of neighbouring keys), so ask for enough rows
     # to touch many blocks; quantiles of the sorted sample then give even chunks.
-    wanted_samples = max(chunks * 500, 20_000)
+    wanted_samples = max(parts * samples_per_part, 20_000)
+    if max_samples is not None:
+        wanted_samples = min(wanted_samples, max(max_samples, 1))
     percent = min(100.0, max(0.01, 100.0 * wanted_samples / max(estimated, 1)))
     cols = [sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in key]
     sample = fetch_all(
@@ -132,7 +160,7 @@ def plan_ranges(conn: Connection, table: TableInfo, rows_per_chunk: int) -> list
         ),
         (percent,),
     )
-    return ranges_from_boundaries(pick_boundaries([tuple(r) for r in sample], chunks))
+    return pick_boundaries([tuple(r) for r in sample], parts)
 
 
 def _sampled_row_estimate(conn: Connection, table: TableInfo) -> int:

@@ -64,10 +64,7 @@ def sync_sequences(
         after = before.next_value
         if before.next_value < wanted:
             # setval(v, true): nextval() then returns v + increment.
-            fetch_value(
-                target, "SELECT setval(%s::regclass, %s, true)", (sequence.regclass, wanted - before.increment)
-            )
+            fetch_value(target, "SELECT setval(%s::regclass, %s, true)", (sequence.regclass, wanted - before.increment))
             after = read_position(target, sequence).next_value
         results.append(SequenceSync(sequence, src.next_value, before.next_value, after))
     return results
-

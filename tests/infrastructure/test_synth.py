@@ -1,39 +1,70 @@
-"""The CDK app synthesizes offline for the shipped migration file."""
+"""The CDK app synthesizes offline (no credentials, no lookups) for both shipped migration files."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-import aws_cdk as cdk
 import pytest
-from aws_cdk.assertions import Match, Template
+from aws_cdk.assertions import Match
 
-from lambdas.core.config import load_migration
 from stacks.config import MigrationConfigError
-from stacks.migration_stack import MigrationStack, stack_name_for
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.infrastructure.conftest import Synth, load, synth_migration
 
 
-def synth(path: str) -> Template:
-    migration = load_migration(ROOT / path)
-    app = cdk.App()
-    stack = MigrationStack(app, stack_name_for(migration), migration=migration)
-    return Template.from_stack(stack)
-
-
-def test_example_migration_synthesizes_its_settings_without_secrets() -> None:
-    template = synth("migrations/example.yaml")
-    template.has_resource_properties(
+def test_example_migration_synthesizes_its_settings_without_secrets(example: Synth) -> None:
+    example.template.has_resource_properties(
         "AWS::SSM::Parameter", {"Name": "/zdm/shop-orders/settings", "Type": "String", "Value": Match.any_value()}
     )
-    params = template.find_resources("AWS::SSM::Parameter")
+    params = example.resources("AWS::SSM::Parameter")
     value = json.loads(next(iter(params.values()))["Properties"]["Value"])
     assert value["source"]["secret_arn"].startswith("arn:aws:secretsmanager:")
     assert value["source"]["dsn"] is None
+    assert "admin_dsn" not in value["router"]["pgbouncer"]
 
 
 def test_local_dsn_migration_is_refused_for_aws() -> None:
     with pytest.raises(MigrationConfigError, match=r"source\.dsn is for local runs"):
-        synth("migrations/local.yaml")
+        synth_migration(load("migrations/local.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("path", "stack", "resources"),
+    [
+        ("migrations/example.yaml", "Zdm-ShopOrders", {"AWS::DMS::ReplicationInstance", "AWS::MSK::Cluster"}),
+        (
+            "migrations/serverless-proxy.yaml",
+            "Zdm-ShopPayments",
+            {"AWS::DMS::ReplicationConfig", "AWS::MSK::ServerlessCluster", "AWS::EC2::VPC", "AWS::Route53::HostedZone"},
+        ),
+    ],
+)
+def test_each_shipped_file_synthesizes_for_its_account_and_region(
+    synth: Callable[..., Synth], path: str, stack: str, resources: set[str]
+) -> None:
+    # Given a shipped file / When synthesized with no AWS credentials
+    result = synth(path)
+    # Then the stack is named after the migration, lives where the secrets live, and holds its choices
+    assert result.stack.stack_name == stack
+    assert (result.stack.account, result.stack.region) == ("123456789012", "eu-west-1")
+    kinds = {r["Type"] for r in result.json["Resources"].values()}
+    assert resources <= kinds
+    # And nothing needed a lookup (a lookup would show as missing context in the manifest)
+    manifest = json.loads((Path(result.app.synth().directory) / "manifest.json").read_text())
+    assert not manifest.get("missing")
+
+
+def test_secrets_in_two_regions_are_refused() -> None:
+    target = {
+        "secret_arn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:shop/orders-pg16-target-GhIjKl",
+        "host": "db",
+        "database": "orders",
+    }
+    with pytest.raises(MigrationConfigError, match=r"target\.secret_arn in 123456789012/us-east-1"):
+        synth_migration(load("migrations/example.yaml", target=target))
+
+
+def test_a_pattern_dms_cannot_express_is_refused_with_the_pattern_named() -> None:
+    with pytest.raises(MigrationConfigError, match=r"tables\.include pattern 'public\.order\?'"):
+        synth_migration(load("migrations/example.yaml", tables={"include": ["public.order?"]}))

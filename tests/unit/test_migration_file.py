@@ -64,10 +64,15 @@ def test_example_yaml_loads_as_the_aws_form() -> None:
         assert endpoint.port == 5432
     assert "public.*" in migration.tables.include
     assert migration.tables.exclude
-    assert migration.engine.type == "logical"
-    assert migration.router.type == "pgbouncer"
+    assert migration.engine.type == "dms"
+    assert migration.engine.dms.serverless is False
+    assert migration.router.type == "route53"
+    assert migration.router.route53.hosted_zone_id == "Z0123456789ABCDEFGHIJ"
     assert migration.router.pgbouncer.admin_dsn is not None
     assert migration.router.pgbouncer.config_path == "/etc/pgbouncer/pgbouncer.ini"
+    assert migration.source.rds_cluster_identifier == "shop-orders-pg13"
+    assert migration.aws.network.vpc_id == "vpc-0a1b2c3d4e5f60718"
+    assert migration.aws.streaming.dms_change_stream is True
     assert migration.lag.max_bytes == 16 * 1024**2
     assert migration.read_shift.steps == [10, 50, 100]
     assert migration.validation.enabled is True
@@ -98,11 +103,14 @@ def test_example_and_local_describe_the_same_migration() -> None:
     # Given both shipped files
     aws = load_migration(MIGRATIONS / "example.yaml")
     local = load_migration(MIGRATIONS / "local.yaml")
-    # Then they select the same tables with the same engine, router and read steps
+    # Then they select the same tables with the same lag limits and read steps; the engine and
+    # router differ only where the local choice has no AWS counterpart (dms, route53 are AWS only)
     assert aws.name == local.name
     assert aws.tables == local.tables
-    assert (aws.engine.type, aws.router.type) == (local.engine.type, local.router.type)
+    assert aws.lag == local.lag
     assert aws.read_shift.steps == local.read_shift.steps
+    assert (aws.engine.type, aws.router.type) == ("dms", "route53")
+    assert (local.engine.type, local.router.type) == ("logical", "pgbouncer")
 
 
 def test_defaults_fill_everything_left_out() -> None:
@@ -161,7 +169,7 @@ def test_unknown_top_level_key_suggests_the_close_one() -> None:
     data = with_changes(read_shfit={"steps": [10, 100]})
     # When parsed / Then the message names it, suggests the right one and lists the allowed keys
     assert problems_for(data) == [
-        "read_shfit: unknown key 'read_shfit'; did you mean 'read_shift'? allowed keys here: alarms, cutover, "
+        "read_shfit: unknown key 'read_shfit'; did you mean 'read_shift'? allowed keys here: alarms, aws, cutover, "
         "engine, lag, name, read_shift, router, source, tables, target, validation"
     ]
 
@@ -172,7 +180,7 @@ def test_unknown_nested_key_lists_the_keys_of_that_section() -> None:
     # When parsed / Then the hint comes from the pgbouncer section, not the top level
     assert problems_for(data) == [
         "router.pgbouncer.admin_dns: unknown key 'admin_dns'; did you mean 'admin_dsn'? "
-        "allowed keys here: admin_dsn, config_path, database_alias"
+        "allowed keys here: admin_dsn, config_path, database_alias, reader_alias, source_backend, target_backend"
     ]
 
 
@@ -181,7 +189,8 @@ def test_unknown_key_in_an_endpoint() -> None:
     data = with_changes(source={"secret_arn": ARN, "host": "db", "database": "orders", "hots": "db"})
     # When parsed / Then the endpoint's keys are listed
     assert problems_for(data) == [
-        "source.hots: unknown key 'hots'; did you mean 'host'? allowed keys here: database, dsn, host, port, secret_arn"
+        "source.hots: unknown key 'hots'; did you mean 'host'? allowed keys here: database, dsn, host, port, "
+        "rds_cluster_identifier, rds_instance_identifier, secret_arn, secret_kms_key_arn"
     ]
 
 
