@@ -1,0 +1,127 @@
+"""Orchestration construct: one function per handler spec, the inlined state machine, and grants."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk.assertions import Match, Template
+
+from lambdas.core.config import load_migration
+from stacks.migration_stack import MigrationStack
+from stacks.orchestration import ASL, HANDLERS, Access, HandlerSpec, placeholders
+from tests.infrastructure.conftest import ROOT, Synth
+
+
+def _functions(result: Synth) -> dict[str, dict[str, Any]]:
+    return {
+        f["Properties"]["Handler"]: f["Properties"]
+        for f in result.resources("AWS::Lambda::Function").values()
+        if "Handler" in f["Properties"] and f["Properties"]["Handler"].startswith("lambdas.")
+    }
+
+
+def test_one_python_312_function_per_registered_handler(shipped: Synth) -> None:
+    functions = _functions(shipped)
+    assert set(functions) == {spec.handler for spec in HANDLERS}
+    for spec in HANDLERS:
+        function = functions[spec.handler]
+        assert function["Runtime"] == "python3.12" and function["Architectures"] == ["x86_64"]
+        assert function["TracingConfig"] == {"Mode": "Active"}
+        assert "KmsKeyArn" in function  # environment encrypted with the migration's key
+        assert function["Environment"]["Variables"]["POWERTOOLS_SERVICE_NAME"] == "zdm"
+        assert ("VpcConfig" in function) is spec.in_vpc
+
+
+def test_state_machine_inlines_the_asl_and_substitutes_every_placeholder(shipped: Synth) -> None:
+    machine = next(iter(shipped.resources("AWS::StepFunctions::StateMachine").values()))["Properties"]
+    assert "DefinitionString" in machine and "DefinitionS3Location" not in machine
+    used = placeholders(ASL.read_text(encoding="utf-8"))
+    assert set(machine["DefinitionSubstitutions"]) == set(used)
+    for spec in HANDLERS:
+        if spec.placeholder in used:
+            assert machine["DefinitionSubstitutions"][spec.placeholder]["Fn::GetAtt"][1] == "Arn"
+    assert machine["EncryptionConfiguration"]["Type"] == "CUSTOMER_MANAGED_KMS_KEY"
+    assert machine["LoggingConfiguration"]["Level"] == "ALL"
+    assert machine["LoggingConfiguration"]["IncludeExecutionData"] is False
+    assert machine["TracingConfiguration"] == {"Enabled": True}
+
+
+def test_state_machine_may_invoke_exactly_the_functions_its_definition_names(example: Synth) -> None:
+    machine_role = next(k for k, r in example.resources("AWS::IAM::Role").items() if "StateMachineRole" in k)
+    policy = next(
+        p["Properties"]
+        for p in example.resources("AWS::IAM::Policy").values()
+        if p["Properties"]["Roles"] == [{"Ref": machine_role}]
+    )
+    invoke = next(s for s in policy["PolicyDocument"]["Statement"] if s["Action"] == "lambda:InvokeFunction")
+    by_handler = {f["Properties"].get("Handler"): k for k, f in example.resources("AWS::Lambda::Function").items()}
+    expected = sorted(by_handler[f"lambdas.handlers.{m}.handler"] for m in ("preflight", "replication", "sequences"))
+    assert sorted(r["Fn::GetAtt"][0] for r in invoke["Resource"]) == expected
+
+
+def test_the_replication_function_knows_its_dms_tasks(example: Synth) -> None:
+    env = _functions(example)["lambdas.handlers.replication.handler"]["Environment"]["Variables"]
+    target = json.dumps(env["ZDM_DMS_TARGET"])
+    assert "ReplicationTaskIdentifier" in target and "zdm-shop-orders-load-cdc" in target
+    assert "zdm-shop-orders-stream" in json.dumps(env["ZDM_DMS_CHANGE_STREAM"])
+
+
+def test_the_rollback_function_runs_outside_the_vpc_with_a_dead_letter_queue(example: Synth) -> None:
+    rollback = _functions(example)["lambdas.handlers.rollback.handler"]
+    assert "VpcConfig" not in rollback
+    assert "DeadLetterConfig" in rollback
+    assert rollback["Environment"]["Variables"]["ZDM_STATE_MACHINE_ARN"]
+    example.template.has_resource_properties("AWS::Lambda::EventInvokeConfig", {"MaximumRetryAttempts": 2})
+
+
+def test_a_new_handler_is_one_registry_line_with_scoped_traffic_access() -> None:
+    # Given one more spec (what the cutover work will add) needing the traffic permissions
+    extra = (*HANDLERS, HandlerSpec("Cutover", "sequences", (Access.TRAFFIC, Access.ALARMS_READ)))
+    app = cdk.App(context={"aws:cdk:bundling-stacks": []})
+    stack = MigrationStack(app, "Extra", migration=load_migration(ROOT / "migrations/example.yaml"), handlers=extra)
+    template = Template.from_stack(stack)
+    # Then its function exists, and may change only the migration's two record names, CNAME only
+    template.has_resource_properties("AWS::Lambda::Function", {"FunctionName": "zdm-shop-orders-sequences"})
+    template.has_resource_properties(
+        "AWS::IAM::Policy",
+        {
+            "PolicyDocument": {
+                "Statement": Match.array_with(
+                    [
+                        {
+                            "Action": "route53:ChangeResourceRecordSets",
+                            "Effect": "Allow",
+                            "Resource": Match.any_value(),
+                            "Condition": {
+                                "ForAllValues:StringEquals": {
+                                    "route53:ChangeResourceRecordSetsNormalizedRecordNames": [
+                                        "writer.db.internal",
+                                        "reader.db.internal",
+                                    ],
+                                    "route53:ChangeResourceRecordSetsRecordTypes": ["CNAME"],
+                                }
+                            },
+                        }
+                    ]
+                )
+            }
+        },
+    )
+
+
+def test_an_unknown_placeholder_fails_the_synth_naming_it(tmp_path: Path) -> None:
+    # Given a definition naming a function no spec provides
+    asl = tmp_path / "bad.asl.json"
+    asl.write_text(
+        json.dumps(
+            {"StartAt": "A", "States": {"A": {"Type": "Task", "Resource": "${CutoverFunctionArn}", "End": True}}}
+        )
+    )
+    app = cdk.App(context={"aws:cdk:bundling-stacks": []})
+    # When synthesized / Then the synth stops and names the placeholder and the fix
+    with pytest.raises(Exception, match=r"no substitution for \$\{CutoverFunctionArn\}.*add a HandlerSpec"):
+        MigrationStack(app, "Bad", migration=load_migration(ROOT / "migrations/example.yaml"), definition_file=asl)
