@@ -280,7 +280,9 @@ class LogicalEngine(ReplicationEngine):
         chunks: list[CopyChunk] = []
         for table in tables:
             ranges = plan_ranges(source, table, chunk_rows)
-            per_chunk = max(1, table.estimated_rows // len(ranges))
+            # Bytes (table + indexes) estimate a chunk's cost better than rows: wide rows and
+            # random-key indexes cost more per row. Largest first keeps the tail short.
+            per_chunk = max(1, table.size_bytes // len(ranges))
             chunks += [CopyChunk(table, i, r, per_chunk) for i, r in enumerate(ranges)]
         return chunks
 

@@ -31,7 +31,7 @@ class CopyChunk:
     table: TableInfo
     number: int
     key_range: KeyRange
-    estimated_rows: int
+    estimated_cost: int  # bytes on the source, to schedule the largest chunks first
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def copy_in_parallel(
     decides how to clean up (the snapshot cannot be reused).
     """
     work: queue.Queue[CopyChunk] = queue.Queue()
-    for chunk in sorted(chunks, key=lambda c: -c.estimated_rows):
+    for chunk in sorted(chunks, key=lambda c: -c.estimated_cost):
         work.put(chunk)
     chunks_left: dict[str, int] = {}
     tables: dict[str, TableInfo] = {}
