@@ -26,8 +26,8 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from lambdas.core import telemetry
+from lambdas.core.telemetry import alarm_name_prefix, composite_alarm_name
 from stacks.common import MigrationContext
-from stacks.orchestration import alarm_name_prefix
 from stacks.replication import Replication
 
 MINUTE = cdk.Duration.minutes(1)
@@ -198,7 +198,7 @@ class Monitoring(Construct):
         self.composite = cloudwatch.CompositeAlarm(
             self,
             "Health",
-            composite_alarm_name=f"{self._prefix}health",
+            composite_alarm_name=composite_alarm_name(ctx.name),
             alarm_description=f"zdm {ctx.name}: any alarm of the migration in ALARM; EventBridge rolls the migration back",
             alarm_rule=cloudwatch.AlarmRule.any_of(
                 *(cloudwatch.AlarmRule.from_alarm(alarm, cloudwatch.AlarmState.ALARM) for alarm in self.alarms)

@@ -26,6 +26,7 @@ from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from lambdas.core import telemetry
+from lambdas.core.telemetry import alarm_name_prefix
 from stacks.bundling import PYTHON_VERSION, ROOT, lambda_code
 from stacks.common import MigrationContext, acknowledge, acknowledge_resource, short_name
 from stacks.network import Network
@@ -87,10 +88,6 @@ HANDLERS: tuple[HandlerSpec, ...] = (
 
 def placeholders(definition: str) -> list[str]:
     return sorted(set(_PLACEHOLDER.findall(definition)))
-
-
-def alarm_name_prefix(migration_name: str) -> str:
-    return f"zdm-{migration_name}-"
 
 
 class Orchestration(Construct):

@@ -42,3 +42,13 @@ def dimensions(migration_name: str) -> dict[str, str]:
 
 def filter_namespace(migration_name: str) -> str:
     return FILTER_NAMESPACE_PREFIX + migration_name
+
+
+def alarm_name_prefix(migration_name: str) -> str:
+    """Every alarm the stack creates for a migration starts with this."""
+    return f"zdm-{migration_name}-"
+
+
+def composite_alarm_name(migration_name: str) -> str:
+    """The one alarm over all others: its ALARM state rolls the migration back."""
+    return f"{alarm_name_prefix(migration_name)}health"
