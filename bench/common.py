@@ -11,7 +11,9 @@ Conventions every benchmark follows:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,6 +115,21 @@ def check_quiet(before_what: str, threshold: float = 0.10) -> float | None:
         message += " -- WARNING: other processes are using the CPUs; timings will be noisy"
     log(message)
     return busy
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q` quantile (0..1) of `values` by the nearest-rank method; 0.0 for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    rank = max(1, min(len(ordered), math.ceil(q * len(ordered))))
+    return ordered[rank - 1]
+
+
+def largest_gap(times: Sequence[float]) -> float:
+    """The longest interval between consecutive moments in `times` (in any order); 0.0 for fewer than two."""
+    ordered = sorted(times)
+    return max((b - a for a, b in itertools.pairwise(ordered)), default=0.0)
 
 
 @dataclass

@@ -30,7 +30,12 @@ class Lsn:
 
 
 def current_lsn(conn: Connection) -> Lsn:
-    return Lsn.parse(fetch_value(conn, "SELECT pg_current_wal_lsn()::text"))
+    """The end of all WAL inserted so far: past every commit that has returned to its client.
+
+    pg_current_wal_lsn() is the *write* position; with synchronous_commit=off a committed
+    transaction's record can lie beyond it, so waiting for it could miss that transaction.
+    """
+    return Lsn.parse(fetch_value(conn, "SELECT pg_current_wal_insert_lsn()::text"))
 
 
 def applied_lsn(target: Connection, subscription: str) -> Lsn | None:

@@ -441,3 +441,40 @@ def test_nested_model_is_found_through_optional_and_list_annotations() -> None:
     assert _submodel(list[Endpoint]) is Endpoint
     assert _submodel(int | None) is None
     assert _submodel(Migration.model_fields["source"].annotation) is Endpoint
+
+
+# --- validation settings ------------------------------------------------------------------------
+
+
+def test_validation_settings_default_and_accept_overrides() -> None:
+    # Given no validation section / Then the validator's documented defaults apply
+    defaults = parse_migration(copy.deepcopy(MINIMAL)).validation
+    assert (defaults.slice_rows, defaults.recheck_attempts, defaults.recheck_timeout_seconds, defaults.row_hash) == (
+        10_000,
+        5,
+        60.0,
+        "auto",
+    )
+    # Given each set / Then each is kept
+    chosen = parse_migration(
+        with_changes(
+            validation={"slice_rows": 500, "recheck_attempts": 3, "recheck_timeout_seconds": 5, "row_hash": "md5"}
+        )
+    ).validation
+    assert (chosen.slice_rows, chosen.recheck_attempts, chosen.recheck_timeout_seconds, chosen.row_hash) == (
+        500,
+        3,
+        5.0,
+        "md5",
+    )
+
+
+def test_validation_settings_out_of_range_name_the_fix() -> None:
+    # Given a single re-check (an extra row needs two sightings), a tiny slice and an unknown hash
+    data = with_changes(validation={"recheck_attempts": 1, "slice_rows": 5, "row_hash": "sha1"})
+    # When parsed / Then one message each
+    assert problems_for(data) == [
+        "validation.slice_rows: 5 is too small; use 10 or more",
+        "validation.recheck_attempts: 1 is too small; use 2 or more",
+        "validation.row_hash: 'sha1' is not allowed; use one of 'auto' or 'md5'",
+    ]

@@ -1,0 +1,29 @@
+"""Cutover and rollback: the writer moves between source and target without losing a write."""
+
+from lambdas.core.cutover.runner import (
+    CutoverAborted,
+    CutoverError,
+    CutoverNotReady,
+    CutoverPlan,
+    CutoverRunner,
+    Hooks,
+    OperationResult,
+    RollbackError,
+    StepRun,
+)
+from lambdas.core.cutover.steps import Operation, Status, Step
+
+__all__ = [
+    "CutoverAborted",
+    "CutoverError",
+    "CutoverNotReady",
+    "CutoverPlan",
+    "CutoverRunner",
+    "Hooks",
+    "Operation",
+    "OperationResult",
+    "RollbackError",
+    "Status",
+    "Step",
+    "StepRun",
+]

@@ -1,0 +1,627 @@
+"""Cutover and rollback: moving the writer between source and target without losing a write.
+
+The cutover (source -> target), each step idempotent and recorded on the target when done:
+
+1. fence: the router holds its clients and the source refuses writes from every other
+   session (`lambdas.core.fence`); the source's WAL position after the fence is recorded.
+2. catch up: wait until the target has applied the source's WAL up to that position.
+3. sequences: the target's sequences are moved to at least the source's + margin.
+4. stop replication: the forward subscription is disabled and its apply worker ended.
+5. start back replication target -> source: a subscription on the source, no initial copy,
+   with a new slot on the target.
+6. unfence new: the target accepts writes (lifts a fence a rollback may have left there).
+7. switch writer: the router points the writer at the target.
+8. release: held clients continue - on the target.
+9. move reads: all reads on the target.
+10. retire: the forward subscription, its slot and publication are dropped.
+
+No loops without PostgreSQL 16's `origin = none`: the back replication's slot is created
+(step 5) only after the forward apply worker has stopped (step 4), so nothing the forward
+subscription applied to the target is ever decoded by it; and the forward slot is never read
+again after step 4 (dropped in step 10), so changes applied to the source by the back
+replication never travel forward. The order of the steps is what prevents the loop.
+
+A failure before step 6 undoes the attempt (back replication dropped, forward replication
+enabled again, fence lifted, clients released on the source) and raises `CutoverAborted`;
+the source is writable and replication running, ready for another attempt. From step 6
+on the target may take writes, so a failure is finished, not undone: run it again and it
+resumes at the first step not recorded. A process that dies (a Lambda timeout) records
+nothing more; the next invocation resumes the same way, re-asserting the fence first.
+
+Rollback after cutover runs the same protocol target -> source over the back replication
+(without starting another replication), then drops both replications; every write made on
+the target is applied on the source before the writer moves back, and the source's
+sequences are moved past the target's. The target stays fenced (read-only), so a client
+that still reaches it (a cached DNS answer) cannot write there. Rollback before cutover
+(the writer never left the source) undoes a running attempt, moves reads back to the
+source and stops forward replication; it needs nothing from the target, so it also works
+when the target is down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+
+from lambdas.core.config import Cutover as CutoverSettings
+from lambdas.core.config import LogicalSettings, Migration
+from lambdas.core.cutover import store
+from lambdas.core.cutover.steps import (
+    BACKWARD,
+    FORWARD,
+    POINT_OF_NO_RETURN,
+    Direction,
+    Operation,
+    Progress,
+    RollbackKind,
+    Status,
+    Step,
+    remaining_steps,
+    rollback_kind,
+)
+from lambdas.core.db import Connection, DatabaseUnreachable, connect, execute, fetch_all
+from lambdas.core.engines.base import Phase
+from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames, _subscription
+from lambdas.core.fence import fence_position, is_fenced, lift_fence, make_writable, take_fence
+from lambdas.core.lsn import Lsn, wait_for_lsn
+from lambdas.core.routers.base import Side, TrafficRouter
+from lambdas.core.sequences import sync_sequences
+from lambdas.core.tables import TableName
+
+
+class CutoverError(RuntimeError):
+    pass
+
+
+class CutoverNotReady(CutoverError):
+    """Refused before anything changed (replication not streaming, lag too high, ...)."""
+
+
+class CutoverAborted(CutoverError):
+    """The attempt failed and was undone: the old side is writable and clients continue there."""
+
+
+class RollbackError(CutoverError):
+    pass
+
+
+@dataclass(frozen=True)
+class CutoverPlan:
+    migration: str
+    tables: tuple[TableName, ...]
+    forward: ReplicationNames
+    reverse: ReplicationNames
+    settings: CutoverSettings = field(default_factory=CutoverSettings)
+    logical: LogicalSettings = field(default_factory=LogicalSettings)
+    max_lag_bytes: int | None = None
+
+    @classmethod
+    def for_migration(cls, migration: Migration, tables: Sequence[TableName]) -> CutoverPlan:
+        base = migration.slot_name
+        return cls(
+            migration.name,
+            tuple(tables),
+            ReplicationNames(base),
+            ReplicationNames(base + "_rev"),
+            migration.cutover,
+            migration.engine.logical,
+            migration.lag.max_bytes,
+        )
+
+
+StepHook = Callable[[Operation, Step], None]
+
+
+@dataclass
+class Hooks:
+    """Called around each step's record: tests interrupt here, reports take snapshots."""
+
+    before_record: StepHook | None = None  # the step's effect is in place, not yet recorded
+    after_record: StepHook | None = None
+
+
+@dataclass(frozen=True)
+class StepRun:
+    step: str
+    seconds: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OperationResult:
+    migration: str
+    operation: str
+    kind: str  # cutover | after_cutover | before_cutover | nothing
+    status: str  # done | already_done
+    attempt: int | None = None
+    fence_lsn: str | None = None
+    pause_seconds: float | None = None  # router held / writes fenced, fence to release
+    steps: list[StepRun] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class CutoverRunner:
+    """Runs the cutover and the rollback of one migration; safe to call again after any failure."""
+
+    def __init__(
+        self,
+        source_dsn: str,
+        target_dsn: str,
+        router: TrafficRouter,
+        plan: CutoverPlan,
+        *,
+        target_conninfo: str | None = None,
+        connector: Callable[..., Connection] = connect,
+        hooks: Hooks | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._dsn = {Side.SOURCE: source_dsn, Side.TARGET: target_dsn}
+        # How the other server reaches each side, for a subscription's CONNECTION.
+        self._conninfo = {Side.SOURCE: source_dsn, Side.TARGET: target_conninfo or target_dsn}
+        self.router = router
+        self.plan = plan
+        self._connect = connector
+        self.hooks = hooks or Hooks()
+        self._clock = clock
+
+    # -- connections -----------------------------------------------------------------------
+    def _writable_connect(self, dsn: str, **kwargs: Any) -> Connection:
+        conn = self._connect(dsn, **kwargs)
+        if "connection_factory" not in kwargs:
+            make_writable(conn)
+        return conn
+
+    def _open(self, side: Side) -> Connection:
+        return self._writable_connect(self._dsn[side], application_name="zdm-cutover")
+
+    @contextmanager
+    def _sessions(self, *, lock: bool = True) -> Iterator[dict[Side, Connection]]:
+        conns: dict[Side, Connection] = {}
+        try:
+            conns[Side.TARGET] = self._open(Side.TARGET)
+            if lock and not store.try_lock(conns[Side.TARGET], self.plan.migration):
+                raise CutoverError(
+                    f"another cutover or rollback of {self.plan.migration!r} is running (it holds the lock on the "
+                    "target); wait for it to finish"
+                )
+            conns[Side.SOURCE] = self._open(Side.SOURCE)
+            yield conns
+        finally:
+            for conn in conns.values():
+                with suppress(psycopg2.Error):
+                    conn.close()
+
+    def _engine(self, old: Side, names: ReplicationNames) -> LogicalEngine:
+        """The logical replication old -> new under `names` (no initial copy)."""
+        plan = LogicalReplicationPlan(names, self.plan.tables, self.plan.logical, initial_copy=False)
+        return LogicalEngine(
+            self._dsn[old],
+            self._dsn[old.other],
+            plan,
+            subscription_conninfo=self._conninfo[old],
+            connector=self._writable_connect,
+        )
+
+    def _names(self, direction: Direction) -> tuple[ReplicationNames, ReplicationNames | None]:
+        """The replication the direction moves over (old -> new), and the one it starts back."""
+        if direction.operation is Operation.CUTOVER:
+            return self.plan.forward, self.plan.reverse
+        return self.plan.reverse, None
+
+    # -- public operations --------------------------------------------------------------------
+    def cutover(self) -> OperationResult:
+        with self._sessions() as conns:
+            target = conns[Side.TARGET]
+            rolled_back = store.load(target, self.plan.migration, Operation.ROLLBACK)
+            if rolled_back is not None and rolled_back.status is not Status.ABORTED:
+                raise CutoverError(
+                    f"{self.plan.migration!r} was rolled back after its cutover; the target is no longer kept in step. "
+                    "Tear the migration down and start it again"
+                )
+            progress = store.load(target, self.plan.migration, Operation.CUTOVER)
+            if progress is not None and progress.status is Status.DONE:
+                return self._already_done(target, progress, "cutover")
+            return self._run(FORWARD, progress, conns, kind="cutover")
+
+    def rollback(self) -> OperationResult:
+        try:
+            target = self._open(Side.TARGET)
+        except DatabaseUnreachable as exc:
+            return self._rollback_without_target(exc)
+        target.close()
+        with self._sessions() as conns:
+            target = conns[Side.TARGET]
+            cut = store.load(target, self.plan.migration, Operation.CUTOVER)
+            back = store.load(target, self.plan.migration, Operation.ROLLBACK)
+            kind = rollback_kind(cut, back, self.router.state().writer)
+            if kind is RollbackKind.NOTHING:
+                assert back is not None
+                return self._already_done(target, back, kind.value)
+            if kind is RollbackKind.AFTER_CUTOVER:
+                resume = back if back is not None and back.status is Status.RUNNING else None
+                return self._run(BACKWARD, resume, conns, kind=kind.value)
+            return self._rollback_before(cut, conns)
+
+    def status(self) -> dict[str, Any]:
+        with self._sessions(lock=False) as conns:
+            target = conns[Side.TARGET]
+            result: dict[str, Any] = {"migration": self.plan.migration}
+            for op in Operation:
+                progress = store.load(target, self.plan.migration, op)
+                result[op.value] = (
+                    None
+                    if progress is None
+                    else {**asdict(progress), "pause_seconds": store.pause_seconds(target, self.plan.migration, op)}
+                )
+            state = self.router.state()
+            result["router"] = asdict(state)
+            result["source_fenced"] = is_fenced(conns[Side.SOURCE])
+            result["target_fenced"] = is_fenced(target)
+            result["history"] = store.history(target, self.plan.migration)
+            return result
+
+    def _already_done(self, target: Connection, progress: Progress, kind: str) -> OperationResult:
+        return OperationResult(
+            self.plan.migration,
+            progress.operation.value,
+            kind,
+            "already_done",
+            progress.attempt,
+            progress.fence_lsn,
+            store.pause_seconds(target, self.plan.migration, progress.operation),
+        )
+
+    # -- the protocol ----------------------------------------------------------------------------
+    def _run(
+        self, direction: Direction, progress: Progress | None, conns: dict[Side, Connection], *, kind: str
+    ) -> OperationResult:
+        names, back = self._names(direction)
+        target = conns[Side.TARGET]
+        if progress is None or progress.status is not Status.RUNNING:
+            self._check_ready(direction, names)
+            progress = store.begin(target, self.plan.migration, direction.operation)
+        else:
+            self._reassert_fence(direction, progress, conns, names, back)
+        runs: list[StepRun] = []
+        for step in remaining_steps(direction, progress):
+            started = self._clock()
+            try:
+                detail, extra = self._do(step, direction, progress, conns, names, back)
+            except Exception as exc:
+                if direction.steps.index(step) < direction.steps.index(POINT_OF_NO_RETURN):
+                    self._abort(direction, progress, conns, names, back, step, exc)
+                raise
+            seconds = self._clock() - started
+            if self.hooks.before_record:
+                self.hooks.before_record(direction.operation, step)
+            progress = store.record(
+                target,
+                self.plan.migration,
+                progress,
+                step,
+                seconds,
+                detail,
+                done=step is direction.steps[-1],
+                **extra,
+            )
+            runs.append(StepRun(step.value, round(seconds, 6), detail))
+            if self.hooks.after_record:
+                self.hooks.after_record(direction.operation, step)
+        return OperationResult(
+            self.plan.migration,
+            direction.operation.value,
+            kind,
+            "done",
+            progress.attempt,
+            progress.fence_lsn,
+            store.pause_seconds(target, self.plan.migration, direction.operation),
+            runs,
+        )
+
+    def _check_ready(self, direction: Direction, names: ReplicationNames) -> None:
+        engine = self._engine(direction.old, names)
+        what = f"replication {direction.old.value} -> {direction.new.value} ({names.subscription})"
+        # PostgreSQL's launcher starts apply workers at most once per wal_retrieve_retry_interval
+        # (5 s) per server: a subscription created or enabled moments ago may not run yet.
+        deadline = self._clock() + self.plan.settings.catch_up_timeout_seconds
+        while True:
+            status = engine.status()
+            if status.phase is not Phase.STREAMING:
+                raise CutoverNotReady(f"{what} is {status.phase.value}, not streaming: nothing was changed")
+            if not status.problems:
+                break
+            if self._clock() > deadline:
+                raise CutoverNotReady(f"{what} has problems: {'; '.join(status.problems)}; nothing was changed")
+            time.sleep(0.1)
+        limit = self.plan.max_lag_bytes
+        if limit is not None and (status.lag_bytes is None or status.lag_bytes > limit):
+            raise CutoverNotReady(
+                f"{what} lags {status.lag_bytes} bytes, above lag.max_bytes ({limit}): the fence would last while it "
+                "catches up. Nothing was changed; try again when the lag is lower"
+            )
+        if direction.operation is Operation.CUTOVER and self.router.state().writer is direction.new:
+            raise CutoverNotReady(
+                f"the router's writer already points at the {direction.new.value} although no cutover is recorded: "
+                "check the router by hand"
+            )
+
+    def _reassert_fence(
+        self,
+        direction: Direction,
+        progress: Progress,
+        conns: dict[Side, Connection],
+        names: ReplicationNames,
+        back: ReplicationNames | None,
+    ) -> None:
+        """Resuming after an interruption: the fence must still stand where the record says it does."""
+        if not progress.completed(Step.FENCE) or progress.past_point_of_no_return:
+            return
+        try:
+            if not is_fenced(conns[direction.old]):
+                raise CutoverError(
+                    f"the {direction.old.value} database's fence was lifted while the {direction.operation.value} was "
+                    "interrupted: writes may have happened after the recorded position"
+                )
+            hold = self.router.begin_hold()
+            deadline = self._clock() + self.plan.settings.fence_timeout_seconds
+            while not hold.done():
+                if self._clock() > deadline:
+                    raise CutoverError(f"the router could not hold its clients again: waiting for {hold.describe()}")
+                time.sleep(0.002)
+        except Exception as exc:
+            self._abort(direction, progress, conns, names, back, Step.FENCE, exc)
+
+    def _do(
+        self,
+        step: Step,
+        direction: Direction,
+        progress: Progress,
+        conns: dict[Side, Connection],
+        names: ReplicationNames,
+        back: ReplicationNames | None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        old, new = conns[direction.old], conns[direction.new]
+        settings = self.plan.settings
+        if step is Step.FENCE:
+            fence = take_fence(
+                old,
+                self.router,
+                grace=settings.fence_grace_seconds,
+                timeout=settings.fence_timeout_seconds,
+                terminate_long=settings.terminate_long_transactions,
+            )
+            lsn = fence_position(old)
+            detail = {
+                "database": fence.database,
+                "router_held_clients": fence.router_held_clients,
+                "ended_sessions": [asdict(s) for s in fence.ended],
+                "lsn": str(lsn),
+            }
+            return detail, {"fence_lsn": str(lsn), "held_seconds": fence.seconds}
+        if step is Step.CATCH_UP:
+            assert progress.fence_lsn is not None
+            caught = wait_for_lsn(
+                new,
+                names.subscription,
+                Lsn.parse(progress.fence_lsn),
+                timeout=settings.catch_up_timeout_seconds,
+                source=old,
+                slot=names.slot,
+                max_poll_interval=0.005,
+            )
+            return {
+                "signal": caught.signal,
+                "waited_seconds": caught.waited_seconds,
+                "reached": str(caught.reached_lsn),
+            }, {}
+        if step is Step.SYNC_SEQUENCES:
+            synced = sync_sequences(old, new, self.plan.tables, margin=settings.sequence_margin)
+            return {"sequences": len(synced), "moved": sum(s.changed for s in synced)}, {}
+        if step is Step.STOP_REPLICATION:
+            ended = stop_subscription(new, names.subscription)
+            return {"apply_workers_ended": ended}, {}
+        if step is Step.START_BACK_REPLICATION:
+            assert back is not None
+            started = self._engine(direction.new, back).start()
+            return {"subscription": back.subscription, "already_running": started.already_running}, {}
+        if step is Step.UNFENCE_NEW:
+            return {"lifted": lift_fence(new)}, {}
+        if step is Step.SWITCH_WRITER:
+            self.router.switch_writer(direction.new)
+            return {"writer": direction.new.value}, {}
+        if step is Step.RELEASE:
+            self.router.release()
+            return {}, {"released": True}
+        if step is Step.MOVE_READS:
+            self.router.set_read_weight(100 if direction.new is Side.TARGET else 0)
+            return {"reads": direction.new.value}, {}
+        if step is Step.RETIRE_REPLICATION:
+            removed = self._engine(direction.old, names).teardown().removed
+            if direction.operation is Operation.ROLLBACK:
+                # The cutover's forward replication, if it never got to retiring it itself.
+                removed += self._engine(Side.SOURCE, self.plan.forward).teardown().removed
+            return {"removed": removed}, {}
+        raise AssertionError(f"unknown step {step}")  # pragma: no cover
+
+    def _abort(
+        self,
+        direction: Direction,
+        progress: Progress,
+        conns: dict[Side, Connection],
+        names: ReplicationNames,
+        back: ReplicationNames | None,
+        step: Step,
+        exc: BaseException,
+    ) -> None:
+        """Undo an attempt that failed before its point of no return, then raise CutoverAborted."""
+        problems = self._undo(direction, conns, names, back)
+        with suppress(psycopg2.Error):
+            store.mark(conns[Side.TARGET], self.plan.migration, progress, Status.ABORTED, _first_line(exc))
+        message = (
+            f"{direction.operation.value} of {self.plan.migration!r} (attempt {progress.attempt}) failed at "
+            f"{step.value}: {_first_line(exc)}. "
+        )
+        if problems:
+            message += f"Undoing it failed too ({'; '.join(problems)}): run the rollback."
+        else:
+            message += (
+                f"It was undone: the {direction.old.value} database is writable, clients continue there and "
+                f"replication {direction.old.value} -> {direction.new.value} runs again."
+            )
+        raise CutoverAborted(message) from exc
+
+    def _undo(
+        self,
+        direction: Direction,
+        conns: dict[Side, Connection],
+        names: ReplicationNames,
+        back: ReplicationNames | None,
+    ) -> list[str]:
+        problems: list[str] = []
+
+        def attempt(what: str, action: Callable[[], object]) -> None:
+            try:
+                action()
+            except Exception as exc:
+                problems.append(f"{what}: {_first_line(exc)}")
+
+        if back is not None:
+            attempt("dropping the back replication", lambda: self._engine(direction.new, back).teardown())
+        attempt("enabling replication again", lambda: enable_subscription(conns[direction.new], names.subscription))
+        attempt("lifting the fence", lambda: lift_fence(conns[direction.old]))
+        attempt("releasing the router's clients", self.router.release)
+        return problems
+
+    # -- rollback before cutover -------------------------------------------------------------
+    def _rollback_before(self, cut: Progress | None, conns: dict[Side, Connection]) -> OperationResult:
+        notes: list[str] = []
+        runs: list[StepRun] = []
+
+        def timed(name: str, action: Callable[[], Any]) -> None:
+            started = self._clock()
+            outcome = action()
+            runs.append(StepRun(name, round(self._clock() - started, 6), outcome if isinstance(outcome, dict) else {}))
+
+        if cut is not None and cut.status is Status.RUNNING:
+            names, back = self._names(FORWARD)
+            problems = self._undo(FORWARD, conns, names, back)
+            if problems:
+                raise RollbackError(f"undoing the running cutover attempt failed: {'; '.join(problems)}")
+            store.mark(conns[Side.TARGET], self.plan.migration, cut, Status.ABORTED, "rolled back before cutover")
+            notes.append(f"cutover attempt {cut.attempt} was running; it was undone")
+        timed("lift_source_fence", lambda: {"lifted": lift_fence(conns[Side.SOURCE])})
+        timed("writer_on_source", lambda: self._writer_on_source())
+        timed("release", self.router.release)
+        timed("reads_on_source", lambda: self.router.set_read_weight(0))
+        timed("stop_forward_replication", lambda: self._engine(Side.SOURCE, self.plan.forward).stop())
+        notes.append(
+            "forward replication is stopped (its slot keeps WAL on the source until it is started again or torn down)"
+        )
+        return OperationResult(
+            self.plan.migration,
+            Operation.ROLLBACK.value,
+            RollbackKind.BEFORE_CUTOVER.value,
+            "done",
+            steps=runs,
+            notes=notes,
+        )
+
+    def _writer_on_source(self) -> dict[str, Any]:
+        if self.router.state().writer is not Side.SOURCE:
+            self.router.switch_writer(Side.SOURCE)
+            return {"switched": True}
+        return {"switched": False}
+
+    def _rollback_without_target(self, reason: DatabaseUnreachable) -> OperationResult:
+        writer = self.router.state().writer
+        if writer is Side.TARGET:
+            raise RollbackError(
+                f"the writer points at the target, which cannot be reached ({reason}). Rolling back now would lose "
+                "the writes made on the target that the back replication has not applied to the source yet: "
+                "restore access to the target and run the rollback again"
+            )
+        source = self._open(Side.SOURCE)
+        try:
+            lifted = lift_fence(source)
+            dropped = drop_subscription_locally(source, self.plan.reverse.subscription)
+        finally:
+            source.close()
+        self._writer_on_source()
+        self.router.release()
+        self.router.set_read_weight(0)
+        notes = [
+            f"the target could not be reached ({reason}); the writer never left the source",
+            "forward replication was not stopped: its subscription lives on the target",
+        ]
+        if dropped:
+            notes.append("the back replication's subscription on the source was dropped (its slot stays on the target)")
+        return OperationResult(
+            self.plan.migration,
+            Operation.ROLLBACK.value,
+            RollbackKind.BEFORE_CUTOVER.value,
+            "done",
+            steps=[StepRun("lift_source_fence", 0.0, {"lifted": lifted})],
+            notes=notes,
+        )
+
+
+# -- subscriptions, on the subscriber -----------------------------------------------------------
+
+
+def stop_subscription(conn: Connection, name: str, timeout: float = 10.0) -> int:
+    """Disable `name` and end its apply worker now; returns how many workers were ended.
+
+    DISABLE alone lets the worker notice at its next wake-up (up to about a second); ending
+    it makes the stop immediate. The launcher does not restart a disabled subscription.
+    """
+    sub = _subscription(conn, name)
+    if sub is None:
+        return 0
+    if sub[1]:
+        execute(conn, sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(name)))
+    ended: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = fetch_all(conn, "SELECT pid FROM pg_stat_subscription WHERE subid = %s AND pid IS NOT NULL", (sub[0],))
+        if not rows:
+            return len(ended)
+        for (pid,) in rows:
+            if pid not in ended:
+                execute(conn, "SELECT pg_terminate_backend(%s)", (pid,))
+                ended.add(pid)
+        if time.monotonic() > deadline:
+            raise CutoverError(f"the apply worker(s) of subscription {name} did not exit within {timeout:g}s")
+        time.sleep(0.001)
+
+
+def enable_subscription(conn: Connection, name: str) -> bool:
+    sub = _subscription(conn, name)
+    if sub is None or sub[1]:
+        return False
+    execute(conn, sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(name)))
+    return True
+
+
+def drop_subscription_locally(conn: Connection, name: str) -> bool:
+    """Drop `name` without contacting its publisher (the slot there is left for later)."""
+    if _subscription(conn, name) is None:
+        return False
+    ident = sql.Identifier(name)
+    execute(conn, sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+    execute(conn, sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
+    execute(conn, sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+    return True

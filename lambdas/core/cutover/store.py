@@ -1,0 +1,202 @@
+"""Where the cutover records its progress: `_zdm.cutover_state` and `_zdm.cutover_log` on the target.
+
+Why the target: it is the database that survives a cutover, it stays writable for our
+control session through both directions, and it already holds the engine's copy state.
+The source is fenced (read-only) for most of the protocol and has no `_zdm` schema, so
+that nothing of ours appears among its tables. When the target cannot be reached the
+rollback does not need this record: the source's own fence and the router's writer tell
+whether the writer ever left the source (see `rollback_kind`).
+
+Each step is recorded with one statement (state row and log row together), after the
+step's effect is in place. A step whose effect happened but whose record did not is
+simply done again when the operation is re-run: every step is idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from psycopg2 import sql
+
+from lambdas.core.cutover.steps import Operation, Progress, Status, Step
+from lambdas.core.db import Connection, execute, fetch_all, fetch_one, fetch_value
+
+SCHEMA = "_zdm"
+
+
+class StateConflict(RuntimeError):
+    pass
+
+
+def try_lock(conn: Connection, migration: str) -> bool:
+    """One cutover or rollback of a migration at a time (a session lock: a crash releases it)."""
+    return bool(
+        fetch_value(conn, "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"zdm-cutover:{migration}",))
+    )
+
+
+def ensure_tables(conn: Connection) -> None:
+    if fetch_value(
+        conn,
+        "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
+        (f"{SCHEMA}.cutover_state", f"{SCHEMA}.cutover_log"),
+    ):
+        return
+    schema = sql.Identifier(SCHEMA)
+    execute(conn, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+    execute(
+        conn,
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.cutover_state ("
+            " migration text NOT NULL, operation text NOT NULL, attempt int NOT NULL, status text NOT NULL,"
+            " step text, fence_lsn pg_lsn, held_at timestamptz, released_at timestamptz, error text,"
+            " started_at timestamptz NOT NULL DEFAULT clock_timestamp(),"
+            " updated_at timestamptz NOT NULL DEFAULT clock_timestamp(), finished_at timestamptz,"
+            " PRIMARY KEY (migration, operation))"
+        ).format(schema),
+    )
+    execute(
+        conn,
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.cutover_log ("
+            " migration text NOT NULL, operation text NOT NULL, attempt int NOT NULL, step text NOT NULL,"
+            " seconds float8, at timestamptz NOT NULL DEFAULT clock_timestamp(), detail jsonb NOT NULL DEFAULT '{{}}')"
+        ).format(schema),
+    )
+
+
+def _exists(conn: Connection) -> bool:
+    return bool(fetch_value(conn, "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.cutover_state",)))
+
+
+def load(conn: Connection, migration: str, operation: Operation) -> Progress | None:
+    if not _exists(conn):
+        return None
+    row = fetch_one(
+        conn,
+        sql.SQL(
+            "SELECT status, attempt, step, fence_lsn::text, error FROM {}.cutover_state"
+            " WHERE migration = %s AND operation = %s"
+        ).format(sql.Identifier(SCHEMA)),
+        (migration, operation.value),
+    )
+    if row is None:
+        return None
+    return Progress(operation, Status(row[0]), int(row[1]), Step(row[2]) if row[2] else None, row[3], row[4])
+
+
+def begin(conn: Connection, migration: str, operation: Operation) -> Progress:
+    """Start a new attempt (after none, or after an aborted one)."""
+    ensure_tables(conn)
+    row = fetch_one(
+        conn,
+        sql.SQL(
+            "INSERT INTO {s}.cutover_state (migration, operation, attempt, status) VALUES (%s, %s, 1, 'running')"
+            " ON CONFLICT (migration, operation) DO UPDATE SET attempt = {s}.cutover_state.attempt + 1,"
+            " status = 'running', step = NULL, fence_lsn = NULL, held_at = NULL, released_at = NULL, error = NULL,"
+            " started_at = clock_timestamp(), updated_at = clock_timestamp(), finished_at = NULL"
+            " RETURNING attempt"
+        ).format(s=sql.Identifier(SCHEMA)),
+        (migration, operation.value),
+    )
+    assert row is not None
+    return Progress(operation, Status.RUNNING, int(row[0]), None)
+
+
+def record(
+    conn: Connection,
+    migration: str,
+    progress: Progress,
+    step: Step,
+    seconds: float,
+    detail: dict[str, Any] | None = None,
+    *,
+    fence_lsn: str | None = None,
+    held_seconds: float | None = None,
+    released: bool = False,
+    done: bool = False,
+) -> Progress:
+    """Record `step` as completed (state and log in one statement)."""
+    recorded = fetch_value(
+        conn,
+        sql.SQL(
+            "WITH s AS (UPDATE {s}.cutover_state SET step = %(step)s, updated_at = clock_timestamp(),"
+            " fence_lsn = COALESCE(%(lsn)s::pg_lsn, fence_lsn),"
+            " held_at = CASE WHEN %(held)s::float8 IS NULL THEN held_at"
+            "   ELSE clock_timestamp() - make_interval(secs => %(held)s::float8) END,"
+            " released_at = CASE WHEN %(released)s THEN clock_timestamp() ELSE released_at END,"
+            " status = CASE WHEN %(done)s THEN 'done' ELSE status END,"
+            " finished_at = CASE WHEN %(done)s THEN clock_timestamp() ELSE finished_at END"
+            " WHERE migration = %(m)s AND operation = %(op)s AND attempt = %(attempt)s RETURNING 1)"
+            " INSERT INTO {s}.cutover_log (migration, operation, attempt, step, seconds, detail)"
+            " SELECT %(m)s, %(op)s, %(attempt)s, %(step)s, %(seconds)s, %(detail)s::jsonb FROM s RETURNING 1"
+        ).format(s=sql.Identifier(SCHEMA)),
+        {
+            "step": step.value,
+            "lsn": fence_lsn,
+            "held": held_seconds,
+            "released": released,
+            "done": done,
+            "m": migration,
+            "op": progress.operation.value,
+            "attempt": progress.attempt,
+            "seconds": seconds,
+            "detail": json.dumps(detail or {}, default=str),
+        },
+    )
+    if recorded is None:
+        raise StateConflict(
+            f"{progress.operation} attempt {progress.attempt} of {migration!r} is no longer the recorded one: "
+            "another invocation started a new attempt"
+        )
+    return Progress(
+        progress.operation,
+        Status.DONE if done else progress.status,
+        progress.attempt,
+        step,
+        fence_lsn or progress.fence_lsn,
+    )
+
+
+def mark(conn: Connection, migration: str, progress: Progress, status: Status, error: str | None = None) -> None:
+    execute(
+        conn,
+        sql.SQL(
+            "UPDATE {}.cutover_state SET status = %s, error = %s, updated_at = clock_timestamp(),"
+            " finished_at = clock_timestamp() WHERE migration = %s AND operation = %s AND attempt = %s"
+        ).format(sql.Identifier(SCHEMA)),
+        (status.value, error, migration, progress.operation.value, progress.attempt),
+    )
+
+
+def pause_seconds(conn: Connection, migration: str, operation: Operation) -> float | None:
+    """From the fence to the release, across invocations (None until both happened)."""
+    if not _exists(conn):
+        return None
+    value = fetch_value(
+        conn,
+        sql.SQL(
+            "SELECT extract(epoch FROM released_at - held_at)::float8 FROM {}.cutover_state"
+            " WHERE migration = %s AND operation = %s"
+        ).format(sql.Identifier(SCHEMA)),
+        (migration, operation.value),
+    )
+    return None if value is None else float(value)
+
+
+def history(conn: Connection, migration: str) -> list[dict[str, Any]]:
+    """Every recorded step of every attempt, oldest first (for reports)."""
+    if not _exists(conn):
+        return []
+    rows = fetch_all(
+        conn,
+        sql.SQL(
+            "SELECT operation, attempt, step, seconds, at, detail FROM {}.cutover_log WHERE migration = %s ORDER BY at"
+        ).format(sql.Identifier(SCHEMA)),
+        (migration,),
+    )
+    return [
+        {"operation": r[0], "attempt": r[1], "step": r[2], "seconds": r[3], "at": r[4].isoformat(), "detail": r[5]}
+        for r in rows
+    ]
