@@ -72,7 +72,18 @@ class HandlerSpec:
 HANDLERS: tuple[HandlerSpec, ...] = (
     HandlerSpec("Preflight", "preflight", (Access.DATABASES,), description="preflight checks of source and target"),
     HandlerSpec("Replication", "replication", (Access.ENGINE,), timeout_seconds=900, description="replication engine"),
-    HandlerSpec("Sequences", "sequences", (Access.DATABASES,), description="copies sequence values to the target"),
+    HandlerSpec("ValidatePlan", "validate_plan", (Access.DATABASES,), description="cuts tables into key ranges"),
+    HandlerSpec("ValidateChunk", "validate_chunk", (Access.DATABASES,), description="compares one key range"),
+    HandlerSpec("ValidateSummary", "validate_summary", (), in_vpc=False, description="merges chunk results"),
+    HandlerSpec("ReadShift", "read_shift", (Access.TRAFFIC,), description="moves a share of reads to the target"),
+    HandlerSpec("HealthGate", "health_gate", (Access.ALARMS_READ, Access.ENGINE), description="alarms and lag say go"),
+    HandlerSpec(
+        "Cutover",
+        "cutover",
+        (Access.DATABASES, Access.TRAFFIC),
+        timeout_seconds=900,
+        description="fence, catch up, sequences, reverse replication, writer switch; and rollback",
+    ),
     # Outside the VPC: the rollback must not depend on the VPC's egress; it calls Step Functions only.
     HandlerSpec(
         "Rollback",

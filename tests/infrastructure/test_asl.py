@@ -33,15 +33,28 @@ def _transitions(states: dict[str, Any]) -> Iterator[tuple[str, str]]:
                     yield name, nested["Next"]
         for catch in state.get("Catch", []):
             yield name, catch["Next"]
-        for branch in state.get("Branches", []):
-            yield from _transitions(branch["States"])
-        if "ItemProcessor" in state:
-            yield from _transitions(state["ItemProcessor"]["States"])
-        if "Iterator" in state:
-            yield from _transitions(state["Iterator"]["States"])
 
 
-def _check(machine: dict[str, Any]) -> list[str]:
+def _nested(states: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Parallel branches and Map processors: machines of their own, with their own state names."""
+    for name, state in states.items():
+        for i, branch in enumerate(state.get("Branches", [])):
+            yield f"{name}[{i}]", branch
+        for key in ("ItemProcessor", "Iterator"):
+            if key in state:
+                yield name, state[key]
+
+
+def _check(machine: dict[str, Any], scope: str = "") -> list[str]:
+    states = machine["States"]
+    problems: list[str] = []
+    for name, inner in _nested(states):
+        problems += _check(inner, f"{scope}{name} > ")
+    problems += [scope + p for p in _check_scope(machine)]
+    return problems
+
+
+def _check_scope(machine: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     states = machine["States"]
     if machine["StartAt"] not in states:

@@ -59,7 +59,9 @@ def test_state_machine_may_invoke_exactly_the_functions_its_definition_names(exa
     )
     invoke = next(s for s in policy["PolicyDocument"]["Statement"] if s["Action"] == "lambda:InvokeFunction")
     by_handler = {f["Properties"].get("Handler"): k for k, f in example.resources("AWS::Lambda::Function").items()}
-    expected = sorted(by_handler[f"lambdas.handlers.{m}.handler"] for m in ("preflight", "replication", "sequences"))
+    modules = [spec.module for spec in HANDLERS if spec.invoked_by == "state-machine"]
+    assert {"preflight", "replication", "validate_chunk", "health_gate", "cutover"} <= set(modules)
+    expected = sorted(by_handler[f"lambdas.handlers.{m}.handler"] for m in modules)
     assert sorted(r["Fn::GetAtt"][0] for r in invoke["Resource"]) == expected
 
 
@@ -80,7 +82,7 @@ def test_the_rollback_function_runs_outside_the_vpc_with_a_dead_letter_queue(exa
 
 def test_a_new_handler_is_one_registry_line_with_scoped_traffic_access() -> None:
     # Given one more spec (what the cutover work will add) needing the traffic permissions
-    extra = (*HANDLERS, HandlerSpec("Cutover", "sequences", (Access.TRAFFIC, Access.ALARMS_READ)))
+    extra = (*HANDLERS, HandlerSpec("SequencesOnly", "sequences", (Access.TRAFFIC, Access.ALARMS_READ)))
     app = cdk.App(context={"aws:cdk:bundling-stacks": []})
     stack = MigrationStack(app, "Extra", migration=load_migration(ROOT / "migrations/example.yaml"), handlers=extra)
     template = Template.from_stack(stack)
@@ -118,10 +120,10 @@ def test_an_unknown_placeholder_fails_the_synth_naming_it(tmp_path: Path) -> Non
     asl = tmp_path / "bad.asl.json"
     asl.write_text(
         json.dumps(
-            {"StartAt": "A", "States": {"A": {"Type": "Task", "Resource": "${CutoverFunctionArn}", "End": True}}}
+            {"StartAt": "A", "States": {"A": {"Type": "Task", "Resource": "${MissingFunctionArn}", "End": True}}}
         )
     )
     app = cdk.App(context={"aws:cdk:bundling-stacks": []})
     # When synthesized / Then the synth stops and names the placeholder and the fix
-    with pytest.raises(Exception, match=r"no substitution for \$\{CutoverFunctionArn\}.*add a HandlerSpec"):
+    with pytest.raises(Exception, match=r"no substitution for \$\{MissingFunctionArn\}.*add a HandlerSpec"):
         MigrationStack(app, "Bad", migration=load_migration(ROOT / "migrations/example.yaml"), definition_file=asl)
