@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import threading
 import time
@@ -125,11 +126,17 @@ class LocalStateMachine:
         *,
         timeout: float = 3600,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        on_start: Callable[[], None] | None = None,
         poll_interval: float = 0.2,
     ) -> ExecutionResult:
+        """Execute once; `on_start` runs inside the mock before the execution starts (to create
+        the alarms a health gate reads, say), `on_event` gets each history event as it appears."""
         import boto3
         from moto import mock_aws
 
+        # As in Lambda: the region is in the environment (handlers build their clients from it).
+        os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
+        os.environ.setdefault("AWS_REGION", REGION)
         config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
         function_names = {sub: re.sub(r"FunctionArn$", "", sub) or sub for sub in self.handlers}
         routed = {function_names[sub]: h for sub, h in self.handlers.items()}
@@ -153,6 +160,8 @@ class LocalStateMachine:
             for name, value in self.parameters.items():
                 ssm.put_parameter(Name=name, Value=value, Type="String", Overwrite=True)
             filled = _PLACEHOLDER.sub(lambda m: arns.get(m.group(1)) or self.values[m.group(1)], self.definition)
+            if on_start is not None:
+                on_start()
             sfn = boto3.client("stepfunctions", region_name=REGION)
             machine = sfn.create_state_machine(name="zdm-local", definition=filled, roleArn=role)["stateMachineArn"]
             started = time.monotonic()

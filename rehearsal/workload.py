@@ -25,19 +25,21 @@ class WorkloadStats:
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (start time, seconds)
+    order_ids: list[int] = field(default_factory=list)  # orders whose insert committed: must never be lost
 
     def merge(self, other: WorkloadStats) -> None:
         self.committed += other.committed
         self.failed += other.failed
         self.errors += other.errors[:20]
         self.latencies += other.latencies
+        self.order_ids += other.order_ids
 
     @property
     def max_latency(self) -> float:
         return max((lat for _, lat in self.latencies), default=0.0)
 
 
-def _new_order(cur: psycopg2.extensions.cursor, rng: random.Random, max_customer: int, max_product: int) -> None:
+def _new_order(cur: psycopg2.extensions.cursor, rng: random.Random, max_customer: int, max_product: int) -> int:
     cur.execute(
         "INSERT INTO orders (customer_id, status, total, note) VALUES (%s, 'new', %s, %s) RETURNING id",
         (rng.randint(1, max_customer), round(rng.uniform(1, 500), 2), rng.choice([None, "", "rush – ünïcødé"])),
@@ -53,6 +55,7 @@ def _new_order(cur: psycopg2.extensions.cursor, rng: random.Random, max_customer
         "INSERT INTO events (order_id, kind, payload) VALUES (%s, 'created', %s::jsonb)",
         (row[0], '{"source": "workload"}'),
     )
+    return int(row[0])
 
 
 def _update_order(cur: psycopg2.extensions.cursor, rng: random.Random, max_order: int) -> None:
@@ -127,10 +130,11 @@ class Workload:
             try:
                 if conn is None or conn.closed:
                     conn = self._connect(self._current_dsn(), application_name=f"workload-{index}", autocommit=False)
+                new_order: int | None = None
                 with conn.cursor() as cur:
                     kind = rng.random()
                     if kind < 0.4:
-                        _new_order(cur, rng, max_customer, max_product)
+                        new_order = _new_order(cur, rng, max_customer, max_product)
                     elif kind < 0.7:
                         _update_order(cur, rng, max_order)
                     elif kind < 0.9:
@@ -139,6 +143,8 @@ class Workload:
                         _delete_event(cur, rng)
                 conn.commit()
                 stats.committed += 1
+                if new_order is not None:
+                    stats.order_ids.append(new_order)
             except (psycopg2.Error, ConnectionError) as exc:
                 stats.failed += 1
                 if len(stats.errors) < 20:

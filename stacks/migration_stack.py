@@ -18,7 +18,8 @@ from stacks.common import MigrationContext, aws_environment
 from stacks.config import MigrationConfig
 from stacks.monitoring import Monitoring
 from stacks.network import Network
-from stacks.orchestration import ASL, HANDLERS, HandlerSpec, Orchestration
+from stacks.orchestration import ASL, Orchestration
+from stacks.registry import HANDLERS, HandlerSpec
 from stacks.replication import Replication
 from stacks.security import Security
 from stacks.streaming import Streaming

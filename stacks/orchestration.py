@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import Literal
 
 import aws_cdk as cdk
 from aws_cdk import aws_ec2 as ec2
@@ -30,71 +27,12 @@ from lambdas.core.telemetry import alarm_name_prefix
 from stacks.bundling import PYTHON_VERSION, ROOT, lambda_code
 from stacks.common import MigrationContext, acknowledge, acknowledge_resource, short_name
 from stacks.network import Network
+from stacks.registry import HANDLERS, Access, HandlerSpec
 from stacks.replication import Replication
 from stacks.traffic import Traffic
 
 ASL = ROOT / "statemachine" / "migration.asl.json"
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
-
-
-class Access(StrEnum):
-    """What a function may touch; each is granted on this migration's resources only."""
-
-    DATABASES = "databases"  # read the source and target secrets; reach the databases' ports
-    ENGINE = "engine"  # whatever the configured engine needs: DATABASES (logical) or DMS + METRICS_READ (dms)
-    DMS = "dms"  # start, stop and describe this migration's DMS task(s)
-    METRICS_READ = "metrics-read"  # read CloudWatch metrics (DMS CDC latency)
-    ALARMS_READ = "alarms-read"  # read the state of this migration's alarms and the file's alarms (health gates)
-    TRAFFIC = "traffic"  # change this migration's DNS records, retarget its proxies
-    EXECUTIONS = "executions"  # list and stop this state machine's executions, start a rollback
-
-
-@dataclass(frozen=True)
-class HandlerSpec:
-    name: str  # CamelCase; the ASL refers to the function as ${<name>FunctionArn}
-    module: str  # lambdas/handlers/<module>.py with `handler(event, context)`
-    access: tuple[Access, ...] = ()
-    invoked_by: Literal["state-machine", "alarm"] = "state-machine"
-    in_vpc: bool = True
-    timeout_seconds: int = 300
-    memory_mb: int = 512
-    description: str = ""
-
-    @property
-    def handler(self) -> str:
-        return f"lambdas.handlers.{self.module}.handler"
-
-    @property
-    def placeholder(self) -> str:
-        return f"{self.name}FunctionArn"
-
-
-HANDLERS: tuple[HandlerSpec, ...] = (
-    HandlerSpec("Preflight", "preflight", (Access.DATABASES,), description="preflight checks of source and target"),
-    HandlerSpec("Replication", "replication", (Access.ENGINE,), timeout_seconds=900, description="replication engine"),
-    HandlerSpec("ValidatePlan", "validate_plan", (Access.DATABASES,), description="cuts tables into key ranges"),
-    HandlerSpec("ValidateChunk", "validate_chunk", (Access.DATABASES,), description="compares one key range"),
-    HandlerSpec("ValidateSummary", "validate_summary", (), in_vpc=False, description="merges chunk results"),
-    HandlerSpec("ReadShift", "read_shift", (Access.TRAFFIC,), description="moves a share of reads to the target"),
-    HandlerSpec("HealthGate", "health_gate", (Access.ALARMS_READ, Access.ENGINE), description="alarms and lag say go"),
-    HandlerSpec(
-        "Cutover",
-        "cutover",
-        (Access.DATABASES, Access.TRAFFIC),
-        timeout_seconds=900,
-        description="fence, catch up, sequences, reverse replication, writer switch; and rollback",
-    ),
-    # Outside the VPC: the rollback must not depend on the VPC's egress; it calls Step Functions only.
-    HandlerSpec(
-        "Rollback",
-        "rollback",
-        (Access.EXECUTIONS,),
-        invoked_by="alarm",
-        in_vpc=False,
-        timeout_seconds=60,
-        description="stops the migration and starts its rollback when the composite alarm fires",
-    ),
-)
 
 
 def placeholders(definition: str) -> list[str]:

@@ -300,7 +300,7 @@ class LagLimits(_Model):
 
 class ReadShift(_Model):
     steps: list[int] = Field(default_factory=lambda: [10, 50, 100], min_length=1)
-    bake_seconds: float = Field(default=60.0, ge=0)
+    bake_seconds: int = Field(default=60, ge=0, description="whole seconds (a Step Functions Wait)")
 
     @field_validator("steps")
     @classmethod
@@ -359,7 +359,7 @@ class Cutover(_Model):
     )
     catch_up_timeout_seconds: float = Field(default=30.0, gt=0)
     sequence_margin: int = Field(default=1000, ge=0)
-    post_cutover_bake_seconds: float = Field(default=60.0, ge=0)
+    post_cutover_bake_seconds: int = Field(default=60, ge=0, description="whole seconds (a Step Functions Wait)")
     rollback_window_hours: float = Field(default=24.0, ge=0)
 
     @model_validator(mode="after")

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from stacks.orchestration import HANDLERS, placeholders
+from stacks.orchestration import placeholders
+from stacks.registry import HANDLERS
 from tests.infrastructure.conftest import ROOT, Synth
 
 DEFINITIONS = sorted((ROOT / "statemachine").glob("*.asl.json"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stacks import bundling
-from stacks.orchestration import HANDLERS
+from stacks.registry import HANDLERS
 
 
 def _python312() -> str | None:

@@ -12,7 +12,8 @@ from aws_cdk.assertions import Match, Template
 
 from lambdas.core.config import load_migration
 from stacks.migration_stack import MigrationStack
-from stacks.orchestration import ASL, HANDLERS, Access, HandlerSpec, placeholders
+from stacks.orchestration import ASL, placeholders
+from stacks.registry import HANDLERS, Access, HandlerSpec
 from tests.infrastructure.conftest import ROOT, Synth
 
 

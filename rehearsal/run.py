@@ -1,0 +1,465 @@
+"""The rehearsal: the real state machine and handlers against local servers, pgbouncer and a live workload.
+
+Starts a source and a target PostgreSQL server and a pgbouncer in front of the source,
+loads the sample shop, runs writers through pgbouncer for the whole run, and executes
+statemachine/migration.asl.json in a real ASL interpreter (moto's) with every Lambda task
+routed to its handler in-process. The health gates read a CloudWatch alarm (in the mock)
+that this process sets from local signals, or trips on purpose when a fault is injected.
+At the end: every committed insert is looked up on the database that holds the writer,
+the two databases are compared row for row, and summary.json plus report.html are written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+from psycopg2 import sql
+
+from lambdas.core.config import Migration, load_migration
+from lambdas.core.db import connect, fetch_value
+from lambdas.core.routers import Side, router_for
+from lambdas.core.telemetry import composite_alarm_name
+from rehearsal import sample
+from rehearsal.compare import compare_databases
+from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
+from rehearsal.servers import PostgresServer, running_servers
+from rehearsal.stepfunctions import REGION, LocalStateMachine
+from rehearsal.workload import Workload, WorkloadStats
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFINITION = ROOT / "statemachine" / "migration.asl.json"
+FAULTS = ("gate", "kill-target", "cutover")
+DBNAME = "shop"
+FAULT_HELP = {
+    "gate": "trip the health gate during the read shift",
+    "kill-target": "kill the target server during the initial copy",
+    "cutover": "fail the cutover after the fence is taken",
+}
+# What each state belongs to, for phase timings and the report's bands.
+PHASE_OF = {
+    "Preflight": "preflight",
+    "StartReplication": "initial copy",
+    "WaitForCopy": "catch up",
+    "CopyStatus": "catch up",
+    "ValidatePlan": "validation",
+    "ValidateChunks": "validation",
+    "ValidateSummary": "validation",
+    "ReadShift": "read shift",
+    "Cutover": "cutover",
+    "PostCutoverBake": "post-cutover bake",
+    "PostCutoverGate": "post-cutover bake",
+    "Finalize": "finalize",
+    "Rollback": "rollback",
+}
+
+
+def say(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Timeline:
+    start: float
+    lag_seconds: list[tuple[float, float]] = field(default_factory=list)
+    lag_bytes: list[tuple[float, float]] = field(default_factory=list)
+    reads_on_target: list[tuple[float, float]] = field(default_factory=list)
+    writer_on_target: list[tuple[float, float]] = field(default_factory=list)
+    phases: list[tuple[str, float, float, str]] = field(default_factory=list)  # name, start, end, status
+    events: list[tuple[float, str]] = field(default_factory=list)
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+
+class PhaseTracker:
+    """Turns the execution history into phases: a phase runs from its first state's entry to the next phase."""
+
+    def __init__(self, timeline: Timeline, on_phase: Callable[[str], None]) -> None:
+        self.timeline = timeline
+        self.current: tuple[str, float] | None = None
+        self.on_phase = on_phase
+        self.failed_states: list[str] = []
+
+    def event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        t = self.timeline.now()
+        details = event.get("stateEnteredEventDetails") or {}
+        if kind.endswith("StateEntered") and details.get("name") in PHASE_OF:
+            phase = PHASE_OF[details["name"]]
+            if self.current is None or self.current[0] != phase:
+                self.close(t)
+                self.current = (phase, t)
+                self.on_phase(phase)
+        if kind in ("ExecutionSucceeded", "ExecutionFailed", "ExecutionAborted", "ExecutionTimedOut"):
+            self.close(t, failed=kind != "ExecutionSucceeded")
+
+    def close(self, t: float, failed: bool = False) -> None:
+        if self.current is not None:
+            name, started = self.current
+            status = "rollback" if name == "rollback" else ("failed" if failed and name != "rollback" else "ok")
+            self.timeline.phases.append((name, started, t, status))
+            self.current = None
+
+
+def local_settings(migration: Migration) -> dict[str, Any]:
+    """The settings the state machine reads, with the local DSNs (trust auth: no passwords)."""
+    data = migration.model_dump(mode="json")
+    data["source"]["dsn"] = migration.source.dsn.get_secret_value() if migration.source.dsn else None
+    data["target"]["dsn"] = migration.target.dsn.get_secret_value() if migration.target.dsn else None
+    admin = migration.router.pgbouncer.admin_dsn
+    data["router"]["pgbouncer"]["admin_dsn"] = admin.get_secret_value() if admin else None
+    return data
+
+
+def handler_map() -> dict[str, Callable[[dict[str, Any], Any], Any]]:
+    """Every function the state machine invokes, from the same registry the stack deploys."""
+    from stacks.registry import HANDLERS
+
+    return {
+        spec.placeholder: importlib.import_module(f"lambdas.handlers.{spec.module}").handler
+        for spec in HANDLERS
+        if spec.invoked_by == "state-machine"
+    }
+
+
+@dataclass
+class Rehearsal:
+    rows: int
+    fault: str | None
+    out: Path
+    clients: int = 8
+    rate: float | None = 60.0  # transactions per second per client
+    migration_file: Path = ROOT / "migrations" / "local.yaml"
+    poll_seconds: int = 1
+    timeline: Timeline = field(default_factory=lambda: Timeline(time.monotonic()))
+
+    def run_with_timeline(self) -> tuple[dict[str, Any], Timeline]:
+        summary = self.run()
+        return summary, self.timeline
+
+    def run(self) -> dict[str, Any]:
+        self.timeline = Timeline(time.monotonic())
+        base = load_migration(self.migration_file)
+        settings = {"wal_retrieve_retry_interval": "200ms"}  # apply workers start at once, not within 5 s
+        with running_servers(["rehearsal-source", "rehearsal-target"], settings=settings) as servers:
+            return self._run(base, *servers)
+
+    def _run(self, base: Migration, source: PostgresServer, target: PostgresServer) -> dict[str, Any]:
+        timeline = self.timeline
+        for server in (source, target):
+            server.create_database(DBNAME)
+        src, tgt = source.dsn(DBNAME), target.dsn(DBNAME)
+        say(f"servers: source :{source.port}, target :{target.port}; loading about {self.rows:,} rows ...")
+        conn = connect(src)
+        sample.create_schema(conn)
+        sizes = sample.load_data(conn, self.rows)
+        conn.close()
+        conn = connect(tgt)
+        sample.create_schema(conn)
+        conn.close()
+        pgb = start_pgbouncer({"app": LocalBackend(source, DBNAME), "app_ro": LocalBackend(source, DBNAME)})
+        try:
+            migration = self._migration(base, src, tgt, pgb, source, target)
+            return self._execute(migration, timeline, sizes.total, src, tgt, pgb, source, target)
+        finally:
+            pgb.stop()
+
+    def _migration(
+        self, base: Migration, src: str, tgt: str, pgb: Any, source: PostgresServer, target: PostgresServer
+    ) -> Migration:
+        data = base.model_dump(mode="json")
+        data["source"] = {"dsn": src}
+        data["target"] = {"dsn": tgt}
+        data["router"] = {
+            "type": "pgbouncer",
+            "pgbouncer": {
+                "admin_dsn": pgb.admin_dsn(),
+                "config_path": str(pgb.config_path),
+                "database_alias": "app",
+                "reader_alias": "app_ro",
+                "source_backend": pgb.backend(source, DBNAME),
+                "target_backend": pgb.backend(target, DBNAME),
+            },
+        }
+        from lambdas.core.config import parse_migration
+
+        return parse_migration(data, str(self.migration_file))
+
+    def _execute(
+        self,
+        migration: Migration,
+        timeline: Timeline,
+        total_rows: int,
+        src: str,
+        tgt: str,
+        pgb: Any,
+        source: PostgresServer,
+        target: PostgresServer,
+    ) -> dict[str, Any]:
+        alarm = composite_alarm_name(migration.name)
+        router = router_for(migration)
+        workload = Workload(pgb.dsn("app"), clients=self.clients, rate=self.rate).start()
+        say(f"workload: {self.clients} writers through pgbouncer ({pgb.dsn('app').split(' password')[0]})")
+        stop = threading.Event()
+        injected: list[str] = []
+
+        def set_alarm(state: str, reason: str) -> None:
+            boto3.client("cloudwatch", region_name=REGION).set_alarm_state(
+                AlarmName=alarm, StateValue=state, StateReason=reason
+            )
+
+        def create_alarm() -> None:
+            boto3.client("cloudwatch", region_name=REGION).put_metric_alarm(
+                AlarmName=alarm,
+                Namespace="Zdm/Rehearsal",
+                MetricName="LocalHealth",
+                Statistic="Maximum",
+                Period=60,
+                EvaluationPeriods=1,
+                Threshold=0,
+                ComparisonOperator="GreaterThanThreshold",
+            )
+            set_alarm("OK", "rehearsal started")
+
+        def on_phase(phase: str) -> None:
+            say(f"[{timeline.now():7.1f}s] phase: {phase}")
+            if self.fault == "kill-target" and phase == "initial copy" and not injected:
+                injected.append("kill-target")
+                threading.Thread(target=self._kill_target_soon, args=(target, tgt, timeline), daemon=True).start()
+
+        tracker = PhaseTracker(timeline, on_phase)
+
+        def on_event(event: dict[str, Any]) -> None:
+            tracker.event(event)
+            details = event.get("stateEnteredEventDetails") or {}
+            if self.fault == "gate" and details.get("name") == "Bake" and not injected:
+                injected.append("gate")
+                set_alarm("ALARM", "fault injected: health gate tripped during the read shift")
+                say(f"[{timeline.now():7.1f}s] fault: composite alarm set to ALARM during the read shift")
+            failed = event.get("taskFailedEventDetails") or event.get("executionFailedEventDetails")
+            if failed:
+                timeline.events.append((timeline.now(), str(failed.get("error"))))
+
+        monitor = threading.Thread(
+            target=self._monitor, args=(migration, router, timeline, stop, src, tgt), daemon=True
+        )
+        monitor.start()
+        handlers = handler_map()
+        if self.fault == "cutover":
+            handlers["CutoverFunctionArn"] = _failing_after_fence(handlers["CutoverFunctionArn"], injected)
+        machine = LocalStateMachine(
+            DEFINITION,
+            handlers,
+            values={"SettingsParameterName": f"/zdm/{migration.name}/settings", "MigrationName": migration.name},
+            parameters={f"/zdm/{migration.name}/settings": json.dumps(local_settings(migration))},
+        )
+        try:
+            result = machine.run(
+                {"timing": {"poll_seconds": self.poll_seconds}}, timeout=1800, on_event=on_event, on_start=create_alarm
+            )
+        finally:
+            time.sleep(0.5)  # writes after the last step, through the final writer
+            stats = workload.stop()
+            stop.set()
+            monitor.join(timeout=10)
+        say(f"[{timeline.now():7.1f}s] execution {result.status}: {result.error or ''} {(result.cause or '')[:200]}")
+        return self._summarize(migration, result, stats, timeline, total_rows, src, tgt, router, injected)
+
+    def _kill_target_soon(self, target: PostgresServer, tgt: str, timeline: Timeline) -> None:
+        """Kill the target once the copy has written rows to it (mid-copy, not before it starts)."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                conn = connect(tgt)
+                try:
+                    copied = fetch_value(conn, "SELECT count(*) FROM order_items")
+                finally:
+                    conn.close()
+            except ConnectionError:
+                copied = 0
+            if copied:
+                break
+            time.sleep(0.02)
+        target.kill()
+        timeline.events.append((timeline.now(), "target killed"))
+        say(f"[{timeline.now():7.1f}s] fault: target server killed during the initial copy")
+
+    def _monitor(
+        self, migration: Migration, router: Any, timeline: Timeline, stop: threading.Event, src: str, tgt: str
+    ) -> None:
+        from lambdas.handlers.replication import build_engine
+
+        engine = None
+        while not stop.is_set():
+            t = timeline.now()
+            try:
+                state = router.state()
+                if state.read_weight is not None:
+                    timeline.reads_on_target.append((t, float(state.read_weight)))
+                if state.writer is not None:
+                    timeline.writer_on_target.append((t, 100.0 if state.writer is Side.TARGET else 0.0))
+            except Exception:  # noqa: S110 - the router may be mid-change; the next sample will do
+                pass
+            try:
+                engine = engine or build_engine(migration, src, tgt)
+                status = engine.status()
+                if status.lag_seconds is not None:
+                    timeline.lag_seconds.append((t, status.lag_seconds))
+                if status.lag_bytes is not None:
+                    timeline.lag_bytes.append((t, float(status.lag_bytes)))
+            except Exception:  # noqa: S110 - target down (fault) or replication gone (after finalize)
+                pass
+            stop.wait(0.5)
+
+    def _summarize(
+        self,
+        migration: Migration,
+        result: Any,
+        stats: WorkloadStats,
+        timeline: Timeline,
+        total_rows: int,
+        src: str,
+        tgt: str,
+        router: Any,
+        injected: list[str],
+    ) -> dict[str, Any]:
+        outcome = (
+            "migrated"
+            if result.status == "SUCCEEDED"
+            else ("rolled_back" if result.error != "RollbackFailed" and _rolled_back(result) else "failed")
+        )
+        writer = router.state().writer
+        writer_dsn = tgt if writer is Side.TARGET else src
+        lost = _missing_orders(writer_dsn, stats.order_ids)
+        differences: int | None = None
+        rows_compared = 0
+        if outcome == "migrated":
+            # The source follows the target through reverse replication: they must be equal.
+            tables = [t for t in migration_tables()]
+            _wait_reverse_caught_up(migration, src, tgt)
+            diffs = compare_databases(src, tgt, tables)
+            differences = sum(len(d.missing_on_target) + len(d.extra_on_target) + len(d.changed) for d in diffs)
+            rows_compared = sum(d.source_rows for d in diffs)
+        output = result.output or {}
+        phases = {name: round(end - start, 3) for name, start, end, _ in timeline.phases}
+        return {
+            "outcome": outcome,
+            "fault": self.fault,
+            "fault_injected": bool(injected) if self.fault else False,
+            "error": result.error,
+            "cause": (result.cause or "")[:2000],
+            "phase_seconds": phases,
+            "total_seconds": round(timeline.now(), 3),
+            "rows_in_source": total_rows,
+            "rows_copied": (output.get("start") or {}).get("rows_copied"),
+            "lag_seconds": _percentiles([v for _, v in timeline.lag_seconds]),
+            "lag_bytes": _percentiles([v for _, v in timeline.lag_bytes]),
+            "rows_validated": (output.get("validation_summary") or {}).get("rows_compared"),
+            "persistent_differences": (output.get("validation_summary") or {}).get("differences"),
+            "longest_write_pause_ms": round(stats.max_latency * 1000, 1),
+            "cutover_pause_ms": _ms((output.get("cutover") or {}).get("pause_seconds")),
+            "committed_transactions": stats.committed,
+            "failed_transactions": stats.failed,
+            "failed_transaction_errors": stats.errors[:5],
+            "rows_lost": lost,
+            "writer_on": writer.value if writer is not None else None,
+            "final_rows_compared": rows_compared,
+            "final_differences": differences,
+            "_latencies": [(round(s - timeline.start, 3), round(d, 4)) for s, d in stats.latencies],
+        }
+
+
+def migration_tables() -> list[Any]:
+    from lambdas.core.tables import TableName
+
+    return [TableName.parse(t) for t in sample.SAMPLE_TABLES]
+
+
+def _rolled_back(result: Any) -> bool:
+    """The RolledBack Fail state (statemachine/migration.asl.json) ends every completed rollback."""
+    return bool(result.error == "RolledBack")
+
+
+def _missing_orders(dsn: str, order_ids: list[int]) -> int:
+    """Committed inserts that the database holding the writer does not have: rows lost."""
+    if not order_ids:
+        return 0
+    conn = connect(dsn)
+    try:
+        found = fetch_value(
+            conn,
+            sql.SQL("SELECT count(*) FROM {} WHERE id = ANY(%s)").format(sql.Identifier("orders")),
+            (order_ids,),
+        )
+    finally:
+        conn.close()
+    return len(set(order_ids)) - int(found)
+
+
+def _wait_reverse_caught_up(migration: Migration, src: str, tgt: str) -> None:
+    from lambdas.core.lsn import current_lsn, wait_for_lsn
+
+    reverse = migration.slot_name + "_rev"
+    publisher, subscriber = connect(tgt), connect(src)
+    try:
+        wait_for_lsn(subscriber, reverse, current_lsn(publisher), timeout=60, source=publisher, slot=reverse)
+    finally:
+        publisher.close()
+        subscriber.close()
+
+
+def _failing_after_fence(
+    handler: Callable[[dict[str, Any], Any], Any], injected: list[str]
+) -> Callable[[dict[str, Any], Any], Any]:
+    """The cutover handler, made to fail once right after the fence is taken (fault 'cutover')."""
+    from lambdas.core.cutover import Hooks
+    from lambdas.core.cutover.steps import Step
+    from lambdas.handlers import cutover as cutover_handler
+
+    def hook(operation: Any, step: Any) -> None:
+        if step == Step.FENCE and not injected:
+            injected.append("cutover")
+            raise RuntimeError("fault injected: cutover failed right after the fence")
+
+    def wrapped(event: dict[str, Any], context: Any) -> Any:
+        if event.get("action") != "run" or injected:
+            return handler(event, context)
+        original = cutover_handler.build_runner
+
+        def build_runner_with_fault(migration: Migration) -> Any:
+            runner = original(migration)
+            runner.hooks = Hooks(after_record=hook)
+            return runner
+
+        cutover_handler.build_runner = build_runner_with_fault
+        try:
+            return handler(event, context)
+        finally:
+            cutover_handler.build_runner = original
+
+    return wrapped
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(values)
+    return {
+        "p50": round(ordered[len(ordered) // 2], 4),
+        "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 4),
+        "max": round(ordered[-1], 4),
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
