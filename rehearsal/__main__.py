@@ -117,7 +117,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         f"rows validated         {summary['rows_validated']}; persistent differences {summary['persistent_differences']}"
     )
     say(
-        f"longest write pause    {summary['longest_write_pause_ms']:.1f} ms (cutover pause {summary['cutover_pause_ms']} ms)"
+        f"longest write pause    {summary['longest_write_pause_ms']:.1f} ms during {summary['longest_write_pause_during']}"
+        f" (the cutover's own fence-to-release: {summary['cutover_pause_ms']} ms)"
     )
     say(
         f"transactions           {summary['committed_transactions']:,} committed, {summary['failed_transactions']} failed"

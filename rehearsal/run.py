@@ -367,6 +367,7 @@ class Rehearsal:
             "rows_validated": (output.get("validation_summary") or {}).get("rows_compared"),
             "persistent_differences": (output.get("validation_summary") or {}).get("differences"),
             "longest_write_pause_ms": round(stats.max_latency * 1000, 1),
+            "longest_write_pause_during": _phase_at(timeline, _slowest_start(stats) - timeline.start),
             "cutover_pause_ms": _ms((output.get("cutover") or {}).get("pause_seconds")),
             "committed_transactions": stats.committed,
             "failed_transactions": stats.failed,
@@ -377,6 +378,18 @@ class Rehearsal:
             "final_differences": differences,
             "_latencies": [(round(s - timeline.start, 3), round(d, 4)) for s, d in stats.latencies],
         }
+
+
+def _slowest_start(stats: WorkloadStats) -> float:
+    return max(stats.latencies, key=lambda item: item[1], default=(0.0, 0.0))[0]
+
+
+def _phase_at(timeline: Timeline, t: float) -> str | None:
+    """The phase running at `t` seconds (a transaction that started then was the slowest)."""
+    for name, start, end, _ in timeline.phases:
+        if start <= t <= end:
+            return name
+    return None
 
 
 def migration_tables() -> list[Any]:
