@@ -32,7 +32,7 @@ from rehearsal.compare import compare_databases
 from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
 from rehearsal.servers import PostgresServer, running_servers
 from rehearsal.stepfunctions import REGION, LocalStateMachine
-from rehearsal.workload import Workload, WorkloadStats
+from rehearsal.workload import WorkloadProcess, WorkloadStats
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFINITION = ROOT / "statemachine" / "migration.asl.json"
@@ -75,6 +75,7 @@ class Timeline:
     reads_on_target: list[tuple[float, float]] = field(default_factory=list)
     writer_on_target: list[tuple[float, float]] = field(default_factory=list)
     phases: list[tuple[str, float, float, str]] = field(default_factory=list)  # name, start, end, status
+    state_outputs: dict[str, Any] = field(default_factory=dict)  # last output of each state, from the history
     events: list[tuple[float, str]] = field(default_factory=list)
 
     def now(self) -> float:
@@ -97,16 +98,19 @@ class PhaseTracker:
         if kind.endswith("StateEntered") and details.get("name") in PHASE_OF:
             phase = PHASE_OF[details["name"]]
             if self.current is None or self.current[0] != phase:
-                self.close(t)
+                self.close(t, failed=phase == "rollback")  # what ran when the rollback began failed
                 self.current = (phase, t)
                 self.on_phase(phase)
+        exited = event.get("stateExitedEventDetails") or {}
+        if exited.get("name") and exited.get("output"):
+            self.timeline.state_outputs[exited["name"]] = json.loads(exited["output"])
         if kind in ("ExecutionSucceeded", "ExecutionFailed", "ExecutionAborted", "ExecutionTimedOut"):
             self.close(t, failed=kind != "ExecutionSucceeded")
 
     def close(self, t: float, failed: bool = False) -> None:
         if self.current is not None:
             name, started = self.current
-            status = "rollback" if name == "rollback" else ("failed" if failed and name != "rollback" else "ok")
+            status = "rollback" if name == "rollback" else ("failed" if failed else "ok")
             self.timeline.phases.append((name, started, t, status))
             self.current = None
 
@@ -208,7 +212,7 @@ class Rehearsal:
     ) -> dict[str, Any]:
         alarm = composite_alarm_name(migration.name)
         router = router_for(migration)
-        workload = Workload(pgb.dsn("app"), clients=self.clients, rate=self.rate).start()
+        workload = WorkloadProcess(pgb.dsn("app"), clients=self.clients, rate=self.rate).start()
         say(f"workload: {self.clients} writers through pgbouncer ({pgb.dsn('app').split(' password')[0]})")
         stop = threading.Event()
         injected: list[str] = []
@@ -350,7 +354,12 @@ class Rehearsal:
             diffs = compare_databases(src, tgt, tables)
             differences = sum(len(d.missing_on_target) + len(d.extra_on_target) + len(d.changed) for d in diffs)
             rows_compared = sum(d.source_rows for d in diffs)
-        output = result.output or {}
+        # Each state's output from the history: there even when the execution failed.
+        output = {
+            "start": (timeline.state_outputs.get("StartReplication") or {}).get("start"),
+            "validation_summary": (timeline.state_outputs.get("ValidateSummary") or {}).get("validation_summary"),
+            "cutover": (timeline.state_outputs.get("Cutover") or {}).get("cutover"),
+        }
         phases = {name: round(end - start, 3) for name, start, end, _ in timeline.phases}
         return {
             "outcome": outcome,

@@ -8,11 +8,13 @@ and the longest pause.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg2
 
@@ -169,3 +171,36 @@ class Workload:
         for stats in self._stats:
             total.merge(stats)
         return total
+
+
+def _run_in_child(dsn: str, clients: int, rate: float | None, seed: int, stop: Any, results: Any) -> None:
+    workload = Workload(dsn, clients=clients, rate=rate, seed=seed).start()
+    results.put("started")
+    stop.wait()
+    results.put(workload.stop())
+
+
+class WorkloadProcess:
+    """The same workload in a child process, so that what it measures (latency, pauses) is not
+    inflated by work in this process (the state machine interpreter, handlers, monitors)."""
+
+    def __init__(self, dsn: str, *, clients: int = 4, rate: float | None = None, seed: int = 7) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results: Any = context.Queue()
+        self._process = context.Process(
+            target=_run_in_child, args=(dsn, clients, rate, seed, self._stop, self._results), daemon=True
+        )
+
+    def start(self) -> WorkloadProcess:
+        self._process.start()
+        first = self._results.get(timeout=60)
+        if first != "started":  # pragma: no cover - the child sends nothing else first
+            raise RuntimeError(f"workload process did not start: {first!r}")
+        return self
+
+    def stop(self) -> WorkloadStats:
+        self._stop.set()
+        stats: WorkloadStats = self._results.get(timeout=120)
+        self._process.join(timeout=30)
+        return stats
