@@ -1,0 +1,418 @@
+"""Compare one chunk on both sides: slices by aggregate, bisection, (key, hash) fetches, row diffs, re-checks.
+
+For each slice of the chunk, in key order:
+1. aggregate (count, sum of row hashes) on both sides at once; equal -> next slice;
+2. different and small (at most 2 x slice_rows rows on either side) -> fetch the (key, hash)
+   lines of both sides and diff them; different and larger -> split at key quantiles (read from
+   the side with more rows) and compare each part the same way;
+3. when the differences seen so far make the next slice likely to mismatch
+   (`bisect.AdaptivePolicy`), fetch its lines directly: dense differences are not read twice.
+The keys found are then read in full on both sides and diffed column by column. While
+replication runs, each such row is re-checked (`rowdiff.settle`) after the target has applied
+the source's WAL past the position noted after reading the source row, which is past the
+position noted at the chunk's first compare.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lambdas.core.db import Connection, fetch_all
+from lambdas.core.lsn import Lsn, LsnWaitTimeout, current_lsn, wait_for_lsn
+from lambdas.core.ranges import KeyRange
+from lambdas.core.validation import queries
+from lambdas.core.validation.bisect import (
+    AdaptivePolicy,
+    Aggregate,
+    Step,
+    decide,
+    fetch_limit,
+    mismatched_buckets,
+    multiset_bits,
+    quantile_step,
+    split_range,
+)
+from lambdas.core.validation.model import (
+    ChunkResult,
+    ChunkSpec,
+    DiffList,
+    Key,
+    KeyDiff,
+    RangeSpec,
+    Replication,
+    TableSpec,
+)
+from lambdas.core.validation.rowdiff import (
+    HashDiff,
+    Kind,
+    MultisetDiff,
+    RowDifference,
+    RowImage,
+    diff_hash_lines,
+    diff_row,
+    multiset_diff,
+    settle,
+    settle_multiset,
+)
+from lambdas.core.validation.session import SessionPair, run_one, run_one_raw, run_query
+
+READ_BATCH = 10_000  # keys per full-row read
+MAX_ROW_TEXT = 200  # a multiset row is reported by its text form, cut to this length
+MULTISET_FETCH_LIMIT = 500_000  # rows (per side) in differing buckets beyond which rows are not listed
+
+
+def source_position(source: Connection) -> Lsn:
+    """The source's WAL insert position (`lsn.current_lsn`): past every commit a snapshot taken before could see."""
+    return current_lsn(source)
+
+
+def wait_applied(pair: SessionPair, replication: Replication, lsn: Lsn) -> None:
+    wait_for_lsn(
+        pair.target,
+        replication.subscription,
+        lsn,
+        timeout=replication.timeout_seconds,
+        source=pair.source if replication.slot else None,
+        slot=replication.slot,
+    )
+
+
+@dataclass
+class _Tally:
+    source_rows: int = 0
+    target_rows: int = 0
+    slices: int = 0
+    slices_mismatched: int = 0
+    splits: int = 0
+    rows_fetched: int = 0
+    candidates: dict[Key, None] = field(default_factory=dict)  # ordered set
+    first_lsn: Lsn | None = None
+    transient: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, diff: HashDiff) -> None:
+        for key in diff.keys:
+            self.candidates[key] = None
+
+
+def compare_chunk(
+    pair: SessionPair,
+    chunk: ChunkSpec,
+    *,
+    policy: AdaptivePolicy | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> ChunkResult:
+    """Compare one chunk (a Map item); the result names every differing row up to `first_keys`.
+
+    `policy` may carry what earlier chunks of the table saw (how dense differences are).
+    """
+    started = clock()
+    if chunk.table.multiset:
+        result = _compare_multiset(pair, chunk)
+    else:
+        result = _compare_keyed(pair, chunk, policy or AdaptivePolicy(chunk.slice_rows))
+    return result.model_copy(update={"seconds": round(clock() - started, 6)})
+
+
+# -- tables with a primary key ---------------------------------------------------------------
+
+
+def _compare_keyed(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy) -> ChunkResult:
+    spec = chunk.table
+    tally = _Tally()
+    limit = fetch_limit(chunk.slice_rows)
+    pending: deque[tuple[KeyRange, int]] = deque((r, 0) for r in chunk.slice_ranges())
+    while pending:
+        key_range, depth = pending.popleft()
+        tally.slices += 1
+        if depth == 0 and policy.fetch_next:
+            fetched = _fetch_hashes(pair, spec, key_range, tally, limit=limit)
+            _note_first(pair, chunk, tally)
+            if fetched is not None:
+                if fetched[1]:
+                    tally.slices_mismatched += 1
+                policy.record(*fetched)
+                continue
+        query, params = queries.aggregate(spec, key_range)
+        src_row, tgt_row = pair.both(run_one(query, params))
+        _note_first(pair, chunk, tally)
+        assert src_row is not None and tgt_row is not None
+        source, target = Aggregate(int(src_row[0]), str(src_row[1])), Aggregate(int(tgt_row[0]), str(tgt_row[1]))
+        decision = decide(source, target, chunk.slice_rows, depth=depth)
+        if decision.step is Step.EQUAL:
+            tally.source_rows += source.rows
+            tally.target_rows += target.rows
+            policy.record(source.rows, 0)
+            continue
+        tally.slices_mismatched += 1
+        if decision.step is Step.SPLIT:
+            parts = _split(pair, spec, key_range, source, target, decision.parts)
+            if parts:
+                tally.splits += 1
+                pending.extendleft(reversed([(part, depth + 1) for part in parts]))
+                continue
+        fetched = _fetch_hashes(pair, spec, key_range, tally)
+        assert fetched is not None
+        policy.record(*fetched)
+        if fetched[1] == 0 and chunk.replication is None:
+            # Only a write between the two reads explains this (a 64-bit collision aside).
+            tally.notes.append(
+                f"a range's aggregates differed but its rows were equal when fetched: data changed during "
+                f"the compare (range {RangeSpec.of(key_range).model_dump()})"
+            )
+    if chunk.replication is not None:
+        differences, unsettled = _recheck(pair, chunk, chunk.replication, list(tally.candidates), tally)
+    else:
+        differences, unsettled = _resolve(pair, spec, list(tally.candidates), tally)
+    return _result(chunk, tally, differences, unsettled)
+
+
+def _note_first(pair: SessionPair, chunk: ChunkSpec, tally: _Tally) -> None:
+    if chunk.replication is not None and tally.first_lsn is None:
+        tally.first_lsn = source_position(pair.source)
+
+
+def _split(
+    pair: SessionPair, spec: TableSpec, key_range: KeyRange, source: Aggregate, target: Aggregate, parts: int
+) -> list[KeyRange]:
+    """Cut a range at key quantiles of the side holding more rows in it."""
+    side = pair.source if source.rows >= target.rows else pair.target
+    query, params = queries.quantiles(spec, key_range, quantile_step(max(source.rows, target.rows), parts))
+    boundaries = [tuple(str(v) for v in row) for row in fetch_all(side, query, params)]
+    return split_range(key_range, boundaries)
+
+
+def _fetch_hashes(
+    pair: SessionPair, spec: TableSpec, key_range: KeyRange, tally: _Tally, *, limit: int | None = None
+) -> tuple[int, int] | None:
+    """Fetch and diff the (key, hash) lines of a range: (rows, differing keys), or None when either side
+    holds more than `limit` rows (then nothing is diffed)."""
+    query, params = queries.hash_lines(spec, key_range, None if limit is None else limit + 1)
+    src_row, tgt_row = pair.both(run_one_raw(query, params))
+    assert src_row is not None and tgt_row is not None
+    source_rows, target_rows = int(src_row[0]), int(tgt_row[0])
+    tally.rows_fetched += source_rows + target_rows
+    if limit is not None and (source_rows > limit or target_rows > limit):
+        return None
+    tally.source_rows += source_rows
+    tally.target_rows += target_rows
+    diff = diff_hash_lines(src_row[1], tgt_row[1], len(spec.key))
+    tally.add(diff)
+    return max(source_rows, target_rows), len(diff.keys)
+
+
+def _read_rows(
+    conn: Connection, spec: TableSpec, keys: Sequence[Key], *, with_version: bool
+) -> tuple[list[Key], dict[Key, RowImage]]:
+    """Each key's row image on one side, and the keys in that side's key order."""
+    order: list[Key] = []
+    images: dict[Key, RowImage] = {}
+    for start in range(0, len(keys), READ_BATCH):
+        batch = keys[start : start + READ_BATCH]
+        query, params = queries.fetch_rows(spec, batch, with_version=with_version)
+        for row in fetch_all(conn, query, params):
+            key = batch[int(row[0]) - 1]
+            order.append(key)
+            images[key] = RowImage(tuple(row[3:]) if row[1] else None, row[2])
+    return order, images
+
+
+def _resolve(
+    pair: SessionPair, spec: TableSpec, keys: list[Key], tally: _Tally
+) -> tuple[list[RowDifference], list[Key]]:
+    """Without replication: read the candidate rows in full once and diff them by column."""
+    if not keys:
+        return [], []
+    (order, source), (_, target) = pair.both(lambda conn: _read_rows(conn, spec, keys, with_version=False))
+    differences: list[RowDifference] = []
+    for key in order:
+        difference = diff_row(key, spec.column_names, source[key], target[key])
+        if difference is None:
+            tally.transient += 1  # equal when read in full: changed between the reads
+        else:
+            differences.append(difference)
+    return differences, []
+
+
+def _recheck(
+    pair: SessionPair, chunk: ChunkSpec, replication: Replication, keys: list[Key], tally: _Tally
+) -> tuple[list[RowDifference], list[Key]]:
+    """While replication runs: keep only what still differs once the target has caught up (`rowdiff.settle`)."""
+    spec = chunk.table
+    differences: list[RowDifference] = []
+    pending = keys
+    seen: dict[Key, str | None] = {}
+    for _ in range(replication.attempts):
+        if not pending:
+            break
+        order, first = _read_rows(pair.source, spec, pending, with_version=True)
+        position = source_position(pair.source)
+        if tally.first_lsn is not None:
+            position = max(position, tally.first_lsn)
+        try:
+            wait_applied(pair, replication, position)
+        except LsnWaitTimeout as exc:
+            tally.notes.append(f"re-check stopped: {exc}")
+            break
+        _, target = _read_rows(pair.target, spec, pending, with_version=True)
+        _, second = _read_rows(pair.source, spec, pending, with_version=True)
+        outcome = settle(order, spec.column_names, first, target, second, seen)
+        tally.transient += len(outcome.resolved)
+        differences += outcome.persistent
+        pending, seen = outcome.retry, outcome.extra_seen
+    return _in_order(differences, keys), pending
+
+
+def _in_order(differences: list[RowDifference], keys: list[Key]) -> list[RowDifference]:
+    position = {key: i for i, key in enumerate(keys)}
+    return sorted(differences, key=lambda d: position.get(d.key, len(position)))
+
+
+def _result(chunk: ChunkSpec, tally: _Tally, differences: list[RowDifference], unsettled: list[Key]) -> ChunkResult:
+    first = chunk.first_keys
+    by_kind: dict[Kind, list[RowDifference]] = {kind: [] for kind in Kind}
+    changed_columns: dict[str, int] = {}
+    for difference in differences:
+        by_kind[difference.kind].append(difference)
+        for column in difference.columns:
+            changed_columns[column] = changed_columns.get(column, 0) + 1
+
+    def listed(items: list[RowDifference]) -> DiffList:
+        return DiffList(
+            count=len(items), first=[KeyDiff(key=list(d.key), columns=list(d.columns)) for d in items[:first]]
+        )
+
+    return ChunkResult(
+        table=str(chunk.table.table),
+        chunk=chunk.number,
+        chunks=chunk.chunks,
+        source_rows=tally.source_rows,
+        target_rows=tally.target_rows,
+        slices=tally.slices,
+        slices_mismatched=tally.slices_mismatched,
+        splits=tally.splits,
+        rows_fetched=tally.rows_fetched,
+        missing=listed(by_kind[Kind.MISSING]),
+        extra=listed(by_kind[Kind.EXTRA]),
+        changed=listed(by_kind[Kind.CHANGED]),
+        unsettled=DiffList(count=len(unsettled), first=[KeyDiff(key=list(k)) for k in unsettled[:first]]),
+        transient=tally.transient,
+        changed_columns=dict(sorted(changed_columns.items())),
+        first_lsn=str(tally.first_lsn) if tally.first_lsn is not None else None,
+        notes=tally.notes,
+    )
+
+
+# -- tables without a primary key: multisets -------------------------------------------------
+
+
+def _compare_multiset(pair: SessionPair, chunk: ChunkSpec) -> ChunkResult:
+    """Count and hash sum of all rows; if they differ, buckets of the row hash, then the rows in differing buckets."""
+    spec = chunk.table
+    tally = _Tally(slices=1)
+    query, params = queries.whole_aggregate(spec)
+    src_row, tgt_row = pair.both(run_one(query, params))
+    _note_first(pair, chunk, tally)
+    assert src_row is not None and tgt_row is not None
+    source, target = Aggregate(int(src_row[0]), str(src_row[1])), Aggregate(int(tgt_row[0]), str(tgt_row[1]))
+    tally.source_rows, tally.target_rows = source.rows, target.rows
+    diff = MultisetDiff()
+    unsettled: list[str] = []
+    if source != target:
+        tally.slices_mismatched = 1
+        bits = multiset_bits(max(source.rows, target.rows))
+        query, params = queries.bucket_aggregates(spec, bits)
+        src_buckets, tgt_buckets = pair.both(run_query(query, params))
+        src_agg = {int(b): Aggregate(int(n), str(s)) for b, n, s in src_buckets}
+        tgt_agg = {int(b): Aggregate(int(n), str(s)) for b, n, s in tgt_buckets}
+        buckets = mismatched_buckets(src_agg, tgt_agg)
+        empty = Aggregate(0, "0")
+        in_buckets = max(
+            sum(src_agg.get(b, empty).rows for b in buckets), sum(tgt_agg.get(b, empty).rows for b in buckets)
+        )
+        if in_buckets > MULTISET_FETCH_LIMIT:
+            # Too many rows to list: report lower bounds, bucket by bucket: the copies one side has in
+            # excess, and in a bucket whose counts agree (its sums do not) at least one row each way.
+            tally.notes.append(
+                f"{in_buckets:,} rows in differing hash buckets: too many to list; counts are lower bounds"
+            )
+            pairs = [(src_agg.get(b, empty).rows, tgt_agg.get(b, empty).rows) for b in buckets]
+            missing = sum(max(s - t, 1 if s == t else 0) for s, t in pairs)
+            extra = sum(max(t - s, 1 if s == t else 0) for s, t in pairs)
+            result = _multiset_result(chunk, tally, MultisetDiff(), [])
+            return result.model_copy(update={"missing": DiffList(count=missing), "extra": DiffList(count=extra)})
+        query, params = queries.bucket_rows(spec, bits, buckets)
+        src_rows, tgt_rows = pair.both(run_query(query, params))
+        tally.rows_fetched = sum(int(n) for _, n in src_rows) + sum(int(n) for _, n in tgt_rows)
+        diff = multiset_diff({r: int(n) for r, n in src_rows}, {r: int(n) for r, n in tgt_rows})
+        if chunk.replication is not None:
+            diff, unsettled = _recheck_multiset(pair, chunk, chunk.replication, diff, tally)
+    return _multiset_result(chunk, tally, diff, unsettled)
+
+
+def _copies(conn: Connection, spec: TableSpec, rows: Sequence[str]) -> dict[str, int]:
+    query, params = queries.row_copies(spec, rows)
+    return {r: int(n) for r, n in fetch_all(conn, query, params)}
+
+
+def _recheck_multiset(
+    pair: SessionPair, chunk: ChunkSpec, replication: Replication, diff: MultisetDiff, tally: _Tally
+) -> tuple[MultisetDiff, list[str]]:
+    spec = chunk.table
+    pending = [*diff.missing, *diff.extra]
+    persistent = MultisetDiff()
+    seen: dict[str, int] = {}
+    for _ in range(replication.attempts):
+        if not pending:
+            break
+        first = _copies(pair.source, spec, pending)
+        position = source_position(pair.source)
+        if tally.first_lsn is not None:
+            position = max(position, tally.first_lsn)
+        try:
+            wait_applied(pair, replication, position)
+        except LsnWaitTimeout as exc:
+            tally.notes.append(f"re-check stopped: {exc}")
+            break
+        target = _copies(pair.target, spec, pending)
+        second = _copies(pair.source, spec, pending)
+        resolved, found, pending, seen = settle_multiset(pending, first, target, second, seen)
+        tally.transient += len(resolved)
+        persistent.missing.update(found.missing)
+        persistent.extra.update(found.extra)
+    return persistent, pending
+
+
+def _shown(row: str) -> str:
+    return row if len(row) <= MAX_ROW_TEXT else row[: MAX_ROW_TEXT - 1] + "…"
+
+
+def _multiset_result(chunk: ChunkSpec, tally: _Tally, diff: MultisetDiff, unsettled: list[str]) -> ChunkResult:
+    first = chunk.first_keys
+
+    def listed(rows: dict[str, int]) -> DiffList:
+        return DiffList(
+            count=sum(rows.values()),
+            first=[KeyDiff(key=[_shown(r)], copies=n) for r, n in list(rows.items())[:first]],
+        )
+
+    return ChunkResult(
+        table=str(chunk.table.table),
+        chunk=chunk.number,
+        chunks=chunk.chunks,
+        multiset=True,
+        source_rows=tally.source_rows,
+        target_rows=tally.target_rows,
+        slices=tally.slices,
+        slices_mismatched=tally.slices_mismatched,
+        rows_fetched=tally.rows_fetched,
+        missing=listed(diff.missing),
+        extra=listed(diff.extra),
+        unsettled=DiffList(count=len(unsettled), first=[KeyDiff(key=[_shown(r)]) for r in unsettled[:first]]),
+        transient=tally.transient,
+        first_lsn=str(tally.first_lsn) if tally.first_lsn is not None else None,
+        notes=tally.notes,
+    )

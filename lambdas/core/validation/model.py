@@ -1,0 +1,200 @@
+"""What crosses task boundaries: the plan, one chunk to compare, a chunk's result, the summary.
+
+Every model is plain JSON (`model_dump(mode="json")` / `model_validate`), so Step Functions can
+hand the plan's chunks to a Map state, one task per chunk, and the results to the summary task.
+A chunk carries everything its task needs (the table's key, columns and hash function), so a
+task never re-reads the plan. Keys travel as the text form of each key column (as in
+`ranges.KeyRange`); SQL casts them back to the key's type.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lambdas.core.ranges import Bound, KeyRange
+from lambdas.core.tables import TableName
+
+Key = tuple[str, ...]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RowHash(StrEnum):
+    """How a row's text form becomes a 64-bit number inside the database."""
+
+    FAST = "hashtextextended"  # PostgreSQL's own text hash: about twice as fast as md5
+    MD5 = "md5"  # md5 of the UTF-8 bytes: the same on every server, encoding and version
+
+
+class ColumnSpec(_Model):
+    name: str
+    type: str  # format_type() on the source
+
+
+class TableSpec(_Model):
+    """One table as both sides have it: the key, the compared columns, and any schema difference."""
+
+    schema_name: str
+    name: str
+    key: list[str] = Field(default_factory=list)  # empty: no primary key, compared as a multiset
+    key_types: list[str] = Field(default_factory=list)
+    columns: list[ColumnSpec] = Field(default_factory=list)  # present on both sides, in the source's order
+    row_hash: RowHash = RowHash.MD5
+    estimated_rows: int = 0
+    comparable: bool = True  # False: missing on one side or keys differ; nothing is compared
+    problems: list[str] = Field(default_factory=list)  # schema differences, each a reason to fail
+
+    @property
+    def table(self) -> TableName:
+        return TableName(self.schema_name, self.name)
+
+    @property
+    def multiset(self) -> bool:
+        return not self.key
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+class Replication(_Model):
+    """Changes still flow source -> target: differences are re-checked once the target caught up."""
+
+    subscription: str
+    slot: str | None = None  # lets the wait accept the walsender's report (positions after the last commit)
+    timeout_seconds: float = 60.0
+    attempts: int = 5
+
+
+class RangeSpec(_Model):
+    """A `KeyRange` as JSON: rows with lower <= key < upper; null is unbounded."""
+
+    lower: list[str] | None = None
+    upper: list[str] | None = None
+
+    @classmethod
+    def of(cls, key_range: KeyRange) -> RangeSpec:
+        return cls(
+            lower=list(key_range.lower) if key_range.lower is not None else None,
+            upper=list(key_range.upper) if key_range.upper is not None else None,
+        )
+
+    def key_range(self) -> KeyRange:
+        return KeyRange(
+            tuple(self.lower) if self.lower is not None else None,
+            tuple(self.upper) if self.upper is not None else None,
+        )
+
+
+class ChunkSpec(_Model):
+    """One Map item: a key range of one table, split into slices compared one after another."""
+
+    table: TableSpec
+    number: int  # 0-based, in key order
+    chunks: int  # how many the table has
+    range: RangeSpec = Field(default_factory=RangeSpec)
+    slices: list[list[str]] = Field(default_factory=list)  # inner boundaries splitting `range`
+    slice_rows: int = 10_000
+    first_keys: int = 20
+    replication: Replication | None = None
+
+    def slice_ranges(self) -> list[KeyRange]:
+        """The slices in key order; together exactly `range`."""
+        whole = self.range.key_range()
+        points: list[Bound | None] = [whole.lower, *(tuple(b) for b in self.slices), whole.upper]
+        return [KeyRange(points[i], points[i + 1]) for i in range(len(points) - 1)]
+
+
+class ValidationPlan(_Model):
+    started_at: float  # epoch seconds: the summary's duration runs from here
+    first_keys: int = 20
+    tables: list[TableSpec] = Field(default_factory=list)
+    chunks: list[ChunkSpec] = Field(default_factory=list)
+
+
+class KeyDiff(_Model):
+    """One differing row: its key (or, in a multiset table, its text form)."""
+
+    key: list[str]
+    columns: list[str] = Field(default_factory=list)  # changed rows: the columns whose text differs
+    copies: int = 1  # multiset tables: how many identical rows are missing or extra
+
+
+class DiffList(_Model):
+    count: int = 0
+    first: list[KeyDiff] = Field(default_factory=list)  # the first `first_keys`, in key order
+
+
+class ChunkResult(_Model):
+    table: str
+    chunk: int
+    chunks: int = 1  # how many the table has: the summary notices a missing result
+    multiset: bool = False
+    source_rows: int = 0
+    target_rows: int = 0
+    slices: int = 0  # key ranges compared by aggregate or by fetched hashes (splits included)
+    slices_mismatched: int = 0
+    splits: int = 0  # ranges bisected because they held more rows than a fetch should carry
+    rows_fetched: int = 0  # (key, hash) pairs downloaded, both sides
+    missing: DiffList = Field(default_factory=DiffList)  # on the source, not on the target
+    extra: DiffList = Field(default_factory=DiffList)  # on the target, not on the source
+    changed: DiffList = Field(default_factory=DiffList)  # same key, different column values
+    unsettled: DiffList = Field(default_factory=DiffList)  # kept changing at every re-check: not proven
+    transient: int = 0  # differed while replication caught up, equal at the re-check
+    changed_columns: dict[str, int] = Field(default_factory=dict)
+    seconds: float = 0.0
+    first_lsn: str | None = None  # the source's WAL position noted at the chunk's first compare
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def differences(self) -> int:
+        return self.missing.count + self.extra.count + self.changed.count
+
+
+class TableSummary(_Model):
+    table: str
+    multiset: bool = False
+    compared: bool = True
+    source_rows: int = 0
+    target_rows: int = 0
+    chunks: int = 0  # with a result
+    chunks_planned: int = 0
+    chunks_mismatched: int = 0
+    missing: DiffList = Field(default_factory=DiffList)
+    extra: DiffList = Field(default_factory=DiffList)
+    changed: DiffList = Field(default_factory=DiffList)
+    unsettled: DiffList = Field(default_factory=DiffList)
+    transient: int = 0
+    changed_columns: dict[str, int] = Field(default_factory=dict)
+    problems: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    seconds: float = 0.0  # time spent in this table's chunks (summed over parallel tasks)
+    rows_per_second: float = 0.0
+    ok: bool = True
+
+    @property
+    def differences(self) -> int:
+        return self.missing.count + self.extra.count + self.changed.count
+
+
+class ValidationSummary(_Model):
+    ok: bool  # no persistent difference, nothing unsettled, no schema problem, every chunk compared
+    rows_compared: int = 0  # rows on the source that were compared
+    target_rows: int = 0
+    tables: int = 0
+    chunks: int = 0
+    chunks_missing: int = 0  # planned chunks without a result (a failed task)
+    differences: int = 0  # persistent: missing + extra + changed
+    missing: int = 0
+    extra: int = 0
+    changed: int = 0
+    unsettled: int = 0
+    transient: int = 0
+    problems: int = 0
+    seconds: float = 0.0  # wall clock, from the plan's start to the summary
+    rows_per_second: float = 0.0
+    per_table: list[TableSummary] = Field(default_factory=list)

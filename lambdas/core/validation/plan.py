@@ -1,0 +1,136 @@
+"""Planning without a database: which tables, what both sides share, how a key space is cut.
+
+A table's key space is cut into slices of about `slice_rows` rows (boundaries from
+`ranges.key_boundaries`: min/max arithmetic for an integer key, a block sample's quantiles
+otherwise), and consecutive slices are grouped into chunks of about `chunk_rows`. A chunk is
+one Map item; its slices are compared one after another inside that task, so a difference
+costs a re-read of one slice, not of the chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from lambdas.core.catalog import TableInfo
+from lambdas.core.config import Validation
+from lambdas.core.ranges import Bound, KeyRange
+from lambdas.core.tables import TableName
+from lambdas.core.validation.model import ChunkSpec, ColumnSpec, RangeSpec, Replication, RowHash, TableSpec
+
+
+def tables_to_compare(selected: Iterable[TableName], source: Mapping[TableName, TableInfo]) -> list[TableName]:
+    """The selected tables, minus partitions whose partitioned root is selected (the root reads them)."""
+    chosen = sorted(set(selected))
+    chosen_set = set(chosen)
+    return [t for t in chosen if t not in source or source[t].partition_parent not in chosen_set]
+
+
+def _key_text(columns: Sequence[str]) -> str:
+    return "(" + ", ".join(columns) + ")" if columns else "none"
+
+
+def table_spec(
+    name: TableName, source: TableInfo | None, target: TableInfo | None, row_hash: RowHash, estimated_rows: int = 0
+) -> TableSpec:
+    """What can be compared: the columns both sides have (in the source's order), and every schema difference.
+
+    A table missing on one side, or whose primary keys differ, cannot be compared row by row and
+    is reported as a problem. Columns present on one side only are problems too (their data is not
+    on the other side), and the remaining columns are still compared.
+    """
+
+    def unusable(problem: str) -> TableSpec:
+        return TableSpec(
+            schema_name=name.schema, name=name.name, row_hash=row_hash, comparable=False, problems=[problem]
+        )
+
+    if source is None:
+        return unusable("not found on the source")
+    if target is None:
+        return unusable("missing on the target")
+    if source.primary_key != target.primary_key:
+        return unusable(
+            f"primary keys differ: source {_key_text(source.primary_key)}, "
+            f"target {_key_text(target.primary_key)}; make the target's key match the source's"
+        )
+    if source.key_types != target.key_types:
+        return unusable(
+            f"key column types differ: source {_key_text(source.key_types)}, target {_key_text(target.key_types)}"
+        )
+    problems: list[str] = []
+    target_columns = {c.name: c for c in target.columns}
+    source_names = {c.name for c in source.columns}
+    columns: list[ColumnSpec] = []
+    for column in source.columns:
+        other = target_columns.get(column.name)
+        if other is None:
+            continue
+        if other.type != column.type:
+            problems.append(
+                f"column {column.name} is {column.type} on the source, {other.type} on the target "
+                "(compared by text form)"
+            )
+        columns.append(ColumnSpec(name=column.name, type=column.type))
+    only_source = [c.name for c in source.columns if c.name not in target_columns]
+    only_target = [c.name for c in target.columns if c.name not in source_names]
+    if only_source:
+        problems.append(f"columns only on the source (not compared, their data is not on the target): {only_source}")
+    if only_target:
+        problems.append(f"columns only on the target (not compared): {only_target}")
+    return TableSpec(
+        schema_name=name.schema,
+        name=name.name,
+        row_hash=row_hash,
+        key=list(source.primary_key),
+        key_types=list(source.key_types),
+        columns=columns,
+        estimated_rows=estimated_rows,
+        problems=problems,
+    )
+
+
+def effective_slice_rows(settings: Validation) -> int:
+    return max(1, min(settings.slice_rows, settings.chunk_rows))
+
+
+def slices_per_chunk(settings: Validation) -> int:
+    return max(1, round(settings.chunk_rows / effective_slice_rows(settings)))
+
+
+def group_slices(boundaries: Sequence[Bound], per_chunk: int) -> list[tuple[KeyRange, list[Bound]]]:
+    """Consecutive slices (cut at `boundaries`) grouped `per_chunk` at a time: (chunk range, inner boundaries).
+
+    The first chunk starts unbounded and the last ends unbounded, so rows outside the sampled
+    key space (e.g. extra rows on the target) still fall in a chunk.
+    """
+    per_chunk = max(1, per_chunk)
+    points: list[Bound | None] = [None, *boundaries, None]
+    slices = len(points) - 1
+    grouped: list[tuple[KeyRange, list[Bound]]] = []
+    for start in range(0, slices, per_chunk):
+        end = min(start + per_chunk, slices)
+        inner = [b for b in points[start + 1 : end] if b is not None]
+        grouped.append((KeyRange(points[start], points[end]), inner))
+    return grouped
+
+
+def chunk_specs(
+    spec: TableSpec, boundaries: Sequence[Bound], settings: Validation, replication: Replication | None = None
+) -> list[ChunkSpec]:
+    """The Map items for one table. A table without a key is one chunk (it has no order to cut)."""
+    if not spec.comparable:
+        return []
+    groups = [(KeyRange(None, None), [])] if spec.multiset else group_slices(boundaries, slices_per_chunk(settings))
+    return [
+        ChunkSpec(
+            table=spec,
+            number=i,
+            chunks=len(groups),
+            range=RangeSpec.of(key_range),
+            slices=[list(b) for b in inner],
+            slice_rows=effective_slice_rows(settings),
+            first_keys=settings.report_first_keys,
+            replication=replication,
+        )
+        for i, (key_range, inner) in enumerate(groups)
+    ]

@@ -1,0 +1,99 @@
+"""Planning against the two databases: catalog facts, the row hash both servers agree on, key boundaries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from lambdas.core.catalog import describe_tables
+from lambdas.core.config import Validation
+from lambdas.core.db import Connection, fetch_all, fetch_one, fetch_value, server_version_num
+from lambdas.core.ranges import chunk_count, estimate_rows, key_boundaries
+from lambdas.core.tables import TableName
+from lambdas.core.validation.model import Replication, RowHash, ValidationPlan
+from lambdas.core.validation.plan import chunk_specs, effective_slice_rows, table_spec, tables_to_compare
+from lambdas.core.validation.session import SessionPair
+
+SAMPLES_PER_SLICE = 50  # block-sample keys per planned slice (slice sizes need not be exact)
+MAX_SAMPLES = 200_000  # beyond this, slices grow; a slice found too big is bisected when it mismatches
+
+# Texts both servers hash at plan time: ASCII, non-ASCII, long, with control characters.
+PROBE_TEXTS = ["", "zdm", "Zoë Ångström – 李小龍 ✓", "tab\there\nnew line \\ backslash", "x" * 5000]
+
+
+def choose_row_hash(source: Connection, target: Connection, mode: str = "auto") -> RowHash:
+    """The fast hash when both servers give the same hashes for the same text; md5 otherwise.
+
+    hashtextextended hashes the server encoding's bytes and its result may depend on the
+    platform, so it is used only when the encodings match and the probe texts hash the same.
+    """
+    if mode == "md5":
+        return RowHash.MD5
+    if min(server_version_num(source), server_version_num(target)) < 110000:
+        return RowHash.MD5
+    encodings = {fetch_value(conn, "SHOW server_encoding") for conn in (source, target)}
+    if len(encodings) != 1:
+        return RowHash.MD5
+    query = 'SELECT hashtextextended(x COLLATE "C", 0) FROM unnest(%s::text[]) WITH ORDINALITY AS u(x, n) ORDER BY n'
+    hashes = [fetch_all(conn, query, (PROBE_TEXTS,)) for conn in (source, target)]
+    return RowHash.FAST if hashes[0] == hashes[1] else RowHash.MD5
+
+
+def replication_of(
+    target: Connection, subscription: str, *, slot: str | None, settings: Validation
+) -> Replication | None:
+    """Re-check settings when `subscription` exists and is enabled on the target; None otherwise."""
+    row = fetch_one(
+        target,
+        "SELECT s.subenabled FROM pg_subscription s WHERE s.subname = %s"
+        " AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (subscription,),
+    )
+    if row is None or not row[0]:
+        return None
+    return Replication(
+        subscription=subscription,
+        slot=slot,
+        timeout_seconds=settings.recheck_timeout_seconds,
+        attempts=settings.recheck_attempts,
+    )
+
+
+def plan_validation(
+    pair: SessionPair,
+    tables: Sequence[TableName],
+    settings: Validation,
+    *,
+    replication: Replication | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ValidationPlan:
+    """Every selected table's spec and chunks. Reads the catalog on both sides and samples keys on the source."""
+    started = clock()
+    source, target = pair.source, pair.target
+    source_infos = describe_tables(source, tables)
+    target_infos = describe_tables(target, tables)
+    row_hash = choose_row_hash(source, target, settings.row_hash)
+    specs = []
+    chunks = []
+    slice_rows = effective_slice_rows(settings)
+    for name in tables_to_compare(tables, source_infos):
+        src, tgt = source_infos.get(name), target_infos.get(name)
+        estimated = estimate_rows(source, src) if src is not None else 0
+        spec = table_spec(name, src, tgt, row_hash, estimated)
+        specs.append(spec)
+        if not spec.comparable or src is None:
+            continue
+        boundaries = (
+            []
+            if spec.multiset
+            else key_boundaries(
+                source,
+                src,
+                chunk_count(estimated, slice_rows),
+                estimated=estimated,
+                samples_per_part=SAMPLES_PER_SLICE,
+                max_samples=MAX_SAMPLES,
+            )
+        )
+        chunks += chunk_specs(spec, boundaries, settings, replication)
+    return ValidationPlan(started_at=started, first_keys=settings.report_first_keys, tables=specs, chunks=chunks)

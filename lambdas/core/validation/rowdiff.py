@@ -1,0 +1,226 @@
+"""Diffing without a database: (key, hash) lines, rows by primary key naming columns, multisets, re-checks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from lambdas.core.validation.model import Key
+
+_COPY_ESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r", "b": "\b", "f": "\f", "v": "\v"}
+
+
+def unescape_copy(text: str) -> str:
+    """A value from COPY's text format (backslash escapes for backslash and control characters)."""
+    if "\\" not in text:
+        return text
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            out.append(_COPY_ESCAPES.get(text[i + 1], text[i + 1]))
+            i += 2
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def parse_hash_line(line: bytes, key_columns: int) -> tuple[Key, str]:
+    """One UTF-8 line `key1<TAB>...<TAB>hash` as (key, hash). Tabs inside key values are escaped, so split is safe."""
+    parts = line.decode("utf-8").split("\t")
+    if len(parts) != key_columns + 1:
+        raise ValueError(f"expected {key_columns} key column(s) and a hash, got {len(parts)} field(s)")
+    return tuple(unescape_copy(p) for p in parts[:key_columns]), parts[key_columns]
+
+
+@dataclass
+class HashDiff:
+    missing: list[Key] = field(default_factory=list)  # key only on the source
+    extra: list[Key] = field(default_factory=list)  # key only on the target
+    changed: list[Key] = field(default_factory=list)  # both, different hashes
+
+    @property
+    def keys(self) -> list[Key]:
+        return [*self.missing, *self.extra, *self.changed]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.extra or self.changed)
+
+
+def diff_hash_lines(source: bytes, target: bytes, key_columns: int) -> HashDiff:
+    """Compare two sides' newline-separated (key..., hash) lines: which keys are missing, extra or changed.
+
+    Equal texts (the same rows in the same order) cost one comparison; otherwise the lines are
+    compared as sets of bytes (C speed, nothing decoded) and only the differing lines are parsed.
+    """
+    if source == target:
+        return HashDiff()
+    source_lines = set(source.split(b"\n"))
+    differing = source_lines.symmetric_difference(target.split(b"\n"))  # lines on exactly one side
+    differing.discard(b"")
+    only_source: dict[Key, str] = {}
+    only_target: dict[Key, str] = {}
+    for line in differing:
+        key, digest = parse_hash_line(line, key_columns)
+        (only_source if line in source_lines else only_target)[key] = digest
+    diff = HashDiff()
+    for key in only_source:
+        (diff.changed if key in only_target else diff.missing).append(key)
+    diff.extra = [key for key in only_target if key not in only_source]
+    return diff
+
+
+# -- rows by primary key ---------------------------------------------------------------------
+
+
+class Kind(StrEnum):
+    MISSING = "missing"  # on the source, not on the target
+    EXTRA = "extra"  # on the target, not on the source
+    CHANGED = "changed"  # on both, some column's text form differs
+
+
+@dataclass(frozen=True)
+class RowImage:
+    """A row as one side has it: each compared column's text form (None for NULL), or absent."""
+
+    values: tuple[str | None, ...] | None
+    version: str | None = None  # the source row's xmin: a new one with every update or re-insert
+
+    @property
+    def present(self) -> bool:
+        return self.values is not None
+
+
+ABSENT = RowImage(None)
+
+
+@dataclass(frozen=True)
+class RowDifference:
+    key: Key
+    kind: Kind
+    columns: tuple[str, ...] = ()
+
+
+def diff_row(key: Key, columns: Sequence[str], source: RowImage, target: RowImage) -> RowDifference | None:
+    """How the target's row differs from the source's, naming the columns; None when they are equal.
+
+    NULL and the empty string differ (None vs ''), as they do in the database.
+    """
+    if source.values is None and target.values is None:
+        return None
+    if target.values is None:
+        return RowDifference(key, Kind.MISSING)
+    if source.values is None:
+        return RowDifference(key, Kind.EXTRA)
+    differing = tuple(name for name, a, b in zip(columns, source.values, target.values, strict=True) if a != b)
+    return RowDifference(key, Kind.CHANGED, differing) if differing else None
+
+
+@dataclass
+class Recheck:
+    resolved: list[Key] = field(default_factory=list)  # equal now: the difference was in flight
+    persistent: list[RowDifference] = field(default_factory=list)
+    retry: list[Key] = field(default_factory=list)  # not decided yet: re-check again
+    extra_seen: dict[Key, str | None] = field(default_factory=dict)  # extra rows to confirm: target version
+
+
+def settle(
+    keys: Sequence[Key],
+    columns: Sequence[str],
+    first: Mapping[Key, RowImage],
+    target: Mapping[Key, RowImage],
+    second: Mapping[Key, RowImage],
+    extra_seen: Mapping[Key, str | None] | None = None,
+) -> Recheck:
+    """Classify differences re-read while replication runs.
+
+    `first` is the source read before noting the source's WAL position, `target` the target read
+    once it had applied past that position, `second` the source read after that.
+
+    - Equal in `first` and `target`: the difference was in flight (resolved).
+    - The source row kept one version (xmin) from `first` to `second`: the target had applied
+      every change up to that version and there was no later one, so a row missing or changed
+      on the target differs for good.
+    - A row only the target has cannot show a version on the source; an insert and a delete on
+      the source between the reads could hide behind two absences. It is persistent once seen
+      extra in two re-checks in a row with the same target version (a replicated re-insert would
+      have given the target row a new one); the first sighting goes to `extra_seen`.
+    - Otherwise the source row changed meanwhile: re-check again.
+    """
+    seen = extra_seen or {}
+    outcome = Recheck()
+    for key in keys:
+        before, after = first.get(key, ABSENT), second.get(key, ABSENT)
+        now = target.get(key, ABSENT)
+        difference = diff_row(key, columns, before, now)
+        stable = before.present == after.present and before.version == after.version and before.values == after.values
+        if difference is None:
+            outcome.resolved.append(key)
+        elif not stable:
+            outcome.retry.append(key)
+        elif difference.kind is not Kind.EXTRA or (key in seen and seen[key] == now.version):
+            outcome.persistent.append(difference)
+        else:
+            outcome.retry.append(key)
+            outcome.extra_seen[key] = now.version
+    return outcome
+
+
+# -- multisets (tables without a primary key) ------------------------------------------------
+
+
+@dataclass
+class MultisetDiff:
+    missing: dict[str, int] = field(default_factory=dict)  # row text -> copies on the source only
+    extra: dict[str, int] = field(default_factory=dict)  # row text -> copies on the target only
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.extra)
+
+
+def multiset_diff(source: Mapping[str, int], target: Mapping[str, int]) -> MultisetDiff:
+    """Rows (by whole text form) with more copies on one side than on the other."""
+    diff = MultisetDiff()
+    src, tgt = Counter(source), Counter(target)
+    diff.missing = dict(sorted((src - tgt).items()))
+    diff.extra = dict(sorted((tgt - src).items()))
+    return diff
+
+
+def settle_multiset(
+    rows: Sequence[str],
+    first: Mapping[str, int],
+    target: Mapping[str, int],
+    second: Mapping[str, int],
+    seen: Mapping[str, int] | None = None,
+) -> tuple[list[str], MultisetDiff, list[str], dict[str, int]]:
+    """The multiset form of `settle`, with copies of each row instead of a row version.
+
+    Copies carry no version, so a difference (target copies minus source copies, with the source
+    stable across its two reads) is persistent only when the previous re-check saw the same one.
+    Returns (resolved, persistent, retry, seen-for-the-next-re-check).
+    """
+    previous = seen or {}
+    resolved: list[str] = []
+    retry: list[str] = []
+    now_seen: dict[str, int] = {}
+    persistent = MultisetDiff()
+    for row in rows:
+        before, now, after = first.get(row, 0), target.get(row, 0), second.get(row, 0)
+        delta = now - before
+        if delta == 0:
+            resolved.append(row)
+        elif before == after and previous.get(row) == delta:
+            if delta < 0:
+                persistent.missing[row] = -delta
+            else:
+                persistent.extra[row] = delta
+        else:
+            retry.append(row)
+            if before == after:
+                now_seen[row] = delta
+    return resolved, persistent, retry, now_seen

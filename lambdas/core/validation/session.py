@@ -1,0 +1,96 @@
+"""A source and a target session that run the same statement at the same time.
+
+Both sessions pin the settings that change a row's text form (`textform.pin_text_form`) and are
+read-only. `both(fn)` runs `fn(source)` on a helper thread while `fn(target)` runs on the caller's
+(psycopg2 releases the GIL while a statement runs), so a range is read on both servers at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import psycopg2.extensions
+from psycopg2 import sql
+
+from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_one
+from lambdas.core.textform import pin_text_form
+
+T = TypeVar("T")
+
+APPLICATION_NAME = "zdm-validate"
+
+
+def prepare_session(conn: Connection) -> None:
+    """Pinned text form and read-only transactions: the validator never writes."""
+    pin_text_form(conn)
+    execute(conn, "SET default_transaction_read_only = on")
+
+
+class SessionPair:
+    """One connection to each side; closing the pair closes both."""
+
+    def __init__(self, source: Connection, target: Connection) -> None:
+        self.source = source
+        self.target = target
+        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdm-validate-source")
+
+    @classmethod
+    def open(cls, source_dsn: str, target_dsn: str, *, connector: Callable[..., Connection] = connect) -> SessionPair:
+        source = connector(source_dsn, application_name=APPLICATION_NAME)
+        try:
+            target = connector(target_dsn, application_name=APPLICATION_NAME)
+        except BaseException:
+            source.close()
+            raise
+        pair = cls(source, target)
+        try:
+            pair.both(prepare_session)
+        except BaseException:
+            pair.close()
+            raise
+        return pair
+
+    def both(self, fn: Callable[[Connection], T]) -> tuple[T, T]:
+        """(fn(source), fn(target)), run at the same time; the first error is raised after both ended."""
+        future = self._helper.submit(fn, self.source)
+        try:
+            on_target = fn(self.target)
+        except BaseException:
+            future.exception()  # wait: never leave the source statement running behind our back
+            raise
+        return future.result(), on_target
+
+    def close(self) -> None:
+        self._helper.shutdown(wait=True)
+        for conn in (self.source, self.target):
+            if not conn.closed:
+                conn.close()
+
+    def __enter__(self) -> SessionPair:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def run_query(query: sql.Composable, params: Sequence[Any]) -> Callable[[Connection], list[tuple[Any, ...]]]:
+    return lambda conn: fetch_all(conn, query, params)
+
+
+def run_one(query: sql.Composable, params: Sequence[Any]) -> Callable[[Connection], tuple[Any, ...] | None]:
+    return lambda conn: fetch_one(conn, query, params)
+
+
+def run_one_raw(query: sql.Composable, params: Sequence[Any]) -> Callable[[Connection], tuple[Any, ...] | None]:
+    """Like `run_one`, with text values left as the UTF-8 bytes the server sent (no decoding:
+    large line lists are split and compared as bytes, and only differing lines are decoded)."""
+
+    def run(conn: Connection) -> tuple[Any, ...] | None:
+        with conn.cursor() as cur:
+            psycopg2.extensions.register_type(psycopg2.extensions.BYTES, cur)
+            cur.execute(query, params)
+            return cur.fetchone()
+
+    return run

@@ -1,0 +1,232 @@
+"""Validation planning, the pure parts: what both sides share, how a key space is cut, JSON round trips."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from lambdas.core.catalog import Column, TableInfo
+from lambdas.core.config import Validation
+from lambdas.core.ranges import KeyRange
+from lambdas.core.tables import TableName
+from lambdas.core.validation.model import (
+    ChunkResult,
+    ChunkSpec,
+    RangeSpec,
+    Replication,
+    RowHash,
+    TableSpec,
+    ValidationPlan,
+)
+from lambdas.core.validation.plan import chunk_specs, group_slices, slices_per_chunk, table_spec, tables_to_compare
+
+ORDERS = TableName("public", "orders")
+
+
+def info(
+    name: TableName = ORDERS,
+    *,
+    key: tuple[str, ...] = ("id",),
+    key_types: tuple[str, ...] = ("bigint",),
+    columns: tuple[tuple[str, str], ...] = (("id", "bigint"), ("status", "text"), ("total", "numeric(14,2)")),
+    parent: TableName | None = None,
+) -> TableInfo:
+    return TableInfo(
+        name=name,
+        oid=1,
+        relkind="r",
+        persistence="p",
+        replica_identity="d",
+        primary_key=key,
+        replica_identity_index=None,
+        columns=tuple(Column(n, t, n in key) for n, t in columns),
+        estimated_rows=1000,
+        size_bytes=8192,
+        partition_parent=parent,
+        key_types=key_types,
+    )
+
+
+# --- table specs ------------------------------------------------------------------------------
+
+
+def test_identical_tables_compare_every_column_in_the_source_order() -> None:
+    # Given the same table on both sides
+    source, target = info(), info()
+    # When its spec is built
+    spec = table_spec(ORDERS, source, target, RowHash.FAST, 1000)
+    # Then every column is compared, in order, with the key and no problem
+    assert spec.comparable and not spec.problems
+    assert spec.column_names == ["id", "status", "total"]
+    assert (spec.key, spec.key_types, spec.row_hash) == (["id"], ["bigint"], RowHash.FAST)
+
+
+def test_column_order_on_the_target_does_not_matter() -> None:
+    # Given the target created its columns in another order
+    target = info(columns=(("total", "numeric(14,2)"), ("id", "bigint"), ("status", "text")))
+    # When the spec is built / Then the source's order is used and nothing is reported
+    spec = table_spec(ORDERS, info(), target, RowHash.FAST)
+    assert spec.column_names == ["id", "status", "total"] and not spec.problems
+
+
+def test_columns_on_one_side_only_are_problems_and_the_rest_is_still_compared() -> None:
+    # Given the source has 'note' the target lacks, and the target has 'flag' the source lacks
+    source = info(columns=(("id", "bigint"), ("status", "text"), ("note", "text")))
+    target = info(columns=(("id", "bigint"), ("status", "text"), ("flag", "boolean")))
+    # When the spec is built
+    spec = table_spec(ORDERS, source, target, RowHash.MD5)
+    # Then both are named and the shared columns are compared
+    assert spec.comparable
+    assert spec.column_names == ["id", "status"]
+    assert spec.problems == [
+        "columns only on the source (not compared, their data is not on the target): ['note']",
+        "columns only on the target (not compared): ['flag']",
+    ]
+
+
+def test_a_column_type_difference_is_reported_but_compared_by_text_form() -> None:
+    source = info()
+    target = info(columns=(("id", "bigint"), ("status", "text"), ("total", "numeric")))
+    spec = table_spec(ORDERS, source, target, RowHash.FAST)
+    assert spec.column_names == ["id", "status", "total"]
+    assert spec.problems == [
+        "column total is numeric(14,2) on the source, numeric on the target (compared by text form)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "problem"),
+    [
+        (info(), None, "missing on the target"),
+        (None, info(), "not found on the source"),
+        (
+            info(),
+            info(key=("id", "status"), key_types=("bigint", "text")),
+            "primary keys differ: source (id), target (id, status); make the target's key match the source's",
+        ),
+        (
+            info(),
+            info(key_types=("integer",)),
+            "key column types differ: source (bigint), target (integer)",
+        ),
+        (
+            info(),
+            info(key=(), key_types=()),
+            "primary keys differ: source (id), target none; make the target's key match the source's",
+        ),
+    ],
+)
+def test_tables_that_cannot_be_compared_row_by_row(
+    source: TableInfo | None, target: TableInfo | None, problem: str
+) -> None:
+    # Given a table missing on one side or keyed differently / When its spec is built
+    spec = table_spec(ORDERS, source, target, RowHash.FAST)
+    # Then it is not compared and the reason is given
+    assert not spec.comparable
+    assert spec.problems == [problem]
+    assert chunk_specs(spec, [], Validation()) == []
+
+
+def test_a_table_without_primary_key_is_a_multiset_in_one_chunk() -> None:
+    # Given a keyless table on both sides
+    keyless = info(key=(), key_types=())
+    spec = table_spec(ORDERS, keyless, keyless, RowHash.FAST)
+    # When it is planned
+    chunks = chunk_specs(spec, [("5",)], Validation())
+    # Then it is one chunk over everything, compared as a multiset
+    assert spec.multiset and spec.comparable
+    assert len(chunks) == 1 and chunks[0].slice_ranges() == [KeyRange(None, None)]
+
+
+def test_partitions_of_a_selected_root_are_left_to_the_root() -> None:
+    # Given a partitioned root, one of its partitions and an unrelated table, all selected
+    root, leaf, other = TableName("public", "m"), TableName("public", "m_2024"), TableName("public", "x")
+    infos = {root: info(root), leaf: info(leaf, parent=root), other: info(other)}
+    # When the tables to compare are chosen / Then the partition is read through its root only
+    assert tables_to_compare([leaf, other, root], infos) == [root, other]
+    # And a partition selected without its root is compared itself
+    assert tables_to_compare([leaf], infos) == [leaf]
+
+
+# --- cutting the key space ------------------------------------------------------------------
+
+
+def test_slices_are_grouped_into_chunks_that_cover_the_whole_key_space() -> None:
+    # Given 9 boundaries (10 slices) and 4 slices per chunk
+    bounds = [(str(b),) for b in range(10, 100, 10)]
+    # When grouped
+    groups = group_slices(bounds, 4)
+    # Then 3 chunks: the first starts and the last ends unbounded; each carries its inner boundaries
+    assert [g[0] for g in groups] == [
+        KeyRange(None, ("40",)),
+        KeyRange(("40",), ("80",)),
+        KeyRange(("80",), None),
+    ]
+    assert [g[1] for g in groups] == [[("10",), ("20",), ("30",)], [("50",), ("60",), ("70",)], [("90",)]]
+
+
+def test_no_boundaries_is_one_chunk_of_one_slice() -> None:
+    assert group_slices([], 10) == [(KeyRange(None, None), [])]
+
+
+def test_slices_per_chunk_follow_the_settings_and_never_exceed_the_chunk() -> None:
+    assert slices_per_chunk(Validation(chunk_rows=100_000, slice_rows=10_000)) == 10
+    assert slices_per_chunk(Validation(chunk_rows=1_000, slice_rows=10_000)) == 1  # a slice is at most a chunk
+
+
+def test_chunk_slices_reassemble_the_chunk_range() -> None:
+    # Given a chunk planned from boundaries
+    spec = table_spec(ORDERS, info(), info(), RowHash.FAST)
+    chunks = chunk_specs(spec, [(str(b),) for b in range(1, 8)], Validation(chunk_rows=400, slice_rows=100))
+    # When each chunk's slices are listed
+    for chunk in chunks:
+        slices = chunk.slice_ranges()
+        # Then they run from the chunk's lower to its upper bound, each starting where the last ended
+        assert slices[0].lower == chunk.range.key_range().lower
+        assert slices[-1].upper == chunk.range.key_range().upper
+        assert all(a.upper == b.lower for a, b in itertools.pairwise(slices))
+    assert [len(c.slice_ranges()) for c in chunks] == [4, 4]
+    assert (chunks[0].number, chunks[1].number, chunks[0].chunks) == (0, 1, 2)
+
+
+# --- JSON, as Step Functions carries it --------------------------------------------------------
+
+
+def test_plan_chunk_and_result_survive_a_json_round_trip() -> None:
+    # Given a plan with a live-replication chunk whose keys are composite text
+    spec = TableSpec(
+        schema_name="sales",
+        name="Line Items",
+        key=["order_id", "sku"],
+        key_types=["bigint", "text"],
+        columns=[],
+        row_hash=RowHash.MD5,
+    )
+    chunk = ChunkSpec(
+        table=spec,
+        number=3,
+        chunks=9,
+        range=RangeSpec.of(KeyRange(("10", "a\tb"), None)),
+        slices=[["12", "é"]],
+        replication=Replication(subscription="zdm_x", slot="zdm_x"),
+    )
+    plan = ValidationPlan(started_at=1.5, tables=[spec], chunks=[chunk])
+    result = ChunkResult(table="sales.Line Items", chunk=3, chunks=9, first_lsn="0/16B3748")
+
+    # When each goes through JSON text and back
+    def through_json(model: ValidationPlan | ChunkSpec | ChunkResult) -> object:
+        return json.loads(json.dumps(model.model_dump(mode="json")))
+
+    plan_again = ValidationPlan.model_validate(through_json(plan))
+    chunk_again = ChunkSpec.model_validate(through_json(chunk))
+    result_again = ChunkResult.model_validate(through_json(result))
+    # Then nothing is lost
+    assert (plan_again, chunk_again, result_again) == (plan, chunk, result)
+    assert chunk_again.slice_ranges() == [KeyRange(("10", "a\tb"), ("12", "é")), KeyRange(("12", "é"), None)]
+
+
+def test_unknown_fields_in_a_chunk_are_refused() -> None:
+    with pytest.raises(ValueError, match="extra"):
+        ChunkSpec.model_validate({"table": {"schema_name": "a", "name": "b"}, "number": 0, "chunks": 1, "bogus": 1})

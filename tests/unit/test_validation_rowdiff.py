@@ -1,0 +1,170 @@
+"""Row diffing without a database: (key, hash) lines, rows by key naming columns, multisets, re-checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from lambdas.core.validation.model import Key
+from lambdas.core.validation.rowdiff import (
+    ABSENT,
+    Kind,
+    RowDifference,
+    RowImage,
+    diff_hash_lines,
+    diff_row,
+    multiset_diff,
+    parse_hash_line,
+    settle,
+    settle_multiset,
+    unescape_copy,
+)
+
+COLUMNS = ["id", "name", "note"]
+
+
+def row(*values: str | None, version: str | None = None) -> RowImage:
+    return RowImage(tuple(values), version)
+
+
+# --- (key, hash) lines ------------------------------------------------------------------------
+
+
+def test_escaped_key_text_is_restored() -> None:
+    # Given key text escaped as COPY does (backslash, tab, newline, carriage return)
+    assert unescape_copy(r"a\tb\nc\\d\re") == "a\tb\nc\\d\re"
+    assert unescape_copy("plain é") == "plain é"
+
+
+def test_a_line_splits_into_key_and_hash() -> None:
+    assert parse_hash_line(b"42\tx\\ty\t-9001", 2) == (("42", "x\ty"), "-9001")
+    with pytest.raises(ValueError, match="expected 1 key column"):
+        parse_hash_line(b"1\t2\t3", 1)
+
+
+def test_equal_lines_give_no_difference() -> None:
+    text = b"1\t10\n2\t20\n3\t30"
+    assert not diff_hash_lines(text, text, 1)
+
+
+def test_lines_in_another_order_are_still_equal() -> None:
+    assert not diff_hash_lines(b"1\t10\n2\t20", b"2\t20\n1\t10", 1)
+
+
+def test_missing_extra_and_changed_keys_are_told_apart() -> None:
+    # Given the target lost key 2, gained key 4 and changed key 3
+    source = b"1\t10\n2\t20\n3\t30"
+    target = b"1\t10\n3\t31\n4\t40"
+    # When the lines are diffed
+    diff = diff_hash_lines(source, target, 1)
+    # Then each key lands in its kind
+    assert (diff.missing, diff.extra, diff.changed) == ([("2",)], [("4",)], [("3",)])
+    assert sorted(diff.keys) == [("2",), ("3",), ("4",)]
+
+
+def test_non_ascii_keys_are_decoded_only_where_lines_differ() -> None:
+    source = "Zoë\t1\n李\t2".encode()
+    target = "Zoë\t1\n李\t3".encode()
+    assert diff_hash_lines(source, target, 1).changed == [("李",)]
+
+
+def test_empty_sides() -> None:
+    diff = diff_hash_lines(b"", b"7\t1", 1)
+    assert (diff.missing, diff.extra, diff.changed) == ([], [("7",)], [])
+
+
+# --- rows by primary key --------------------------------------------------------------------
+
+
+def test_a_changed_row_names_exactly_the_differing_columns() -> None:
+    difference = diff_row(("1",), COLUMNS, row("1", "Zoë", "a"), row("1", "Zoe", "a"))
+    assert difference == RowDifference(("1",), Kind.CHANGED, ("name",))
+
+
+def test_null_and_empty_string_differ() -> None:
+    assert diff_row(("1",), COLUMNS, row("1", "x", None), row("1", "x", "")) == RowDifference(
+        ("1",), Kind.CHANGED, ("note",)
+    )
+
+
+def test_missing_extra_and_equal_rows() -> None:
+    assert diff_row(("1",), COLUMNS, row("1", "a", None), ABSENT) == RowDifference(("1",), Kind.MISSING)
+    assert diff_row(("1",), COLUMNS, ABSENT, row("1", "a", None)) == RowDifference(("1",), Kind.EXTRA)
+    assert diff_row(("1",), COLUMNS, row("1", "a", None), row("1", "a", None)) is None
+    assert diff_row(("1",), COLUMNS, ABSENT, ABSENT) is None
+
+
+# --- re-checks while replication runs -------------------------------------------------------
+
+
+def test_a_difference_gone_after_the_target_caught_up_was_in_flight() -> None:
+    # Given the source row at version 7 and the target, caught up, holding the same row
+    key = ("1",)
+    outcome = settle([key], COLUMNS, {key: row("1", "new", None, version="7")}, {key: row("1", "new", None)}, {})
+    # Then it is resolved (transient)
+    assert outcome.resolved == [key] and not outcome.persistent and not outcome.retry
+
+
+def test_a_difference_on_a_row_the_source_did_not_touch_is_persistent() -> None:
+    # Given the source row kept version 7 across both reads and the caught-up target differs
+    key: Key = ("1",)
+    first: dict[Key, RowImage] = {key: row("1", "good", None, version="7")}
+    outcome = settle([key], COLUMNS, first, {key: row("1", "tampered", None)}, dict(first))
+    # Then it is persistent, naming the column
+    assert outcome.persistent == [RowDifference(key, Kind.CHANGED, ("name",))]
+
+
+def test_a_row_the_source_changed_meanwhile_is_checked_again() -> None:
+    # Given the source row moved from version 7 to 8 between the reads
+    key = ("1",)
+    outcome = settle(
+        [key],
+        COLUMNS,
+        {key: row("1", "a", None, version="7")},
+        {key: row("1", "b", None)},
+        {key: row("1", "b", None, version="8")},
+    )
+    # Then nothing is decided yet
+    assert outcome.retry == [key] and not outcome.persistent and not outcome.resolved
+
+
+def test_a_row_missing_on_the_target_while_the_source_kept_it_is_persistent() -> None:
+    key: Key = ("5",)
+    first: dict[Key, RowImage] = {key: row("5", "x", None, version="9")}
+    assert settle([key], COLUMNS, first, {}, dict(first)).persistent == [RowDifference(key, Kind.MISSING)]
+
+
+def test_an_extra_row_needs_two_sightings_with_the_same_target_version() -> None:
+    # Given a row only the target has (no source version can prove it stayed absent)
+    key: Key = ("9",)
+    target: dict[Key, RowImage] = {key: row("9", "x", None, version="100")}
+    # When first seen / Then it is kept for confirmation, not reported
+    first = settle([key], COLUMNS, {}, target, {})
+    assert first.retry == [key] and first.extra_seen == {key: "100"} and not first.persistent
+    # When seen again with the same target version / Then it is persistent
+    second = settle([key], COLUMNS, {}, target, {}, first.extra_seen)
+    assert second.persistent == [RowDifference(key, Kind.EXTRA)]
+    # But a target row re-inserted meanwhile (new version) starts over
+    third = settle([key], COLUMNS, {}, {key: row("9", "x", None, version="101")}, {}, first.extra_seen)
+    assert third.retry == [key] and not third.persistent
+
+
+# --- multisets --------------------------------------------------------------------------------
+
+
+def test_multiset_diff_counts_copies() -> None:
+    # Given a row twice on the source and once on the target, and a row only on the target
+    diff = multiset_diff({"(1,a)": 2, "(2,b)": 1}, {"(1,a)": 1, "(2,b)": 1, "(3,c)": 1})
+    assert diff.missing == {"(1,a)": 1}
+    assert diff.extra == {"(3,c)": 1}
+
+
+def test_multiset_recheck_needs_the_same_difference_twice() -> None:
+    rows = ["(1,a)", "(2,b)", "(3,c)"]
+    first = {"(1,a)": 2, "(2,b)": 1, "(3,c)": 1}
+    target = {"(1,a)": 1, "(2,b)": 1, "(3,c)": 2}
+    # When first seen: (2,b) now matches (in flight); the others are held for confirmation
+    resolved, persistent, retry, seen = settle_multiset(rows, first, target, first)
+    assert resolved == ["(2,b)"] and not persistent and retry == ["(1,a)", "(3,c)"]
+    # When seen again the same / Then persistent, with the copies
+    _, persistent, retry, _ = settle_multiset(retry, first, target, first, seen)
+    assert persistent.missing == {"(1,a)": 1} and persistent.extra == {"(3,c)": 1} and not retry
