@@ -11,7 +11,7 @@ APT_PACKAGES := postgresql pgbouncer pgcopydb
 export PYTHONPATH := $(CURDIR)
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 
-.PHONY: setup system-packages test lint unit integration infrastructure e2e rehearse synth bench clean
+.PHONY: setup system-packages test lint unit integration infrastructure e2e rehearse synth bench bench-copy bench-cutover bench-validate clean
 
 setup: system-packages $(VENV)/.installed node_modules/.installed
 
@@ -67,8 +67,17 @@ synth: setup
 	done
 	$(VENV)/bin/cfn-lint cdk.out/*/*.template.json || [ $$? -eq 4 ]
 
-bench: setup
+# Each prints a table with the ratio against the named external tool (JSON with --json).
+bench: bench-copy bench-cutover bench-validate
+
+bench-copy: setup
 	$(PY) -m bench.copy --rows $(or $(BENCH_ROWS),5000000)
+
+bench-cutover: setup
+	$(PY) -m bench.cutover --clients $(or $(CLIENTS),16) --seconds $(or $(BENCH_SECONDS),10)
+
+bench-validate: setup
+	$(PY) -m bench.validate --rows $(or $(BENCH_ROWS),10000000)
 
 clean:
 	rm -rf cdk.out out .pytest_cache .mypy_cache .ruff_cache
