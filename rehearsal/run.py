@@ -11,6 +11,7 @@ the two databases are compared row for row, and summary.json plus report.html ar
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import json
 import threading
@@ -94,6 +95,9 @@ class PhaseTracker:
     def event(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         t = self.timeline.now()
+        stamp = event.get("timestamp")
+        if isinstance(stamp, datetime.datetime):  # when it happened, not when the poll saw it
+            t -= max(0.0, (datetime.datetime.now(stamp.tzinfo) - stamp).total_seconds())
         details = event.get("stateEnteredEventDetails") or {}
         if kind.endswith("StateEntered") and details.get("name") in PHASE_OF:
             phase = PHASE_OF[details["name"]]
