@@ -73,3 +73,18 @@ def test_injected_fault_ends_in_a_clean_rollback_with_nothing_lost(tmp_path: Pat
     assert summary["failed_transactions"] == 0
     assert "rollback" in summary["phase_seconds"]
     assert "rolled back" in (tmp_path / "report.html").read_text()
+
+
+def test_bad_migration_file_stops_before_anything_starts_with_the_field_and_fix(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: shop\nsource: {dsn: 'host=x'}\ntarget: {dsn: 'host=y'}\nread_shift: {steps: [10, 50]}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rehearsal", "--rows", "20000", "--out", str(tmp_path / "out"), "--migration", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "read_shift.steps: the last step must be 100" in proc.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()
