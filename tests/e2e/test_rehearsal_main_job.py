@@ -6,6 +6,7 @@ Each run is the command a user types; the assertions read the summary.json it wr
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,8 @@ def test_happy_path_migrates_with_no_failed_transaction_no_lost_row_and_no_diffe
     ("fault", "reason"),
     [
         ("gate", "HealthGateTripped"),
-        ("kill-target", "DatabaseUnreachable"),
+        # killed mid-copy the copy fails; killed between tasks the next connection does
+        ("kill-target", "CopyFailed|DatabaseUnreachable"),
         ("cutover", "fault injected: cutover failed right after the fence"),
     ],
 )
@@ -67,7 +69,7 @@ def test_injected_fault_ends_in_a_clean_rollback_with_nothing_lost(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary["fault"] == fault and summary["fault_injected"] is True
     assert summary["outcome"] == "rolled_back"
-    assert summary["error"] == "RolledBack" and reason in summary["cause"]
+    assert summary["error"] == "RolledBack" and re.search(reason, summary["cause"])
     assert summary["writer_on"] == "source"
     assert summary["rows_lost"] == 0
     assert summary["failed_transactions"] == 0
