@@ -31,7 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rehearsal.servers import DEFAULT_ROOT, SUPERUSER, PostgresServer, RunAs, ServerError, _owner_alive, free_port
+from rehearsal import ownership
+from rehearsal.servers import DEFAULT_ROOT, SUPERUSER, PostgresServer, RunAs, ServerError, free_port
 
 PGBOUNCER_ROOT = DEFAULT_ROOT / "pgbouncer"
 BACKEND_SOCKET_PORT = 5432  # the port number every linked backend socket appears under
@@ -176,26 +177,7 @@ def _stop_and_remove(directory: Path, pid: int | None = None) -> None:
 
 def reap_orphans(root: Path = PGBOUNCER_ROOT) -> list[Path]:
     """Stop and remove pgbouncers whose owning process no longer exists."""
-    reaped: list[Path] = []
-    if not root.is_dir():
-        return reaped
-    for directory in root.iterdir():
-        if (directory / "owner.pid").is_file() and not _owner_alive(directory):
-            _stop_and_remove(directory)
-            reaped.append(directory)
-    return reaped
-
-
-def _spawn_guardian(owner_pid: int, directory: Path) -> int:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rehearsal.pgbouncer", "--guard", str(owner_pid), str(directory)],
-        cwd=str(Path(__file__).resolve().parent.parent),
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return proc.pid
+    return ownership.reap_orphans(root, _stop_and_remove)
 
 
 def _accepting(port: int) -> bool:
@@ -225,7 +207,7 @@ def start_pgbouncer(
     owner = owner_pid or os.getpid()
     (directory / "owner.pid").write_text(str(owner))
     run_as.chown(directory)
-    guardian_pid = _spawn_guardian(owner, directory) if guardian else None
+    guardian_pid = ownership.spawn_guardian("rehearsal.pgbouncer", owner, directory) if guardian else None
     try:
         resolved = {
             alias: _link_backend(directory, run_as, value) if isinstance(value, LocalBackend) else value
@@ -284,22 +266,5 @@ def start_pgbouncer(
         raise
 
 
-def _guard(owner_pid: int, directory: Path) -> None:
-    def _finish(*_: object) -> None:
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, _finish)
-    while directory.exists():
-        try:
-            os.kill(owner_pid, 0)
-        except ProcessLookupError:
-            _stop_and_remove(directory)
-            return
-        except PermissionError:
-            pass
-        time.sleep(0.5)
-
-
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--guard":
-        _guard(int(sys.argv[2]), Path(sys.argv[3]))
+    ownership.guard_main(sys.argv, _stop_and_remove)

@@ -18,10 +18,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rehearsal import ownership
 
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "zdm-servers"
 UNPRIVILEGED_USER = "postgres"
@@ -210,48 +211,17 @@ def _stop_and_remove(bindir: Path, directory: Path, run_as: RunAs) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _owner_alive(directory: Path) -> bool:
-    try:
-        pid = int((directory / "owner.pid").read_text())
-    except (OSError, ValueError):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _cleanup(directory: Path) -> None:
+    bindir_file = directory / "bindir"
+    if bindir_file.exists():
+        _stop_and_remove(Path(bindir_file.read_text()), directory, RunAs.for_current_user())
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def reap_orphans(root: Path = DEFAULT_ROOT) -> list[Path]:
     """Stop and remove servers whose owning process no longer exists."""
-    reaped: list[Path] = []
-    if not root.is_dir():
-        return reaped
-    for directory in root.iterdir():
-        # Only server folders (they carry owner.pid); anything else here is not ours to remove.
-        if (directory / "owner.pid").is_file() and not _owner_alive(directory):
-            bindir_file = directory / "bindir"
-            if bindir_file.exists():
-                _stop_and_remove(Path(bindir_file.read_text()), directory, RunAs.for_current_user())
-            else:
-                shutil.rmtree(directory, ignore_errors=True)
-            reaped.append(directory)
-    return reaped
-
-
-def _spawn_guardian(owner_pid: int, directory: Path) -> int:
-    """A detached process that cleans up `directory` once `owner_pid` has exited."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rehearsal.servers", "--guard", str(owner_pid), str(directory)],
-        cwd=str(Path(__file__).resolve().parent.parent),
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return proc.pid
+    return ownership.reap_orphans(root, _cleanup)
 
 
 def start_server(
@@ -282,7 +252,7 @@ def start_server(
     sockdir = directory / "sock"
     sockdir.mkdir()
     run_as.chown(sockdir)
-    guardian_pid = _spawn_guardian(owner, directory) if guardian else None
+    guardian_pid = ownership.spawn_guardian("rehearsal.servers", owner, directory) if guardian else None
     try:
         init = run_as.run(
             [
@@ -339,26 +309,5 @@ def running_servers(names: list[str], **kwargs: object) -> Iterator[list[Postgre
             s.stop()
 
 
-def _guard(owner_pid: int, directory: Path) -> None:
-    def _finish(*_: object) -> None:
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, _finish)
-    while directory.exists():
-        try:
-            os.kill(owner_pid, 0)
-        except ProcessLookupError:
-            bindir = Path((directory / "bindir").read_text()) if (directory / "bindir").exists() else None
-            if bindir:
-                _stop_and_remove(bindir, directory, RunAs.for_current_user())
-            else:
-                shutil.rmtree(directory, ignore_errors=True)
-            return
-        except PermissionError:
-            pass
-        time.sleep(0.5)
-
-
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--guard":
-        _guard(int(sys.argv[2]), Path(sys.argv[3]))
+    ownership.guard_main(sys.argv, _cleanup)
