@@ -42,10 +42,9 @@ from bench.common import (
     print_table,
     timed,
 )
-from lambdas.core.catalog import describe_tables
 from lambdas.core.config import Cutover, LogicalSettings
 from lambdas.core.cutover import CutoverPlan, CutoverRunner, Hooks, Operation, Step
-from lambdas.core.db import Connection, connect, execute, fetch_value
+from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
 from lambdas.core.lsn import Lsn, wait_for_lsn
 from lambdas.core.routers.base import Side
@@ -53,7 +52,7 @@ from lambdas.core.routers.pgbouncer import PgbouncerBackend, PgbouncerRouter
 from lambdas.core.sequences import sync_sequences
 from lambdas.core.tables import TableName
 from rehearsal import sample
-from rehearsal.compare import TableDiff, compare_databases, compare_table, pin_text_form
+from rehearsal.compare import Snapshot, TableDiff, compare_databases
 from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload, WorkloadStats
@@ -67,32 +66,6 @@ LOGICAL = LogicalSettings(copy_workers=2, copy_chunk_rows=20_000)
 
 
 # -- one instant, both sides -------------------------------------------------------------------
-
-
-@dataclass
-class Snapshot:
-    """Repeatable-read transactions on both databases, opened while clients are held."""
-
-    source: Connection
-    target: Connection
-
-    @classmethod
-    def take(cls, src: str, tgt: str) -> Snapshot:
-        conns = []
-        for dsn in (src, tgt):
-            conn = connect(dsn, autocommit=False, application_name="zdm-bench-snapshot")
-            execute(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            pin_text_form(conn)  # the first statement fixes the snapshot
-            conns.append(conn)
-        return cls(conns[0], conns[1])
-
-    def diffs(self) -> list[TableDiff]:
-        try:
-            infos = describe_tables(self.source, TABLES)
-            return [compare_table(self.source, self.target, t, infos[t].primary_key) for t in TABLES]
-        finally:
-            self.source.close()
-            self.target.close()
 
 
 def lost_rows(diffs: Sequence[TableDiff]) -> int:
@@ -233,7 +206,7 @@ def measure(
     result.p99_latency_s = percentile(latencies, 0.99)
     result.longest_pause_s = largest_gap([start + lat for start, lat in stats.latencies])
     if "switch" in snapshots:
-        diffs = snapshots["switch"].diffs()
+        diffs = snapshots["switch"].diffs(TABLES)
         result.lost_rows = lost_rows(diffs)
         result.rows_compared = sum(d.source_rows for d in diffs)
     log(

@@ -72,21 +72,36 @@ def compare_table(source: Connection, target: Connection, table: TableName, key:
     return diff
 
 
-def compare_databases(source_dsn: str, target_dsn: str, tables: Sequence[TableName]) -> list[TableDiff]:
-    """Row-for-row comparison of `tables`; each side in one repeatable-read snapshot."""
-    from lambdas.core.db import connect
+@dataclass
+class Snapshot:
+    """Both databases as of one instant: repeatable-read transactions opened together
+    (open them while clients are held, and the two sides show the same moment)."""
 
-    source, target = connect(source_dsn, autocommit=False), connect(target_dsn, autocommit=False)
-    try:
-        for conn in (source, target):
+    source: Connection
+    target: Connection
+
+    @classmethod
+    def take(cls, source_dsn: str, target_dsn: str, application_name: str = "zdm-compare") -> Snapshot:
+        from lambdas.core.db import connect
+
+        conns = []
+        for dsn in (source_dsn, target_dsn):
+            conn = connect(dsn, autocommit=False, application_name=application_name)
             execute(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            pin_text_form(conn)
-        infos = describe_tables(source, tables)
-        diffs = []
-        for table in tables:
-            info = infos[table]
-            diffs.append(compare_table(source, target, table, info.primary_key))
-        return diffs
-    finally:
-        source.close()
-        target.close()
+            pin_text_form(conn)  # the first query fixes the snapshot
+            conns.append(conn)
+        return cls(conns[0], conns[1])
+
+    def diffs(self, tables: Sequence[TableName]) -> list[TableDiff]:
+        """Row-for-row comparison of `tables`; closes both sessions."""
+        try:
+            infos = describe_tables(self.source, tables)
+            return [compare_table(self.source, self.target, t, infos[t].primary_key) for t in tables]
+        finally:
+            self.source.close()
+            self.target.close()
+
+
+def compare_databases(source_dsn: str, target_dsn: str, tables: Sequence[TableName]) -> list[TableDiff]:
+    """Row-for-row comparison of `tables`, each side in one repeatable-read snapshot."""
+    return Snapshot.take(source_dsn, target_dsn).diffs(tables)

@@ -19,7 +19,6 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from lambdas.core.catalog import describe_tables
 from lambdas.core.config import Cutover, LogicalSettings
 from lambdas.core.cutover import CutoverPlan, CutoverRunner, Hooks
 from lambdas.core.db import Connection, connect, execute, fetch_value
@@ -28,7 +27,7 @@ from lambdas.core.lsn import Lsn, wait_for_lsn
 from lambdas.core.routers.pgbouncer import PgbouncerBackend, PgbouncerRouter
 from lambdas.core.tables import TableName
 from rehearsal import sample
-from rehearsal.compare import TableDiff, compare_databases, compare_table, pin_text_form
+from rehearsal.compare import TableDiff, compare_databases
 from rehearsal.pgbouncer import LocalBackend, PgbouncerProcess, start_pgbouncer
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import WorkloadStats
@@ -192,32 +191,6 @@ def _rows(conn: Connection, query: str) -> list[tuple[Any, ...]]:
     with conn.cursor() as cur:
         cur.execute(query)
         return list(cur.fetchall())
-
-
-@dataclass
-class Snapshot:
-    """Both databases as of one instant (repeatable-read transactions opened together)."""
-
-    source: Connection
-    target: Connection
-
-    @classmethod
-    def take(cls, src: str, tgt: str) -> Snapshot:
-        conns = []
-        for dsn in (src, tgt):
-            conn = connect(dsn, autocommit=False, application_name="test-snapshot")
-            execute(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            pin_text_form(conn)  # the first query also fixes the snapshot
-            conns.append(conn)
-        return cls(conns[0], conns[1])
-
-    def diffs(self) -> list[TableDiff]:
-        try:
-            infos = describe_tables(self.source, TABLES)
-            return [compare_table(self.source, self.target, t, infos[t].primary_key) for t in TABLES]
-        finally:
-            self.source.close()
-            self.target.close()
 
 
 def assert_no_difference(diffs: list[TableDiff]) -> int:
