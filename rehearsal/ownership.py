@@ -8,10 +8,12 @@ of folder provides the cleanup and runs `python -m <module> --guard <pid> <folde
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,3 +83,20 @@ def guard_main(argv: list[str], cleanup: Cleanup) -> None:
     """`--guard <pid> <folder>` entry for a module's __main__."""
     if len(argv) == 4 and argv[1] == "--guard":
         guard(int(argv[2]), Path(argv[3]), cleanup)
+
+
+def shared_root(root: Path) -> None:
+    """The folder every owned folder lives in: sticky and world-writable, so root and the
+    unprivileged user the servers run as can both create folders there."""
+    root.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(PermissionError):
+        os.chmod(root, 0o1777)  # noqa: S103 - sticky: each user removes only their own
+
+
+def new_folder(root: Path, prefix: str, owner_pid: int | None = None) -> tuple[Path, int]:
+    """A fresh folder under `root` recording its owner (default: this process); returns it and the owner."""
+    shared_root(root)
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    owner = owner_pid or os.getpid()
+    (directory / "owner.pid").write_text(str(owner))
+    return directory, owner

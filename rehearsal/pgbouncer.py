@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -199,13 +198,8 @@ def start_pgbouncer(
     binary = find_pgbouncer()
     run_as = RunAs.for_current_user()
     reap_orphans(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(PermissionError):
-        os.chmod(root.parent, 0o1777)  # noqa: S103 - shared by root and the unprivileged user
-        os.chmod(root, 0o1777)  # noqa: S103
-    directory = Path(tempfile.mkdtemp(prefix="pgbouncer-", dir=root))
-    owner = owner_pid or os.getpid()
-    (directory / "owner.pid").write_text(str(owner))
+    ownership.shared_root(root.parent)
+    directory, owner = ownership.new_folder(root, "pgbouncer-", owner_pid)
     run_as.chown(directory)
     guardian_pid = ownership.spawn_guardian("rehearsal.pgbouncer", owner, directory) if guardian else None
     try:

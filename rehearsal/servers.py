@@ -238,14 +238,10 @@ def start_server(
     bindir = find_pg_bindir()
     run_as = RunAs.for_current_user()
     reap_orphans(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(PermissionError):
-        os.chmod(root, 0o1777)  # noqa: S103 - sticky, shared by root and the unprivileged server user
+    ownership.shared_root(root)
     if port is not None and not port_is_free(port):
         raise ServerError(f"port {port} on 127.0.0.1 is already in use: stop what listens there or choose another port")
-    directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
-    owner = owner_pid or os.getpid()
-    (directory / "owner.pid").write_text(str(owner))
+    directory, owner = ownership.new_folder(root, f"{name}-", owner_pid)
     (directory / "bindir").write_text(str(bindir))
     run_as.chown(directory)
     datadir = directory / "data"
