@@ -79,6 +79,19 @@ def index_exists(dsn: str, name: str) -> bool:
         conn.close()
 
 
+def constraints(dsn: str) -> set[str]:
+    """Primary-key and unique constraints of the sample tables."""
+    conn = connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT conname FROM pg_constraint WHERE contype IN ('p', 'u') AND connamespace = 'public'::regnamespace"
+            )
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
 def slot_exists(src: str) -> bool:
     conn = connect(src)
     try:
@@ -192,6 +205,7 @@ def test_teardown_and_restart_after_a_start_that_died_mid_copy(fresh_dbs: tuple[
     plan = LogicalReplicationPlan(
         ReplicationNames("zdm_test"), TABLES, LogicalSettings(copy_workers=1, copy_chunk_rows=5_000)
     )
+    schema_constraints = constraints(tgt)
     failing = LogicalEngine(src, tgt, plan, on_copy_progress=crash_after_two)
     with pytest.raises(CopyFailed, match="injected crash"):
         failing.start()
@@ -199,6 +213,9 @@ def test_teardown_and_restart_after_a_start_that_died_mid_copy(fresh_dbs: tuple[
     assert failing.status().phase is Phase.COPYING
     # (the secondary index is dropped for the copy, its definition recorded on the target)
     assert not index_exists(tgt, "public.orders_customer_idx")
+    # (so are key constraints no foreign key needs; those a foreign key depends on stay)
+    during = constraints(tgt)
+    assert {"customers_pkey", "orders_pkey", "products_pkey"} <= during < schema_constraints
     # When start is simply called again
     engine = make_engine(src, tgt)
     engine.start()
@@ -206,6 +223,7 @@ def test_teardown_and_restart_after_a_start_that_died_mid_copy(fresh_dbs: tuple[
     caught_up(engine, src, tgt)
     assert_identical(src, tgt)
     assert index_exists(tgt, "public.orders_customer_idx")
+    assert constraints(tgt) == schema_constraints
     # And after another failed start (on an emptied target), teardown leaves nothing of ours behind
     engine.teardown()
     target = connect(tgt)
@@ -219,6 +237,7 @@ def test_teardown_and_restart_after_a_start_that_died_mid_copy(fresh_dbs: tuple[
     assert engine.teardown().removed == []
     assert not slot_exists(src)
     assert index_exists(tgt, "public.orders_customer_idx")
+    assert constraints(tgt) == schema_constraints
     assert engine.status().phase is Phase.NOT_STARTED
 
 
