@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import itertools
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -188,10 +189,40 @@ class DmsSettings(_Model):
         return self
 
 
+class DebeziumSettings(_Model):
+    """Debezium change events through Kafka, applied to the target by an idempotent consumer."""
+
+    topic_prefix: str | None = Field(
+        default=None,
+        description="Debezium's topic.prefix: table topics are <prefix>.<schema>.<table>; none: zdm_<name>",
+    )
+    batch_size: int = Field(default=500, ge=1, le=10_000, description="events applied per target transaction")
+    batch_window_seconds: int = Field(
+        default=1, ge=0, le=300, description="how long the applier gathers a batch before applying it"
+    )
+    heartbeat_interval_ms: int = Field(
+        default=10_000,
+        ge=100,
+        description="how often the connector writes a WAL heartbeat so that an idle source does not pin WAL",
+    )
+    snapshot_fetch_size: int = Field(default=10_240, ge=100, description="rows per fetch in the initial snapshot")
+    max_batch_size: int = Field(default=4096, ge=1, description="Debezium's max.batch.size (events per poll)")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[a-zA-Z0-9_-][a-zA-Z0-9._-]{0,99}$", value):
+            raise ValueError(
+                f"{value!r} is not a usable topic prefix: letters, digits, '.', '_' and '-', at most 100, e.g. 'shop_cdc'"
+            )
+        return value
+
+
 class Engine(_Model):
-    type: Literal["logical", "dms"] = "logical"
+    type: Literal["logical", "dms", "debezium"] = "logical"
     logical: LogicalSettings = Field(default_factory=LogicalSettings)
     dms: DmsSettings = Field(default_factory=DmsSettings)
+    debezium: DebeziumSettings = Field(default_factory=DebeziumSettings)
 
 
 _BACKEND_KEYS = frozenset({"host", "port", "dbname", "user"})
@@ -360,7 +391,18 @@ class Cutover(_Model):
     catch_up_timeout_seconds: float = Field(default=30.0, gt=0)
     sequence_margin: int = Field(default=1000, ge=0)
     post_cutover_bake_seconds: int = Field(default=60, ge=0, description="whole seconds (a Step Functions Wait)")
-    rollback_window_hours: float = Field(default=24.0, ge=0)
+    rollback_window_hours: float = Field(
+        default=24.0,
+        ge=0,
+        le=8760,
+        description="how long reverse replication keeps the source whole for a lossless rollback after the "
+        "cutover; then it is retired (at most a year: a Standard Step Functions execution lasts no longer)",
+    )
+
+    @property
+    def rollback_window_seconds(self) -> int:
+        """The window as a Step Functions Wait takes it: whole seconds, rounded up."""
+        return math.ceil(round(self.rollback_window_hours * 3600, 6))
 
     @model_validator(mode="after")
     def _grace_within_timeout(self) -> Cutover:
@@ -522,11 +564,46 @@ class Streaming(_Model):
         return self
 
 
+class DebeziumOnAws(_Model):
+    """Engine debezium on AWS: the connector on MSK Connect, the applier Lambda and its event sources."""
+
+    connector_mcu_count: Literal[1, 2, 4, 8] = Field(
+        default=1, description="MSK Connect units per worker (1 MCU: 1 vCPU and 4 GiB of memory)"
+    )
+    connector_workers: int = Field(
+        default=1, ge=1, le=10, description="MSK Connect workers (a PostgreSQL connector runs one task)"
+    )
+    config_provider_zip: str | None = Field(
+        default=None,
+        description="the MSK config providers zip (or uber jar) built into the connector plugin, so the "
+        "connector reads the database password from Secrets Manager; path on the deploying machine",
+    )
+    apply_retry_attempts: int = Field(
+        default=3,
+        ge=0,
+        le=10_000,
+        description="retries of a failed applier batch before it goes to the dead-letter queue (which rolls back)",
+    )
+    sqs_endpoint: bool = Field(
+        default=True,
+        description="create an SQS interface endpoint in the VPC (Lambda needs one for the event sources' "
+        "on-failure queue); false when the VPC has one already",
+    )
+
+    @field_validator("config_provider_zip")
+    @classmethod
+    def _archive(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith((".zip", ".jar")):
+            raise ValueError(f"{value!r} is not a .zip or .jar file: give the MSK config providers archive")
+        return value
+
+
 class Aws(_Model):
     """What only an AWS deployment uses (`cdk deploy`); local runs ignore it."""
 
     network: Network = Field(default_factory=Network)
     streaming: Streaming = Field(default_factory=Streaming)
+    debezium: DebeziumOnAws = Field(default_factory=DebeziumOnAws)
     log_retention_days: Literal[
         1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653
     ] = 90
@@ -559,6 +636,11 @@ class Migration(_Model):
     @property
     def slot_name(self) -> str:
         return "zdm_" + self.name.replace("-", "_")
+
+    @property
+    def topic_prefix(self) -> str:
+        """Debezium's topic.prefix (the change stream's topics start with it)."""
+        return self.engine.debezium.topic_prefix or self.slot_name
 
 
 class MigrationFileError(ValueError):

@@ -14,6 +14,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 Connection = psycopg2.extensions.connection
+Cursor = psycopg2.extensions.cursor
 Query = str | sql.Composable
 
 _PASSWORD_RE = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)

@@ -62,6 +62,8 @@ class ReplicationStatus:
     applied_lsn: str | None = None
     slot: SlotHealth | None = None
     problems: list[str] = field(default_factory=list)
+    dead_letters: int | None = None  # change events the engine could not apply (debezium)
+    pending_events: int | None = None  # published, not yet applied (debezium)
 
     @property
     def copy_done(self) -> bool:

@@ -305,7 +305,7 @@ class LogicalEngine(ReplicationEngine):
         names = self.plan.names
         source, target = self._source(), self._target()
         try:
-            slot = _slot_health(source, names.slot)
+            slot = slot_health(source, names.slot)
             source_lsn = Lsn.parse(fetch_value(source, "SELECT pg_current_wal_lsn()::text"))
             sub = _subscription(target, names.subscription)
             copy_state = _copy_state(target, names.slot)
@@ -525,7 +525,7 @@ def _ensure_state_tables(target: Connection) -> None:
     ensure_deferred_table(target, STATE_SCHEMA)
 
 
-def _slot_health(source: Connection, slot: str) -> SlotHealth:
+def slot_health(source: Connection, slot: str) -> SlotHealth:
     row = fetch_one(
         source,
         "SELECT active, wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, safe_wal_size"

@@ -1,0 +1,1 @@
+"""The Debezium change stream: connector settings, event parsing, type conversion, the applier."""

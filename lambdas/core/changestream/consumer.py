@@ -1,0 +1,70 @@
+"""The applier's consume loop over a Kafka consumer (the local stand-in for Lambda's event source mapping).
+
+Partitions are assigned explicitly from the offsets stored on the target, which are the truth
+(lambdas/core/changestream/state.py); Kafka's committed offsets are written after each target
+commit, for monitoring and tooling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+
+from lambdas.core.changestream import state
+from lambdas.core.changestream.applier import ApplyResult, ChangeApplier
+from lambdas.core.changestream.events import StreamRecord
+from lambdas.core.db import Connection
+
+
+def assign_from_target(consumer: Any, target: Connection, topics: Sequence[str], timeout: float = 10.0) -> None:
+    stored = state.stored_offsets(target, topics)
+    metadata = consumer.list_topics(timeout=timeout)
+    assignment = []
+    for topic in topics:
+        described = metadata.topics.get(topic)
+        if described is None or described.error is not None:
+            raise RuntimeError(f"topic {topic!r} does not exist on the broker (the connector creates it at start)")
+        for partition in described.partitions:
+            assignment.append(TopicPartition(topic, partition, stored.get((topic, partition), OFFSET_BEGINNING)))
+    consumer.assign(assignment)
+
+
+def to_records(messages: Sequence[Any]) -> list[StreamRecord]:
+    records = []
+    for message in messages:
+        error = message.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                continue
+            raise KafkaException(error)
+        records.append(
+            StreamRecord(message.topic(), message.partition(), message.offset(), message.key(), message.value())
+        )
+    return records
+
+
+def run(
+    consumer: Any,
+    applier: ChangeApplier,
+    *,
+    batch_size: int,
+    window_seconds: float,
+    should_stop: Callable[[], bool],
+    on_batch: Callable[[ApplyResult], None] | None = None,
+) -> None:
+    """Consume, apply a batch per target transaction, then commit Kafka offsets; until `should_stop`."""
+    while not should_stop():
+        records = to_records(consumer.consume(num_messages=batch_size, timeout=max(window_seconds, 0.05)))
+        if not records:
+            continue
+        result = applier.apply(records)
+        next_offsets: dict[tuple[str, int], int] = {}
+        for rec in records:
+            next_offsets[(rec.topic, rec.partition)] = max(
+                next_offsets.get((rec.topic, rec.partition), 0), rec.offset + 1
+            )
+        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in next_offsets.items()], asynchronous=False)
+        if on_batch is not None:
+            on_batch(result)

@@ -1,0 +1,130 @@
+"""Debezium JSON values back to the text PostgreSQL's input function takes, by target column type.
+
+The applier casts that text to the column's type inside the target (`x.col::type`), so each value
+goes through the same input function as if it had been typed in: exact for numeric (sent as its
+decimal string), jsonb (sent as its JSON text), timestamptz (ISO-8601 with offset), uuid, arrays.
+Only what Debezium encodes differently needs work here: timestamp/date/time as integers since
+the epoch, bytea as hex, booleans, and array literals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from lambdas.core.changestream.connector import UNAVAILABLE_PLACEHOLDER
+
+_EPOCH = dt.datetime(1970, 1, 1)
+_EPOCH_DATE = dt.date(1970, 1, 1)
+_PLACEHOLDER_HEX = UNAVAILABLE_PLACEHOLDER.encode().hex()
+
+
+class Kind(StrEnum):
+    TEXT = "text"  # numbers, strings, uuid, numeric, timestamptz, interval, ...: the value's own text
+    BOOL = "bool"
+    BYTEA = "bytea"
+    JSON = "json"
+    TIMESTAMP = "timestamp"  # without time zone: microseconds since the epoch
+    DATE = "date"  # days since the epoch
+    TIME = "time"  # without time zone: microseconds since midnight
+
+
+class ConversionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ColumnType:
+    """How one target column's values are converted: its kind, and its array depth (0: scalar)."""
+
+    sql_type: str  # format_type(), e.g. 'timestamp(3) without time zone[]'
+    kind: Kind
+    array: bool
+
+    @classmethod
+    def of(cls, sql_type: str) -> ColumnType:
+        base = sql_type
+        array = base.endswith("[]")
+        while base.endswith("[]"):
+            base = base[:-2]
+        return cls(sql_type, _kind(base), array)
+
+
+def _kind(base: str) -> Kind:
+    if base.startswith("timestamp") and "without time zone" in base:
+        return Kind.TIMESTAMP
+    if base.startswith("time") and "without time zone" in base:
+        return Kind.TIME
+    if base == "date":
+        return Kind.DATE
+    if base == "bytea":
+        return Kind.BYTEA
+    if base in ("json", "jsonb"):
+        return Kind.JSON
+    if base == "boolean":
+        return Kind.BOOL
+    return Kind.TEXT
+
+
+def is_unavailable(value: Any) -> bool:
+    """Debezium's marker for an unchanged TOASTed value it did not receive (never to be written)."""
+    if isinstance(value, str):
+        return value in (UNAVAILABLE_PLACEHOLDER, _PLACEHOLDER_HEX)
+    if isinstance(value, list) and len(value) == 1:
+        return is_unavailable(value[0])
+    return False
+
+
+def to_text(value: Any, column: ColumnType) -> str | None:
+    """The text form of `value` for the column's type; None for SQL NULL."""
+    if value is None:
+        return None
+    if column.array:
+        if not isinstance(value, list):
+            raise ConversionError(f"expected an array for {column.sql_type}, got {type(value).__name__}")
+        return _array_literal(value, column.kind)
+    return _scalar(value, column.kind, column.sql_type)
+
+
+def _scalar(value: Any, kind: Kind, sql_type: str) -> str:
+    if kind is Kind.TIMESTAMP and isinstance(value, int):
+        try:
+            return (_EPOCH + dt.timedelta(microseconds=value)).isoformat(sep=" ")
+        except OverflowError:
+            raise ConversionError(f"timestamp {value} us from the epoch is outside Python's range") from None
+    if kind is Kind.DATE and isinstance(value, int):
+        try:
+            return (_EPOCH_DATE + dt.timedelta(days=value)).isoformat()
+        except OverflowError:
+            raise ConversionError(f"date {value} days from the epoch is outside Python's range") from None
+    if kind is Kind.TIME and isinstance(value, int):
+        seconds, micros = divmod(value, 1_000_000)
+        hours, rest = divmod(seconds, 3600)
+        return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}.{micros:06d}"
+    if kind is Kind.BYTEA and isinstance(value, str):
+        return "\\x" + value
+    if kind is Kind.JSON:
+        return value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, str)):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # shortest text that reads back to the same double
+    raise ConversionError(f"cannot convert a JSON {type(value).__name__} to {sql_type}")
+
+
+def _array_literal(items: list[Any], kind: Kind) -> str:
+    parts = []
+    for item in items:
+        if item is None:
+            parts.append("NULL")
+        elif isinstance(item, list):
+            parts.append(_array_literal(item, kind))
+        else:
+            text = _scalar(item, kind, kind.value)
+            parts.append('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return "{" + ",".join(parts) + "}"

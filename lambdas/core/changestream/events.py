@@ -1,0 +1,151 @@
+"""Debezium change events: the Kafka record as it arrives, and the parsed change.
+
+The applier orders and de-duplicates on `StreamPosition`: Debezium's `source.sequence` is
+[last committed LSN, change LSN]. The first element moves only between transactions and the
+second grows within one, so the pair grows in stream (commit) order; the change LSN alone does
+not (a transaction that began before another may commit after it). Snapshot reads precede
+every streamed change of their table and carry the lowest position.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    """One Kafka record, whatever delivered it (a consumer, a Lambda event source mapping)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class Op(StrEnum):
+    CREATE = "c"
+    READ = "r"  # snapshot
+    UPDATE = "u"
+    DELETE = "d"
+    TRUNCATE = "t"
+    MESSAGE = "m"
+
+
+@dataclass(frozen=True, order=True)
+class StreamPosition:
+    commit_lsn: int
+    lsn: int
+
+    @property
+    def is_snapshot(self) -> bool:
+        return self == SNAPSHOT_POSITION
+
+
+SNAPSHOT_POSITION = StreamPosition(0, 0)
+
+# source.snapshot values that mark the end of a table's snapshot / of the whole snapshot
+TABLE_SNAPSHOT_END = frozenset({"last", "last_in_data_collection"})
+SNAPSHOT_END = "last"
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    op: Op
+    schema: str
+    table: str
+    key: dict[str, Any] | None
+    after: dict[str, Any] | None
+    position: StreamPosition
+    lsn: int | None
+    ts_ms: int | None
+    snapshot_marker: str | None  # source.snapshot: 'true', 'first', 'last', 'last_in_data_collection', ...
+
+
+class UnparseableEvent(ValueError):
+    """A record that is not a Debezium change event we can apply; the reason is the message."""
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnparseableEvent(f"the record's {what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UnparseableEvent(f"the record's {what} is JSON but not an object")
+    return value
+
+
+def _lsn(value: object) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        raise UnparseableEvent(f"source position {value!r} is not an LSN number") from None
+
+
+def _position(op: Op, source: dict[str, Any], lsn: int | None) -> StreamPosition:
+    snapshot = str(source.get("snapshot") or "false")
+    if op is Op.READ or snapshot not in ("false", "incremental"):
+        return SNAPSHOT_POSITION
+    raw = source.get("sequence")
+    first = second = None
+    if raw:
+        try:
+            seq = json.loads(raw)
+        except json.JSONDecodeError:
+            raise UnparseableEvent(f"source.sequence {raw!r} is not JSON") from None
+        if not isinstance(seq, list) or len(seq) != 2:
+            raise UnparseableEvent(f"source.sequence {raw!r} is not [last commit LSN, LSN]")
+        first, second = _lsn(seq[0]), _lsn(seq[1])
+    second = second if second is not None else lsn
+    if second is None:
+        raise UnparseableEvent("the event carries no source LSN (source.lsn / source.sequence)")
+    return StreamPosition(first if first is not None else second, second)
+
+
+def parse_record(record: StreamRecord) -> ChangeEvent | None:
+    """The change a record carries; None for a tombstone (a delete's compaction marker)."""
+    if record.value is None:
+        return None
+    envelope = _json_object(record.value, "value")
+    if "payload" in envelope and "op" not in envelope:  # a converter with schemas enabled
+        payload = envelope["payload"]
+        if payload is None:
+            return None
+        if not isinstance(payload, dict):
+            raise UnparseableEvent("the record's payload is not an object")
+        envelope = payload
+    try:
+        op = Op(str(envelope.get("op")))
+    except ValueError:
+        raise UnparseableEvent(f"unknown operation {envelope.get('op')!r} (expected c, r, u, d, t or m)") from None
+    source = envelope.get("source")
+    if not isinstance(source, dict):
+        raise UnparseableEvent("the event has no source block")
+    lsn = _lsn(source.get("lsn"))
+    key = _json_object(record.key, "key") if record.key is not None else None
+    after = envelope.get("after")
+    if op in (Op.CREATE, Op.READ, Op.UPDATE) and not isinstance(after, dict):
+        raise UnparseableEvent(f"a '{op.value}' event without an 'after' row")
+    if op is Op.DELETE and key is None:
+        before = envelope.get("before")
+        if not isinstance(before, dict):
+            raise UnparseableEvent("a delete without a key or a 'before' row")
+        key = before
+    ts = source.get("ts_ms")
+    return ChangeEvent(
+        op=op,
+        schema=str(source.get("schema") or ""),
+        table=str(source.get("table") or ""),
+        key=key,
+        after=after if isinstance(after, dict) else None,
+        position=_position(op, source, lsn),
+        lsn=lsn,
+        ts_ms=int(ts) if isinstance(ts, int) else None,
+        snapshot_marker=None if source.get("snapshot") in (None, "false") else str(source.get("snapshot")),
+    )

@@ -1,0 +1,162 @@
+"""The applier's state on the target, written in the same transaction as the rows it applies.
+
+Because offsets live beside the data, a batch is applied exactly once whatever Kafka redelivers:
+a crash before the commit loses both the rows and the offsets, a crash after keeps both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from psycopg2 import sql
+
+from lambdas.core.changestream.events import SNAPSHOT_POSITION, StreamPosition
+from lambdas.core.db import Connection, Cursor
+
+SCHEMA = "_zdm"
+
+_DDL = [
+    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)),
+    sql.SQL(
+        """CREATE TABLE IF NOT EXISTS {}.dbz_partitions (
+            topic text NOT NULL,
+            kafka_partition int NOT NULL,
+            next_offset bigint NOT NULL DEFAULT 0,
+            commit_lsn bigint NOT NULL DEFAULT 0,
+            lsn bigint NOT NULL DEFAULT 0,
+            events bigint NOT NULL DEFAULT 0,
+            last_source_lsn bigint,
+            last_ts_ms bigint,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (topic, kafka_partition))"""
+    ).format(sql.Identifier(SCHEMA)),
+    sql.SQL(
+        """CREATE TABLE IF NOT EXISTS {}.dbz_tables (
+            table_name text PRIMARY KEY,
+            snapshot_rows bigint NOT NULL DEFAULT 0,
+            snapshot_done boolean NOT NULL DEFAULT false,
+            events bigint NOT NULL DEFAULT 0)"""
+    ).format(sql.Identifier(SCHEMA)),
+    sql.SQL(
+        """CREATE TABLE IF NOT EXISTS {}.dbz_dead_letters (
+            id bigserial PRIMARY KEY,
+            topic text NOT NULL,
+            kafka_partition int NOT NULL,
+            kafka_offset bigint NOT NULL,
+            source_lsn bigint,
+            reason text NOT NULL,
+            record_key text,
+            record_value text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            UNIQUE (topic, kafka_partition, kafka_offset))"""
+    ).format(sql.Identifier(SCHEMA)),
+    sql.SQL(
+        """CREATE TABLE IF NOT EXISTS {}.dbz_stream (
+            id int PRIMARY KEY CHECK (id = 1),
+            snapshot_completed boolean NOT NULL DEFAULT false)"""
+    ).format(sql.Identifier(SCHEMA)),
+]
+
+STATE_TABLES = ("dbz_partitions", "dbz_tables", "dbz_dead_letters", "dbz_stream")
+
+
+def ensure_state_tables(conn: Connection) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(hashtext('zdm.dbz_state'))")  # concurrent creators
+        try:
+            for statement in _DDL:
+                cur.execute(statement)
+            if not conn.autocommit:
+                conn.commit()
+        finally:
+            cur.execute("SELECT pg_advisory_unlock(hashtext('zdm.dbz_state'))")
+            if not conn.autocommit:
+                conn.commit()
+
+
+def drop_state_tables(conn: Connection) -> list[str]:
+    with conn.cursor() as cur:
+        for name in STATE_TABLES:
+            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(SCHEMA, name)))
+    if not conn.autocommit:
+        conn.commit()
+    return [f"{SCHEMA}.{name}" for name in STATE_TABLES]
+
+
+@dataclass
+class PartitionState:
+    topic: str
+    partition: int
+    next_offset: int = 0
+    position: StreamPosition = SNAPSHOT_POSITION
+    events: int = 0
+    last_source_lsn: int | None = None
+    last_ts_ms: int | None = None
+
+    @property
+    def streaming(self) -> bool:
+        """A streamed change was applied here: later snapshot reads are replays."""
+        return not self.position.is_snapshot
+
+
+def lock_partitions(cur: Cursor, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], PartitionState]:
+    """Each partition's state, locked for this transaction (two appliers never interleave on one)."""
+    keys = sorted(set(keys))
+    if not keys:
+        return {}
+    topics, partitions = [k[0] for k in keys], [k[1] for k in keys]
+    cur.execute(
+        sql.SQL(
+            "INSERT INTO {}.dbz_partitions (topic, kafka_partition) SELECT * FROM unnest(%s::text[], %s::int[])"
+            " ON CONFLICT DO NOTHING"
+        ).format(sql.Identifier(SCHEMA)),
+        (topics, partitions),
+    )
+    cur.execute(
+        sql.SQL(
+            "SELECT p.topic, p.kafka_partition, p.next_offset, p.commit_lsn, p.lsn, p.events, p.last_source_lsn,"
+            " p.last_ts_ms FROM {}.dbz_partitions p JOIN unnest(%s::text[], %s::int[]) AS w(t, n)"
+            " ON p.topic = w.t AND p.kafka_partition = w.n ORDER BY 1, 2 FOR UPDATE OF p"
+        ).format(sql.Identifier(SCHEMA)),
+        (topics, partitions),
+    )
+    return {
+        (t, n): PartitionState(t, n, off, StreamPosition(c, lsn), ev, last_lsn, ts)
+        for t, n, off, c, lsn, ev, last_lsn, ts in cur.fetchall()
+    }
+
+
+def save_partitions(cur: Cursor, states: Iterable[PartitionState]) -> None:
+    for s in states:
+        cur.execute(
+            sql.SQL(
+                "UPDATE {}.dbz_partitions SET next_offset = %s, commit_lsn = %s, lsn = %s, events = %s,"
+                " last_source_lsn = %s, last_ts_ms = %s, updated_at = now() WHERE topic = %s AND kafka_partition = %s"
+            ).format(sql.Identifier(SCHEMA)),
+            (
+                s.next_offset,
+                s.position.commit_lsn,
+                s.position.lsn,
+                s.events,
+                s.last_source_lsn,
+                s.last_ts_ms,
+                s.topic,
+                s.partition,
+            ),
+        )
+
+
+def stored_offsets(conn: Connection, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """The next offset to read per partition, as the target last committed it."""
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("SELECT topic, kafka_partition, next_offset FROM {}.dbz_partitions WHERE topic = ANY(%s)").format(
+                sql.Identifier(SCHEMA)
+            ),
+            (list(topics),),
+        )
+        rows = cur.fetchall()
+    if not conn.autocommit:
+        conn.rollback()
+    return {(t, n): off for t, n, off in rows}

@@ -1,0 +1,289 @@
+"""The Debezium engine: change events through Kafka, applied to the target by the idempotent applier.
+
+The connector (MSK Connect on AWS, the embedded engine locally) snapshots the selected tables and
+then streams from its own slot; the applier (lambdas/core/changestream/applier.py) keeps its
+offsets and progress on the target. This class drives the runtime and reads both sides:
+progress, lag, dead letters, and, at cutover, whether everything before the fence is applied.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from psycopg2 import sql
+
+from lambdas.core.changestream import state
+from lambdas.core.changestream.connector import FENCE_PREFIX, message_topic, table_topic
+from lambdas.core.changestream.kafka import KafkaStream, TopicOffsets
+from lambdas.core.changestream.runtime import ChangeStreamRuntime, PartState
+from lambdas.core.db import Connection, connect, fetch_all, fetch_one, fetch_value
+from lambdas.core.engines.base import (
+    Phase,
+    ReplicationEngine,
+    ReplicationStatus,
+    StartResult,
+    TableStatus,
+    TableSyncState,
+    TeardownResult,
+)
+from lambdas.core.engines.logical import slot_health
+from lambdas.core.lsn import Lsn, current_lsn
+from lambdas.core.tables import TableName
+
+
+class ChangeStreamBehind(TimeoutError):
+    """The applier did not reach the fence in time (the cutover aborts and lifts the fence)."""
+
+
+@dataclass(frozen=True)
+class DebeziumPlan:
+    prefix: str
+    slot: str
+    publication: str
+    tables: tuple[TableName, ...]
+    connector: Mapping[str, str]  # the connector's settings (hold the password or its reference)
+
+    @property
+    def table_topics(self) -> list[str]:
+        return [table_topic(self.prefix, t) for t in self.tables]
+
+
+@dataclass(frozen=True)
+class FenceReached:
+    marker_lsn: str
+    waited_seconds: float
+    events_applied_to: dict[str, int]
+
+
+class DebeziumEngine(ReplicationEngine):
+    name = "debezium"
+
+    def __init__(
+        self,
+        source_dsn: str,
+        target_dsn: str,
+        plan: DebeziumPlan,
+        runtime: ChangeStreamRuntime,
+        kafka: KafkaStream,
+    ) -> None:
+        self._source_dsn = source_dsn
+        self._target_dsn = target_dsn
+        self.plan = plan
+        self.runtime = runtime
+        self.kafka = kafka
+
+    def start(self) -> StartResult:
+        already = self.runtime.health().running
+        target = connect(self._target_dsn)
+        try:
+            started_before = _has_state(target)
+            if not started_before:
+                _require_empty(target, self.plan.tables)
+            state.ensure_state_tables(target)
+        finally:
+            target.close()
+        self.runtime.start(self.plan.connector, self.plan.table_topics)
+        return StartResult(self.name, already, [str(t) for t in self.plan.tables])
+
+    def status(self) -> ReplicationStatus:
+        health = self.runtime.health()
+        problems = list(health.problems)
+        target = connect(self._target_dsn)
+        try:
+            if not _has_state(target):
+                return ReplicationStatus(self.name, Phase.NOT_STARTED, problems=problems)
+            progress = _table_progress(target)
+            completed = bool(
+                fetch_value(target, _q("SELECT coalesce(bool_or(snapshot_completed), false) FROM {}.dbz_stream"))
+            )
+            dead_letters = int(fetch_value(target, _q("SELECT count(*) FROM {}.dbz_dead_letters")))
+            partitions = fetch_all(
+                target,
+                _q("SELECT topic, kafka_partition, next_offset, last_source_lsn, last_ts_ms FROM {}.dbz_partitions"),
+            )
+        finally:
+            target.close()
+        try:
+            ends = self.kafka.end_offsets(self.plan.table_topics)
+        except Exception as exc:
+            ends = {}
+            problems.append(f"cannot read the broker's offsets: {exc}")
+        applied = {(t, p): off for t, p, off, _, _ in partitions}
+        pending_by_topic: dict[str, int] = {}
+        for (topic, part), end in ends.items():
+            pending_by_topic[topic] = pending_by_topic.get(topic, 0) + max(0, end - applied.get((topic, part), 0))
+        pending = sum(pending_by_topic.values()) if ends else None
+        last_lsn = max((int(r[3]) for r in partitions if r[3] is not None), default=None)
+        pending_ts = [int(r[4]) for r in partitions if r[4] is not None and pending_by_topic.get(r[0], 0) > 0]
+
+        source = connect(self._source_dsn)
+        try:
+            now_lsn = current_lsn(source)
+            slot = slot_health(source, self.plan.slot)
+            confirmed = fetch_value(
+                source,
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                (self.plan.slot,),
+            )
+        finally:
+            source.close()
+
+        applied_lsn = last_lsn
+        if pending == 0 and confirmed is not None:  # all the connector confirmed is applied
+            applied_lsn = max(applied_lsn or 0, Lsn.parse(confirmed).value)
+        lag_bytes = max(0, now_lsn.value - applied_lsn) if applied_lsn is not None else None
+        if pending == 0 and completed:
+            lag_seconds: float | None = 0.0
+        elif pending_ts:
+            lag_seconds = max(0.0, time.time() - min(pending_ts) / 1000.0)
+        else:
+            lag_seconds = None
+
+        if health.connector is PartState.FAILED or health.applier is PartState.FAILED:
+            phase = Phase.FAILED
+        elif health.connector is PartState.PAUSED and health.applier is PartState.PAUSED:
+            phase = Phase.STOPPED
+        elif completed:
+            phase = Phase.STREAMING
+        else:
+            phase = Phase.COPYING
+        tables = []
+        for table in self.plan.tables:
+            rows, done = progress.get(str(table), (0, False))
+            topic_pending = pending_by_topic.get(table_topic(self.plan.prefix, table), 0)
+            if done or (completed and topic_pending == 0):
+                table_state = TableSyncState.READY
+            elif completed:
+                table_state = TableSyncState.COPIED
+            else:
+                table_state = TableSyncState.COPYING if rows else TableSyncState.PENDING
+            tables.append(TableStatus(str(table), table_state, rows_copied=rows))
+        if dead_letters:
+            problems.append(f"{dead_letters} change event(s) in the dead-letter queue")
+        return ReplicationStatus(
+            self.name,
+            phase,
+            tables,
+            lag_bytes=lag_bytes,
+            lag_seconds=lag_seconds,
+            source_lsn=str(now_lsn),
+            applied_lsn=str(Lsn(applied_lsn)) if applied_lsn is not None else None,
+            slot=slot,
+            problems=problems,
+            dead_letters=dead_letters,
+            pending_events=pending,
+        )
+
+    def stop(self) -> None:
+        self.runtime.stop()
+
+    def teardown(self) -> TeardownResult:
+        removed = self.runtime.teardown()
+        source = connect(self._source_dsn)
+        try:
+            if _drop_slot(source, self.plan.slot):
+                removed.append(f"slot {self.plan.slot}")
+            if fetch_one(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.publication,)):
+                with source.cursor() as cur:
+                    cur.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(self.plan.publication)))
+                removed.append(f"publication {self.plan.publication}")
+        finally:
+            source.close()
+        target = connect(self._target_dsn)
+        try:
+            if _has_state(target):
+                letters = int(fetch_value(target, _q("SELECT count(*) FROM {}.dbz_dead_letters")))
+                with target.cursor() as cur:
+                    for name in state.STATE_TABLES:
+                        if name == "dbz_dead_letters" and letters:
+                            continue  # evidence: kept until someone has looked at them
+                        cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(state.SCHEMA, name)))
+                        removed.append(f"{state.SCHEMA}.{name}")
+        finally:
+            target.close()
+        return TeardownResult(removed)
+
+    def wait_for_fence(self, source: Connection, timeout: float) -> FenceReached:
+        """After the fence: true once every change committed before it is applied on the target.
+
+        A non-transactional logical decoding message is written after the fence; the connector
+        publishes it only after every earlier change was acknowledged by the broker. Once it is
+        seen, each table topic's end offset bounds what must be applied, and the applier's
+        offsets on the target must reach them.
+        """
+        started = time.monotonic()
+        deadline = started + timeout
+        marker_topic = message_topic(self.plan.prefix)
+        before = self.kafka.end_offsets([marker_topic])
+        token = uuid.uuid4().hex
+        marker_lsn = fetch_value(
+            source,
+            "SELECT pg_logical_emit_message(false, %s, %s)::text",
+            (FENCE_PREFIX, token),
+        )
+        # Debezium hex-encodes a message's content
+        if not self.kafka.wait_for_message(marker_topic, before, token.encode().hex().encode(), timeout):
+            raise ChangeStreamBehind(f"the connector did not publish the fence marker within {timeout:g} s")
+        ends = self.kafka.end_offsets(self.plan.table_topics)
+        target = connect(self._target_dsn)
+        try:
+            while True:
+                stored = state.stored_offsets(target, self.plan.table_topics)
+                behind = _behind(ends, stored)
+                if not behind:
+                    return FenceReached(
+                        str(marker_lsn), time.monotonic() - started, {f"{t}/{p}": o for (t, p), o in ends.items()}
+                    )
+                if time.monotonic() > deadline:
+                    raise ChangeStreamBehind(
+                        f"the applier is {sum(behind.values())} event(s) short of the fence after {timeout:g} s"
+                    )
+                time.sleep(0.005)
+        finally:
+            target.close()
+
+
+def _behind(ends: TopicOffsets, stored: TopicOffsets) -> dict[tuple[str, int], int]:
+    return {k: end - stored.get(k, 0) for k, end in ends.items() if stored.get(k, 0) < end}
+
+
+def _q(template: str) -> sql.Composable:
+    return sql.SQL(template).format(sql.Identifier(state.SCHEMA))
+
+
+def _has_state(target: Connection) -> bool:
+    return bool(fetch_value(target, "SELECT to_regclass(%s) IS NOT NULL", (f"{state.SCHEMA}.dbz_partitions",)))
+
+
+def _table_progress(target: Connection) -> dict[str, tuple[int, bool]]:
+    rows = fetch_all(target, _q("SELECT table_name, snapshot_rows, snapshot_done FROM {}.dbz_tables"))
+    return {name: (int(n), bool(done)) for name, n, done in rows}
+
+
+def _require_empty(target: Connection, tables: Sequence[TableName]) -> None:
+    for table in tables:
+        if fetch_value(target, "SELECT to_regclass(%s) IS NULL", (table.regclass,)):
+            raise ValueError(f"target table {table} does not exist: create the schema on the target first")
+        if fetch_value(target, sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(table.ident)):
+            raise ValueError(
+                f"target table {table} already holds rows this migration did not write: empty it or"
+                " exclude the table (nothing was changed)"
+            )
+
+
+def _drop_slot(source: Connection, slot: str, wait_seconds: float = 15.0) -> bool:
+    """Drop the connector's slot once its walsender has gone (the connector was just stopped)."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        row = fetch_one(source, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        if row is None:
+            return False
+        if row[0] is None:
+            fetch_value(source, "SELECT pg_drop_replication_slot(%s)", (slot,))
+            return True
+        if time.monotonic() > deadline:
+            fetch_value(source, "SELECT pg_terminate_backend(%s)", (row[0],))
+        time.sleep(0.1)

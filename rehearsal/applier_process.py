@@ -1,0 +1,61 @@
+"""The local stand-in for the applier Lambda and its event source mapping.
+
+`python -m rehearsal.applier_process <config.json>` consumes the table topics from the local
+broker and applies them to the target with the same core the Lambda runs
+(lambdas/core/changestream). Dead letters go to the DLQ topic and the target's table.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from confluent_kafka import Consumer, Producer
+
+from lambdas.core.changestream import consumer as consume_loop
+from lambdas.core.changestream.applier import ChangeApplier, StreamRouting
+from lambdas.core.changestream.deadletters_kafka import KafkaDeadLetters
+from lambdas.core.changestream.state import ensure_state_tables
+from lambdas.core.db import connect
+from lambdas.core.tables import TableName
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(Path(argv[1]).read_text())
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    target = connect(config["target_dsn"], application_name="zdm-applier", autocommit=False)
+    ensure_state_tables(target)
+    routing = StreamRouting.load(target, config["prefix"], [TableName.parse(t) for t in config["tables"]])
+    producer = Producer({"bootstrap.servers": config["bootstrap"], "enable.idempotence": True, "acks": "all"})
+    applier = ChangeApplier(target, routing, KafkaDeadLetters(producer, config["dead_letter_topic"]))
+    consumer = Consumer(
+        {
+            "bootstrap.servers": config["bootstrap"],
+            "group.id": config["group_id"],
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        }
+    )
+    try:
+        consume_loop.assign_from_target(consumer, target, routing.topics)
+        consume_loop.run(
+            consumer,
+            applier,
+            batch_size=int(config["batch_size"]),
+            window_seconds=float(config["batch_window_seconds"]),
+            should_stop=stopping.is_set,
+        )
+    finally:
+        consumer.close()
+        target.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

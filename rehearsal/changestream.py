@@ -1,0 +1,152 @@
+"""The change stream's local runtime: the connector and the applier as processes beside a local broker.
+
+The same ChangeStreamRuntime interface MSK Connect and the applier Lambda implement on AWS
+(lambdas/core/changestream/msk_runtime.py). Each part runs in a folder of its own under
+`workdir`; the connector keeps its offsets there, so starting it again resumes the stream
+without a new snapshot. Config files hold the database password and are readable by the owner only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lambdas.core.changestream.connector import dead_letter_topic, heartbeat_topic, message_topic
+from lambdas.core.changestream.kafka import KafkaStream
+from lambdas.core.changestream.runtime import ChangeStreamRuntime, PartState, RuntimeHealth
+from rehearsal.processes import OwnedProcess, running_in, start_process
+
+CONNECTOR = "connector"
+APPLIER = "applier"
+_PAUSED = "paused"
+
+
+@dataclass(frozen=True)
+class LocalStreamSettings:
+    """What the local runtime needs besides the connector settings (the ZDM_CHANGE_STREAM env, backend 'local')."""
+
+    workdir: str
+    bootstrap: str
+    target_dsn: str
+    prefix: str
+    tables: tuple[str, ...]
+    batch_size: int = 500
+    batch_window_seconds: float = 0.2
+    group_id: str = "zdm-applier"
+
+    def to_json(self) -> str:
+        return json.dumps({"backend": "local", **asdict(self)})
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, object]) -> LocalStreamSettings:
+        fields = {k: v for k, v in raw.items() if k != "backend"}
+        fields["tables"] = tuple(fields.get("tables", ()))  # type: ignore[arg-type]
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+def _write_private(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+
+
+class LocalChangeStream(ChangeStreamRuntime):
+    def __init__(self, settings: LocalStreamSettings) -> None:
+        self.settings = settings
+        self.workdir = Path(settings.workdir)
+        self.kafka = KafkaStream({"bootstrap.servers": settings.bootstrap})
+
+    def _dir(self, part: str) -> Path:
+        return self.workdir / part
+
+    def process(self, part: str) -> OwnedProcess | None:
+        return running_in(self._dir(part))
+
+    def start(self, connector: Mapping[str, str], topics: Sequence[str]) -> None:
+        prefix = self.settings.prefix
+        self.kafka.ensure_topics([*topics, message_topic(prefix), heartbeat_topic(prefix), dead_letter_topic(prefix)])
+        self.start_part(APPLIER, connector, topics)
+        self.start_part(CONNECTOR, connector, topics)
+
+    def start_part(self, part: str, connector: Mapping[str, str], topics: Sequence[str]) -> OwnedProcess:
+        """Start one part unless it runs (again in its folder after a stop or a crash)."""
+        running = self.process(part)
+        if running is not None:
+            return running
+        directory = self._dir(part)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / _PAUSED).unlink(missing_ok=True)
+        config = directory / "config.json"
+        if part == CONNECTOR:
+            _write_private(config, json.dumps({"bootstrap": self.settings.bootstrap, "properties": dict(connector)}))
+            module = "rehearsal.connector_process"
+        else:
+            s = self.settings
+            _write_private(
+                config,
+                json.dumps(
+                    {
+                        "bootstrap": s.bootstrap,
+                        "target_dsn": s.target_dsn,
+                        "prefix": s.prefix,
+                        "tables": list(s.tables),
+                        "dead_letter_topic": dead_letter_topic(s.prefix),
+                        "batch_size": s.batch_size,
+                        "batch_window_seconds": s.batch_window_seconds,
+                        "group_id": s.group_id,
+                    }
+                ),
+            )
+            module = "rehearsal.applier_process"
+        return start_process(part, [sys.executable, "-m", module, str(config)], directory=directory)
+
+    def health(self) -> RuntimeHealth:
+        states: dict[str, PartState] = {}
+        problems: list[str] = []
+        for part in (CONNECTOR, APPLIER):
+            directory = self._dir(part)
+            if self.process(part) is not None:
+                states[part] = PartState.RUNNING
+            elif (directory / _PAUSED).exists():
+                states[part] = PartState.PAUSED
+            elif (directory / "process.pid").exists():
+                states[part] = PartState.FAILED
+                tail = (
+                    (directory / "process.log").read_text(errors="replace")[-600:]
+                    if (directory / "process.log").exists()
+                    else ""
+                )
+                problems.append(
+                    f"the {part} process exited: {tail.strip().splitlines()[-1] if tail.strip() else 'no log'}"
+                )
+            else:
+                states[part] = PartState.ABSENT
+        return RuntimeHealth(states[CONNECTOR], states[APPLIER], problems)
+
+    def stop(self) -> None:
+        for part in (CONNECTOR, APPLIER):  # the connector first: nothing new to apply after it
+            directory = self._dir(part)
+            running = self.process(part)
+            if running is not None:
+                running.stop(remove=False)
+            if directory.exists():
+                (directory / _PAUSED).touch()
+
+    def teardown(self) -> list[str]:
+        removed = []
+        for part in (CONNECTOR, APPLIER):
+            directory = self._dir(part)
+            running = self.process(part)
+            if running is not None:
+                running.stop(remove=True)
+                removed.append(f"local {part} process")
+            if directory.exists():
+                import shutil
+
+                shutil.rmtree(directory, ignore_errors=True)
+        return removed

