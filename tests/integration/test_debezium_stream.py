@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lambdas.core.db import connect, execute
+from lambdas.core.db import connect
 from lambdas.core.tables import TableName
 from rehearsal import sample
 from rehearsal.broker import Broker, start_broker
