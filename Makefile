@@ -7,7 +7,7 @@ ROWS ?= 1000000
 OUT ?= out/rehearsal
 FAULT ?=
 MIGRATION ?= migrations/example.yaml
-APT_PACKAGES := postgresql pgbouncer pgcopydb
+APT_PACKAGES := postgresql pgbouncer pgcopydb openjdk-17-jre-headless
 export PYTHONPATH := $(CURDIR)
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 
@@ -21,10 +21,11 @@ system-packages:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO mkdir -p /usr/share/man/man1; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-local.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt

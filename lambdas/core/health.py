@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lambdas.core.config import LagLimits
-from lambdas.core.engines.base import ReplicationStatus
+from lambdas.core.engines.base import Phase, ReplicationStatus
 
 
 class AlarmReader(Protocol):
@@ -76,6 +76,12 @@ class ReplicationSignal(HealthSignal):
     def problems(self) -> list[str]:
         status, limits = self._status, self._limits
         problems = list(status.problems)
+        if status.phase is Phase.FAILED:
+            problems.append(f"the {status.engine} engine reports phase 'failed'")
+        if status.dead_letters:
+            problems.append(
+                f"{status.dead_letters} change event(s) could not be applied and are in the dead-letter queue"
+            )
         if status.slot is not None and status.slot.lost:
             problems.append(f"replication slot {status.slot.name} lost its WAL")
         if status.lag_seconds is None:

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from functools import cache
 from typing import Any, Literal
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from psycopg2.extensions import parse_dsn
 
 from lambdas.core import telemetry
 from lambdas.core.catalog import list_tables
+from lambdas.core.changestream.connector import connector_properties, publication_name, slot_name
+from lambdas.core.changestream.kafka import KafkaStream
+from lambdas.core.changestream.runtime import ChangeStreamRuntime
 from lambdas.core.config import Migration
 from lambdas.core.db import connect
 from lambdas.core.engines.base import Phase, ReplicationEngine, ReplicationStatus, TableSyncState
+from lambdas.core.engines.debezium import DebeziumEngine, DebeziumPlan
 from lambdas.core.engines.dms import DmsEngine, DmsTarget
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
-from lambdas.core.tables import select_tables
+from lambdas.core.tables import TableName, select_tables
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
 
 # Set by the CDK stack on the replication function: the DMS task or serverless replication to drive,
 # and the CDC-only DMS task that writes the change stream to MSK (started with the migration).
 DMS_TARGET_ENV = "ZDM_DMS_TARGET"
 DMS_CHANGE_STREAM_ENV = "ZDM_DMS_CHANGE_STREAM"
+# The debezium engine's runtime: {"backend": "msk", ...} set by the stack (MSK Connect + the applier
+# Lambda), or {"backend": "local", ...} set by the rehearsal (local broker, connector and applier processes).
+CHANGE_STREAM_ENV = "ZDM_CHANGE_STREAM"
 
 
 class ReplicationRequest(MigrationEvent):
@@ -64,9 +73,95 @@ def change_stream_engine(environ: Mapping[str, str] = os.environ) -> DmsEngine |
     return build_dms_engine(environ, DMS_CHANGE_STREAM_ENV) if environ.get(DMS_CHANGE_STREAM_ENV) else None
 
 
+def _selected_tables(migration: Migration, source_dsn: str) -> list[TableName]:
+    source = connect(source_dsn)
+    try:
+        return select_tables(list_tables(source), migration.tables.include, migration.tables.exclude)
+    finally:
+        source.close()
+
+
+def _msk_kafka_config(bootstrap: str, region: str) -> dict[str, Any]:
+    """confluent-kafka settings for MSK's IAM sign-in (SASL/OAUTHBEARER with a SigV4 token)."""
+    from aws_msk_iam_sasl_signer import MSKAuthTokenProvider  # only on AWS
+
+    def token(_: object) -> tuple[str, float]:
+        value, expiry_ms = MSKAuthTokenProvider.generate_auth_token(region)
+        return value, expiry_ms / 1000
+
+    return {
+        "bootstrap.servers": bootstrap,
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanisms": "OAUTHBEARER",
+        "oauth_cb": token,
+    }
+
+
+def _runtime(
+    migration: Migration, tables: Sequence[TableName], source_dsn: str, environ: Mapping[str, str]
+) -> tuple[ChangeStreamRuntime, KafkaStream, dict[str, str]]:
+    """The runtime the environment names, the Kafka access beside it, and the connector's settings."""
+    raw = environ.get(CHANGE_STREAM_ENV)
+    if not raw:
+        raise ValueError(
+            f"engine 'debezium' needs its change stream, and {CHANGE_STREAM_ENV} is not set: deploy the stack,"
+            " or rehearse locally with `python -m rehearsal --engine debezium`"
+        )
+    backend = json.loads(raw).get("backend")
+    if backend == "local":
+        # The rehearsal's processes; imported here only (this module is the composition root).
+        from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
+
+        local = LocalStreamSettings.from_json(json.loads(raw))
+        parsed = parse_dsn(source_dsn)
+        connector = connector_properties(
+            migration,
+            tables,
+            host=parsed.get("host", "127.0.0.1"),
+            port=int(parsed.get("port", 5432)),
+            dbname=parsed.get("dbname", "postgres"),
+            user=parsed.get("user", "postgres"),
+            password=parsed.get("password", ""),
+        )
+        return LocalChangeStream(local), KafkaStream({"bootstrap.servers": local.bootstrap}), connector
+    if backend == "msk":
+        from lambdas.core.changestream.msk_runtime import MskChangeStream, MskChangeStreamSettings, secret_reference
+
+        msk = MskChangeStreamSettings.from_json(raw)
+        endpoint = migration.source
+        if endpoint.secret_arn is None or endpoint.host is None or endpoint.database is None:
+            raise ValueError("engine 'debezium' on AWS needs source.secret_arn, source.host and source.database")
+        connector = connector_properties(
+            migration,
+            tables,
+            host=endpoint.host,
+            port=endpoint.port,
+            dbname=endpoint.database,
+            user=secret_reference(endpoint.secret_arn, "username"),
+            password=secret_reference(endpoint.secret_arn, "password"),
+        )
+        kafka = KafkaStream(_msk_kafka_config(msk.bootstrap_servers, environ.get("AWS_REGION", "us-east-1")))
+        runtime = MskChangeStream(_aws_client("kafkaconnect"), _aws_client("lambda"), msk, kafka.ensure_topics)
+        return runtime, kafka, connector
+    raise ValueError(f"{CHANGE_STREAM_ENV} names backend {backend!r}; expected 'msk' or 'local'")
+
+
+def build_debezium_engine(
+    migration: Migration, source_dsn: str, target_dsn: str, environ: Mapping[str, str] = os.environ
+) -> DebeziumEngine:
+    tables = _selected_tables(migration, source_dsn)
+    runtime, kafka, connector = _runtime(migration, tables, source_dsn, environ)
+    plan = DebeziumPlan(
+        migration.topic_prefix, slot_name(migration), publication_name(migration), tuple(tables), connector
+    )
+    return DebeziumEngine(source_dsn, target_dsn, plan, runtime, kafka)
+
+
 def engine_for(migration: Migration) -> ReplicationEngine:
     if migration.engine.type == "dms":
         return build_dms_engine()
+    if migration.engine.type == "debezium":
+        return build_debezium_engine(migration, *dsns(migration))
     return build_engine(migration, *dsns(migration))
 
 
@@ -87,6 +182,8 @@ def publish_status_metrics(migration: Migration, status: ReplicationStatus) -> N
     metrics.add_metric(
         name=telemetry.REPLICATION_FAILED, unit=MetricUnit.Count, value=int(status.phase is Phase.FAILED)
     )
+    if status.dead_letters is not None:
+        metrics.add_metric(name=telemetry.DEAD_LETTERS, unit=MetricUnit.Count, value=status.dead_letters)
     if status.tables:
         ready = sum(t.state is TableSyncState.READY for t in status.tables)
         metrics.add_metric(

@@ -68,6 +68,19 @@ class StreamRouting:
         return sorted(self.tables) + ([self.heartbeat_topic] if self.heartbeat_topic else [])
 
     @classmethod
+    def for_topics(cls, target: Connection, prefix: str, topics: Iterable[str]) -> StreamRouting:
+        """Routing for the table topics an event source delivers (<prefix>.<schema>.<table>)."""
+        tables = []
+        for topic in topics:
+            schema, _, name = topic.removeprefix(prefix + ".").partition(".")
+            if not topic.startswith(prefix + ".") or not name:
+                raise ValueError(
+                    f"topic {topic!r} is not a table topic of prefix {prefix!r} (<prefix>.<schema>.<table>)"
+                )
+            tables.append(TableName(schema, name))
+        return cls.load(target, prefix, tables)
+
+    @classmethod
     def load(cls, target: Connection, prefix: str, tables: Iterable[TableName]) -> StreamRouting:
         wanted = list(tables)
         infos = describe_tables(target, wanted)

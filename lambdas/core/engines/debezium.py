@@ -161,8 +161,6 @@ class DebeziumEngine(ReplicationEngine):
             else:
                 table_state = TableSyncState.COPYING if rows else TableSyncState.PENDING
             tables.append(TableStatus(str(table), table_state, rows_copied=rows))
-        if dead_letters:
-            problems.append(f"{dead_letters} change event(s) in the dead-letter queue")
         return ReplicationStatus(
             self.name,
             phase,
