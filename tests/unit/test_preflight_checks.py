@@ -605,3 +605,26 @@ def test_byte_and_time_formatting() -> None:
     assert checks.fmt_seconds(30) == "30.0 s"
     assert checks.fmt_seconds(600) == "10.0 min"
     assert checks.fmt_seconds(3 * 3600) == "3.0 h"
+
+
+def test_debezium_engine_needs_a_superuser_target_even_on_16() -> None:
+    # Given PostgreSQL 16, where pg_create_subscription would do for the logical engine
+    pg16 = ServerVersion(160002, "16.2")
+    granted = role(member_of=frozenset({"pg_create_subscription"}))
+    # When the engine is debezium, whose applier sets session_replication_role
+    result = checks.check_target_role(facts(engine="debezium", target=server(version=pg16, role=granted)))
+    # Then only a superuser (or rds_superuser) passes
+    assert result.status == "fail"
+    assert "session_replication_role" in result.remedy
+    rds = server(is_rds=True, role=role(member_of=frozenset({"rds_superuser"})))
+    assert checks.check_target_role(facts(engine="debezium", target=rds)).status == "pass"
+
+
+def test_debezium_engine_refuses_tables_without_a_primary_key() -> None:
+    # Given a table replicated with REPLICA IDENTITY FULL and no primary key
+    keyless = table(primary_key=(), replica_identity="f")
+    # When the engine is logical it is a warning; when it is debezium it fails (changes apply by key)
+    assert checks.check_replica_identity(facts(tables=tables(keyless))).status == "warn"
+    result = checks.check_replica_identity(facts(engine="debezium", tables=tables(keyless)))
+    assert result.status == "fail"
+    assert "primary key" in result.remedy and "public.orders" in result.details[0]

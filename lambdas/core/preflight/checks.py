@@ -335,7 +335,7 @@ def check_source_role(facts: PreflightFacts) -> CheckResult:
 
 def check_target_role(facts: PreflightFacts) -> CheckResult:
     name = "target_role"
-    if facts.engine != "logical":
+    if facts.engine not in ("logical", "debezium"):
         return CheckResult(name, "pass", f"not needed (engine {facts.engine})")
     tgt = facts.target
     role = tgt.role
@@ -345,6 +345,17 @@ def check_target_role(facts: PreflightFacts) -> CheckResult:
         return CheckResult(name, "pass", measured)
     if tgt.is_rds and "rds_superuser" in role.member_of:
         return CheckResult(name, "pass", measured + ", rds_superuser=yes")
+    if facts.engine == "debezium":
+        # The applier sets session_replication_role = replica (foreign keys are not checked per change, as in
+        # native logical replication's apply); PostgreSQL lets only superusers set it.
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            "The debezium engine's applier sets session_replication_role, which only a superuser may: give the "
+            "target endpoint a superuser (the master user, a member of rds_superuser, on RDS).",
+            [f"role {role.name} cannot set session_replication_role"],
+        )
     if major >= 16:
         has_right = "pg_create_subscription" in role.member_of
         measured += (
@@ -443,6 +454,16 @@ def check_replica_identity(facts: PreflightFacts) -> CheckResult:
             "and DELETE on it FAILS ON THE SOURCE ('cannot update table ... because it does not have a replica "
             "identity and publishes updates').",
             [_identity_problem(i) for i in missing],
+        )
+    if full_only and facts.engine == "debezium":
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            "The debezium engine applies each change by primary key (upsert and delete on the target): give each "
+            "listed table a primary key (ALTER TABLE <table> ADD PRIMARY KEY (<columns>)), exclude it, or use "
+            "engine 'logical', which can apply REPLICA IDENTITY FULL tables.",
+            [f"{i.name}: REPLICA IDENTITY FULL, no primary key" for i in full_only],
         )
     if full_only:
         return CheckResult(

@@ -150,7 +150,7 @@ class PreflightFacts:
     tables: TableFacts
     wal: WalSample
     free_disk_bytes: int | None  # free space where the source keeps its WAL; None = unknown
-    engine: str = "logical"  # 'logical' or 'dms'
+    engine: str = "logical"  # 'logical', 'dms' or 'debezium'
     copy_method: str = "parallel-snapshot"
     expected_copy_mb_per_s: float = 50.0
 
