@@ -37,9 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--migration", type=Path, default=None, help="migration file (default migrations/local.yaml; DSNs are replaced)"
     )
+    parser.add_argument(
+        "--rollback-window-seconds",
+        type=int,
+        default=2,
+        help="the rollback window after the cutover, in place of the file's rollback_window_hours (default 2)",
+    )
     args = parser.parse_args(argv)
     if args.rows < 1000:
         parser.error("--rows must be at least 1000")
+    if args.rollback_window_seconds < 0:
+        parser.error("--rollback-window-seconds must be 0 or more")
     return args
 
 
@@ -97,6 +105,9 @@ def write_report(summary: dict[str, Any], timeline: Any, out: Path) -> Path:
         ("lag p99", f"{summary['lag_seconds']['p99']:.2f} s", ""),
         ("total", f"{summary['total_seconds']:.0f} s", ""),
     ]
+    if summary["outcome"] == "migrated":
+        retired = summary["reverse_replication_retired"]
+        cards.append(("reverse replication", "retired" if retired else "not retired", "ok" if retired else "bad"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
     path.write_text(render_report(summary, charts, phases, cards, summary["total_seconds"]))
@@ -130,12 +141,29 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         say(
             f"final row compare      {summary['final_rows_compared']:,} rows, {summary['final_differences']} differences"
         )
+    if summary["outcome"] == "migrated":
+        retired = summary["reverse_replication_retired"]
+        say(
+            "reverse replication    "
+            + (
+                f"retired after the rollback window (the source is whole up to {summary['source_whole_as_of_lsn']})"
+                if retired
+                else f"NOT retired (still there: {', '.join(summary['reverse_replication_left']) or 'see the cause'})"
+            )
+        )
     say(f"report                 {out / 'report.html'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rehearsal = Rehearsal(args.rows, args.fault, args.out, clients=args.clients, rate=args.rate)
+    rehearsal = Rehearsal(
+        args.rows,
+        args.fault,
+        args.out,
+        clients=args.clients,
+        rate=args.rate,
+        rollback_window_seconds=args.rollback_window_seconds,
+    )
     if args.migration is not None:
         rehearsal.migration_file = args.migration
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,14 @@
 """The rehearsal: the real state machine and handlers against local servers, pgbouncer and a live workload.
 
 Starts a source and a target PostgreSQL server and a pgbouncer in front of the source,
-loads the sample shop, runs writers through pgbouncer for the whole run, and executes
+loads the sample shop, runs writers through pgbouncer until just before the retire, and executes
 statemachine/migration.asl.json in a real ASL interpreter (moto's) with every Lambda task
 routed to its handler in-process. The health gates read a CloudWatch alarm (in the mock)
 that this process sets from local signals, or trips on purpose when a fault is injected.
+The rollback window is shortened by the execution input. The writers stop just before the
+reverse replication is retired (the cutover handler is wrapped: synchronous, unlike the
+history hooks): the retire leaves the source whole up to the target's position when it
+began, so with no writes after that the two databases must end equal.
 At the end: every committed insert is looked up on the database that holds the writer,
 the two databases are compared row for row, and summary.json plus report.html are written.
 """
@@ -58,6 +62,9 @@ PHASE_OF = {
     "PostCutoverBake": "post-cutover bake",
     "PostCutoverGate": "post-cutover bake",
     "Finalize": "finalize",
+    "RollbackWindow": "rollback window",
+    "RollbackWindowGate": "rollback window",
+    "RetireReverseReplication": "retire reverse",
     "Rollback": "rollback",
 }
 
@@ -149,6 +156,7 @@ class Rehearsal:
     rate: float | None = 60.0  # transactions per second per client
     migration_file: Path = ROOT / "migrations" / "local.yaml"
     poll_seconds: int = 1
+    rollback_window_seconds: int = 2  # the input's override of cutover.rollback_window_hours
     timeline: Timeline = field(default_factory=lambda: Timeline(time.monotonic()))
 
     def run_with_timeline(self) -> tuple[dict[str, Any], Timeline]:
@@ -216,7 +224,7 @@ class Rehearsal:
     ) -> dict[str, Any]:
         alarm = composite_alarm_name(migration.name)
         router = router_for(migration)
-        workload = WorkloadProcess(pgb.dsn("app"), clients=self.clients, rate=self.rate).start()
+        workload = _Writers(WorkloadProcess(pgb.dsn("app"), clients=self.clients, rate=self.rate).start())
         say(f"workload: {self.clients} writers through pgbouncer ({pgb.dsn('app').split(' password')[0]})")
         stop = threading.Event()
         injected: list[str] = []
@@ -265,18 +273,28 @@ class Rehearsal:
         handlers = handler_map()
         if self.fault == "cutover":
             handlers["CutoverFunctionArn"] = _failing_after_fence(handlers["CutoverFunctionArn"], injected)
+        handlers["CutoverFunctionArn"] = _stopping_writers_before_retire(
+            handlers["CutoverFunctionArn"], workload, timeline
+        )
         machine = LocalStateMachine(
             DEFINITION,
             handlers,
-            values={"SettingsParameterName": f"/zdm/{migration.name}/settings", "MigrationName": migration.name},
+            values={
+                "SettingsParameterName": f"/zdm/{migration.name}/settings",
+                "MigrationName": migration.name,
+                "RollbackWindowSeconds": str(migration.cutover.rollback_window_seconds),
+            },
             parameters={f"/zdm/{migration.name}/settings": json.dumps(local_settings(migration))},
         )
+        execution_input = {
+            "timing": {"poll_seconds": self.poll_seconds},
+            "rollback_window_seconds": self.rollback_window_seconds,
+        }
         try:
-            result = machine.run(
-                {"timing": {"poll_seconds": self.poll_seconds}}, timeout=1800, on_event=on_event, on_start=create_alarm
-            )
+            result = machine.run(execution_input, timeout=1800, on_event=on_event, on_start=create_alarm)
         finally:
-            time.sleep(0.5)  # writes after the last step, through the final writer
+            if not workload.stopped:
+                time.sleep(0.5)  # writes after the last step, through the final writer
             stats = workload.stop()
             stop.set()
             monitor.join(timeout=10)
@@ -351,10 +369,13 @@ class Rehearsal:
         lost = _missing_orders(writer_dsn, stats.order_ids)
         differences: int | None = None
         rows_compared = 0
+        retire = (timeline.state_outputs.get("RetireReverseReplication") or {}).get("retire") or {}
+        left: list[str] | None = None  # not looked for when not migrated: the target may be down (a fault)
         if outcome == "migrated":
-            # The source follows the target through reverse replication: they must be equal.
+            left = _reverse_replication_left(migration, src, tgt)
+            # The retire waited until the source had applied the target's writes up to its start,
+            # and the writers had stopped before it: the two must be equal row for row.
             tables = [t for t in migration_tables()]
-            _wait_reverse_caught_up(migration, src, tgt)
             diffs = compare_databases(src, tgt, tables)
             differences = sum(len(d.missing_on_target) + len(d.extra_on_target) + len(d.changed) for d in diffs)
             rows_compared = sum(d.source_rows for d in diffs)
@@ -389,6 +410,9 @@ class Rehearsal:
             "writer_on": writer.value if writer is not None else None,
             "final_rows_compared": rows_compared,
             "final_differences": differences,
+            "reverse_replication_retired": retire.get("status") in ("done", "already_done") and left == [],
+            "reverse_replication_left": left,
+            "source_whole_as_of_lsn": _caught_up_position(retire),
             "_latencies": [(round(s - timeline.start, 3), round(d, 4)) for s, d in stats.latencies],
         }
 
@@ -432,16 +456,69 @@ def _missing_orders(dsn: str, order_ids: list[int]) -> int:
     return len(set(order_ids)) - int(found)
 
 
-def _wait_reverse_caught_up(migration: Migration, src: str, tgt: str) -> None:
-    from lambdas.core.lsn import current_lsn, wait_for_lsn
+def _reverse_replication_left(migration: Migration, src: str, tgt: str) -> list[str]:
+    """What of the reverse replication still exists: its subscription on the source, slot and
+    publication on the target (read from the databases, not from what the state machine said)."""
+    name = migration.slot_name + "_rev"
+    left: list[str] = []
+    for dsn, kind, query in (
+        (src, "subscription", "SELECT count(*) FROM pg_subscription WHERE subname = %s"),
+        (tgt, "slot", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s"),
+        (tgt, "publication", "SELECT count(*) FROM pg_publication WHERE pubname = %s"),
+    ):
+        conn = connect(dsn)
+        try:
+            if fetch_value(conn, query, (name,)):
+                left.append(f"{kind} {name}")
+        finally:
+            conn.close()
+    return left
 
-    reverse = migration.slot_name + "_rev"
-    publisher, subscriber = connect(tgt), connect(src)
-    try:
-        wait_for_lsn(subscriber, reverse, current_lsn(publisher), timeout=60, source=publisher, slot=reverse)
-    finally:
-        publisher.close()
-        subscriber.close()
+
+def _caught_up_position(retire: dict[str, Any]) -> str | None:
+    """The target's position the source had applied when the retire dropped the reverse replication."""
+    for step in retire.get("steps") or []:
+        if step.get("step") == "catch_up":
+            return str(step["detail"]["position"])
+    return None
+
+
+class _Writers:
+    """The workload, stopped once: before the retire of reverse replication, or at the end."""
+
+    def __init__(self, workload: WorkloadProcess) -> None:
+        self._workload = workload
+        self._stats: WorkloadStats | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stats is not None
+
+    def stop(self) -> WorkloadStats:
+        with self._lock:
+            if self._stats is None:
+                self._stats = self._workload.stop()
+            return self._stats
+
+
+def _stopping_writers_before_retire(
+    handler: Callable[[dict[str, Any], Any], Any], writers: _Writers, timeline: Timeline
+) -> Callable[[dict[str, Any], Any], Any]:
+    """The cutover handler, stopping the writers before it retires the reverse replication.
+
+    A wrapper, not an `on_event` hook: the hooks see the history after the fact (polled), so a
+    short window could end, and the retire begin, before they stop anything.
+    """
+
+    def wrapped(event: dict[str, Any], context: Any) -> Any:
+        if event.get("action") == "retire_reverse" and not writers.stopped:
+            stats = writers.stop()
+            timeline.events.append((timeline.now(), "writers stopped"))
+            say(f"[{timeline.now():7.1f}s] writers stopped before the retire ({stats.committed:,} transactions)")
+        return handler(event, context)
+
+    return wrapped
 
 
 def _failing_after_fence(

@@ -2,7 +2,9 @@
 
 Actions: `run` the cutover; `rollback` (the state machine's rollback branch: before cutover,
 reads back and forward replication stopped; after it, the protocol target -> source over the
-back replication); `status`. One task runs a whole protocol: its pause is the sum of its
+back replication); `retire_reverse` (after the rollback window: the source catches up with
+the target, then the back replication is dropped; a later rollback is refused); `status`.
+One task runs a whole protocol: its pause is the sum of its
 steps, and a state machine transition between steps would add to it. Step Functions retries
 the task; a retried or re-invoked one resumes at the first step not recorded (see
 lambdas/core/cutover). The alarm-triggered function that starts a rollback execution is
@@ -29,7 +31,7 @@ from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, trac
 
 
 class CutoverRequest(MigrationEvent):
-    action: Literal["run", "rollback", "status"] = "run"
+    action: Literal["run", "rollback", "retire_reverse", "status"] = "run"
 
 
 TRAFFIC_ENV = "ZDM_TRAFFIC"  # set by stacks/orchestration.py: the zone, record names and proxies the stack made
@@ -78,9 +80,10 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     runner = build_runner(request.parsed())
     if request.action == "status":
         return runner.status()
-    result = runner.cutover() if request.action == "run" else runner.rollback()
-    metric = "CutoverPauseSeconds" if request.action == "run" else "RollbackPauseSeconds"
-    if result.pause_seconds is not None:
+    operations = {"run": runner.cutover, "rollback": runner.rollback, "retire_reverse": runner.retire_reverse}
+    result = operations[request.action]()
+    metric = {"run": "CutoverPauseSeconds", "rollback": "RollbackPauseSeconds"}.get(request.action)
+    if metric is not None and result.pause_seconds is not None:
         metrics.add_metric(name=metric, unit=MetricUnit.Seconds, value=result.pause_seconds)
     logger.info(
         f"{result.operation} finished",

@@ -42,15 +42,27 @@ def test_happy_path_migrates_with_no_failed_transaction_no_lost_row_and_no_diffe
     assert summary["rows_validated"] >= 20_000
     assert summary["final_differences"] == 0 and summary["final_rows_compared"] >= 20_000
     assert summary["committed_transactions"] > 100
-    assert {"preflight", "initial copy", "validation", "read shift", "cutover", "finalize"} <= set(
-        summary["phase_seconds"]
-    )
+    assert {
+        "preflight",
+        "initial copy",
+        "validation",
+        "read shift",
+        "cutover",
+        "finalize",
+        "rollback window",
+        "retire reverse",
+    } <= set(summary["phase_seconds"])
+    # And after the (shortened) rollback window the reverse replication was retired, the source whole
+    assert summary["phase_seconds"]["rollback window"] >= 1.5  # 2 s by default, from event timestamps
+    assert summary["reverse_replication_retired"] is True and summary["reverse_replication_left"] == []
+    assert summary["source_whole_as_of_lsn"]
     assert summary["cutover_pause_ms"] is not None
     # And the report shows the charts over time, the terminal showed progress
     report = (tmp_path / "report.html").read_text()
     for chart in ("Replication lag", "Traffic on the target", "Write latency", "Workload throughput"):
         assert chart in report
     assert "phase: cutover" in proc.stderr and "rows lost" in proc.stderr
+    assert "reverse replication    retired after the rollback window" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -74,6 +86,7 @@ def test_injected_fault_ends_in_a_clean_rollback_with_nothing_lost(tmp_path: Pat
     assert summary["rows_lost"] == 0
     assert summary["failed_transactions"] == 0
     assert "rollback" in summary["phase_seconds"]
+    assert summary["reverse_replication_retired"] is False and "rollback window" not in summary["phase_seconds"]
     assert "rolled back" in (tmp_path / "report.html").read_text()
 
 

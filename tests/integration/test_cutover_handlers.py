@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from cutover_env import Shop, server_port, shop_in
 
+from lambdas.core.cutover import RollbackError
 from lambdas.handlers import cutover, read_shift
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload
@@ -81,6 +82,25 @@ def test_read_shift_cutover_and_rollback_handlers_without_leaking_secrets(
     # And no password reached the logs or the results
     out = capsys.readouterr()
     assert "s3cret" not in out.out + out.err + text
+
+
+def test_retire_reverse_action_retires_once_and_a_later_rollback_fails_with_the_reason(shop: Shop) -> None:
+    ctx = FakeContext()
+    # Given a cutover done through the handler
+    cutover.handler(event(shop), ctx)
+    # When the rollback window has passed and the state machine retires the reverse replication (twice)
+    retired = cutover.handler(event(shop, action="retire_reverse"), ctx)
+    again = cutover.handler(event(shop, action="retire_reverse"), ctx)
+    status = cutover.handler(event(shop, action="status"), ctx)
+    # Then the first run did it, the second changed nothing, and the status shows it done
+    assert retired["operation"] == "retire_reverse" and retired["status"] == "done"
+    assert [s["step"] for s in retired["steps"]] == ["catch_up", "retire_replication"]
+    assert again["status"] == "already_done"
+    assert status["retire_reverse"]["status"] == "done"
+    # And a rollback (the state machine's rollback task) fails with the reason, the writer still on the target
+    with pytest.raises(RollbackError, match="retired after the rollback window"):
+        cutover.handler(event(shop, action="rollback"), ctx)
+    assert server_port(shop.app) == shop.target.port
 
 
 def test_a_bad_read_step_is_refused_by_the_event_model(shop: Shop) -> None:

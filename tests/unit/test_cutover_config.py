@@ -56,6 +56,18 @@ def test_the_grace_must_fit_inside_the_fence_timeout() -> None:
     ]
 
 
+@pytest.mark.parametrize(("hours", "seconds"), [(24, 86_400), (0, 0), (0.5, 1800), (0.1, 360), (0.0001, 1)])
+def test_the_rollback_window_is_waited_in_whole_seconds_rounded_up(hours: float, seconds: int) -> None:
+    cutover = parse_migration(with_changes(cutover={"rollback_window_hours": hours})).cutover
+    assert cutover.rollback_window_seconds == seconds
+
+
+def test_a_rollback_window_longer_than_an_execution_can_wait_is_refused() -> None:
+    assert problems_for(with_changes(cutover={"rollback_window_hours": 9000})) == [
+        "cutover.rollback_window_hours: 9000 is too large; use 8760 or less"
+    ]
+
+
 def test_a_pgbouncer_backend_with_a_password_is_refused_and_the_password_not_shown() -> None:
     data = with_changes(router={"pgbouncer": {"source_backend": f"host=db dbname=orders password={PASSWORD}"}})
     problems = problems_for(data)

@@ -12,6 +12,7 @@ from lambdas.core.cutover.steps import (
     CUTOVER_STEPS,
     FORWARD,
     POINT_OF_NO_RETURN,
+    RETIRE_STEPS,
     ROLLBACK_STEPS,
     Operation,
     Progress,
@@ -19,7 +20,9 @@ from lambdas.core.cutover.steps import (
     Status,
     Step,
     remaining_steps,
+    retire_blocker,
     rollback_kind,
+    rollback_possible,
 )
 from lambdas.core.fence import SessionAction, SessionView, decide
 from lambdas.core.routers.base import RouterError, Side
@@ -107,6 +110,60 @@ def test_which_rollback_fits_the_record_and_the_router(
     cutover: Progress | None, rollback: Progress | None, writer: Side, expected: RollbackKind
 ) -> None:
     assert rollback_kind(cutover, rollback, writer) is expected
+
+
+# --- retiring the back replication ------------------------------------------------------------
+
+
+def test_the_retire_catches_the_source_up_before_it_drops_anything() -> None:
+    assert RETIRE_STEPS == (Step.CATCH_UP, Step.RETIRE_REPLICATION)
+    # A retire record never counts as a cutover's or rollback's point of no return
+    assert not progress(Status.RUNNING, Step.RETIRE_REPLICATION, Operation.RETIRE_REVERSE).past_point_of_no_return
+    assert not progress(Status.RUNNING, Step.CATCH_UP, Operation.RETIRE_REVERSE).completed(Step.FENCE)
+
+
+@pytest.mark.parametrize(
+    ("retire", "possible"),
+    [
+        (None, True),
+        # begun, the source not caught up yet (a wait that timed out): the back replication is whole
+        (progress(Status.RUNNING, None, Operation.RETIRE_REVERSE), True),
+        # caught up and recorded: the drop follows at once, or already happened
+        (progress(Status.RUNNING, Step.CATCH_UP, Operation.RETIRE_REVERSE), False),
+        (progress(Status.DONE, Step.RETIRE_REPLICATION, Operation.RETIRE_REVERSE), False),
+    ],
+)
+def test_a_rollback_stays_possible_until_the_retire_recorded_the_source_caught_up(
+    retire: Progress | None, possible: bool
+) -> None:
+    assert rollback_possible(retire) is possible
+
+
+@pytest.mark.parametrize(
+    ("cutover", "rollback", "blocker"),
+    [
+        (progress(Status.DONE, Step.RETIRE_REPLICATION), None, None),
+        (progress(Status.DONE, Step.RETIRE_REPLICATION), progress(Status.ABORTED, None, Operation.ROLLBACK), None),
+        (None, None, "its cutover is not done (never started)"),
+        (progress(Status.RUNNING, Step.SWITCH_WRITER), None, "its cutover is not done (running)"),
+        (progress(Status.ABORTED, Step.CATCH_UP), None, "its cutover is not done (aborted)"),
+        (
+            progress(Status.DONE, Step.RETIRE_REPLICATION),
+            progress(Status.RUNNING, Step.CATCH_UP, Operation.ROLLBACK),
+            "a rollback after its cutover is under way",
+        ),
+        (
+            progress(Status.DONE, Step.RETIRE_REPLICATION),
+            progress(Status.DONE, Step.RETIRE_REPLICATION, Operation.ROLLBACK),
+            "it was rolled back after its cutover",
+        ),
+    ],
+)
+def test_the_back_replication_is_retired_only_after_a_cutover_that_was_not_rolled_back(
+    cutover: Progress | None, rollback: Progress | None, blocker: str | None
+) -> None:
+    found = retire_blocker(cutover, rollback)
+    assert found == blocker if blocker is None else (found is not None and found.startswith(blocker))
 
 
 # --- fence decisions ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from lambdas.core.cutover.runner import (
     CutoverRunner,
     Hooks,
     OperationResult,
+    ReverseReplicationBehind,
     RollbackError,
     StepRun,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "Hooks",
     "Operation",
     "OperationResult",
+    "ReverseReplicationBehind",
     "RollbackError",
     "Status",
     "Step",

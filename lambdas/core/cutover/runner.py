@@ -36,6 +36,14 @@ that still reaches it (a cached DNS answer) cannot write there. Rollback before 
 (the writer never left the source) undoes a running attempt, moves reads back to the
 source and stops forward replication; it needs nothing from the target, so it also works
 when the target is down.
+
+Retiring the back replication (`retire_reverse`, once the rollback window has passed): the
+target's current WAL position is noted, the source applies the target's writes up to it
+over the back replication (so the old source is left whole as of that moment), then the
+back subscription, its slot and publication are dropped. Both steps are recorded like the
+cutover's, so a re-run resumes or returns `already_done`. Once the catch-up is recorded a
+rollback is refused: without the back replication it would lose the target's later writes.
+The source stays fenced (read-only).
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ from lambdas.core.cutover.steps import (
     BACKWARD,
     FORWARD,
     POINT_OF_NO_RETURN,
+    RETIRE_STEPS,
+    STEPS,
     Direction,
     Operation,
     Progress,
@@ -63,13 +73,15 @@ from lambdas.core.cutover.steps import (
     Status,
     Step,
     remaining_steps,
+    retire_blocker,
     rollback_kind,
+    rollback_possible,
 )
 from lambdas.core.db import Connection, DatabaseUnreachable, connect, execute, fetch_all
 from lambdas.core.engines.base import Phase
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames, _subscription
 from lambdas.core.fence import fence_position, is_fenced, lift_fence, make_writable, take_fence
-from lambdas.core.lsn import Lsn, wait_for_lsn
+from lambdas.core.lsn import Lsn, LsnWaitTimeout, current_lsn, wait_for_lsn
 from lambdas.core.routers.base import Side, TrafficRouter
 from lambdas.core.sequences import sync_sequences
 from lambdas.core.tables import TableName
@@ -89,6 +101,10 @@ class CutoverAborted(CutoverError):
 
 class RollbackError(CutoverError):
     pass
+
+
+class ReverseReplicationBehind(CutoverError):
+    """The source did not catch up with the target in time: nothing was dropped, rollback is still possible."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +211,7 @@ class CutoverRunner:
             conns[Side.TARGET] = self._open(Side.TARGET)
             if lock and not store.try_lock(conns[Side.TARGET], self.plan.migration):
                 raise CutoverError(
-                    f"another cutover or rollback of {self.plan.migration!r} is running (it holds the lock on the "
+                    f"another cutover, rollback or retire of {self.plan.migration!r} is running (it holds the lock on the "
                     "target); wait for it to finish"
                 )
             conns[Side.SOURCE] = self._open(Side.SOURCE)
@@ -245,6 +261,13 @@ class CutoverRunner:
         target.close()
         with self._sessions() as conns:
             target = conns[Side.TARGET]
+            if not rollback_possible(store.load(target, self.plan.migration, Operation.RETIRE_REVERSE)):
+                raise RollbackError(
+                    f"the back replication of {self.plan.migration!r} was retired after the rollback window: the "
+                    "source no longer receives the target's writes, so a rollback would lose every write made on the "
+                    "target since. Nothing was changed; the target stays the database (to go back, migrate the "
+                    "target to the source as a new migration)"
+                )
             cut = store.load(target, self.plan.migration, Operation.CUTOVER)
             back = store.load(target, self.plan.migration, Operation.ROLLBACK)
             kind = rollback_kind(cut, back, self.router.state().writer)
@@ -255,6 +278,41 @@ class CutoverRunner:
                 resume = back if back is not None and back.status is Status.RUNNING else None
                 return self._run(BACKWARD, resume, conns, kind=kind.value)
             return self._rollback_before(cut, conns)
+
+    def retire_reverse(self) -> OperationResult:
+        """End the back replication once the rollback window has passed (see the module's docstring)."""
+        operation = Operation.RETIRE_REVERSE
+        with self._sessions() as conns:
+            target = conns[Side.TARGET]
+            progress = store.load(target, self.plan.migration, operation)
+            if progress is not None and progress.status is Status.DONE:
+                return self._already_done(target, progress, operation.value)
+            blocker = retire_blocker(
+                store.load(target, self.plan.migration, Operation.CUTOVER),
+                store.load(target, self.plan.migration, Operation.ROLLBACK),
+            )
+            if blocker is not None:
+                raise CutoverError(
+                    f"the back replication of {self.plan.migration!r} cannot be retired: {blocker}. Nothing was changed"
+                )
+            if progress is None:
+                progress = store.begin(target, self.plan.migration, operation)
+            runs: list[StepRun] = []
+            for step in RETIRE_STEPS:
+                if progress.completed(step):
+                    continue
+                started = self._clock()
+                detail = self._retire_step(step, conns)
+                progress = self._record(target, progress, step, self._clock() - started, detail, runs)
+            return OperationResult(
+                self.plan.migration,
+                operation.value,
+                operation.value,
+                "done",
+                progress.attempt,
+                steps=runs,
+                notes=["the source stays fenced (read-only): a copy of the target as of the retire"],
+            )
 
     def status(self) -> dict[str, Any]:
         with self._sessions(lock=False) as conns:
@@ -305,22 +363,7 @@ class CutoverRunner:
                 if direction.steps.index(step) < direction.steps.index(POINT_OF_NO_RETURN):
                     self._abort(direction, progress, conns, names, back, step, exc)
                 raise
-            seconds = self._clock() - started
-            if self.hooks.before_record:
-                self.hooks.before_record(direction.operation, step)
-            progress = store.record(
-                target,
-                self.plan.migration,
-                progress,
-                step,
-                seconds,
-                detail,
-                done=step is direction.steps[-1],
-                **extra,
-            )
-            runs.append(StepRun(step.value, round(seconds, 6), detail))
-            if self.hooks.after_record:
-                self.hooks.after_record(direction.operation, step)
+            progress = self._record(target, progress, step, self._clock() - started, detail, runs, **extra)
         return OperationResult(
             self.plan.migration,
             direction.operation.value,
@@ -331,6 +374,28 @@ class CutoverRunner:
             store.pause_seconds(target, self.plan.migration, direction.operation),
             runs,
         )
+
+    def _record(
+        self,
+        target: Connection,
+        progress: Progress,
+        step: Step,
+        seconds: float,
+        detail: dict[str, Any],
+        runs: list[StepRun],
+        **extra: Any,
+    ) -> Progress:
+        """Record `step` as done (the operation is done with its last step), between the hooks."""
+        operation = progress.operation
+        if self.hooks.before_record:
+            self.hooks.before_record(operation, step)
+        progress = store.record(
+            target, self.plan.migration, progress, step, seconds, detail, done=step is STEPS[operation][-1], **extra
+        )
+        runs.append(StepRun(step.value, round(seconds, 6), detail))
+        if self.hooks.after_record:
+            self.hooks.after_record(operation, step)
+        return progress
 
     def _check_ready(self, direction: Direction, names: ReplicationNames) -> None:
         engine = self._engine(direction.old, names)
@@ -505,6 +570,43 @@ class CutoverRunner:
         attempt("lifting the fence", lambda: lift_fence(conns[direction.old]))
         attempt("releasing the router's clients", self.router.release)
         return problems
+
+    # -- retiring the back replication -------------------------------------------------------
+    def _retire_step(self, step: Step, conns: dict[Side, Connection]) -> dict[str, Any]:
+        names = self.plan.reverse
+        target, source = conns[Side.TARGET], conns[Side.SOURCE]
+        if step is Step.CATCH_UP:
+            sub = _subscription(source, names.subscription)
+            if sub is None or not sub[1]:
+                raise CutoverError(
+                    f"the back replication's subscription {names.subscription} on the source is "
+                    f"{'missing' if sub is None else 'disabled'}, so the source cannot catch up with the target. "
+                    "Nothing was dropped: enable it and retry, or drop the back replication by hand"
+                )
+            position = current_lsn(target)
+            # A flushed commit past the position: the walsender decodes past it at once, even when
+            # the target takes no writes, so the wait ends without waiting for the next write.
+            execute(target, "SELECT pg_logical_emit_message(true, 'zdm', 'retire_reverse')")
+            timeout = self.plan.settings.catch_up_timeout_seconds
+            try:
+                caught = wait_for_lsn(
+                    source, names.subscription, position, timeout=timeout, source=target, slot=names.slot
+                )
+            except LsnWaitTimeout as exc:
+                raise ReverseReplicationBehind(
+                    f"the source did not apply the target's writes up to {position} within {timeout:g}s "
+                    f"(cutover.catch_up_timeout_seconds) over {names.subscription}: {exc}. Nothing was dropped and a "
+                    "rollback is still possible; retry the retire"
+                ) from exc
+            return {
+                "position": str(position),
+                "signal": caught.signal,
+                "waited_seconds": caught.waited_seconds,
+                "reached": str(caught.reached_lsn),
+            }
+        if step is Step.RETIRE_REPLICATION:
+            return {"removed": self._engine(Side.TARGET, names).teardown().removed}
+        raise AssertionError(f"not a retire step: {step}")  # pragma: no cover
 
     # -- rollback before cutover -------------------------------------------------------------
     def _rollback_before(self, cut: Progress | None, conns: dict[Side, Connection]) -> OperationResult:

@@ -3,7 +3,10 @@
 One protocol moves the writer from an old side to a new side over the replication that
 runs old -> new. The cutover runs it source -> target (starting replication back, target ->
 source, before the switch); a rollback after cutover runs it target -> source over that back
-replication. Pure: no database or AWS access here.
+replication. Once the rollback window has passed, the back replication is retired: the source
+first applies the target's writes up to the target's current position, then the back
+replication is dropped; from then on a rollback could no longer bring the target's writes
+back, so it is refused. Pure: no database or AWS access here.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from lambdas.core.routers.base import Side
 class Operation(StrEnum):
     CUTOVER = "cutover"
     ROLLBACK = "rollback"
+    RETIRE_REVERSE = "retire_reverse"  # after the rollback window: the back replication ends
 
 
 class Step(StrEnum):
@@ -51,6 +55,14 @@ CUTOVER_STEPS: tuple[Step, ...] = (
     Step.RETIRE_REPLICATION,
 )
 ROLLBACK_STEPS: tuple[Step, ...] = tuple(s for s in CUTOVER_STEPS if s is not Step.START_BACK_REPLICATION)
+# Retiring the back replication (target -> source) moves no writer: the source applies the
+# target's WAL up to the target's position when the retire began, then the replication is dropped.
+RETIRE_STEPS: tuple[Step, ...] = (Step.CATCH_UP, Step.RETIRE_REPLICATION)
+STEPS: dict[Operation, tuple[Step, ...]] = {
+    Operation.CUTOVER: CUTOVER_STEPS,
+    Operation.ROLLBACK: ROLLBACK_STEPS,
+    Operation.RETIRE_REVERSE: RETIRE_STEPS,
+}
 
 # From this step on the new side may take writes: a failure no longer undoes the attempt, it
 # is finished by running the operation again.
@@ -73,10 +85,6 @@ FORWARD = Direction(Operation.CUTOVER, Side.SOURCE, Side.TARGET, CUTOVER_STEPS)
 BACKWARD = Direction(Operation.ROLLBACK, Side.TARGET, Side.SOURCE, ROLLBACK_STEPS)
 
 
-def direction_of(operation: Operation) -> Direction:
-    return FORWARD if operation is Operation.CUTOVER else BACKWARD
-
-
 @dataclass(frozen=True)
 class Progress:
     """One operation's recorded state: `step` is the last step completed (None: none yet)."""
@@ -89,9 +97,9 @@ class Progress:
     error: str | None = None
 
     def completed(self, step: Step) -> bool:
-        if self.step is None:
+        order = STEPS[self.operation]
+        if self.step is None or step not in order:
             return False
-        order = direction_of(self.operation).steps
         return order.index(step) <= order.index(self.step)
 
     @property
@@ -130,3 +138,25 @@ def rollback_kind(cutover: Progress | None, rollback: Progress | None, router_wr
         and (cutover.status is Status.DONE or cutover.past_point_of_no_return)
     )
     return RollbackKind.AFTER_CUTOVER if moved else RollbackKind.BEFORE_CUTOVER
+
+
+def rollback_possible(retire: Progress | None) -> bool:
+    """Whether the back replication still carries every target write to the source.
+
+    The retire drops it right after recording that the source caught up; from that record on
+    a rollback would lose the target's later writes. Before it (a retire that timed out
+    waiting, say) the back replication is whole and a rollback still loses nothing.
+    """
+    return retire is None or not retire.completed(Step.CATCH_UP)
+
+
+def retire_blocker(cutover: Progress | None, rollback: Progress | None) -> str | None:
+    """Why the back replication cannot be retired now; None when it can."""
+    if rollback is not None and rollback.status is Status.DONE:
+        return "it was rolled back after its cutover (the rollback already dropped the back replication)"
+    if rollback is not None and rollback.status is Status.RUNNING:
+        return "a rollback after its cutover is under way over the back replication: finish it first"
+    if cutover is None or cutover.status is not Status.DONE:
+        state = "never started" if cutover is None else cutover.status.value
+        return f"its cutover is not done ({state}): the back replication exists only after a cutover"
+    return None

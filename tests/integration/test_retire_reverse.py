@@ -1,0 +1,202 @@
+"""Retiring the reverse replication after the rollback window, against real servers and pgbouncer.
+
+After a cutover the target's writes flow back to the source (subscription `zdm_shop_rev` on the
+source, slot and publication on the target). `retire_reverse` waits until the source has applied
+the target's writes up to the target's position, then drops all three; from then on a rollback
+is refused, since it could no longer bring the target's writes back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from cutover_env import REVERSE, Shop, assert_no_difference, read_only_error, shop_in
+from psycopg2 import sql
+
+from lambdas.core.cutover import CutoverError, Hooks, Operation, RollbackError, Status, Step, store
+from lambdas.core.db import connect, execute, fetch_value
+from lambdas.core.fence import make_writable
+from lambdas.core.lsn import Lsn
+from lambdas.core.routers.base import Side
+from rehearsal.servers import PostgresServer
+from rehearsal.workload import Workload
+
+
+@pytest.fixture
+def shop(pg_pair: tuple[PostgresServer, PostgresServer], fresh_dbs: tuple[str, str]) -> Iterator[Shop]:
+    with shop_in(pg_pair, fresh_dbs) as s:
+        yield s
+
+
+class SimulatedCrash(BaseException):
+    """Stands for the process dying (a Lambda timeout): nothing catches it, nothing is undone."""
+
+
+def cut_over_under_writes(shop: Shop, seconds: float = 1.0) -> None:
+    """A cutover done while clients write, then the clients writing to the target for a while, then stopped."""
+    workload = Workload(shop.app, clients=4, rate=60).start()
+    time.sleep(0.5)
+    shop.runner().cutover()
+    time.sleep(seconds)
+    stats = workload.stop()
+    assert stats.failed == 0, stats.errors
+
+
+def reverse_objects(shop: Shop) -> list[str]:
+    """What of the reverse replication exists: subscription on the source, slot and publication on the target."""
+    found: list[str] = []
+    for dsn, kind, query in (
+        (shop.src, "subscription", "SELECT count(*) FROM pg_subscription WHERE subname = %s"),
+        (shop.tgt, "slot", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s"),
+        (shop.tgt, "publication", "SELECT count(*) FROM pg_publication WHERE pubname = %s"),
+    ):
+        conn = connect(dsn)
+        try:
+            if fetch_value(conn, query, (REVERSE.base,)):
+                found.append(kind)
+        finally:
+            conn.close()
+    return found
+
+
+def customers_named(dsn: str, email: str) -> int:
+    conn = connect(dsn)
+    try:
+        return int(fetch_value(conn, "SELECT count(*) FROM customers WHERE email = %s", (email,)))
+    finally:
+        conn.close()
+
+
+def hold_table_on_source(shop: Shop, table: str, seconds: float) -> threading.Thread:
+    """Keep the reverse apply worker from writing to `table` for `seconds` (a SHARE lock: reads go on)."""
+    conn = connect(shop.src)
+    make_writable(conn)  # the source is fenced: our session may still take the lock
+    execute(conn, "BEGIN")
+    execute(conn, sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.Identifier(table)))
+
+    def release() -> None:
+        time.sleep(seconds)
+        execute(conn, "ROLLBACK")
+        conn.close()
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    return thread
+
+
+def recorded(shop: Shop) -> list[tuple[str, str]]:
+    conn = connect(shop.tgt)
+    try:
+        return [(h["operation"], h["step"]) for h in store.history(conn, "shop")]
+    finally:
+        conn.close()
+
+
+def test_retire_waits_until_the_source_has_the_target_s_last_write_then_drops_the_reverse_replication(
+    shop: Shop,
+) -> None:
+    # Given a cutover done under writes, and the reverse apply worker held up on the source
+    cut_over_under_writes(shop)
+    assert reverse_objects(shop) == ["subscription", "slot", "publication"]
+    holder = hold_table_on_source(shop, "customers", 1.5)
+    # And a row written on the target (through the application's alias) just before the retire
+    conn = connect(shop.app)
+    try:
+        execute(conn, "INSERT INTO customers (email, name) VALUES ('last@example.com', 'Last Write')")
+    finally:
+        conn.close()
+    assert customers_named(shop.src, "last@example.com") == 0  # not applied yet: the lock holds it
+    # When the reverse replication is retired
+    result = shop.runner().retire_reverse()
+    holder.join()
+    # Then it waited for the source to apply the target's writes, and only then dropped everything
+    assert result.status == "done" and result.operation == "retire_reverse"
+    assert [s.step for s in result.steps] == ["catch_up", "retire_replication"]
+    caught_up = result.steps[0].detail
+    assert caught_up["waited_seconds"] >= 0.5, caught_up
+    assert Lsn.parse(caught_up["reached"]) >= Lsn.parse(caught_up["position"])
+    assert sorted(result.steps[1].detail["removed"]) == sorted(
+        [f"subscription {REVERSE.subscription}", f"slot {REVERSE.slot}", f"publication {REVERSE.publication}"]
+    )
+    assert customers_named(shop.src, "last@example.com") == 1
+    assert reverse_objects(shop) == []
+    # And the source is the target row for row, as of the retire
+    assert assert_no_difference(shop.diffs()) > 5_000
+    # And the writer stays on the target, the source stays read-only
+    assert shop.router.state().writer is Side.TARGET
+    assert read_only_error(shop.src) == "ReadOnlySqlTransaction"
+    assert read_only_error(shop.tgt) is None
+
+
+def test_retire_is_safe_to_run_again_after_it_finished_or_died_between_its_steps(shop: Shop) -> None:
+    # Given a cutover done, and a retire that dies right after recording that the source caught up
+    cut_over_under_writes(shop, seconds=0.5)
+
+    def die(operation: Operation, step: Step) -> None:
+        if operation is Operation.RETIRE_REVERSE and step is Step.CATCH_UP:
+            raise SimulatedCrash(step.value)
+
+    with pytest.raises(SimulatedCrash):
+        shop.runner(Hooks(after_record=die)).retire_reverse()
+    assert reverse_objects(shop) == ["subscription", "slot", "publication"]
+    # When it runs again, and once more after that
+    resumed = shop.runner().retire_reverse()
+    again = shop.runner().retire_reverse()
+    # Then the second run only dropped (the catch-up was recorded), the third changed nothing
+    assert [s.step for s in resumed.steps] == ["retire_replication"] and resumed.attempt == 1
+    assert again.status == "already_done" and again.steps == [] and again.attempt == 1
+    assert reverse_objects(shop) == []
+    # And each retire step is recorded once, after the cutover's
+    retire_steps = [step for op, step in recorded(shop) if op == "retire_reverse"]
+    assert retire_steps == ["catch_up", "retire_replication"]
+    conn = connect(shop.tgt)
+    try:
+        progress = store.load(conn, "shop", Operation.RETIRE_REVERSE)
+    finally:
+        conn.close()
+    assert progress is not None and progress.status is Status.DONE
+
+
+def test_a_rollback_after_the_retire_is_refused_and_changes_nothing(shop: Shop) -> None:
+    # Given a cutover done, and its reverse replication retired
+    cut_over_under_writes(shop, seconds=0.5)
+    shop.runner().retire_reverse()
+    history = recorded(shop)
+    # When a rollback is asked for (an alarm long after the window, say)
+    with pytest.raises(RollbackError, match="retired after the rollback window") as caught:
+        shop.runner().rollback()
+    # Then the message says why: the target's writes since could not be brought back
+    assert "would lose every write made on the target" in str(caught.value)
+    assert "Nothing was changed" in str(caught.value)
+    # And nothing changed: writer and reads on the target, the source read-only, the target writable,
+    # no replication in either direction, no rollback recorded
+    state = shop.router.state()
+    assert (state.writer, state.read_weight, state.holding) == (Side.TARGET, 100, False)
+    assert read_only_error(shop.src) == "ReadOnlySqlTransaction"
+    assert read_only_error(shop.tgt) is None
+    assert reverse_objects(shop) == []
+    assert recorded(shop) == history
+    conn = connect(shop.tgt)
+    try:
+        assert store.load(conn, "shop", Operation.ROLLBACK) is None
+    finally:
+        conn.close()
+
+
+def test_retire_is_refused_before_a_cutover_and_after_a_rollback(shop: Shop) -> None:
+    # Given no cutover yet / Then there is no reverse replication to retire
+    with pytest.raises(CutoverError, match=r"cannot be retired: its cutover is not done \(never started\)"):
+        shop.runner().retire_reverse()
+    # Given a cutover rolled back within the window / Then the rollback already dropped it
+    shop.runner().cutover()
+    shop.runner().rollback()
+    with pytest.raises(CutoverError, match="cannot be retired: it was rolled back after its cutover"):
+        shop.runner().retire_reverse()
+    conn = connect(shop.tgt)
+    try:
+        assert store.load(conn, "shop", Operation.RETIRE_REVERSE) is None
+    finally:
+        conn.close()
