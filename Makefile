@@ -56,7 +56,7 @@ infrastructure: setup
 rehearse: setup
 	$(PY) -m rehearsal --rows $(ROWS) --out $(OUT) $(if $(FAULT),--fault $(FAULT),)
 
-SYNTH_MIGRATIONS ?= migrations/example.yaml migrations/serverless-proxy.yaml
+SYNTH_MIGRATIONS ?= migrations/example.yaml migrations/serverless-proxy.yaml migrations/debezium.yaml
 
 # Synthesizes every file in SYNTH_MIGRATIONS (no AWS credentials needed), then cfn-lint
 # (exit 4 = warnings only). cdk-nag runs inside the synth and fails it on any finding.

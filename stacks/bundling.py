@@ -26,6 +26,9 @@ from aws_cdk import aws_lambda as lambda_
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_VERSION = "3.12"  # the functions' runtime (Runtime.PYTHON_3_12)
 PLATFORM = "manylinux2014_x86_64"  # Architecture.X86_64
+# Also newer wheels (confluent-kafka ships manylinux_2_28 only): the python3.12 runtime runs on
+# Amazon Linux 2023 (glibc 2.34), which loads them.
+PLATFORMS = (PLATFORM, "manylinux_2_28_x86_64")
 BUNDLER_VERSION = "1"  # bump to invalidate every cached bundle
 MANIFEST = ".zdm-bundle.json"
 
@@ -40,7 +43,7 @@ def _source_files() -> list[Path]:
 
 def bundle_hash() -> str:
     digest = hashlib.sha256()
-    for part in (BUNDLER_VERSION, PYTHON_VERSION, PLATFORM):
+    for part in (BUNDLER_VERSION, PYTHON_VERSION, *PLATFORMS):
         digest.update(part.encode() + b"\0")
     digest.update((ROOT / "requirements.txt").read_bytes() + b"\0")
     for path in _source_files():
@@ -65,8 +68,7 @@ def build_bundle(destination: Path) -> None:
             "--no-compile",
             "--requirement",
             str(ROOT / "requirements.txt"),
-            "--platform",
-            PLATFORM,
+            *(arg for platform in PLATFORMS for arg in ("--platform", platform)),
             "--implementation",
             "cp",
             "--python-version",
@@ -90,7 +92,7 @@ def ensure_bundle() -> Path:
     work = Path(tempfile.mkdtemp(prefix=f"{key[:12]}.", dir=final.parent))
     try:
         build_bundle(work)
-        manifest = {"hash": key, "python": PYTHON_VERSION, "platform": PLATFORM}
+        manifest = {"hash": key, "python": PYTHON_VERSION, "platform": list(PLATFORMS)}
         (work / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
         try:
             work.rename(final)

@@ -62,6 +62,11 @@ def short_name(prefix: str, name: str, suffix: str = "", limit: int = 31) -> str
     return re.sub(r"-{2,}", "-", text[: limit - len(tail)].rstrip("-") + tail)
 
 
+def lambda_function_name(migration_name: str, module: str) -> str:
+    """The name of the migration's function for handler module `module` (CDK's and the runtime's)."""
+    return short_name("zdm", migration_name, module, limit=64)
+
+
 @dataclass
 class Keys:
     """Customer managed keys of the migration: `data` for data at rest (DMS storage and endpoints,

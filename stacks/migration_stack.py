@@ -1,7 +1,8 @@
 """One stack per migration, one construct per concern:
 
 config (settings parameter) -> security (KMS keys) -> network -> streaming (MSK) ->
-replication (DMS) -> traffic (RDS Proxy, Route53) -> orchestration (Lambdas, state machine) ->
+replication (DMS) -> change stream (MSK Connect, applier, dead letters: engine debezium) ->
+traffic (RDS Proxy, Route53) -> orchestration (Lambdas, state machine) ->
 monitoring (alarms, composite, EventBridge rollback rule, dashboard).
 """
 
@@ -14,6 +15,7 @@ import aws_cdk as cdk
 from constructs import Construct
 
 from lambdas.core.config import Migration
+from stacks.change_stream import ChangeStream
 from stacks.common import MigrationContext, aws_environment
 from stacks.config import MigrationConfig
 from stacks.monitoring import Monitoring
@@ -56,13 +58,18 @@ class MigrationStack(cdk.Stack):
         self.security = Security(self, "Security", migration_name=migration.name, env=env)
         ctx = MigrationContext(self, migration, env, self.security.keys)
         self.network = Network(self, "Network", ctx=ctx)
-        self.streaming = (
-            Streaming(self, "Streaming", ctx=ctx, network=self.network) if migration.aws.streaming.enabled else None
-        )
+        # Engine debezium streams through the cluster: it is built whatever aws.streaming.enabled says.
+        needs_kafka = migration.aws.streaming.enabled or migration.engine.type == "debezium"
+        self.streaming = Streaming(self, "Streaming", ctx=ctx, network=self.network) if needs_kafka else None
         needs_dms = migration.engine.type == "dms" or migration.aws.streaming.dms_change_stream
         self.replication = (
             Replication(self, "Replication", ctx=ctx, network=self.network, streaming=self.streaming)
             if needs_dms
+            else None
+        )
+        self.change_stream = (
+            ChangeStream(self, "ChangeStream", ctx=ctx, network=self.network, streaming=self.streaming)
+            if migration.engine.type == "debezium" and self.streaming is not None
             else None
         )
         self.traffic = Traffic(self, "Traffic", ctx=ctx, network=self.network)
@@ -76,6 +83,7 @@ class MigrationStack(cdk.Stack):
             traffic=self.traffic,
             handlers=handlers,
             definition_file=definition_file,
+            change_stream=self.change_stream,
         )
         self.monitoring = Monitoring(
             self,
@@ -84,6 +92,7 @@ class MigrationStack(cdk.Stack):
             replication=self.replication,
             rollback=self.orchestration.function_for("alarm"),
             dead_letters=self.orchestration.dead_letters,
+            change_stream=self.change_stream,
         )
         cdk.CfnOutput(self, "StateMachineArn", value=self.orchestration.state_machine.state_machine_arn)
         cdk.CfnOutput(self, "Dashboard", value=f"zdm-{migration.name}")

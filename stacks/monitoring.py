@@ -10,6 +10,9 @@ Alarms (each named zdm-<name>-<what>; any of them in ALARM rolls the migration b
 - target database errors: ERROR/FATAL/PANIC lines in the target's PostgreSQL log
   (needs the target's rds_*_identifier and PostgreSQL log export to CloudWatch Logs)
 - the application's error rate (`alarms.error_rate_metric`), and every alarm in `alarms.names`
+- engine debezium: the applier's DeadLetters (events it could not apply) and any message in the
+  change stream's dead-letter queue (a batch the event source mapping gave up on): either means
+  the target misses a change
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from constructs import Construct
 
 from lambdas.core import telemetry
 from lambdas.core.telemetry import alarm_name_prefix, composite_alarm_name
+from stacks.change_stream import ChangeStream
 from stacks.common import MigrationContext
 from stacks.replication import Replication
 
@@ -43,6 +47,7 @@ class Monitoring(Construct):
         replication: Replication | None,
         rollback: Sequence[lambda_.IFunction],
         dead_letters: sqs.IQueue,
+        change_stream: ChangeStream | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self._ctx = ctx
@@ -108,6 +113,32 @@ class Monitoring(Construct):
                 "error lines in the DMS task logs above alarms.target_errors_per_minute",
                 op=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
             )
+
+        # -- the change stream (engine debezium) -----------------------------------------------------
+        if change_stream is not None:
+            dead = custom(telemetry.DEAD_LETTERS, "Sum")
+            self._alarm(
+                "ChangeStreamDeadLetters",
+                dead,
+                1,
+                "the change-stream applier sent events it could not apply to the dead-letter queue",
+                minutes=1,
+                op=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            )
+            queued = change_stream.dead_letters.metric_approximate_number_of_messages_visible(
+                statistic="Maximum", period=MINUTE
+            )
+            self._alarm(
+                "ChangeStreamFailedBatches",
+                queued,
+                1,
+                "messages in the change stream's dead-letter queue (failed applier batches or dead letters)",
+                minutes=1,
+                op=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            )
+            self.change_stream_metrics: list[cloudwatch.IMetric] = [dead, queued]
+        else:
+            self.change_stream_metrics = []
 
         # -- slot health -------------------------------------------------------------------------
         self.slot_metrics: list[cloudwatch.IMetric] = [
@@ -291,7 +322,7 @@ class Monitoring(Construct):
             ),
             cloudwatch.GraphWidget(
                 title="Errors: target database, application",
-                left=self.error_metrics or [custom(telemetry.REPLICATION_FAILED)],
+                left=[*self.error_metrics, *self.change_stream_metrics] or [custom(telemetry.REPLICATION_FAILED)],
                 width=12,
             ),
         )

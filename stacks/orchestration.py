@@ -3,8 +3,9 @@
 Adding a handler is one line in `HANDLERS`: a `HandlerSpec` names the module in
 `lambdas/handlers/`, what it may touch (`Access`), and who invokes it. The state machine is
 `statemachine/migration.asl.json`, inlined; every `${<Name>FunctionArn}` in it is substituted
-with the ARN of the registry's function `<Name>` (an unknown `${...}` fails the synth), and
-the state machine's role may invoke exactly the functions its definition names.
+with the ARN of the registry's function `<Name>`, the others with the migration's name, settings
+parameter and rollback window (an unknown `${...}` fails the synth), and the state machine's
+role may invoke exactly the functions its definition names.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from constructs import Construct
 from lambdas.core import telemetry
 from lambdas.core.telemetry import alarm_name_prefix
 from stacks.bundling import PYTHON_VERSION, ROOT, lambda_code
-from stacks.common import MigrationContext, acknowledge, acknowledge_resource, short_name
+from stacks.change_stream import ChangeStream
+from stacks.common import MigrationContext, acknowledge, acknowledge_resource, lambda_function_name, short_name
 from stacks.network import Network
 from stacks.registry import HANDLERS, Access, HandlerSpec
 from stacks.replication import Replication
@@ -52,12 +54,17 @@ class Orchestration(Construct):
         traffic: Traffic,
         handlers: tuple[HandlerSpec, ...] = HANDLERS,
         definition_file: Path = ASL,
+        change_stream: ChangeStream | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self._ctx = ctx
         self._network = network
         self._replication = replication
         self._traffic = traffic
+        self._change_stream = change_stream
+        self._settings = settings
+        # Engine-specific functions (the debezium applier) only where their engine runs.
+        handlers = tuple(spec for spec in handlers if spec.applies_to(ctx.migration.engine.type))
         self.specs = handlers
         self.state_machine_name = short_name("zdm", ctx.name, limit=80)
         self.state_machine_arn = ctx.arn("states", f"stateMachine:{self.state_machine_name}")
@@ -84,6 +91,8 @@ class Orchestration(Construct):
             "MigrationName": ctx.name,
             "SettingsParameterName": settings.parameter_name,
             "SettingsParameterArn": settings.parameter_arn,
+            # The Defaults state's rollback window: hours to whole seconds, which ASL cannot compute.
+            "RollbackWindowSeconds": str(ctx.migration.cutover.rollback_window_seconds),
         }
         used = placeholders(definition)
         unknown = [p for p in used if p not in known]
@@ -136,7 +145,7 @@ class Orchestration(Construct):
     # -- functions ---------------------------------------------------------------------------
     def _function(self, spec: HandlerSpec) -> lambda_.Function:
         ctx = self._ctx
-        function_name = short_name("zdm", ctx.name, spec.module, limit=64)
+        function_name = lambda_function_name(ctx.name, spec.module)
         role = iam.Role(
             self,
             f"{spec.name}Role",
@@ -250,6 +259,17 @@ class Orchestration(Construct):
                 self._grant(Access.DATABASES, function, role)
             if self._replication is not None:  # the dms engine's task and/or the DMS change stream
                 self._grant(Access.DMS, function, role)
+            if self._change_stream is not None:  # engine debezium: the connector and the applier's mappings
+                self._change_stream.grant_control(function, role)
+        elif access is Access.APPLY:
+            if self._change_stream is None:
+                raise ValueError(f"{function.node.id}: Access.APPLY needs the change stream (engine debezium)")
+            self._change_stream.grant_apply(function, role)
+            # Event source mappings carry no migration settings: the applier reads them from the parameter.
+            function.add_environment("ZDM_SETTINGS_PARAMETER", self._settings.parameter_name)
+            role.add_to_policy(
+                iam.PolicyStatement(actions=["ssm:GetParameter"], resources=[self._settings.parameter_arn])
+            )
         elif access is Access.DATABASES:
             endpoints = (m.source, m.target)
             role.add_to_policy(

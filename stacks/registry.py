@@ -20,6 +20,7 @@ class Access(StrEnum):
     ALARMS_READ = "alarms-read"  # read the state of this migration's alarms and the file's alarms (health gates)
     TRAFFIC = "traffic"  # change this migration's DNS records, retarget its proxies
     EXECUTIONS = "executions"  # list and stop this state machine's executions, start a rollback
+    APPLY = "apply"  # engine debezium's applier: consume the table topics, write the target, dead letters
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,16 @@ class HandlerSpec:
     name: str  # CamelCase; the ASL refers to the function as ${<name>FunctionArn}
     module: str  # lambdas/handlers/<module>.py with `handler(event, context)`
     access: tuple[Access, ...] = ()
-    invoked_by: Literal["state-machine", "alarm"] = "state-machine"
+    # event-source: Lambda event source mappings the replication function creates at run time
+    invoked_by: Literal["state-machine", "alarm", "event-source"] = "state-machine"
     in_vpc: bool = True
     timeout_seconds: int = 300
     memory_mb: int = 512
     description: str = ""
+    engines: tuple[str, ...] = ()  # deployed only for these engine types; () for every engine
+
+    def applies_to(self, engine_type: str) -> bool:
+        return not self.engines or engine_type in self.engines
 
     @property
     def handler(self) -> str:
@@ -56,6 +62,18 @@ HANDLERS: tuple[HandlerSpec, ...] = (
         (Access.DATABASES, Access.TRAFFIC),
         timeout_seconds=900,
         description="fence, catch up, sequences, reverse replication, writer switch; and rollback",
+    ),
+    # Engine debezium: applies the change events of one table topic's batch (invoked by the event source
+    # mappings of lambdas/core/changestream/msk_runtime.py; event source mappings allow at most 14 minutes).
+    HandlerSpec(
+        "ApplyChanges",
+        "apply_changes",
+        (Access.APPLY,),
+        invoked_by="event-source",
+        timeout_seconds=300,
+        memory_mb=1024,
+        engines=("debezium",),
+        description="applies Debezium change events to the target",
     ),
     # Outside the VPC: the rollback must not depend on the VPC's egress; it calls Step Functions only.
     HandlerSpec(

@@ -28,6 +28,10 @@ VALIDATION_CHUNKS_DONE = "ValidationChunksDone"
 VALIDATION_CHUNKS_TOTAL = "ValidationChunksTotal"
 VALIDATION_MISMATCHED_ROWS = "ValidationMismatchedRows"
 
+# Published by the change-stream applier (engine debezium): events it could not apply and sent to the
+# dead-letter queue. Any of them means the target misses a change: the alarm on it rolls back.
+DEAD_LETTERS = "DeadLetters"
+
 # Metric filters on log groups (one namespace per migration: filters cannot add dimensions).
 FILTER_NAMESPACE_PREFIX = "Zdm/"
 TARGET_DATABASE_ERRORS = "TargetDatabaseErrors"

@@ -22,7 +22,7 @@ from lambdas.core.config import Migration, load_migration, parse_migration
 from stacks.migration_stack import MigrationStack, stack_name_for
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ("migrations/example.yaml", "migrations/serverless-proxy.yaml")
+SHIPPED = ("migrations/example.yaml", "migrations/serverless-proxy.yaml", "migrations/debezium.yaml")
 
 
 @dataclass
@@ -84,6 +84,11 @@ def example(synth: Callable[..., Synth]) -> Synth:
 @pytest.fixture(scope="session")
 def serverless(synth: Callable[..., Synth]) -> Synth:
     return synth("migrations/serverless-proxy.yaml")
+
+
+@pytest.fixture(scope="session")
+def debezium(synth: Callable[..., Synth]) -> Synth:
+    return synth("migrations/debezium.yaml")
 
 
 @pytest.fixture(scope="session", params=SHIPPED)

@@ -118,8 +118,22 @@ def test_every_lambda_is_reachable_from_the_state_machine_or_the_alarm_rule(ship
         for t in rule["Properties"]["Targets"]
         if isinstance(t["Arn"], dict) and "Fn::GetAtt" in t["Arn"]
     }
-    functions = {k for k in shipped.resources("AWS::Lambda::Function") if not DEPLOY_TIME_FUNCTIONS.match(k)}
+    resources = shipped.resources("AWS::Lambda::Function")
+    functions = {k for k in resources if not DEPLOY_TIME_FUNCTIONS.match(k)}
     assert functions, "no functions"
-    unreachable = functions - from_machine - from_rules
+    # Event-source functions (the debezium applier) are invoked by the event source mappings the
+    # replication function creates: its ZDM_CHANGE_STREAM names them.
+    specs = [s for s in HANDLERS if s.applies_to(shipped.migration.engine.type)]
+    by_handler = {resources[k]["Properties"]["Handler"]: k for k in functions}
+    replication_env = json.dumps(
+        resources[by_handler["lambdas.handlers.replication.handler"]]["Properties"]["Environment"]
+    )
+    from_mappings = set()
+    for spec in specs:
+        if spec.invoked_by == "event-source":
+            name = resources[by_handler[spec.handler]]["Properties"]["FunctionName"]
+            assert f'\\"applier_function\\":\\"{name}\\"' in replication_env, f"{name}: no mapping names it"
+            from_mappings.add(by_handler[spec.handler])
+    unreachable = functions - from_machine - from_rules - from_mappings
     assert not unreachable, f"functions nothing invokes: {sorted(unreachable)}"
-    assert len(functions) == len(HANDLERS)
+    assert len(functions) == len(specs)

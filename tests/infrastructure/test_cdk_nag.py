@@ -21,6 +21,15 @@ VARIANTS = [
         "migrations/serverless-proxy.yaml",
         {"router": {"type": "route53", "route53": {"hosted_zone_id": "Z0123456789ABCDEFGHIJ"}}},
     ),
+    ("migrations/debezium.yaml", {}),
+    # debezium with a provisioned cluster, the DMS change stream beside it, the file's VPC and no SQS endpoint
+    (
+        "migrations/example.yaml",
+        {
+            "engine": {"type": "debezium"},
+            "aws": {"debezium": {"sqs_endpoint": False, "connector_workers": 2, "connector_mcu_count": 2}},
+        },
+    ),
 ]
 
 
@@ -30,7 +39,9 @@ def _report(scope: IConstruct) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("path", "changes"), VARIANTS, ids=["example", "serverless-proxy", "logical-no-stream", "serverless-route53"]
+    ("path", "changes"),
+    VARIANTS,
+    ids=["example", "serverless-proxy", "logical-no-stream", "serverless-route53", "debezium", "debezium-provisioned"],
 )
 def test_no_unacknowledged_aws_solutions_finding(
     synth: Callable[..., Synth], path: str, changes: dict[str, object]
@@ -40,9 +51,9 @@ def test_no_unacknowledged_aws_solutions_finding(
     assert not findings, "\n".join(findings)
 
 
-def test_every_acknowledgement_has_a_reason(example: Synth, serverless: Synth) -> None:
+def test_every_acknowledgement_has_a_reason(example: Synth, serverless: Synth, debezium: Synth) -> None:
     seen = 0
-    for result in (example, serverless):
+    for result in (example, serverless, debezium):
         for construct in result.app.node.find_all():
             for entry in construct.node.metadata:
                 if entry.type != cdk.Validations.ACKNOWLEDGED_RULES_METADATA_KEY:

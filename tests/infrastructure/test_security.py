@@ -29,6 +29,12 @@ WILDCARD_RESOURCE_ACTIONS = {
     "logs:PutResourcePolicy": "Step Functions log delivery",
     "logs:DescribeResourcePolicies": "Step Functions log delivery",
     "logs:DescribeLogGroups": "Step Functions log delivery",
+    "kafkaconnect:CreateConnector": "the debezium runtime creates its connector (no resource-level permissions)",
+    "kafkaconnect:ListConnectors": "the debezium runtime finds its connector by name",
+    "lambda:ListEventSourceMappings": "the debezium runtime finds the applier's event source mappings",
+    "lambda:CreateEventSourceMapping": "the applier's mappings (a lambda:FunctionArn condition names the applier)",
+    "ec2:DescribeVpcs": "MSK Connect and Lambda's MSK pollers validate the VPC",
+    "ec2:DescribeSecurityGroups": "MSK Connect and Lambda's MSK pollers validate the security groups",
 }
 
 
@@ -102,11 +108,14 @@ def test_no_secret_value_is_written_into_the_template(shipped: Synth) -> None:
             assert "{{resolve:secretsmanager:" in json.dumps(kafka["SaslPassword"])
 
 
-@pytest.mark.parametrize("path", ["migrations/example.yaml", "migrations/serverless-proxy.yaml"])
+@pytest.mark.parametrize(
+    "path", ["migrations/example.yaml", "migrations/serverless-proxy.yaml", "migrations/debezium.yaml"]
+)
 def test_services_assume_roles_only_for_this_account(synth: Callable[..., Synth], path: str) -> None:
     result = synth(path)
     for logical_id, role in result.resources("AWS::IAM::Role").items():
         for statement in role["Properties"]["AssumeRolePolicyDocument"]["Statement"]:
             service = statement["Principal"].get("Service", "")
-            if service in ("states.amazonaws.com", "vpc-flow-logs.amazonaws.com") or str(service).startswith("dms."):
+            accounted = ("states.amazonaws.com", "vpc-flow-logs.amazonaws.com", "kafkaconnect.amazonaws.com")
+            if service in accounted or str(service).startswith("dms."):
                 assert statement["Condition"]["StringEquals"]["aws:SourceAccount"] == "123456789012", logical_id

@@ -282,7 +282,7 @@ def test_engine_type_not_in_the_list() -> None:
     # Given an engine this version does not offer
     data = with_changes(engine={"type": "pglogical"})
     # When parsed / Then the allowed values are listed
-    assert problems_for(data) == ["engine.type: 'pglogical' is not allowed; use one of 'logical' or 'dms'"]
+    assert problems_for(data) == ["engine.type: 'pglogical' is not allowed; use one of 'logical', 'dms' or 'debezium'"]
 
 
 def test_bad_name() -> None:
@@ -379,7 +379,7 @@ def test_several_problems_are_all_reported_at_once(tmp_path: Path) -> None:
         "name: shop-orders\n"
         "source:\n  dsn: host=127.0.0.1\n"
         "target:\n  port: 5433\n"
-        "engine:\n  type: debezium\n"
+        "engine:\n  type: pglogical\n"
         "read_shift:\n  steps: [10, 50]\n",
         encoding="utf-8",
     )
@@ -391,7 +391,7 @@ def test_several_problems_are_all_reported_at_once(tmp_path: Path) -> None:
     assert problems == [
         "target: missing connection: add 'dsn: \"host=... port=... dbname=... user=...\"' for a local run, "
         "or 'secret_arn', 'host' and 'database' for AWS",
-        "engine.type: 'debezium' is not allowed; use one of 'logical' or 'dms'",
+        "engine.type: 'pglogical' is not allowed; use one of 'logical', 'dms' or 'debezium'",
         "read_shift.steps: the last step must be 100 (all reads on the target); got [10, 50]",
     ]
     assert str(caught.value) == f"{path}: 3 problem(s) in the migration file:\n" + "\n".join(

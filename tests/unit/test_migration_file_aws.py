@@ -148,5 +148,5 @@ def test_error_rate_metric_needs_a_namespace_and_log_retention_a_cloudwatch_valu
 
 def test_unknown_key_in_the_aws_section_lists_its_keys() -> None:
     assert problems_for(with_changes(aws={"netwrok": {}})) == [
-        "aws.netwrok: unknown key 'netwrok'; did you mean 'network'? allowed keys here: log_retention_days, network, streaming"
+        "aws.netwrok: unknown key 'netwrok'; did you mean 'network'? allowed keys here: debezium, log_retention_days, network, streaming"
     ]

@@ -154,7 +154,9 @@ class MskChangeStreamSettings:
         """The connector's database user and password as config-provider references to the source secret."""
         if self.source_secret_arn is None:
             raise ValueError(f"{CHANGE_STREAM_ENV} has no source_secret_arn: redeploy the stack")
-        return secret_reference(self.source_secret_arn, "username"), secret_reference(self.source_secret_arn, "password")
+        return secret_reference(self.source_secret_arn, "username"), secret_reference(
+            self.source_secret_arn, "password"
+        )
 
 
 # MSK Connect connector states -> PartState.
@@ -169,7 +171,6 @@ _CONNECTOR_STATES = {
     "FAILED": PartState.FAILED,
     "DELETING": PartState.ABSENT,
 }
-_CONNECTOR_BUSY = {"CREATING", "UPDATING", "RESTARTING", "DELETING", "PAUSING", "RESUMING"}
 
 # Lambda event source mapping states -> PartState.
 _MAPPING_STATES = {
@@ -181,7 +182,6 @@ _MAPPING_STATES = {
     "Disabled": PartState.PAUSED,
     "Deleting": PartState.ABSENT,
 }
-_MAPPING_BUSY = {"Creating", "Enabling", "Updating", "Disabling", "Deleting"}
 # Worst first: the applier is as healthy as its least healthy mapping.
 _SEVERITY = (PartState.FAILED, PartState.STARTING, PartState.PAUSED, PartState.RUNNING)
 
