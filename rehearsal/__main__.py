@@ -16,7 +16,7 @@ from typing import Any
 
 from lambdas.core.config import MigrationFileError
 from rehearsal.report import Chart, PhaseSpan, Series, render_report
-from rehearsal.run import FAULT_HELP, FAULTS, Rehearsal, say
+from rehearsal.run import ENGINES, FAULT_HELP, FAULTS, Rehearsal, say
 from rehearsal.servers import ServerError
 
 
@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=FAULTS,
         default=None,
         help="inject a fault: " + "; ".join(f"{k}: {v}" for k, v in FAULT_HELP.items()),
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="logical",
+        help="logical: native logical replication; debezium: Debezium -> local broker -> applier (needs Java 17)",
     )
     parser.add_argument("--clients", type=int, default=8, help="writer clients through pgbouncer (default 8)")
     parser.add_argument("--rate", type=float, default=60.0, help="transactions per second per client (default 60)")
@@ -117,6 +123,7 @@ def write_report(summary: dict[str, Any], timeline: Any, out: Path) -> Path:
 def print_summary(summary: dict[str, Any], out: Path) -> None:
     say("")
     say(f"outcome                {summary['outcome']}" + (f" (fault: {summary['fault']})" if summary["fault"] else ""))
+    say(f"engine                 {summary['engine']}")
     if summary["outcome"] != "migrated":
         say(f"why                    {summary['error']}: {summary['cause'][:300]}")
     for name, seconds in summary["phase_seconds"].items():
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         clients=args.clients,
         rate=args.rate,
         rollback_window_seconds=args.rollback_window_seconds,
+        engine=args.engine,
     )
     if args.migration is not None:
         rehearsal.migration_file = args.migration

@@ -31,6 +31,8 @@ def main(argv: list[str]) -> int:
     target = connect(config["target_dsn"], application_name="zdm-applier", autocommit=False)
     ensure_state_tables(target)
     routing = StreamRouting.load(target, config["prefix"], [TableName.parse(t) for t in config["tables"]])
+    if not config.get("heartbeats", True):  # another applier process consumes them
+        routing = StreamRouting(routing.tables, None)
     producer = Producer({"bootstrap.servers": config["bootstrap"], "enable.idempotence": True, "acks": "all"})
     applier = ChangeApplier(target, routing, KafkaDeadLetters(producer, config["dead_letter_topic"]))
     consumer = Consumer(

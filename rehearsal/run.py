@@ -15,12 +15,16 @@ the two databases are compared row for row, and summary.json plus report.html ar
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
+import os
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,8 @@ from lambdas.core.db import connect, fetch_value
 from lambdas.core.routers import Side, router_for
 from lambdas.core.telemetry import composite_alarm_name
 from rehearsal import sample
+from rehearsal.broker import start_broker
+from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
 from rehearsal.compare import compare_databases
 from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
 from rehearsal.servers import PostgresServer, running_servers
@@ -42,6 +48,7 @@ from rehearsal.workload import WorkloadProcess, WorkloadStats
 ROOT = Path(__file__).resolve().parent.parent
 DEFINITION = ROOT / "statemachine" / "migration.asl.json"
 FAULTS = ("gate", "kill-target", "cutover")
+ENGINES = ("logical", "debezium")
 DBNAME = "shop"
 FAULT_HELP = {
     "gate": "trip the health gate during the read shift",
@@ -157,6 +164,8 @@ class Rehearsal:
     migration_file: Path = ROOT / "migrations" / "local.yaml"
     poll_seconds: int = 1
     rollback_window_seconds: int = 2  # the input's override of cutover.rollback_window_hours
+    engine: str = "logical"  # logical, or debezium (a local broker, connector and applier; see docs/change-stream.md)
+    rows_snapshotted: int | None = None  # debezium: rows the applier wrote from the connector's snapshot
     timeline: Timeline = field(default_factory=lambda: Timeline(time.monotonic()))
 
     def run_with_timeline(self) -> tuple[dict[str, Any], Timeline]:
@@ -168,7 +177,13 @@ class Rehearsal:
         base = load_migration(self.migration_file)
         settings = {"wal_retrieve_retry_interval": "200ms"}  # apply workers start at once, not within 5 s
         with running_servers(["rehearsal-source", "rehearsal-target"], settings=settings) as servers:
-            return self._run(base, *servers)
+            if self.engine != "debezium":
+                return self._run(base, *servers)
+            with change_stream_environment(servers[1].dsn(DBNAME), base) as stream:
+                try:
+                    return self._run(base, *servers)
+                finally:
+                    stream.teardown()  # a rollback leaves it stopped, not removed
 
     def _run(self, base: Migration, source: PostgresServer, target: PostgresServer) -> dict[str, Any]:
         timeline = self.timeline
@@ -196,6 +211,9 @@ class Rehearsal:
         data = base.model_dump(mode="json")
         data["source"] = {"dsn": src}
         data["target"] = {"dsn": tgt}
+        data["engine"]["type"] = self.engine
+        if self.engine == "debezium":
+            data["engine"]["debezium"]["heartbeat_interval_ms"] = 1000
         data["router"] = {
             "type": "pgbouncer",
             "pgbouncer": {
@@ -323,7 +341,7 @@ class Rehearsal:
     def _monitor(
         self, migration: Migration, router: Any, timeline: Timeline, stop: threading.Event, src: str, tgt: str
     ) -> None:
-        from lambdas.handlers.replication import build_engine
+        from lambdas.handlers.replication import engine_for
 
         engine = None
         while not stop.is_set():
@@ -337,8 +355,10 @@ class Rehearsal:
             except Exception:  # noqa: S110 - the router may be mid-change; the next sample will do
                 pass
             try:
-                engine = engine or build_engine(migration, src, tgt)
+                engine = engine or engine_for(migration)
                 status = engine.status()
+                if status.engine == "debezium" and status.tables:
+                    self.rows_snapshotted = sum(t.rows_copied or 0 for t in status.tables)
                 if status.lag_seconds is not None:
                     timeline.lag_seconds.append((t, status.lag_seconds))
                 if status.lag_bytes is not None:
@@ -395,7 +415,10 @@ class Rehearsal:
             "phase_seconds": phases,
             "total_seconds": round(timeline.now(), 3),
             "rows_in_source": total_rows,
-            "rows_copied": (output.get("start") or {}).get("rows_copied"),
+            "engine": self.engine,
+            "rows_copied": self.rows_snapshotted
+            if self.engine == "debezium"
+            else (output.get("start") or {}).get("rows_copied"),
             "lag_seconds": _percentiles([v for _, v in timeline.lag_seconds]),
             "lag_bytes": _percentiles([v for _, v in timeline.lag_bytes]),
             "rows_validated": (output.get("validation_summary") or {}).get("rows_compared"),
@@ -415,6 +438,36 @@ class Rehearsal:
             "source_whole_as_of_lsn": _caught_up_position(retire),
             "_latencies": [(round(s - timeline.start, 3), round(d, 4)) for s, d in stats.latencies],
         }
+
+
+@contextlib.contextmanager
+def change_stream_environment(target_dsn: str, base: Migration) -> Iterator[LocalChangeStream]:
+    """A local broker, and the environment that makes the handlers run the debezium engine on it."""
+    from lambdas.handlers.replication import CHANGE_STREAM_ENV
+
+    say("change stream: starting a local Kafka-compatible broker (Tansu) ...")
+    broker = start_broker()
+    workdir = Path(tempfile.mkdtemp(prefix="zdm-stream-"))
+    settings = LocalStreamSettings(
+        workdir=str(workdir),
+        bootstrap=broker.bootstrap,
+        target_dsn=target_dsn,
+        prefix=base.topic_prefix,
+        tables=tuple(sample.SAMPLE_TABLES),
+        batch_size=base.engine.debezium.batch_size,
+        batch_window_seconds=0.2,
+    )
+    previous = os.environ.get(CHANGE_STREAM_ENV)
+    os.environ[CHANGE_STREAM_ENV] = settings.to_json()
+    try:
+        yield LocalChangeStream(settings)
+    finally:
+        if previous is None:
+            os.environ.pop(CHANGE_STREAM_ENV, None)
+        else:
+            os.environ[CHANGE_STREAM_ENV] = previous
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _slowest_start(stats: WorkloadStats) -> float:

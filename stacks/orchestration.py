@@ -261,6 +261,9 @@ class Orchestration(Construct):
                 self._grant(Access.DMS, function, role)
             if self._change_stream is not None:  # engine debezium: the connector and the applier's mappings
                 self._change_stream.grant_control(function, role)
+        elif access is Access.CHANGE_STREAM:
+            if self._change_stream is not None:
+                self._change_stream.grant_control(function, role)
         elif access is Access.APPLY:
             if self._change_stream is None:
                 raise ValueError(f"{function.node.id}: Access.APPLY needs the change stream (engine debezium)")

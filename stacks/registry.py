@@ -21,6 +21,9 @@ class Access(StrEnum):
     TRAFFIC = "traffic"  # change this migration's DNS records, retarget its proxies
     EXECUTIONS = "executions"  # list and stop this state machine's executions, start a rollback
     APPLY = "apply"  # engine debezium's applier: consume the table topics, write the target, dead letters
+    # engine debezium: drive the connector and the applier's mappings, read the topics (the cutover waits
+    # for, stops and retires the change stream); nothing for the other engines
+    CHANGE_STREAM = "change-stream"
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ HANDLERS: tuple[HandlerSpec, ...] = (
     HandlerSpec(
         "Cutover",
         "cutover",
-        (Access.DATABASES, Access.TRAFFIC),
+        (Access.DATABASES, Access.TRAFFIC, Access.CHANGE_STREAM),
         timeout_seconds=900,
         description="fence, catch up, sequences, reverse replication, writer switch; and rollback",
     ),

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from rehearsal.broker import Broker, start_broker
 from rehearsal.servers import PostgresServer, start_server
 
 
@@ -23,6 +24,17 @@ def pg_pair() -> Iterator[tuple[PostgresServer, PostgresServer]]:
     finally:
         source.stop()
         target.stop()
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Broker]:
+    """A Kafka-compatible broker (Tansu, memory storage) per test module; tests share it, so each
+    change stream uses topic names of its own (stream_env.make_engine(name=...))."""
+    b = start_broker()
+    try:
+        yield b
+    finally:
+        b.stop()
 
 
 _db_counter = iter(range(1, 1_000_000))

@@ -27,6 +27,7 @@ from lambdas.core.cutover import CutoverPlan, CutoverRunner
 from lambdas.core.db import connect
 from lambdas.core.routers import TrafficRouter, router_for
 from lambdas.core.tables import select_tables
+from lambdas.handlers.replication import build_debezium_engine
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
 
 
@@ -69,7 +70,15 @@ def build_runner(migration: Migration) -> CutoverRunner:
         tables = select_tables(list_tables(source), migration.tables.include, migration.tables.exclude)
     finally:
         source.close()
-    return CutoverRunner(source_dsn, target_dsn, build_router(migration), CutoverPlan.for_migration(migration, tables))
+    # The debezium engine carries source -> target itself: the cutover waits for, stops and retires it.
+    stream = build_debezium_engine(migration, source_dsn, target_dsn) if migration.engine.type == "debezium" else None
+    return CutoverRunner(
+        source_dsn,
+        target_dsn,
+        build_router(migration),
+        CutoverPlan.for_migration(migration, tables),
+        forward_stream=stream,
+    )
 
 
 @logger.inject_lambda_context

@@ -104,7 +104,10 @@ def quick_worker_starts(server: PostgresServer) -> None:
         conn.close()
 
 
-def start_shop(source: PostgresServer, target: PostgresServer, dbname: str, rows: int = 5_000) -> Shop:
+def start_shop(
+    source: PostgresServer, target: PostgresServer, dbname: str, rows: int = 5_000, *, forward: bool = True
+) -> Shop:
+    """The shop; `forward=False` leaves starting replication to the test (another engine)."""
     for server in (source, target):
         quick_worker_starts(server)
     src_conn, tgt_conn = connect(source.dsn(dbname)), connect(target.dsn(dbname))
@@ -125,6 +128,8 @@ def start_shop(source: PostgresServer, target: PostgresServer, dbname: str, rows
         target=PgbouncerBackend.parse(pgb.backend(target, dbname)),
     )
     shop = Shop(source, target, dbname, pgb, router)
+    if not forward:
+        return shop
     try:
         shop.forward_engine().start()
         shop.wait_caught_up()

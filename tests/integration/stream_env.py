@@ -31,9 +31,17 @@ def migration(name: str = "dbz-test", **debezium: object) -> Migration:
 
 
 def make_engine(
-    src: str, tgt: str, broker: Broker, workdir: Path, tables: Sequence[TableName], **debezium: object
+    src: str,
+    tgt: str,
+    broker: Broker,
+    workdir: Path,
+    tables: Sequence[TableName],
+    *,
+    name: str = "dbz-test",
+    **debezium: object,
 ) -> DebeziumEngine:
-    m = migration(**debezium)
+    """`name` gives the topic prefix: tests sharing a broker use one name each."""
+    m = migration(name, **debezium)
     parsed = parse_dsn(src)
     props = connector_properties(
         m,

@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 
-from lambdas.core.db import connect
+from lambdas.core.changestream.connector import dead_letter_topic, table_topic
+from lambdas.core.changestream.convert import is_unavailable
+from lambdas.core.changestream.kafka import KafkaStream
+from lambdas.core.config import LagLimits
+from lambdas.core.db import connect, execute, fetch_all, fetch_value
+from lambdas.core.engines.base import Phase
+from lambdas.core.engines.debezium import DebeziumEngine
+from lambdas.core.health import ReplicationSignal, evaluate_health
 from lambdas.core.tables import TableName
 from rehearsal import sample
-from rehearsal.broker import Broker, start_broker
+from rehearsal.broker import Broker
+from rehearsal.changestream import LocalChangeStream
 from rehearsal.compare import compare_databases
 from rehearsal.workload import Workload
 from tests.integration.stream_env import make_engine, running, wait_until
 
 TABLES = tuple(TableName.parse(t) for t in sample.SAMPLE_TABLES)
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    b = start_broker()
-    try:
-        yield b
-    finally:
-        b.stop()
 
 
 def given_sample(src: str, tgt: str, rows: int) -> None:
@@ -34,6 +35,52 @@ def given_sample(src: str, tgt: str, rows: int) -> None:
     sample.load_data(source, rows)
     source.close()
     target.close()
+
+
+def local(engine: DebeziumEngine) -> LocalChangeStream:
+    runtime = engine.runtime
+    assert isinstance(runtime, LocalChangeStream)
+    return runtime
+
+
+def read_topic(
+    bootstrap: str, topic: str, start: int = 0, idle: float = 1.0
+) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Every record of partition 0 from `start` until nothing new arrives for `idle` seconds."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "zdm-test-reader", "enable.auto.commit": False})
+    try:
+        consumer.assign([TopicPartition(topic, 0, start)])
+        out: list[tuple[int, bytes | None, bytes | None]] = []
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < idle:
+            messages = [m for m in consumer.consume(num_messages=1000, timeout=0.2) if m.error() is None]
+            if messages:
+                quiet_since = time.monotonic()
+            out += [(m.offset(), m.key(), m.value()) for m in messages]
+        return out
+    finally:
+        consumer.close()
+
+
+def snapshot_rows(tgt: str) -> dict[str, int]:
+    target = connect(tgt)
+    try:
+        return {name: int(n) for name, n in fetch_all(target, "SELECT table_name, snapshot_rows FROM _zdm.dbz_tables")}
+    finally:
+        target.close()
+
+
+def fence(engine: DebeziumEngine, src: str, timeout: float = 60) -> None:
+    source = connect(src)
+    try:
+        engine.wait_for_fence(source, timeout=timeout)
+    finally:
+        source.close()
+
+
+def assert_converged(src: str, tgt: str, tables: Sequence[TableName] = TABLES) -> None:
+    diffs = [d for d in compare_databases(src, tgt, tables) if not d.equal]
+    assert diffs == [], diffs
 
 
 def test_snapshot_then_stream_converges_under_writes(
@@ -49,8 +96,6 @@ def test_snapshot_then_stream_converges_under_writes(
         # When writers insert, update and delete for a while
         workload = Workload(src, clients=3).start()
         wait_until(lambda: (engine.status().pending_events or 0) > 0 or True, 5, "changes")
-        import time
-
         time.sleep(4)
         workload.stop()
         source = connect(src)
@@ -65,3 +110,422 @@ def test_snapshot_then_stream_converges_under_writes(
         assert status.dead_letters == 0
         assert status.pending_events == 0
         assert reached.waited_seconds < 60
+
+
+# --- every type, exactly -------------------------------------------------------------------------
+
+KINDS_SQL = """
+CREATE EXTENSION IF NOT EXISTS hstore;
+CREATE TABLE kinds (
+    id          bigserial PRIMARY KEY,
+    ext_id      uuid NOT NULL DEFAULT gen_random_uuid(),
+    n_small     smallint,
+    n_int       integer,
+    n_big       bigint,
+    price       numeric(12,2),
+    exact       numeric,
+    weight      double precision,
+    ratio       real,
+    flag        boolean,
+    name        text,
+    code        varchar(12),
+    fixed       char(4),
+    created_at  timestamptz,
+    created_ms  timestamptz(3),
+    local_at    timestamp,
+    local_ms    timestamp(3),
+    local_s     timestamp(0),
+    day         date,
+    at_time     time,
+    at_time_ms  time(3),
+    span        interval,
+    doc         json,
+    attrs       jsonb,
+    thumb       bytea,
+    tags        text[],
+    amounts     numeric[],
+    counts      integer[],
+    bigs        bigint[],
+    days        date[],
+    ids         uuid[],
+    docs        jsonb[],
+    stamps      timestamp(3)[],
+    props       hstore,
+    big_text    text,
+    big_doc     jsonb,
+    big_blob    bytea,
+    big_tags    text[],
+    big_counts  integer[],
+    big_bigs    bigint[],
+    big_days    date[],
+    big_ids     uuid[],
+    big_props   hstore
+);
+CREATE TABLE kinds_keys (
+    k_id    uuid,
+    k_line  integer,
+    k_at    timestamp(3),
+    label   text,
+    PRIMARY KEY (k_id, k_line, k_at)
+);
+"""
+
+# Random, so that TOAST cannot compress them below its threshold: stored out of line (> 8 kB each).
+RANDOM_TEXT = (
+    "(SELECT string_agg(encode(decode(md5(random()::text) || md5(random()::text), 'hex'), 'base64'), '')"
+    " FROM generate_series(1, 300))"
+)
+RANDOM_JSON = (
+    "(SELECT jsonb_agg(jsonb_build_object(md5(random()::text), encode(decode(md5(random()::text), 'hex'), 'base64')))"
+    " FROM generate_series(1, 200))"
+)
+RANDOM_BYTES = "(SELECT string_agg(decode(md5(random()::text), 'hex'), ''::bytea) FROM generate_series(1, 800))"
+
+KINDS_FULL_ROW = (
+    """
+INSERT INTO kinds (n_small, n_int, n_big, price, exact, weight, ratio, flag, name, code, fixed,
+    created_at, created_ms, local_at, local_ms, local_s, day, at_time, at_time_ms, span, doc, attrs, thumb,
+    tags, amounts, counts, bigs, days, ids, docs, stamps, props,
+    big_text, big_doc, big_blob, big_tags, big_counts, big_bigs, big_days, big_ids, big_props)
+SELECT -32768, 2147483647, -9223372036854775808, 12345678.90, '-123456789012345678901234567890.000000000001',
+    1.0000000000000002, 1.1, true, 'Zoë "quoted" \\ back – 李小龍 🎉', 'ünïcødé', 'ab',
+    '1969-07-20 20:17:40.123456+00', '2024-02-29 23:59:59.999+05:30',
+    '1900-01-01 00:00:00.000001', '1969-12-31 23:59:59.999', '2038-01-19 03:14:08',
+    '1960-02-29', '24:00:00', '12:34:56.789', '-1 days +02:03:04.5',
+    '{"b": 1,  "a": [1, 2.50, null]}', '{"nested": {"ü": [true, null, 1e3]}}', '\\x00ff10ab',
+    ARRAY['a', NULL, 'x"y', 'b\\c', '', 'NULL', '{brace}', 'comma,here'], ARRAY[1.5, NULL, 2, -0.001]::numeric[],
+    ARRAY[1, NULL, -3], ARRAY[9007199254740993, NULL]::bigint[], ARRAY['2020-01-01'::date, NULL, '1950-06-15'],
+    ARRAY[gen_random_uuid(), NULL], ARRAY['{"a": 1}'::jsonb, NULL], ARRAY['2020-01-01 00:00:00.123'::timestamp(3), NULL],
+    'a=>1, "b c"=>NULL, "q\\"x"=>"v\\\\", ü=>李',
+    RANDOM_TEXT, RANDOM_JSON, RANDOM_BYTES,
+    (SELECT array_agg(md5(random()::text)) FROM generate_series(1, 400)),
+    (SELECT array_agg((random() * 2e9 - 1e9)::int) FROM generate_series(1, 4000)),
+    (SELECT array_agg((random() * 9e18 - 4.5e18)::bigint) FROM generate_series(1, 2000)),
+    (SELECT array_agg('2000-01-01'::date + (random() * 20000)::int) FROM generate_series(1, 4000)),
+    (SELECT array_agg(gen_random_uuid()) FROM generate_series(1, 700)),
+    (SELECT hstore(array_agg(md5(random()::text)), array_agg(md5(random()::text))) FROM generate_series(1, 300))
+""".replace("RANDOM_TEXT", RANDOM_TEXT)
+    .replace("RANDOM_JSON", RANDOM_JSON)
+    .replace("RANDOM_BYTES", RANDOM_BYTES)
+)
+
+KINDS_EDGE_ROW = """
+INSERT INTO kinds (n_small, n_int, n_big, price, exact, weight, ratio, flag, name, code, fixed, created_at, local_at,
+    local_s, day, at_time, span, doc, attrs, thumb, tags, amounts, counts, props)
+VALUES (0, 0, 0, 0.00, '0.000000', -0.0, 3.4e38, false, '', '', '', '2000-01-01 00:00:00+00', '1970-01-01 00:00:00',
+    '1970-01-01 00:00:00', '1970-01-01', '00:00:00', '1 year 2 mons 3 days 04:05:06.789',
+    '[]', '"just a string"', '\\x', '{}', '{}', '{}', '')
+"""
+
+BIG_COLUMNS = (
+    "big_text",
+    "big_doc",
+    "big_blob",
+    "big_tags",
+    "big_counts",
+    "big_bigs",
+    "big_days",
+    "big_ids",
+    "big_props",
+)
+KINDS_TABLES = (TableName("public", "kinds"), TableName("public", "kinds_keys"))
+
+
+def test_every_type_arrives_exactly_and_unchanged_toast_values_are_kept(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given a table with every type of the sample schema and more (NULLs, non-ASCII, arrays, hstore,
+    # large random TOASTed values), rows on the source and the stream started
+    src, tgt = fresh_dbs
+    source, target = connect(src), connect(tgt)
+    execute(source, KINDS_SQL)
+    execute(target, KINDS_SQL)
+    execute(source, KINDS_FULL_ROW)
+    execute(source, KINDS_EDGE_ROW)
+    execute(source, "INSERT INTO kinds (ext_id) VALUES (gen_random_uuid())")  # all NULL but the key
+    execute(
+        source,
+        "INSERT INTO kinds_keys SELECT gen_random_uuid(), g, timestamp '2020-01-01 00:00:00.123' + g * interval '1 ms',"
+        " 'k' || g FROM generate_series(1, 5) g",
+    )
+    assert fetch_value(
+        source, "SELECT pg_column_size(big_text) > 8192 AND pg_column_size(big_doc) > 8192 FROM kinds WHERE id = 1"
+    )
+    engine = make_engine(src, tgt, broker, tmp_path / "stream", KINDS_TABLES, name="dbz-kinds")
+    with running(engine):
+        engine.start()
+        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+
+        # When rows stream in, an UPDATE of another column leaves the TOASTed values unchanged, an UPDATE
+        # changes one of them, keys change and rows are deleted
+        execute(source, KINDS_FULL_ROW)
+        execute(source, KINDS_EDGE_ROW)
+        execute(source, "UPDATE kinds SET name = 'renamed', n_int = n_int - 1 WHERE id IN (1, 4)")
+        execute(source, f"UPDATE kinds SET big_text = {RANDOM_TEXT}, flag = NULL WHERE id = 4")
+        execute(source, "UPDATE kinds SET code = 'twice' WHERE id = 1")
+        execute(source, "DELETE FROM kinds WHERE id = 2")
+        execute(source, "UPDATE kinds_keys SET k_line = k_line + 100, label = 'moved' WHERE k_line <= 2")
+        execute(source, "DELETE FROM kinds_keys WHERE k_line = 3")
+        reached = engine.wait_for_fence(source, timeout=60)
+
+        # Then the target equals the source exactly, in every column's text form
+        diffs = [d for d in compare_databases(src, tgt, KINDS_TABLES) if not d.equal]
+        assert diffs == [], diffs
+        assert engine.status().dead_letters == 0
+        assert fetch_value(target, "SELECT count(*) FROM kinds") == 4
+        assert fetch_value(target, "SELECT count(*) FROM kinds WHERE kinds::text LIKE '%__zdm_unchanged_toast__%'") == 0
+        assert reached.waited_seconds < 60
+        # And the connector did send the placeholder, in each of its forms, for the unchanged TOASTed columns
+        big = [c for c in BIG_COLUMNS if c != "big_text"]
+        updates = [
+            json.loads(v)["after"]
+            for _, _, v in read_topic(broker.bootstrap, table_topic(engine.plan.prefix, KINDS_TABLES[0]), idle=0.3)
+            if v and json.loads(v)["op"] == "u" and json.loads(v)["after"]["id"] == 4
+        ]
+        assert updates and all(is_unavailable(updates[0][c]) for c in BIG_COLUMNS), updates[0]
+        assert all(is_unavailable(u[c]) for u in updates[1:] for c in big)
+    source.close()
+    target.close()
+
+
+# --- crashes, poison, restarts, idempotence -----------------------------------------------------------
+
+
+def test_applier_killed_again_and_again_loses_duplicates_and_regresses_nothing(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given the sample shop streaming to an empty target
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 20_000)
+    engine = make_engine(src, tgt, broker, tmp_path / "stream", TABLES, name="dbz-crash")
+    runtime = local(engine)
+    pids: list[int] = []
+    with running(engine):
+        engine.start()
+
+        def kill_applier() -> None:
+            proc = runtime.process("applier")
+            log = runtime.workdir / "applier" / "process.log"
+            assert proc is not None, "the applier is not running:\n" + log.read_text(errors="replace")[-3000:]
+            pids.append(proc.pid)
+            proc.kill()  # SIGKILL: no chance to finish its batch or commit anything
+            assert runtime.process("applier") is None
+            engine.start()  # starts it again; the connector runs on
+
+        # When the applier is killed while it applies the snapshot
+        wait_until(lambda: sum(snapshot_rows(tgt).values()) > 0, 60, "the first snapshot batch", engine)
+        kill_applier()
+        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+
+        # And killed three more times while writers insert, update and delete
+        workload = Workload(src, clients=3).start()
+        for _ in range(3):
+            time.sleep(1.2)
+            kill_applier()
+        time.sleep(1.0)
+        stats = workload.stop()
+        fence(engine, src)
+
+        # Then the target equals the source row for row: nothing lost, duplicated or regressed
+        assert len(set(pids)) == 4
+        assert stats.committed > 100 and stats.order_ids
+        assert_converged(src, tgt)
+        target = connect(tgt)
+        try:
+            found = fetch_value(target, "SELECT count(*) FROM orders WHERE id = ANY(%s)", (stats.order_ids,))
+        finally:
+            target.close()
+        assert found == len(stats.order_ids)
+        status = engine.status()
+        assert status.dead_letters == 0 and status.pending_events == 0
+
+
+def test_poison_event_goes_to_the_dead_letter_queue_the_rest_flows_and_the_gate_trips(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given the stream running, and a CHECK constraint that exists only on the target
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 2_000)
+    target = connect(tgt)
+    execute(target, "ALTER TABLE orders ADD CONSTRAINT only_on_target CHECK (note IS DISTINCT FROM 'poison')")
+    engine = make_engine(src, tgt, broker, tmp_path / "stream", TABLES, name="dbz-poison")
+    prefix = engine.plan.prefix
+    with running(engine):
+        engine.start()
+        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+        dlq_start = read_topic(broker.bootstrap, dead_letter_topic(prefix), idle=0.2)
+        assert dlq_start == []
+        healthy = evaluate_health([ReplicationSignal(engine.status(), LagLimits(max_seconds=60))])
+        assert healthy.healthy, healthy.reasons
+
+        # When the source writes a row the target refuses, a record that is no change event lands on a
+        # table topic, and other changes go on around them
+        source = connect(src)
+        execute(source, "INSERT INTO orders (customer_id, note) VALUES (1, 'before')")
+        poisoned = fetch_value(source, "INSERT INTO orders (customer_id, note) VALUES (2, 'poison') RETURNING id")
+        producer = Producer({"bootstrap.servers": broker.bootstrap})
+        customers_topic = table_topic(prefix, TableName("public", "customers"))
+        producer.produce(customers_topic, key=b'{"id":1}', value=b"\x00 definitely not an event")
+        assert producer.flush(10) == 0
+        execute(source, "INSERT INTO orders (customer_id, note) VALUES (3, 'after')")
+        execute(source, "UPDATE customers SET name = 'after the poison' WHERE id <= 5")
+        execute(source, "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT 10)")
+        wait_until(lambda: engine.status().dead_letters == 2, 60, "two dead letters", engine)
+        fence(engine, src)
+
+        # Then both are on the DLQ topic with their reason and position
+        letters = [json.loads(v or b"") for _, _, v in read_topic(broker.bootstrap, dead_letter_topic(prefix))]
+        by_topic = {letter["topic"]: letter for letter in letters}
+        assert len(letters) == 2
+        refused = by_topic[table_topic(prefix, TableName("public", "orders"))]
+        assert "only_on_target" in refused["reason"] and refused["reason"].startswith("the target refused the change")
+        assert refused["source_lsn"] is not None and refused["offset"] >= 0
+        assert '"note": "poison"' in refused["value"] or '"note":"poison"' in refused["value"]
+        garbage = by_topic[customers_topic]
+        assert garbage["reason"].startswith("unparseable event") and garbage["source_lsn"] is None
+        # And on the target's table, once each
+        recorded = fetch_all(
+            target, "SELECT topic, kafka_offset, source_lsn, reason FROM _zdm.dbz_dead_letters ORDER BY id"
+        )
+        assert sorted((r[0], r[1], r[3]) for r in recorded) == sorted(
+            (letter["topic"], letter["offset"], letter["reason"]) for letter in letters
+        )
+        # And everything else was applied: only the refused row differs
+        diffs = {d.table: d for d in compare_databases(src, tgt, TABLES) if not d.equal}
+        assert list(diffs) == ["public.orders"], diffs
+        assert diffs["public.orders"].missing_on_target == [str(poisoned)]
+        assert not diffs["public.orders"].changed and not diffs["public.orders"].extra_on_target
+        # And the engine's status, and so the health gate, report them
+        status = engine.status()
+        assert status.dead_letters == 2
+        verdict = evaluate_health([ReplicationSignal(status, LagLimits(max_seconds=60))])
+        assert not verdict.healthy
+        assert "2 change event(s) could not be applied and are in the dead-letter queue" in verdict.reasons
+        source.close()
+    target.close()
+
+
+def test_connector_restart_resumes_from_its_offset_without_a_new_snapshot(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given the stream past its snapshot
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 5_000)
+    engine = make_engine(src, tgt, broker, tmp_path / "stream", TABLES, name="dbz-restart")
+    runtime = local(engine)
+    with running(engine):
+        engine.start()
+        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+        snapshotted = snapshot_rows(tgt)
+        after_snapshot = engine.kafka.end_offsets(engine.plan.table_topics)
+        workload = Workload(src, clients=2, rate=100).start()
+        time.sleep(1.0)
+
+        # When the connector crashes (SIGKILL) while writers go on, and is started again
+        connector = runtime.process("connector")
+        assert connector is not None
+        connector.kill()
+        time.sleep(1.0)  # changes made while it is down
+        engine.start()
+        wait_until(
+            lambda: (p := runtime.process("connector")) is not None and p.pid != connector.pid, 10, "a new connector"
+        )
+        time.sleep(2.0)
+        # And it is stopped cleanly, changes are made, and it is started again
+        engine.stop()
+        assert engine.status().phase is Phase.STOPPED
+        time.sleep(1.0)
+        engine.start()
+        time.sleep(2.0)
+        stats = workload.stop()
+        fence(engine, src)
+
+        # Then every change arrived, nothing was snapshotted again, and the target equals the source
+        assert stats.committed > 100
+        assert_converged(src, tgt)
+        assert snapshot_rows(tgt) == snapshotted
+        for topic in engine.plan.table_topics:
+            ops = [
+                json.loads(v)["op"]
+                for _, _, v in read_topic(broker.bootstrap, topic, after_snapshot.get((topic, 0), 0), idle=0.3)
+                if v
+            ]
+            assert "r" not in ops, f"{topic} was snapshotted again"
+        assert engine.status().dead_letters == 0
+
+
+def test_start_and_teardown_twice_are_safe_and_a_new_run_after_teardown_starts_clean(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given the stream started twice
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 2_000)
+    engine = make_engine(src, tgt, broker, tmp_path / "first", TABLES, name="dbz-twice")
+    runtime = local(engine)
+    first = engine.start()
+    processes = {part: runtime.process(part) for part in ("connector", "applier")}
+    second = engine.start()
+
+    # Then the second start changed nothing
+    assert not first.already_running and second.already_running
+    assert all(p is not None for p in processes.values())
+    assert {part: getattr(runtime.process(part), "pid", None) for part in processes} == {
+        part: p.pid for part, p in processes.items() if p is not None
+    }
+    wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+    fence(engine, src)
+    assert_converged(src, tgt)
+
+    # When it is torn down twice
+    removed = engine.teardown().removed
+    again = engine.teardown().removed
+
+    # Then the first removed the processes, the slot, the publication and the target's state; the second nothing
+    assert f"slot {engine.plan.slot}" in removed and f"publication {engine.plan.publication}" in removed
+    assert "_zdm.dbz_partitions" in removed
+    assert again == []
+    source, target = connect(src), connect(tgt)
+    assert (
+        fetch_value(source, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (engine.plan.slot,)) == 0
+    )
+    assert (
+        fetch_value(source, "SELECT count(*) FROM pg_publication WHERE pubname = %s", (engine.plan.publication,)) == 0
+    )
+    assert fetch_value(target, "SELECT to_regclass('_zdm.dbz_partitions')") is None
+    assert runtime.process("connector") is None and runtime.process("applier") is None
+
+    # When the migration runs again under the same name, onto an emptied target, after the source changed
+    # (the topics still hold the first run's events)
+    for table in reversed(TABLES):
+        execute(target, f"TRUNCATE {table} CASCADE")
+    execute(source, "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT 50)")
+    execute(source, "UPDATE customers SET name = 'second run' WHERE id <= 20")
+    execute(source, "INSERT INTO orders (customer_id, note) SELECT g, 'second run' FROM generate_series(1, 20) g")
+    rerun = make_engine(src, tgt, broker, tmp_path / "second", TABLES, name="dbz-twice")
+    with running(rerun):
+        rerun.start()
+        wait_until(lambda: rerun.status().copy_done, 120, "the second snapshot to be applied", rerun)
+        fence(rerun, src)
+        # Then the target holds this run's snapshot, nothing of the first run's stream
+        assert_converged(src, tgt)
+        assert rerun.status().dead_letters == 0
+    source.close()
+    target.close()
+
+
+def test_end_offsets_count_every_record_whatever_the_brokers_watermark_says(broker: Broker) -> None:
+    # Given records produced in several batches (Tansu reports the last batch's base offset + 1 as its
+    # high watermark)
+    stream = KafkaStream({"bootstrap.servers": broker.bootstrap})
+    stream.ensure_topics(["zdm-test-ends", "zdm-test-empty"])
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
+    for i in range(250):
+        producer.produce("zdm-test-ends", value=b"x")
+        if i % 100 == 99:
+            producer.flush()
+    producer.produce("zdm-test-ends", value=None)  # a tombstone counts too
+    assert producer.flush(10) == 0
+    # When the engine reads the topics' ends
+    ends = stream.end_offsets(["zdm-test-ends", "zdm-test-empty", "zdm-test-missing"])
+    # Then each is the offset the next record will get
+    assert ends == {("zdm-test-ends", 0): 251, ("zdm-test-empty", 0): 0}

@@ -13,6 +13,9 @@ Guarantees, whatever the transport redelivers:
   written: the target keeps its value, or an earlier change in the same batch supplies it.
 - A statement that fails is retried change by change, each under its own savepoint; a change that
   still fails is a dead letter (recorded with the batch, sent to the sink) and the rest flows on.
+  Only errors about the change itself (bad data, constraint, schema mismatch) make dead letters; a
+  transient or environmental error (deadlock, timeout, lost connection, disk full) fails the batch,
+  which is rolled back and delivered again.
 - Target sessions run as `session_replication_role = replica`, as native logical replication's
   apply does: foreign keys are not checked per change (the source already enforced them) and user
   triggers do not fire twice.
@@ -125,6 +128,7 @@ class ApplyResult:
     last_ts_ms: int | None = None
     tables: dict[str, TableProgress] = field(default_factory=dict)
     snapshot_completed: bool = False
+    paused: bool = False  # the applier is paused on the target: nothing applied, no offset stored
 
 
 @dataclass
@@ -149,6 +153,7 @@ class ChangeApplier:
         if target.autocommit:
             raise ValueError("the applier's target connection must not be in autocommit mode")
         self._conn = target
+        self.target = target
         self._routing = routing
         self._sink = sink
 
@@ -159,6 +164,16 @@ class ChangeApplier:
         try:
             with self._conn.cursor() as cur:
                 cur.execute("SET LOCAL session_replication_role = replica")
+                cur.execute(
+                    sql.SQL("SELECT applier_paused FROM {}.dbz_stream WHERE id = 1 FOR SHARE").format(
+                        sql.Identifier(state.SCHEMA)
+                    )
+                )
+                row = cur.fetchone()
+                if row is not None and row[0]:
+                    self._conn.rollback()
+                    result.paused = True
+                    return result
                 partitions = state.lock_partitions(cur, ((r.topic, r.partition) for r in records))
                 pending: dict[str, list[_Change]] = {}
                 for rec in sorted(records, key=lambda r: (r.topic, r.partition, r.offset)):
@@ -258,7 +273,9 @@ class ChangeApplier:
             rows = _fold(table, valid)
             missing = _write_rows(cur, table, rows)
             cur.execute("RELEASE SAVEPOINT zdm_batch")
-        except (psycopg2.Error, ConversionError):
+        except (psycopg2.Error, ConversionError) as exc:
+            if isinstance(exc, psycopg2.Error) and not _refused_change(exc):
+                raise  # not about a change: the whole batch rolls back and is delivered again
             cur.execute("ROLLBACK TO SAVEPOINT zdm_batch")
             for change in valid:
                 one = _fold(table, [change]) if _convertible(table, change) else None
@@ -291,6 +308,8 @@ class ChangeApplier:
         try:
             missing = write()
         except psycopg2.Error as exc:
+            if not _refused_change(exc):
+                raise
             cur.execute("ROLLBACK TO SAVEPOINT zdm_change")
             reason = _pg_reason(exc)
             for change in changes:
@@ -350,17 +369,37 @@ class ChangeApplier:
 
 def _letter(rec: StreamRecord, event: ChangeEvent | None, reason: str) -> DeadLetter:
     def text(raw: bytes | None) -> str | None:
-        return None if raw is None else raw.decode("utf-8", "replace")[:_MAX_LETTER_CHARS]
+        # PostgreSQL text cannot hold NUL: a record carrying one must still become a dead letter, not
+        # stop the applier on every restart
+        return None if raw is None else _printable(raw.decode("utf-8", "replace"))[:_MAX_LETTER_CHARS]
 
     return DeadLetter(
         topic=rec.topic,
         partition=rec.partition,
         offset=rec.offset,
         source_lsn=event.lsn if event else None,
-        reason=reason,
+        reason=_printable(reason),
         key=text(rec.key),
         value=text(rec.value),
     )
+
+
+# SQLSTATE classes that say the change itself cannot be applied: data exceptions (22), integrity
+# constraint violations (23), triggered data change violations (27), schema mismatches (42) and errors
+# raised by a target trigger (P0). Anything else (deadlock, serialization failure, lock or statement
+# timeout, cancel, lost connection, out of disk or memory, missing privilege) says nothing about the
+# change: turning it into a dead letter would drop a good change for good.
+_CHANGE_ERROR_CLASSES = frozenset({"22", "23", "27", "42", "P0"})
+_NOT_A_CHANGE_ERROR = frozenset({"42501"})  # insufficient_privilege: the applier's role, not the change
+
+
+def _refused_change(exc: psycopg2.Error) -> bool:
+    code = exc.pgcode or ""
+    return code[:2] in _CHANGE_ERROR_CLASSES and code not in _NOT_A_CHANGE_ERROR
+
+
+def _printable(text: str) -> str:
+    return text.replace("\x00", "\\u0000")
 
 
 def _pg_reason(exc: psycopg2.Error) -> str:

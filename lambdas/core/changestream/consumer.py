@@ -7,6 +7,7 @@ commit, for monitoring and tooling.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,6 +61,10 @@ def run(
         if not records:
             continue
         result = applier.apply(records)
+        if result.paused:  # nothing applied: read these records again once resumed
+            assign_from_target(consumer, applier.target, sorted({p.topic for p in consumer.assignment()}))
+            time.sleep(max(window_seconds, 0.1))
+            continue
         next_offsets: dict[tuple[str, int], int] = {}
         for rec in records:
             next_offsets[(rec.topic, rec.partition)] = max(

@@ -4,13 +4,17 @@ The applier casts that text to the column's type inside the target (`x.col::type
 goes through the same input function as if it had been typed in: exact for numeric (sent as its
 decimal string), jsonb (sent as its JSON text), timestamptz (ISO-8601 with offset), uuid, arrays.
 Only what Debezium encodes differently needs work here: timestamp/date/time as integers since
-the epoch, bytea as hex, booleans, and array literals.
+the epoch (timestamp(0..3) in milliseconds, wider ones in microseconds), bytea as hex, booleans,
+hstore as a JSON object, and array literals.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import re
+import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -20,6 +24,13 @@ from lambdas.core.changestream.connector import UNAVAILABLE_PLACEHOLDER
 _EPOCH = dt.datetime(1970, 1, 1)
 _EPOCH_DATE = dt.date(1970, 1, 1)
 _PLACEHOLDER_HEX = UNAVAILABLE_PLACEHOLDER.encode().hex()
+# How Debezium 3.x writes the placeholder for other column types (UnchangedToastedPlaceholder):
+# integer[]/date[]/bigint[] as the placeholder's bytes, uuid[] as [UUID.nameUUIDFromBytes(placeholder)],
+# hstore as {placeholder: placeholder}; text-like and bytea arrays as [placeholder].
+_PLACEHOLDER_BYTES = list(UNAVAILABLE_PLACEHOLDER.encode())
+_PLACEHOLDER_UUID = str(uuid.UUID(bytes=hashlib.md5(UNAVAILABLE_PLACEHOLDER.encode()).digest(), version=3))  # noqa: S324
+_PLACEHOLDER_MAP = {UNAVAILABLE_PLACEHOLDER: UNAVAILABLE_PLACEHOLDER}
+_TIMESTAMP_PRECISION = re.compile(r"^timestamp\((\d)\) without time zone$")
 
 
 class Kind(StrEnum):
@@ -28,8 +39,10 @@ class Kind(StrEnum):
     BYTEA = "bytea"
     JSON = "json"
     TIMESTAMP = "timestamp"  # without time zone: microseconds since the epoch
+    TIMESTAMP_MS = "timestamp_ms"  # timestamp(0) .. timestamp(3) without time zone: milliseconds since the epoch
     DATE = "date"  # days since the epoch
     TIME = "time"  # without time zone: microseconds since midnight
+    HSTORE = "hstore"  # a JSON object (hstore.handling.mode=json)
 
 
 class ConversionError(ValueError):
@@ -55,7 +68,9 @@ class ColumnType:
 
 def _kind(base: str) -> Kind:
     if base.startswith("timestamp") and "without time zone" in base:
-        return Kind.TIMESTAMP
+        # time.precision.mode=adaptive_time_microseconds: precision 0-3 arrives in milliseconds
+        precision = _TIMESTAMP_PRECISION.match(base)
+        return Kind.TIMESTAMP_MS if precision and int(precision.group(1)) <= 3 else Kind.TIMESTAMP
     if base.startswith("time") and "without time zone" in base:
         return Kind.TIME
     if base == "date":
@@ -66,16 +81,31 @@ def _kind(base: str) -> Kind:
         return Kind.JSON
     if base == "boolean":
         return Kind.BOOL
+    if base == "hstore" or base.endswith(".hstore"):
+        return Kind.HSTORE
     return Kind.TEXT
 
 
 def is_unavailable(value: Any) -> bool:
     """Debezium's marker for an unchanged TOASTed value it did not receive (never to be written)."""
     if isinstance(value, str):
-        return value in (UNAVAILABLE_PLACEHOLDER, _PLACEHOLDER_HEX)
-    if isinstance(value, list) and len(value) == 1:
-        return is_unavailable(value[0])
+        if value in (UNAVAILABLE_PLACEHOLDER, _PLACEHOLDER_HEX):
+            return True
+        return value.startswith("{") and UNAVAILABLE_PLACEHOLDER in value and _json_or_none(value) == _PLACEHOLDER_MAP
+    if isinstance(value, list):
+        if len(value) == 1:
+            return is_unavailable(value[0]) or value[0] == _PLACEHOLDER_UUID
+        return value == _PLACEHOLDER_BYTES
+    if isinstance(value, dict):
+        return value == _PLACEHOLDER_MAP
     return False
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def to_text(value: Any, column: ColumnType) -> str | None:
@@ -95,6 +125,11 @@ def _scalar(value: Any, kind: Kind, sql_type: str) -> str:
             return (_EPOCH + dt.timedelta(microseconds=value)).isoformat(sep=" ")
         except OverflowError:
             raise ConversionError(f"timestamp {value} us from the epoch is outside Python's range") from None
+    if kind is Kind.TIMESTAMP_MS and isinstance(value, int):
+        try:
+            return (_EPOCH + dt.timedelta(milliseconds=value)).isoformat(sep=" ")
+        except OverflowError:
+            raise ConversionError(f"timestamp {value} ms from the epoch is outside Python's range") from None
     if kind is Kind.DATE and isinstance(value, int):
         try:
             return (_EPOCH_DATE + dt.timedelta(days=value)).isoformat()
@@ -108,6 +143,8 @@ def _scalar(value: Any, kind: Kind, sql_type: str) -> str:
         return "\\x" + value
     if kind is Kind.JSON:
         return value if isinstance(value, str) else json.dumps(value)
+    if kind is Kind.HSTORE:
+        return _hstore_literal(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, str)):
@@ -115,6 +152,20 @@ def _scalar(value: Any, kind: Kind, sql_type: str) -> str:
     if isinstance(value, float):
         return repr(value)  # shortest text that reads back to the same double
     raise ConversionError(f"cannot convert a JSON {type(value).__name__} to {sql_type}")
+
+
+def _hstore_literal(value: Any) -> str:
+    pairs = _json_or_none(value) if isinstance(value, str) else value
+    if not isinstance(pairs, dict):
+        raise ConversionError(f"expected a JSON object for hstore, got {str(value)[:80]!r}")
+
+    def quoted(text: str) -> str:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return ", ".join(
+        f"{quoted(str(k))}=>{'NULL' if v is None else quoted(v if isinstance(v, str) else json.dumps(v))}"
+        for k, v in pairs.items()
+    )
 
 
 def _array_literal(items: list[Any], kind: Kind) -> str:

@@ -74,6 +74,8 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
         value = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UnparseableEvent(f"the record's {what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise UnparseableEvent(f"the record's {what} is JSON nested too deeply to read") from None
     if not isinstance(value, dict):
         raise UnparseableEvent(f"the record's {what} is JSON but not an object")
     return value
@@ -96,7 +98,7 @@ def _position(op: Op, source: dict[str, Any], lsn: int | None) -> StreamPosition
     first = second = None
     if raw:
         try:
-            seq = json.loads(raw)
+            seq = json.loads(raw) if isinstance(raw, str) else raw
         except json.JSONDecodeError:
             raise UnparseableEvent(f"source.sequence {raw!r} is not JSON") from None
         if not isinstance(seq, list) or len(seq) != 2:

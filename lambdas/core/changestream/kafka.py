@@ -41,21 +41,59 @@ class KafkaStream:
         return wanted
 
     def end_offsets(self, topics: Iterable[str]) -> TopicOffsets:
-        """Each partition's high watermark: the offset the next record will get."""
-        consumer = self._consumer()
+        """Each partition's end: the offset the next record will get.
+
+        The high watermark, confirmed by reading from just before it to the partition's end: some
+        Kafka-compatible brokers (the local Tansu) report the last record batch's base offset + 1, which
+        would let the fence pass and the lag read 0 while records are still to be applied.
+        """
+        consumer = Consumer(
+            {
+                **self._config,
+                "group.id": "zdm-monitor",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 10,  # the end is an empty fetch: do not let the broker hold it
+            }
+        )
         try:
             metadata = consumer.list_topics(timeout=self._timeout)
             out: TopicOffsets = {}
+            starts: list[TopicPartition] = []
             for topic in topics:
                 described = metadata.topics.get(topic)
                 if described is None or described.error is not None:
                     continue
                 for partition in described.partitions:
-                    _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=self._timeout)
+                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=self._timeout)
                     out[(topic, partition)] = int(high)
+                    if high > low:
+                        starts.append(TopicPartition(topic, partition, max(int(low), int(high) - 1)))
+            self._read_to_end(consumer, starts, out)
             return out
         finally:
             consumer.close()
+
+    def _read_to_end(self, consumer: Consumer, starts: list[TopicPartition], ends: TopicOffsets) -> None:
+        if not starts:
+            return
+        consumer.assign(starts)
+        waiting = {(tp.topic, tp.partition) for tp in starts}
+        deadline = time.monotonic() + self._timeout
+        while waiting:
+            if time.monotonic() > deadline:
+                raise KafkaException(f"end of {len(waiting)} partition(s) not reached in {self._timeout:g} s")
+            for message in consumer.consume(num_messages=1000, timeout=0.05):
+                key = (str(message.topic()), message.partition() or 0)
+                offset = message.offset() or 0
+                error = message.error()
+                if error is None:
+                    ends[key] = max(ends[key], offset + 1)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    ends[key] = max(ends[key], offset)
+                    waiting.discard(key)
+                else:
+                    raise KafkaException(error)
 
     def wait_for_message(self, topic: str, start: TopicOffsets, needle: bytes, timeout: float) -> bool:
         """Whether a record whose value contains `needle` arrives on `topic` after `start`, within `timeout`."""

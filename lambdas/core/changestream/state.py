@@ -6,7 +6,7 @@ a crash before the commit loses both the rows and the offsets, a crash after kee
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from psycopg2 import sql
@@ -54,8 +54,10 @@ _DDL = [
     sql.SQL(
         """CREATE TABLE IF NOT EXISTS {}.dbz_stream (
             id int PRIMARY KEY CHECK (id = 1),
-            snapshot_completed boolean NOT NULL DEFAULT false)"""
+            snapshot_completed boolean NOT NULL DEFAULT false,
+            applier_paused boolean NOT NULL DEFAULT false)"""
     ).format(sql.Identifier(SCHEMA)),
+    sql.SQL("INSERT INTO {}.dbz_stream (id) VALUES (1) ON CONFLICT DO NOTHING").format(sql.Identifier(SCHEMA)),
 ]
 
 STATE_TABLES = ("dbz_partitions", "dbz_tables", "dbz_dead_letters", "dbz_stream")
@@ -147,6 +149,25 @@ def save_partitions(cur: Cursor, states: Iterable[PartitionState]) -> None:
         )
 
 
+def seed_offsets(conn: Connection, offsets: Mapping[tuple[str, int], int]) -> None:
+    """Start these partitions at `offsets` unless the applier already keeps a position for them.
+
+    A first start seeds each topic's current end: records an earlier run of the same migration left
+    on the topics (a start again after a teardown) are never applied to this run's target.
+    """
+    with conn.cursor() as cur:
+        for (topic, partition), offset in sorted(offsets.items()):
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {}.dbz_partitions (topic, kafka_partition, next_offset) VALUES (%s, %s, %s)"
+                    " ON CONFLICT DO NOTHING"
+                ).format(sql.Identifier(SCHEMA)),
+                (topic, partition, offset),
+            )
+    if not conn.autocommit:
+        conn.commit()
+
+
 def stored_offsets(conn: Connection, topics: Iterable[str]) -> dict[tuple[str, int], int]:
     """The next offset to read per partition, as the target last committed it."""
     with conn.cursor() as cur:
@@ -160,3 +181,27 @@ def stored_offsets(conn: Connection, topics: Iterable[str]) -> dict[tuple[str, i
     if not conn.autocommit:
         conn.rollback()
     return {(t, n): off for t, n, off in rows}
+
+
+def set_applier_paused(conn: Connection, paused: bool, lock_timeout: str = "10s") -> None:
+    """Pause or resume applying, on the target itself, whatever runs the applier.
+
+    Every batch reads the flag FOR SHARE in its own transaction: setting it waits for the batch in
+    flight to commit, and no batch applies anything after it. The cutover pauses the applier this way
+    before it starts the back replication (no forward change may land after the back slot exists).
+    """
+    with conn.cursor() as cur:
+        if conn.autocommit:
+            cur.execute("BEGIN")
+        cur.execute("SET LOCAL lock_timeout = %s", (lock_timeout,))
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {}.dbz_stream (id, applier_paused) VALUES (1, %s)"
+                " ON CONFLICT (id) DO UPDATE SET applier_paused = EXCLUDED.applier_paused"
+            ).format(sql.Identifier(SCHEMA)),
+            (paused,),
+        )
+        if conn.autocommit:
+            cur.execute("COMMIT")
+    if not conn.autocommit:
+        conn.commit()

@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg2
 from psycopg2 import sql
@@ -78,7 +78,8 @@ from lambdas.core.cutover.steps import (
     rollback_possible,
 )
 from lambdas.core.db import Connection, DatabaseUnreachable, connect, execute, fetch_all
-from lambdas.core.engines.base import Phase
+from lambdas.core.engines.base import Phase, ReplicationStatus, StartResult, TeardownResult
+from lambdas.core.engines.debezium import FenceReached
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames, _subscription
 from lambdas.core.fence import fence_position, is_fenced, lift_fence, make_writable, take_fence
 from lambdas.core.lsn import Lsn, LsnWaitTimeout, current_lsn, wait_for_lsn
@@ -129,6 +130,17 @@ class CutoverPlan:
             migration.engine.logical,
             migration.lag.max_bytes,
         )
+
+
+class ForwardChangeStream(Protocol):
+    """The forward replication when it is not native logical replication (the debezium engine)."""
+
+    def status(self) -> ReplicationStatus: ...
+    def wait_for_fence(self, source: Connection, timeout: float) -> FenceReached: ...
+    def start(self) -> StartResult: ...
+    def stop(self) -> None: ...
+    def pause_applying(self) -> None: ...
+    def teardown(self) -> TeardownResult: ...
 
 
 StepHook = Callable[[Operation, Step], None]
@@ -184,8 +196,12 @@ class CutoverRunner:
         connector: Callable[..., Connection] = connect,
         hooks: Hooks | None = None,
         clock: Callable[[], float] = time.monotonic,
+        forward_stream: ForwardChangeStream | None = None,
     ) -> None:
         self._dsn = {Side.SOURCE: source_dsn, Side.TARGET: target_dsn}
+        # Source -> target by a change stream instead of a subscription: the cutover waits for, stops,
+        # resumes and retires it; the back replication is native logical replication either way.
+        self.forward_stream = forward_stream
         # How the other server reaches each side, for a subscription's CONNECTION.
         self._conninfo = {Side.SOURCE: source_dsn, Side.TARGET: target_conninfo or target_dsn}
         self.router = router
@@ -231,6 +247,10 @@ class CutoverRunner:
             subscription_conninfo=self._conninfo[old],
             connector=self._writable_connect,
         )
+
+    def _stream(self, direction: Direction) -> ForwardChangeStream | None:
+        """The change stream `direction` moves over, if it is not a subscription (cutover only)."""
+        return self.forward_stream if direction.operation is Operation.CUTOVER else None
 
     def _names(self, direction: Direction) -> tuple[ReplicationNames, ReplicationNames | None]:
         """The replication the direction moves over (old -> new), and the one it starts back."""
@@ -398,8 +418,11 @@ class CutoverRunner:
         return progress
 
     def _check_ready(self, direction: Direction, names: ReplicationNames) -> None:
-        engine = self._engine(direction.old, names)
-        what = f"replication {direction.old.value} -> {direction.new.value} ({names.subscription})"
+        stream = self._stream(direction)
+        engine: ForwardChangeStream | LogicalEngine = (
+            stream if stream is not None else self._engine(direction.old, names)
+        )
+        what = f"replication {direction.old.value} -> {direction.new.value} ({'change stream' if stream else names.subscription})"
         # PostgreSQL's launcher starts apply workers at most once per wal_retrieve_retry_interval
         # (5 s) per server: a subscription created or enabled moments ago may not run yet.
         deadline = self._clock() + self.plan.settings.catch_up_timeout_seconds
@@ -477,6 +500,14 @@ class CutoverRunner:
                 "lsn": str(lsn),
             }
             return detail, {"fence_lsn": str(lsn), "held_seconds": fence.seconds}
+        stream = self._stream(direction)
+        if step is Step.CATCH_UP and stream is not None:
+            reached = stream.wait_for_fence(old, settings.catch_up_timeout_seconds)
+            return {
+                "signal": "fence marker",
+                "waited_seconds": reached.waited_seconds,
+                "reached": reached.marker_lsn,
+            }, {}
         if step is Step.CATCH_UP:
             assert progress.fence_lsn is not None
             caught = wait_for_lsn(
@@ -496,6 +527,11 @@ class CutoverRunner:
         if step is Step.SYNC_SEQUENCES:
             synced = sync_sequences(old, new, self.plan.tables, margin=settings.sequence_margin)
             return {"sequences": len(synced), "moved": sum(s.changed for s in synced)}, {}
+        if step is Step.STOP_REPLICATION and stream is not None:
+            # Nothing is applied after this (checked on the target by every batch); the processes are
+            # left running, so the pause costs milliseconds and an undo resumes at once.
+            stream.pause_applying()
+            return {"change_stream": "applier paused"}, {}
         if step is Step.STOP_REPLICATION:
             ended = stop_subscription(new, names.subscription)
             return {"apply_workers_ended": ended}, {}
@@ -515,10 +551,12 @@ class CutoverRunner:
             self.router.set_read_weight(100 if direction.new is Side.TARGET else 0)
             return {"reads": direction.new.value}, {}
         if step is Step.RETIRE_REPLICATION:
-            removed = self._engine(direction.old, names).teardown().removed
+            removed = (
+                stream.teardown() if stream is not None else self._engine(direction.old, names).teardown()
+            ).removed
             if direction.operation is Operation.ROLLBACK:
                 # The cutover's forward replication, if it never got to retiring it itself.
-                removed += self._engine(Side.SOURCE, self.plan.forward).teardown().removed
+                removed += self._teardown_forward()
             return {"removed": removed}, {}
         raise AssertionError(f"unknown step {step}")  # pragma: no cover
 
@@ -566,7 +604,11 @@ class CutoverRunner:
 
         if back is not None:
             attempt("dropping the back replication", lambda: self._engine(direction.new, back).teardown())
-        attempt("enabling replication again", lambda: enable_subscription(conns[direction.new], names.subscription))
+        stream = self._stream(direction)
+        if stream is not None:
+            attempt("starting the change stream again", stream.start)
+        else:
+            attempt("enabling replication again", lambda: enable_subscription(conns[direction.new], names.subscription))
         attempt("lifting the fence", lambda: lift_fence(conns[direction.old]))
         attempt("releasing the router's clients", self.router.release)
         return problems
@@ -629,7 +671,7 @@ class CutoverRunner:
         timed("writer_on_source", lambda: self._writer_on_source())
         timed("release", self.router.release)
         timed("reads_on_source", lambda: self.router.set_read_weight(0))
-        timed("stop_forward_replication", lambda: self._engine(Side.SOURCE, self.plan.forward).stop())
+        timed("stop_forward_replication", self._stop_forward)
         notes.append(
             "forward replication is stopped (its slot keeps WAL on the source until it is started again or torn down)"
         )
@@ -641,6 +683,17 @@ class CutoverRunner:
             steps=runs,
             notes=notes,
         )
+
+    def _stop_forward(self) -> None:
+        if self.forward_stream is not None:
+            self.forward_stream.stop()
+        else:
+            self._engine(Side.SOURCE, self.plan.forward).stop()
+
+    def _teardown_forward(self) -> list[str]:
+        if self.forward_stream is not None:
+            return self.forward_stream.teardown().removed
+        return self._engine(Side.SOURCE, self.plan.forward).teardown().removed
 
     def _writer_on_source(self) -> dict[str, Any]:
         if self.router.state().writer is not Side.SOURCE:

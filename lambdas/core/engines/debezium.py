@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from psycopg2 import sql
 
 from lambdas.core.changestream import state
-from lambdas.core.changestream.connector import FENCE_PREFIX, message_topic, table_topic
+from lambdas.core.changestream.connector import FENCE_PREFIX, heartbeat_topic, message_topic, table_topic
 from lambdas.core.changestream.kafka import KafkaStream, TopicOffsets
 from lambdas.core.changestream.runtime import ChangeStreamRuntime, PartState
-from lambdas.core.db import Connection, connect, fetch_all, fetch_one, fetch_value
+from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_one, fetch_value
 from lambdas.core.engines.base import (
     Phase,
     ReplicationEngine,
@@ -30,6 +30,7 @@ from lambdas.core.engines.base import (
     TeardownResult,
 )
 from lambdas.core.engines.logical import slot_health
+from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, current_lsn
 from lambdas.core.tables import TableName
 
@@ -49,6 +50,11 @@ class DebeziumPlan:
     @property
     def table_topics(self) -> list[str]:
         return [table_topic(self.prefix, t) for t in self.tables]
+
+    @property
+    def applier_topics(self) -> list[str]:
+        """What the applier consumes: the table topics and the heartbeats (StreamRouting.topics)."""
+        return [*self.table_topics, heartbeat_topic(self.prefix)]
 
 
 @dataclass(frozen=True)
@@ -80,9 +86,16 @@ class DebeziumEngine(ReplicationEngine):
         target = connect(self._target_dsn)
         try:
             started_before = _has_state(target)
+            left_over: TopicOffsets = {}
             if not started_before:
                 _require_empty(target, self.plan.tables)
+                # Topics of an earlier run with this name (torn down, started again) still hold its
+                # events: this run's applier starts after them, or it would replay them onto the new
+                # target and then skip the new snapshot as republished.
+                left_over = self.kafka.end_offsets(self.plan.applier_topics)
             state.ensure_state_tables(target)
+            state.set_applier_paused(target, False)  # a stop or an undone cutover paused it
+            state.seed_offsets(target, left_over)
         finally:
             target.close()
         self.runtime.start(self.plan.connector, self.plan.table_topics)
@@ -176,12 +189,24 @@ class DebeziumEngine(ReplicationEngine):
         )
 
     def stop(self) -> None:
+        self.pause_applying()
         self.runtime.stop()
+
+    def pause_applying(self) -> None:
+        """No change is applied after this returns (the batch in flight has committed), whatever runs the
+        applier; the connector and the applier keep running, so resuming is immediate (`start`)."""
+        target = connect(self._target_dsn)
+        try:
+            if _has_state(target):
+                state.set_applier_paused(target, True)
+        finally:
+            target.close()
 
     def teardown(self) -> TeardownResult:
         removed = self.runtime.teardown()
         source = connect(self._source_dsn)
         try:
+            make_writable(source)  # after the cutover the source is fenced (read-only); this is our own cleanup
             if _drop_slot(source, self.plan.slot):
                 removed.append(f"slot {self.plan.slot}")
             if fetch_one(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.publication,)):
@@ -207,7 +232,7 @@ class DebeziumEngine(ReplicationEngine):
     def wait_for_fence(self, source: Connection, timeout: float) -> FenceReached:
         """After the fence: true once every change committed before it is applied on the target.
 
-        A non-transactional logical decoding message is written after the fence; the connector
+        A logical decoding message is written after the fence; the connector
         publishes it only after every earlier change was acknowledged by the broker. Once it is
         seen, each table topic's end offset bounds what must be applied, and the applier's
         offsets on the target must reach them.
@@ -217,9 +242,12 @@ class DebeziumEngine(ReplicationEngine):
         marker_topic = message_topic(self.plan.prefix)
         before = self.kafka.end_offsets([marker_topic])
         token = uuid.uuid4().hex
+        # Transactional and committed synchronously: the commit flushes the WAL, so the walsender sends
+        # it at once (a non-transactional message can sit unflushed on an idle, fenced source).
+        execute(source, "SET synchronous_commit = on")
         marker_lsn = fetch_value(
             source,
-            "SELECT pg_logical_emit_message(false, %s, %s)::text",
+            "SELECT pg_logical_emit_message(true, %s, %s)::text",
             (FENCE_PREFIX, token),
         )
         # Debezium hex-encodes a message's content

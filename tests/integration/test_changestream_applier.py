@@ -1,0 +1,459 @@
+"""The change applier on a real target with hand-built Debezium records (no broker): replays,
+republished stretches, deletes, key changes, truncates, unchanged TOAST values and dead letters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+from lambdas.core.changestream import state
+from lambdas.core.changestream.applier import ApplyResult, ChangeApplier, StreamRouting
+from lambdas.core.changestream.connector import UNAVAILABLE_PLACEHOLDER, heartbeat_topic
+from lambdas.core.changestream.deadletters import DeadLetter, DeadLetterSink
+from lambdas.core.changestream.events import StreamRecord
+from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_value
+from lambdas.core.tables import TableName
+
+PREFIX = "zdm_apply"
+ITEMS = TableName("public", "items")
+TOPIC = f"{PREFIX}.public.items"
+P = UNAVAILABLE_PLACEHOLDER
+
+TARGET_DDL = """
+CREATE TABLE items (
+    id      int PRIMARY KEY,
+    sku     text UNIQUE,
+    qty     int,
+    note    text,
+    body    text,
+    doc     jsonb,
+    tags    text[],
+    at      timestamp
+);
+"""
+
+
+class CollectingSink(DeadLetterSink):
+    """Keeps what it was sent, as an operator's queue would."""
+
+    def __init__(self) -> None:
+        self.sent: list[DeadLetter] = []
+
+    def send(self, letters: Sequence[DeadLetter]) -> None:
+        self.sent.extend(letters)
+
+
+class Stream:
+    """Hand-built records of one topic, offsets in publication order, like Debezium publishes them."""
+
+    def __init__(self, topic: str = TOPIC) -> None:
+        self.topic = topic
+        self.offset = 0
+
+    def _record(self, key: Any, value: Any) -> StreamRecord:
+        rec = StreamRecord(
+            self.topic,
+            0,
+            self.offset,
+            None if key is None else json.dumps(key).encode(),
+            None if value is None else (value if isinstance(value, bytes) else json.dumps(value).encode()),
+        )
+        self.offset += 1
+        return rec
+
+    def change(self, op: str, row: dict[str, Any] | None, pos: tuple[int, int], *, key: Any = "row") -> StreamRecord:
+        commit, lsn = pos
+        source = {
+            "version": "3.6.3.Final",
+            "connector": "postgresql",
+            "name": PREFIX,
+            "ts_ms": 1_700_000_000_000 + lsn,
+            "snapshot": "true" if op == "r" else "false",
+            "db": "shop",
+            "sequence": json.dumps([None if op == "r" else str(commit), str(lsn)]),
+            "schema": "public",
+            "table": "items",
+            "txId": 700 + lsn,
+            "lsn": lsn,
+        }
+        envelope = {
+            "before": row if op == "d" else None,
+            "after": None if op in ("d", "t") else row,
+            "source": source,
+            "op": op,
+            "ts_ms": 1_700_000_000_000 + lsn,
+        }
+        if key == "row":
+            key = None if row is None else {"id": row["id"]}
+        return self._record(key, envelope)
+
+    def create(self, row: dict[str, Any], pos: tuple[int, int]) -> StreamRecord:
+        return self.change("c", row, pos)
+
+    def read(self, row: dict[str, Any]) -> StreamRecord:
+        return self.change("r", row, (0, 100))
+
+    def update(self, row: dict[str, Any], pos: tuple[int, int]) -> StreamRecord:
+        return self.change("u", row, pos)
+
+    def delete(self, key: int, pos: tuple[int, int]) -> list[StreamRecord]:
+        """The delete and the tombstone that follows it."""
+        return [self.change("d", {"id": key}, pos), self._record({"id": key}, None)]
+
+    def truncate(self, pos: tuple[int, int]) -> StreamRecord:
+        return self.change("t", None, pos, key=None)
+
+    def raw(self, key: bytes | None, value: bytes | None) -> StreamRecord:
+        rec = StreamRecord(self.topic, 0, self.offset, key, value)
+        self.offset += 1
+        return rec
+
+
+def item(id: int, **values: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": id,
+        "sku": f"sku-{id}",
+        "qty": 1,
+        "note": None,
+        "body": None,
+        "doc": None,
+        "tags": None,
+        "at": None,
+    }
+    row.update(values)
+    return row
+
+
+def republish(records: Sequence[StreamRecord], stream: Stream) -> list[StreamRecord]:
+    """The same events published again under new offsets (a restarted connector)."""
+    out = []
+    for rec in records:
+        out.append(StreamRecord(rec.topic, rec.partition, stream.offset, rec.key, rec.value))
+        stream.offset += 1
+    return out
+
+
+@pytest.fixture
+def target(fresh_dbs: tuple[str, str]) -> Iterator[Connection]:
+    _, tgt = fresh_dbs
+    setup = connect(tgt)
+    execute(setup, TARGET_DDL)
+    setup.close()
+    conn = connect(tgt, autocommit=False, application_name="zdm-applier-test")
+    state.ensure_state_tables(conn)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def sink() -> CollectingSink:
+    return CollectingSink()
+
+
+@pytest.fixture
+def applier(target: Connection, sink: CollectingSink) -> ChangeApplier:
+    routing = StreamRouting.load(target, PREFIX, [ITEMS])
+    return ChangeApplier(target, routing, sink)
+
+
+def rows(conn: Connection, columns: str = "id, sku, qty, note") -> list[tuple[Any, ...]]:
+    result = fetch_all(conn, f"SELECT {columns} FROM items ORDER BY id")
+    conn.rollback()
+    return result
+
+
+def letters_on_target(conn: Connection) -> list[tuple[Any, ...]]:
+    result = fetch_all(
+        conn,
+        "SELECT topic, kafka_partition, kafka_offset, source_lsn, reason FROM _zdm.dbz_dead_letters ORDER BY kafka_offset",
+    )
+    conn.rollback()
+    return result
+
+
+def apply(applier: ChangeApplier, records: Sequence[StreamRecord]) -> ApplyResult:
+    return applier.apply(list(records))
+
+
+def test_the_same_batch_applied_twice_changes_nothing_the_second_time(
+    target: Connection, applier: ChangeApplier
+) -> None:
+    # Given a batch of snapshot reads, creates, updates and a delete, applied once
+    s = Stream()
+    batch = [
+        s.read(item(1)),
+        s.read(item(2)),
+        s.create(item(3, qty=3), (1000, 1010)),
+        s.update(item(1, qty=5, note="Zoë"), (1100, 1110)),
+        *s.delete(2, (1200, 1210)),
+    ]
+    first = apply(applier, batch)
+    after_first = rows(target)
+
+    # When Kafka delivers the very same records again (a crash before the consumer committed)
+    second = apply(applier, batch)
+
+    # Then the second delivery is counted as a replay and the target is unchanged
+    assert first.applied == 5 and first.tombstones == 1 and first.replayed == 0
+    assert second.replayed == len(batch) and second.applied == 0 and second.dead_letters == []
+    assert rows(target) == after_first == [(1, "sku-1", 5, "Zoë"), (3, "sku-3", 3, None)]
+    stored = state.stored_offsets(target, [TOPIC])
+    assert stored == {(TOPIC, 0): len(batch)}
+
+
+def test_a_republished_stretch_never_regresses_a_row(target: Connection, applier: ChangeApplier) -> None:
+    # Given v1 then v2 of a row applied
+    s = Stream()
+    v1 = s.create(item(1, qty=1), (1000, 1010))
+    v2 = s.update(item(1, qty=2), (1100, 1110))
+    apply(applier, [v1])
+    apply(applier, [v2])
+
+    # When the connector publishes v1 (and v2) again under new offsets, in separate batches
+    again = republish([v1, v2], s)
+    first = apply(applier, again[:1])
+    second = apply(applier, again[1:])
+
+    # Then both are recognised as republished and the row stays at v2
+    assert (first.republished, first.applied, second.republished) == (1, 0, 0)
+    assert second.applied == 1  # the same position as the stored one is re-applied: same state
+    assert rows(target) == [(1, "sku-1", 2, None)]
+
+
+def test_a_replayed_older_insert_does_not_resurrect_a_deleted_row(target: Connection, applier: ChangeApplier) -> None:
+    # Given a row created, then deleted
+    s = Stream()
+    create = s.create(item(7), (1000, 1010))
+    apply(applier, [create, *s.delete(7, (1100, 1110))])
+    assert rows(target) == []
+
+    # When the create is published again under a new offset
+    result = apply(applier, republish([create], s))
+
+    # Then it is skipped and the row stays deleted
+    assert result.republished == 1 and result.applied == 0
+    assert rows(target) == []
+
+
+def test_snapshot_reads_after_streaming_started_are_republished(target: Connection, applier: ChangeApplier) -> None:
+    # Given a row streamed to v2 after its snapshot read
+    s = Stream()
+    apply(applier, [s.read(item(1, qty=1)), s.update(item(1, qty=2), (1000, 1010))])
+    # When a snapshot read of the row arrives again (a connector that snapshotted again)
+    result = apply(applier, [s.read(item(1, qty=1))])
+    # Then it is skipped
+    assert result.republished == 1
+    assert rows(target) == [(1, "sku-1", 2, None)]
+
+
+def test_a_key_changing_update_moves_the_row(target: Connection, applier: ChangeApplier) -> None:
+    # Given row 1 on the target
+    s = Stream()
+    apply(applier, [s.create(item(1, qty=3, note="keep"), (1000, 1010))])
+
+    # When UPDATE ... SET id = 4 WHERE id = 1 arrives: a delete (+ tombstone) and a create at one position
+    moved = [*s.delete(1, (1100, 1110)), s.create(item(4, sku="sku-1", qty=3, note="keep"), (1100, 1110))]
+    result = apply(applier, moved)
+
+    # Then the row has its new key only
+    assert result.applied == 2 and result.dead_letters == []
+    assert rows(target) == [(4, "sku-1", 3, "keep")]
+
+    # And the pair split over two batches gives the same result
+    moved_back = [*s.delete(4, (1200, 1210)), s.create(item(1, sku="sku-1", qty=3, note="back"), (1200, 1210))]
+    apply(applier, moved_back[:1])
+    apply(applier, moved_back[1:])
+    assert rows(target) == [(1, "sku-1", 3, "back")]
+
+
+def test_truncate_empties_the_table_and_later_changes_apply(target: Connection, applier: ChangeApplier) -> None:
+    # Given two rows
+    s = Stream()
+    apply(applier, [s.create(item(1), (1000, 1010)), s.create(item(2), (1000, 1020))])
+    # When a truncate and then an insert arrive in one batch, after another insert
+    result = apply(
+        applier, [s.create(item(3), (1100, 1110)), s.truncate((1200, 1210)), s.create(item(5), (1300, 1310))]
+    )
+    # Then only what came after the truncate is left
+    assert result.dead_letters == []
+    assert rows(target) == [(5, "sku-5", 1, None)]
+
+
+def test_tombstones_are_no_ops(target: Connection, applier: ChangeApplier) -> None:
+    # Given a row
+    s = Stream()
+    apply(applier, [s.create(item(1), (1000, 1010))])
+    # When only tombstones arrive (for this row and another key)
+    result = apply(applier, [s.raw(b'{"id":1}', None), s.raw(b'{"id":99}', None)])
+    # Then nothing changes, and the offsets still move on
+    assert result.tombstones == 2 and result.applied == 0
+    assert rows(target) == [(1, "sku-1", 1, None)]
+    assert state.stored_offsets(target, [TOPIC]) == {(TOPIC, 0): 3}
+
+
+def test_unchanged_toast_placeholder_keeps_the_targets_value(target: Connection, applier: ChangeApplier) -> None:
+    # Given a row with large text, jsonb and text[] values
+    s = Stream()
+    big = "x" * 10_000
+    apply(applier, [s.create(item(1, body=big, doc='{"k": [1, 2]}', tags=["a", "b"]), (1000, 1010))])
+
+    # When an update of another column arrives with the placeholder in the unchanged TOASTed columns
+    result = apply(applier, [s.update(item(1, qty=9, body=P, doc=P, tags=[P]), (1100, 1110))])
+
+    # Then the other column changes and the TOASTed ones keep their value (never the placeholder)
+    assert result.dead_letters == [] and result.applied == 1
+    assert rows(target, "id, qty, body = repeat('x', 10000), doc::text, tags") == [
+        (1, 9, True, '{"k": [1, 2]}', ["a", "b"])
+    ]
+    assert fetch_value(target, "SELECT count(*) FROM items WHERE body LIKE %s", (f"%{P}%",)) == 0
+    target.rollback()
+
+
+def test_placeholder_is_filled_from_an_earlier_change_in_the_same_batch(
+    target: Connection, applier: ChangeApplier
+) -> None:
+    # Given an insert and, in the same batch, updates that leave its TOASTed columns unchanged
+    s = Stream()
+    batch = [
+        s.create(item(2, body="first body", doc='{"v": 1}'), (1000, 1010)),
+        s.update(item(2, qty=5, body=P, doc=P), (1100, 1110)),
+        s.update(item(2, note="n", body=P, doc='{"v": 2}'), (1200, 1210)),
+    ]
+    # When the batch is applied
+    result = apply(applier, batch)
+    # Then the row has the insert's body, the last doc and the last other values
+    assert result.dead_letters == []
+    assert rows(target, "id, qty, note, body, doc::text") == [(2, 1, "n", "first body", '{"v": 2}')]
+
+
+def test_update_with_placeholder_for_a_missing_row_is_a_dead_letter(
+    target: Connection, applier: ChangeApplier, sink: CollectingSink
+) -> None:
+    # Given an empty target
+    s = Stream()
+    # When an update with an unchanged TOAST value arrives for a row that is not there, beside a good change
+    batch = [s.update(item(8, qty=2, body=P), (1000, 1010)), s.create(item(9), (1100, 1110))]
+    result = apply(applier, batch)
+    # Then the update is a dead letter (its full value cannot be rebuilt) and the create is applied
+    assert [(d.offset, d.source_lsn) for d in result.dead_letters] == [(0, 1010)]
+    assert "unchanged TOAST values for a row that is not on the target" in result.dead_letters[0].reason
+    assert rows(target) == [(9, "sku-9", 1, None)]
+    assert sink.sent == result.dead_letters
+    assert fetch_value(target, "SELECT count(*) FROM items WHERE body = %s", (P,)) == 0
+    target.rollback()
+
+
+def test_poison_events_become_dead_letters_and_the_rest_of_the_batch_is_applied(
+    target: Connection, applier: ChangeApplier, sink: CollectingSink
+) -> None:
+    # Given a row holding sku 'taken'
+    s = Stream()
+    apply(applier, [s.create(item(1, sku="taken"), (1000, 1010))])
+
+    # When one batch mixes good changes with poison ones
+    batch = [
+        s.create(item(2), (1100, 1110)),  # good
+        s.raw(b'{"id":3}', b"{this is not json"),  # unparseable
+        s.create({**item(4), "colour": "red"}, (1200, 1210)),  # a column the target lacks
+        s.create(item(5, sku="taken"), (1300, 1310)),  # unique violation on a non-key column
+        s.create(item(6, qty="many"), (1400, 1410)),  # fails the cast to int
+        s.create(item(7, at="not a number of micros"), (1500, 1510)),  # fails the cast to timestamp
+        s.update(item(1, sku="taken", qty=10), (1600, 1610)),  # good
+        s.create(item(8), (1700, 1710)),  # good
+    ]
+    result = apply(applier, batch)
+
+    # Then each poison event is a dead letter with a clear reason and its position
+    letters = {d.offset: d for d in result.dead_letters}
+    assert sorted(letters) == [2, 3, 4, 5, 6]
+    assert letters[2].reason.startswith("unparseable event: the record's value is not JSON")
+    assert letters[2].source_lsn is None and letters[2].value == "{this is not json"
+    assert "schema mismatch: column(s) colour" in letters[3].reason and letters[3].source_lsn == 1210
+    assert "duplicate key value violates unique constraint" in letters[4].reason and letters[4].source_lsn == 1310
+    assert "invalid input syntax for type integer" in letters[5].reason and letters[5].source_lsn == 1410
+    assert "invalid input syntax for type timestamp" in letters[6].reason and letters[6].source_lsn == 1510
+    assert all(d.topic == TOPIC and d.partition == 0 for d in result.dead_letters)
+    # And the rest of the batch is applied
+    assert rows(target) == [(1, "taken", 10, None), (2, "sku-2", 1, None), (8, "sku-8", 1, None)]
+
+    # And the dead letters are recorded once on the target and sent to the sink
+    recorded = letters_on_target(target)
+    assert [(r[2], r[3]) for r in recorded] == [(d.offset, d.source_lsn) for d in result.dead_letters]
+    assert [r[4] for r in recorded] == [d.reason for d in result.dead_letters]
+    assert sink.sent == result.dead_letters
+
+    # When the same batch is delivered again
+    again = apply(applier, batch)
+    # Then it is a replay: no new dead letter, nothing sent again
+    assert again.replayed == len(batch) and again.dead_letters == []
+    assert len(letters_on_target(target)) == 5 and len(sink.sent) == 5
+
+
+def test_a_unique_value_moving_between_rows_is_not_a_dead_letter(target: Connection, applier: ChangeApplier) -> None:
+    # Given rows A (sku 'a') and B (sku 'b')
+    s = Stream()
+    apply(applier, [s.create(item(1, sku="a"), (1000, 1010)), s.create(item(2, sku="b"), (1000, 1020))])
+    # When, within one batch, the skus swap through a temporary value (legal on the source, in this order)
+    batch = [
+        s.update(item(2, sku="tmp"), (1100, 1110)),
+        s.update(item(1, sku="b"), (1100, 1120)),
+        s.update(item(2, sku="a"), (1100, 1130)),
+    ]
+    result = apply(applier, batch)
+    # Then the swap is applied (change by change) without a dead letter
+    assert result.dead_letters == []
+    assert rows(target) == [(1, "b", 1, None), (2, "a", 1, None)]
+
+
+def test_records_of_an_unmapped_topic_are_dead_letters(target: Connection, applier: ChangeApplier) -> None:
+    # Given a record on a topic that feeds no target table
+    stray = Stream(f"{PREFIX}.public.unknown")
+    result = apply(applier, [stray.create(item(1), (1000, 1010))])
+    # Then it is a dead letter naming the topic
+    assert [d.reason for d in result.dead_letters] == [f"no target table is mapped to topic '{PREFIX}.public.unknown'"]
+
+
+def test_heartbeats_only_mark_the_stream_as_streaming(target: Connection, applier: ChangeApplier) -> None:
+    # Given a heartbeat record
+    beat = Stream(heartbeat_topic(PREFIX))
+    result = apply(applier, [beat.raw(b'{"serverName":"zdm_apply"}', b'{"ts_ms":1}')])
+    # Then nothing is applied, no dead letter, and the snapshot is known to be over
+    assert result.applied == 0 and result.dead_letters == [] and result.snapshot_completed
+    assert fetch_value(target, "SELECT snapshot_completed FROM _zdm.dbz_stream") is True
+    target.rollback()
+
+
+def test_a_transient_target_error_is_not_a_dead_letter_the_batch_is_delivered_again(
+    fresh_dbs: tuple[str, str], target: Connection, applier: ChangeApplier, sink: CollectingSink
+) -> None:
+    # Given a row that another session holds locked, and an applier session that waits 100 ms for locks
+    s = Stream()
+    apply(applier, [s.create(item(1), (1000, 1010))])
+    execute(target, "SET lock_timeout = '100ms'")
+    target.commit()
+    other = connect(fresh_dbs[1], autocommit=False)
+    execute(other, "SELECT * FROM items WHERE id = 1 FOR UPDATE")
+
+    # When a batch updating that row times out on the lock
+    batch = [s.create(item(2), (1100, 1110)), s.update(item(1, qty=7), (1100, 1120))]
+    with pytest.raises(psycopg2.errors.LockNotAvailable):
+        apply(applier, batch)
+
+    # Then nothing of the batch was committed and no change was dropped as a dead letter
+    assert rows(target) == [(1, "sku-1", 1, None)]
+    assert letters_on_target(target) == [] and sink.sent == []
+    assert state.stored_offsets(target, [TOPIC]) == {(TOPIC, 0): 1}
+
+    # And delivered again once the lock is gone, the batch applies
+    other.rollback()
+    other.close()
+    result = apply(applier, batch)
+    assert result.applied == 2 and result.dead_letters == []
+    assert rows(target) == [(1, "sku-1", 7, None), (2, "sku-2", 1, None)]

@@ -1,0 +1,131 @@
+"""Cutover and rollback with the debezium engine carrying source -> target, under writes through pgbouncer.
+
+The cutover waits until the applier has applied everything before the fence (the fence marker
+through the connector, then the topics' end offsets against the target's stored offsets), stops
+the change stream, starts native reverse replication, and moves the writer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2.extensions
+import pytest
+from cutover_env import TABLES, Shop, assert_no_difference, clean_up, longest_gap, start_shop
+
+from lambdas.core.changestream.runtime import PartState
+from lambdas.core.cutover import CutoverAborted, CutoverRunner, Hooks, Operation, Step
+from lambdas.core.cutover.steps import CUTOVER_STEPS
+from lambdas.core.db import connect, fetch_value
+from lambdas.core.engines.debezium import DebeziumEngine
+from lambdas.core.routers.base import Side
+from rehearsal.broker import Broker
+from rehearsal.compare import Snapshot
+from rehearsal.servers import PostgresServer
+from rehearsal.workload import Workload
+from tests.integration.stream_env import make_engine, wait_until
+
+
+@pytest.fixture
+def streamed_shop(
+    pg_pair: tuple[PostgresServer, PostgresServer],
+    fresh_dbs: tuple[str, str],
+    broker: Broker,
+    tmp_path: Path,
+) -> Iterator[tuple[Shop, DebeziumEngine]]:
+    source, target = pg_pair
+    dbname = psycopg2.extensions.parse_dsn(fresh_dbs[0])["dbname"]
+    shop = start_shop(source, target, dbname, forward=False)
+    engine = make_engine(shop.src, shop.tgt, broker, tmp_path / "stream", TABLES, name=f"cut-{dbname}")
+    try:
+        engine.start()
+        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+        yield shop, engine
+    finally:
+        engine.teardown()
+        clean_up(shop)
+
+
+def runner(shop: Shop, engine: DebeziumEngine, hooks: Hooks | None = None) -> CutoverRunner:
+    return CutoverRunner(shop.src, shop.tgt, shop.router, shop.plan(), hooks=hooks, forward_stream=engine)
+
+
+def test_cutover_over_the_change_stream_loses_no_write(streamed_shop: tuple[Shop, DebeziumEngine]) -> None:
+    # Given the debezium engine streaming and 8 clients writing through pgbouncer
+    shop, engine = streamed_shop
+    snapshots: dict[str, Snapshot] = {}
+
+    def at_switch(operation: Operation, step: Step) -> None:
+        if step is Step.SWITCH_WRITER:  # clients are held: both sides stand still
+            snapshots["switch"] = Snapshot.take(shop.src, shop.tgt)
+
+    workload = Workload(shop.app, clients=8, rate=40.0).start()
+    time.sleep(2.0)
+    # When the cutover runs while they write
+    result = runner(shop, engine, Hooks(after_record=at_switch)).cutover()
+    time.sleep(1.0)
+    stats = workload.stop()
+    # Then no transaction failed, every step ran, and the catch-up waited on the fence marker
+    assert stats.failed == 0, stats.errors
+    assert result.status == "done", result
+    assert [s.step for s in result.steps] == [s.value for s in CUTOVER_STEPS]
+    catch_up = next(s for s in result.steps if s.step == Step.CATCH_UP.value)
+    assert catch_up.detail["signal"] == "fence marker"
+    # And at the switch both databases held exactly the same rows
+    assert assert_no_difference(snapshots["switch"].diffs(TABLES)) > 5_000
+    # And writes made on the target since come back to the source by native reverse replication
+    shop.wait_caught_up(reverse=True)
+    assert_no_difference(shop.diffs())
+    # And the change stream is gone: connector and applier stopped, its slot dropped from the source
+    health = engine.runtime.health()
+    assert (health.connector, health.applier) == (PartState.ABSENT, PartState.ABSENT)
+    conn = connect(shop.src)
+    try:
+        assert (
+            fetch_value(conn, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (engine.plan.slot,))
+            == 0
+        )
+    finally:
+        conn.close()
+    assert shop.router.state().writer is Side.TARGET
+    print(
+        f"\ndebezium cutover: longest write pause {longest_gap(stats) * 1000:.0f} ms, "
+        f"fence to release {(result.pause_seconds or 0) * 1000:.0f} ms"
+    )
+
+
+def test_a_cutover_failing_after_the_pause_is_undone_and_the_stream_resumes(
+    streamed_shop: tuple[Shop, DebeziumEngine],
+) -> None:
+    # Given the change stream running, and a cutover whose back replication cannot reach the target
+    # (the source is told a dead address for it): it fails after the applier was paused
+    shop, engine = streamed_shop
+    dead = shop.tgt.replace(f"port={shop.target.port}", "port=1")
+    broken = CutoverRunner(shop.src, shop.tgt, shop.router, shop.plan(), target_conninfo=dead, forward_stream=engine)
+    with pytest.raises(CutoverAborted, match="start_back_replication") as caught:
+        broken.cutover()
+    assert "was undone" in str(caught.value)
+    # Then clients write to the source again and the stream carries those writes to the target
+    assert shop.router.state().writer is Side.SOURCE and not shop.router.state().holding
+    assert engine.runtime.health().running
+    conn = connect(shop.app)
+    try:
+        new_id = fetch_value(conn, "INSERT INTO customers (email, name) VALUES ('late@x', 'late') RETURNING id")
+    finally:
+        conn.close()
+    wait_until(lambda: _exists(shop.tgt, new_id), 60, "the write after the undone cutover to reach the target", engine)
+    # And a new attempt completes, losing nothing
+    result = runner(shop, engine).cutover()
+    assert result.status == "done" and result.attempt == 2
+    shop.wait_caught_up(reverse=True)
+    assert_no_difference(shop.diffs())
+
+
+def _exists(dsn: str, customer_id: int) -> bool:
+    conn = connect(dsn)
+    try:
+        return bool(fetch_value(conn, "SELECT EXISTS (SELECT 1 FROM customers WHERE id = %s)", (customer_id,)))
+    finally:
+        conn.close()
