@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 ROWS ?= 1000000
 OUT ?= out/rehearsal
 FAULT ?=
+ENGINE ?= logical
 MIGRATION ?= migrations/example.yaml
 APT_PACKAGES := postgresql pgbouncer pgcopydb openjdk-17-jre-headless
 export PYTHONPATH := $(CURDIR)
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 
-.PHONY: setup system-packages test lint unit integration infrastructure e2e rehearse synth bench bench-copy bench-cutover bench-validate clean
+.PHONY: setup system-packages test lint unit integration infrastructure e2e rehearse synth bench bench-copy bench-cutover bench-validate bench-apply clean
 
 setup: system-packages $(VENV)/.installed node_modules/.installed
 
@@ -54,7 +55,7 @@ infrastructure: setup
 	$(PY) -m pytest tests/infrastructure -q
 
 rehearse: setup
-	$(PY) -m rehearsal --rows $(ROWS) --out $(OUT) $(if $(FAULT),--fault $(FAULT),)
+	$(PY) -m rehearsal --rows $(ROWS) --out $(OUT) --engine $(ENGINE) $(if $(FAULT),--fault $(FAULT),)
 
 SYNTH_MIGRATIONS ?= migrations/example.yaml migrations/serverless-proxy.yaml migrations/debezium.yaml
 
@@ -69,7 +70,7 @@ synth: setup
 	$(VENV)/bin/cfn-lint cdk.out/*/*.template.json || [ $$? -eq 4 ]
 
 # Each prints a table with the ratio against the named external tool (JSON with --json).
-bench: bench-copy bench-cutover bench-validate
+bench: bench-copy bench-cutover bench-validate bench-apply
 
 bench-copy: setup
 	$(PY) -m bench.copy --rows $(or $(BENCH_ROWS),5000000)
@@ -79,6 +80,9 @@ bench-cutover: setup
 
 bench-validate: setup
 	$(PY) -m bench.validate --rows $(or $(BENCH_ROWS),10000000)
+
+bench-apply: setup
+	$(PY) -m bench.apply --events $(or $(BENCH_EVENTS),100000)
 
 clean:
 	rm -rf cdk.out out .pytest_cache .mypy_cache .ruff_cache
