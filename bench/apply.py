@@ -340,13 +340,22 @@ class Stream:
     def topics(self) -> list[str]:
         return self.engine.plan.table_topics
 
+    @property
+    def applier_parts(self) -> list[str]:
+        return [p for p in self.runtime.parts if p.startswith(APPLIER)]
+
     def start_applier(self) -> None:
-        self.runtime.start_part(APPLIER, self.engine.plan.connector, self.topics)
+        for part in self.applier_parts:
+            self.runtime.start_part(part, self.engine.plan.connector, self.topics)
 
     def stop_applier(self) -> None:
-        running = self.runtime.process(APPLIER)
-        if running is not None:
-            running.stop(remove=False)
+        for part in self.applier_parts:
+            running = self.runtime.process(part)
+            if running is not None:
+                running.stop(remove=False)
+
+    def applier_running(self) -> bool:
+        return all(self.runtime.process(part) is not None for part in self.applier_parts)
 
     def stored(self, conn: Connection) -> TopicOffsets:
         return state.stored_offsets(conn, self.topics)
@@ -357,7 +366,13 @@ class Stream:
 
 
 def make_stream(
-    source_dsn: str, target_dsn: str, broker: Broker, workdir: Path, batch_size: int, batch_window: float
+    source_dsn: str,
+    target_dsn: str,
+    broker: Broker,
+    workdir: Path,
+    batch_size: int,
+    batch_window: float,
+    appliers: int = 1,
 ) -> Stream:
     migration = Migration.model_validate(
         {
@@ -386,6 +401,7 @@ def make_stream(
             tables=tuple(str(t) for t in TABLES),
             batch_size=batch_size,
             batch_window_seconds=batch_window,
+            appliers=appliers,
         )
     )
     kafka = KafkaStream({"bootstrap.servers": broker.bootstrap})
@@ -485,7 +501,7 @@ class OffsetWatch:
         while left(ends, self.latest):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what}: not applied within {timeout:g}s\n{self._stream.log_tail('applier')}")
-            if self._stream.runtime.process(APPLIER) is None:
+            if not self._stream.applier_running():
                 raise RuntimeError(f"{what}: the applier process exited\n{self._stream.log_tail('applier')}")
             time.sleep(POLL_SECONDS)
         reached = self.first(lambda stored: not left(ends, stored))
@@ -661,6 +677,7 @@ class Result:
     rows: int
     batch_size: int
     batch_window: float
+    appliers: int = 1
     version: str = ""
     workloads: list[Workload] = field(default_factory=list)
     native_seconds: float | None = None
@@ -741,8 +758,8 @@ class Result:
                 }
                 for w in self.workloads
             ],
-            "rows": self.rows,
             "batch_size": self.batch_size,
+            "appliers": self.appliers,
             "batch_window_seconds": self.batch_window,
             "postgresql": self.version,
             "goal_ratio_apply": GOAL_RATIO,
@@ -773,7 +790,7 @@ def run(args: argparse.Namespace, result: Result) -> None:
         broker = start_broker()
         log(f"broker (Tansu) up on {broker.bootstrap}")
         workdir = _workdir(dbz_target)
-        stream = make_stream(src, dbz_tgt, broker, workdir, args.batch_size, args.batch_window)
+        stream = make_stream(src, dbz_tgt, broker, workdir, args.batch_size, args.batch_window, args.appliers)
         try:
             log("native: publication + subscription, initial copy")
             log(f"native: copied and caught up in {native_start(src, native_tgt):.1f}s")
@@ -944,6 +961,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=LOCAL_DEFAULTS.batch_window_seconds,
         help=f"applier: seconds it waits to fill a batch (default {LOCAL_DEFAULTS.batch_window_seconds:g})",
     )
+    parser.add_argument(
+        "--appliers",
+        type=int,
+        default=1,
+        help="applier processes, each with its own share of the table topics (default 1: like for like with "
+        "native apply's one worker; AWS runs one Lambda mapping per topic)",
+    )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     args = parser.parse_args(argv)
     if args.events < 100:
@@ -959,7 +983,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    result = Result(args.events, args.rows, args.batch_size, args.batch_window)
+    result = Result(args.events, args.rows, args.batch_size, args.batch_window, args.appliers)
     try:
         run(args, result)
     except Exception as exc:

@@ -84,7 +84,8 @@ def test_create_update_delete_carry_table_key_row_and_position() -> None:
 
     # Then each names its table, key, row and [last commit LSN, LSN] position
     assert (create.op, create.schema, create.table) == (Op.CREATE, "public", "orders")
-    assert create.key == {"id": 42} and create.after == ROW
+    # (creates and updates carry the key in `after`: the record's key is parsed for deletes only)
+    assert create.key is None and create.after == ROW
     assert create.position == StreamPosition(100, 120) and create.lsn == 120
     assert create.ts_ms == 1795651739498 and create.snapshot_marker is None
     assert update.op is Op.UPDATE and update.after is not None and update.after["status"] == "shipped"
@@ -209,7 +210,7 @@ def test_envelope_with_schemas_enabled_is_unwrapped() -> None:
         (StreamRecord(TOPIC, 0, 1, b'{"id":1}', b"[1, 2]"), "the record's value is JSON but not an object"),
         (StreamRecord(TOPIC, 0, 1, b'{"id":1}', b"[" * 100_000), "nested too deeply"),
         (
-            StreamRecord(TOPIC, 0, 1, b"not-json-key", json.dumps(envelope("c", after=ROW)).encode()),
+            StreamRecord(TOPIC, 0, 1, b"not-json-key", json.dumps(envelope("d", before={"id": 1})).encode()),
             "the record's key is not JSON",
         ),
         (record(envelope("x", after=ROW)), "unknown operation 'x'"),

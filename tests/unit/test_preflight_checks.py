@@ -628,3 +628,20 @@ def test_debezium_engine_refuses_tables_without_a_primary_key() -> None:
     result = checks.check_replica_identity(facts(engine="debezium", tables=tables(keyless)))
     assert result.status == "fail"
     assert "primary key" in result.remedy and "public.orders" in result.details[0]
+
+
+def test_debezium_engine_refuses_arrays_it_would_send_as_null_unless_replica_identity_full() -> None:
+    # Given a table with a timestamp[] column (Debezium sends NULL when such a TOASTed array is unchanged)
+    columns = (Column("id", "bigint", True), Column("seen", "timestamp without time zone[]", False))
+    risky = table(columns=columns)
+    # When the engine is debezium it fails, naming the column; logical does not care
+    result = checks.check_change_stream_types(facts(engine="debezium", tables=tables(risky)))
+    assert result.status == "fail"
+    assert result.details == ["public.orders.seen (timestamp without time zone[])"]
+    assert checks.check_change_stream_types(facts(tables=tables(risky))).status == "pass"
+    # And with REPLICA IDENTITY FULL (the whole old row in the WAL) it passes
+    full = table(columns=columns, replica_identity="f")
+    assert checks.check_change_stream_types(facts(engine="debezium", tables=tables(full))).status == "pass"
+    # And text[] arrays, which Debezium marks, pass as they are
+    marked = table(columns=(Column("id", "bigint", True), Column("tags", "text[]", False)))
+    assert checks.check_change_stream_types(facts(engine="debezium", tables=tables(marked))).status == "pass"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import psycopg2
@@ -34,7 +35,7 @@ from psycopg2 import sql
 from lambdas.core.catalog import describe_tables
 from lambdas.core.changestream import state
 from lambdas.core.changestream.connector import heartbeat_topic, table_topic
-from lambdas.core.changestream.convert import ColumnType, ConversionError, is_unavailable, to_text
+from lambdas.core.changestream.convert import ColumnType, ConversionError, Kind, is_unavailable, to_text
 from lambdas.core.changestream.deadletters import DeadLetter, DeadLetterSink
 from lambdas.core.changestream.events import (
     SNAPSHOT_END,
@@ -57,6 +58,11 @@ class TargetTable:
     key: tuple[str, ...]
     columns: Mapping[str, ColumnType]  # the columns a change may write (generated ones excluded)
     generated: frozenset[str] = frozenset()
+
+    @cached_property
+    def plain(self) -> frozenset[str]:
+        """Columns whose Debezium string is already PostgreSQL's input text (no conversion)."""
+        return frozenset(n for n, c in self.columns.items() if c.kind is Kind.TEXT and not c.array)
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,7 @@ class ChangeApplier:
             with self._conn.cursor() as cur:
                 cur.execute("SET LOCAL session_replication_role = replica")
                 cur.execute(
-                    sql.SQL("SELECT applier_paused FROM {}.dbz_stream WHERE id = 1 FOR SHARE").format(
+                    sql.SQL("SELECT applier_paused FROM {}.dbz_control WHERE id = 1 FOR SHARE").format(
                         sql.Identifier(state.SCHEMA)
                     )
                 )
@@ -361,8 +367,8 @@ class ChangeApplier:
         if result.snapshot_completed:
             cur.execute(
                 sql.SQL(
-                    "INSERT INTO {}.dbz_stream (id, snapshot_completed) VALUES (1, true)"
-                    " ON CONFLICT (id) DO UPDATE SET snapshot_completed = true"
+                    # only the first batch to see it writes (and locks) the row
+                    "UPDATE {}.dbz_stream SET snapshot_completed = true WHERE id = 1 AND NOT snapshot_completed"
                 ).format(sql.Identifier(state.SCHEMA))
             )
 
@@ -446,17 +452,39 @@ class _Rows:
     upserts: dict[tuple[tuple[str, ...], tuple[str, ...]], list[dict[str, str | None]]] = field(default_factory=dict)
 
 
+def _row_text(table: TargetTable, after: dict[str, Any]) -> tuple[dict[str, str | None], set[str]]:
+    """The row's values as text for their columns, and the columns Debezium did not send (unchanged TOAST).
+
+    The hot loop of the applier: plain text-kind values (most columns) pass through untouched.
+    """
+    columns = table.columns
+    plain = table.plain
+    values: dict[str, str | None] = {}
+    unavailable: set[str] = set()
+    for name, value in after.items():
+        column = columns.get(name)
+        if column is None:
+            continue  # generated on the target (checked by _schema_problem)
+        if value is None:
+            values[name] = None
+        elif isinstance(value, (str, list, dict)) and is_unavailable(value):
+            unavailable.add(name)
+        elif name in plain and type(value) is str:
+            values[name] = value
+        else:
+            values[name] = to_text(value, column)
+    return values, unavailable
+
+
 def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
     rows: dict[tuple[str | None, ...], _RowState] = {}
     for change in changes:
         event = change.event
-        key = _key_of(table, event)
         if event.op is Op.DELETE:
-            rows[key] = _RowState(True, {}, set())
+            rows[_key_of(table, event)] = _RowState(True, {}, set())
             continue
-        after = {c: v for c, v in (event.after or {}).items() if c in table.columns}
-        available = {c: to_text(v, table.columns[c]) for c, v in after.items() if not is_unavailable(v)}
-        unavailable = {c for c, v in after.items() if is_unavailable(v)}
+        available, unavailable = _row_text(table, event.after or {})
+        key = tuple(available[k] for k in table.key)  # _schema_problem made sure the key is there
         prev = rows.get(key)
         if prev is not None and not prev.delete:
             keep = (prev.unavailable - available.keys()) | (unavailable - prev.values.keys())

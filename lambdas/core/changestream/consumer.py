@@ -7,16 +7,27 @@ commit, for monitoring and tooling.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import psycopg2.errors
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from lambdas.core.changestream import state
 from lambdas.core.changestream.applier import ApplyResult, ChangeApplier
 from lambdas.core.changestream.events import StreamRecord
 from lambdas.core.db import Connection
+
+# Errors that leave the connection usable and the batch worth trying again: serialization failures
+# and deadlocks (40), a lock or statement timeout (55P03, 57014). Anything else ends the loop.
+_RETRYABLE = (
+    psycopg2.errors.TransactionRollbackError,
+    psycopg2.errors.LockNotAvailable,
+    psycopg2.errors.QueryCanceled,
+)
+logger = logging.getLogger("zdm.applier")
 
 
 def assign_from_target(consumer: Any, target: Connection, topics: Sequence[str], timeout: float = 10.0) -> None:
@@ -60,7 +71,13 @@ def run(
         records = to_records(consumer.consume(num_messages=batch_size, timeout=max(window_seconds, 0.05)))
         if not records:
             continue
-        result = applier.apply(records)
+        try:
+            result = applier.apply(records)
+        except _RETRYABLE as exc:  # rolled back: read the batch again from the target's offsets
+            logger.warning("batch rolled back, retrying: %s", str(exc).strip().splitlines()[0])
+            assign_from_target(consumer, applier.target, sorted({p.topic for p in consumer.assignment()}))
+            time.sleep(max(window_seconds, 0.1))
+            continue
         if result.paused:  # nothing applied: read these records again once resumed
             assign_from_target(consumer, applier.target, sorted({p.topic for p in consumer.assignment()}))
             time.sleep(max(window_seconds, 0.1))

@@ -98,7 +98,7 @@ def _position(op: Op, source: dict[str, Any], lsn: int | None) -> StreamPosition
     first = second = None
     if raw:
         try:
-            seq = json.loads(raw) if isinstance(raw, str) else raw
+            seq = _split_sequence(raw) if isinstance(raw, str) else raw
         except json.JSONDecodeError:
             raise UnparseableEvent(f"source.sequence {raw!r} is not JSON") from None
         if not isinstance(seq, list) or len(seq) != 2:
@@ -108,6 +108,14 @@ def _position(op: Op, source: dict[str, Any], lsn: int | None) -> StreamPosition
     if second is None:
         raise UnparseableEvent("the event carries no source LSN (source.lsn / source.sequence)")
     return StreamPosition(first if first is not None else second, second)
+
+
+def _split_sequence(raw: str) -> list[object]:
+    """'["123","456"]' or '[null,"456"]' without a JSON parse (once per event); anything else via JSON."""
+    if raw.startswith("[") and raw.endswith("]") and raw.count(",") == 1 and "\\" not in raw:
+        return [None if p == "null" else p.strip('"') for p in (part.strip() for part in raw[1:-1].split(","))]
+    parsed: list[object] = json.loads(raw)
+    return parsed
 
 
 def parse_record(record: StreamRecord) -> ChangeEvent | None:
@@ -130,7 +138,8 @@ def parse_record(record: StreamRecord) -> ChangeEvent | None:
     if not isinstance(source, dict):
         raise UnparseableEvent("the event has no source block")
     lsn = _lsn(source.get("lsn"))
-    key = _json_object(record.key, "key") if record.key is not None else None
+    # Creates, reads and updates carry the key in `after`: only a delete needs the record's key parsed.
+    key = _json_object(record.key, "key") if record.key is not None and op is Op.DELETE else None
     after = envelope.get("after")
     if op in (Op.CREATE, Op.READ, Op.UPDATE) and not isinstance(after, dict):
         raise UnparseableEvent(f"a '{op.value}' event without an 'after' row")

@@ -54,13 +54,20 @@ _DDL = [
     sql.SQL(
         """CREATE TABLE IF NOT EXISTS {}.dbz_stream (
             id int PRIMARY KEY CHECK (id = 1),
-            snapshot_completed boolean NOT NULL DEFAULT false,
-            applier_paused boolean NOT NULL DEFAULT false)"""
+            snapshot_completed boolean NOT NULL DEFAULT false)"""
     ).format(sql.Identifier(SCHEMA)),
     sql.SQL("INSERT INTO {}.dbz_stream (id) VALUES (1) ON CONFLICT DO NOTHING").format(sql.Identifier(SCHEMA)),
+    # A row of its own: every batch holds it FOR SHARE, and only a pause or a resume updates it, so
+    # appliers running side by side never wait on (or deadlock over) each other's progress updates.
+    sql.SQL(
+        """CREATE TABLE IF NOT EXISTS {}.dbz_control (
+            id int PRIMARY KEY CHECK (id = 1),
+            applier_paused boolean NOT NULL DEFAULT false)"""
+    ).format(sql.Identifier(SCHEMA)),
+    sql.SQL("INSERT INTO {}.dbz_control (id) VALUES (1) ON CONFLICT DO NOTHING").format(sql.Identifier(SCHEMA)),
 ]
 
-STATE_TABLES = ("dbz_partitions", "dbz_tables", "dbz_dead_letters", "dbz_stream")
+STATE_TABLES = ("dbz_partitions", "dbz_tables", "dbz_dead_letters", "dbz_stream", "dbz_control")
 
 
 def ensure_state_tables(conn: Connection) -> None:
@@ -196,7 +203,7 @@ def set_applier_paused(conn: Connection, paused: bool, lock_timeout: str = "10s"
         cur.execute("SET LOCAL lock_timeout = %s", (lock_timeout,))
         cur.execute(
             sql.SQL(
-                "INSERT INTO {}.dbz_stream (id, applier_paused) VALUES (1, %s)"
+                "INSERT INTO {}.dbz_control (id, applier_paused) VALUES (1, %s)"
                 " ON CONFLICT (id) DO UPDATE SET applier_paused = EXCLUDED.applier_paused"
             ).format(sql.Identifier(SCHEMA)),
             (paused,),

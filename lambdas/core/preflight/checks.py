@@ -477,6 +477,55 @@ def check_replica_identity(facts: PreflightFacts) -> CheckResult:
     return CheckResult(name, "pass", measured)
 
 
+# Array element types whose unchanged TOASTed value Debezium marks with its placeholder (the applier
+# keeps the target's value); for any other array it sends NULL when the value was not in the WAL
+# record (REPLICA IDENTITY DEFAULT), which would be written as NULL.
+_MARKED_ARRAY_ELEMENTS = frozenset({"text", "character varying", "integer", "bigint", "date", "uuid"})
+
+
+def _array_element(type_name: str) -> str | None:
+    if not type_name.endswith("[]"):
+        return None
+    base = type_name.removesuffix("[]")
+    return base.split("(")[0].strip()
+
+
+def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
+    name = "change_stream_types"
+    if facts.engine != "debezium":
+        return CheckResult(name, "pass", f"not needed (engine {facts.engine})")
+    infos = [facts.tables.source[t] for t in facts.tables.selected if t in facts.tables.source]
+    unmarked = [
+        f"{i.name}.{c.name} ({c.type})"
+        for i in infos
+        if i.replica_identity != "f"
+        for c in i.columns
+        if (element := _array_element(c.type)) is not None and element not in _MARKED_ARRAY_ELEMENTS
+    ]
+    numeric_arrays = [f"{i.name}.{c.name}" for i in infos for c in i.columns if _array_element(c.type) == "numeric"]
+    measured = f"{len(unmarked)} array column(s) Debezium could send as NULL when unchanged"
+    if unmarked:
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            "With REPLICA IDENTITY DEFAULT, Debezium sends NULL for an unchanged TOASTed array of these element "
+            "types, and the target would lose the value. Set ALTER TABLE <table> REPLICA IDENTITY FULL on the "
+            "listed tables (more WAL per UPDATE/DELETE), exclude them, or use engine 'logical'.",
+            unmarked,
+        )
+    if numeric_arrays:
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            "Debezium sends NULL for a numeric[] value holding NaN: if these columns can hold NaN, use engine "
+            "'logical'; validation before the cutover would find such rows.",
+            numeric_arrays,
+        )
+    return CheckResult(name, "pass", measured)
+
+
 def check_unlogged_tables(facts: PreflightFacts) -> CheckResult:
     name = "unlogged_tables"
     unlogged = [
@@ -880,6 +929,7 @@ CHECKS: tuple[Check, ...] = (
     check_target_role,
     check_table_selection,
     check_replica_identity,
+    check_change_stream_types,
     check_unlogged_tables,
     check_target_schema,
     check_target_empty,
