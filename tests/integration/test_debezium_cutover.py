@@ -73,6 +73,7 @@ def test_cutover_over_the_change_stream_loses_no_write(streamed_shop: tuple[Shop
     assert [s.step for s in result.steps] == [s.value for s in CUTOVER_STEPS]
     catch_up = next(s for s in result.steps if s.step == Step.CATCH_UP.value)
     assert catch_up.detail["signal"] == "fence marker"
+    print(f"\ncatch up {catch_up.detail}; steps {[(s.step, round(s.seconds * 1000)) for s in result.steps]}")
     # And at the switch both databases held exactly the same rows
     assert assert_no_difference(snapshots["switch"].diffs(TABLES)) > 5_000
     # And writes made on the target since come back to the source by native reverse replication

@@ -92,6 +92,9 @@ def connector_properties(
         "snapshot.mode": "initial",
         "snapshot.fetch.size": str(settings.snapshot_fetch_size),
         "max.batch.size": str(settings.max_batch_size),
+        # How long the connector waits to fill a batch (default 500 ms): the cutover's fence marker,
+        # alone in its batch, would wait that long while clients are held.
+        "poll.interval.ms": "20",
         "decimal.handling.mode": "string",
         "time.precision.mode": "adaptive_time_microseconds",
         "binary.handling.mode": "hex",

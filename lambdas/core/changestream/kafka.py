@@ -22,7 +22,14 @@ class KafkaStream:
         self._timeout = timeout
 
     def _consumer(self) -> Consumer:
-        return Consumer({**self._config, "group.id": "zdm-monitor", "enable.auto.commit": False})
+        return Consumer(
+            {
+                **self._config,
+                "group.id": "zdm-monitor",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 10,  # an empty fetch returns at once: the cutover waits on these reads
+            }
+        )
 
     def ensure_topics(self, topics: Iterable[str], partitions: int = 1) -> list[str]:
         """Create the topics that do not exist (one partition each: one table's changes stay in order)."""

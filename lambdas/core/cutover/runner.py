@@ -506,6 +506,7 @@ class CutoverRunner:
             return {
                 "signal": "fence marker",
                 "waited_seconds": reached.waited_seconds,
+                "marker_seen_seconds": reached.marker_seen_seconds,
                 "reached": reached.marker_lsn,
             }, {}
         if step is Step.CATCH_UP:

@@ -62,6 +62,7 @@ class FenceReached:
     marker_lsn: str
     waited_seconds: float
     events_applied_to: dict[str, int]
+    marker_seen_seconds: float = 0.0  # of waited_seconds, until the marker was on the broker
 
 
 class DebeziumEngine(ReplicationEngine):
@@ -240,7 +241,8 @@ class DebeziumEngine(ReplicationEngine):
         started = time.monotonic()
         deadline = started + timeout
         marker_topic = message_topic(self.plan.prefix)
-        before = self.kafka.end_offsets([marker_topic])
+        # Only fence markers reach this topic (heartbeat messages are excluded): read it from the start.
+        before: TopicOffsets = {}
         token = uuid.uuid4().hex
         # Transactional and committed synchronously: the commit flushes the WAL, so the walsender sends
         # it at once (a non-transactional message can sit unflushed on an idle, fenced source).
@@ -253,6 +255,7 @@ class DebeziumEngine(ReplicationEngine):
         # Debezium hex-encodes a message's content
         if not self.kafka.wait_for_message(marker_topic, before, token.encode().hex().encode(), timeout):
             raise ChangeStreamBehind(f"the connector did not publish the fence marker within {timeout:g} s")
+        marker_seen = time.monotonic() - started
         ends = self.kafka.end_offsets(self.plan.table_topics)
         target = connect(self._target_dsn)
         try:
@@ -261,7 +264,10 @@ class DebeziumEngine(ReplicationEngine):
                 behind = _behind(ends, stored)
                 if not behind:
                     return FenceReached(
-                        str(marker_lsn), time.monotonic() - started, {f"{t}/{p}": o for (t, p), o in ends.items()}
+                        str(marker_lsn),
+                        time.monotonic() - started,
+                        {f"{t}/{p}": o for (t, p), o in ends.items()},
+                        marker_seen,
                     )
                 if time.monotonic() > deadline:
                     raise ChangeStreamBehind(
