@@ -55,7 +55,12 @@ HANDLERS: tuple[HandlerSpec, ...] = (
     HandlerSpec("Preflight", "preflight", (Access.DATABASES,), description="preflight checks of source and target"),
     HandlerSpec("Replication", "replication", (Access.ENGINE,), timeout_seconds=900, description="replication engine"),
     HandlerSpec("ValidatePlan", "validate_plan", (Access.DATABASES,), description="cuts tables into key ranges"),
-    HandlerSpec("ValidateChunk", "validate_chunk", (Access.DATABASES,), description="compares one key range"),
+    HandlerSpec(
+        "ValidateChunk",
+        "validate_chunk",
+        (Access.DATABASES, Access.CHANGE_STREAM),  # debezium: re-checks wait until the applier caught up
+        description="compares one key range",
+    ),
     HandlerSpec("ValidateSummary", "validate_summary", (), in_vpc=False, description="merges chunk results"),
     HandlerSpec("ReadShift", "read_shift", (Access.TRAFFIC,), description="moves a share of reads to the target"),
     HandlerSpec("HealthGate", "health_gate", (Access.ALARMS_READ, Access.ENGINE), description="alarms and lag say go"),

@@ -9,6 +9,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from lambdas.core import telemetry
 from lambdas.core.validation import ChunkSpec, SessionPair, compare_chunk
+from lambdas.handlers.replication import build_debezium_engine
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
 
 
@@ -22,7 +23,16 @@ class ChunkRequest(MigrationEvent):
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     request = ChunkRequest.model_validate(event)
     migration = request.parsed()
-    with SessionPair.open(*dsns(migration)) as pair:
+    source_dsn, target_dsn = dsns(migration)
+    with SessionPair.open(source_dsn, target_dsn) as pair:
+        if migration.engine.type == "debezium" and request.chunk.replication is not None:
+            engine = build_debezium_engine(migration, source_dsn, target_dsn)
+            timeout = request.chunk.replication.timeout_seconds
+
+            def catch_up() -> None:
+                engine.catch_up(timeout)
+
+            pair.catch_up = catch_up
         result = compare_chunk(pair, request.chunk)
     metrics.add_dimension(name=telemetry.MIGRATION_DIMENSION, value=migration.name)
     metrics.add_metric(name=telemetry.VALIDATION_CHUNKS_DONE, unit=MetricUnit.Count, value=1)

@@ -9,13 +9,24 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from lambdas.core import telemetry
 from lambdas.core.catalog import list_tables
+from lambdas.core.config import Migration
 from lambdas.core.tables import TableName, select_tables
-from lambdas.core.validation import SessionPair, plan_validation, replication_of
+from lambdas.core.validation import Replication, SessionPair, plan_validation, replication_of
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
 
 
 class PlanRequest(MigrationEvent):
     tables: list[str] | None = None  # 'schema.table' names instead of the migration's selection
+
+
+def change_stream_replication(migration: Migration) -> Replication:
+    """The debezium engine's stream: chunks re-check after the applier caught up (validate_chunk waits)."""
+    settings = migration.validation
+    return Replication(
+        subscription=f"change stream {migration.topic_prefix}",
+        timeout_seconds=settings.recheck_timeout_seconds,
+        attempts=settings.recheck_attempts,
+    )
 
 
 @logger.inject_lambda_context
@@ -34,6 +45,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         replication = (
             replication_of(pair.target, migration.slot_name, slot=migration.slot_name, settings=settings)
             if migration.engine.type == "logical"
+            else change_stream_replication(migration)
+            if migration.engine.type == "debezium"
             else None
         )
         plan = plan_validation(pair, tables, settings, replication=replication)

@@ -103,3 +103,20 @@ def test_bad_migration_file_stops_before_anything_starts_with_the_field_and_fix(
     assert proc.returncode == 2
     assert "read_shift.steps: the last step must be 100" in proc.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_the_debezium_engine_migrates_the_same_way(tmp_path: Path) -> None:
+    # When the whole migration is rehearsed with the change stream (Debezium -> local broker -> applier)
+    proc, summary = rehearse(tmp_path, "--engine", "debezium")
+    # Then it migrated with nothing failed, lost or different, the copy done by Debezium's snapshot
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary["engine"] == "debezium"
+    assert summary["outcome"] == "migrated", (summary["error"], summary["cause"])
+    assert summary["failed_transactions"] == 0 and summary["rows_lost"] == 0
+    assert summary["persistent_differences"] == 0 and summary["rows_validated"] >= 20_000
+    assert summary["final_differences"] == 0 and summary["final_rows_compared"] >= 20_000
+    assert summary["rows_copied"] >= 20_000
+    assert summary["reverse_replication_retired"] is True
+    # And no process of the change stream is left behind
+    left = subprocess.run(["pgrep", "-f", "rehearsal.(connector|applier)_process"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", f"change stream processes left running: {left.stdout}"

@@ -230,6 +230,16 @@ class DebeziumEngine(ReplicationEngine):
             target.close()
         return TeardownResult(removed)
 
+    def catch_up(self, timeout: float) -> FenceReached:
+        """Wait until the target has applied everything the source committed so far (the same marker as
+        the cutover's, on a session of its own; the source need not be fenced)."""
+        source = connect(self._source_dsn, application_name="zdm-catch-up")
+        try:
+            make_writable(source)  # the marker is a (tiny) write, whatever the session defaults say
+            return self.wait_for_fence(source, timeout)
+        finally:
+            source.close()
+
     def wait_for_fence(self, source: Connection, timeout: float) -> FenceReached:
         """After the fence: true once every change committed before it is applied on the target.
 

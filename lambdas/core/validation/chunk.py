@@ -70,6 +70,9 @@ def source_position(source: Connection) -> Lsn:
 
 
 def wait_applied(pair: SessionPair, replication: Replication, lsn: Lsn) -> None:
+    if pair.catch_up is not None:  # a change stream: everything committed up to now, so past `lsn` too
+        pair.catch_up()
+        return
     wait_for_lsn(
         pair.target,
         replication.subscription,

@@ -64,7 +64,7 @@ class TableSpec(_Model):
 class Replication(_Model):
     """Changes still flow source -> target: differences are re-checked once the target caught up."""
 
-    subscription: str
+    subscription: str  # the subscription to wait on; for a change stream, its name (the handler waits on it)
     slot: str | None = None  # lets the wait accept the walsender's report (positions after the last commit)
     timeout_seconds: float = 60.0
     attempts: int = 5

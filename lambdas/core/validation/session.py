@@ -34,6 +34,9 @@ class SessionPair:
     def __init__(self, source: Connection, target: Connection) -> None:
         self.source = source
         self.target = target
+        # How to wait until the target has applied the source's changes so far, when they arrive by
+        # something other than a subscription (the debezium engine's change stream); set by the handler.
+        self.catch_up: Callable[[], None] | None = None
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdm-validate-source")
 
     @classmethod
