@@ -48,21 +48,20 @@ from typing import Any, TextIO
 
 from confluent_kafka import Consumer, TopicPartition
 from psycopg2 import sql
-from psycopg2.extensions import parse_dsn
 
 from bench.common import bench_servers, check_quiet, default_workers, emit_json, log, print_table, ticker, timed
 from lambdas.core.changestream import state
-from lambdas.core.changestream.connector import connector_properties, message_topic, publication_name, slot_name
+from lambdas.core.changestream.connector import message_topic
 from lambdas.core.changestream.kafka import KafkaStream, TopicOffsets
 from lambdas.core.config import Migration
 from lambdas.core.db import Connection, connect, execute, fetch_one, fetch_value
 from lambdas.core.engines.base import Phase
-from lambdas.core.engines.debezium import DebeziumEngine, DebeziumPlan
+from lambdas.core.engines.debezium import DebeziumEngine
 from lambdas.core.lsn import Lsn, applied_lsn, current_lsn, wait_for_lsn
 from lambdas.core.tables import TableName
 from rehearsal import sample
 from rehearsal.broker import Broker, start_broker
-from rehearsal.changestream import APPLIER, LocalChangeStream, LocalStreamSettings
+from rehearsal.changestream import APPLIER, LocalChangeStream, LocalStreamSettings, local_engine
 from rehearsal.compare import compare_databases
 from rehearsal.servers import PostgresServer
 
@@ -382,32 +381,20 @@ def make_stream(
             "engine": {"type": "debezium"},
         }
     )
-    parsed = parse_dsn(source_dsn)
-    props = connector_properties(
-        migration,
-        TABLES,
-        host=parsed.get("host", "127.0.0.1"),
-        port=int(parsed.get("port", 5432)),
-        dbname=parsed["dbname"],
-        user=parsed.get("user", "postgres"),
-        password=parsed.get("password", ""),
+    settings = LocalStreamSettings(
+        workdir=str(workdir),
+        bootstrap=broker.bootstrap,
+        target_dsn=target_dsn,
+        prefix=migration.topic_prefix,
+        tables=tuple(str(t) for t in TABLES),
+        batch_size=batch_size,
+        batch_window_seconds=batch_window,
+        appliers=appliers,
     )
-    runtime = LocalChangeStream(
-        LocalStreamSettings(
-            workdir=str(workdir),
-            bootstrap=broker.bootstrap,
-            target_dsn=target_dsn,
-            prefix=migration.topic_prefix,
-            tables=tuple(str(t) for t in TABLES),
-            batch_size=batch_size,
-            batch_window_seconds=batch_window,
-            appliers=appliers,
-        )
-    )
-    kafka = KafkaStream({"bootstrap.servers": broker.bootstrap})
-    plan = DebeziumPlan(migration.topic_prefix, slot_name(migration), publication_name(migration), TABLES, props)
-    engine = DebeziumEngine(source_dsn, target_dsn, plan, runtime, kafka)
-    return Stream(engine, runtime, kafka, migration.topic_prefix, target_dsn)
+    engine = local_engine(migration, source_dsn, target_dsn, TABLES, settings)
+    runtime = engine.runtime
+    assert isinstance(runtime, LocalChangeStream)
+    return Stream(engine, runtime, engine.kafka, migration.topic_prefix, target_dsn)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, stream: Stream | None = None) -> None:

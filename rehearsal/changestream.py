@@ -15,9 +15,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lambdas.core.changestream.connector import dead_letter_topic, heartbeat_topic, message_topic
+from psycopg2.extensions import parse_dsn
+
+from lambdas.core.changestream.connector import (
+    connector_properties,
+    dead_letter_topic,
+    heartbeat_topic,
+    message_topic,
+    publication_name,
+    slot_name,
+)
 from lambdas.core.changestream.kafka import KafkaStream
 from lambdas.core.changestream.runtime import ChangeStreamRuntime, PartState, RuntimeHealth
+from lambdas.core.config import Migration
+from lambdas.core.engines.debezium import DebeziumEngine, DebeziumPlan
+from lambdas.core.tables import TableName
 from rehearsal.processes import OwnedProcess, running_in, start_process
 
 CONNECTOR = "connector"
@@ -166,3 +178,36 @@ class LocalChangeStream(ChangeStreamRuntime):
 
                 shutil.rmtree(directory, ignore_errors=True)
         return removed
+
+
+def local_connector(migration: Migration, tables: Sequence[TableName], source_dsn: str) -> dict[str, str]:
+    """The connector's settings for a local source named by its DSN (the password, if any, stays in them)."""
+    parsed = parse_dsn(source_dsn)
+    return connector_properties(
+        migration,
+        tables,
+        host=parsed.get("host", "127.0.0.1"),
+        port=int(parsed.get("port", 5432)),
+        dbname=parsed.get("dbname", "postgres"),
+        user=parsed.get("user", "postgres"),
+        password=parsed.get("password", ""),
+    )
+
+
+def local_engine(
+    migration: Migration,
+    source_dsn: str,
+    target_dsn: str,
+    tables: Sequence[TableName],
+    settings: LocalStreamSettings,
+) -> DebeziumEngine:
+    """The debezium engine over the local runtime: what the rehearsal's handlers, tests and benches drive."""
+    plan = DebeziumPlan(
+        migration.topic_prefix,
+        slot_name(migration),
+        publication_name(migration),
+        tuple(tables),
+        local_connector(migration, tables, source_dsn),
+    )
+    kafka = KafkaStream({"bootstrap.servers": settings.bootstrap})
+    return DebeziumEngine(source_dsn, target_dsn, plan, LocalChangeStream(settings), kafka)

@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from psycopg2.extensions import parse_dsn
 
 from lambdas.core import telemetry
 from lambdas.core.catalog import list_tables
@@ -110,19 +109,10 @@ def _runtime(
     backend = json.loads(raw).get("backend")
     if backend == "local":
         # The rehearsal's processes; imported here only (this module is the composition root).
-        from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
+        from rehearsal.changestream import LocalChangeStream, LocalStreamSettings, local_connector
 
         local = LocalStreamSettings.from_json(json.loads(raw))
-        parsed = parse_dsn(source_dsn)
-        connector = connector_properties(
-            migration,
-            tables,
-            host=parsed.get("host", "127.0.0.1"),
-            port=int(parsed.get("port", 5432)),
-            dbname=parsed.get("dbname", "postgres"),
-            user=parsed.get("user", "postgres"),
-            password=parsed.get("password", ""),
-        )
+        connector = local_connector(migration, tables, source_dsn)
         return LocalChangeStream(local), KafkaStream({"bootstrap.servers": local.bootstrap}), connector
     if backend == "msk":
         from lambdas.core.changestream.msk_runtime import MskChangeStream, MskChangeStreamSettings, secret_reference

@@ -8,15 +8,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from psycopg2.extensions import parse_dsn
-
-from lambdas.core.changestream.connector import connector_properties, publication_name, slot_name
-from lambdas.core.changestream.kafka import KafkaStream
 from lambdas.core.config import Migration
-from lambdas.core.engines.debezium import DebeziumEngine, DebeziumPlan
+from lambdas.core.engines.debezium import DebeziumEngine
 from lambdas.core.tables import TableName
 from rehearsal.broker import Broker
-from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
+from rehearsal.changestream import LocalChangeStream, LocalStreamSettings, local_engine
 
 
 def migration(name: str = "dbz-test", **debezium: object) -> Migration:
@@ -42,29 +38,16 @@ def make_engine(
 ) -> DebeziumEngine:
     """`name` gives the topic prefix: tests sharing a broker use one name each."""
     m = migration(name, **debezium)
-    parsed = parse_dsn(src)
-    props = connector_properties(
-        m,
-        tables,
-        host=parsed.get("host", "127.0.0.1"),
-        port=int(parsed.get("port", 5432)),
-        dbname=parsed["dbname"],
-        user=parsed.get("user", "postgres"),
-        password=parsed.get("password", ""),
+    settings = LocalStreamSettings(
+        workdir=str(workdir),
+        bootstrap=broker.bootstrap,
+        target_dsn=tgt,
+        prefix=m.topic_prefix,
+        tables=tuple(str(t) for t in tables),
+        batch_size=500,
+        batch_window_seconds=0.1,
     )
-    runtime = LocalChangeStream(
-        LocalStreamSettings(
-            workdir=str(workdir),
-            bootstrap=broker.bootstrap,
-            target_dsn=tgt,
-            prefix=m.topic_prefix,
-            tables=tuple(str(t) for t in tables),
-            batch_size=500,
-            batch_window_seconds=0.1,
-        )
-    )
-    plan = DebeziumPlan(m.topic_prefix, slot_name(m), publication_name(m), tuple(tables), props)
-    return DebeziumEngine(src, tgt, plan, runtime, KafkaStream({"bootstrap.servers": broker.bootstrap}))
+    return local_engine(m, src, tgt, tables, settings)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, engine: DebeziumEngine | None = None) -> None:

@@ -29,7 +29,7 @@ from lambdas.core.engines.base import (
     TableSyncState,
     TeardownResult,
 )
-from lambdas.core.engines.logical import slot_health
+from lambdas.core.engines.logical import drop_slot, slot_health
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, current_lsn
 from lambdas.core.tables import TableName
@@ -208,7 +208,7 @@ class DebeziumEngine(ReplicationEngine):
         source = connect(self._source_dsn)
         try:
             make_writable(source)  # after the cutover the source is fenced (read-only); this is our own cleanup
-            if _drop_slot(source, self.plan.slot):
+            if drop_slot(source, self.plan.slot):
                 removed.append(f"slot {self.plan.slot}")
             if fetch_one(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.publication,)):
                 with source.cursor() as cur:
@@ -314,18 +314,3 @@ def _require_empty(target: Connection, tables: Sequence[TableName]) -> None:
                 f"target table {table} already holds rows this migration did not write: empty it or"
                 " exclude the table (nothing was changed)"
             )
-
-
-def _drop_slot(source: Connection, slot: str, wait_seconds: float = 15.0) -> bool:
-    """Drop the connector's slot once its walsender has gone (the connector was just stopped)."""
-    deadline = time.monotonic() + wait_seconds
-    while True:
-        row = fetch_one(source, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,))
-        if row is None:
-            return False
-        if row[0] is None:
-            fetch_value(source, "SELECT pg_drop_replication_slot(%s)", (slot,))
-            return True
-        if time.monotonic() > deadline:
-            fetch_value(source, "SELECT pg_terminate_backend(%s)", (row[0],))
-        time.sleep(0.1)

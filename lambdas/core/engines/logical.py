@@ -157,7 +157,7 @@ class LogicalEngine(ReplicationEngine):
     ) -> StartResult:
         names = self.plan.names
         # A slot left by an interrupted CREATE SUBSCRIPTION (it creates the slot remotely first).
-        _drop_slot(source, names.slot)
+        drop_slot(source, names.slot)
         if copy_data:
             _require_empty(target, tables)
         execute(
@@ -188,7 +188,7 @@ class LogicalEngine(ReplicationEngine):
         if previous is not None and previous[0] == "copying":
             # An earlier start died mid-copy: its rows are ours and its snapshot is gone. Redo.
             _truncate(target, tables)
-        _drop_slot(source, names.slot)
+        drop_slot(source, names.slot)
         _require_empty(target, tables)
         execute(
             target,
@@ -433,7 +433,7 @@ class LogicalEngine(ReplicationEngine):
             target.close()
         source = self._source()
         try:
-            if _drop_slot(source, names.slot):
+            if drop_slot(source, names.slot):
                 removed.append(f"slot {names.slot}")
             if fetch_value(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (names.publication,)):
                 execute(source, sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(names.publication)))
@@ -557,7 +557,7 @@ def _walsender(source: Connection, slot: str) -> tuple[Lsn | None, float | None]
     return Lsn.parse(row[0]), row[1]
 
 
-def _drop_slot(source: Connection, slot: str, wait_seconds: float = 10.0) -> bool:
+def drop_slot(source: Connection, slot: str, wait_seconds: float = 10.0) -> bool:
     """Drop the slot if it exists, ending a walsender that still holds it. True if it existed."""
     deadline = time.monotonic() + wait_seconds
     while True:
