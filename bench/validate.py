@@ -211,7 +211,7 @@ def run_ours(source_dsn: str, target_dsn: str, settings: Validation, workers: in
         "zdm validate",
         t.seconds,
         keys,
-        note=f"{table.chunks} chunks, {sum(r.slices for r in results):,} slices, "
+        note=f"{table.chunks} chunks, {sum(r.slices for r in results):,} key ranges, "
         f"{sum(r.slices_mismatched for r in results):,} mismatched, {sum(r.rows_fetched for r in results):,} "
         "(key, hash) pairs fetched",
         extra={

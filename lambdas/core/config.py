@@ -356,8 +356,9 @@ class Validation(_Model):
     slice_rows: int = Field(
         default=10_000,
         ge=10,
-        description="rows per key range compared inside a chunk (at most chunk_rows); a mismatching "
-        "slice is fetched as (key, row hash) pairs and diffed, or split further when it holds more",
+        description="planning unit inside a chunk (at most chunk_rows): the chunk is compared in ranges of "
+        "8 to 1024 rows sized to how dense differences are; a mismatching range is fetched as (key, row hash) "
+        "pairs and diffed, or split at key quantiles when it holds more than twice slice_rows",
     )
     recheck_attempts: int = Field(
         default=5,

@@ -315,6 +315,52 @@ def test_differences_are_named_by_keys_of_every_type(fresh_dbs: tuple[str, str],
     assert len(found["extra"]) == 1 and summary.differences == 2
 
 
+def test_integer_keys_spanning_the_whole_bigint_range(fresh_dbs: tuple[str, str]) -> None:
+    # Given bigint keys from the least to the greatest bigint, spread over the whole range
+    src, tgt = fresh_dbs
+    both(
+        src,
+        tgt,
+        "CREATE TABLE wide_keys (id bigint PRIMARY KEY, v int);"
+        " INSERT INTO wide_keys SELECT g * 4611686018427387, g FROM generate_series(-1999, 1999) g;"
+        " INSERT INTO wide_keys VALUES (-9223372036854775808, 0), (9223372036854775807, 0); ANALYZE wide_keys",
+    )
+    # When the target changes the row at each end and one in the middle, and gains one near the top
+    run_sql(
+        tgt, "UPDATE wide_keys SET v = -7 WHERE id IN (-9223372036854775808, 9223372036854775807, 4611686018427387)"
+    )
+    run_sql(tgt, "INSERT INTO wide_keys VALUES (9223372036854775806, 0)")
+    summary = check(src, tgt, [TableName("public", "wide_keys")], Validation(chunk_rows=1_000, slice_rows=100))
+    # Then exactly those are reported, and every row was compared
+    assert listed(summary) == {
+        "changed": [
+            (["-9223372036854775808"], ["v"]),
+            (["4611686018427387"], ["v"]),
+            (["9223372036854775807"], ["v"]),
+        ],
+        "extra": [(["9223372036854775806"], [])],
+    }
+    assert summary.rows_compared == 4001 and summary.target_rows == 4002
+
+
+def test_integer_columns_of_different_widths_are_compared_by_value(fresh_dbs: tuple[str, str]) -> None:
+    # Given an integer column that is bigint on the target, and a numeric one that is text there
+    src, tgt = fresh_dbs
+    run_sql(src, "CREATE TABLE widths (id int PRIMARY KEY, n int, m numeric)")
+    run_sql(tgt, "CREATE TABLE widths (id int PRIMARY KEY, n bigint, m text)")
+    both(src, tgt, "INSERT INTO widths SELECT g, g * 7, g / 4.0 FROM generate_series(1, 2000) g; ANALYZE widths")
+    # When one value changes in each
+    run_sql(tgt, "UPDATE widths SET n = -1 WHERE id = 700; UPDATE widths SET m = '1.5' WHERE id = 6")
+    summary = check(src, tgt, [TableName("public", "widths")])
+    # Then equal values are equal across widths and kinds, and both changes are found
+    assert listed(summary) == {"changed": [(["6"], ["m"]), (["700"], ["n"])]}
+    assert summary.rows_compared == 2000
+    assert summary.per_table[0].problems == [
+        "column n is integer on the source, bigint on the target (compared by text form)",
+        "column m is numeric on the source, text on the target (compared by text form)",
+    ]
+
+
 # --- bisection, multisets, schema ---------------------------------------------------------------
 
 
@@ -443,7 +489,7 @@ def test_a_chunk_under_replication_notes_the_source_position_of_its_first_compar
     assert sum(r.changed.count for r in results) == 1
 
 
-def test_dense_differences_are_all_found_by_fetching_slices_directly(fresh_dbs: tuple[str, str]) -> None:
+def test_dense_differences_are_all_found_with_small_ranges(fresh_dbs: tuple[str, str]) -> None:
     # Given 6,000 rows where the target changed every 25th, lost every 97th and gained 40 in the gaps
     src, tgt = fresh_dbs
     both(
@@ -462,7 +508,7 @@ def test_dense_differences_are_all_found_by_fetching_slices_directly(fresh_dbs: 
         plan = plan_validation(pair, [TableName("public", "d")], settings)
     results = run_chunks(src, tgt, plan.chunks, workers=2)
     summary = summarize(plan, results, finished_at=time.time())
-    # Then every difference is found, and most slices were fetched without an aggregate first
+    # Then every difference is found, and only the rows of small mismatching ranges were re-read
     conn = connect(src)
     changed = {str(i) for i in range(2, 12_001, 2) if i % 50 == 0 and i % 194 != 0}
     missing = {str(i) for i in range(2, 12_001, 2) if i % 194 == 0}
@@ -472,9 +518,9 @@ def test_dense_differences_are_all_found_by_fetching_slices_directly(fresh_dbs: 
     assert {k.key[0] for k in table.missing.first} == missing
     assert {k.key[0] for k in table.extra.first} == {str(2 * g * 150 + 1) for g in range(1, 41)}
     assert all(k.columns == ["v"] for k in table.changed.first)
-    slices = sum(r.slices for r in results)
-    assert sum(r.slices_mismatched for r in results) == slices  # every slice differed
-    assert sum(r.rows_fetched for r in results) < 1.3 * (summary.rows_compared + summary.target_rows)
+    # (5% of the rows differ: ranges shrink to 8 rows, a third of them mismatch)
+    assert sum(r.slices for r in results) >= 6_000 / 16
+    assert sum(r.rows_fetched for r in results) < 0.7 * (summary.rows_compared + summary.target_rows)
 
 
 def test_a_multiset_too_large_to_list_reports_lower_bounds(

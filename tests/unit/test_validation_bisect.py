@@ -1,4 +1,4 @@
-"""Bisection decisions and the fetch-directly policy, without a database."""
+"""Bisection decisions, range cutting and the range-size policy, without a database."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ from lambdas.core.validation.bisect import (
     AdaptivePolicy,
     Aggregate,
     Decision,
+    EvenRanges,
     Step,
     decide,
+    even_ranges,
     fetch_limit,
     mismatched_buckets,
+    mismatched_ranges,
     multiset_bits,
     quantile_step,
+    ranges_between,
     split_range,
 )
 
@@ -65,27 +69,74 @@ def test_split_range_drops_a_boundary_equal_to_the_lower_bound_and_gives_up_with
     assert split_range(KeyRange(("10",), None), [("10",)]) == []
 
 
-def test_policy_keeps_aggregates_for_scattered_differences() -> None:
-    # Given one difference in the first slice of 10,000 rows
+def test_integer_keys_are_cut_at_equal_widths_between_the_least_and_greatest_key() -> None:
+    # Given keys 1..1000 expected to hold 100 rows, ranges of about 25 rows
+    piece = KeyRange(None, ("2000",))
+    ranges = even_ranges(piece, 1, 1000, 100, 25)
+    # Then four ranges of width 250, the outer ones keeping the piece's bounds
+    assert ranges == EvenRanges(piece, 1, 250, 4)
+    assert list(ranges) == [
+        KeyRange(None, ("251",)),
+        KeyRange(("251",), ("501",)),
+        KeyRange(("501",), ("751",)),
+        KeyRange(("751",), ("2000",)),
+    ]
+    assert ranges[-1] == ranges[3] and ranges[1:3] == [ranges[1], ranges[2]]
+    # And keys denser than the rows they should split: width 1 at least
+    assert list(even_ranges(piece, 0, 3, 1000, 1)) == [
+        KeyRange(None, ("1",)),
+        KeyRange(("1",), ("2",)),
+        KeyRange(("2",), ("3",)),
+        KeyRange(("3",), ("2000",)),
+    ]
+    # And one key, or fewer rows than a range: the piece itself
+    assert list(even_ranges(piece, 5, 5, 1000, 10)) == [piece]
+    assert list(even_ranges(piece, 1, 1000, 10, 100)) == [piece]
+
+
+def test_ranges_between_cover_the_piece_with_its_open_ends() -> None:
+    piece = KeyRange(None, ("900",))
+    assert ranges_between(piece, [("300",), ("600",)]) == [
+        KeyRange(None, ("300",)),
+        KeyRange(("300",), ("600",)),
+        KeyRange(("600",), ("900",)),
+    ]
+    assert ranges_between(piece, []) == [piece]
+
+
+def test_mismatched_ranges_are_found_by_position() -> None:
+    # Given one `count sum` line per range on each side
+    source = b"10 123\n0 0\n5 77"
+    assert mismatched_ranges(source, source) == []
+    # Then a changed sum and a range only the target fills are named with both aggregates
+    assert mismatched_ranges(source, b"10 124\n1 9\n5 77") == [
+        (0, Aggregate(10, "123"), Aggregate(10, "124")),
+        (1, Aggregate(0, "0"), Aggregate(1, "9")),
+    ]
+
+
+def test_policy_starts_with_middle_sized_ranges_and_grows_them_while_differences_are_rare() -> None:
+    # Given nothing seen yet / Then ranges of 64 rows, and the policy is not informed
     policy = AdaptivePolicy(10_000)
+    assert policy.range_rows == 64 and not policy.informed
+    # And after one difference in the first slice of 10,000 rows: larger ranges (no trend from one)
     policy.record(10_000, 1)
-    # Then the next slice is still compared by aggregate first (one early difference is no trend)
-    assert not policy.fetch_next
-    # And a few differences over many slices keep it that way
-    for _ in range(50):
-        policy.record(10_000, 0)
-    policy.record(10_000, 1)
-    assert not policy.fetch_next
+    assert policy.informed and policy.range_rows == 128
+    # And a few differences over a million rows: a few hundred rows per range
+    policy.record(990_000, 35)
+    assert policy.range_rows == 256
+    # And none at all: the largest ranges
+    assert AdaptivePolicy(10_000, rows_seen=1_000_000).range_rows == 1024
 
 
-def test_policy_fetches_directly_once_differences_are_dense() -> None:
+def test_policy_shrinks_ranges_once_differences_are_dense() -> None:
     # Given 1% of the rows of the first slice differ
     policy = AdaptivePolicy(10_000)
-    assert not policy.fetch_next  # nothing seen yet
     policy.record(10_000, 100)
-    # Then nearly every next slice would mismatch: fetch it directly
-    assert policy.mismatch_probability > 0.99
-    assert policy.fetch_next
+    # Then ranges of 16 rows: about 15% of them mismatch and are re-read
+    assert policy.range_rows == 16
+    # And with every 20th row differing, the smallest ranges
+    assert AdaptivePolicy(10_000, rows_seen=10_000, differences_seen=500).range_rows == 8
 
 
 def test_multiset_buckets() -> None:

@@ -19,8 +19,16 @@ from lambdas.core.validation.model import (
     RowHash,
     TableSpec,
     ValidationPlan,
+    ValueHash,
 )
-from lambdas.core.validation.plan import chunk_specs, group_slices, slices_per_chunk, table_spec, tables_to_compare
+from lambdas.core.validation.plan import (
+    chunk_specs,
+    group_slices,
+    slices_per_chunk,
+    table_spec,
+    tables_to_compare,
+    value_hash,
+)
 
 ORDERS = TableName("public", "orders")
 
@@ -94,6 +102,35 @@ def test_a_column_type_difference_is_reported_but_compared_by_text_form() -> Non
     assert spec.problems == [
         "column total is numeric(14,2) on the source, numeric on the target (compared by text form)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "expected"),
+    [
+        ("bigint", "bigint", ValueHash.INTEGER),
+        ("integer", "bigint", ValueHash.INTEGER),  # the same value hashes the same in any integer width
+        ("smallint", "integer", ValueHash.INTEGER),
+        ("timestamp(3) with time zone", "timestamp with time zone", ValueHash.TIMESTAMPTZ),
+        ("timestamp without time zone", "timestamp without time zone", ValueHash.TIMESTAMP),
+        ("uuid", "uuid", ValueHash.UUID),
+        ("integer", "numeric", ValueHash.TEXT),  # different kinds: compared by text form
+        ("timestamp without time zone", "timestamp with time zone", ValueHash.TEXT),
+        ("numeric(14,2)", "numeric(14,2)", ValueHash.TEXT),  # scale is part of the text form, not of the hash
+        ("double precision", "double precision", ValueHash.TEXT),  # -0 and 0 hash alike as values
+        ("text", "text", ValueHash.TEXT),
+    ],
+)
+def test_columns_of_one_value_kind_on_both_sides_are_hashed_by_value(
+    source: str, target: str, expected: ValueHash
+) -> None:
+    assert value_hash(source, target) is expected
+
+
+def test_the_spec_carries_each_columns_hash() -> None:
+    source = info(columns=(("id", "bigint"), ("status", "text"), ("at", "timestamp with time zone")))
+    target = info(columns=(("id", "integer"), ("status", "text"), ("at", "timestamp with time zone")))
+    spec = table_spec(ORDERS, source, target, RowHash.FAST)
+    assert [c.hash for c in spec.columns] == [ValueHash.INTEGER, ValueHash.TEXT, ValueHash.TIMESTAMPTZ]
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,15 @@
-"""Decisions about a compared key range, without a database.
+"""Decisions about compared key ranges, without a database.
 
-A range is first compared by aggregate: row count and the exact sum of a 64-bit hash of every
-row's text form, on each side. Equal aggregates: the range is equal (a changed row shifts the
-sum unless two 64-bit hash differences cancel exactly). Different: if the range is small
-enough, its (key, hash) pairs are fetched from both sides and diffed; otherwise it is split
-into parts of about `slice_rows` rows at key quantiles and each part is compared again.
+A chunk is cut into many small key ranges (of about `AdaptivePolicy.range_rows` rows each), and
+every range's aggregate (row count and the exact sum of a 64-bit hash of every row's text form)
+is computed on each side in one statement, each row hashed once. Equal aggregates: the range is
+equal (a changed row shifts the sum unless two 64-bit hash differences cancel exactly).
+Different: if the range holds few enough rows, its (key, hash) pairs are fetched from both sides
+and diffed; otherwise (far more rows than planned, e.g. rows only the target has) it is split at
+key quantiles of the side holding more rows and each part is compared again.
 
-When differences are dense (every slice mismatches), comparing an aggregate first only doubles
-the reads, so after a mismatching slice the next one is fetched directly; after a clean one,
-aggregates resume.
+The range size trades the cost of one more range per statement against the rows re-read around
+each difference: large ranges when differences are rare, small ones when they are dense.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import overload
 
 from lambdas.core.ranges import Bound, KeyRange
 
@@ -71,21 +73,87 @@ def split_range(key_range: KeyRange, boundaries: Sequence[Bound]) -> list[KeyRan
     return [KeyRange(points[i], points[i + 1]) for i in range(len(points) - 1)]
 
 
-FETCH_COST = 1.6  # a (key, hash) fetch of a range costs about this many aggregates of it
-PRIOR_SLICES = 4  # the estimate starts as if this many clean slices had been seen
+@dataclass(frozen=True)
+class EvenRanges(Sequence[KeyRange]):
+    """`outer` cut into `parts` ranges at equal widths of a single integer key:
+    [outer.lower, low + width), [low + width, low + 2 width), ..., [low + (parts - 1) width, outer.upper).
+
+    Kept as arithmetic (SQL computes each range's bounds), so a piece of a million rows cut into
+    ranges of 16 costs no Python object per range.
+    """
+
+    outer: KeyRange
+    low: int
+    width: int
+    parts: int
+
+    def __len__(self) -> int:
+        return self.parts
+
+    @overload
+    def __getitem__(self, index: int) -> KeyRange: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[KeyRange]: ...
+
+    def __getitem__(self, index: int | slice) -> KeyRange | Sequence[KeyRange]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.parts))]
+        if not -self.parts <= index < self.parts:
+            raise IndexError(index)
+        i = index % self.parts
+        lower = self.outer.lower if i == 0 else (str(self.low + i * self.width),)
+        upper = self.outer.upper if i == self.parts - 1 else (str(self.low + (i + 1) * self.width),)
+        return KeyRange(lower, upper)
+
+
+def even_ranges(outer: KeyRange, low: int, high: int, expected_rows: int, range_rows: int) -> EvenRanges:
+    """`outer`, whose integer keys lie in low..high (inclusive) on both sides, cut at equal widths into
+    ranges holding about `range_rows` of `expected_rows` rows each (if the keys are spread evenly)."""
+    parts = max(1, math.ceil(max(1, expected_rows) / max(1, range_rows)))
+    width = max(1, math.ceil((high - low + 1) / parts))
+    return EvenRanges(outer, low, width, max(1, math.ceil((high - low + 1) / width)))
+
+
+def ranges_between(key_range: KeyRange, cuts: Sequence[Bound]) -> list[KeyRange]:
+    """`key_range` cut at `cuts` (sorted keys inside it; one equal to the lower bound is dropped)."""
+    return split_range(key_range, cuts) or [key_range]
+
+
+def mismatched_ranges(source: bytes, target: bytes) -> list[tuple[int, Aggregate, Aggregate]]:
+    """The positions (and both aggregates) of the ranges whose `count sum` lines differ.
+
+    Both texts hold one line per range, in the same order (`queries.range_aggregates`).
+    """
+    if source == target:
+        return []
+    src, tgt = source.split(b"\n"), target.split(b"\n")
+    if len(src) != len(tgt):
+        raise ValueError(f"range aggregates: {len(src)} lines on the source, {len(tgt)} on the target")
+    return [(i, _aggregate(a), _aggregate(b)) for i, (a, b) in enumerate(zip(src, tgt, strict=True)) if a != b]
+
+
+def _aggregate(line: bytes) -> Aggregate:
+    rows, digest = line.split(b" ")
+    return Aggregate(int(rows), digest.decode("ascii"))
+
+
+RANGE_COST = 2.0  # one more range in a statement costs about as much as re-reading this many rows as (key, hash)
+RANGE_ROWS = tuple(2**i for i in range(3, 11))  # 8 .. 1024 rows per range
+PRIOR_ROWS = 1_000  # before anything is seen, differences are taken as half a difference per this many rows
 
 
 @dataclass
 class AdaptivePolicy:
-    """Whether to fetch a slice's (key, hash) pairs directly, skipping its aggregate.
+    """How many rows each compared range should hold, from how dense differences have been so far.
 
-    A clean slice costs one aggregate; a mismatching one an aggregate and a fetch. Fetching
-    directly costs one fetch (about `FETCH_COST` aggregates), so it pays when the slice
-    mismatches with a probability above (FETCH_COST - 1) / FETCH_COST. That probability is
-    estimated from the differences per row seen so far (Poisson: 1 - e^-expected), starting
-    from `PRIOR_SLICES` clean slices so that one early difference does not switch modes: a few
-    scattered differences keep aggregates, dense ones switch to fetching. One policy may be
-    shared by the chunks of a table compared in one process (counts only ever grow).
+    A range costs `RANGE_COST` (relative to re-reading one row as a (key, hash) line), and a
+    mismatching range re-reads its rows: per row, RANGE_COST / size + P(range mismatches). With
+    differences spread at random (density p), P = 1 - (1 - p)^size; the size in `RANGE_ROWS` with
+    the least cost is chosen: about 1000 rows per range for clean data, 16 for 1% of rows
+    differing. The density is estimated from what was seen, starting from half a difference per
+    `PRIOR_ROWS` rows (64-row ranges). One policy may be shared by the chunks of a table compared
+    in one process (counts only ever grow).
     """
 
     slice_rows: int
@@ -97,15 +165,22 @@ class AdaptivePolicy:
         self.differences_seen += differences
 
     @property
-    def mismatch_probability(self) -> float:
-        if self.differences_seen == 0:
-            return 0.0
-        expected = self.differences_seen / (self.rows_seen + PRIOR_SLICES * self.slice_rows) * self.slice_rows
-        return 1.0 - math.exp(-expected)
+    def informed(self) -> bool:
+        """Whether at least a slice's worth of rows was seen (before that, compare one slice at a time)."""
+        return self.rows_seen >= self.slice_rows
 
     @property
-    def fetch_next(self) -> bool:
-        return self.mismatch_probability > (FETCH_COST - 1.0) / FETCH_COST
+    def density(self) -> float:
+        return (self.differences_seen + 0.5) / (self.rows_seen + PRIOR_ROWS)
+
+    @property
+    def range_rows(self) -> int:
+        p = min(1.0, self.density)
+
+        def cost(size: int) -> float:
+            return RANGE_COST / size + 1.0 - (1.0 - p) ** size
+
+        return int(min(RANGE_ROWS, key=cost))
 
 
 def multiset_bits(rows: int, rows_per_bucket: int = 1000) -> int:

@@ -1,12 +1,15 @@
-"""Compare one chunk on both sides: slices by aggregate, bisection, (key, hash) fetches, row diffs, re-checks.
+"""Compare one chunk on both sides: range aggregates, bisection, (key, hash) fetches, row diffs, re-checks.
 
-For each slice of the chunk, in key order:
-1. aggregate (count, sum of row hashes) on both sides at once; equal -> next slice;
-2. different and small (at most 2 x slice_rows rows on either side) -> fetch the (key, hash)
-   lines of both sides and diff them; different and larger -> split at key quantiles (read from
-   the side with more rows) and compare each part the same way;
-3. when the differences seen so far make the next slice likely to mismatch
-   (`bisect.AdaptivePolicy`), fetch its lines directly: dense differences are not read twice.
+A chunk is compared a piece at a time (the whole chunk, or its first slice alone while nothing
+is known yet about how dense differences are). Each piece:
+1. is cut into ranges of about `AdaptivePolicy.range_rows` rows: at equal key widths for a
+   single integer key (from the least and greatest key on either side), else at keys sampled on
+   the source;
+2. every range's aggregate (count, sum of row hashes) is computed on both sides at once, in one
+   statement per side (each row read and hashed once, by index range scans in key order);
+3. the ranges whose aggregates differ and hold at most 2 x slice_rows rows on either side have
+   their (key, hash) lines fetched (one statement per side) and diffed; a larger one is split at
+   key quantiles of the side with more rows and its parts compared the same way.
 The keys found are then read in full on both sides and diffed column by column. While
 replication runs, each such row is re-checked (`rowdiff.settle`) after the target has applied
 the source's WAL past the position noted after reading the source row, which is past the
@@ -16,7 +19,6 @@ position noted at the chunk's first compare.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,10 +31,12 @@ from lambdas.core.validation.bisect import (
     Aggregate,
     Step,
     decide,
-    fetch_limit,
+    even_ranges,
     mismatched_buckets,
+    mismatched_ranges,
     multiset_bits,
     quantile_step,
+    ranges_between,
     split_range,
 )
 from lambdas.core.validation.model import (
@@ -60,6 +64,8 @@ from lambdas.core.validation.rowdiff import (
 from lambdas.core.validation.session import SessionPair, run_one, run_one_raw, run_query
 
 READ_BATCH = 10_000  # keys per full-row read
+MAX_PIECE_ROWS = 500_000  # planned rows compared by one statement per side at most
+INTEGER_KEY_TYPES = {"smallint", "integer", "bigint"}
 MAX_ROW_TEXT = 200  # a multiset row is reported by its text form, cut to this length
 MULTISET_FETCH_LIMIT = 500_000  # rows (per side) in differing buckets beyond which rows are not listed
 
@@ -126,56 +132,84 @@ def compare_chunk(
 def _compare_keyed(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy) -> ChunkResult:
     spec = chunk.table
     tally = _Tally()
-    limit = fetch_limit(chunk.slice_rows)
-    pending: deque[tuple[KeyRange, int]] = deque((r, 0) for r in chunk.slice_ranges())
-    while pending:
-        key_range, depth = pending.popleft()
-        tally.slices += 1
-        if depth == 0 and policy.fetch_next:
-            fetched = _fetch_hashes(pair, spec, key_range, tally, limit=limit)
-            _note_first(pair, chunk, tally)
-            if fetched is not None:
-                if fetched[1]:
-                    tally.slices_mismatched += 1
-                policy.record(*fetched)
-                continue
-        query, params = queries.aggregate(spec, key_range)
-        src_row, tgt_row = pair.both(run_one(query, params))
-        _note_first(pair, chunk, tally)
-        assert src_row is not None and tgt_row is not None
-        source, target = Aggregate(int(src_row[0]), str(src_row[1])), Aggregate(int(tgt_row[0]), str(tgt_row[1]))
-        decision = decide(source, target, chunk.slice_rows, depth=depth)
-        if decision.step is Step.EQUAL:
-            tally.source_rows += source.rows
-            tally.target_rows += target.rows
-            policy.record(source.rows, 0)
-            continue
-        tally.slices_mismatched += 1
-        if decision.step is Step.SPLIT:
-            parts = _split(pair, spec, key_range, source, target, decision.parts)
-            if parts:
-                tally.splits += 1
-                pending.extendleft(reversed([(part, depth + 1) for part in parts]))
-                continue
-        fetched = _fetch_hashes(pair, spec, key_range, tally)
-        assert fetched is not None
-        policy.record(*fetched)
-        if fetched[1] == 0 and chunk.replication is None:
-            # Only a write between the two reads explains this (a 64-bit collision aside).
-            tally.notes.append(
-                f"a range's aggregates differed but its rows were equal when fetched: data changed during "
-                f"the compare (range {RangeSpec.of(key_range).model_dump()})"
-            )
+    slices = chunk.slice_ranges()
+    done = 0
+    while done < len(slices):
+        # Until a slice's worth of rows was seen, one slice at a time: the range size adapts after it.
+        count = 1 if not policy.informed else max(1, MAX_PIECE_ROWS // max(1, chunk.slice_rows))
+        piece = slices[done : done + count]
+        done += len(piece)
+        key_range = KeyRange(piece[0].lower, piece[-1].upper)
+        range_rows = policy.range_rows
+        ranges = _cut(pair, spec, key_range, len(piece) * chunk.slice_rows, range_rows)
+        rows, differences = _compare_ranges(pair, chunk, ranges, tally, depth=0)
+        policy.record(rows, differences)
     if chunk.replication is not None:
-        differences, unsettled = _recheck(pair, chunk, chunk.replication, list(tally.candidates), tally)
+        differences_found, unsettled = _recheck(pair, chunk, chunk.replication, list(tally.candidates), tally)
     else:
-        differences, unsettled = _resolve(pair, spec, list(tally.candidates), tally)
-    return _result(chunk, tally, differences, unsettled)
+        differences_found, unsettled = _resolve(pair, spec, list(tally.candidates), tally)
+    return _result(chunk, tally, differences_found, unsettled)
 
 
 def _note_first(pair: SessionPair, chunk: ChunkSpec, tally: _Tally) -> None:
     if chunk.replication is not None and tally.first_lsn is None:
         tally.first_lsn = source_position(pair.source)
+
+
+def _cut(
+    pair: SessionPair, spec: TableSpec, key_range: KeyRange, expected_rows: int, range_rows: int
+) -> Sequence[KeyRange]:
+    """The piece cut into ranges of about `range_rows` rows.
+
+    A single integer key is cut at equal widths between the least and greatest key either side
+    holds (two index probes per side). Other keys are cut at keys sampled at random on the source
+    (an index-only scan of the piece): cuts are only boundaries, both sides are read between the
+    same ones.
+    """
+    if len(spec.key) == 1 and spec.key_types[0] in INTEGER_KEY_TYPES:
+        query, params = queries.key_span(spec, key_range)
+        spans = [s for s in pair.both(run_one(query, params)) if s is not None and s[0] is not None]
+        if not spans:
+            return [key_range]
+        low, high = min(int(s[0]) for s in spans), max(int(s[1]) for s in spans)
+        return even_ranges(key_range, low, high, expected_rows, range_rows)
+    if expected_rows <= range_rows:
+        return [key_range]
+    query, params = queries.sampled_keys(spec, key_range, range_rows)
+    cuts = [tuple(str(v) for v in row) for row in fetch_all(pair.source, query, params)]
+    return ranges_between(key_range, cuts)
+
+
+def _compare_ranges(
+    pair: SessionPair, chunk: ChunkSpec, ranges: Sequence[KeyRange], tally: _Tally, *, depth: int
+) -> tuple[int, int]:
+    """Compare ranges by aggregate, then fetch or split the differing ones: (rows, differing keys) found."""
+    spec = chunk.table
+    query, params = queries.range_aggregates(spec, ranges)
+    src_row, tgt_row = pair.both(run_one_raw(query, params))
+    _note_first(pair, chunk, tally)
+    assert src_row is not None and tgt_row is not None
+    source_rows, target_rows = int(src_row[0]), int(tgt_row[0])
+    if depth == 0:  # split parts re-count rows their range already counted
+        tally.source_rows += source_rows
+        tally.target_rows += target_rows
+    tally.slices += len(ranges)
+    mismatched = mismatched_ranges(src_row[1], tgt_row[1])
+    tally.slices_mismatched += len(mismatched)
+    found = 0
+    fetch: list[int] = []
+    for i, source, target in mismatched:
+        decision = decide(source, target, chunk.slice_rows, depth=depth)
+        if decision.step is Step.SPLIT:
+            parts = _split(pair, spec, ranges[i], source, target, decision.parts)
+            if parts:
+                tally.splits += 1
+                found += _compare_ranges(pair, chunk, parts, tally, depth=depth + 1)[1]
+                continue
+        fetch.append(i)
+    if fetch:
+        found += _fetch_hashes(pair, chunk, ranges, fetch, tally)
+    return max(source_rows, target_rows), found
 
 
 def _split(
@@ -189,22 +223,24 @@ def _split(
 
 
 def _fetch_hashes(
-    pair: SessionPair, spec: TableSpec, key_range: KeyRange, tally: _Tally, *, limit: int | None = None
-) -> tuple[int, int] | None:
-    """Fetch and diff the (key, hash) lines of a range: (rows, differing keys), or None when either side
-    holds more than `limit` rows (then nothing is diffed)."""
-    query, params = queries.hash_lines(spec, key_range, None if limit is None else limit + 1)
+    pair: SessionPair, chunk: ChunkSpec, ranges: Sequence[KeyRange], positions: Sequence[int], tally: _Tally
+) -> int:
+    """Fetch and diff the (key, hash) lines of the ranges at `positions` (one statement per side):
+    the number of differing keys found."""
+    spec = chunk.table
+    query, params = queries.range_lines(spec, ranges, positions)
     src_row, tgt_row = pair.both(run_one_raw(query, params))
     assert src_row is not None and tgt_row is not None
-    source_rows, target_rows = int(src_row[0]), int(tgt_row[0])
-    tally.rows_fetched += source_rows + target_rows
-    if limit is not None and (source_rows > limit or target_rows > limit):
-        return None
-    tally.source_rows += source_rows
-    tally.target_rows += target_rows
+    tally.rows_fetched += int(src_row[0]) + int(tgt_row[0])
     diff = diff_hash_lines(src_row[1], tgt_row[1], len(spec.key))
     tally.add(diff)
-    return max(source_rows, target_rows), len(diff.keys)
+    if not diff and chunk.replication is None:
+        # Only a write between the two reads explains this (a 64-bit collision aside).
+        tally.notes.append(
+            f"{len(positions)} range(s) whose aggregates differed had equal rows when fetched: data changed "
+            f"during the compare (first range {RangeSpec.of(ranges[positions[0]]).model_dump()})"
+        )
+    return len(diff.keys)
 
 
 def _read_rows(

@@ -3,19 +3,28 @@
 A table's key space is cut into slices of about `slice_rows` rows (boundaries from
 `ranges.key_boundaries`: min/max arithmetic for an integer key, a block sample's quantiles
 otherwise), and consecutive slices are grouped into chunks of about `chunk_rows`. A chunk is
-one Map item; its slices are compared one after another inside that task, so a difference
-costs a re-read of one slice, not of the chunk.
+one Map item; inside that task it is compared in much smaller ranges sized at run time
+(`chunk`), so a difference costs a re-read of a few rows, not of the chunk.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from lambdas.core.catalog import TableInfo
 from lambdas.core.config import Validation
 from lambdas.core.ranges import Bound, KeyRange
 from lambdas.core.tables import TableName
-from lambdas.core.validation.model import ChunkSpec, ColumnSpec, RangeSpec, Replication, RowHash, TableSpec
+from lambdas.core.validation.model import (
+    ChunkSpec,
+    ColumnSpec,
+    RangeSpec,
+    Replication,
+    RowHash,
+    TableSpec,
+    ValueHash,
+)
 
 
 def tables_to_compare(selected: Iterable[TableName], source: Mapping[TableName, TableInfo]) -> list[TableName]:
@@ -23,6 +32,23 @@ def tables_to_compare(selected: Iterable[TableName], source: Mapping[TableName, 
     chosen = sorted(set(selected))
     chosen_set = set(chosen)
     return [t for t in chosen if t not in source or source[t].partition_parent not in chosen_set]
+
+
+_VALUE_HASHES = {
+    "smallint": ValueHash.INTEGER,
+    "integer": ValueHash.INTEGER,
+    "bigint": ValueHash.INTEGER,
+    "timestamp without time zone": ValueHash.TIMESTAMP,
+    "timestamp with time zone": ValueHash.TIMESTAMPTZ,
+    "uuid": ValueHash.UUID,
+}
+
+
+def value_hash(source_type: str, target_type: str) -> ValueHash:
+    """How a column present on both sides enters the fast row hash: by value when both types are of
+    one kind in `_VALUE_HASHES` (a timestamp's precision aside), else by text form."""
+    kinds = {_VALUE_HASHES.get(re.sub(r"\(\d+\)", "", t), ValueHash.TEXT) for t in (source_type, target_type)}
+    return kinds.pop() if len(kinds) == 1 else ValueHash.TEXT
 
 
 def _key_text(columns: Sequence[str]) -> str:
@@ -70,7 +96,7 @@ def table_spec(
                 f"column {column.name} is {column.type} on the source, {other.type} on the target "
                 "(compared by text form)"
             )
-        columns.append(ColumnSpec(name=column.name, type=column.type))
+        columns.append(ColumnSpec(name=column.name, type=column.type, hash=value_hash(column.type, other.type)))
     only_source = [c.name for c in source.columns if c.name not in target_columns]
     only_target = [c.name for c in target.columns if c.name not in source_names]
     if only_source:

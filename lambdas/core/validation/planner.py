@@ -19,6 +19,13 @@ MAX_SAMPLES = 200_000  # beyond this, slices grow; a slice found too big is bise
 
 # Texts both servers hash at plan time: ASCII, non-ASCII, long, with control characters.
 PROBE_TEXTS = ["", "zdm", "Zoë Ångström – 李小龍 ✓", "tab\there\nnew line \\ backslash", "x" * 5000]
+# Values hashed by type at plan time (`model.ValueHash`): each must hash the same on both servers.
+PROBE_VALUES = (
+    "SELECT hashint8extended(-9223372036854775808, 1), hashint8extended(123456789012345, 2),"
+    " hashint8extended(7::smallint::bigint, 3), timestamp_hash_extended(timestamp '2024-02-29 12:34:56.789012', 4),"
+    " timestamp_hash_extended(timestamptz '2024-02-29 12:34:56.789012+00'::timestamp, 5),"
+    " uuid_hash_extended('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid, 6)"
+)
 
 
 def choose_row_hash(source: Connection, target: Connection, mode: str = "auto") -> RowHash:
@@ -36,7 +43,8 @@ def choose_row_hash(source: Connection, target: Connection, mode: str = "auto") 
         return RowHash.MD5
     query = 'SELECT hashtextextended(x COLLATE "C", 0) FROM unnest(%s::text[]) WITH ORDINALITY AS u(x, n) ORDER BY n'
     hashes = [fetch_all(conn, query, (PROBE_TEXTS,)) for conn in (source, target)]
-    return RowHash.FAST if hashes[0] == hashes[1] else RowHash.MD5
+    values = [fetch_all(conn, PROBE_VALUES) for conn in (source, target)]
+    return RowHash.FAST if hashes[0] == hashes[1] and values[0] == values[1] else RowHash.MD5
 
 
 def replication_of(
