@@ -24,7 +24,8 @@ Guarantees, whatever the transport redelivers:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import operator
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -35,7 +36,15 @@ from psycopg2 import sql
 from lambdas.core.catalog import describe_tables
 from lambdas.core.changestream import state
 from lambdas.core.changestream.connector import heartbeat_topic, table_topic
-from lambdas.core.changestream.convert import ColumnType, ConversionError, Kind, is_unavailable, to_text
+from lambdas.core.changestream.convert import (
+    ColumnType,
+    ConversionError,
+    SqlConversion,
+    is_unavailable,
+    placeholder_markers,
+    sql_conversion,
+    to_text,
+)
 from lambdas.core.changestream.deadletters import DeadLetter, DeadLetterSink
 from lambdas.core.changestream.events import (
     SNAPSHOT_END,
@@ -60,9 +69,44 @@ class TargetTable:
     generated: frozenset[str] = frozenset()
 
     @cached_property
-    def plain(self) -> frozenset[str]:
-        """Columns whose Debezium string is already PostgreSQL's input text (no conversion)."""
-        return frozenset(n for n, c in self.columns.items() if c.kind is Kind.TEXT and not c.array)
+    def label(self) -> str:
+        return str(self.name)
+
+    @cached_property
+    def plan(self) -> _TablePlan:
+        return _TablePlan(self)
+
+
+class _TablePlan:
+    """What applying a table's batches needs, worked out once per table: each column's conversion (in
+    SQL, or in Python first), the forms of the placeholder to look for, the key, the statements."""
+
+    def __init__(self, table: TargetTable) -> None:
+        self.order = tuple(table.columns)
+        self.full = frozenset(self.order)  # an event's columns, usually: every column is written
+        self.full_generated = self.full | table.generated
+        self.key_set = frozenset(table.key)
+        self._key_values = operator.itemgetter(*table.key)  # one column: its value, else a tuple
+        self.conversions: dict[bool, dict[str, SqlConversion]] = {
+            python: {n: sql_conversion(c, python=python) for n, c in table.columns.items()} for python in (False, True)
+        }
+        self.markers = placeholder_markers(table.columns.values())
+        self.statements: dict[tuple[Any, ...], str] = {}
+
+    def row_key(self, values: Mapping[str, Any]) -> Hashable:
+        """The key columns' JSON values, to fold a row's changes by (a delete's and an upsert's alike)."""
+        key: Hashable = self._key_values(values)
+        try:
+            hash(key)
+        except TypeError:  # an array (a JSON list) in the key
+            key = json.dumps(key, sort_keys=True)
+        return key
+
+    def may_hold_placeholder(self, raw: bytes | None) -> bool:
+        """Whether the record may carry the unchanged-TOAST placeholder: only then are its values checked."""
+        if raw is None:
+            return False
+        return any(marker in raw for marker in self.markers)
 
 
 @dataclass(frozen=True)
@@ -137,19 +181,11 @@ class ApplyResult:
     paused: bool = False  # the applier is paused on the target: nothing applied, no offset stored
 
 
-@dataclass
+@dataclass(slots=True)
 class _Change:
     record: StreamRecord
     event: ChangeEvent
-
-
-@dataclass
-class _RowState:
-    """A row's net change over the batch so far."""
-
-    delete: bool
-    values: dict[str, Any]
-    unavailable: set[str]
+    marked: bool = False  # the record may carry the unchanged-TOAST placeholder: its values are checked
 
 
 class ChangeApplier:
@@ -169,11 +205,11 @@ class ChangeApplier:
             return result
         try:
             with self._conn.cursor() as cur:
-                cur.execute("SET LOCAL session_replication_role = replica")
                 cur.execute(
-                    sql.SQL("SELECT applier_paused FROM {}.dbz_control WHERE id = 1 FOR SHARE").format(
-                        sql.Identifier(state.SCHEMA)
-                    )
+                    sql.SQL(
+                        "SET LOCAL session_replication_role = replica;"
+                        " SELECT applier_paused FROM {}.dbz_control WHERE id = 1 FOR SHARE"
+                    ).format(sql.Identifier(state.SCHEMA))
                 )
                 row = cur.fetchone()
                 if row is not None and row[0]:
@@ -189,8 +225,7 @@ class ChangeApplier:
                 if result.dead_letters:
                     self._record_dead_letters(cur, result.dead_letters)
                     self._sink.send(result.dead_letters)  # durable before the offsets commit
-                state.save_partitions(cur, partitions.values())
-                self._save_progress(cur, result)
+                self._save_state(cur, partitions.values(), result)
             self._conn.commit()
         except BaseException:
             self._conn.rollback()
@@ -242,7 +277,9 @@ class ChangeApplier:
         if event.ts_ms is not None:
             part.last_ts_ms = event.ts_ms
             result.last_ts_ms = max(result.last_ts_ms or 0, event.ts_ms)
-        progress = result.tables.setdefault(str(table.name), TableProgress())
+        progress = result.tables.get(table.label)
+        if progress is None:
+            progress = result.tables[table.label] = TableProgress()
         progress.events += 1
         if event.op is Op.READ:
             progress.snapshot_rows += 1
@@ -267,30 +304,29 @@ class ChangeApplier:
         """Fold, then apply set-wise; on failure, change by change so that only bad ones become dead letters."""
         if not changes:
             return
+        plan = table.plan
         valid: list[_Change] = []
         for change in changes:
-            problem = _schema_problem(table, change.event)
+            if change.event.op is not Op.DELETE:
+                change.marked = plan.may_hold_placeholder(change.record.value)
+            problem = _schema_problem(table, change.event, change.marked)
             if problem:
                 result.dead_letters.append(_letter(change.record, change.event, problem))
             else:
                 valid.append(change)
-        cur.execute("SAVEPOINT zdm_batch")
+        if not valid:
+            return
+        rows = _fold(table, valid)
         try:
-            rows = _fold(table, valid)
-            missing = _write_rows(cur, table, rows)
-            cur.execute("RELEASE SAVEPOINT zdm_batch")
+            script = _prepare(cur, table, rows, python=False)
+            missing = _run(cur, script, "zdm_batch")
         except (psycopg2.Error, ConversionError) as exc:
-            if isinstance(exc, psycopg2.Error) and not _refused_change(exc):
-                raise  # not about a change: the whole batch rolls back and is delivered again
-            cur.execute("ROLLBACK TO SAVEPOINT zdm_batch")
+            if isinstance(exc, psycopg2.Error):
+                if not _refused_change(exc):
+                    raise  # not about a change: the whole batch rolls back and is delivered again
+                cur.execute("ROLLBACK TO SAVEPOINT zdm_batch")  # (a ConversionError comes before any statement)
             for change in valid:
-                one = _fold(table, [change]) if _convertible(table, change) else None
-                if one is None:
-                    result.dead_letters.append(
-                        _letter(change.record, change.event, "a value cannot be converted to its column's type")
-                    )
-                    continue
-                self._guarded(cur, lambda rows=one: _write_rows(cur, table, rows), [change], table, result)
+                self._apply_one(cur, table, change, result)
             return
         result.applied += len(valid)
         if missing:
@@ -306,6 +342,32 @@ class ChangeApplier:
                     )
                 )
                 result.applied -= 1
+
+    def _apply_one(self, cur: Cursor, table: TargetTable, change: _Change, result: ApplyResult) -> None:
+        """One change under its own savepoint, converted in SQL; refused, converted by Python instead (whose
+        error names the column's type, and which takes what SQL does not); refused again, a dead letter."""
+        rows = _fold(table, [change])
+        reason = ""
+        for python in (False, True):
+            try:
+                script = _prepare(cur, table, rows, python=python)
+            except ConversionError:
+                reason = "a value cannot be converted to its column's type"
+                continue
+            try:
+                missing = _run(cur, script, "zdm_change")
+            except psycopg2.Error as exc:
+                if not _refused_change(exc):
+                    raise
+                cur.execute("ROLLBACK TO SAVEPOINT zdm_change")
+                reason = _pg_reason(exc)
+                continue
+            if missing:
+                reason = "an update with unchanged TOAST values for a row that is not on the target"
+                break
+            result.applied += 1
+            return
+        result.dead_letters.append(_letter(change.record, change.event, reason))
 
     def _guarded(
         self, cur: Cursor, write: Any, changes: list[_Change], table: TargetTable, result: ApplyResult
@@ -352,25 +414,57 @@ class ChangeApplier:
                 ),
             )
 
-    def _save_progress(self, cur: Cursor, result: ApplyResult) -> None:
-        for name, progress in result.tables.items():
-            cur.execute(
+    def _save_state(self, cur: Cursor, partitions: Iterable[state.PartitionState], result: ApplyResult) -> None:
+        """Each partition's offset and position, each table's progress: one round trip (rows locked in
+        key order: the partitions' already are, the tables' by name)."""
+        parts = sorted(partitions, key=lambda p: (p.topic, p.partition))
+        statements: list[sql.Composable] = [
+            sql.SQL(
+                "UPDATE {}.dbz_partitions AS p SET next_offset = v.next_offset, commit_lsn = v.commit_lsn,"
+                " lsn = v.lsn, events = v.events, last_source_lsn = v.last_source_lsn, last_ts_ms = v.last_ts_ms,"
+                " updated_at = now()"
+                " FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],"
+                " %s::bigint[], %s::bigint[])"
+                " AS v(topic, kafka_partition, next_offset, commit_lsn, lsn, events, last_source_lsn, last_ts_ms)"
+                " WHERE p.topic = v.topic AND p.kafka_partition = v.kafka_partition"
+            ).format(sql.Identifier(state.SCHEMA))
+        ]
+        params: list[Any] = [
+            [p.topic for p in parts],
+            [p.partition for p in parts],
+            [p.next_offset for p in parts],
+            [p.position.commit_lsn for p in parts],
+            [p.position.lsn for p in parts],
+            [p.events for p in parts],
+            [p.last_source_lsn for p in parts],
+            [p.last_ts_ms for p in parts],
+        ]
+        if result.tables:
+            tables = sorted(result.tables.items())
+            statements.append(
                 sql.SQL(
-                    "INSERT INTO {0}.dbz_tables AS t (table_name, snapshot_rows, snapshot_done, events)"
-                    " VALUES (%s, %s, %s, %s) ON CONFLICT (table_name) DO UPDATE SET"
+                    "INSERT INTO {}.dbz_tables AS t (table_name, snapshot_rows, snapshot_done, events)"
+                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::boolean[], %s::bigint[])"
+                    " ON CONFLICT (table_name) DO UPDATE SET"
                     " snapshot_rows = t.snapshot_rows + EXCLUDED.snapshot_rows,"
                     " snapshot_done = t.snapshot_done OR EXCLUDED.snapshot_done,"
                     " events = t.events + EXCLUDED.events"
-                ).format(sql.Identifier(state.SCHEMA)),
-                (name, progress.snapshot_rows, progress.snapshot_done, progress.events),
+                ).format(sql.Identifier(state.SCHEMA))
             )
+            params += [
+                [name for name, _ in tables],
+                [p.snapshot_rows for _, p in tables],
+                [p.snapshot_done for _, p in tables],
+                [p.events for _, p in tables],
+            ]
         if result.snapshot_completed:
-            cur.execute(
+            statements.append(
                 sql.SQL(
                     # only the first batch to see it writes (and locks) the row
                     "UPDATE {}.dbz_stream SET snapshot_completed = true WHERE id = 1 AND NOT snapshot_completed"
                 ).format(sql.Identifier(state.SCHEMA))
             )
+        cur.execute(sql.SQL("; ").join(statements), params)
 
 
 def _letter(rec: StreamRecord, event: ChangeEvent | None, reason: str) -> DeadLetter:
@@ -413,159 +507,239 @@ def _pg_reason(exc: psycopg2.Error) -> str:
     return f"the target refused the change: {first[0] if first else type(exc).__name__}"
 
 
-def _schema_problem(table: TargetTable, event: ChangeEvent) -> str | None:
+def _schema_problem(table: TargetTable, event: ChangeEvent, marked: bool) -> str | None:
+    plan = table.plan
     if event.op is Op.DELETE:
         key = event.key or {}
         absent = [k for k in table.key if k not in key]
         return f"the delete's key lacks {', '.join(absent)} of {table.name}'s primary key" if absent else None
     after = event.after or {}
-    unknown = sorted(c for c in after if c not in table.columns and c not in table.generated)
-    if unknown:
-        return (
-            f"schema mismatch: column(s) {', '.join(unknown)} of the event are not on target table {table.name};"
-            " add them to the target (schema changes are not replicated)"
-        )
-    absent = [k for k in table.key if k not in after or is_unavailable(after[k])]
+    names = after.keys()
+    if not (names == plan.full or names == plan.full_generated):  # else: every column, nothing unknown
+        unknown = sorted(names - plan.full_generated)
+        if unknown:
+            return (
+                f"schema mismatch: column(s) {', '.join(unknown)} of the event are not on target table {table.name};"
+                " add them to the target (schema changes are not replicated)"
+            )
+    elif not marked:
+        return None
+    absent = [k for k in table.key if k not in after or (marked and is_unavailable(after[k]))]
     if absent:
         return f"the event lacks primary key column(s) {', '.join(absent)} of {table.name}"
     return None
 
 
-def _convertible(table: TargetTable, change: _Change) -> bool:
-    try:
-        _fold(table, [change])
-    except ConversionError:
-        return False
-    return True
-
-
-def _key_of(table: TargetTable, event: ChangeEvent) -> tuple[str | None, ...]:
+def _key_of(table: TargetTable, event: ChangeEvent) -> Hashable:
     source = event.key if event.op is Op.DELETE else event.after
     assert source is not None
-    return tuple(to_text(source[k], table.columns[k]) for k in table.key)
+    return table.plan.row_key(source)
+
+
+_NOTHING_KEPT: frozenset[str] = frozenset()
+_NO_ROW: tuple[Mapping[str, Any], None] = ({}, None)
+_Shape = tuple[tuple[str, ...], tuple[str, ...]]  # (columns written, columns kept as they are on the target)
 
 
 @dataclass
 class _Rows:
-    deletes: list[tuple[str | None, ...]] = field(default_factory=list)
-    # (columns written, columns kept as they are on the target) -> rows of text values
-    upserts: dict[tuple[tuple[str, ...], tuple[str, ...]], list[dict[str, str | None]]] = field(default_factory=dict)
+    """A segment's net changes, each row with its fold key and its values as Debezium sent them."""
+
+    deletes: list[tuple[Hashable, Mapping[str, Any]]] = field(default_factory=list)  # the key columns' values
+    upserts: dict[_Shape, list[tuple[Hashable, Mapping[str, Any]]]] = field(default_factory=dict)
 
 
-def _row_text(table: TargetTable, after: dict[str, Any]) -> tuple[dict[str, str | None], set[str]]:
-    """The row's values as text for their columns, and the columns Debezium did not send (unchanged TOAST).
-
-    The hot loop of the applier: plain text-kind values (most columns) pass through untouched.
-    """
-    columns = table.columns
-    plain = table.plain
-    values: dict[str, str | None] = {}
+def _available(table: TargetTable, after: Mapping[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
+    """The row's values but the placeholders, and the columns Debezium did not send (unchanged TOAST)."""
+    values: dict[str, Any] = {}
     unavailable: set[str] = set()
     for name, value in after.items():
-        column = columns.get(name)
-        if column is None:
-            continue  # generated on the target (checked by _schema_problem)
-        if value is None:
-            values[name] = None
-        elif isinstance(value, (str, list, dict)) and is_unavailable(value):
-            unavailable.add(name)
-        elif name in plain and type(value) is str:
-            values[name] = value
+        if isinstance(value, (str, list, dict)) and is_unavailable(value):
+            if name in table.columns:  # (a generated column is not written anyway)
+                unavailable.add(name)
         else:
-            values[name] = to_text(value, column)
-    return values, unavailable
+            values[name] = value
+    return values, frozenset(unavailable)
 
 
 def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
-    rows: dict[tuple[str | None, ...], _RowState] = {}
+    """Each row's net change: the last one wins; an unchanged TOASTed column takes an earlier change's
+    value, or is kept as it is on the target. Values stay as Debezium sent them (the hot loop)."""
+    plan = table.plan
+    rows: dict[Hashable, tuple[Mapping[str, Any], frozenset[str] | None]] = {}  # None: deleted
     for change in changes:
         event = change.event
         if event.op is Op.DELETE:
-            rows[_key_of(table, event)] = _RowState(True, {}, set())
+            key_values = event.key or {}
+            rows[plan.row_key(key_values)] = (key_values, None)
             continue
-        available, unavailable = _row_text(table, event.after or {})
-        key = tuple(available[k] for k in table.key)  # _schema_problem made sure the key is there
-        prev = rows.get(key)
-        if prev is not None and not prev.delete:
-            keep = (prev.unavailable - available.keys()) | (unavailable - prev.values.keys())
-            rows[key] = _RowState(False, {**prev.values, **available}, keep)
-        else:
-            rows[key] = _RowState(False, available, unavailable)
+        values: Mapping[str, Any] = event.after or {}
+        unavailable = _NOTHING_KEPT
+        if change.marked:
+            values, unavailable = _available(table, values)
+        key = plan.row_key(values)  # _schema_problem made sure the key is there
+        prev_values, prev_kept = rows.get(key, _NO_ROW)
+        # after an earlier upsert of this row in the batch: merged, unless this change has every column
+        if prev_kept is not None and (unavailable or prev_kept or not values.keys() >= prev_values.keys()):
+            keep = (prev_kept - values.keys()) | (unavailable - prev_values.keys())
+            values, unavailable = {**prev_values, **values}, frozenset(keep)
+        rows[key] = (values, unavailable)
     out = _Rows()
-    for key, row in rows.items():
-        if row.delete:
-            out.deletes.append(key)
+    for key, (row, kept) in rows.items():
+        if kept is None:
+            out.deletes.append((key, row))
+            continue
+        names = row.keys()
+        if names == plan.full or names == plan.full_generated:
+            columns = plan.order
         else:
-            shape = (tuple(sorted(row.values)), tuple(sorted(row.unavailable)))
-            out.upserts.setdefault(shape, []).append(row.values)
+            columns = tuple(c for c in plan.order if c in names)
+        out.upserts.setdefault((columns, tuple(sorted(kept))), []).append((key, row))
     return out
 
 
-def _recordset(columns: Sequence[str]) -> sql.Composable:
-    return sql.SQL("jsonb_to_recordset(%s::jsonb) AS x({})").format(
-        sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in columns)
+_ORDINAL = "zdm ordinal"  # the recordset's row number, for the rows a partial update did not find
+
+
+@dataclass
+class _Script:
+    """A segment's statements: those run in one round trip, then partial updates (which return rows)."""
+
+    statements: list[tuple[str, str]] = field(default_factory=list)  # (SQL, JSON payload)
+    partial: list[tuple[str, str, list[Hashable]]] = field(default_factory=list)  # (SQL, payload, fold keys)
+
+
+def _prepare(cur: Cursor, table: TargetTable, rows: _Rows, *, python: bool) -> _Script:
+    """The statements and their JSON payloads: values as Debezium sent them, converted by PostgreSQL
+    (`python`: every value converted by `to_text` first). Raises ConversionError before any statement runs."""
+    conversions = table.plan.conversions[python]
+    script = _Script()
+    if rows.deletes:
+        statement = _statement(cur, table, "delete", table.key, python)
+        script.statements.append((statement, _payload(table, [v for _, v in rows.deletes], table.key, conversions)))
+    for (columns, kept), entries in rows.upserts.items():
+        payload = _payload(table, [v for _, v in entries], columns, conversions)
+        if not kept:
+            script.statements.append((_statement(cur, table, "upsert", columns, python), payload))
+        else:
+            script.partial.append((_statement(cur, table, "update", columns, python), payload, [k for k, _ in entries]))
+    return script
+
+
+def _run(cur: Cursor, script: _Script, savepoint: str) -> list[Hashable]:
+    """Runs the script under `savepoint` (its first statement); returns the fold keys of partial updates
+    whose row was not on the target. On an error the savepoint exists: roll back to it."""
+    statements = [f"SAVEPOINT {savepoint}", *(s for s, _ in script.statements)]
+    if not script.partial:
+        statements.append(f"RELEASE SAVEPOINT {savepoint}")
+    cur.execute("; ".join(statements), [p for _, p in script.statements] or None)
+    missing: list[Hashable] = []
+    for statement, payload, keys in script.partial:
+        cur.execute(statement, (payload,))
+        found = {n for (n,) in cur.fetchall()}
+        missing += [k for n, k in enumerate(keys, 1) if n not in found]
+    if script.partial:
+        cur.execute(f"RELEASE SAVEPOINT {savepoint}")
+    return missing
+
+
+def _payload(
+    table: TargetTable, rows: list[Mapping[str, Any]], columns: Sequence[str], conversions: Mapping[str, SqlConversion]
+) -> str:
+    converted = [(c, table.columns[c]) for c in columns if conversions[c].python]
+    if converted:
+        rows = [_converted(values, converted) for values in rows]
+    return json.dumps(rows)
+
+
+def _converted(values: Mapping[str, Any], columns: list[tuple[str, ColumnType]]) -> dict[str, Any]:
+    out = dict(values)
+    for name, column in columns:
+        if name in out:
+            out[name] = to_text(out[name], column)
+    return out
+
+
+def _statement(cur: Cursor, table: TargetTable, kind: str, columns: tuple[str, ...], python: bool) -> str:
+    """The SQL text of a delete, upsert or partial update of `columns`, built once per table."""
+    statements = table.plan.statements
+    statement = statements.get((kind, columns, python))
+    if statement is None:
+        build = {"delete": _delete_sql, "upsert": _upsert_sql, "update": _update_sql}[kind]
+        statement = statements[(kind, columns, python)] = build(
+            table, columns, table.plan.conversions[python]
+        ).as_string(cur)
+    return statement
+
+
+def _raw(text: str) -> sql.SQL:
+    return sql.SQL(text.replace("%", "%%"))  # the statements take parameters: a literal % is doubled
+
+
+def _recordset(columns: Sequence[str], conversions: Mapping[str, SqlConversion]) -> sql.Composable:
+    return sql.SQL("json_to_recordset(%s::json) AS x({})").format(
+        sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), _raw(conversions[c].field_type)) for c in columns)
     )
 
 
-def _cast(table: TargetTable, column: str) -> sql.Composable:
+def _numbered_recordset(columns: Sequence[str], conversions: Mapping[str, SqlConversion]) -> sql.Composable:
+    return sql.SQL("ROWS FROM (json_to_recordset(%s::json) AS ({})) WITH ORDINALITY AS x({}, {})").format(
+        sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(c), _raw(conversions[c].field_type)) for c in columns
+        ),
+        sql.SQL(", ").join(map(sql.Identifier, columns)),
+        sql.Identifier(_ORDINAL),
+    )
+
+
+def _value(column: str, conversions: Mapping[str, SqlConversion]) -> sql.Composable:
     # the type text comes from the target's own catalog (format_type), already quoted where needed
-    return sql.SQL("x.{}::{}").format(sql.Identifier(column), sql.SQL(table.columns[column].sql_type))
+    return _raw(conversions[column].expression).format(sql.SQL("x.") + sql.Identifier(column))
 
 
-def _key_match(table: TargetTable) -> sql.Composable:
-    return sql.SQL(" AND ").join(sql.SQL("t.{} = {}").format(sql.Identifier(k), _cast(table, k)) for k in table.key)
+def _key_match(table: TargetTable, conversions: Mapping[str, SqlConversion]) -> sql.Composable:
+    return sql.SQL(" AND ").join(
+        sql.SQL("t.{} = {}").format(sql.Identifier(k), _value(k, conversions)) for k in table.key
+    )
 
 
-def _write_rows(cur: Cursor, table: TargetTable, rows: _Rows) -> list[tuple[str | None, ...]]:
-    """Deletes, then upserts; returns the keys of partial updates whose row was not on the target."""
-    if rows.deletes:
-        cur.execute(
-            sql.SQL("DELETE FROM {} AS t USING {} WHERE {}").format(
-                table.name.ident, _recordset(table.key), _key_match(table)
-            ),
-            (json.dumps([dict(zip(table.key, k, strict=True)) for k in rows.deletes]),),
+def _delete_sql(table: TargetTable, key: Sequence[str], conversions: Mapping[str, SqlConversion]) -> sql.Composable:
+    return sql.SQL("DELETE FROM {} AS t USING {} WHERE {}").format(
+        table.name.ident, _recordset(key, conversions), _key_match(table, conversions)
+    )
+
+
+def _upsert_sql(table: TargetTable, columns: Sequence[str], conversions: Mapping[str, SqlConversion]) -> sql.Composable:
+    updates = [c for c in columns if c not in table.key]
+    conflict = (
+        sql.SQL("DO UPDATE SET {}").format(
+            sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates)
         )
-    missing: list[tuple[str | None, ...]] = []
-    for (columns, kept), values in rows.upserts.items():
-        payload = json.dumps(values)
-        if not kept:
-            updates = [c for c in columns if c not in table.key]
-            conflict = (
-                sql.SQL("DO UPDATE SET {}").format(
-                    sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates)
-                )
-                if updates
-                else sql.SQL("DO NOTHING")
-            )
-            cur.execute(
-                sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} ON CONFLICT ({}) {}").format(
-                    table.name.ident,
-                    sql.SQL(", ").join(map(sql.Identifier, columns)),
-                    sql.SQL(", ").join(_cast(table, c) for c in columns),
-                    _recordset(columns),
-                    sql.SQL(", ").join(map(sql.Identifier, table.key)),
-                    conflict,
-                ),
-                (payload,),
-            )
-            continue
-        # Unchanged TOAST columns: only an existing row can be updated; it keeps those values.
-        updates = [c for c in columns if c not in table.key]
-        cur.execute(
-            sql.SQL("UPDATE {} AS t SET {} FROM {} WHERE {} RETURNING {}").format(
-                table.name.ident,
-                sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), _cast(table, c)) for c in updates)
-                if updates
-                else sql.SQL("{0} = t.{0}").format(sql.Identifier(table.key[0])),
-                _recordset(columns),
-                _key_match(table),
-                sql.SQL(", ").join(sql.SQL("x.{}").format(sql.Identifier(k)) for k in table.key),
-            ),
-            (payload,),
-        )
-        found = {tuple(r) for r in cur.fetchall()}
-        missing += [k for k in (tuple(v[c] for c in table.key) for v in values) if k not in found]
-    return missing
+        if updates
+        else sql.SQL("DO NOTHING")
+    )
+    return sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} ON CONFLICT ({}) {}").format(
+        table.name.ident,
+        sql.SQL(", ").join(map(sql.Identifier, columns)),
+        sql.SQL(", ").join(_value(c, conversions) for c in columns),
+        _recordset(columns, conversions),
+        sql.SQL(", ").join(map(sql.Identifier, table.key)),
+        conflict,
+    )
+
+
+def _update_sql(table: TargetTable, columns: Sequence[str], conversions: Mapping[str, SqlConversion]) -> sql.Composable:
+    """Unchanged TOAST columns: only an existing row can be updated; it keeps those values."""
+    updates = [c for c in columns if c not in table.key]
+    return sql.SQL("UPDATE {} AS t SET {} FROM {} WHERE {} RETURNING x.{}").format(
+        table.name.ident,
+        sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), _value(c, conversions)) for c in updates)
+        if updates
+        else sql.SQL("{0} = t.{0}").format(sql.Identifier(table.key[0])),
+        _numbered_recordset(columns, conversions),
+        _key_match(table, conversions),
+        sql.Identifier(_ORDINAL),
+    )
 
 
 def _truncate(cur: Cursor, table: TargetTable) -> None:

@@ -1,11 +1,16 @@
-"""Debezium JSON values back to the text PostgreSQL's input function takes, by target column type.
+"""Debezium JSON values to their target columns' values, by target column type.
 
-The applier casts that text to the column's type inside the target (`x.col::type`), so each value
-goes through the same input function as if it had been typed in: exact for numeric (sent as its
-decimal string), jsonb (sent as its JSON text), timestamptz (ISO-8601 with offset), uuid, arrays.
-Only what Debezium encodes differently needs work here: timestamp/date/time as integers since
-the epoch (timestamp(0..3) in milliseconds, wider ones in microseconds), bytea as hex, booleans,
-hstore as a JSON object, and array literals.
+The applier sends a batch's rows to the target as the JSON values Debezium sent and lets PostgreSQL
+convert them (`sql_conversion`): `json_to_recordset` reads each value as text (or as an array of
+the column's element type) and the value goes through the type's own input function, as if it had
+been typed in: exact for numeric (sent as its decimal string), jsonb (sent as its JSON text),
+timestamptz (ISO-8601 with offset), interval, uuid, numbers and booleans (their JSON text), arrays
+of those. What Debezium encodes differently gets an exact SQL expression in integer arithmetic:
+timestamp as micro/milliseconds since the epoch (timestamp(0..3) in milliseconds), date as days,
+time as microseconds since midnight, bytea as hex. The rest (hstore as a JSON object, arrays of
+timestamps, dates, times or bytea) is converted here, in Python, to the text the input function
+takes (`to_text`); so is every value when a change is retried on its own after its batch failed,
+which names a refused value by its column's type.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -84,6 +90,75 @@ def _kind(base: str) -> Kind:
     if base == "hstore" or base.endswith(".hstore"):
         return Kind.HSTORE
     return Kind.TEXT
+
+
+@dataclass(frozen=True)
+class SqlConversion:
+    """How one column's JSON value becomes the column's value in the target's SQL.
+
+    `field_type` is the type `json_to_recordset` reads the JSON value as (its column definition),
+    `expression` the SQL that makes the column's value of it (`{0}` stands for the recordset's
+    column), and `python` says the value is first converted by `to_text` (what SQL cannot do simply).
+    """
+
+    field_type: str
+    expression: str
+    python: bool = False
+
+
+# Integer arithmetic only (exact over the whole range): whole days, then the rest of the day.
+_FROM_MICROS = (
+    "('epoch'::timestamp + ({0} / 86400000000) * interval '1 day' + ({0} % 86400000000) * interval '1 microsecond')"
+)
+_FROM_MILLIS = (
+    "('epoch'::timestamp + ({0} / 86400000) * interval '1 day' + ({0} % 86400000) * interval '1 millisecond')"
+)
+# make_time, unlike time + interval, keeps 24:00:00 and refuses what is not a time of day
+_TIME_FROM_MICROS = "make_time(({0} / 3600000000)::int, ({0} / 60000000 % 60)::int, ({0} % 60000000)::float8 / 1000000)"
+
+
+def sql_conversion(column: ColumnType, *, python: bool = False) -> SqlConversion:
+    """The conversion of `column`'s values in SQL; `python`: every value through `to_text` first."""
+    cast = "{0}::" + column.sql_type
+    if python:
+        return SqlConversion("text", cast, python=True)
+    kind = column.kind
+    if column.array:
+        if kind in (Kind.TEXT, Kind.BOOL):  # a JSON array of the elements' text, numbers or booleans
+            return SqlConversion(column.sql_type, "{0}")
+        if kind is Kind.JSON:  # each element is a JSON text
+            return SqlConversion("text[]", cast)
+        return SqlConversion("text", cast, python=True)
+    if kind in (Kind.TEXT, Kind.BOOL, Kind.JSON):
+        return SqlConversion("text", cast)
+    if kind is Kind.TIMESTAMP:
+        return SqlConversion("bigint", f"{_FROM_MICROS}::{column.sql_type}")
+    if kind is Kind.TIMESTAMP_MS:
+        return SqlConversion("bigint", f"{_FROM_MILLIS}::{column.sql_type}")
+    if kind is Kind.DATE:
+        return SqlConversion("integer", "('epoch'::date + {0})")
+    if kind is Kind.TIME:
+        return SqlConversion("bigint", f"{_TIME_FROM_MICROS}::{column.sql_type}")
+    if kind is Kind.BYTEA:
+        return SqlConversion("text", "decode({0}, 'hex')")
+    return SqlConversion("text", cast, python=True)
+
+
+def placeholder_markers(columns: Iterable[ColumnType]) -> tuple[bytes, ...]:
+    """Byte strings one of which is in a raw Debezium record whenever a value of these columns is the
+    placeholder (`is_unavailable`), in any of its forms: a record without any needs no value checked.
+
+    JSON encoders escape quotes, backslashes and control characters only (and non-ASCII, some), none
+    of which is in the placeholder's forms; a byte list is written compact (Jackson) or spaced.
+    """
+    markers = [UNAVAILABLE_PLACEHOLDER.encode()]  # itself, in a list, as hstore's map, as its JSON text
+    columns = list(columns)
+    if any(c.kind is Kind.BYTEA for c in columns):
+        markers.append(_PLACEHOLDER_HEX.encode())
+    if any(c.array for c in columns):
+        markers.append(_PLACEHOLDER_UUID.encode())
+        markers += [sep.join(str(b).encode() for b in _PLACEHOLDER_BYTES[:8]) for sep in (b",", b", ")]
+    return tuple(markers)
 
 
 def is_unavailable(value: Any) -> bool:

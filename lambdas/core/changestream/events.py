@@ -42,7 +42,7 @@ class StreamPosition:
 
     @property
     def is_snapshot(self) -> bool:
-        return self == SNAPSHOT_POSITION
+        return self.lsn == 0 and self.commit_lsn == 0  # SNAPSHOT_POSITION (no change has LSN 0)
 
 
 SNAPSHOT_POSITION = StreamPosition(0, 0)
@@ -69,9 +69,14 @@ class UnparseableEvent(ValueError):
     """A record that is not a Debezium change event we can apply; the reason is the message."""
 
 
+_OPS = {op.value: op for op in Op}
+_DECODE = json.JSONDecoder().decode  # what json.loads does with a str, without its per-call set-up
+
+
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(raw)
+        # UTF-8 as json.loads reads it (a record that starts with '{' has no BOM and is not UTF-16/32)
+        value = _DECODE(raw.decode("utf-8", "surrogatepass")) if raw[:1] == b"{" else json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UnparseableEvent(f"the record's {what} is not JSON: {exc}") from None
     except RecursionError:
@@ -84,6 +89,8 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
 def _lsn(value: object) -> int | None:
     if value is None:
         return None
+    if type(value) is int:
+        return value
     try:
         return int(str(value))
     except ValueError:
@@ -95,6 +102,13 @@ def _position(op: Op, source: dict[str, Any], lsn: int | None) -> StreamPosition
     if op is Op.READ or snapshot not in ("false", "incremental"):
         return SNAPSHOT_POSITION
     raw = source.get("sequence")
+    if isinstance(raw, str) and raw[:2] == '["' and raw[-2:] == '"]':  # '["<commit LSN>","<LSN>"]', mostly
+        first_text, comma, second_text = raw[2:-2].partition('","')
+        if comma:
+            try:
+                return StreamPosition(int(first_text), int(second_text))
+            except ValueError:
+                pass  # read as JSON below, which names what is wrong
     first = second = None
     if raw:
         try:
@@ -130,10 +144,10 @@ def parse_record(record: StreamRecord) -> ChangeEvent | None:
         if not isinstance(payload, dict):
             raise UnparseableEvent("the record's payload is not an object")
         envelope = payload
-    try:
-        op = Op(str(envelope.get("op")))
-    except ValueError:
-        raise UnparseableEvent(f"unknown operation {envelope.get('op')!r} (expected c, r, u, d, t or m)") from None
+    raw_op = envelope.get("op")
+    op = _OPS.get(raw_op) if isinstance(raw_op, str) else None
+    if op is None:
+        raise UnparseableEvent(f"unknown operation {raw_op!r} (expected c, r, u, d, t or m)")
     source = envelope.get("source")
     if not isinstance(source, dict):
         raise UnparseableEvent("the event has no source block")
