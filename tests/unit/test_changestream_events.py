@@ -234,3 +234,37 @@ def test_unparseable_records_name_the_reason(rec: StreamRecord, reason: str) -> 
     with pytest.raises(UnparseableEvent) as caught:
         parse_record(rec)
     assert reason in str(caught.value)
+
+
+def test_integers_of_any_size_and_special_floats_are_read_exactly() -> None:
+    # Given values a float would round: integers beyond 64 bits, a float with 17 significant digits,
+    # and the NaN / Infinity tokens a lenient JSON writer may emit
+    row = {"id": 1, "big": 123456789012345678901234567890, "neg": -(2**64) - 1, "f": 0.30000000000000004}
+    event = parsed(record(envelope("c", after=row, sequence='["1","2"]', lsn=2)))
+    nan = parsed(record(None, raw=json.dumps(envelope("c", after={"id": 1, "f": 1.5})).replace("1.5", "NaN").encode()))
+    # Then every integer keeps every digit and the float its exact double
+    assert event.after == row and type(event.after["big"]) is int
+    # And NaN is kept as its text (PostgreSQL reads 'NaN' for float columns; a float NaN would be lost)
+    assert nan.after == {"id": 1, "f": "NaN"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        envelope("c", after=ROW, sequence='["1","2"]', lsn=2),
+        envelope("u", after={**ROW, "tags": ["a", None], "doc": {"k": [1, 2.5]}}, sequence='["3","4"]', lsn=4),
+        envelope("r", after=ROW, snapshot="last", sequence='[null,"9"]', lsn=9),
+        envelope("d", before={"id": 42}, sequence='["5","6"]', lsn=6),
+        envelope("t", sequence='["7","8"]', lsn=8),
+        envelope("c", after=ROW, sequence=["10", "20"], lsn=20),  # another shape: the general reader
+        envelope("c", after=ROW, sequence=None, lsn=30, snapshot=None, schema=None),
+        {"schema": {"type": "struct"}, "payload": envelope("c", after=ROW, sequence='["1","2"]', lsn=2)},
+    ],
+)
+def test_fast_and_general_readers_agree(value: dict[str, Any]) -> None:
+    # Given a record the typed (fast) decoder reads, or one it hands to the general reader
+    from lambdas.core.changestream.events import _parse_any
+
+    rec = record(value, {"id": 42})
+    # Then both readers make the same change of it
+    assert parse_record(rec) == _parse_any(rec)

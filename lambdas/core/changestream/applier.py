@@ -28,8 +28,10 @@ import operator
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import groupby
 from typing import Any
 
+import msgspec
 import psycopg2
 from psycopg2 import sql
 
@@ -48,6 +50,7 @@ from lambdas.core.changestream.convert import (
 from lambdas.core.changestream.deadletters import DeadLetter, DeadLetterSink
 from lambdas.core.changestream.events import (
     SNAPSHOT_END,
+    SNAPSHOT_POSITION,
     TABLE_SNAPSHOT_END,
     ChangeEvent,
     Op,
@@ -59,6 +62,11 @@ from lambdas.core.db import Connection, Cursor
 from lambdas.core.tables import TableName
 
 _MAX_LETTER_CHARS = 100_000  # an SQS message holds 256 KB; the reason and position matter most
+_PARTITION_OFFSET = operator.itemgetter(0, 1, 2)  # a StreamRecord's (topic, partition, offset)
+
+
+def _entry_partition(entry: tuple[StreamRecord, Any]) -> tuple[str, int]:
+    return entry[0].topic, entry[0].partition
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,29 @@ class _Change:
     marked: bool = False  # the record may carry the unchanged-TOAST placeholder: its values are checked
 
 
+Parsed = ChangeEvent | None | UnparseableEvent  # parse_record's result for a record, or why it failed
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    """A batch's records in partition and offset order, each with what `parse_record` made of it.
+
+    Reading needs no target: the consume loop reads the next batch on another thread while this one
+    is applied (`ChangeApplier.read`)."""
+
+    entries: list[tuple[StreamRecord, Parsed]]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _parsed(record: StreamRecord) -> Parsed:
+    try:
+        return parse_record(record)
+    except UnparseableEvent as exc:
+        return exc
+
+
 class ChangeApplier:
     """Applies batches of records on one target connection (autocommit off; owned by the caller)."""
 
@@ -199,27 +230,26 @@ class ChangeApplier:
         self._routing = routing
         self._sink = sink
 
-    def apply(self, records: Sequence[StreamRecord]) -> ApplyResult:
-        result = ApplyResult(records=len(records))
-        if not records:
+    def read(self, records: Iterable[StreamRecord]) -> ReadBatch:
+        """Sort and parse a batch (records of topics that feed no table are not parsed)."""
+        tables = self._routing.tables
+        return ReadBatch(
+            [(r, _parsed(r) if r.topic in tables else None) for r in sorted(records, key=_PARTITION_OFFSET)]
+        )
+
+    def apply(self, records: Sequence[StreamRecord] | ReadBatch) -> ApplyResult:
+        batch = records if isinstance(records, ReadBatch) else self.read(records)
+        result = ApplyResult(records=len(batch))
+        if not batch.entries:
             return result
         try:
             with self._conn.cursor() as cur:
-                cur.execute(
-                    sql.SQL(
-                        "SET LOCAL session_replication_role = replica;"
-                        " SELECT applier_paused FROM {}.dbz_control WHERE id = 1 FOR SHARE"
-                    ).format(sql.Identifier(state.SCHEMA))
-                )
-                row = cur.fetchone()
-                if row is not None and row[0]:
+                paused, partitions = state.begin_batch(cur, ((r.topic, r.partition) for r, _ in batch.entries))
+                if paused:
                     self._conn.rollback()
                     result.paused = True
                     return result
-                partitions = state.lock_partitions(cur, ((r.topic, r.partition) for r in records))
-                pending: dict[str, list[_Change]] = {}
-                for rec in sorted(records, key=lambda r: (r.topic, r.partition, r.offset)):
-                    self._admit(rec, partitions[(rec.topic, rec.partition)], pending, result)
+                pending = self._admit(batch, partitions, result)
                 for topic, changes in pending.items():
                     self._apply_table(cur, self._routing.tables[topic], changes, result)
                 if result.dead_letters:
@@ -234,60 +264,91 @@ class ChangeApplier:
 
     def _admit(
         self,
-        rec: StreamRecord,
-        part: state.PartitionState,
-        pending: dict[str, list[_Change]],
+        batch: ReadBatch,
+        partitions: Mapping[tuple[str, int], state.PartitionState],
         result: ApplyResult,
+    ) -> dict[str, list[_Change]]:
+        """Decide what each record is: a replay, a tombstone, a dead letter, or a change to apply (the
+        changes per topic, in offset order). One partition's records at a time: the hot loop."""
+        pending: dict[str, list[_Change]] = {}
+        for (topic, partition), group in groupby(batch.entries, key=_entry_partition):
+            part = partitions[(topic, partition)]
+            table = self._routing.tables.get(topic)
+            if table is None:
+                self._admit_other(topic, (rec for rec, _ in group), part, result)
+                continue
+            changes = pending.setdefault(topic, [])
+            snapshot_rows = events = 0
+            table_done = False
+            last_lsn = last_ts = None
+            for rec, event in group:
+                if rec.offset < part.next_offset:
+                    result.replayed += 1
+                    continue
+                part.next_offset = rec.offset + 1
+                if isinstance(event, UnparseableEvent):
+                    result.dead_letters.append(_letter(rec, None, f"unparseable event: {event}"))
+                    continue
+                if event is None:
+                    result.tombstones += 1
+                    continue
+                op = event.op
+                if op is Op.MESSAGE:
+                    continue
+                position = event.position
+                if position == SNAPSHOT_POSITION:
+                    if part.position != SNAPSHOT_POSITION:  # streaming had begun: a snapshot read again
+                        result.republished += 1
+                        continue
+                    if op is Op.READ:
+                        snapshot_rows += 1
+                    if event.snapshot_marker == SNAPSHOT_END:
+                        result.snapshot_completed = True
+                elif position < part.position:
+                    result.republished += 1
+                    continue
+                else:
+                    part.position = position
+                    result.snapshot_completed = True
+                if event.snapshot_marker in TABLE_SNAPSHOT_END:
+                    table_done = True
+                events += 1
+                if event.lsn is not None:
+                    last_lsn = event.lsn
+                    if result.last_source_lsn is None or last_lsn > result.last_source_lsn:
+                        result.last_source_lsn = last_lsn
+                if event.ts_ms is not None:
+                    last_ts = event.ts_ms
+                    if result.last_ts_ms is None or last_ts > result.last_ts_ms:
+                        result.last_ts_ms = last_ts
+                changes.append(_Change(rec, event))
+            if events:
+                part.events += events
+                if last_lsn is not None:
+                    part.last_source_lsn = last_lsn
+                if last_ts is not None:
+                    part.last_ts_ms = last_ts
+                progress = result.tables.get(table.label)
+                if progress is None:
+                    progress = result.tables[table.label] = TableProgress()
+                progress.events += events
+                progress.snapshot_rows += snapshot_rows
+                progress.snapshot_done = progress.snapshot_done or table_done
+        return pending
+
+    def _admit_other(
+        self, topic: str, records: Iterable[StreamRecord], part: state.PartitionState, result: ApplyResult
     ) -> None:
-        """Decide what one record is: a replay, a tombstone, a dead letter, or a change to apply."""
-        if rec.offset < part.next_offset:
-            result.replayed += 1
-            return
-        part.next_offset = rec.offset + 1
-        if rec.topic == self._routing.heartbeat_topic:
-            result.snapshot_completed = True  # the connector emits heartbeats once it streams
-            return
-        table = self._routing.tables.get(rec.topic)
-        if table is None:
-            result.dead_letters.append(_letter(rec, None, f"no target table is mapped to topic {rec.topic!r}"))
-            return
-        try:
-            event = parse_record(rec)
-        except UnparseableEvent as exc:
-            result.dead_letters.append(_letter(rec, None, f"unparseable event: {exc}"))
-            return
-        if event is None:
-            result.tombstones += 1
-            return
-        if event.op is Op.MESSAGE:
-            return
-        if event.position.is_snapshot:
-            if part.streaming:
-                result.republished += 1
-                return
-        elif event.position < part.position:
-            result.republished += 1
-            return
-        else:
-            part.position = event.position
-        part.events += 1
-        if event.lsn is not None:
-            part.last_source_lsn = event.lsn
-            result.last_source_lsn = max(result.last_source_lsn or 0, event.lsn)
-        if event.ts_ms is not None:
-            part.last_ts_ms = event.ts_ms
-            result.last_ts_ms = max(result.last_ts_ms or 0, event.ts_ms)
-        progress = result.tables.get(table.label)
-        if progress is None:
-            progress = result.tables[table.label] = TableProgress()
-        progress.events += 1
-        if event.op is Op.READ:
-            progress.snapshot_rows += 1
-        if event.snapshot_marker in TABLE_SNAPSHOT_END:
-            progress.snapshot_done = True
-        if event.snapshot_marker == SNAPSHOT_END or not event.position.is_snapshot:
-            result.snapshot_completed = True
-        pending.setdefault(rec.topic, []).append(_Change(rec, event))
+        """Records of a topic that feeds no table: heartbeats (the connector streams), or dead letters."""
+        for rec in records:
+            if rec.offset < part.next_offset:
+                result.replayed += 1
+                continue
+            part.next_offset = rec.offset + 1
+            if topic == self._routing.heartbeat_topic:
+                result.snapshot_completed = True  # the connector emits heartbeats once it streams
+            else:
+                result.dead_letters.append(_letter(rec, None, f"no target table is mapped to topic {topic!r}"))
 
     def _apply_table(self, cur: Cursor, table: TargetTable, changes: list[_Change], result: ApplyResult) -> None:
         segment: list[_Change] = []
@@ -649,7 +710,13 @@ def _payload(
     converted = [(c, table.columns[c]) for c in columns if conversions[c].python]
     if converted:
         rows = [_converted(values, converted) for values in rows]
-    return json.dumps(rows)
+    try:
+        return _encode(rows).decode()
+    except (UnicodeEncodeError, TypeError):  # a lone surrogate from the lenient reader: JSON escapes it
+        return json.dumps(rows)
+
+
+_encode = msgspec.json.Encoder().encode
 
 
 def _converted(values: Mapping[str, Any], columns: list[tuple[str, ColumnType]]) -> dict[str, Any]:

@@ -23,9 +23,12 @@ Every setting that changes what reaches the target is chosen here, on purpose:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from lambdas.core.config import Migration
 from lambdas.core.tables import TableName
+
+if TYPE_CHECKING:  # the applier imports this module: it need not build the migration file's models
+    from lambdas.core.config import Migration
 
 UNAVAILABLE_PLACEHOLDER = "__zdm_unchanged_toast__"
 HEARTBEAT_PREFIX = "zdm-heartbeat"

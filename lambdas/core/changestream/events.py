@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
+
+import msgspec
 
 
-@dataclass(frozen=True)
-class StreamRecord:
+class StreamRecord(NamedTuple):
     """One Kafka record, whatever delivered it (a consumer, a Lambda event source mapping)."""
 
     topic: str
@@ -35,8 +36,9 @@ class Op(StrEnum):
     MESSAGE = "m"
 
 
-@dataclass(frozen=True, order=True)
-class StreamPosition:
+class StreamPosition(NamedTuple):
+    """Compared as a tuple: commit LSN first, then the change's LSN."""
+
     commit_lsn: int
     lsn: int
 
@@ -52,7 +54,7 @@ TABLE_SNAPSHOT_END = frozenset({"last", "last_in_data_collection"})
 SNAPSHOT_END = "last"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ChangeEvent:
     op: Op
     schema: str
@@ -70,20 +72,54 @@ class UnparseableEvent(ValueError):
 
 
 _OPS = {op.value: op for op in Op}
-_DECODE = json.JSONDecoder().decode  # what json.loads does with a str, without its per-call set-up
+_DECODE = json.JSONDecoder(parse_constant=str).decode  # NaN/Infinity stay text (no float NaN to re-encode)
+_DECODE_ANY = msgspec.json.Decoder().decode  # exact for any integer (a float never stands in for a big one)
+
+
+class _Source(msgspec.Struct):
+    schema: str = ""
+    table: str = ""
+    lsn: int | None = None
+    sequence: str | None = None
+    snapshot: str | None = None
+    ts_ms: int | None = None
+
+
+class _Envelope(msgspec.Struct):
+    """The fields of Debezium's JSON envelope the applier reads; others are skipped unread."""
+
+    op: str
+    source: _Source
+    after: dict[str, Any] | None = None
+    before: dict[str, Any] | None = None
+
+
+# The hot path: a typed decode of the envelope as Debezium writes it. Anything else (another shape, a
+# wrong type, invalid UTF-8 or JSON) is read again by the general path, which says what is wrong.
+_DECODE_ENVELOPE = msgspec.json.Decoder(_Envelope).decode
 
 
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        # UTF-8 as json.loads reads it (a record that starts with '{' has no BOM and is not UTF-16/32)
-        value = _DECODE(raw.decode("utf-8", "surrogatepass")) if raw[:1] == b"{" else json.loads(raw)
+        value = _DECODE_ANY(raw)
+    except msgspec.DecodeError:
+        value = _json_text(raw, what)
+    if not isinstance(value, dict):
+        raise UnparseableEvent(f"the record's {what} is JSON but not an object")
+    return value
+
+
+def _json_text(raw: bytes, what: str) -> Any:
+    """Python's JSON reader: lenient where Debezium's writer may be (lone surrogates, NaN), and its
+    errors say where the text is wrong."""
+    try:
+        if raw[:1] == b"{":  # UTF-8 as json.loads reads it (no BOM, not UTF-16/32), lone surrogates kept
+            return _DECODE(raw.decode("utf-8", "surrogatepass"))
+        return json.loads(raw, parse_constant=str)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UnparseableEvent(f"the record's {what} is not JSON: {exc}") from None
     except RecursionError:
         raise UnparseableEvent(f"the record's {what} is JSON nested too deeply to read") from None
-    if not isinstance(value, dict):
-        raise UnparseableEvent(f"the record's {what} is JSON but not an object")
-    return value
 
 
 def _lsn(value: object) -> int | None:
@@ -97,11 +133,9 @@ def _lsn(value: object) -> int | None:
         raise UnparseableEvent(f"source position {value!r} is not an LSN number") from None
 
 
-def _position(op: Op, source: dict[str, Any], lsn: int | None) -> StreamPosition:
-    snapshot = str(source.get("snapshot") or "false")
+def _position(op: Op, snapshot: str, raw: object, lsn: int | None) -> StreamPosition:
     if op is Op.READ or snapshot not in ("false", "incremental"):
         return SNAPSHOT_POSITION
-    raw = source.get("sequence")
     if isinstance(raw, str) and raw[:2] == '["' and raw[-2:] == '"]':  # '["<commit LSN>","<LSN>"]', mostly
         first_text, comma, second_text = raw[2:-2].partition('","')
         if comma:
@@ -136,7 +170,47 @@ def parse_record(record: StreamRecord) -> ChangeEvent | None:
     """The change a record carries; None for a tombstone (a delete's compaction marker)."""
     if record.value is None:
         return None
-    envelope = _json_object(record.value, "value")
+    try:
+        envelope = _DECODE_ENVELOPE(record.value)
+    except msgspec.DecodeError:
+        return _parse_any(record)
+    op = _OPS.get(envelope.op)
+    source = envelope.source
+    after = envelope.after
+    if op is None:
+        return _parse_any(record)
+    if op is Op.DELETE:
+        key = _json_object(record.key, "key") if record.key is not None else envelope.before
+        if key is None:
+            return _parse_any(record)
+    elif after is None and op in _ROW_OPS:
+        return _parse_any(record)
+    else:
+        key = None
+    snapshot = source.snapshot or "false"
+    lsn = source.lsn
+    return ChangeEvent(
+        op,
+        source.schema,
+        source.table,
+        key,
+        after,
+        _position(op, snapshot, source.sequence, lsn),
+        lsn,
+        source.ts_ms,
+        None if snapshot == "false" else snapshot,
+    )
+
+
+_ROW_OPS = frozenset({Op.CREATE, Op.READ, Op.UPDATE})
+
+
+def _parse_any(record: StreamRecord) -> ChangeEvent | None:
+    """Any JSON envelope (also a converter's with schemas enabled), each field checked and named."""
+    assert record.value is not None
+    envelope = _json_text(record.value, "value")
+    if not isinstance(envelope, dict):
+        raise UnparseableEvent("the record's value is JSON but not an object")
     if "payload" in envelope and "op" not in envelope:  # a converter with schemas enabled
         payload = envelope["payload"]
         if payload is None:
@@ -155,7 +229,7 @@ def parse_record(record: StreamRecord) -> ChangeEvent | None:
     # Creates, reads and updates carry the key in `after`: only a delete needs the record's key parsed.
     key = _json_object(record.key, "key") if record.key is not None and op is Op.DELETE else None
     after = envelope.get("after")
-    if op in (Op.CREATE, Op.READ, Op.UPDATE) and not isinstance(after, dict):
+    if op in _ROW_OPS and not isinstance(after, dict):
         raise UnparseableEvent(f"a '{op.value}' event without an 'after' row")
     if op is Op.DELETE and key is None:
         before = envelope.get("before")
@@ -163,14 +237,15 @@ def parse_record(record: StreamRecord) -> ChangeEvent | None:
             raise UnparseableEvent("a delete without a key or a 'before' row")
         key = before
     ts = source.get("ts_ms")
+    snapshot = source.get("snapshot")
     return ChangeEvent(
         op=op,
         schema=str(source.get("schema") or ""),
         table=str(source.get("table") or ""),
         key=key,
         after=after if isinstance(after, dict) else None,
-        position=_position(op, source, lsn),
+        position=_position(op, str(snapshot or "false"), source.get("sequence"), lsn),
         lsn=lsn,
-        ts_ms=int(ts) if isinstance(ts, int) else None,
-        snapshot_marker=None if source.get("snapshot") in (None, "false") else str(source.get("snapshot")),
+        ts_ms=ts if type(ts) is int else None,
+        snapshot_marker=None if snapshot in (None, "false") else str(snapshot),
     )

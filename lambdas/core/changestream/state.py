@@ -106,54 +106,37 @@ class PartitionState:
     @property
     def streaming(self) -> bool:
         """A streamed change was applied here: later snapshot reads are replays."""
-        return not self.position.is_snapshot
+        return self.position != SNAPSHOT_POSITION
 
 
-def lock_partitions(cur: Cursor, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], PartitionState]:
-    """Each partition's state, locked for this transaction (two appliers never interleave on one)."""
+def begin_batch(cur: Cursor, keys: Iterable[tuple[str, int]]) -> tuple[bool, dict[tuple[str, int], PartitionState]]:
+    """A batch's first round trip: replica mode for the transaction, the pause flag (held FOR SHARE:
+    a pause waits for this batch), and each partition's state, locked for this transaction (two
+    appliers never interleave on one). Returns (paused, states)."""
     keys = sorted(set(keys))
-    if not keys:
-        return {}
     topics, partitions = [k[0] for k in keys], [k[1] for k in keys]
     cur.execute(
         sql.SQL(
-            "INSERT INTO {}.dbz_partitions (topic, kafka_partition) SELECT * FROM unnest(%s::text[], %s::int[])"
-            " ON CONFLICT DO NOTHING"
-        ).format(sql.Identifier(SCHEMA)),
-        (topics, partitions),
+            "SET LOCAL session_replication_role = replica;"
+            " INSERT INTO {schema}.dbz_partitions (topic, kafka_partition)"
+            " SELECT * FROM unnest(%(topics)s::text[], %(partitions)s::int[]) ON CONFLICT DO NOTHING;"
+            " WITH control AS (SELECT applier_paused FROM {schema}.dbz_control WHERE id = 1 FOR SHARE),"
+            " parts AS (SELECT p.topic, p.kafka_partition, p.next_offset, p.commit_lsn, p.lsn, p.events,"
+            "  p.last_source_lsn, p.last_ts_ms FROM {schema}.dbz_partitions p"
+            "  JOIN unnest(%(topics)s::text[], %(partitions)s::int[]) AS w(t, n)"
+            "  ON p.topic = w.t AND p.kafka_partition = w.n ORDER BY 1, 2 FOR UPDATE OF p)"
+            " SELECT coalesce((SELECT applier_paused FROM control), false), parts.* FROM (SELECT 1) AS one"
+            " LEFT JOIN parts ON true"
+        ).format(schema=sql.Identifier(SCHEMA)),
+        {"topics": topics, "partitions": partitions},
     )
-    cur.execute(
-        sql.SQL(
-            "SELECT p.topic, p.kafka_partition, p.next_offset, p.commit_lsn, p.lsn, p.events, p.last_source_lsn,"
-            " p.last_ts_ms FROM {}.dbz_partitions p JOIN unnest(%s::text[], %s::int[]) AS w(t, n)"
-            " ON p.topic = w.t AND p.kafka_partition = w.n ORDER BY 1, 2 FOR UPDATE OF p"
-        ).format(sql.Identifier(SCHEMA)),
-        (topics, partitions),
-    )
-    return {
+    rows = cur.fetchall()
+    states = {
         (t, n): PartitionState(t, n, off, StreamPosition(c, lsn), ev, last_lsn, ts)
-        for t, n, off, c, lsn, ev, last_lsn, ts in cur.fetchall()
+        for _, t, n, off, c, lsn, ev, last_lsn, ts in rows
+        if t is not None
     }
-
-
-def save_partitions(cur: Cursor, states: Iterable[PartitionState]) -> None:
-    for s in states:
-        cur.execute(
-            sql.SQL(
-                "UPDATE {}.dbz_partitions SET next_offset = %s, commit_lsn = %s, lsn = %s, events = %s,"
-                " last_source_lsn = %s, last_ts_ms = %s, updated_at = now() WHERE topic = %s AND kafka_partition = %s"
-            ).format(sql.Identifier(SCHEMA)),
-            (
-                s.next_offset,
-                s.position.commit_lsn,
-                s.position.lsn,
-                s.events,
-                s.last_source_lsn,
-                s.last_ts_ms,
-                s.topic,
-                s.partition,
-            ),
-        )
+    return bool(rows[0][0]), states
 
 
 def seed_offsets(conn: Connection, offsets: Mapping[tuple[str, int], int]) -> None:
