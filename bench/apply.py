@@ -1,6 +1,6 @@
 """Apply: the debezium engine's change stream against native logical replication, same workload, same run.
 
-    python -m bench.apply [--events N] [--rows R] [--batch-size B] [--batch-window S] [--json]
+    python -m bench.apply [--events N] [--rows R] [--batch-size B] [--batch-window S] [--appliers A] [--json]
 
 One source and two targets (one server each) hold the sample shop (rehearsal/sample.py, R rows
 on the source, schema only on the targets). Both pipelines copy the initial rows first and are
@@ -8,8 +8,10 @@ caught up before anything is timed:
 - native: a publication on the source and a subscription on target A (PostgreSQL's own logical
   replication, CREATE SUBSCRIPTION defaults: pgoutput, text format, no streaming);
 - debezium: the engine (lambdas/core/engines/debezium.py) on target B, its connector (Debezium's
-  embedded engine, a JVM) publishing to a local broker (Tansu), its applier
-  (lambdas/core/changestream/applier.py) as a process consuming it.
+  embedded engine, a JVM) publishing to a local broker (Tansu), its appliers
+  (lambdas/core/changestream/applier.py) as processes consuming it, each its share of the table
+  topics (default: the local runtime's two, as AWS runs one event source mapping per topic;
+  `--appliers 1` for one applier against native apply's one worker).
 
 Then two rounds, each on a fresh workload of exactly N row changes generated inside the source
 (a PL/pgSQL procedure, transactions of 5-20 changes: about 45% inserts into orders, order_items
@@ -20,7 +22,7 @@ consumers held back while it is written; then each pipeline, one after the other
   broker only after every change before it). native: time from ENABLE until the target's
   replication origin passes the source's LSN at the end of the workload
   (lambdas.core.lsn.wait_for_lsn); this includes the walsender decoding the WAL. debezium: time
-  from starting the applier process until the offsets it stores on the target
+  from starting the applier processes (their start-up included) until the offsets they store on the target
   (_zdm.dbz_partitions) reach the topics' end offsets (the decoding was done by the connector
   before). This is the headline: ratio_apply = debezium apply rate / native (goal: >= 0.5).
 - round 2, end to end: the connector is stopped too (engine.stop()) while the workload is
@@ -371,7 +373,7 @@ def make_stream(
     workdir: Path,
     batch_size: int,
     batch_window: float,
-    appliers: int = 1,
+    appliers: int = LOCAL_DEFAULTS.appliers,
 ) -> Stream:
     migration = Migration.model_validate(
         {
@@ -664,7 +666,7 @@ class Result:
     rows: int
     batch_size: int
     batch_window: float
-    appliers: int = 1
+    appliers: int = LOCAL_DEFAULTS.appliers
     version: str = ""
     workloads: list[Workload] = field(default_factory=list)
     native_seconds: float | None = None
@@ -877,7 +879,7 @@ def report(out: TextIO, result: Result) -> None:
     print(file=out)
     print(
         f"{result.events:,} row changes per round (about 45% inserts, 45% updates, 10% deletes; 5-20 per"
-        f" transaction) on the sample shop of {result.rows:,} rows; applier batch {result.batch_size},"
+        f" transaction) on the sample shop of {result.rows:,} rows; applier batch up to {result.batch_size},"
         f" window {result.batch_window:g}s",
         file=out,
     )
@@ -892,7 +894,7 @@ def report(out: TextIO, result: Result) -> None:
                 result.equal.get("native_apply"),
             ],
             [
-                "round 1, apply: debezium applier",
+                f"round 1, apply: debezium, {result.appliers} applier(s)",
                 apply.seconds if apply else None,
                 result.rate(apply.seconds if apply else None),
                 result.ratio_apply,
@@ -951,9 +953,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--appliers",
         type=int,
-        default=1,
-        help="applier processes, each with its own share of the table topics (default 1: like for like with "
-        "native apply's one worker; AWS runs one Lambda mapping per topic)",
+        default=LOCAL_DEFAULTS.appliers,
+        help=f"applier processes, each with its own share of the table topics (default {LOCAL_DEFAULTS.appliers},"
+        " the local runtime's; AWS runs one Lambda mapping per topic; 1 compares one applier with native"
+        " apply's one worker)",
     )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     args = parser.parse_args(argv)

@@ -196,7 +196,12 @@ class DebeziumSettings(_Model):
         default=None,
         description="Debezium's topic.prefix: table topics are <prefix>.<schema>.<table>; none: zdm_<name>",
     )
-    batch_size: int = Field(default=500, ge=1, le=10_000, description="events applied per target transaction")
+    batch_size: int = Field(
+        default=2000,
+        ge=1,
+        le=10_000,
+        description="events applied per target transaction (at most: a batch is not held back for more)",
+    )
     batch_window_seconds: int = Field(
         default=1, ge=0, le=300, description="how long the applier gathers a batch before applying it"
     )

@@ -227,7 +227,7 @@ def test_the_replication_function_gets_the_runtime_settings(debezium: Synth) -> 
     assert settings.applier_function == _function(debezium, "apply_changes")["FunctionName"]
     assert settings.bootstrap_servers.endswith(".BootstrapBrokerStringSaslIam")
     assert (settings.custom_plugin_revision, settings.worker_configuration_revision) == (1, 1)
-    assert (settings.batch_size, settings.batch_window_seconds, settings.maximum_retry_attempts) == (500, 1, 3)
+    assert (settings.batch_size, settings.batch_window_seconds, settings.maximum_retry_attempts) == (2000, 1, 3)
     assert (settings.mcu_count, settings.workers, settings.kafka_connect_version) == (1, 1, "3.7.x")
     assert settings.source_secret_arn == SOURCE_SECRET
     assert settings.dead_letter_queue_arn.startswith("att:ChangeStreamDeadLetters")

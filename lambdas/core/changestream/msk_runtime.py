@@ -103,7 +103,7 @@ class MskChangeStreamSettings:
     kafka_connect_version: str = "3.7.x"
     mcu_count: int = 1
     workers: int = 1
-    batch_size: int = 500
+    batch_size: int = 2000
     batch_window_seconds: int = 1
     maximum_retry_attempts: int = 3
     source_secret_arn: str | None = None
