@@ -36,6 +36,7 @@ from lambdas.core.config import Migration, load_migration
 from lambdas.core.db import connect, fetch_value
 from lambdas.core.routers import Side, router_for
 from lambdas.core.telemetry import composite_alarm_name
+from lambdas.handlers.runtime import VALIDATION_BUCKET_ENV
 from rehearsal import sample
 from rehearsal.broker import start_broker
 from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
@@ -47,6 +48,7 @@ from rehearsal.workload import WorkloadProcess, WorkloadStats
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFINITION = ROOT / "statemachine" / "migration.asl.json"
+VALIDATION_BUCKET = "zdm-local-validation"  # in the mock: the plans' chunks and the chunks' results
 FAULTS = ("gate", "kill-target", "cutover")
 ENGINES = ("logical", "debezium")
 DBNAME = "shop"
@@ -301,8 +303,11 @@ class Rehearsal:
                 "SettingsParameterName": f"/zdm/{migration.name}/settings",
                 "MigrationName": migration.name,
                 "RollbackWindowSeconds": str(migration.cutover.rollback_window_seconds),
+                "ValidationBucketName": VALIDATION_BUCKET,
             },
             parameters={f"/zdm/{migration.name}/settings": json.dumps(local_settings(migration))},
+            buckets=[VALIDATION_BUCKET],
+            environment={VALIDATION_BUCKET_ENV: VALIDATION_BUCKET},
         )
         execution_input = {
             "timing": {"poll_seconds": self.poll_seconds},

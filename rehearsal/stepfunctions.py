@@ -19,8 +19,9 @@ import re
 import threading
 import time
 import traceback
+import uuid
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,20 @@ def _routed_lambdas(handlers: Mapping[str, Handler]) -> Iterator[None]:
         LambdaSimpleBackend.invoke = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class LocalStateMachine:
     """One state machine definition, ready to execute locally."""
 
@@ -109,13 +124,18 @@ class LocalStateMachine:
         *,
         values: Mapping[str, str] | None = None,
         parameters: Mapping[str, str] | None = None,
+        buckets: Sequence[str] = (),
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         """`handlers` maps a substitution name (e.g. 'PreflightFunctionArn') to its handler;
-        `values` fills other substitutions; `parameters` are SSM parameters to create first."""
+        `values` fills other substitutions; `parameters` are SSM parameters and `buckets` S3 buckets
+        to create first; `environment` is the functions' environment (set while the execution runs)."""
         self.definition = definition_path.read_text()
         self.handlers = dict(handlers)
         self.values = dict(values or {})
         self.parameters = dict(parameters or {})
+        self.buckets = list(buckets)
+        self.environment = dict(environment or {})
         missing = [p for p in placeholders(self.definition) if p not in self.handlers and p not in self.values]
         if missing:
             raise StateMachineError(f"{definition_path.name} needs substitutions with no value: {', '.join(missing)}")
@@ -140,7 +160,7 @@ class LocalStateMachine:
         config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
         function_names = {sub: re.sub(r"FunctionArn$", "", sub) or sub for sub in self.handlers}
         routed = {function_names[sub]: h for sub, h in self.handlers.items()}
-        with mock_aws(config=config), _routed_lambdas(routed):  # type: ignore[call-overload]
+        with mock_aws(config=config), _routed_lambdas(routed), _environment(self.environment):  # type: ignore[call-overload]
             iam = boto3.client("iam", region_name=REGION)
             role = iam.create_role(RoleName="zdm-local", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
             lam = boto3.client("lambda", region_name=REGION)
@@ -159,13 +179,19 @@ class LocalStateMachine:
             ssm = boto3.client("ssm", region_name=REGION)
             for name, value in self.parameters.items():
                 ssm.put_parameter(Name=name, Value=value, Type="String", Overwrite=True)
+            s3 = boto3.client("s3", region_name=REGION)
+            for bucket in self.buckets:
+                s3.create_bucket(Bucket=bucket)
             filled = _PLACEHOLDER.sub(lambda m: arns.get(m.group(1)) or self.values[m.group(1)], self.definition)
             if on_start is not None:
                 on_start()
             sfn = boto3.client("stepfunctions", region_name=REGION)
             machine = sfn.create_state_machine(name="zdm-local", definition=filled, roleArn=role)["stateMachineArn"]
             started = time.monotonic()
-            execution = sfn.start_execution(stateMachineArn=machine, input=json.dumps(execution_input))["executionArn"]
+            # Named, as AWS names an execution started without one (moto leaves $$.Execution.Name null)
+            execution = sfn.start_execution(
+                stateMachineArn=machine, name=str(uuid.uuid4()), input=json.dumps(execution_input)
+            )["executionArn"]
             seen = 0
             history: list[dict[str, Any]] = []
             while True:

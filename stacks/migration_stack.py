@@ -26,6 +26,7 @@ from stacks.replication import Replication
 from stacks.security import Security
 from stacks.streaming import Streaming
 from stacks.traffic import Traffic
+from stacks.validation_store import ValidationStore
 
 
 def stack_name_for(migration: Migration) -> str:
@@ -73,6 +74,7 @@ class MigrationStack(cdk.Stack):
             else None
         )
         self.traffic = Traffic(self, "Traffic", ctx=ctx, network=self.network)
+        self.validation_store = ValidationStore(self, "ValidationStore", ctx=ctx)
         self.orchestration = Orchestration(
             self,
             "Orchestration",
@@ -84,6 +86,7 @@ class MigrationStack(cdk.Stack):
             handlers=handlers,
             definition_file=definition_file,
             change_stream=self.change_stream,
+            validation_store=self.validation_store,
         )
         self.monitoring = Monitoring(
             self,

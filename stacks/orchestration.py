@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import aws_cdk as cdk
 from aws_cdk import aws_ec2 as ec2
@@ -32,6 +33,7 @@ from stacks.network import Network
 from stacks.registry import HANDLERS, Access, HandlerSpec
 from stacks.replication import Replication
 from stacks.traffic import Traffic
+from stacks.validation_store import ValidationStore
 
 ASL = ROOT / "statemachine" / "migration.asl.json"
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
@@ -39,6 +41,26 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
 
 def placeholders(definition: str) -> list[str]:
     return sorted(set(_PLACEHOLDER.findall(definition)))
+
+
+def _maps(states: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for state in states.values():
+        if state.get("Type") == "Map":
+            found.append(state)
+            found += _maps(state.get("ItemProcessor", state.get("Iterator", {})).get("States", {}))
+        for branch in state.get("Branches", []):
+            found += _maps(branch.get("States", {}))
+    return found
+
+
+def _distributed_maps(definition: str) -> bool:
+    maps = _maps(json.loads(definition)["States"])
+    return any(m.get("ItemProcessor", {}).get("ProcessorConfig", {}).get("Mode") == "DISTRIBUTED" for m in maps)
+
+
+def _s3_map_io(definition: str) -> bool:
+    return any("ItemReader" in m or "ResultWriter" in m for m in _maps(json.loads(definition)["States"]))
 
 
 class Orchestration(Construct):
@@ -55,6 +77,7 @@ class Orchestration(Construct):
         handlers: tuple[HandlerSpec, ...] = HANDLERS,
         definition_file: Path = ASL,
         change_stream: ChangeStream | None = None,
+        validation_store: ValidationStore | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self._ctx = ctx
@@ -62,6 +85,7 @@ class Orchestration(Construct):
         self._replication = replication
         self._traffic = traffic
         self._change_stream = change_stream
+        self._validation_store = validation_store
         self._settings = settings
         # Engine-specific functions (the debezium applier) only where their engine runs.
         handlers = tuple(spec for spec in handlers if spec.applies_to(ctx.migration.engine.type))
@@ -94,6 +118,8 @@ class Orchestration(Construct):
             # The Defaults state's rollback window: hours to whole seconds, which ASL cannot compute.
             "RollbackWindowSeconds": str(ctx.migration.cutover.rollback_window_seconds),
         }
+        if validation_store is not None:  # the Distributed Map's ResultWriter (its run manifests)
+            known["ValidationBucketName"] = validation_store.bucket.bucket_name
         used = placeholders(definition)
         unknown = [p for p in used if p not in known]
         if unknown:
@@ -121,6 +147,24 @@ class Orchestration(Construct):
             )
         if "SettingsParameterName" in used:
             role.add_to_policy(iam.PolicyStatement(actions=["ssm:GetParameter"], resources=[settings.parameter_arn]))
+        if _distributed_maps(definition):
+            # A Distributed Map runs each item as a child execution of this state machine.
+            executions = ctx.arn("states", f"execution:{self.state_machine_name}/*")
+            role.add_to_policy(
+                iam.PolicyStatement(actions=["states:StartExecution"], resources=[self.state_machine_arn])
+            )
+            role.add_to_policy(
+                iam.PolicyStatement(
+                    actions=["states:DescribeExecution", "states:StopExecution"], resources=[executions]
+                )
+            )
+            acknowledge_resource(
+                role, executions, "The Distributed Map's child executions of this state machine, named at run time."
+            )
+        if _s3_map_io(definition):
+            if validation_store is None:
+                raise ValueError(f"{definition_file.name}: a Map reads or writes S3 but no validation store was given")
+            validation_store.grant_state_machine(role)
         log_group = ctx.log_group(self, "StateMachineLogs", f"/aws/vendedlogs/states/zdm-{ctx.name}")
         self.state_machine = sfn.StateMachine(
             self,
@@ -340,6 +384,10 @@ class Orchestration(Construct):
             )
         elif access is Access.TRAFFIC:
             self._grant_traffic(function, role)
+        elif access is Access.VALIDATION_STORE:
+            if self._validation_store is None:
+                raise ValueError(f"{function.node.id}: Access.VALIDATION_STORE needs the validation store")
+            self._validation_store.grant_functions(function, role)
         elif access is Access.EXECUTIONS:
             function.add_environment("ZDM_STATE_MACHINE_ARN", self.state_machine_arn)
             executions = ctx.arn("states", f"execution:{self.state_machine_name}:*")

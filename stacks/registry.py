@@ -24,6 +24,7 @@ class Access(StrEnum):
     # engine debezium: drive the connector and the applier's mappings, read the topics (the cutover waits
     # for, stops and retires the change stream); nothing for the other engines
     CHANGE_STREAM = "change-stream"
+    VALIDATION_STORE = "validation-store"  # the bucket of validation plans' chunks and results
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,26 @@ class HandlerSpec:
 HANDLERS: tuple[HandlerSpec, ...] = (
     HandlerSpec("Preflight", "preflight", (Access.DATABASES,), description="preflight checks of source and target"),
     HandlerSpec("Replication", "replication", (Access.ENGINE,), timeout_seconds=900, description="replication engine"),
-    HandlerSpec("ValidatePlan", "validate_plan", (Access.DATABASES,), description="cuts tables into key ranges"),
+    HandlerSpec(
+        "ValidatePlan",
+        "validate_plan",
+        (Access.DATABASES, Access.VALIDATION_STORE),
+        description="cuts tables into key ranges",
+    ),
     HandlerSpec(
         "ValidateChunk",
         "validate_chunk",
-        (Access.DATABASES, Access.CHANGE_STREAM),  # debezium: re-checks wait until the applier caught up
+        # debezium: re-checks wait until the applier caught up
+        (Access.DATABASES, Access.CHANGE_STREAM, Access.VALIDATION_STORE),
         description="compares one key range",
     ),
-    HandlerSpec("ValidateSummary", "validate_summary", (), in_vpc=False, description="merges chunk results"),
+    HandlerSpec(
+        "ValidateSummary",
+        "validate_summary",
+        (Access.VALIDATION_STORE,),
+        in_vpc=False,
+        description="merges chunk results",
+    ),
     HandlerSpec("ReadShift", "read_shift", (Access.TRAFFIC,), description="moves a share of reads to the target"),
     HandlerSpec("HealthGate", "health_gate", (Access.ALARMS_READ, Access.ENGINE), description="alarms and lag say go"),
     HandlerSpec(

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict
 
 from lambdas.core.config import Migration, parse_migration
 from lambdas.core.endpoints import SecretReader, resolve_dsn
+from lambdas.core.validation.store import ValidationStore
+from lambdas.core.validation.store_s3 import S3ValidationStore
 
 SERVICE = "zdm"
 logger = Logger(service=SERVICE)
@@ -37,6 +39,22 @@ def _secrets_client() -> SecretReader:
 
     client: SecretReader = boto3.client("secretsmanager")
     return client
+
+
+VALIDATION_BUCKET_ENV = "ZDM_VALIDATION_BUCKET"  # set by stacks/orchestration.py (the rehearsal: in its mock)
+
+
+def validation_store() -> ValidationStore:
+    """The bucket that holds validation plans' chunks and results (the Distributed Map reads them)."""
+    bucket = os.environ.get(VALIDATION_BUCKET_ENV)
+    if not bucket:
+        raise RuntimeError(
+            f"{VALIDATION_BUCKET_ENV} is not set: the validation tasks need the migration's validation bucket"
+            " (the stack sets it; set it to a bucket name to run the handlers elsewhere)"
+        )
+    import boto3
+
+    return S3ValidationStore(boto3.client("s3"), bucket)
 
 
 def dsns(migration: Migration) -> tuple[str, str]:

@@ -6,15 +6,26 @@ from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel
 
 from lambdas.core import telemetry
-from lambdas.core.validation import ChunkSpec, SessionPair, compare_chunk
+from lambdas.core.validation import ChunkSpec, SessionPair, StoredItems, compare_chunk
 from lambdas.handlers.replication import build_debezium_engine
-from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
+from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer, validation_store
 
 
 class ChunkRequest(MigrationEvent):
     chunk: ChunkSpec
+    results: StoredItems | None = None  # a stored plan's: the result is stored, a receipt returned
+
+
+class ChunkReceipt(BaseModel):
+    """What a stored result leaves in the Map's output: small, so a million chunks fit the Map's results."""
+
+    table: str
+    chunk: int
+    differences: int
+    unsettled: int
 
 
 @logger.inject_lambda_context
@@ -55,4 +66,10 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             "seconds": result.seconds,
         },
     )
+    if request.results is not None:
+        validation_store().store_result(request.results, result)
+        receipt = ChunkReceipt(
+            table=result.table, chunk=result.chunk, differences=result.differences, unsettled=result.unsettled.count
+        )
+        return receipt.model_dump(mode="json")
     return result.model_dump(mode="json")

@@ -12,11 +12,12 @@ from lambdas.core.catalog import list_tables
 from lambdas.core.config import Migration
 from lambdas.core.tables import TableName, select_tables
 from lambdas.core.validation import Replication, SessionPair, plan_validation, replication_of
-from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
+from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer, validation_store
 
 
 class PlanRequest(MigrationEvent):
     tables: list[str] | None = None  # 'schema.table' names instead of the migration's selection
+    run: str | None = None  # the execution's name: the chunks are stored for the Distributed Map
 
 
 def change_stream_replication(migration: Migration) -> Replication:
@@ -57,8 +58,11 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         extra={
             "tables": len(plan.tables),
             "chunks": len(plan.chunks),
+            "stored": request.run is not None,
             "live_replication": replication is not None,
             "row_hash": plan.tables[0].row_hash if plan.tables else None,
         },
     )
+    if request.run is not None:
+        plan = validation_store().store_chunks(plan, request.run)
     return plan.model_dump(mode="json")

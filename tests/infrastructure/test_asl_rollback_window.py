@@ -108,6 +108,7 @@ def execute(stubs: Stubs, execution_input: dict[str, Any], *, window_seconds: in
             "MigrationName": "shop-orders",
             "SettingsParameterName": "/zdm/shop-orders/settings",
             "RollbackWindowSeconds": str(window_seconds),
+            "ValidationBucketName": "zdm-test-validation",
         },
         parameters={"/zdm/shop-orders/settings": json.dumps(_settings())},
     )

@@ -78,3 +78,54 @@ def test_plan_handler_accepts_an_explicit_table_list(fresh_dbs: tuple[str, str])
         conn.close()
     plan = validate_plan.handler({"migration": migration(src, tgt), "tables": ["public.b"]}, FakeContext())
     assert [t["name"] for t in plan["tables"]] == ["b"] and len(plan["chunks"]) == 1
+
+
+def test_a_stored_plan_goes_through_the_bucket_as_the_distributed_map_runs_it(
+    fresh_dbs: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a table with one missing and one extra row on the target, and the migration's bucket (moto)
+    import boto3
+    from moto import mock_aws
+
+    from lambdas.handlers.runtime import VALIDATION_BUCKET_ENV
+
+    src, tgt = fresh_dbs
+    for dsn in (src, tgt):
+        conn = connect(dsn)
+        execute(
+            conn,
+            "CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a SELECT g, 'v' FROM generate_series(1, 3000) g;"
+            " ANALYZE",
+        )
+        conn.close()
+    conn = connect(tgt)
+    execute(conn, "DELETE FROM a WHERE id = 17; INSERT INTO a VALUES (5000, 'extra')")
+    conn.close()
+    ctx = FakeContext()
+    monkeypatch.setenv(VALIDATION_BUCKET_ENV, "zdm-validate-test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="eu-west-1")
+        s3.create_bucket(Bucket="zdm-validate-test", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+        # When the plan task runs for an execution: its chunks go to the bucket, the plan keeps their place
+        plan = validate_plan.handler({"migration": migration(src, tgt), "run": "exec-42"}, ctx)
+        assert plan["chunks"] == [] and plan["items"]["chunks"] >= 2
+        items = json.loads(s3.get_object(Bucket=plan["items"]["bucket"], Key=plan["items"]["key"])["Body"].read())
+        # And each item (as the ItemReader hands it out) runs as a chunk task that stores its result;
+        # one runs twice, as a Step Functions retry would
+        receipts = [
+            validate_chunk.handler(
+                json.loads(json.dumps({"migration": migration(src, tgt), "chunk": item, "results": plan["items"]})), ctx
+            )
+            for item in [*items, items[0]]
+        ]
+        # And the summary task gets the plan alone
+        summary = validate_summary.handler(json.loads(json.dumps({"plan": plan})), ctx)
+        stored = s3.list_objects_v2(Bucket="zdm-validate-test", Prefix=plan["items"]["results_prefix"])["KeyCount"]
+    # Then the receipts are small, one result object exists per chunk, and the summary names both rows
+    assert all(set(r) == {"table", "chunk", "differences", "unsettled"} for r in receipts)
+    assert stored == len(items)
+    assert (summary["ok"], summary["missing"], summary["extra"], summary["rows_compared"]) == (False, 1, 1, 3000)
+    table = summary["per_table"][0]
+    assert table["missing"]["first"][0]["key"] == ["17"] and table["extra"]["first"][0]["key"] == ["5000"]
+    assert table["chunks"] == table["chunks_planned"] == len(items)

@@ -127,11 +127,22 @@ class ChunkSpec(_Model):
         return [KeyRange(points[i], points[i + 1]) for i in range(len(points) - 1)]
 
 
+class StoredItems(_Model):
+    """Where a stored plan's chunks and results are (lambdas/core/validation/store.py)."""
+
+    bucket: str
+    key: str  # the chunk list: one JSON array, the Distributed Map's ItemReader input
+    results_prefix: str  # one object per chunk result
+    chunks: int
+
+
 class ValidationPlan(_Model):
     started_at: float  # epoch seconds: the summary's duration runs from here
     first_keys: int = 20
     tables: list[TableSpec] = Field(default_factory=list)
-    chunks: list[ChunkSpec] = Field(default_factory=list)
+    chunks: list[ChunkSpec] = Field(default_factory=list)  # empty once stored (`items` says where)
+    items: StoredItems | None = None
+    chunks_per_table: dict[str, int] = Field(default_factory=dict)  # kept when the chunks are stored
 
 
 class KeyDiff(_Model):

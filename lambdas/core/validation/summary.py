@@ -74,16 +74,18 @@ def summarize_table(
 
 
 def summarize(plan: ValidationPlan, results: Sequence[ChunkResult], *, finished_at: float) -> ValidationSummary:
-    """One summary from every chunk's result. `plan.chunks` may be left out (only its count per table is used)."""
+    """One summary from every chunk's result. `plan.chunks` may be left out (only its count per table is
+    used; a stored plan keeps the counts in `chunks_per_table`)."""
     by_table: dict[str, list[ChunkResult]] = {}
     for result in results:
         by_table.setdefault(result.table, []).append(result)
-    planned: Counter[str] = Counter(str(c.table.table) for c in plan.chunks)
+    planned: Counter[str] = Counter(str(c.table.table) for c in plan.chunks) + Counter(plan.chunks_per_table)
+    known = bool(plan.chunks) or plan.items is not None  # else: only the results say how many to expect
     tables = [
         summarize_table(
             spec,
             by_table.get(str(spec.table), []),
-            planned_chunks=planned.get(str(spec.table)) if plan.chunks else None,
+            planned_chunks=planned.get(str(spec.table), 0) if known else None,
             first=plan.first_keys,
         )
         for spec in plan.tables
