@@ -10,19 +10,21 @@ caught up before anything is timed:
 - debezium: the engine (lambdas/core/engines/debezium.py) on target B, its connector (Debezium's
   embedded engine, a JVM) publishing to a local broker (Tansu), its appliers
   (lambdas/core/changestream/applier.py) as processes consuming it, each its share of the table
-  topics (default: the local runtime's two, as AWS runs one event source mapping per topic;
-  `--appliers 1` for one applier against native apply's one worker).
+  topics (default: the local runtime's, one per table up to one more than the CPUs, as AWS runs
+  one event source mapping per topic; `--appliers 1` for one applier against native apply's one
+  worker).
 
 Then two rounds, each on a fresh workload of exactly N row changes generated inside the source
 (a PL/pgSQL procedure, transactions of 5-20 changes: about 45% inserts into orders, order_items
 and events (jsonb, uuid), 45% updates of numeric, jsonb and text columns, 10% deletes), with the
 consumers held back while it is written; then each pipeline, one after the other, applies it:
-- round 1, apply: the native subscription is DISABLED and the debezium applier stopped while
-  the connector publishes everything (a logical message written after the workload reaches the
+- round 1, apply: the native subscription is DISABLED and the debezium appliers PAUSED (the
+  product's own pause: a flag on the target every batch reads, as the cutover uses it; the
+  processes keep running, as they do in a migration) while the connector publishes everything (a logical message written after the workload reaches the
   broker only after every change before it). native: time from ENABLE until the target's
   replication origin passes the source's LSN at the end of the workload
   (lambdas.core.lsn.wait_for_lsn); this includes the walsender decoding the WAL. debezium: time
-  from starting the applier processes (their start-up included) until the offsets they store on the target
+  from clearing the pause flag until the offsets they store on the target
   (_zdm.dbz_partitions) reach the topics' end offsets (the decoding was done by the connector
   before). This is the headline: ratio_apply = debezium apply rate / native (goal: >= 0.5).
 - round 2, end to end: the connector is stopped too (engine.stop()) while the workload is
@@ -349,11 +351,12 @@ class Stream:
         for part in self.applier_parts:
             self.runtime.start_part(part, self.engine.plan.connector, self.topics)
 
-    def stop_applier(self) -> None:
-        for part in self.applier_parts:
-            running = self.runtime.process(part)
-            if running is not None:
-                running.stop(remove=False)
+    def pause_applier(self, paused: bool) -> None:
+        conn = connect(self.target_dsn, application_name="zdm-bench")
+        try:
+            state.set_applier_paused(conn, paused)
+        finally:
+            conn.close()
 
     def applier_running(self) -> bool:
         return all(self.runtime.process(part) is not None for part in self.applier_parts)
@@ -552,11 +555,11 @@ def stream_start(stream: Stream, source_dsn: str) -> float:
 @dataclass
 class ApplyRun:
     seconds: float
-    startup_seconds: float | None  # until the applier's first batch was committed
+    startup_seconds: float | None  # until the appliers' first batch was committed
 
 
 def stream_apply(stream: Stream, ends: TopicOffsets, timeout: float = 3600) -> ApplyRun:
-    """Start the applier; the time until the offsets it stores on the target reach `ends`."""
+    """Resume the (paused, running) appliers; the time until the offsets they store on the target reach `ends`."""
     ticker_conn = connect(stream.target_dsn, application_name="zdm-bench-ticker")
     try:
         with OffsetWatch(stream) as watch:
@@ -566,7 +569,7 @@ def stream_apply(stream: Stream, ends: TopicOffsets, timeout: float = 3600) -> A
                 lambda: f"debezium: {left(ends, stream.stored(ticker_conn)):,} of {total:,} records left to apply"
             ):
                 started = time.perf_counter()
-                stream.start_applier()
+                stream.pause_applier(False)
                 reached = watch.wait_until_applied(ends, timeout, "the workload")
             first = watch.first(lambda stored: stored != before)
         return ApplyRun(reached - started, None if first is None else first - started)
@@ -780,6 +783,7 @@ def run(args: argparse.Namespace, result: Result) -> None:
         log(f"broker (Tansu) up on {broker.bootstrap}")
         workdir = _workdir(dbz_target)
         stream = make_stream(src, dbz_tgt, broker, workdir, args.batch_size, args.batch_window, args.appliers)
+        result.appliers = stream.runtime.settings.applier_count
         try:
             log("native: publication + subscription, initial copy")
             log(f"native: copied and caught up in {native_start(src, native_tgt):.1f}s")
@@ -795,9 +799,9 @@ def run(args: argparse.Namespace, result: Result) -> None:
 def round_apply(
     args: argparse.Namespace, result: Result, stream: Stream, src: str, native_tgt: str, dbz_tgt: str
 ) -> None:
-    log("round 1 (apply): native subscription disabled, debezium applier stopped, connector running")
+    log("round 1 (apply): native subscription disabled, debezium appliers paused, connector running")
     native_disable(native_tgt)
-    stream.stop_applier()
+    stream.pause_applier(True)
     before, _ = true_end_offsets(stream)
     workload = generate(src, args.events, 0.42, "r1")
     result.workloads.append(workload)
@@ -819,11 +823,11 @@ def round_apply(
     result.native_seconds = native_apply(src, native_tgt, workload)
     log(f"native: {result.rate(result.native_seconds):,.0f} changes/s")
     quiet(result, "debezium apply")
-    log(f"debezium: start the applier and apply {result.dbz_records:,} records")
+    log(f"debezium: resume the appliers and apply {result.dbz_records:,} records")
     result.dbz_apply = stream_apply(stream, ends)
     log(
         f"debezium: applied in {result.dbz_apply.seconds:.2f}s ({result.rate(result.dbz_apply.seconds):,.0f}"
-        f" changes/s; first batch committed {result.dbz_apply.startup_seconds or 0:.2f}s after the start)"
+        f" changes/s; first batch committed {result.dbz_apply.startup_seconds or 0:.2f}s after the resume)"
     )
     result.equal["native_apply"] = equal(src, native_tgt, "native target after round 1")
     result.equal["debezium_apply"] = equal(src, dbz_tgt, "debezium target after round 1")
@@ -918,9 +922,7 @@ def report(out: TextIO, result: Result) -> None:
         out,
     )
     if apply and apply.startup_seconds is not None:
-        print(
-            f"debezium applier: first batch committed {apply.startup_seconds:.2f}s after its process started", file=out
-        )
+        print(f"debezium appliers: first batch committed {apply.startup_seconds:.2f}s after the resume", file=out)
     ratio = result.ratio_apply
     met = "met" if result.both_equal and ratio is not None and ratio >= GOAL_RATIO else "NOT met"
     print(
@@ -954,9 +956,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--appliers",
         type=int,
         default=LOCAL_DEFAULTS.appliers,
-        help=f"applier processes, each with its own share of the table topics (default {LOCAL_DEFAULTS.appliers},"
-        " the local runtime's; AWS runs one Lambda mapping per topic; 1 compares one applier with native"
-        " apply's one worker)",
+        help="applier processes, each with its own share of the table topics (default: the local runtime's,"
+        " one per table up to one more than the CPUs; AWS runs one Lambda mapping per topic; 1 compares one"
+        " applier with native apply's one worker)",
     )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     args = parser.parse_args(argv)

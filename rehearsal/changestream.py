@@ -51,9 +51,16 @@ class LocalStreamSettings:
     group_id: str = "zdm-applier"
     # Applier processes, each with its own share of the table topics (as the AWS side has one event
     # source mapping per topic): tables are independent (foreign keys are not checked per change).
-    # Two: one applier's Python work overlaps the other's writes on the target (bench/apply.py:
-    # about 0.6 of native apply's rate with two, 0.4-0.5 with one, on 2 CPUs).
-    appliers: int = 2
+    # 0: one per table, at most one more than the CPUs (`applier_count`): one applier's Python work
+    # runs while another's target backend writes (bench/apply.py on 2 CPUs: about 0.8 of native
+    # apply's rate with three, 0.6 with two, 0.45-0.5 with one).
+    appliers: int = 0
+
+    @property
+    def applier_count(self) -> int:
+        if self.appliers > 0:
+            return self.appliers
+        return max(1, min(len(self.tables), (os.cpu_count() or 1) + 1))
 
     def to_json(self) -> str:
         return json.dumps({"backend": "local", **asdict(self)})
@@ -87,11 +94,11 @@ class LocalChangeStream(ChangeStreamRuntime):
     @property
     def parts(self) -> list[str]:
         """The connector, then the appliers: 'applier' (with the heartbeats), 'applier-1', ..."""
-        return [CONNECTOR, APPLIER, *(f"{APPLIER}-{i}" for i in range(1, self.settings.appliers))]
+        return [CONNECTOR, APPLIER, *(f"{APPLIER}-{i}" for i in range(1, self.settings.applier_count))]
 
     def _tables_of(self, part: str) -> list[str]:
         index = 0 if part == APPLIER else int(part.rsplit("-", 1)[1])
-        return [t for i, t in enumerate(self.settings.tables) if i % self.settings.appliers == index]
+        return [t for i, t in enumerate(self.settings.tables) if i % self.settings.applier_count == index]
 
     def start(self, connector: Mapping[str, str], topics: Sequence[str]) -> None:
         prefix = self.settings.prefix

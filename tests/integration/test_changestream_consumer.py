@@ -5,6 +5,7 @@ applied again before anything read after it."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,17 +26,18 @@ ROWS = 600
 
 
 class FlakyApplier(ChangeApplier):
-    """The real applier, but its second batch fails once as a deadlock would (rolled back on the
+    """The real applier, but its `fail_at`-th batch fails once as a deadlock would (rolled back on the
     target); records the offsets of every batch it applied, in order."""
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: Any, fail_at: int | None = 2) -> None:
         super().__init__(*args)
         self.calls = 0
+        self.fail_at = fail_at
         self.applied: list[tuple[int, int]] = []  # (first offset, last offset) per committed batch
 
     def apply(self, records: Any) -> ApplyResult:
         self.calls += 1
-        if self.calls == 2:
+        if self.calls == self.fail_at:
             self.target.rollback()
             raise psycopg2.errors.DeadlockDetected("deadlock detected (injected by the test)")
         result = super().apply(records)
@@ -108,6 +110,56 @@ def test_a_rolled_back_batch_is_applied_again_before_the_batch_read_ahead(
     assert applier.applied[0][0] == 0 and applier.applied[-1][1] == total - 1
     assert all(later[0] == earlier[1] + 1 for earlier, later in zip(applier.applied, applier.applied[1:], strict=False))
     # And every row holds its last version
+    final = fetch_all(target, "SELECT count(*), min(qty), max(qty) FROM items")
+    target.rollback()
+    assert final == [(ROWS, 3, 3)]
+
+
+def test_a_paused_applier_applies_nothing_and_goes_on_in_order_once_resumed(
+    broker: Broker, target: Connection, fresh_dbs: tuple[str, str]
+) -> None:
+    # Given the pause flag set on the target, and 1,800 changes on a topic
+    prefix = "zdm_paused"  # the module's broker is shared: topics of this test's own
+    topic = f"{prefix}.public.items"
+    control = connect(fresh_dbs[1], application_name="zdm-consumer-test-control")
+    state.set_applier_paused(control, True)
+    total = publish(broker, topic)
+    applier = FlakyApplier(target, StreamRouting.load(target, prefix, [ITEMS]), CollectingSink(), fail_at=None)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": broker.bootstrap,
+            "group.id": "zdm-consumer-test-paused",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    stop = threading.Event()
+    consume_loop.assign_from_target(consumer, target, [topic])
+    loop = threading.Thread(
+        target=consume_loop.run,
+        args=(consumer, applier),
+        kwargs={"batch_size": 250, "window_seconds": 0.05, "should_stop": stop.is_set},
+    )
+    loop.start()
+    try:
+        # When the loop has run a while paused
+        deadline = time.monotonic() + 30
+        while applier.calls < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Then it kept asking, and nothing was applied
+        assert applier.calls >= 5 and applier.applied == []
+        assert state.stored_offsets(control, [topic]).get((topic, 0), 0) == 0
+        # When the flag is cleared, then everything is applied, in offset order, without a gap
+        state.set_applier_paused(control, False)
+        while state.stored_offsets(control, [topic]).get((topic, 0), 0) < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        loop.join(30)
+        consumer.close()
+        control.close()
+    assert applier.applied[0][0] == 0 and applier.applied[-1][1] == total - 1
+    assert all(later[0] == earlier[1] + 1 for earlier, later in zip(applier.applied, applier.applied[1:], strict=False))
     final = fetch_all(target, "SELECT count(*), min(qty), max(qty) FROM items")
     target.rollback()
     assert final == [(ROWS, 3, 3)]

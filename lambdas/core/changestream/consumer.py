@@ -59,6 +59,7 @@ def to_records(messages: Sequence[Any]) -> list[StreamRecord]:
     return records
 
 
+PAUSED_POLL_SECONDS = 0.05  # how often a paused applier asks the target whether it may go on
 GATHER_IDLE_SECONDS = 0.005  # no record for this long once a batch has begun: the backlog is drained
 
 
@@ -123,12 +124,16 @@ def run(
                     continue
                 try:
                     result = applier.apply(batch)
+                    while result.paused and not should_stop():
+                        # Nothing applied, no offset moved: this batch is still the next one. Try it again
+                        # shortly (a resume takes effect within PAUSED_POLL_SECONDS), without reading again.
+                        time.sleep(PAUSED_POLL_SECONDS)
+                        result = applier.apply(batch)
                 except _RETRYABLE as exc:  # rolled back: read the batch again from the target's offsets
                     logger.warning("batch rolled back, retrying: %s", str(exc).strip().splitlines()[0])
                     ahead = restart(ahead)
                     continue
-                if result.paused:  # nothing applied: read these records again once resumed
-                    ahead = restart(ahead)
+                if result.paused:  # stopping while paused: nothing of this batch was applied
                     continue
                 next_offsets: dict[tuple[str, int], int] = {}
                 for rec, _ in batch.entries:  # in offset order: the last one per partition wins
