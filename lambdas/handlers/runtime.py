@@ -6,6 +6,7 @@ Only handlers read the environment; the domain core gets everything as arguments
 from __future__ import annotations
 
 import os
+import warnings
 from functools import cache
 from typing import Any
 
@@ -18,6 +19,9 @@ from lambdas.core.validation.store import ValidationStore
 from lambdas.core.validation.store_s3 import S3ValidationStore
 
 SERVICE = "zdm"
+# Some invocations have nothing to measure (a status read, a gate that only reads alarms): Powertools'
+# documented way to keep its "No application metrics to publish" warning out of every such run.
+warnings.filterwarnings("ignore", "No application metrics to publish*")
 logger = Logger(service=SERVICE)
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Zdm"), service=SERVICE)
 tracer = Tracer(service=SERVICE)
