@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from typing import Any
 
 import psycopg2
@@ -138,18 +139,20 @@ def republish(records: Sequence[StreamRecord], stream: Stream) -> list[StreamRec
     return out
 
 
-@pytest.fixture
-def target(fresh_dbs: tuple[str, str]) -> Iterator[Connection]:
-    _, tgt = fresh_dbs
-    setup = connect(tgt)
+def open_target(dsn: str, application_name: str = "zdm-applier-test") -> Connection:
+    """The target database of these tests: the items table and the applier's state tables."""
+    setup = connect(dsn)
     execute(setup, TARGET_DDL)
     setup.close()
-    conn = connect(tgt, autocommit=False, application_name="zdm-applier-test")
+    conn = connect(dsn, autocommit=False, application_name=application_name)
     state.ensure_state_tables(conn)
-    try:
+    return conn
+
+
+@pytest.fixture
+def target(fresh_dbs: tuple[str, str]) -> Iterator[Connection]:
+    with closing(open_target(fresh_dbs[1])) as conn:
         yield conn
-    finally:
-        conn.close()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import psycopg2.errors
@@ -17,9 +18,9 @@ from lambdas.core.changestream import consumer as consume_loop
 from lambdas.core.changestream import state
 from lambdas.core.changestream.applier import ApplyResult, ChangeApplier, ReadBatch, StreamRouting
 from lambdas.core.changestream.kafka import KafkaStream
-from lambdas.core.db import Connection, connect, execute, fetch_all
+from lambdas.core.db import Connection, connect, fetch_all
 from rehearsal.broker import Broker
-from tests.integration.test_changestream_applier import ITEMS, PREFIX, TARGET_DDL, CollectingSink, Stream, item
+from tests.integration.test_changestream_applier import ITEMS, PREFIX, CollectingSink, Stream, item, open_target
 
 TOPIC = f"{PREFIX}.public.items"
 ROWS = 600
@@ -48,16 +49,8 @@ class FlakyApplier(ChangeApplier):
 
 @pytest.fixture
 def target(fresh_dbs: tuple[str, str]) -> Iterator[Connection]:
-    _, tgt = fresh_dbs
-    setup = connect(tgt)
-    execute(setup, TARGET_DDL)
-    setup.close()
-    conn = connect(tgt, autocommit=False, application_name="zdm-consumer-test")
-    state.ensure_state_tables(conn)
-    try:
+    with closing(open_target(fresh_dbs[1], "zdm-consumer-test")) as conn:
         yield conn
-    finally:
-        conn.close()
 
 
 def publish(broker: Broker, topic: str) -> int:

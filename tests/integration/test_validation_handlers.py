@@ -32,20 +32,24 @@ def migration(src: str, tgt: str) -> dict[str, Any]:
     }
 
 
+def on_both(dsns: tuple[str, str], statements: str) -> None:
+    for dsn in dsns:
+        conn = connect(dsn)
+        execute(conn, statements)
+        conn.close()
+
+
 def test_plan_map_and_summary_handlers_find_a_difference_without_leaking_secrets(
     fresh_dbs: tuple[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given two tables on both sides, one row of one table changed on the target
     src, tgt = fresh_dbs
-    for dsn in (src, tgt):
-        conn = connect(dsn)
-        execute(
-            conn,
-            "CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a SELECT g, 'v' || g FROM generate_series(1, 4000) g;"
-            " CREATE TABLE b (k uuid PRIMARY KEY, n int); INSERT INTO b SELECT md5(g::text)::uuid, g FROM generate_series(1, 500) g;"
-            " ANALYZE",
-        )
-        conn.close()
+    on_both(
+        fresh_dbs,
+        "CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a SELECT g, 'v' || g FROM generate_series(1, 4000) g;"
+        " CREATE TABLE b (k uuid PRIMARY KEY, n int); INSERT INTO b SELECT md5(g::text)::uuid, g FROM generate_series(1, 500) g;"
+        " ANALYZE",
+    )
     conn = connect(tgt)
     execute(conn, "UPDATE a SET v = 'changed' WHERE id = 3210")
     conn.close()
@@ -72,10 +76,7 @@ def test_plan_map_and_summary_handlers_find_a_difference_without_leaking_secrets
 
 def test_plan_handler_accepts_an_explicit_table_list(fresh_dbs: tuple[str, str]) -> None:
     src, tgt = fresh_dbs
-    for dsn in (src, tgt):
-        conn = connect(dsn)
-        execute(conn, "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
-        conn.close()
+    on_both(fresh_dbs, "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
     plan = validate_plan.handler({"migration": migration(src, tgt), "tables": ["public.b"]}, FakeContext())
     assert [t["name"] for t in plan["tables"]] == ["b"] and len(plan["chunks"]) == 1
 
@@ -90,14 +91,10 @@ def test_a_stored_plan_goes_through_the_bucket_as_the_distributed_map_runs_it(
     from lambdas.handlers.runtime import VALIDATION_BUCKET_ENV
 
     src, tgt = fresh_dbs
-    for dsn in (src, tgt):
-        conn = connect(dsn)
-        execute(
-            conn,
-            "CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a SELECT g, 'v' FROM generate_series(1, 3000) g;"
-            " ANALYZE",
-        )
-        conn.close()
+    on_both(
+        fresh_dbs,
+        "CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a SELECT g, 'v' FROM generate_series(1, 3000) g; ANALYZE",
+    )
     conn = connect(tgt)
     execute(conn, "DELETE FROM a WHERE id = 17; INSERT INTO a VALUES (5000, 'extra')")
     conn.close()
