@@ -368,6 +368,15 @@ class Orchestration(Construct):
                 )
                 # DescribeReplications has no resource-level permissions (Resource '*' is required).
                 role.add_to_policy(iam.PolicyStatement(actions=["dms:DescribeReplications"], resources=["*"]))
+        elif access is Access.DMS_LAG:
+            tasks = [
+                t for t in (self._replication.tasks if self._replication else []) if t.target.migration_type != "cdc"
+            ]
+            if m.engine.type != "dms" or not tasks:
+                return
+            stack = cdk.Stack.of(self)
+            function.add_environment("ZDM_DMS_TARGET", stack.to_json_string(_target_json(tasks[0].target)))
+            self._grant(Access.METRICS_READ, function, role)
         elif access is Access.METRICS_READ:
             # GetMetricData has no resource-level permissions (Resource '*' is required).
             role.add_to_policy(iam.PolicyStatement(actions=["cloudwatch:GetMetricData"], resources=["*"]))

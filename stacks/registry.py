@@ -25,6 +25,8 @@ class Access(StrEnum):
     # for, stops and retires the change stream); nothing for the other engines
     CHANGE_STREAM = "change-stream"
     VALIDATION_STORE = "validation-store"  # the bucket of validation plans' chunks and results
+    # engine dms: the task's identity and its CDC latency metrics (how far DMS applied); nothing else
+    DMS_LAG = "dms-lag"
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,8 @@ HANDLERS: tuple[HandlerSpec, ...] = (
     HandlerSpec(
         "ValidateChunk",
         "validate_chunk",
-        # debezium: re-checks wait until the applier caught up
-        (Access.DATABASES, Access.CHANGE_STREAM, Access.VALIDATION_STORE),
+        # re-checks wait until the engine caught up: debezium's applier, DMS's apply
+        (Access.DATABASES, Access.CHANGE_STREAM, Access.DMS_LAG, Access.VALIDATION_STORE),
         description="compares one key range",
     ),
     HandlerSpec(

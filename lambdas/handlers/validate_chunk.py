@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from lambdas.core import telemetry
 from lambdas.core.validation import ChunkSpec, SessionPair, StoredItems, compare_chunk
-from lambdas.handlers.replication import build_debezium_engine
+from lambdas.handlers.replication import build_debezium_engine, build_dms_engine
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer, validation_store
 
 
@@ -36,9 +36,15 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     migration = request.parsed()
     source_dsn, target_dsn = dsns(migration)
     with SessionPair.open(source_dsn, target_dsn) as pair:
-        if migration.engine.type == "debezium" and request.chunk.replication is not None:
-            engine = build_debezium_engine(migration, source_dsn, target_dsn)
-            timeout = request.chunk.replication.timeout_seconds
+        replication = request.chunk.replication
+        if replication is not None and migration.engine.type in ("debezium", "dms"):
+            # Re-checks wait until the engine applied everything committed so far (no subscription to ask).
+            engine = (
+                build_debezium_engine(migration, source_dsn, target_dsn)
+                if migration.engine.type == "debezium"
+                else build_dms_engine()
+            )
+            timeout = replication.timeout_seconds
 
             def catch_up() -> None:
                 engine.catch_up(timeout)

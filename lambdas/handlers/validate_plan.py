@@ -20,14 +20,24 @@ class PlanRequest(MigrationEvent):
     run: str | None = None  # the execution's name: the chunks are stored for the Distributed Map
 
 
-def change_stream_replication(migration: Migration) -> Replication:
-    """The debezium engine's stream: chunks re-check after the applier caught up (validate_chunk waits)."""
+# DMS says how far its apply is only through one-minute CloudWatch datapoints (DmsEngine.catch_up).
+DMS_RECHECK_MIN_SECONDS = 240.0
+
+
+def engine_replication(migration: Migration) -> Replication | None:
+    """How chunks re-check a difference found while changes flow; None: nothing flows (no re-check).
+
+    logical: wait for the subscription's position; debezium and dms: validate_chunk waits on the engine.
+    """
     settings = migration.validation
-    return Replication(
-        subscription=f"change stream {migration.topic_prefix}",
-        timeout_seconds=settings.recheck_timeout_seconds,
-        attempts=settings.recheck_attempts,
-    )
+    kind = migration.engine.type
+    if kind == "debezium":
+        name, timeout = f"change stream {migration.topic_prefix}", settings.recheck_timeout_seconds
+    elif kind == "dms":
+        name, timeout = "DMS task", max(settings.recheck_timeout_seconds, DMS_RECHECK_MIN_SECONDS)
+    else:
+        return None
+    return Replication(subscription=name, timeout_seconds=timeout, attempts=settings.recheck_attempts)
 
 
 @logger.inject_lambda_context
@@ -46,9 +56,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         replication = (
             replication_of(pair.target, migration.slot_name, slot=migration.slot_name, settings=settings)
             if migration.engine.type == "logical"
-            else change_stream_replication(migration)
-            if migration.engine.type == "debezium"
-            else None
+            else engine_replication(migration)
         )
         plan = plan_validation(pair, tables, settings, replication=replication)
     metrics.add_dimension(name=telemetry.MIGRATION_DIMENSION, value=migration.name)

@@ -104,3 +104,17 @@ def test_the_map_reads_the_stored_chunk_list_and_never_collects_results_in_the_s
     assert chunks["ItemProcessor"]["ProcessorConfig"]["Mode"] == "DISTRIBUTED"
     summary = json.loads(ASL.read_text())["States"]["ValidateSummary"]["Parameters"]["Payload"]
     assert summary == {"plan.$": "$.validation.plan"}
+
+
+def test_under_engine_dms_the_chunk_function_reads_dms_latency_and_cannot_drive_the_task(example: Synth) -> None:
+    # Given the example file (engine dms): the chunk function re-checks once DMS applied (DmsEngine.catch_up)
+    assert example.migration.engine.type == "dms"
+    props = next(
+        f["Properties"]
+        for f in example.resources("AWS::Lambda::Function").values()
+        if f["Properties"].get("Handler") == "lambdas.handlers.validate_chunk.handler"
+    )
+    assert "ZDM_DMS_TARGET" in props["Environment"]["Variables"]
+    actions = {a for s in _statements(example, props["Role"]["Fn::GetAtt"][0]) for a in _actions(s)}
+    assert "cloudwatch:GetMetricData" in actions
+    assert not {a for a in actions if a.startswith("dms:")}

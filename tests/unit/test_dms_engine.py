@@ -16,6 +16,7 @@ from moto.dms.models import dms_backends
 
 from lambdas.core.engines.base import Phase, TableSyncState
 from lambdas.core.engines.dms import (
+    DmsBehind,
     DmsEngine,
     DmsTarget,
     DmsTaskBusy,
@@ -280,3 +281,74 @@ def test_table_mappings_follow_include_then_exclude() -> None:
 def test_table_mappings_refuse_patterns_dms_cannot_express() -> None:
     with pytest.raises(TableMappingError, match=r"tables\.exclude pattern 'public\.t\[12\]'"):
         table_mappings(["public.*"], ["public.t[12]"])
+
+
+class MinuteClock:
+    """The engine's clock, moved a minute on by each of the engine's sleeps; each minute may bring a
+    CDCLatencyTarget datapoint (as DMS publishes one a minute)."""
+
+    def __init__(self, cloudwatch: Any, latencies: list[float | None]) -> None:
+        self.now = NOW
+        self._cloudwatch = cloudwatch
+        self._latencies = list(latencies)
+        self.sleeps = 0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def sleep(self, _: float) -> None:
+        self.sleeps += 1
+        self.now += timedelta(minutes=1)
+        latency = self._latencies.pop(0) if self._latencies else None
+        if latency is not None:
+            publish_latency(self._cloudwatch, self.now - timedelta(seconds=30), latency)
+
+
+def publish_latency(cloudwatch: Any, at: datetime, seconds: float) -> None:
+    cloudwatch.put_metric_data(
+        Namespace="AWS/DMS",
+        MetricData=[
+            {
+                "MetricName": "CDCLatencyTarget",
+                "Dimensions": [{"Name": k, "Value": v} for k, v in sorted(DIMENSIONS.items())],
+                "Timestamp": at,
+                "Value": seconds,
+                "Unit": "Seconds",
+            }
+        ],
+    )
+
+
+def _catch_up_engine(latencies: list[float | None], before: float | None = None) -> tuple[DmsEngine, MinuteClock]:
+    """`before`: the latency of the minute before the call, if DMS published one."""
+    cloudwatch = boto3.client("cloudwatch", region_name=REGION)
+    clock = MinuteClock(cloudwatch, latencies)
+    if before is not None:
+        publish_latency(cloudwatch, NOW - timedelta(seconds=30), before)
+    target = DmsTarget("task", f"arn:aws:dms:{REGION}:{ACCOUNT}:task:T", DIMENSIONS, "full-load-and-cdc")
+    return DmsEngine(boto3.client("dms", region_name=REGION), cloudwatch, target, now=clock), clock
+
+
+def test_catch_up_waits_until_the_target_latency_places_the_apply_past_the_call(aws: None) -> None:
+    # Given DMS 90 s behind in the minute before the call, then 70 s, then 10 s behind
+    engine, clock = _catch_up_engine([70.0, 10.0], before=90.0)
+    # When validation asks DMS to catch up with everything committed before now
+    applied = engine.catch_up(timeout=600, sleep=clock.sleep)
+    # Then it waited two minutes: only the datapoint 10 s behind places the apply past the call (+5 s margin)
+    assert clock.sleeps == 2
+    assert applied >= NOW + timedelta(seconds=5)
+
+
+def test_catch_up_gives_up_with_a_reason_when_dms_stays_behind(aws: None) -> None:
+    # Given DMS 10 minutes behind, and no time to wait
+    engine, clock = _catch_up_engine([], before=600.0)
+    # Then the wait fails as a timeout (validation reports the rows as not settled), naming how far DMS is
+    with pytest.raises(DmsBehind, match=r"had not applied the changes up to 12:00:05 UTC within 0 s \(applied through"):
+        engine.catch_up(timeout=0, sleep=clock.sleep)
+    assert issubclass(DmsBehind, TimeoutError)
+
+
+def test_catch_up_without_any_datapoint_does_not_pass(aws: None) -> None:
+    engine, clock = _catch_up_engine([])
+    with pytest.raises(DmsBehind, match="no CDCLatencyTarget datapoint"):
+        engine.catch_up(timeout=0, sleep=clock.sleep)

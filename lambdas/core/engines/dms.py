@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,10 @@ from lambdas.core.engines.base import (
 
 class DmsEngineError(RuntimeError):
     pass
+
+
+class DmsBehind(TimeoutError):
+    """DMS had not applied the source's changes up to the wanted time within the timeout."""
 
 
 class DmsTaskBusy(DmsEngineError):
@@ -187,6 +192,71 @@ class DmsEngine(ReplicationEngine):
             phase = Phase.STREAMING if full_load_done else Phase.COPYING
         lag = self._latency_seconds() if run.status in _RUNNING else None
         return ReplicationStatus(self.name, phase, tables=tables, lag_seconds=lag, problems=problems)
+
+    # -- caught up? --------------------------------------------------------------------------
+    def catch_up(
+        self,
+        timeout: float,
+        *,
+        margin_seconds: float = 5.0,
+        poll_seconds: float = 15.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> datetime:
+        """Return once DMS has applied on the target every change the source committed before this call.
+
+        DMS exposes no applied position, but CDCLatencyTarget says how far behind its apply is: over a
+        datapoint's minute starting at t, the oldest change waiting to be committed on the target was
+        at most L seconds old, so everything committed on the source before t - L was applied. The wait
+        ends at the first datapoint with t - L past the call's time plus `margin_seconds` (clocks of the
+        DMS instance and of this function differ a little): with one-minute datapoints, one to three
+        minutes. Returns that applied-through time; raises DmsBehind after `timeout` seconds.
+        """
+        wanted = self._now() + timedelta(seconds=margin_seconds)
+        deadline = time.monotonic() + timeout
+        while True:
+            applied = self._applied_through()
+            if applied is not None and applied >= wanted:
+                return applied
+            if time.monotonic() >= deadline:
+                seen = "no CDCLatencyTarget datapoint" if applied is None else f"applied through {applied:%H:%M:%S}"
+                raise DmsBehind(
+                    f"DMS {self._what()} had not applied the changes up to {wanted:%H:%M:%S} UTC within"
+                    f" {timeout:g} s ({seen})"
+                )
+            sleep(poll_seconds)
+
+    def _applied_through(self) -> datetime | None:
+        """The latest one-minute CDCLatencyTarget datapoint's start minus its maximum latency."""
+        if not self.target.metric_dimensions:
+            return None
+        end = self._now()
+        dims = [{"Name": k, "Value": v} for k, v in sorted(self.target.metric_dimensions.items())]
+        result = self._cloudwatch.get_metric_data(
+            MetricDataQueries=[
+                {
+                    "Id": "cdclatencytarget",
+                    "MetricStat": {
+                        "Metric": {"Namespace": "AWS/DMS", "MetricName": "CDCLatencyTarget", "Dimensions": dims},
+                        "Period": 60,
+                        "Stat": "Maximum",
+                    },
+                    "ReturnData": True,
+                }
+            ],
+            StartTime=end - self._window,
+            EndTime=end,
+            ScanBy="TimestampDescending",
+        )
+        points = [
+            (started, float(value))
+            for r in result.get("MetricDataResults", [])
+            for started, value in zip(r.get("Timestamps", []), r.get("Values", []), strict=False)
+        ]
+        if not points:
+            return None
+        started, latency = max(points)  # the latest minute
+        applied: datetime = started - timedelta(seconds=latency)
+        return applied
 
     # -- stop / teardown -------------------------------------------------------------------
     def stop(self) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from lambdas.core.db import Connection, fetch_all
-from lambdas.core.lsn import Lsn, LsnWaitTimeout, current_lsn, wait_for_lsn
+from lambdas.core.lsn import Lsn, current_lsn, wait_for_lsn
 from lambdas.core.ranges import KeyRange
 from lambdas.core.validation import queries
 from lambdas.core.validation.bisect import (
@@ -293,7 +293,7 @@ def _recheck(
             position = max(position, tally.first_lsn)
         try:
             wait_applied(pair, replication, position)
-        except LsnWaitTimeout as exc:
+        except TimeoutError as exc:  # LsnWaitTimeout, or a catch-up hook's (change stream, DMS)
             tally.notes.append(f"re-check stopped: {exc}")
             break
         _, target = _read_rows(pair.target, spec, pending, with_version=True)
@@ -413,7 +413,7 @@ def _recheck_multiset(
             position = max(position, tally.first_lsn)
         try:
             wait_applied(pair, replication, position)
-        except LsnWaitTimeout as exc:
+        except TimeoutError as exc:  # LsnWaitTimeout, or a catch-up hook's (change stream, DMS)
             tally.notes.append(f"re-check stopped: {exc}")
             break
         target = _copies(pair.target, spec, pending)

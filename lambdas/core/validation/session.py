@@ -39,7 +39,8 @@ class SessionPair:
         self.source = source
         self.target = target
         # How to wait until the target has applied the source's changes so far, when they arrive by
-        # something other than a subscription (the debezium engine's change stream); set by the handler.
+        # something other than a subscription (the debezium engine's change stream, DMS); set by the
+        # handler. Raises TimeoutError when the target is not there in time.
         self.catch_up: Callable[[], None] | None = None
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdm-validate-source")
 

@@ -1,0 +1,38 @@
+"""How validation re-checks a difference found while changes flow, per engine (no servers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lambdas.core.config import Migration
+from lambdas.handlers.validate_plan import DMS_RECHECK_MIN_SECONDS, engine_replication
+
+
+def migration(engine: str, **validation: Any) -> Migration:
+    return Migration.model_validate(
+        {
+            "name": "shop",
+            "source": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
+            "target": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
+            "engine": {"type": engine},
+            "validation": validation,
+        }
+    )
+
+
+def test_dms_differences_are_re_checked_for_at_least_the_time_its_latency_metrics_take() -> None:
+    # Given the file's 60 s re-check timeout, which one-minute CloudWatch datapoints cannot meet
+    replication = engine_replication(migration("dms", recheck_timeout_seconds=60, recheck_attempts=3))
+    # Then chunks re-check under dms, waiting up to the floor for DMS's apply (DmsEngine.catch_up)
+    assert replication is not None
+    assert replication.timeout_seconds == DMS_RECHECK_MIN_SECONDS and replication.attempts == 3
+    # And a longer timeout in the file is kept
+    longer = engine_replication(migration("dms", recheck_timeout_seconds=900))
+    assert longer is not None and longer.timeout_seconds == 900
+
+
+def test_debezium_waits_the_file_s_timeout_and_logical_is_planned_from_its_subscription() -> None:
+    debezium = engine_replication(migration("debezium", recheck_timeout_seconds=45))
+    assert debezium is not None and debezium.timeout_seconds == 45
+    assert debezium.subscription == "change stream zdm_shop"
+    assert engine_replication(migration("logical")) is None  # replication_of asks the target instead
