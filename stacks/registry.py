@@ -70,11 +70,15 @@ HANDLERS: tuple[HandlerSpec, ...] = (
         (Access.DATABASES, Access.CHANGE_STREAM, Access.DMS_LAG, Access.VALIDATION_STORE),
         description="compares one key range",
     ),
+    # Reads back every chunk's result (32 at a time) and holds them: a 500-million-row table at 10k rows per
+    # chunk is 50k results, about 255 MB as models (measured); 2 GB and 15 minutes leave room for 300k.
     HandlerSpec(
         "ValidateSummary",
         "validate_summary",
         (Access.VALIDATION_STORE,),
         in_vpc=False,
+        timeout_seconds=900,
+        memory_mb=2048,
         description="merges chunk results",
     ),
     HandlerSpec("ReadShift", "read_shift", (Access.TRAFFIC,), description="moves a share of reads to the target"),
