@@ -57,7 +57,6 @@ from bench.common import bench_servers, check_quiet, default_workers, emit_json,
 from lambdas.core.changestream import state
 from lambdas.core.changestream.connector import message_topic
 from lambdas.core.changestream.kafka import KafkaStream, TopicOffsets
-from lambdas.core.config import Migration
 from lambdas.core.db import Connection, connect, execute, fetch_one, fetch_value
 from lambdas.core.engines.base import Phase
 from lambdas.core.engines.debezium import DebeziumEngine
@@ -65,7 +64,7 @@ from lambdas.core.lsn import Lsn, applied_lsn, current_lsn, wait_for_lsn
 from lambdas.core.tables import TableName
 from rehearsal import sample
 from rehearsal.broker import Broker, start_broker
-from rehearsal.changestream import APPLIER, LocalChangeStream, LocalStreamSettings, local_engine
+from rehearsal.changestream import APPLIER, LocalChangeStream, LocalStreamSettings, standalone_engine
 from rehearsal.compare import compare_databases
 from rehearsal.servers import PostgresServer
 
@@ -378,28 +377,20 @@ def make_stream(
     batch_window: float,
     appliers: int = LOCAL_DEFAULTS.appliers,
 ) -> Stream:
-    migration = Migration.model_validate(
-        {
-            "name": "bench-apply",
-            "source": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
-            "target": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
-            "engine": {"type": "debezium"},
-        }
-    )
-    settings = LocalStreamSettings(
-        workdir=str(workdir),
-        bootstrap=broker.bootstrap,
-        target_dsn=target_dsn,
-        prefix=migration.topic_prefix,
-        tables=tuple(str(t) for t in TABLES),
+    engine = standalone_engine(
+        "bench-apply",
+        source_dsn,
+        target_dsn,
+        broker.bootstrap,
+        workdir,
+        TABLES,
         batch_size=batch_size,
         batch_window_seconds=batch_window,
         appliers=appliers,
     )
-    engine = local_engine(migration, source_dsn, target_dsn, TABLES, settings)
     runtime = engine.runtime
     assert isinstance(runtime, LocalChangeStream)
-    return Stream(engine, runtime, engine.kafka, migration.topic_prefix, target_dsn)
+    return Stream(engine, runtime, engine.kafka, engine.plan.prefix, target_dsn)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, stream: Stream | None = None) -> None:

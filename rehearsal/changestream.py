@@ -220,3 +220,37 @@ def local_engine(
     )
     kafka = KafkaStream({"bootstrap.servers": settings.bootstrap})
     return DebeziumEngine(source_dsn, target_dsn, plan, LocalChangeStream(settings), kafka)
+
+
+def standalone_engine(
+    name: str,
+    source_dsn: str,
+    target_dsn: str,
+    bootstrap: str,
+    workdir: Path,
+    tables: Sequence[TableName],
+    *,
+    debezium: Mapping[str, object] | None = None,
+    **stream: object,
+) -> DebeziumEngine:
+    """A debezium engine outside a migration file (tests, benches): the settings of a migration named
+    `name` (its topic prefix) with `debezium` overrides, the local runtime in `workdir` with `stream`'s
+    LocalStreamSettings fields."""
+    migration = Migration.model_validate(
+        {
+            "name": name,
+            # the endpoints are given as DSNs below; the file's own are not read
+            "source": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
+            "target": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
+            "engine": {"type": "debezium", "debezium": dict(debezium or {})},
+        }
+    )
+    settings = LocalStreamSettings(
+        workdir=str(workdir),
+        bootstrap=bootstrap,
+        target_dsn=target_dsn,
+        prefix=migration.topic_prefix,
+        tables=tuple(str(t) for t in tables),
+        **stream,  # type: ignore[arg-type]
+    )
+    return local_engine(migration, source_dsn, target_dsn, tables, settings)

@@ -8,22 +8,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from lambdas.core.config import Migration
 from lambdas.core.engines.debezium import DebeziumEngine
 from lambdas.core.tables import TableName
 from rehearsal.broker import Broker
-from rehearsal.changestream import LocalChangeStream, LocalStreamSettings, local_engine
-
-
-def migration(name: str = "dbz-test", **debezium: object) -> Migration:
-    return Migration.model_validate(
-        {
-            "name": name,
-            "source": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
-            "target": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
-            "engine": {"type": "debezium", "debezium": {"heartbeat_interval_ms": 1000, **debezium}},
-        }
-    )
+from rehearsal.changestream import LocalChangeStream, standalone_engine
 
 
 def make_engine(
@@ -37,17 +25,17 @@ def make_engine(
     **debezium: object,
 ) -> DebeziumEngine:
     """`name` gives the topic prefix: tests sharing a broker use one name each."""
-    m = migration(name, **debezium)
-    settings = LocalStreamSettings(
-        workdir=str(workdir),
-        bootstrap=broker.bootstrap,
-        target_dsn=tgt,
-        prefix=m.topic_prefix,
-        tables=tuple(str(t) for t in tables),
+    return standalone_engine(
+        name,
+        src,
+        tgt,
+        broker.bootstrap,
+        workdir,
+        tables,
+        debezium={"heartbeat_interval_ms": 1000, **debezium},
         batch_size=500,
         batch_window_seconds=0.1,
     )
-    return local_engine(m, src, tgt, tables, settings)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, engine: DebeziumEngine | None = None) -> None:
