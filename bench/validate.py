@@ -154,7 +154,8 @@ def floor_scan(source_dsn: str, target_dsn: str, plan: ValidationPlan, workers: 
     def scan(dsn: str) -> float:
         conn = connect(dsn, application_name="zdm-bench-floor")
         try:
-            execute(conn, "SET max_parallel_workers_per_gather = %s", (max(0, workers - 1),))
+            # JIT off, as in the validator's sessions: compiling would only add to the floor.
+            execute(conn, "SET max_parallel_workers_per_gather = %s; SET jit = off", (max(0, workers - 1),))
             with timed() as t:
                 fetch_one(conn, query)
             return t.seconds

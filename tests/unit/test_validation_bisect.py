@@ -5,6 +5,8 @@ from __future__ import annotations
 from lambdas.core.ranges import KeyRange
 from lambdas.core.validation.bisect import (
     MAX_DEPTH,
+    RECORD_LINES_COST,
+    TEXT_LINES_COST,
     AdaptivePolicy,
     Aggregate,
     Decision,
@@ -129,14 +131,24 @@ def test_policy_starts_with_middle_sized_ranges_and_grows_them_while_differences
     assert AdaptivePolicy(10_000, rows_seen=1_000_000).range_rows == 1024
 
 
-def test_policy_shrinks_ranges_once_differences_are_dense() -> None:
-    # Given 1% of the rows of the first slice differ
-    policy = AdaptivePolicy(10_000)
-    policy.record(10_000, 100)
-    # Then ranges of 16 rows: about 15% of them mismatch and are re-read
-    assert policy.range_rows == 16
-    # And with every 20th row differing, the smallest ranges
-    assert AdaptivePolicy(10_000, rows_seen=10_000, differences_seen=500).range_rows == 8
+def test_policy_shrinks_ranges_then_reads_every_line_once_differences_are_dense() -> None:
+    # Given 1 row in 1,000 of the first slice differs / Then ranges of 64 rows, still aggregated
+    sparse = AdaptivePolicy(10_000, rows_seen=10_000, differences_seen=10)
+    assert sparse.range_rows == 64
+    assert not sparse.every_line(RECORD_LINES_COST) and not sparse.every_line(TEXT_LINES_COST)
+    # Given 1% of the rows differ / Then every row's line costs less than any range size, as records or text
+    dense = AdaptivePolicy(10_000)
+    dense.record(10_000, 100)
+    assert dense.range_rows == 16
+    assert dense.every_line(RECORD_LINES_COST) and dense.every_line(TEXT_LINES_COST)
+    # Given 1 in 300: binary records already pay, text lines not yet
+    middle = AdaptivePolicy(10_000, rows_seen=10_000, differences_seen=33)
+    assert middle.every_line(RECORD_LINES_COST) and not middle.every_line(TEXT_LINES_COST)
+
+
+def test_a_guess_never_turns_aggregates_off() -> None:
+    # Given nothing seen yet, even against a line cost of zero / Then ranges are compared
+    assert not AdaptivePolicy(10_000).every_line(0.0)
 
 
 def test_multiset_buckets() -> None:

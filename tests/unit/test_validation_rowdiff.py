@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from lambdas.core.validation.model import Key
 from lambdas.core.validation.rowdiff import (
     ABSENT,
+    RECORD,
     Kind,
     RowDifference,
     RowImage,
     diff_hash_lines,
+    diff_hash_records,
     diff_row,
     multiset_diff,
     parse_hash_line,
@@ -70,6 +74,68 @@ def test_non_ascii_keys_are_decoded_only_where_lines_differ() -> None:
 def test_empty_sides() -> None:
     diff = diff_hash_lines(b"", b"7\t1", 1)
     assert (diff.missing, diff.extra, diff.changed) == ([], [("7",)], [])
+
+
+# --- (key, hash) binary records of a single integer key ---------------------------------------
+
+
+def records(*pairs: tuple[int, int]) -> bytes:
+    return b"".join(RECORD.pack(key, digest) for key, digest in pairs)
+
+
+def reference_diff(source: list[tuple[int, int]], target: list[tuple[int, int]]) -> tuple[list[int], ...]:
+    """The plain answer, by dictionaries: (missing, extra, changed) keys, sorted."""
+    src, tgt = dict(source), dict(target)
+    return (
+        sorted(k for k in src if k not in tgt),
+        sorted(k for k in tgt if k not in src),
+        sorted(k for k in src if k in tgt and src[k] != tgt[k]),
+    )
+
+
+def as_ints(keys: list[Key]) -> list[int]:
+    return [int(k[0]) for k in keys]
+
+
+def test_records_missing_extra_and_changed_at_both_ends_and_in_between() -> None:
+    # Given the target lost the first row, changed one in the middle, gained one in a gap and one after the end
+    source = [(-(2**63), 1), (-5, 2), (0, 3), (7, 4), (2**63 - 1, 5)]
+    target = [(-5, 2), (0, 30), (3, 9), (7, 4), (2**63 - 1, 5)]
+    # When diffed / Then each key is named once, with its kind; keys keep their sign and full width
+    diff = diff_hash_records(records(*source), records(*target))
+    assert (as_ints(diff.missing), as_ints(diff.extra), as_ints(diff.changed)) == ([-(2**63)], [3], [0])
+    assert diff.missing == [(str(-(2**63)),)]
+
+
+def test_equal_records_and_empty_sides() -> None:
+    same = records((1, 1), (2, 2))
+    assert not diff_hash_records(same, same)
+    assert as_ints(diff_hash_records(b"", same).extra) == [1, 2]
+    assert as_ints(diff_hash_records(same, b"").missing) == [1, 2]
+
+
+@pytest.mark.parametrize("shuffle", ["neither", "target", "both"])
+def test_records_diff_equals_the_plain_answer_for_any_rows_and_order(shuffle: str) -> None:
+    # Given 400 random pairs of sides (runs of equal rows, every kind of difference, adjacent ones)
+    rng = random.Random(7)
+    for _ in range(400):
+        keys = sorted(rng.sample(range(-100, 400), rng.randint(0, 80)))
+        source = [(k, rng.getrandbits(64) - 2**63) for k in keys]
+        target = [(k, h if rng.random() > 0.1 else h ^ 1) for k, h in source if rng.random() > 0.1]
+        gaps = sorted(set(range(-120, 420)) - set(keys))
+        target = sorted(target + [(k, 5) for k in rng.sample(gaps, rng.randint(0, 4))])
+        if shuffle != "neither":
+            rng.shuffle(target)
+        if shuffle == "both":
+            rng.shuffle(source)
+        # When diffed / Then the same keys as the plain answer (order only changes the speed)
+        diff = diff_hash_records(records(*source), records(*target))
+        assert (as_ints(diff.missing), as_ints(diff.extra), as_ints(diff.changed)) == reference_diff(source, target)
+
+
+def test_records_of_a_broken_length_are_refused() -> None:
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        diff_hash_records(records((1, 1)) + b"x", records((1, 2)))
 
 
 # --- rows by primary key --------------------------------------------------------------------

@@ -138,22 +138,29 @@ def _aggregate(line: bytes) -> Aggregate:
     return Aggregate(int(rows), digest.decode("ascii"))
 
 
-RANGE_COST = 2.0  # one more range in a statement costs about as much as re-reading this many rows as (key, hash)
+# Costs per row of one side, in units of an aggregate's cost per row (hash + sum, the floor's work),
+# measured on PostgreSQL 15 with 100,000-row statements (python -m bench.validate, 0.41 us per row):
+RANGE_COST = 5.6  # one more range in a statement (2.3 us: its index descent and aggregate)
+RELINE_COST = 1.55  # re-reading a row of a mismatching range as a (key, hash) text line (0.64 us)
+TEXT_LINES_COST = 1.55  # reading every row as a text line instead of aggregates (`queries.range_lines`)
+RECORD_LINES_COST = 1.27  # ... as a 16-byte binary record, a single integer key (`queries.range_records`)
 RANGE_ROWS = tuple(2**i for i in range(3, 11))  # 8 .. 1024 rows per range
 PRIOR_ROWS = 1_000  # before anything is seen, differences are taken as half a difference per this many rows
 
 
 @dataclass
 class AdaptivePolicy:
-    """How many rows each compared range should hold, from how dense differences have been so far.
+    """How to compare the next piece of a table, from how dense its differences have been so far.
 
-    A range costs `RANGE_COST` (relative to re-reading one row as a (key, hash) line), and a
-    mismatching range re-reads its rows: per row, RANGE_COST / size + P(range mismatches). With
-    differences spread at random (density p), P = 1 - (1 - p)^size; the size in `RANGE_ROWS` with
-    the least cost is chosen: about 1000 rows per range for clean data, 16 for 1% of rows
-    differing. The density is estimated from what was seen, starting from half a difference per
-    `PRIOR_ROWS` rows (64-row ranges). One policy may be shared by the chunks of a table compared
-    in one process (counts only ever grow).
+    By ranges: a range costs `RANGE_COST` and a mismatching range re-reads its rows, so per row
+    1 + RANGE_COST / size + RELINE_COST * P(range mismatches); with differences spread at random
+    (density p), P = 1 - (1 - p)^size; the size in `RANGE_ROWS` with the least cost is chosen:
+    about 1000 rows per range for clean data, 64 for one row in a thousand differing. Or, once
+    differences are dense enough that this costs more (about 1 row in 300 for binary records),
+    every row's (key, hash) line is read instead, with no aggregate at all (`every_line`).
+    The density is estimated from what was seen, starting from half a difference per
+    `PRIOR_ROWS` rows. One policy may be shared by the chunks of a table compared in one process
+    (counts only ever grow).
     """
 
     slice_rows: int
@@ -173,14 +180,19 @@ class AdaptivePolicy:
     def density(self) -> float:
         return (self.differences_seen + 0.5) / (self.rows_seen + PRIOR_ROWS)
 
+    def ranges_cost(self, size: int) -> float:
+        """Cost per row of comparing by ranges of `size` rows (see the class docstring)."""
+        p = min(1.0, self.density)
+        return 1.0 + RANGE_COST / size + RELINE_COST * (1.0 - (1.0 - p) ** size)
+
     @property
     def range_rows(self) -> int:
-        p = min(1.0, self.density)
+        return int(min(RANGE_ROWS, key=self.ranges_cost))
 
-        def cost(size: int) -> float:
-            return RANGE_COST / size + 1.0 - (1.0 - p) ** size
-
-        return int(min(RANGE_ROWS, key=cost))
+    def every_line(self, lines_cost: float) -> bool:
+        """Whether reading every row as a line (at `lines_cost` per row) beats the best range size;
+        only once informed: a guess from the prior never turns aggregates off."""
+        return self.informed and lines_cost < self.ranges_cost(self.range_rows)
 
 
 def multiset_bits(rows: int, rows_per_bucket: int = 1000) -> int:

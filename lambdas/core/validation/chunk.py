@@ -1,7 +1,7 @@
 """Compare one chunk on both sides: range aggregates, bisection, (key, hash) fetches, row diffs, re-checks.
 
 A chunk is compared a piece at a time (the whole chunk, or its first slice alone while nothing
-is known yet about how dense differences are). Each piece:
+is known yet about how dense differences are). While differences are rare, each piece:
 1. is cut into ranges of about `AdaptivePolicy.range_rows` rows: at equal key widths for a
    single integer key (from the least and greatest key on either side), else at keys sampled on
    the source;
@@ -10,6 +10,9 @@ is known yet about how dense differences are). Each piece:
 3. the ranges whose aggregates differ and hold at most 2 x slice_rows rows on either side have
    their (key, hash) lines fetched (one statement per side) and diffed; a larger one is split at
    key quantiles of the side with more rows and its parts compared the same way.
+Once differences are dense (`AdaptivePolicy.every_line`: about 1 row in 300), small ranges'
+aggregates plus re-reading the mismatching ones cost more than reading every row's (key, hash)
+line once, so the piece is read that way instead (16-byte binary records for a single integer key).
 The keys found are then read in full on both sides and diffed column by column. While
 replication runs, each such row is re-checked (`rowdiff.settle`) after the target has applied
 the source's WAL past the position noted after reading the source row, which is past the
@@ -27,6 +30,8 @@ from lambdas.core.lsn import Lsn, current_lsn, wait_for_lsn
 from lambdas.core.ranges import KeyRange
 from lambdas.core.validation import queries
 from lambdas.core.validation.bisect import (
+    RECORD_LINES_COST,
+    TEXT_LINES_COST,
     AdaptivePolicy,
     Aggregate,
     Step,
@@ -56,12 +61,13 @@ from lambdas.core.validation.rowdiff import (
     RowDifference,
     RowImage,
     diff_hash_lines,
+    diff_hash_records,
     diff_row,
     multiset_diff,
     settle,
     settle_multiset,
 )
-from lambdas.core.validation.session import SessionPair, run_one, run_one_raw, run_query
+from lambdas.core.validation.session import SessionPair, run_copy_row, run_one, run_one_raw, run_query
 
 READ_BATCH = 10_000  # keys per full-row read
 MAX_PIECE_ROWS = 500_000  # planned rows compared by one statement per side at most
@@ -140,9 +146,11 @@ def _compare_keyed(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy) 
         piece = slices[done : done + count]
         done += len(piece)
         key_range = KeyRange(piece[0].lower, piece[-1].upper)
-        range_rows = policy.range_rows
-        ranges = _cut(pair, spec, key_range, len(piece) * chunk.slice_rows, range_rows)
-        rows, differences = _compare_ranges(pair, chunk, ranges, tally, depth=0)
+        if policy.every_line(RECORD_LINES_COST if _records_key(spec) else TEXT_LINES_COST):
+            rows, differences = _compare_every_line(pair, chunk, key_range, tally)
+        else:
+            ranges = _cut(pair, spec, key_range, len(piece) * chunk.slice_rows, policy.range_rows)
+            rows, differences = _compare_ranges(pair, chunk, ranges, tally, depth=0)
         policy.record(rows, differences)
     if chunk.replication is not None:
         differences_found, unsettled = _recheck(pair, chunk, chunk.replication, list(tally.candidates), tally)
@@ -156,6 +164,11 @@ def _note_first(pair: SessionPair, chunk: ChunkSpec, tally: _Tally) -> None:
         tally.first_lsn = source_position(pair.source)
 
 
+def _records_key(spec: TableSpec) -> bool:
+    """A single integer key: lines can travel as 16-byte binary records (`queries.range_records`)."""
+    return len(spec.key) == 1 and spec.key_types[0] in INTEGER_KEY_TYPES
+
+
 def _cut(
     pair: SessionPair, spec: TableSpec, key_range: KeyRange, expected_rows: int, range_rows: int
 ) -> Sequence[KeyRange]:
@@ -166,7 +179,7 @@ def _cut(
     (an index-only scan of the piece): cuts are only boundaries, both sides are read between the
     same ones.
     """
-    if len(spec.key) == 1 and spec.key_types[0] in INTEGER_KEY_TYPES:
+    if _records_key(spec):
         query, params = queries.key_span(spec, key_range)
         spans = [s for s in pair.both(run_one(query, params)) if s is not None and s[0] is not None]
         if not spans:
@@ -210,6 +223,32 @@ def _compare_ranges(
     if fetch:
         found += _fetch_hashes(pair, chunk, ranges, fetch, tally)
     return max(source_rows, target_rows), found
+
+
+def _compare_every_line(pair: SessionPair, chunk: ChunkSpec, key_range: KeyRange, tally: _Tally) -> tuple[int, int]:
+    """Dense differences: every row's (key, hash) line of the piece, read once on each side and
+    diffed, with no aggregate: (rows, differing keys) found."""
+    spec = chunk.table
+    if _records_key(spec):
+        query, params = queries.range_records(spec, key_range)
+        source, target = pair.both(run_copy_row(query, params))
+        assert source[0] is not None and target[0] is not None and source[1] is not None and target[1] is not None
+        counts = int.from_bytes(source[0], "big"), int.from_bytes(target[0], "big")
+        diff = diff_hash_records(source[1], target[1])
+    else:
+        query, params = queries.range_lines(spec, [key_range])
+        src_row, tgt_row = pair.both(run_one_raw(query, params))
+        assert src_row is not None and tgt_row is not None
+        counts = int(src_row[0]), int(tgt_row[0])
+        diff = diff_hash_lines(src_row[1], tgt_row[1], len(spec.key))
+    _note_first(pair, chunk, tally)
+    tally.source_rows += counts[0]
+    tally.target_rows += counts[1]
+    tally.slices += 1
+    tally.slices_mismatched += 1 if diff else 0
+    tally.rows_fetched += counts[0] + counts[1]
+    tally.add(diff)
+    return max(counts), len(diff.keys)
 
 
 def _split(

@@ -165,8 +165,8 @@ class ChunkResult(_Model):
     multiset: bool = False
     source_rows: int = 0
     target_rows: int = 0
-    slices: int = 0  # key ranges compared by aggregate (the parts of split ranges included)
-    slices_mismatched: int = 0  # of those, the ranges whose aggregates differed
+    slices: int = 0  # key ranges compared: by aggregate (split ranges' parts included), or pieces read line by line
+    slices_mismatched: int = 0  # of those, the ranges that differed
     splits: int = 0  # ranges bisected because they held more rows than a fetch should carry
     rows_fetched: int = 0  # (key, hash) pairs downloaded, both sides
     missing: DiffList = Field(default_factory=DiffList)  # on the source, not on the target

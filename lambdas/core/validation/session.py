@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from typing import Any, TypeVar
 
 import psycopg2.extensions
@@ -102,3 +103,47 @@ def run_one_raw(query: sql.Composable, params: Sequence[Any]) -> Callable[[Conne
             return cur.fetchone()
 
     return run
+
+
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+
+
+def run_copy_row(query: sql.Composable, params: Sequence[Any]) -> Callable[[Connection], list[bytes | None]]:
+    """The one row a query returns, read through COPY in binary format: each field as the type's
+    send function wrote it (None for NULL). A large bytea arrives as its bytes, not as hex text
+    to be decoded (measured: 4 instead of 9.5 ms for 1.6 MB).
+
+    COPY takes no parameters, so the statement is composed with its values by psycopg2's own
+    quoting (`mogrify`, what `execute` does as well).
+    """
+
+    def run(conn: Connection) -> list[bytes | None]:
+        buffer = BytesIO()
+        with conn.cursor() as cur:
+            statement = cur.mogrify(query, params).decode(psycopg2.extensions.encodings[conn.encoding])
+            cur.copy_expert(f"COPY ({statement}) TO STDOUT (FORMAT binary)", buffer)
+        return parse_copy_row(buffer.getvalue())
+
+    return run
+
+
+def parse_copy_row(data: bytes) -> list[bytes | None]:
+    """The fields of the single row of a binary COPY stream (header, one tuple, trailer)."""
+    if not data.startswith(_COPY_SIGNATURE):
+        raise ValueError("not a binary COPY stream")
+    position = len(_COPY_SIGNATURE) + 4  # the flags field
+    position += 4 + int.from_bytes(data[position : position + 4], "big")  # the header extension
+    count = int.from_bytes(data[position : position + 2], "big", signed=True)
+    position += 2
+    fields: list[bytes | None] = []
+    for _ in range(max(0, count)):
+        length = int.from_bytes(data[position : position + 4], "big", signed=True)
+        position += 4
+        if length < 0:
+            fields.append(None)
+            continue
+        fields.append(data[position : position + length])
+        position += length
+    if count < 0 or data[position:] != b"\xff\xff":
+        raise ValueError("a binary COPY stream of one row expected")
+    return fields
