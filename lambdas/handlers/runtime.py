@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from lambdas.core.config import Migration, parse_migration
 from lambdas.core.endpoints import SecretReader, resolve_dsn
 from lambdas.core.validation.store import ValidationStore
+from lambdas.core.validation.store_s3 import READERS as S3_READERS
 from lambdas.core.validation.store_s3 import S3ValidationStore
 
 SERVICE = "zdm"
@@ -57,8 +58,9 @@ def validation_store() -> ValidationStore:
             " (the stack sets it; set it to a bucket name to run the handlers elsewhere)"
         )
     import boto3
+    from botocore.config import Config
 
-    return S3ValidationStore(boto3.client("s3"), bucket)
+    return S3ValidationStore(boto3.client("s3", config=Config(max_pool_connections=S3_READERS)), bucket)
 
 
 def dsns(migration: Migration) -> tuple[str, str]:

@@ -27,7 +27,7 @@ class SummaryRequest(BaseModel):
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     request = SummaryRequest.model_validate(event)
     plan = request.plan
-    results = validation_store().load_results(plan.items) if plan.items is not None else request.results
+    results = validation_store().iter_results(plan.items) if plan.items is not None else request.results
     summary = summarize(plan, results, finished_at=time.time())
     logger.info(
         "validation summarized",

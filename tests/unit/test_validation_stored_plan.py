@@ -82,8 +82,8 @@ def test_results_stored_per_chunk_summarize_like_results_passed_in(store: S3Vali
     for result in [*results, results[1]]:
         store.store_result(stored.items, result)
     # When the summary reads them back
-    loaded = store.load_results(stored.items)
-    summary = summarize(stored, loaded, finished_at=1.0)
+    loaded = list(store.iter_results(stored.items))
+    summary = summarize(stored, iter(loaded), finished_at=1.0)
     # Then it is the summary of the results themselves: one object per chunk, the missing row named
     assert len(loaded) == 3
     assert summary == summarize(plan_of({"a": 3}), results, finished_at=1.0)
@@ -96,7 +96,7 @@ def test_a_chunk_without_a_stored_result_fails_the_summary(store: S3ValidationSt
     assert stored.items is not None
     store.store_result(stored.items, ChunkResult(table="public.a", chunk=0, chunks=2, source_rows=5, target_rows=5))
     # When summarized from the store
-    summary = summarize(stored, store.load_results(stored.items), finished_at=1.0)
+    summary = summarize(stored, store.iter_results(stored.items), finished_at=1.0)
     # Then both gaps are counted, table b's too although no result of it came back at all
     assert not summary.ok and summary.chunks_missing == 2
     by_name = {t.table: t for t in summary.per_table}

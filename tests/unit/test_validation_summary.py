@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
+import tracemalloc
+from collections.abc import Iterator
 
 from lambdas.core.validation.model import ChunkResult, DiffList, KeyDiff, RowHash, TableSpec, ValidationPlan
-from lambdas.core.validation.summary import merge_lists, summarize
+from lambdas.core.validation.summary import MAX_NOTES, FirstInOrder, merge_lists, summarize
 
 
 def spec(name: str, *, key: bool = True, comparable: bool = True, problems: list[str] | None = None) -> TableSpec:
@@ -28,6 +31,54 @@ def test_first_keys_come_in_chunk_order_and_counts_add_up() -> None:
     merged = merge_lists([keys("1", "2"), keys("3"), keys("4", "5")], 3)
     assert merged.count == 5
     assert [k.key for k in merged.first] == [["1"], ["2"], ["3"]]
+
+
+def test_first_items_in_chunk_order_whatever_order_the_chunks_arrive_in() -> None:
+    # Given 200 chunks' lists of 0 to 5 items (item = (chunk, position)), arriving in a random order
+    rng = random.Random(3)
+    lists = {chunk: [(chunk, i) for i in range(rng.randint(0, 5))] for chunk in range(200)}
+    for first in (0, 1, 7, 50, 10_000):
+        arrival = list(lists)
+        rng.shuffle(arrival)
+        folded: FirstInOrder[tuple[int, int]] = FirstInOrder(first)
+        for chunk in arrival:
+            folded.add(chunk, lists[chunk])
+        # Then the same first items as in chunk order, and every item counted
+        in_order = [item for chunk in sorted(lists) for item in lists[chunk]]
+        assert folded.items == in_order[:first]
+        assert folded.count == len(in_order)
+
+
+def test_results_streamed_in_are_summarized_in_bounded_memory() -> None:
+    # Given 400 chunk results of 250 changed keys each, produced one at a time (as read from the store)
+    plan = ValidationPlan(started_at=0.0, tables=[spec("a")], first_keys=100)
+
+    def results() -> Iterator[ChunkResult]:
+        for chunk in range(400):
+            first = [KeyDiff.model_construct(key=[f"{chunk}-{i}"], columns=["v"]) for i in range(250)]
+            yield ChunkResult.model_construct(
+                table="public.a",
+                chunk=chunk,
+                chunks=400,
+                source_rows=250,
+                changed=DiffList(count=250, first=first),
+                notes=[f"note of chunk {chunk}"],
+            )
+
+    # When summarized
+    tracemalloc.start()
+    try:
+        summary = summarize(plan, results(), finished_at=1.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Then all 100,000 are counted, the first 100 in order are listed, and memory held a few chunks' worth
+    table = summary.per_table[0]
+    assert table.changed.count == 100_000 and len(table.changed.first) == 100
+    assert [k.key[0] for k in table.changed.first[:2]] == ["0-0", "0-1"]
+    assert table.changed.first[-1].key == ["0-99"]
+    assert len(table.notes) == MAX_NOTES + 1 and table.notes[-1] == "... and 300 more note(s)"
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB"  # all results at once: over 60 MiB
 
 
 def test_identical_data_summarizes_as_ok_with_rates() -> None:

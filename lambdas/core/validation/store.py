@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from urllib.parse import quote
 
 from lambdas.core.validation.model import ChunkResult, ChunkSpec, StoredItems, ValidationPlan
 
+RESULT_BATCH = 512  # results read (in parallel, by a backend that can) before they are folded
 _RUN = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -72,10 +73,13 @@ class ValidationStore(ABC):
         self.put_object(key, result.model_dump_json().encode())
         return key
 
-    def load_results(self, items: StoredItems) -> list[ChunkResult]:
-        return [
-            ChunkResult.model_validate_json(body) for body in self.get_objects(self.list_keys(items.results_prefix))
-        ]
+    def iter_results(self, items: StoredItems) -> Iterator[ChunkResult]:
+        """Every stored result, read `RESULT_BATCH` objects at a time: the summary folds them as they
+        come, so memory does not grow with the number of chunks."""
+        keys = self.list_keys(items.results_prefix)
+        for start in range(0, len(keys), RESULT_BATCH):
+            for body in self.get_objects(keys[start : start + RESULT_BATCH]):
+                yield ChunkResult.model_validate_json(body)
 
     def get_objects(self, keys: Sequence[str]) -> list[bytes]:
         return [self.get_object(k) for k in keys]

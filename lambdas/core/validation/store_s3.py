@@ -8,10 +8,13 @@ from typing import Any
 
 from lambdas.core.validation.store import ValidationStore
 
-_READERS = 32  # the summary reads one object per chunk: many at once (S3 latency, not bandwidth)
+READERS = 64  # the summary reads one object per chunk: many at once (S3 latency, not bandwidth)
 
 
 class S3ValidationStore(ValidationStore):
+    """`client` should pool `READERS` connections (botocore's default is 10: more readers than that
+    would open and drop connections)."""
+
     def __init__(self, client: Any, bucket: str) -> None:
         self._s3 = client
         self._bucket = bucket
@@ -33,5 +36,5 @@ class S3ValidationStore(ValidationStore):
         return keys
 
     def get_objects(self, keys: Sequence[str]) -> list[bytes]:
-        with ThreadPoolExecutor(max_workers=_READERS) as pool:
+        with ThreadPoolExecutor(max_workers=READERS) as pool:
             return list(pool.map(self.get_object, keys))

@@ -1,9 +1,17 @@
-"""Chunk results merged into a summary per table and overall (no database)."""
+"""Chunk results folded into a summary per table and overall (no database).
+
+Results are folded one at a time, in any order, keeping only what the summary shows: sums, the
+chunk numbers seen, and per list the first `first` entries in chunk order. So a plan of a
+million chunks is summarized in the memory of a few, as its results stream in from the store.
+"""
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from lambdas.core.validation.model import (
     ChunkResult,
@@ -15,81 +23,144 @@ from lambdas.core.validation.model import (
     ValidationSummary,
 )
 
+T = TypeVar("T")
+MAX_NOTES = 100  # per table; the count of the others is noted
+
+
+@dataclass
+class FirstInOrder(Generic[T]):
+    """The first `first` items, in chunk order, of per-chunk lists arriving in any order.
+
+    Items past the first `first` of those kept can never come back into the first `first`
+    (later lists only add items), so they are dropped at once: memory stays bounded by `first`.
+    """
+
+    first: int
+    count: int = 0
+    _kept: list[tuple[int, list[T]]] = field(default_factory=list)  # (chunk, items), by chunk
+    _size: int = 0
+
+    def add(self, chunk: int, items: list[T], count: int | None = None) -> None:
+        self.count += len(items) if count is None else count
+        items = items[: self.first]
+        if not items:
+            return
+        position = bisect.bisect_right([c for c, _ in self._kept], chunk)
+        self._kept.insert(position, (chunk, list(items)))
+        self._size += len(items)
+        while self._size > self.first:
+            last_chunk, last = self._kept[-1]
+            excess = self._size - self.first
+            if excess >= len(last):
+                self._kept.pop()
+                self._size -= len(last)
+            else:
+                self._kept[-1] = (last_chunk, last[: len(last) - excess])
+                self._size -= excess
+
+    @property
+    def items(self) -> list[T]:
+        return [item for _, items in self._kept for item in items]
+
 
 def merge_lists(lists: Iterable[DiffList], first: int) -> DiffList:
     """Counts added up; the first `first` entries kept in the order given (chunk order is key order)."""
-    count = 0
-    entries: list[KeyDiff] = []
-    for diff_list in lists:
-        count += diff_list.count
-        room = first - len(entries)
-        if room > 0:
-            entries += diff_list.first[:room]
-    return DiffList(count=count, first=entries)
+    merged: FirstInOrder[KeyDiff] = FirstInOrder(first)
+    for chunk, diff_list in enumerate(lists):
+        merged.add(chunk, diff_list.first, diff_list.count)
+    return DiffList(count=merged.count, first=merged.items)
 
 
 def _rate(rows: int, seconds: float) -> float:
     return round(rows / seconds, 1) if seconds > 0 else 0.0
 
 
-def summarize_table(
-    spec: TableSpec, results: Sequence[ChunkResult], *, planned_chunks: int | None, first: int
-) -> TableSummary:
-    name = str(spec.table)
-    if not spec.comparable:
-        return TableSummary(table=name, multiset=spec.multiset, compared=False, problems=list(spec.problems), ok=False)
-    unique = {r.chunk: r for r in results}  # a retried task may report a chunk twice: keep one
-    ordered = [unique[n] for n in sorted(unique)]
-    expected = planned_chunks if planned_chunks is not None else max((r.chunks for r in ordered), default=1)
-    problems = list(spec.problems)
-    absent = expected - len(ordered)
-    if absent > 0:
-        problems.append(f"{absent} of {expected} chunk(s) have no result (a task failed); their rows are unchecked")
-    changed_columns: Counter[str] = Counter()
-    for result in ordered:
-        changed_columns.update(result.changed_columns)
-    seconds = sum(r.seconds for r in ordered)
-    source_rows = sum(r.source_rows for r in ordered)
-    summary = TableSummary(
-        table=name,
-        multiset=spec.multiset,
-        source_rows=source_rows,
-        target_rows=sum(r.target_rows for r in ordered),
-        chunks=len(ordered),
-        chunks_planned=max(expected, len(ordered)),
-        chunks_mismatched=sum(1 for r in ordered if r.slices_mismatched),
-        missing=merge_lists((r.missing for r in ordered), first),
-        extra=merge_lists((r.extra for r in ordered), first),
-        changed=merge_lists((r.changed for r in ordered), first),
-        unsettled=merge_lists((r.unsettled for r in ordered), first),
-        transient=sum(r.transient for r in ordered),
-        changed_columns=dict(sorted(changed_columns.items())),
-        problems=problems,
-        notes=[note for r in ordered for note in r.notes],
-        seconds=round(seconds, 6),
-        rows_per_second=_rate(source_rows, seconds),
-    )
-    ok = not problems and summary.differences == 0 and summary.unsettled.count == 0
-    return summary.model_copy(update={"ok": ok})
+_LISTS = ("missing", "extra", "changed", "unsettled")
 
 
-def summarize(plan: ValidationPlan, results: Sequence[ChunkResult], *, finished_at: float) -> ValidationSummary:
-    """One summary from every chunk's result. `plan.chunks` may be left out (only its count per table is
-    used; a stored plan keeps the counts in `chunks_per_table`)."""
-    by_table: dict[str, list[ChunkResult]] = {}
+class TableTally:
+    """One table's results folded as they come (a chunk reported twice, by a retried task, counts once)."""
+
+    def __init__(self, spec: TableSpec, first: int) -> None:
+        self.spec = spec
+        self.chunks_seen: set[int] = set()
+        self.chunks_declared = 0  # the most chunks any result said its table has
+        self.source_rows = self.target_rows = self.transient = self.chunks_mismatched = 0
+        self.seconds = 0.0
+        self.changed_columns: Counter[str] = Counter()
+        self.lists = {name: FirstInOrder[KeyDiff](first) for name in _LISTS}
+        self.notes: FirstInOrder[str] = FirstInOrder(MAX_NOTES)
+
+    def add(self, result: ChunkResult) -> None:
+        if result.chunk in self.chunks_seen:
+            return
+        self.chunks_seen.add(result.chunk)
+        self.chunks_declared = max(self.chunks_declared, result.chunks)
+        self.source_rows += result.source_rows
+        self.target_rows += result.target_rows
+        self.transient += result.transient
+        self.chunks_mismatched += 1 if result.slices_mismatched else 0
+        self.seconds += result.seconds
+        self.changed_columns.update(result.changed_columns)
+        for name in _LISTS:
+            diff_list: DiffList = getattr(result, name)
+            self.lists[name].add(result.chunk, diff_list.first, diff_list.count)
+        self.notes.add(result.chunk, result.notes)
+
+    def _listed(self, name: str) -> DiffList:
+        return DiffList(count=self.lists[name].count, first=self.lists[name].items)
+
+    def summary(self, planned_chunks: int | None) -> TableSummary:
+        spec = self.spec
+        name = str(spec.table)
+        if not spec.comparable:
+            return TableSummary(
+                table=name, multiset=spec.multiset, compared=False, problems=list(spec.problems), ok=False
+            )
+        chunks = len(self.chunks_seen)
+        expected = planned_chunks if planned_chunks is not None else max(self.chunks_declared, 1)
+        problems = list(spec.problems)
+        absent = expected - chunks
+        if absent > 0:
+            problems.append(f"{absent} of {expected} chunk(s) have no result (a task failed); their rows are unchecked")
+        notes = self.notes.items
+        if self.notes.count > len(notes):
+            notes.append(f"... and {self.notes.count - len(notes):,} more note(s)")
+        summary = TableSummary(
+            table=name,
+            multiset=spec.multiset,
+            source_rows=self.source_rows,
+            target_rows=self.target_rows,
+            chunks=chunks,
+            chunks_planned=max(expected, chunks),
+            chunks_mismatched=self.chunks_mismatched,
+            transient=self.transient,
+            changed_columns=dict(sorted(self.changed_columns.items())),
+            problems=problems,
+            notes=notes,
+            seconds=round(self.seconds, 6),
+            rows_per_second=_rate(self.source_rows, self.seconds),
+            missing=self._listed("missing"),
+            extra=self._listed("extra"),
+            changed=self._listed("changed"),
+            unsettled=self._listed("unsettled"),
+        )
+        ok = not problems and summary.differences == 0 and summary.unsettled.count == 0
+        return summary.model_copy(update={"ok": ok})
+
+
+def summarize(plan: ValidationPlan, results: Iterable[ChunkResult], *, finished_at: float) -> ValidationSummary:
+    """One summary from every chunk's result, read once (an iterator streaming from the store will
+    do). `plan.chunks` may be left out (only its count per table is used; a stored plan keeps the
+    counts in `chunks_per_table`). Results of tables the plan does not hold are ignored."""
+    tallies = {str(spec.table): TableTally(spec, plan.first_keys) for spec in plan.tables}
     for result in results:
-        by_table.setdefault(result.table, []).append(result)
+        tally = tallies.get(result.table)
+        if tally is not None:
+            tally.add(result)
     planned: Counter[str] = Counter(str(c.table.table) for c in plan.chunks) + Counter(plan.chunks_per_table)
     known = bool(plan.chunks) or plan.items is not None  # else: only the results say how many to expect
-    tables = [
-        summarize_table(
-            spec,
-            by_table.get(str(spec.table), []),
-            planned_chunks=planned.get(str(spec.table), 0) if known else None,
-            first=plan.first_keys,
-        )
-        for spec in plan.tables
-    ]
+    tables = [tally.summary(planned.get(name, 0) if known else None) for name, tally in tallies.items()]
     seconds = max(0.0, finished_at - plan.started_at)
     rows = sum(t.source_rows for t in tables)
     missing_chunks = sum(t.chunks_planned - t.chunks for t in tables if t.compared)
