@@ -363,7 +363,8 @@ class Validation(_Model):
         ge=10,
         description="planning unit inside a chunk (at most chunk_rows): the chunk is compared in ranges of "
         "8 to 1024 rows sized to how dense differences are; a mismatching range is fetched as (key, row hash) "
-        "pairs and diffed, or split at key quantiles when it holds more than twice slice_rows",
+        "pairs and diffed, or split at key quantiles when it holds more than twice slice_rows; once about 1 row "
+        "in 300 differs, every row's (key, row hash) is read instead",
     )
     recheck_attempts: int = Field(
         default=5,

@@ -336,6 +336,93 @@ def test_placeholder_is_filled_from_an_earlier_change_in_the_same_batch(
     assert rows(target, "id, qty, note, body, doc::text") == [(2, 1, "n", "first body", '{"v": 2}')]
 
 
+BIG = {"body": "b" * 9_000, "doc": '{"k": [1, 2]}', "tags": ["t1", "t2"]}
+UNSENT = {"body": P, "doc": P, "tags": [P]}  # how Debezium sends them when they did not change
+
+
+def big_rows(conn: Connection) -> list[tuple[Any, ...]]:
+    return rows(conn, "id, sku, qty, left(body, 12), length(body), doc::text, tags")
+
+
+def moved(s: Stream, old: int, new: int, pos: tuple[int, int], **values: Any) -> list[StreamRecord]:
+    """UPDATE ... SET id = new WHERE id = old leaving the TOASTed columns as they are: a delete (and its
+    tombstone) and a create at one position, the create without the unchanged TOASTed values."""
+    return [*s.delete(old, pos), s.create(item(new, **{**UNSENT, **values}), pos)]
+
+
+def test_a_key_change_keeps_the_old_rows_unchanged_toast_values(target: Connection, applier: ChangeApplier) -> None:
+    # Given row 1 with TOASTed values on the target
+    s = Stream()
+    apply(applier, [s.create(item(1, qty=3, **BIG), (1000, 1010))])
+    # When UPDATE ... SET id = 4 WHERE id = 1 arrives, the create lacking the unchanged TOASTed values
+    result = apply(applier, moved(s, 1, 4, (1100, 1110), sku="sku-1", qty=3))
+    # Then row 4 has row 1's values, TOASTed ones included, and row 1 is gone
+    assert result.dead_letters == [] and result.applied == 2
+    assert big_rows(target) == [(4, "sku-1", 3, "bbbbbbbbbbbb", 9_000, '{"k": [1, 2]}', ["t1", "t2"])]
+
+
+def test_key_moves_within_one_batch_take_each_rows_own_values(target: Connection, applier: ChangeApplier) -> None:
+    # Given rows 1 and 2 with different TOASTed values
+    s = Stream()
+    apply(
+        applier,
+        [
+            s.create(item(1, body="one" * 3000, doc='{"r": 1}', tags=["1"]), (1000, 1010)),
+            s.create(item(2, body="two" * 3000, doc='{"r": 2}', tags=["2"]), (1000, 1020)),
+        ],
+    )
+    # When one batch shifts both keys up (2 -> 3, then 1 -> 2), inserts row 5 and moves it (5 -> 6),
+    # updates row 3 leaving its TOASTed values unchanged, then moves it again (3 -> 7)
+    batch = [
+        *moved(s, 2, 3, (1100, 1110), sku="sku-2"),
+        *moved(s, 1, 2, (1100, 1120), sku="sku-1"),
+        s.create(item(5, body="five" * 3000, doc='{"r": 5}', tags=["5"]), (1200, 1210)),
+        *moved(s, 5, 6, (1300, 1310), sku="sku-5"),
+        s.update(item(3, sku="sku-2", qty=8, **UNSENT), (1400, 1410)),
+        *moved(s, 3, 7, (1500, 1510), sku="sku-2", qty=8),
+    ]
+    result = apply(applier, batch)
+    # Then every row carries the TOASTed values it had, under its new key
+    assert result.dead_letters == []
+    assert rows(target, "id, sku, qty, left(body, 6), doc::text, tags") == [
+        (2, "sku-1", 1, "oneone", '{"r": 1}', ["1"]),
+        (6, "sku-5", 1, "fivefi", '{"r": 5}', ["5"]),
+        (7, "sku-2", 8, "twotwo", '{"r": 2}', ["2"]),
+    ]
+
+
+def test_a_key_move_applied_again_or_alone_after_a_poison_change_gives_the_same_row(
+    target: Connection, applier: ChangeApplier
+) -> None:
+    # Given row 1 with TOASTed values, and a batch holding its move and a change the target refuses
+    s = Stream()
+    apply(applier, [s.create(item(1, **BIG), (1000, 1010))])
+    batch = [*moved(s, 1, 4, (1100, 1110), sku="sku-1"), s.create(item(9, qty="not a number"), (1200, 1210))]
+    # When applied (the batch statement fails, so changes are applied one by one: the move as one)
+    result = apply(applier, batch)
+    # Then only the refused change is a dead letter and the moved row is whole
+    assert [d.offset for d in result.dead_letters] == [4]
+    expected = [(4, "sku-1", 1, "bbbbbbbbbbbb", 9_000, '{"k": [1, 2]}', ["t1", "t2"])]
+    assert big_rows(target) == expected
+    # And when Debezium publishes the move again after a restart (same position, new offsets), nothing changes
+    again = apply(applier, republish(batch[:3], s))
+    assert again.dead_letters == []
+    assert big_rows(target) == expected
+
+
+def test_a_key_move_whose_old_row_is_not_on_the_target_is_a_dead_letter(
+    target: Connection, applier: ChangeApplier
+) -> None:
+    # Given an empty target (the old row never arrived)
+    s = Stream()
+    # When a move with unchanged TOASTed values arrives
+    result = apply(applier, moved(s, 1, 4, (1100, 1110)))
+    # Then the create cannot be rebuilt: a dead letter naming why; the delete applied (nothing to delete)
+    assert [d.offset for d in result.dead_letters] == [2]
+    assert "whose old row is not" in result.dead_letters[0].reason
+    assert rows(target) == []
+
+
 def test_update_with_placeholder_for_a_missing_row_is_a_dead_letter(
     target: Connection, applier: ChangeApplier, sink: CollectingSink
 ) -> None:

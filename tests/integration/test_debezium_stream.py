@@ -264,6 +264,9 @@ def test_every_type_arrives_exactly_and_unchanged_toast_values_are_kept(
         execute(source, f"UPDATE kinds SET big_text = {RANDOM_TEXT}, flag = NULL WHERE id = 4")
         execute(source, "UPDATE kinds SET code = 'twice' WHERE id = 1")
         execute(source, "DELETE FROM kinds WHERE id = 2")
+        # (key changes of a row whose TOASTed values stay unchanged: 1 -> 40, then 40 -> 41 with another column)
+        execute(source, "UPDATE kinds SET id = 40 WHERE id = 1")
+        execute(source, "UPDATE kinds SET id = 41, code = 'moved' WHERE id = 40")
         execute(source, "UPDATE kinds_keys SET k_line = k_line + 100, label = 'moved' WHERE k_line <= 2")
         execute(source, "DELETE FROM kinds_keys WHERE k_line = 3")
         reached = engine.wait_for_fence(source, timeout=60)
@@ -277,13 +280,23 @@ def test_every_type_arrives_exactly_and_unchanged_toast_values_are_kept(
         assert reached.waited_seconds < 60
         # And the connector did send the placeholder, in each of its forms, for the unchanged TOASTed columns
         big = [c for c in BIG_COLUMNS if c != "big_text"]
+        topic = table_topic(engine.plan.prefix, KINDS_TABLES[0])
         updates = [
             json.loads(v)["after"]
-            for _, _, v in read_topic(broker.bootstrap, table_topic(engine.plan.prefix, KINDS_TABLES[0]), idle=0.3)
+            for _, _, v in read_topic(broker.bootstrap, topic, idle=0.3)
             if v and json.loads(v)["op"] == "u" and json.loads(v)["after"]["id"] == 4
         ]
         assert updates and all(is_unavailable(updates[0][c]) for c in BIG_COLUMNS), updates[0]
         assert all(is_unavailable(u[c]) for u in updates[1:] for c in big)
+        # And the key changes came as a delete and a create without the unchanged TOASTed values
+        moves = [
+            (event["op"], (event["after"] or event["before"])["id"], event["source"]["lsn"], event["after"])
+            for event in (json.loads(v) for _, _, v in read_topic(broker.bootstrap, topic, idle=0.3) if v)
+            if (event["after"] or event["before"] or {}).get("id") in (1, 40, 41) and event["op"] in ("c", "d")
+        ]
+        assert [(op, key) for op, key, _, _ in moves[-4:]] == [("d", 1), ("c", 40), ("d", 40), ("c", 41)], moves
+        assert moves[-4][2] == moves[-3][2] and moves[-2][2] == moves[-1][2]
+        assert all(is_unavailable(moves[-1][3][c]) for c in BIG_COLUMNS)
     source.close()
     target.close()
 

@@ -10,7 +10,8 @@ Guarantees, whatever the transport redelivers:
   a create at one LSN) are re-applied, which leaves the same state.
 - Within a batch the changes of one row are folded into its final state and applied set-wise per
   table (deletes, then upserts); an unchanged TOASTed column (Debezium's placeholder) is never
-  written: the target keeps its value, or an earlier change in the same batch supplies it.
+  written: the target keeps its value, or an earlier change in the same batch supplies it. A row
+  moved to a new key takes those values from its old row (copied aside before the deletes).
 - A statement that fails is retried change by change, each under its own savepoint; a change that
   still fails is a dead letter (recorded with the batch, sent to the sink) and the rest flows on.
   Only errors about the change itself (bad data, constraint, schema mismatch) make dead letters; a
@@ -23,6 +24,7 @@ Guarantees, whatever the transport redelivers:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -61,6 +63,10 @@ from lambdas.core.changestream.events import (
 from lambdas.core.db import Connection, Cursor
 from lambdas.core.tables import TableName
 
+_NOT_ON_TARGET = (
+    "an update with unchanged TOAST values for a row that is not on the target (for a key-changing update:"
+    " whose old row is not)"
+)
 _MAX_LETTER_CHARS = 100_000  # an SQS message holds 256 KB; the reason and position matter most
 _PARTITION_OFFSET = operator.itemgetter(0, 1, 2)  # a StreamRecord's (topic, partition, offset)
 
@@ -386,8 +392,8 @@ class ChangeApplier:
                 if not _refused_change(exc):
                     raise  # not about a change: the whole batch rolls back and is delivered again
                 cur.execute("ROLLBACK TO SAVEPOINT zdm_batch")  # (a ConversionError comes before any statement)
-            for change in valid:
-                self._apply_one(cur, table, change, result)
+            for unit in _units(valid):
+                self._apply_one(cur, table, unit, result)
             return
         result.applied += len(valid)
         if missing:
@@ -398,16 +404,16 @@ class ChangeApplier:
                     _letter(
                         change.record,
                         change.event,
-                        "an update with unchanged TOAST values for a row that is not on the target:"
-                        " its full value cannot be rebuilt (re-run validation and fix the row)",
+                        _NOT_ON_TARGET + ": its full value cannot be rebuilt (re-run validation and fix the row)",
                     )
                 )
                 result.applied -= 1
 
-    def _apply_one(self, cur: Cursor, table: TargetTable, change: _Change, result: ApplyResult) -> None:
-        """One change under its own savepoint, converted in SQL; refused, converted by Python instead (whose
-        error names the column's type, and which takes what SQL does not); refused again, a dead letter."""
-        rows = _fold(table, [change])
+    def _apply_one(self, cur: Cursor, table: TargetTable, unit: list[_Change], result: ApplyResult) -> None:
+        """One change (or a key move's delete and create) under its own savepoint, converted in SQL;
+        refused, converted by Python instead (whose error names the column's type, and which takes what
+        SQL does not); refused again, a dead letter."""
+        rows = _fold(table, unit)
         reason = ""
         for python in (False, True):
             try:
@@ -416,19 +422,20 @@ class ChangeApplier:
                 reason = "a value cannot be converted to its column's type"
                 continue
             try:
-                missing = _run(cur, script, "zdm_change")
+                missing = set(_run(cur, script, "zdm_change"))
             except psycopg2.Error as exc:
                 if not _refused_change(exc):
                     raise
                 cur.execute("ROLLBACK TO SAVEPOINT zdm_change")
                 reason = _pg_reason(exc)
                 continue
-            if missing:
-                reason = "an update with unchanged TOAST values for a row that is not on the target"
-                break
-            result.applied += 1
+            unwritten = [c for c in unit if c.event.op is not Op.DELETE and _key_of(table, c.event) in missing]
+            for change in unwritten:
+                result.dead_letters.append(_letter(change.record, change.event, _NOT_ON_TARGET))
+            result.applied += len(unit) - len(unwritten)
             return
-        result.dead_letters.append(_letter(change.record, change.event, reason))
+        for change in unit:
+            result.dead_letters.append(_letter(change.record, change.event, reason))
 
     def _guarded(
         self, cur: Cursor, write: Any, changes: list[_Change], table: TargetTable, result: ApplyResult
@@ -451,7 +458,7 @@ class ChangeApplier:
                     _letter(
                         change.record,
                         change.event,
-                        "an update with unchanged TOAST values for a row that is not on the target",
+                        _NOT_ON_TARGET,
                     )
                 )
             return
@@ -591,6 +598,21 @@ def _schema_problem(table: TargetTable, event: ChangeEvent, marked: bool) -> str
     return None
 
 
+def _units(changes: Sequence[_Change]) -> list[list[_Change]]:
+    """Changes one by one, but a key move (a delete and a create at the same position) kept together:
+    the create may need the old row's unchanged TOAST values."""
+    units: list[list[_Change]] = []
+    for change in changes:
+        event = change.event
+        if units and event.op is Op.CREATE and event.lsn is not None and len(units[-1]) == 1:
+            previous = units[-1][0].event
+            if previous.op is Op.DELETE and previous.lsn == event.lsn:
+                units[-1].append(change)
+                continue
+        units.append([change])
+    return units
+
+
 def _key_of(table: TargetTable, event: ChangeEvent) -> Hashable:
     source = event.key if event.op is Op.DELETE else event.after
     assert source is not None
@@ -598,8 +620,11 @@ def _key_of(table: TargetTable, event: ChangeEvent) -> Hashable:
 
 
 _NOTHING_KEPT: frozenset[str] = frozenset()
-_NO_ROW: tuple[Mapping[str, Any], None] = ({}, None)
 _Shape = tuple[tuple[str, ...], tuple[str, ...]]  # (columns written, columns kept as they are on the target)
+# A row's net change while folding: its values as Debezium sent them, the columns to keep as a target row
+# has them (None: the row is deleted), and which row that is when not the row itself (a key move's old row).
+_FoldState = tuple[Mapping[str, Any], frozenset[str] | None, Mapping[str, Any] | None]
+_NO_ROW: _FoldState = ({}, None, None)
 
 
 @dataclass
@@ -608,6 +633,8 @@ class _Rows:
 
     deletes: list[tuple[Hashable, Mapping[str, Any]]] = field(default_factory=list)  # the key columns' values
     upserts: dict[_Shape, list[tuple[Hashable, Mapping[str, Any]]]] = field(default_factory=dict)
+    # rows that moved to a new key with unchanged TOAST values: (fold key, values, the old row's key values)
+    moves: dict[_Shape, list[tuple[Hashable, Mapping[str, Any], Mapping[str, Any]]]] = field(default_factory=dict)
 
 
 def _available(table: TargetTable, after: Mapping[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
@@ -623,30 +650,61 @@ def _available(table: TargetTable, after: Mapping[str, Any]) -> tuple[dict[str, 
     return values, frozenset(unavailable)
 
 
+def _moved(
+    values: dict[str, Any], unavailable: frozenset[str], old_key: Mapping[str, Any], old: _FoldState | None
+) -> _FoldState:
+    """The new row of a key-changing UPDATE whose unchanged TOAST values Debezium did not send: they are
+    the old row's, from its state earlier in the batch, else from the target's row (or its own origin)."""
+    if old is None or old[1] is None:
+        return values, unavailable, old_key
+    old_values, _, old_origin = old
+    filled = {c: old_values[c] for c in unavailable if c in old_values}
+    kept = frozenset(c for c in unavailable if c not in old_values)
+    return {**filled, **values}, kept, (old_origin or old_key) if kept else None
+
+
 def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
     """Each row's net change: the last one wins; an unchanged TOASTed column takes an earlier change's
-    value, or is kept as it is on the target. Values stay as Debezium sent them (the hot loop)."""
+    value, or is kept as it is on the target. Values stay as Debezium sent them (the hot loop).
+
+    A key-changing UPDATE arrives as a delete of the old key and a create of the new one at the same
+    position; when the create lacks unchanged TOAST values, they are the old row's (`_moved`).
+    """
     plan = table.plan
-    rows: dict[Hashable, tuple[Mapping[str, Any], frozenset[str] | None]] = {}  # None: deleted
+    rows: dict[Hashable, _FoldState] = {}
+    deleted: tuple[int | None, Mapping[str, Any], _FoldState | None] | None = None  # the change just before
     for change in changes:
         event = change.event
         if event.op is Op.DELETE:
             key_values = event.key or {}
-            rows[plan.row_key(key_values)] = (key_values, None)
+            fold_key = plan.row_key(key_values)
+            deleted = (event.lsn, key_values, rows.get(fold_key))
+            rows[fold_key] = (key_values, None, None)
             continue
+        moved_from, deleted = deleted, None
         values: Mapping[str, Any] = event.after or {}
         unavailable = _NOTHING_KEPT
         if change.marked:
             values, unavailable = _available(table, values)
         key = plan.row_key(values)  # _schema_problem made sure the key is there
-        prev_values, prev_kept = rows.get(key, _NO_ROW)
+        if (
+            unavailable
+            and event.op is Op.CREATE
+            and moved_from
+            and moved_from[0] is not None
+            and moved_from[0] == event.lsn
+        ):
+            rows[key] = _moved(dict(values), unavailable, moved_from[1], moved_from[2])
+            continue
+        prev_values, prev_kept, prev_origin = rows.get(key, _NO_ROW)
+        origin = None
         # after an earlier upsert of this row in the batch: merged, unless this change has every column
         if prev_kept is not None and (unavailable or prev_kept or not values.keys() >= prev_values.keys()):
             keep = (prev_kept - values.keys()) | (unavailable - prev_values.keys())
-            values, unavailable = {**prev_values, **values}, frozenset(keep)
-        rows[key] = (values, unavailable)
+            values, unavailable, origin = {**prev_values, **values}, frozenset(keep), prev_origin if keep else None
+        rows[key] = (values, unavailable, origin)
     out = _Rows()
-    for key, (row, kept) in rows.items():
+    for key, (row, kept, origin) in rows.items():
         if kept is None:
             out.deletes.append((key, row))
             continue
@@ -655,7 +713,10 @@ def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
             columns = plan.order
         else:
             columns = tuple(c for c in plan.order if c in names)
-        out.upserts.setdefault((columns, tuple(sorted(kept))), []).append((key, row))
+        if origin is not None:
+            out.moves.setdefault((columns, tuple(sorted(kept))), []).append((key, row, origin))
+        else:
+            out.upserts.setdefault((columns, tuple(sorted(kept))), []).append((key, row))
     return out
 
 
@@ -668,6 +729,9 @@ class _Script:
 
     statements: list[tuple[str, str]] = field(default_factory=list)  # (SQL, JSON payload)
     partial: list[tuple[str, str, list[Hashable]]] = field(default_factory=list)  # (SQL, payload, fold keys)
+    # key moves: the old rows are copied aside before any statement, the new ones written after the others
+    stash: list[tuple[str, str]] = field(default_factory=list)  # (SQL, payload)
+    moves: list[tuple[str, str, list[Hashable]]] = field(default_factory=list)  # (SQL, payload, fold keys)
 
 
 def _prepare(cur: Cursor, table: TargetTable, rows: _Rows, *, python: bool) -> _Script:
@@ -684,22 +748,33 @@ def _prepare(cur: Cursor, table: TargetTable, rows: _Rows, *, python: bool) -> _
             script.statements.append((_statement(cur, table, "upsert", columns, python), payload))
         else:
             script.partial.append((_statement(cur, table, "update", columns, python), payload, [k for k, _ in entries]))
+    if rows.moves:
+        origins = [origin for entries in rows.moves.values() for _, _, origin in entries]
+        script.stash.append((_stash_statement(cur, table, python), _payload(table, origins, table.key, conversions)))
+        for (columns, kept), moved in rows.moves.items():
+            fields = [*columns, *(_origin(k) for k in table.key)]
+            payload = _payload(
+                table, [{**values, **_origin_values(origin)} for _, values, origin in moved], fields, conversions
+            )
+            script.moves.append((_move_statement(cur, table, columns, kept, python), payload, [k for k, _, _ in moved]))
     return script
 
 
 def _run(cur: Cursor, script: _Script, savepoint: str) -> list[Hashable]:
     """Runs the script under `savepoint` (its first statement); returns the fold keys of partial updates
     whose row was not on the target. On an error the savepoint exists: roll back to it."""
-    statements = [f"SAVEPOINT {savepoint}", *(s for s, _ in script.statements)]
-    if not script.partial:
+    first = [*script.stash, *script.statements]
+    statements = [f"SAVEPOINT {savepoint}", *(s for s, _ in first)]
+    returning = [*script.partial, *script.moves]
+    if not returning:
         statements.append(f"RELEASE SAVEPOINT {savepoint}")
-    cur.execute("; ".join(statements), [p for _, p in script.statements] or None)
+    cur.execute("; ".join(statements), [p for _, p in first] or None)
     missing: list[Hashable] = []
-    for statement, payload, keys in script.partial:
+    for statement, payload, keys in returning:
         cur.execute(statement, (payload,))
         found = {n for (n,) in cur.fetchall()}
         missing += [k for n, k in enumerate(keys, 1) if n not in found]
-    if script.partial:
+    if returning:
         cur.execute(f"RELEASE SAVEPOINT {savepoint}")
     return missing
 
@@ -707,7 +782,7 @@ def _run(cur: Cursor, script: _Script, savepoint: str) -> list[Hashable]:
 def _payload(
     table: TargetTable, rows: list[Mapping[str, Any]], columns: Sequence[str], conversions: Mapping[str, SqlConversion]
 ) -> str:
-    converted = [(c, table.columns[c]) for c in columns if conversions[c].python]
+    converted = [(c, table.columns[_column_of(c)]) for c in columns if conversions[_column_of(c)].python]
     if converted:
         rows = [_converted(values, converted) for values in rows]
     try:
@@ -807,6 +882,116 @@ def _update_sql(table: TargetTable, columns: Sequence[str], conversions: Mapping
         _key_match(table, conversions),
         sql.Identifier(_ORDINAL),
     )
+
+
+_ORIGIN = "zdm old "  # a key move's payload: the old row's key columns, beside the new row's values
+
+
+def _origin(column: str) -> str:
+    return _ORIGIN + column
+
+
+def _column_of(field_name: str) -> str:
+    return field_name.removeprefix(_ORIGIN)
+
+
+def _origin_values(origin: Mapping[str, Any]) -> dict[str, Any]:
+    return {_origin(k): v for k, v in origin.items()}
+
+
+def _stash_table(table: TargetTable) -> sql.Identifier:
+    """A temporary table shaped like `table`: key moves' old rows, copied before the segment's deletes."""
+    return sql.Identifier("zdm_moved_" + hashlib.sha256(table.label.encode()).hexdigest()[:16])
+
+
+def _stash_statement(cur: Cursor, table: TargetTable, python: bool) -> str:
+    statements = table.plan.statements
+    statement = statements.get(("stash", python))
+    if statement is None:
+        conversions = table.plan.conversions[python]
+        stash = _stash_table(table)
+        statement = statements[("stash", python)] = (
+            sql.SQL(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS {stash} (LIKE {t}) ON COMMIT DELETE ROWS; TRUNCATE {stash};"
+                " INSERT INTO {stash} SELECT t.* FROM {t} AS t, {keys} WHERE {match}"
+            )
+            .format(
+                stash=stash,
+                t=table.name.ident,
+                keys=_recordset(table.key, conversions),
+                match=_key_match(table, conversions),
+            )
+            .as_string(cur)
+        )
+    return statement
+
+
+def _move_statement(
+    cur: Cursor, table: TargetTable, columns: tuple[str, ...], kept: tuple[str, ...], python: bool
+) -> str:
+    """Write moved rows: the values sent, and the kept columns from the old row copied aside, or, when
+    that is not there, from the new row itself (the move was applied before: Debezium republished it).
+    Returns the payload's row numbers that were written (a row found in neither place is not)."""
+    statements = table.plan.statements
+    statement = statements.get(("move", columns, kept, python))
+    if statement is None:
+        conversions = table.plan.conversions[python]
+        fields = [*columns, *(_origin(k) for k in table.key)]
+        written = [*columns, *kept]
+        updates = [c for c in written if c not in table.key]
+        first_key = sql.Identifier(table.key[0])  # key columns are never NULL: a row was found if it is not
+
+        def keys_match(alias: str, prefix: str) -> sql.Composable:
+            return sql.SQL(" AND ").join(
+                sql.SQL("{}.{} = {}").format(
+                    sql.Identifier(alias),
+                    sql.Identifier(k),
+                    _raw(conversions[k].expression).format(sql.SQL("x.") + sql.Identifier(prefix + k)),
+                )
+                for k in table.key
+            )
+
+        statement = statements[("move", columns, kept, python)] = (
+            sql.SQL(
+                "WITH src AS (SELECT x.{n}, {values}, {kept} FROM ROWS FROM (json_to_recordset(%s::json) AS ({types}))"
+                " WITH ORDINALITY AS x({names}, {n}) LEFT JOIN {stash} AS m ON {old_match}"
+                " LEFT JOIN {t} AS now ON {new_match} WHERE m.{k} IS NOT NULL OR now.{k} IS NOT NULL),"
+                " written AS (INSERT INTO {t} ({written}) OVERRIDING SYSTEM VALUE SELECT {written} FROM src"
+                " ON CONFLICT ({key}) {conflict})"
+                " SELECT {n} FROM src"
+            )
+            .format(
+                n=sql.Identifier(_ORDINAL),
+                values=sql.SQL(", ").join(
+                    sql.SQL("{} AS {}").format(_value(c, conversions), sql.Identifier(c)) for c in columns
+                ),
+                kept=sql.SQL(", ").join(
+                    sql.SQL("CASE WHEN m.{k} IS NOT NULL THEN m.{c} ELSE now.{c} END AS {c}").format(
+                        k=first_key, c=sql.Identifier(c)
+                    )
+                    for c in kept
+                ),
+                types=sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(sql.Identifier(f), _raw(conversions[_column_of(f)].field_type))
+                    for f in fields
+                ),
+                names=sql.SQL(", ").join(map(sql.Identifier, fields)),
+                stash=_stash_table(table),
+                old_match=keys_match("m", _ORIGIN),
+                new_match=keys_match("now", ""),
+                t=table.name.ident,
+                k=first_key,
+                written=sql.SQL(", ").join(map(sql.Identifier, written)),
+                key=sql.SQL(", ").join(map(sql.Identifier, table.key)),
+                conflict=sql.SQL("DO UPDATE SET {}").format(
+                    sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates)
+                )
+                if updates
+                else sql.SQL("DO NOTHING"),
+            )
+            .as_string(cur)
+        )
+    return statement
 
 
 def _truncate(cur: Cursor, table: TargetTable) -> None:
