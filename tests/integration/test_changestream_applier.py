@@ -410,6 +410,42 @@ def test_a_key_move_applied_again_or_alone_after_a_poison_change_gives_the_same_
     assert big_rows(target) == expected
 
 
+def test_a_key_move_split_between_two_batches_keeps_the_old_rows_values(
+    target: Connection, applier: ChangeApplier
+) -> None:
+    # Given row 1 with TOASTed values, and its move 1 -> 4 whose delete ends one batch
+    s = Stream()
+    apply(applier, [s.create(item(1, **BIG), (1000, 1010))])
+    insert = s.create(item(2), (1050, 1060))
+    move = moved(s, 1, 4, (1100, 1110), sku="sku-1")
+    first = apply(applier, [insert, *move[:2]])
+    # When the create starts the next batch
+    second = apply(applier, [move[2], s.create(item(3), (1200, 1210))])
+    # Then row 4 is whole: the first batch kept the row its last delete removed
+    assert first.dead_letters == [] and second.dead_letters == []
+    assert big_rows(target) == [
+        (2, "sku-2", 1, None, None, None, None),
+        (3, "sku-3", 1, None, None, None, None),
+        (4, "sku-1", 1, "bbbbbbbbbbbb", 9_000, '{"k": [1, 2]}', ["t1", "t2"]),
+    ]
+
+
+def test_a_split_move_of_a_row_changed_in_the_same_batch_is_a_dead_letter_not_stale_values(
+    target: Connection, applier: ChangeApplier
+) -> None:
+    # Given row 1, updated in the batch that ends with the delete of its move (the target never held the update)
+    s = Stream()
+    apply(applier, [s.create(item(1, **BIG), (1000, 1010))])
+    update = s.update(item(1, qty=5, body="new body", doc=P, tags=[P]), (1050, 1060))
+    move = moved(s, 1, 4, (1100, 1110), sku="sku-1")
+    apply(applier, [update, *move[:2]])
+    # When the create starts the next batch
+    result = apply(applier, [move[2]])
+    # Then it is a dead letter: the old row's state was never on the target, and nothing stale is written
+    assert [d.offset for d in result.dead_letters] == [4]
+    assert rows(target) == []
+
+
 def test_a_key_move_whose_old_row_is_not_on_the_target_is_a_dead_letter(
     target: Connection, applier: ChangeApplier
 ) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import groupby
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import psycopg2
@@ -360,15 +360,18 @@ class ChangeApplier:
         segment: list[_Change] = []
         for change in changes:
             if change.event.op is Op.TRUNCATE:
-                self._apply_segment(cur, table, segment, result)
+                self._apply_segment(cur, table, segment, result, last=False)
                 segment = []
                 self._guarded(cur, lambda: _truncate(cur, table), [change], table, result)
             else:
                 segment.append(change)
-        self._apply_segment(cur, table, segment, result)
+        self._apply_segment(cur, table, segment, result, last=True)
 
-    def _apply_segment(self, cur: Cursor, table: TargetTable, changes: list[_Change], result: ApplyResult) -> None:
-        """Fold, then apply set-wise; on failure, change by change so that only bad ones become dead letters."""
+    def _apply_segment(
+        self, cur: Cursor, table: TargetTable, changes: list[_Change], result: ApplyResult, *, last: bool
+    ) -> None:
+        """Fold, then apply set-wise; on failure, change by change so that only bad ones become dead letters.
+        `last`: the batch's last segment of the table, whose trailing delete may be half of a key move."""
         if not changes:
             return
         plan = table.plan
@@ -385,15 +388,16 @@ class ChangeApplier:
             return
         rows = _fold(table, valid)
         try:
-            script = _prepare(cur, table, rows, python=False)
+            script = _prepare(cur, table, rows, python=False, last=last)
             missing = _run(cur, script, "zdm_batch")
         except (psycopg2.Error, ConversionError) as exc:
             if isinstance(exc, psycopg2.Error):
                 if not _refused_change(exc):
                     raise  # not about a change: the whole batch rolls back and is delivered again
                 cur.execute("ROLLBACK TO SAVEPOINT zdm_batch")  # (a ConversionError comes before any statement)
-            for unit in _units(valid):
-                self._apply_one(cur, table, unit, result)
+            units = _units(valid)
+            for n, unit in enumerate(units, 1):
+                self._apply_one(cur, table, unit, result, last=last and n == len(units))
             return
         result.applied += len(valid)
         if missing:
@@ -409,7 +413,9 @@ class ChangeApplier:
                 )
                 result.applied -= 1
 
-    def _apply_one(self, cur: Cursor, table: TargetTable, unit: list[_Change], result: ApplyResult) -> None:
+    def _apply_one(
+        self, cur: Cursor, table: TargetTable, unit: list[_Change], result: ApplyResult, *, last: bool
+    ) -> None:
         """One change (or a key move's delete and create) under its own savepoint, converted in SQL;
         refused, converted by Python instead (whose error names the column's type, and which takes what
         SQL does not); refused again, a dead letter."""
@@ -417,7 +423,7 @@ class ChangeApplier:
         reason = ""
         for python in (False, True):
             try:
-                script = _prepare(cur, table, rows, python=python)
+                script = _prepare(cur, table, rows, python=python, last=last)
             except ConversionError:
                 reason = "a value cannot be converted to its column's type"
                 continue
@@ -623,8 +629,16 @@ _NOTHING_KEPT: frozenset[str] = frozenset()
 _Shape = tuple[tuple[str, ...], tuple[str, ...]]  # (columns written, columns kept as they are on the target)
 # A row's net change while folding: its values as Debezium sent them, the columns to keep as a target row
 # has them (None: the row is deleted), and which row that is when not the row itself (a key move's old row).
-_FoldState = tuple[Mapping[str, Any], frozenset[str] | None, Mapping[str, Any] | None]
+_FoldState = tuple[Mapping[str, Any], frozenset[str] | None, "_Origin | None"]
 _NO_ROW: _FoldState = ({}, None, None)
+
+
+class _Origin(NamedTuple):
+    """Where a moved row's unchanged TOAST values are: the old row, by its key (in this batch, or on the
+    target), or the old row the previous batch ended by deleting, by that delete's LSN."""
+
+    key: Mapping[str, Any] | None
+    lsn: int | None = None
 
 
 @dataclass
@@ -633,8 +647,10 @@ class _Rows:
 
     deletes: list[tuple[Hashable, Mapping[str, Any]]] = field(default_factory=list)  # the key columns' values
     upserts: dict[_Shape, list[tuple[Hashable, Mapping[str, Any]]]] = field(default_factory=dict)
-    # rows that moved to a new key with unchanged TOAST values: (fold key, values, the old row's key values)
-    moves: dict[_Shape, list[tuple[Hashable, Mapping[str, Any], Mapping[str, Any]]]] = field(default_factory=dict)
+    # rows that moved to a new key with unchanged TOAST values: (fold key, values, where the old row is)
+    moves: dict[_Shape, list[tuple[Hashable, Mapping[str, Any], _Origin]]] = field(default_factory=dict)
+    # the segment ends with a delete of a row unchanged before it in the batch: (its key values, its LSN)
+    trailing_delete: tuple[Mapping[str, Any], int] | None = None
 
 
 def _available(table: TargetTable, after: Mapping[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
@@ -656,11 +672,11 @@ def _moved(
     """The new row of a key-changing UPDATE whose unchanged TOAST values Debezium did not send: they are
     the old row's, from its state earlier in the batch, else from the target's row (or its own origin)."""
     if old is None or old[1] is None:
-        return values, unavailable, old_key
+        return values, unavailable, _Origin(old_key)
     old_values, _, old_origin = old
     filled = {c: old_values[c] for c in unavailable if c in old_values}
     kept = frozenset(c for c in unavailable if c not in old_values)
-    return {**filled, **values}, kept, (old_origin or old_key) if kept else None
+    return {**filled, **values}, kept, (old_origin or _Origin(old_key)) if kept else None
 
 
 def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
@@ -668,12 +684,14 @@ def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
     value, or is kept as it is on the target. Values stay as Debezium sent them (the hot loop).
 
     A key-changing UPDATE arrives as a delete of the old key and a create of the new one at the same
-    position; when the create lacks unchanged TOAST values, they are the old row's (`_moved`).
+    position; when the create lacks unchanged TOAST values, they are the old row's (`_moved`). A
+    segment starting with such a create may be the second half of a move whose delete ended the
+    previous batch: its old row is looked up by that delete's LSN.
     """
     plan = table.plan
     rows: dict[Hashable, _FoldState] = {}
     deleted: tuple[int | None, Mapping[str, Any], _FoldState | None] | None = None  # the change just before
-    for change in changes:
+    for position, change in enumerate(changes):
         event = change.event
         if event.op is Op.DELETE:
             key_values = event.key or {}
@@ -696,6 +714,9 @@ def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
         ):
             rows[key] = _moved(dict(values), unavailable, moved_from[1], moved_from[2])
             continue
+        if unavailable and event.op is Op.CREATE and position == 0 and event.lsn is not None:
+            rows[key] = (values, unavailable, _Origin(None, event.lsn))
+            continue
         prev_values, prev_kept, prev_origin = rows.get(key, _NO_ROW)
         origin = None
         # after an earlier upsert of this row in the batch: merged, unless this change has every column
@@ -704,6 +725,8 @@ def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
             values, unavailable, origin = {**prev_values, **values}, frozenset(keep), prev_origin if keep else None
         rows[key] = (values, unavailable, origin)
     out = _Rows()
+    if deleted is not None and deleted[0] is not None and deleted[2] is None:
+        out.trailing_delete = (deleted[1], deleted[0])
     for key, (row, kept, origin) in rows.items():
         if kept is None:
             out.deletes.append((key, row))
@@ -729,12 +752,14 @@ class _Script:
 
     statements: list[tuple[str, str]] = field(default_factory=list)  # (SQL, JSON payload)
     partial: list[tuple[str, str, list[Hashable]]] = field(default_factory=list)  # (SQL, payload, fold keys)
-    # key moves: the old rows are copied aside before any statement, the new ones written after the others
+    # key moves: the old rows are copied aside before any statement, the new ones written after the others;
+    # then the row of a trailing delete is kept for the next batch
     stash: list[tuple[str, str]] = field(default_factory=list)  # (SQL, payload)
     moves: list[tuple[str, str, list[Hashable]]] = field(default_factory=list)  # (SQL, payload, fold keys)
+    after: list[tuple[str, str]] = field(default_factory=list)  # (SQL, payload)
 
 
-def _prepare(cur: Cursor, table: TargetTable, rows: _Rows, *, python: bool) -> _Script:
+def _prepare(cur: Cursor, table: TargetTable, rows: _Rows, *, python: bool, last: bool = False) -> _Script:
     """The statements and their JSON payloads: values as Debezium sent them, converted by PostgreSQL
     (`python`: every value converted by `to_text` first). Raises ConversionError before any statement runs."""
     conversions = table.plan.conversions[python]
@@ -748,15 +773,22 @@ def _prepare(cur: Cursor, table: TargetTable, rows: _Rows, *, python: bool) -> _
             script.statements.append((_statement(cur, table, "upsert", columns, python), payload))
         else:
             script.partial.append((_statement(cur, table, "update", columns, python), payload, [k for k, _ in entries]))
-    if rows.moves:
-        origins = [origin for entries in rows.moves.values() for _, _, origin in entries]
-        script.stash.append((_stash_statement(cur, table, python), _payload(table, origins, table.key, conversions)))
-        for (columns, kept), moved in rows.moves.items():
-            fields = [*columns, *(_origin(k) for k in table.key)]
-            payload = _payload(
-                table, [{**values, **_origin_values(origin)} for _, values, origin in moved], fields, conversions
-            )
-            script.moves.append((_move_statement(cur, table, columns, kept, python), payload, [k for k, _, _ in moved]))
+    trailing = rows.trailing_delete if last else None
+    if rows.moves or trailing:
+        # the old rows of this segment's moves, and the row its last delete removes, copied aside first
+        aside = [o.key for entries in rows.moves.values() for _, _, o in entries if o.key is not None]
+        aside += [trailing[0]] if trailing else []
+        script.stash.append((_stash_statement(cur, table, python), _payload(table, aside, table.key, conversions)))
+    for (columns, kept), moved in rows.moves.items():
+        fields = [*columns, *(_origin(k) for k in table.key), _ORIGIN_LSN]
+        payload = _payload(
+            table, [{**values, **_origin_values(table, origin)} for _, values, origin in moved], fields, conversions
+        )
+        script.moves.append((_move_statement(cur, table, columns, kept, python), payload, [k for k, _, _ in moved]))
+    if trailing:
+        payload = _payload(table, [{**trailing[0], _ORIGIN_LSN: trailing[1]}], [*table.key, _ORIGIN_LSN], conversions)
+        # after this segment's moves have read the row the previous batch kept (else in the first round trip)
+        (script.after if rows.moves else script.stash).append((_keep_statement(cur, table, python), payload))
     return script
 
 
@@ -766,7 +798,7 @@ def _run(cur: Cursor, script: _Script, savepoint: str) -> list[Hashable]:
     first = [*script.stash, *script.statements]
     statements = [f"SAVEPOINT {savepoint}", *(s for s, _ in first)]
     returning = [*script.partial, *script.moves]
-    if not returning:
+    if not returning and not script.after:
         statements.append(f"RELEASE SAVEPOINT {savepoint}")
     cur.execute("; ".join(statements), [p for _, p in first] or None)
     missing: list[Hashable] = []
@@ -774,7 +806,9 @@ def _run(cur: Cursor, script: _Script, savepoint: str) -> list[Hashable]:
         cur.execute(statement, (payload,))
         found = {n for (n,) in cur.fetchall()}
         missing += [k for n, k in enumerate(keys, 1) if n not in found]
-    if returning:
+    for statement, payload in script.after:
+        cur.execute(statement, (payload,))
+    if returning or script.after:
         cur.execute(f"RELEASE SAVEPOINT {savepoint}")
     return missing
 
@@ -782,7 +816,9 @@ def _run(cur: Cursor, script: _Script, savepoint: str) -> list[Hashable]:
 def _payload(
     table: TargetTable, rows: list[Mapping[str, Any]], columns: Sequence[str], conversions: Mapping[str, SqlConversion]
 ) -> str:
-    converted = [(c, table.columns[_column_of(c)]) for c in columns if conversions[_column_of(c)].python]
+    converted = [
+        (c, table.columns[_column_of(c)]) for c in columns if c != _ORIGIN_LSN and conversions[_column_of(c)].python
+    ]
     if converted:
         rows = [_converted(values, converted) for values in rows]
     try:
@@ -885,6 +921,7 @@ def _update_sql(table: TargetTable, columns: Sequence[str], conversions: Mapping
 
 
 _ORIGIN = "zdm old "  # a key move's payload: the old row's key columns, beside the new row's values
+_ORIGIN_LSN = "zdm old lsn"  # ... or the LSN of the delete that ended the previous batch
 
 
 def _origin(column: str) -> str:
@@ -895,103 +932,145 @@ def _column_of(field_name: str) -> str:
     return field_name.removeprefix(_ORIGIN)
 
 
-def _origin_values(origin: Mapping[str, Any]) -> dict[str, Any]:
-    return {_origin(k): v for k, v in origin.items()}
+def _origin_values(table: TargetTable, origin: _Origin) -> dict[str, Any]:
+    key = origin.key or {}
+    return {**{_origin(k): key.get(k) for k in table.key}, _ORIGIN_LSN: origin.lsn}
 
 
-def _stash_table(table: TargetTable) -> sql.Identifier:
-    """A temporary table shaped like `table`: key moves' old rows, copied before the segment's deletes."""
-    return sql.Identifier("zdm_moved_" + hashlib.sha256(table.label.encode()).hexdigest()[:16])
+def _stash_names(table: TargetTable) -> tuple[sql.Identifier, sql.Identifier]:
+    """Two tables shaped like `table`: a temporary one for the old rows of a segment's key moves, copied
+    before its deletes; and one in the state schema keeping the row a batch's last delete removed, with
+    that delete's LSN, for a move whose create starts the next batch."""
+    name = "dbz_moved_" + hashlib.sha256(table.label.encode()).hexdigest()[:16]
+    return sql.Identifier(name), sql.Identifier(state.SCHEMA, name)
+
+
+def _keys_match(
+    table: TargetTable, conversions: Mapping[str, SqlConversion], alias: str, prefix: str
+) -> sql.Composable:
+    return sql.SQL(" AND ").join(
+        sql.SQL("{}.{} = {}").format(
+            sql.Identifier(alias),
+            sql.Identifier(k),
+            _raw(conversions[k].expression).format(sql.SQL("x.") + sql.Identifier(prefix + k)),
+        )
+        for k in table.key
+    )
+
+
+def _cached(table: TargetTable, name: tuple[Any, ...], build: Any, cur: Cursor) -> str:
+    statements = table.plan.statements
+    statement = statements.get(name)
+    if statement is None:
+        statement = statements[name] = build().as_string(cur)
+    return statement
 
 
 def _stash_statement(cur: Cursor, table: TargetTable, python: bool) -> str:
-    statements = table.plan.statements
-    statement = statements.get(("stash", python))
-    if statement is None:
-        conversions = table.plan.conversions[python]
-        stash = _stash_table(table)
-        statement = statements[("stash", python)] = (
-            sql.SQL(
-                "CREATE TEMPORARY TABLE IF NOT EXISTS {stash} (LIKE {t}) ON COMMIT DELETE ROWS; TRUNCATE {stash};"
-                " INSERT INTO {stash} SELECT t.* FROM {t} AS t, {keys} WHERE {match}"
-            )
-            .format(
-                stash=stash,
-                t=table.name.ident,
-                keys=_recordset(table.key, conversions),
-                match=_key_match(table, conversions),
-            )
-            .as_string(cur)
-        )
-    return statement
+    conversions = table.plan.conversions[python]
+    aside, kept = _stash_names(table)
+    return _cached(
+        table,
+        ("stash", python),
+        lambda: sql.SQL(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {aside} (LIKE {t}) ON COMMIT DELETE ROWS; DELETE FROM {aside};"
+            " CREATE TABLE IF NOT EXISTS {kept} ({lsn} bigint, LIKE {t});"
+            " INSERT INTO {aside} SELECT t.* FROM {t} AS t, {keys} WHERE {match}"
+        ).format(
+            aside=aside,
+            kept=kept,
+            lsn=sql.Identifier(_ORIGIN_LSN),
+            t=table.name.ident,
+            keys=_recordset(table.key, conversions),
+            match=_key_match(table, conversions),
+        ),
+        cur,
+    )
+
+
+def _keep_statement(cur: Cursor, table: TargetTable, python: bool) -> str:
+    """Keep (only) the row the batch's last delete removed, copied aside before, with the delete's LSN."""
+    conversions = table.plan.conversions[python]
+    aside, kept = _stash_names(table)
+    fields = [*table.key, _ORIGIN_LSN]
+    return _cached(
+        table,
+        ("keep", python),
+        lambda: sql.SQL(
+            "DELETE FROM {kept}; INSERT INTO {kept} SELECT x.{lsn}, m.* FROM {aside} AS m,"
+            " json_to_recordset(%s::json) AS x({types}) WHERE {match}"
+        ).format(
+            kept=kept,
+            aside=aside,
+            lsn=sql.Identifier(_ORIGIN_LSN),
+            types=sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(f), _field_type(f, conversions)) for f in fields
+            ),
+            match=_keys_match(table, conversions, "m", ""),
+        ),
+        cur,
+    )
+
+
+def _field_type(field_name: str, conversions: Mapping[str, SqlConversion]) -> sql.Composable:
+    return sql.SQL("bigint") if field_name == _ORIGIN_LSN else _raw(conversions[_column_of(field_name)].field_type)
 
 
 def _move_statement(
     cur: Cursor, table: TargetTable, columns: tuple[str, ...], kept: tuple[str, ...], python: bool
 ) -> str:
-    """Write moved rows: the values sent, and the kept columns from the old row copied aside, or, when
-    that is not there, from the new row itself (the move was applied before: Debezium republished it).
-    Returns the payload's row numbers that were written (a row found in neither place is not)."""
-    statements = table.plan.statements
-    statement = statements.get(("move", columns, kept, python))
-    if statement is None:
-        conversions = table.plan.conversions[python]
-        fields = [*columns, *(_origin(k) for k in table.key)]
-        written = [*columns, *kept]
-        updates = [c for c in written if c not in table.key]
-        first_key = sql.Identifier(table.key[0])  # key columns are never NULL: a row was found if it is not
+    """Write moved rows: the values sent, and the kept columns from the old row copied aside (this
+    segment's, or the one the previous batch kept), or, when neither is there, from the new row itself
+    (the move was applied before: Debezium republished it). Returns the payload's row numbers written
+    (a row found nowhere is not)."""
+    conversions = table.plan.conversions[python]
+    fields = [*columns, *(_origin(k) for k in table.key), _ORIGIN_LSN]
+    written = [*columns, *kept]
+    updates = [c for c in written if c not in table.key]
+    first_key = sql.Identifier(table.key[0])  # key columns are never NULL: a row was found if it is not
+    aside, previous = _stash_names(table)
 
-        def keys_match(alias: str, prefix: str) -> sql.Composable:
-            return sql.SQL(" AND ").join(
-                sql.SQL("{}.{} = {}").format(
-                    sql.Identifier(alias),
-                    sql.Identifier(k),
-                    _raw(conversions[k].expression).format(sql.SQL("x.") + sql.Identifier(prefix + k)),
-                )
-                for k in table.key
+    def build() -> sql.Composable:
+        return sql.SQL(
+            "WITH src AS (SELECT x.{n}, {values}, {kept} FROM ROWS FROM (json_to_recordset(%s::json) AS ({types}))"
+            " WITH ORDINALITY AS x({names}, {n}) LEFT JOIN {aside} AS m ON {old_match}"
+            " LEFT JOIN {previous} AS p ON p.{lsn} = x.{lsn} LEFT JOIN {t} AS now ON {new_match}"
+            " WHERE m.{k} IS NOT NULL OR p.{k} IS NOT NULL OR now.{k} IS NOT NULL),"
+            " written AS (INSERT INTO {t} ({written}) OVERRIDING SYSTEM VALUE SELECT {written} FROM src"
+            " ON CONFLICT ({key}) {conflict})"
+            " SELECT {n} FROM src"
+        ).format(
+            n=sql.Identifier(_ORDINAL),
+            values=sql.SQL(", ").join(
+                sql.SQL("{} AS {}").format(_value(c, conversions), sql.Identifier(c)) for c in columns
+            ),
+            kept=sql.SQL(", ").join(
+                sql.SQL(
+                    "CASE WHEN m.{k} IS NOT NULL THEN m.{c} WHEN p.{k} IS NOT NULL THEN p.{c} ELSE now.{c} END AS {c}"
+                ).format(k=first_key, c=sql.Identifier(c))
+                for c in kept
+            ),
+            types=sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(f), _field_type(f, conversions)) for f in fields
+            ),
+            names=sql.SQL(", ").join(map(sql.Identifier, fields)),
+            aside=aside,
+            previous=previous,
+            lsn=sql.Identifier(_ORIGIN_LSN),
+            old_match=_keys_match(table, conversions, "m", _ORIGIN),
+            new_match=_keys_match(table, conversions, "now", ""),
+            t=table.name.ident,
+            k=first_key,
+            written=sql.SQL(", ").join(map(sql.Identifier, written)),
+            key=sql.SQL(", ").join(map(sql.Identifier, table.key)),
+            conflict=sql.SQL("DO UPDATE SET {}").format(
+                sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates)
             )
-
-        statement = statements[("move", columns, kept, python)] = (
-            sql.SQL(
-                "WITH src AS (SELECT x.{n}, {values}, {kept} FROM ROWS FROM (json_to_recordset(%s::json) AS ({types}))"
-                " WITH ORDINALITY AS x({names}, {n}) LEFT JOIN {stash} AS m ON {old_match}"
-                " LEFT JOIN {t} AS now ON {new_match} WHERE m.{k} IS NOT NULL OR now.{k} IS NOT NULL),"
-                " written AS (INSERT INTO {t} ({written}) OVERRIDING SYSTEM VALUE SELECT {written} FROM src"
-                " ON CONFLICT ({key}) {conflict})"
-                " SELECT {n} FROM src"
-            )
-            .format(
-                n=sql.Identifier(_ORDINAL),
-                values=sql.SQL(", ").join(
-                    sql.SQL("{} AS {}").format(_value(c, conversions), sql.Identifier(c)) for c in columns
-                ),
-                kept=sql.SQL(", ").join(
-                    sql.SQL("CASE WHEN m.{k} IS NOT NULL THEN m.{c} ELSE now.{c} END AS {c}").format(
-                        k=first_key, c=sql.Identifier(c)
-                    )
-                    for c in kept
-                ),
-                types=sql.SQL(", ").join(
-                    sql.SQL("{} {}").format(sql.Identifier(f), _raw(conversions[_column_of(f)].field_type))
-                    for f in fields
-                ),
-                names=sql.SQL(", ").join(map(sql.Identifier, fields)),
-                stash=_stash_table(table),
-                old_match=keys_match("m", _ORIGIN),
-                new_match=keys_match("now", ""),
-                t=table.name.ident,
-                k=first_key,
-                written=sql.SQL(", ").join(map(sql.Identifier, written)),
-                key=sql.SQL(", ").join(map(sql.Identifier, table.key)),
-                conflict=sql.SQL("DO UPDATE SET {}").format(
-                    sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates)
-                )
-                if updates
-                else sql.SQL("DO NOTHING"),
-            )
-            .as_string(cur)
+            if updates
+            else sql.SQL("DO NOTHING"),
         )
-    return statement
+
+    return _cached(table, ("move", columns, kept, python), build, cur)
 
 
 def _truncate(cur: Cursor, table: TargetTable) -> None:
