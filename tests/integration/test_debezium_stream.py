@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -486,8 +487,13 @@ def test_start_and_teardown_twice_are_safe_and_a_new_run_after_teardown_starts_c
         part: p.pid for part, p in processes.items() if p is not None
     }
     wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+    with closing(connect(src)) as source:
+        execute(source, "DELETE FROM events WHERE id IN (SELECT id FROM events LIMIT 1)")  # a batch ends with a delete
     fence(engine, src)
     assert_converged(src, tgt)
+    kept_rows = "SELECT count(*) FROM pg_tables WHERE schemaname = '_zdm' AND tablename LIKE 'dbz\\_moved\\_%'"
+    with closing(connect(tgt)) as target:
+        assert fetch_value(target, kept_rows) == 1  # the applier kept the deleted row, for a key move
 
     # When it is torn down twice
     removed = engine.teardown().removed
@@ -505,6 +511,7 @@ def test_start_and_teardown_twice_are_safe_and_a_new_run_after_teardown_starts_c
         fetch_value(source, "SELECT count(*) FROM pg_publication WHERE pubname = %s", (engine.plan.publication,)) == 0
     )
     assert fetch_value(target, "SELECT to_regclass('_zdm.dbz_partitions')") is None
+    assert fetch_value(target, kept_rows) == 0  # nor a copy of a deleted row
     assert runtime.process("connector") is None and runtime.process("applier") is None
 
     # When the migration runs again under the same name, onto an emptied target, after the source changed

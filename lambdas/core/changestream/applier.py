@@ -941,7 +941,7 @@ def _stash_names(table: TargetTable) -> tuple[sql.Identifier, sql.Identifier]:
     """Two tables shaped like `table`: a temporary one for the old rows of a segment's key moves, copied
     before its deletes; and one in the state schema keeping the row a batch's last delete removed, with
     that delete's LSN, for a move whose create starts the next batch."""
-    name = "dbz_moved_" + hashlib.sha256(table.label.encode()).hexdigest()[:16]
+    name = state.KEPT_ROWS_PREFIX + hashlib.sha256(table.label.encode()).hexdigest()[:16]
     return sql.Identifier(name), sql.Identifier(state.SCHEMA, name)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 
 from lambdas.core.changestream.events import SNAPSHOT_POSITION, StreamPosition
-from lambdas.core.db import Connection, Cursor
+from lambdas.core.db import Connection, Cursor, fetch_all
 
 SCHEMA = "_zdm"
 
@@ -84,13 +84,27 @@ def ensure_state_tables(conn: Connection) -> None:
                 conn.commit()
 
 
+KEPT_ROWS_PREFIX = "dbz_moved_"  # the applier's tables keeping a deleted row for a key move (applier._stash_names)
+
+
+def kept_row_tables(conn: Connection) -> list[str]:
+    """The applier's tables of kept rows (copies of deleted rows: dropped with the rest of the state)."""
+    rows = fetch_all(
+        conn,
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s AND starts_with(tablename, %s) ORDER BY 1",
+        (SCHEMA, KEPT_ROWS_PREFIX),
+    )
+    return [name for (name,) in rows]
+
+
 def drop_state_tables(conn: Connection) -> list[str]:
+    names = [*STATE_TABLES, *kept_row_tables(conn)]
     with conn.cursor() as cur:
-        for name in STATE_TABLES:
+        for name in names:
             cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(SCHEMA, name)))
     if not conn.autocommit:
         conn.commit()
-    return [f"{SCHEMA}.{name}" for name in STATE_TABLES]
+    return [f"{SCHEMA}.{name}" for name in names]
 
 
 @dataclass
