@@ -71,6 +71,9 @@ from lambdas.core.validation.session import SessionPair, run_copy_row, run_one, 
 
 READ_BATCH = 10_000  # keys per full-row read
 MAX_PIECE_ROWS = 500_000  # planned rows compared by one statement per side at most
+# ... when every row's line is read: what one side sends and the diff holds grows with the key's width
+# (1.6 MB of binary records; text keys of a few hundred bytes, tens of MB)
+MAX_LINES_PIECE_ROWS = 100_000
 INTEGER_KEY_TYPES = {"smallint", "integer", "bigint"}
 MAX_ROW_TEXT = 200  # a multiset row is reported by its text form, cut to this length
 MULTISET_FETCH_LIMIT = 500_000  # rows (per side) in differing buckets beyond which rows are not listed
@@ -141,12 +144,14 @@ def _compare_keyed(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy) 
     slices = chunk.slice_ranges()
     done = 0
     while done < len(slices):
+        every_line = policy.every_line(RECORD_LINES_COST if _records_key(spec) else TEXT_LINES_COST)
         # Until a slice's worth of rows was seen, one slice at a time: the range size adapts after it.
-        count = 1 if not policy.informed else max(1, MAX_PIECE_ROWS // max(1, chunk.slice_rows))
+        most = MAX_LINES_PIECE_ROWS if every_line else MAX_PIECE_ROWS
+        count = 1 if not policy.informed else max(1, most // max(1, chunk.slice_rows))
         piece = slices[done : done + count]
         done += len(piece)
         key_range = KeyRange(piece[0].lower, piece[-1].upper)
-        if policy.every_line(RECORD_LINES_COST if _records_key(spec) else TEXT_LINES_COST):
+        if every_line:
             rows, differences = _compare_every_line(pair, chunk, key_range, tally)
         else:
             ranges = _cut(pair, spec, key_range, len(piece) * chunk.slice_rows, policy.range_rows)
