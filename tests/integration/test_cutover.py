@@ -8,6 +8,7 @@ after the back replication has caught up.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -174,6 +175,31 @@ def test_rollback_after_cutover_brings_every_target_write_back_to_the_source(sho
 
 class SimulatedCrash(BaseException):
     """Stands for the process dying (a Lambda timeout): nothing catches it, nothing is undone."""
+
+
+def test_a_rollback_asked_for_during_the_cutover_waits_for_it_then_rolls_back(shop: Shop) -> None:
+    # Given a cutover under writes, paused for a moment after it switched the writer
+    workload = run_workload(shop.app)
+    time.sleep(0.5)
+    rollback: dict[str, Any] = {}
+
+    def alarm_meanwhile(operation: Operation, step: Step) -> None:
+        if operation is Operation.CUTOVER and step is Step.SWITCH_WRITER:
+            # When an alarm's rollback (another execution) starts while the cutover holds the lock
+            thread = threading.Thread(target=lambda: rollback.update(result=shop.runner().rollback()))
+            thread.start()
+            rollback["thread"] = thread
+            time.sleep(1.0)
+
+    cut = shop.runner(Hooks(after_record=alarm_meanwhile)).cutover()
+    rollback["thread"].join(timeout=120)
+    stats = workload.stop()
+    # Then the rollback waited for the cutover to finish, then rolled it back: the source is the writer again
+    assert cut.status == "done"
+    assert rollback["result"].kind == "after_cutover" and rollback["result"].status == "done"
+    assert shop.router.state().writer is Side.SOURCE
+    assert stats.failed == 0, stats.errors
+    assert server_port(shop.app) == shop.source.port
 
 
 @pytest.mark.parametrize("where", ["before_record", "after_record"])

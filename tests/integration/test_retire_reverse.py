@@ -186,6 +186,63 @@ def test_a_rollback_after_the_retire_is_refused_and_changes_nothing(shop: Shop) 
         conn.close()
 
 
+def test_a_rollback_asked_for_while_the_retire_runs_waits_for_it_then_is_refused_saying_why(shop: Shop) -> None:
+    # Given a cutover done, and a retire held up (the source may not apply the target's last write yet)
+    cut_over_under_writes(shop, seconds=0.5)
+    holder = hold_table_on_source(shop, "customers", 2.0)
+    conn = connect(shop.app)
+    try:
+        execute(conn, "INSERT INTO customers (email, name) VALUES ('late@example.com', 'Late Write')")
+    finally:
+        conn.close()
+    retire: dict[str, object] = {}
+    retiring = threading.Thread(target=lambda: retire.update(result=shop.runner().retire_reverse()))
+    retiring.start()
+    time.sleep(0.5)  # the retire holds the lock and waits for the source
+    # When an alarm's rollback arrives meanwhile
+    started = time.monotonic()
+    with pytest.raises(RollbackError, match="retired after the rollback window") as caught:
+        shop.runner().rollback()
+    waited = time.monotonic() - started
+    retiring.join()
+    holder.join()
+    # Then it waited for the retire (it did not fail on the lock) and says why it cannot roll back now
+    assert waited >= 0.8, waited
+    assert "another cutover" not in str(caught.value)
+    assert retire["result"].status == "done"  # type: ignore[attr-defined]
+    # And nothing was rolled back: the writer stays on the target, the late write reached the source
+    assert shop.router.state().writer is Side.TARGET
+    assert customers_named(shop.src, "late@example.com") == 1
+    conn = connect(shop.tgt)
+    try:
+        assert store.load(conn, "shop", Operation.ROLLBACK) is None
+    finally:
+        conn.close()
+
+
+def test_a_rollback_that_cannot_get_the_lock_in_time_changes_nothing_and_says_so(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a cutover done, and another session holding the migration's lock on the target
+    cut_over_under_writes(shop, seconds=0.3)
+    holder = connect(shop.tgt)
+    assert store.try_lock(holder, "shop")
+    monkeypatch.setattr("lambdas.core.cutover.runner.ROLLBACK_LOCK_WAIT_SECONDS", 0.5)
+    try:
+        # When a rollback is asked for / Then it waits its time, gives up and says what to do
+        started = time.monotonic()
+        with pytest.raises(CutoverError, match=r"has been running for more than 0\.5 s") as caught:
+            shop.runner().rollback()
+        assert time.monotonic() - started >= 0.45
+        assert "nothing was changed" in str(caught.value)
+    finally:
+        holder.close()
+    # And nothing changed; with the lock free the rollback runs
+    assert shop.router.state().writer is Side.TARGET
+    result = shop.runner().rollback()
+    assert result.status == "done" and shop.router.state().writer is Side.SOURCE
+
+
 def test_retire_is_refused_before_a_cutover_and_after_a_rollback(shop: Shop) -> None:
     # Given no cutover yet / Then there is no reverse replication to retire
     with pytest.raises(CutoverError, match=r"cannot be retired: its cutover is not done \(never started\)"):

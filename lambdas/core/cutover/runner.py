@@ -87,6 +87,10 @@ from lambdas.core.routers.base import Side, TrafficRouter
 from lambdas.core.sequences import sync_sequences
 from lambdas.core.tables import TableName
 
+# How long a rollback waits for a running cutover or retire (the Cutover function has 15 minutes: this
+# leaves 10 for the rollback itself).
+ROLLBACK_LOCK_WAIT_SECONDS = 300.0
+
 
 class CutoverError(RuntimeError):
     pass
@@ -221,14 +225,15 @@ class CutoverRunner:
         return self._writable_connect(self._dsn[side], application_name="zdm-cutover")
 
     @contextmanager
-    def _sessions(self, *, lock: bool = True) -> Iterator[dict[Side, Connection]]:
+    def _sessions(self, *, lock: bool = True, wait_seconds: float = 0.0) -> Iterator[dict[Side, Connection]]:
         conns: dict[Side, Connection] = {}
         try:
             conns[Side.TARGET] = self._open(Side.TARGET)
-            if lock and not store.try_lock(conns[Side.TARGET], self.plan.migration):
+            if lock and not store.try_lock(conns[Side.TARGET], self.plan.migration, wait_seconds=wait_seconds):
+                waited = f" for more than {wait_seconds:g} s" if wait_seconds > 0 else ""
                 raise CutoverError(
-                    f"another cutover, rollback or retire of {self.plan.migration!r} is running (it holds the lock on the "
-                    "target); wait for it to finish"
+                    f"another cutover, rollback or retire of {self.plan.migration!r} has been running{waited} (it "
+                    "holds the lock on the target); nothing was changed: run this again once it has finished"
                 )
             conns[Side.SOURCE] = self._open(Side.SOURCE)
             yield conns
@@ -279,7 +284,9 @@ class CutoverRunner:
         except DatabaseUnreachable as exc:
             return self._rollback_without_target(exc)
         target.close()
-        with self._sessions() as conns:
+        # An alarm may ask for a rollback while a cutover or a retire runs: wait for it to finish, then
+        # decide (after a cutover: roll back over the reverse replication; after a retire: refused, saying why).
+        with self._sessions(wait_seconds=ROLLBACK_LOCK_WAIT_SECONDS) as conns:
             target = conns[Side.TARGET]
             if not rollback_possible(store.load(target, self.plan.migration, Operation.RETIRE_REVERSE)):
                 raise RollbackError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import psycopg2.errors
 from psycopg2 import sql
 
 from lambdas.core.cutover.steps import Operation, Progress, Status, Step
@@ -29,11 +30,24 @@ class StateConflict(RuntimeError):
     pass
 
 
-def try_lock(conn: Connection, migration: str) -> bool:
-    """One cutover or rollback of a migration at a time (a session lock: a crash releases it)."""
-    return bool(
-        fetch_value(conn, "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"zdm-cutover:{migration}",))
-    )
+def try_lock(conn: Connection, migration: str, *, wait_seconds: float = 0.0) -> bool:
+    """One cutover, rollback or retire of a migration at a time (a session lock: a crash releases it).
+
+    With `wait_seconds`, waits that long for the holder to finish (its session's lock_timeout, reset
+    after); else gives up at once. `conn` is in autocommit mode (the runner's sessions are).
+    """
+    key = (f"zdm-cutover:{migration}",)
+    if wait_seconds <= 0:
+        return bool(fetch_value(conn, "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", key))
+    with conn.cursor() as cur:
+        cur.execute("SELECT set_config('lock_timeout', %s, false)", (f"{max(1, round(wait_seconds * 1000))}ms",))
+        try:
+            cur.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", key)
+        except psycopg2.errors.LockNotAvailable:
+            return False
+        finally:
+            cur.execute("RESET lock_timeout")
+    return True
 
 
 def ensure_tables(conn: Connection) -> None:
