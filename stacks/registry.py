@@ -83,7 +83,13 @@ HANDLERS: tuple[HandlerSpec, ...] = (
         memory_mb=2048,
         description="merges chunk results",
     ),
-    HandlerSpec("ReadShift", "read_shift", (Access.TRAFFIC,), description="moves a share of reads to the target"),
+    # the target database too: the step takes the migration's lock there and checks no rollback started since
+    HandlerSpec(
+        "ReadShift",
+        "read_shift",
+        (Access.TRAFFIC, Access.DATABASES),
+        description="moves a share of reads to the target",
+    ),
     HandlerSpec("HealthGate", "health_gate", (Access.ALARMS_READ, Access.ENGINE), description="alarms and lag say go"),
     HandlerSpec(
         "Cutover",

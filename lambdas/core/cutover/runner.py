@@ -288,6 +288,7 @@ class CutoverRunner:
         # decide (after a cutover: roll back over the reverse replication; after a retire: refused, saying why).
         with self._sessions(wait_seconds=ROLLBACK_LOCK_WAIT_SECONDS) as conns:
             target = conns[Side.TARGET]
+            store.note_rollback(target, self.plan.migration)  # a stopped execution's read shift will not undo it
             if not rollback_possible(store.load(target, self.plan.migration, Operation.RETIRE_REVERSE)):
                 raise RollbackError(
                     f"the back replication of {self.plan.migration!r} was retired after the rollback window: the "

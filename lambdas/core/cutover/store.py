@@ -15,6 +15,7 @@ simply done again when the operation is re-run: every step is idempotent.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import psycopg2.errors
@@ -50,11 +51,15 @@ def try_lock(conn: Connection, migration: str, *, wait_seconds: float = 0.0) -> 
     return True
 
 
+def unlock(conn: Connection, migration: str) -> None:
+    fetch_value(conn, "SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (f"zdm-cutover:{migration}",))
+
+
 def ensure_tables(conn: Connection) -> None:
     if fetch_value(
         conn,
-        "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
-        (f"{SCHEMA}.cutover_state", f"{SCHEMA}.cutover_log"),
+        "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
+        (f"{SCHEMA}.cutover_state", f"{SCHEMA}.cutover_log", f"{SCHEMA}.cutover_rollbacks"),
     ):
         return
     schema = sql.Identifier(SCHEMA)
@@ -78,6 +83,38 @@ def ensure_tables(conn: Connection) -> None:
             " seconds float8, at timestamptz NOT NULL DEFAULT clock_timestamp(), detail jsonb NOT NULL DEFAULT '{{}}')"
         ).format(schema),
     )
+    execute(
+        conn,
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.cutover_rollbacks ("
+            " migration text PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        ).format(schema),
+    )
+
+
+def note_rollback(conn: Connection, migration: str) -> None:
+    """A rollback starts (under the migration's lock): a read shift of an execution started before is refused."""
+    ensure_tables(conn)
+    execute(
+        conn,
+        sql.SQL(
+            "INSERT INTO {s}.cutover_rollbacks (migration) VALUES (%s)"
+            " ON CONFLICT (migration) DO UPDATE SET at = clock_timestamp()"
+        ).format(s=sql.Identifier(SCHEMA)),
+        (migration,),
+    )
+
+
+def last_rollback(conn: Connection, migration: str) -> datetime | None:
+    """When the migration's last rollback started (None: never, or no state on this database)."""
+    if not fetch_value(conn, "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.cutover_rollbacks",)):
+        return None
+    value = fetch_value(
+        conn,
+        sql.SQL("SELECT at FROM {}.cutover_rollbacks WHERE migration = %s").format(sql.Identifier(SCHEMA)),
+        (migration,),
+    )
+    return value if isinstance(value, datetime) else None
 
 
 def _exists(conn: Connection) -> bool:
