@@ -365,6 +365,13 @@ class ChangeApplier:
                 self._guarded(cur, lambda: _truncate(cur, table), [change], table, result)
             else:
                 segment.append(change)
+        if len(segment) > 1 and segment[-1].event.op is Op.DELETE:
+            # A last delete of a row changed before in the batch: that state is written first, so the row the
+            # delete removes (kept for a key move whose create starts the next batch) is the one it deleted.
+            deleted = _row_of(table, segment[-1])
+            if deleted is not None and any(_row_of(table, c) == deleted for c in segment[:-1]):
+                self._apply_segment(cur, table, segment[:-1], result, last=False)
+                segment = segment[-1:]
         self._apply_segment(cur, table, segment, result, last=True)
 
     def _apply_segment(
@@ -617,6 +624,15 @@ def _units(changes: Sequence[_Change]) -> list[list[_Change]]:
                 continue
         units.append([change])
     return units
+
+
+def _row_of(table: TargetTable, change: _Change) -> Hashable | None:
+    """The fold key of the row a change touches; None when it does not say (a change with a schema problem)."""
+    event = change.event
+    values = event.key if event.op is Op.DELETE else event.after
+    if not values or any(k not in values for k in table.key):
+        return None
+    return table.plan.row_key(values)
 
 
 def _key_of(table: TargetTable, event: ChangeEvent) -> Hashable:
