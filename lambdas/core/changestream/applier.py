@@ -790,7 +790,7 @@ def _prepare(cur: Cursor, table: TargetTable, rows: _Rows, *, python: bool, last
         else:
             script.partial.append((_statement(cur, table, "update", columns, python), payload, [k for k, _ in entries]))
     trailing = rows.trailing_delete if last else None
-    if rows.moves or trailing:
+    if rows.moves:
         # the old rows of this segment's moves, and the row its last delete removes, copied aside first
         aside = [o.key for entries in rows.moves.values() for _, _, o in entries if o.key is not None]
         aside += [trailing[0]] if trailing else []
@@ -803,8 +803,10 @@ def _prepare(cur: Cursor, table: TargetTable, rows: _Rows, *, python: bool, last
         script.moves.append((_move_statement(cur, table, columns, kept, python), payload, [k for k, _, _ in moved]))
     if trailing:
         payload = _payload(table, [{**trailing[0], _ORIGIN_LSN: trailing[1]}], [*table.key, _ORIGIN_LSN], conversions)
-        # after this segment's moves have read the row the previous batch kept (else in the first round trip)
-        (script.after if rows.moves else script.stash).append((_keep_statement(cur, table, python), payload))
+        if rows.moves:  # after the moves have read the row the previous batch kept; from the copy aside
+            script.after.append((_keep_statement(cur, table, python, aside=True), payload))
+        else:  # no moves (the usual case): straight from the table, before the deletes, in the first round trip
+            script.stash.append((_keep_statement(cur, table, python, aside=False), payload))
     return script
 
 
@@ -1004,20 +1006,23 @@ def _stash_statement(cur: Cursor, table: TargetTable, python: bool) -> str:
     )
 
 
-def _keep_statement(cur: Cursor, table: TargetTable, python: bool) -> str:
-    """Keep (only) the row the batch's last delete removed, copied aside before, with the delete's LSN."""
+def _keep_statement(cur: Cursor, table: TargetTable, python: bool, *, aside: bool) -> str:
+    """Keep (only) the row the batch's last delete removes, with the delete's LSN: from the copy made
+    aside (`aside`, after the deletes), or from the table itself (before them)."""
     conversions = table.plan.conversions[python]
-    aside, kept = _stash_names(table)
+    aside_table, kept = _stash_names(table)
     fields = [*table.key, _ORIGIN_LSN]
     return _cached(
         table,
-        ("keep", python),
+        ("keep", aside, python),
         lambda: sql.SQL(
-            "DELETE FROM {kept}; INSERT INTO {kept} SELECT x.{lsn}, m.* FROM {aside} AS m,"
+            "CREATE TABLE IF NOT EXISTS {kept} ({lsn} bigint, LIKE {t}); DELETE FROM {kept};"
+            " INSERT INTO {kept} SELECT x.{lsn}, m.* FROM {source} AS m,"
             " json_to_recordset(%s::json) AS x({types}) WHERE {match}"
         ).format(
             kept=kept,
-            aside=aside,
+            t=table.name.ident,
+            source=aside_table if aside else table.name.ident,
             lsn=sql.Identifier(_ORIGIN_LSN),
             types=sql.SQL(", ").join(
                 sql.SQL("{} {}").format(sql.Identifier(f), _field_type(f, conversions)) for f in fields
