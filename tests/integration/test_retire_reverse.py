@@ -70,6 +70,15 @@ def customers_named(dsn: str, email: str) -> int:
         conn.close()
 
 
+def write_customer(shop: Shop, email: str, name: str) -> None:
+    """A write through the application's alias (the writer: the target, after a cutover)."""
+    conn = connect(shop.app)
+    try:
+        execute(conn, "INSERT INTO customers (email, name) VALUES (%s, %s)", (email, name))
+    finally:
+        conn.close()
+
+
 def hold_table_on_source(shop: Shop, table: str, seconds: float) -> threading.Thread:
     """Keep the reverse apply worker from writing to `table` for `seconds` (a SHARE lock: reads go on)."""
     conn = connect(shop.src)
@@ -103,11 +112,7 @@ def test_retire_waits_until_the_source_has_the_target_s_last_write_then_drops_th
     assert reverse_objects(shop) == ["subscription", "slot", "publication"]
     holder = hold_table_on_source(shop, "customers", 1.5)
     # And a row written on the target (through the application's alias) just before the retire
-    conn = connect(shop.app)
-    try:
-        execute(conn, "INSERT INTO customers (email, name) VALUES ('last@example.com', 'Last Write')")
-    finally:
-        conn.close()
+    write_customer(shop, "last@example.com", "Last Write")
     assert customers_named(shop.src, "last@example.com") == 0  # not applied yet: the lock holds it
     # When the reverse replication is retired
     result = shop.runner().retire_reverse()
@@ -190,11 +195,7 @@ def test_a_rollback_asked_for_while_the_retire_runs_waits_for_it_then_is_refused
     # Given a cutover done, and a retire held up (the source may not apply the target's last write yet)
     cut_over_under_writes(shop, seconds=0.5)
     holder = hold_table_on_source(shop, "customers", 2.0)
-    conn = connect(shop.app)
-    try:
-        execute(conn, "INSERT INTO customers (email, name) VALUES ('late@example.com', 'Late Write')")
-    finally:
-        conn.close()
+    write_customer(shop, "late@example.com", "Late Write")
     retire: dict[str, object] = {}
     retiring = threading.Thread(target=lambda: retire.update(result=shop.runner().retire_reverse()))
     retiring.start()
