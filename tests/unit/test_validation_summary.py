@@ -8,7 +8,7 @@ import tracemalloc
 from collections.abc import Iterator
 
 from lambdas.core.validation.model import ChunkResult, DiffList, KeyDiff, RowHash, TableSpec, ValidationPlan
-from lambdas.core.validation.summary import MAX_NOTES, FirstInOrder, merge_lists, summarize
+from lambdas.core.validation.summary import MAX_NOTES, FirstInOrder, summarize
 
 
 def spec(name: str, *, key: bool = True, comparable: bool = True, problems: list[str] | None = None) -> TableSpec:
@@ -28,9 +28,11 @@ def keys(*values: str, columns: list[str] | None = None) -> DiffList:
 
 
 def test_first_keys_come_in_chunk_order_and_counts_add_up() -> None:
-    merged = merge_lists([keys("1", "2"), keys("3"), keys("4", "5")], 3)
+    merged: FirstInOrder[KeyDiff] = FirstInOrder(3)
+    for chunk, diff_list in enumerate([keys("1", "2"), keys("3"), keys("4", "5")]):
+        merged.add(chunk, diff_list.first, diff_list.count)
     assert merged.count == 5
-    assert [k.key for k in merged.first] == [["1"], ["2"], ["3"]]
+    assert [k.key for k in merged.items] == [["1"], ["2"], ["3"]]
 
 
 def test_first_items_in_chunk_order_whatever_order_the_chunks_arrive_in() -> None:

@@ -368,8 +368,8 @@ class ChangeApplier:
         if len(segment) > 1 and segment[-1].event.op is Op.DELETE:
             # A last delete of a row changed before in the batch: that state is written first, so the row the
             # delete removes (kept for a key move whose create starts the next batch) is the one it deleted.
-            deleted = _row_of(table, segment[-1])
-            if deleted is not None and any(_row_of(table, c) == deleted for c in segment[:-1]):
+            deleted = _row_of(table, segment[-1].event)
+            if deleted is not None and any(_row_of(table, c.event) == deleted for c in segment[:-1]):
                 self._apply_segment(cur, table, segment[:-1], result, last=False)
                 segment = segment[-1:]
         self._apply_segment(cur, table, segment, result, last=True)
@@ -408,7 +408,7 @@ class ChangeApplier:
             return
         result.applied += len(valid)
         if missing:
-            by_key = {_key_of(table, c.event): c for c in valid}
+            by_key = {_row_of(table, c.event): c for c in valid}
             for key in missing:
                 change = by_key[key]
                 result.dead_letters.append(
@@ -442,7 +442,7 @@ class ChangeApplier:
                 cur.execute("ROLLBACK TO SAVEPOINT zdm_change")
                 reason = _pg_reason(exc)
                 continue
-            unwritten = [c for c in unit if c.event.op is not Op.DELETE and _key_of(table, c.event) in missing]
+            unwritten = [c for c in unit if c.event.op is not Op.DELETE and _row_of(table, c.event) in missing]
             for change in unwritten:
                 result.dead_letters.append(_letter(change.record, change.event, _NOT_ON_TARGET))
             result.applied += len(unit) - len(unwritten)
@@ -617,28 +617,25 @@ def _units(changes: Sequence[_Change]) -> list[list[_Change]]:
     units: list[list[_Change]] = []
     for change in changes:
         event = change.event
-        if units and event.op is Op.CREATE and event.lsn is not None and len(units[-1]) == 1:
-            previous = units[-1][0].event
-            if previous.op is Op.DELETE and previous.lsn == event.lsn:
-                units[-1].append(change)
-                continue
+        if units and len(units[-1]) == 1 and _move_pair(units[-1][0].event, event):
+            units[-1].append(change)
+            continue
         units.append([change])
     return units
 
 
-def _row_of(table: TargetTable, change: _Change) -> Hashable | None:
+def _move_pair(previous: ChangeEvent, event: ChangeEvent) -> bool:
+    """Whether `event` is the create that goes with the delete `previous`: a key-changing UPDATE (both at
+    one LSN, the create right after the delete in the partition)."""
+    return previous.op is Op.DELETE and event.op is Op.CREATE and event.lsn is not None and previous.lsn == event.lsn
+
+
+def _row_of(table: TargetTable, event: ChangeEvent) -> Hashable | None:
     """The fold key of the row a change touches; None when it does not say (a change with a schema problem)."""
-    event = change.event
     values = event.key if event.op is Op.DELETE else event.after
     if not values or any(k not in values for k in table.key):
         return None
     return table.plan.row_key(values)
-
-
-def _key_of(table: TargetTable, event: ChangeEvent) -> Hashable:
-    source = event.key if event.op is Op.DELETE else event.after
-    assert source is not None
-    return table.plan.row_key(source)
 
 
 _NOTHING_KEPT: frozenset[str] = frozenset()
@@ -706,13 +703,14 @@ def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
     """
     plan = table.plan
     rows: dict[Hashable, _FoldState] = {}
-    deleted: tuple[int | None, Mapping[str, Any], _FoldState | None] | None = None  # the change just before
+    # the change just before, if a delete: its event, key values and the row's state before it
+    deleted: tuple[ChangeEvent, Mapping[str, Any], _FoldState | None] | None = None
     for position, change in enumerate(changes):
         event = change.event
         if event.op is Op.DELETE:
             key_values = event.key or {}
             fold_key = plan.row_key(key_values)
-            deleted = (event.lsn, key_values, rows.get(fold_key))
+            deleted = (event, key_values, rows.get(fold_key))
             rows[fold_key] = (key_values, None, None)
             continue
         moved_from, deleted = deleted, None
@@ -721,13 +719,7 @@ def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
         if change.marked:
             values, unavailable = _available(table, values)
         key = plan.row_key(values)  # _schema_problem made sure the key is there
-        if (
-            unavailable
-            and event.op is Op.CREATE
-            and moved_from
-            and moved_from[0] is not None
-            and moved_from[0] == event.lsn
-        ):
+        if unavailable and moved_from and _move_pair(moved_from[0], event):
             rows[key] = _moved(dict(values), unavailable, moved_from[1], moved_from[2])
             continue
         if unavailable and event.op is Op.CREATE and position == 0 and event.lsn is not None:
@@ -741,8 +733,8 @@ def _fold(table: TargetTable, changes: Sequence[_Change]) -> _Rows:
             values, unavailable, origin = {**prev_values, **values}, frozenset(keep), prev_origin if keep else None
         rows[key] = (values, unavailable, origin)
     out = _Rows()
-    if deleted is not None and deleted[0] is not None and deleted[2] is None:
-        out.trailing_delete = (deleted[1], deleted[0])
+    if deleted is not None and deleted[0].lsn is not None and deleted[2] is None:
+        out.trailing_delete = (deleted[1], deleted[0].lsn)
     for key, (row, kept, origin) in rows.items():
         if kept is None:
             out.deletes.append((key, row))
@@ -836,7 +828,7 @@ def _payload(
 ) -> str:
     converted = [
         (c, table.columns[_column_of(c)]) for c in columns if c != _ORIGIN_LSN and conversions[_column_of(c)].python
-    ]
+    ]  # (a key column named "lsn" is "zdm old lsn": the two never meet)
     if converted:
         rows = [_converted(values, converted) for values in rows]
     try:
@@ -939,7 +931,7 @@ def _update_sql(table: TargetTable, columns: Sequence[str], conversions: Mapping
 
 
 _ORIGIN = "zdm old "  # a key move's payload: the old row's key columns, beside the new row's values
-_ORIGIN_LSN = "zdm old lsn"  # ... or the LSN of the delete that ended the previous batch
+_ORIGIN_LSN = "zdm deleted at lsn"  # ... or the LSN of the delete that ended the previous batch (not a column)
 
 
 def _origin(column: str) -> str:

@@ -63,14 +63,6 @@ class FirstInOrder(Generic[T]):
         return [item for _, items in self._kept for item in items]
 
 
-def merge_lists(lists: Iterable[DiffList], first: int) -> DiffList:
-    """Counts added up; the first `first` entries kept in the order given (chunk order is key order)."""
-    merged: FirstInOrder[KeyDiff] = FirstInOrder(first)
-    for chunk, diff_list in enumerate(lists):
-        merged.add(chunk, diff_list.first, diff_list.count)
-    return DiffList(count=merged.count, first=merged.items)
-
-
 def _rate(rows: int, seconds: float) -> float:
     return round(rows / seconds, 1) if seconds > 0 else 0.0
 
