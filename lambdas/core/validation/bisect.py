@@ -139,7 +139,8 @@ def _aggregate(line: bytes) -> Aggregate:
 
 
 # Costs per row of one side, in units of an aggregate's cost per row (hash + sum, the floor's work),
-# measured on PostgreSQL 15 with 100,000-row statements (python -m bench.validate, 0.41 us per row):
+# measured on PostgreSQL 15, one 100,000-row statement per variant on the table `bench.validate` builds, jit off
+# (timed one by one in a session, not by the bench itself; an aggregate: 0.41 us per row):
 RANGE_COST = 5.6  # one more range in a statement (2.3 us: its index descent and aggregate)
 RELINE_COST = 1.55  # re-reading a row of a mismatching range as a (key, hash) text line (0.64 us)
 TEXT_LINES_COST = 1.55  # reading every row as a text line instead of aggregates (`queries.range_lines`)
