@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -115,6 +116,75 @@ def check_quiet(before_what: str, threshold: float = 0.10) -> float | None:
         message += " -- WARNING: other processes are using the CPUs; timings will be noisy"
     log(message)
     return busy
+
+
+@dataclass
+class CpuUse:
+    """CPU seconds a timed block cost: on the database servers (all their processes) and in the
+    client (this process's threads and the subprocesses it waited for). None where there is no /proc."""
+
+    servers: float | None = None
+    client: float | None = None
+
+
+def _postmaster_pid(server: PostgresServer) -> int | None:
+    try:
+        return int((server.datadir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _proc_times(pid: int) -> tuple[int, list[int]] | None:
+    """(parent pid, [utime, stime, cutime, cstime]) in clock ticks; None once the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), [int(v) for v in fields[11:15]]
+
+
+def server_cpu_seconds(servers: Sequence[PostgresServer]) -> float | None:
+    """CPU seconds the servers' processes have used so far: each postmaster's own and its exited
+    (reaped) children's, and every live child's (backends, parallel workers, background processes)."""
+    postmasters = {pid for pid in map(_postmaster_pid, servers) if pid is not None}
+    if len(postmasters) != len(servers) or not Path("/proc").is_dir():
+        return None
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        times = _proc_times(int(entry.name))
+        if times is None:
+            continue
+        parent, (utime, stime, cutime, cstime) = times
+        if int(entry.name) in postmasters:
+            ticks += utime + stime + cutime + cstime
+        elif parent in postmasters:
+            ticks += utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _client_cpu_seconds() -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+@contextlib.contextmanager
+def cpu_used(servers: Sequence[PostgresServer]) -> Iterator[CpuUse]:
+    """`with cpu_used(servers) as cpu: ...` then `cpu.servers` and `cpu.client` hold what the block cost.
+
+    On one machine the servers and the client share the CPUs, so wall time follows their sum; on
+    separate machines (a Lambda, two database instances) each server's share is what bounds it.
+    """
+    use = CpuUse()
+    servers_before, client_before = server_cpu_seconds(servers), _client_cpu_seconds()
+    try:
+        yield use
+    finally:
+        servers_after = server_cpu_seconds(servers)
+        if servers_before is not None and servers_after is not None:
+            use.servers = servers_after - servers_before
+        use.client = _client_cpu_seconds() - client_before
 
 
 def percentile(values: Sequence[float], q: float) -> float:

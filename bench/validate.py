@@ -14,6 +14,11 @@ Both databases are settled (VACUUM ANALYZE, CHECKPOINT) and then three things ar
 - ours: `lambdas.core.validation.validate` (plan, chunks on W session pairs, summary);
 - reladiff: its command line, hashdiff, with W threads per database.
 
+Each run also counts CPU seconds: on the two servers (all their processes, from /proc) and in
+the client. Here all of them share the machine's CPUs, so wall time follows the sum; on AWS each
+database has its own CPUs and the validator runs in Lambda, so the servers' seconds against the
+floor's are the figure that carries over.
+
 Each tool's differing keys are checked against the injected ones. Goals: at least 3x faster than
 reladiff, at most 1.5x the floor, the same keys found. Exits non-zero if our validator misses or
 invents a difference.
@@ -35,8 +40,10 @@ from typing import Any
 from psycopg2 import sql
 
 from bench.common import (
+    CpuUse,
     bench_servers,
     check_quiet,
+    cpu_used,
     default_workers,
     emit_json,
     log,
@@ -185,6 +192,7 @@ class ToolResult:
     ok: bool = True
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu: CpuUse = field(default_factory=CpuUse)
 
 
 def run_ours(source_dsn: str, target_dsn: str, settings: Validation, workers: int) -> ToolResult:
@@ -290,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_parallel_chunks=args.workers,
         report_first_keys=count + 1,
     )
-    with bench_servers(["bench-val-source", "bench-val-target"], dbname=DBNAME) as (source_server, target_server):
+    with bench_servers(["bench-val-source", "bench-val-target"], dbname=DBNAME) as servers:
+        source_server, target_server = servers
         src, tgt = source_server.dsn(DBNAME), target_server.dsn(DBNAME)
         log(f"loading {args.rows:,} rows into both servers ...")
         with timed() as t, ThreadPoolExecutor(2) as pool:
@@ -303,17 +312,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plan = plan_only(src, tgt, settings)
         log(f"floor: one aggregate scan of each side ({args.workers} process(es) each), both at once")
-        floors = [floor_scan(src, tgt, plan, args.workers) for _ in range(2)]
-        floor = min(floors)
-        log(f"floor: {floor:.2f}s (runs: {', '.join(f'{f:.2f}s' for f in floors)})")
+        floors: list[ToolResult] = []
+        for _ in range(2):
+            with cpu_used(servers) as cpu:
+                seconds = floor_scan(src, tgt, plan, args.workers)
+            floors.append(ToolResult("floor", seconds, set(), cpu=cpu))
+        floor = min(floors, key=lambda f: f.seconds)
+        log(f"floor: {floor.seconds:.2f}s (runs: {', '.join(f'{f.seconds:.2f}s' for f in floors)})")
 
         log("zdm validate ...")
-        ours = run_ours(src, tgt, settings, args.workers)
+        with cpu_used(servers) as cpu:
+            ours = run_ours(src, tgt, settings, args.workers)
+        ours.cpu = cpu
         log(f"zdm validate: {ours.seconds:.2f}s, {len(ours.keys):,} differing keys")
         theirs: ToolResult | None = None
         if not args.skip_reladiff:
             log("reladiff ...")
-            theirs = run_reladiff(_reladiff_uri(source_server), _reladiff_uri(target_server), args.workers)
+            with cpu_used(servers) as cpu:
+                theirs = run_reladiff(_reladiff_uri(source_server), _reladiff_uri(target_server), args.workers)
+            theirs.cpu = cpu
             log(f"reladiff: {theirs.seconds:.2f}s, {len(theirs.keys):,} differing keys")
     return report(args, count, injected, floor, ours, theirs)
 
@@ -322,13 +339,15 @@ def report(
     args: argparse.Namespace,
     count: int,
     injected: Injected,
-    floor: float,
+    floor_run: ToolResult,
     ours: ToolResult,
     theirs: ToolResult | None,
 ) -> int:
     truth = injected.keys
+    floor = floor_run.seconds
     speedup = theirs.seconds / ours.seconds if theirs and ours.seconds > 0 else None
     floor_ratio = ours.seconds / floor if floor > 0 else None
+    server_ratio = _ratio(ours.cpu.servers, floor_run.cpu.servers)
     same_keys = theirs.keys == ours.keys if theirs else None
     result: dict[str, Any] = {
         "rows": args.rows,
@@ -342,6 +361,14 @@ def report(
         "reladiff_seconds": round(theirs.seconds, 3) if theirs else None,
         "speedup_vs_reladiff": round(speedup, 2) if speedup else None,
         "ratio_to_floor": round(floor_ratio, 2) if floor_ratio else None,
+        # CPU seconds on the two database servers, and in the client: on this one machine they share
+        # the CPUs; on AWS each server has its own and the client runs in Lambda.
+        "floor_server_cpu_seconds": _round(floor_run.cpu.servers),
+        "zdm_server_cpu_seconds": _round(ours.cpu.servers),
+        "zdm_client_cpu_seconds": _round(ours.cpu.client),
+        "reladiff_server_cpu_seconds": _round(theirs.cpu.servers) if theirs else None,
+        "reladiff_client_cpu_seconds": _round(theirs.cpu.client) if theirs else None,
+        "server_cpu_ratio_to_floor": _round(server_ratio, 2),
         "zdm_found": len(ours.keys),
         "reladiff_found": len(theirs.keys) if theirs else None,
         "same_keys": same_keys,
@@ -369,6 +396,8 @@ def report(
                 f"floor (1 scan per side, {args.workers} proc.)",
                 round(floor, 2),
                 _rate(args.rows, floor),
+                _round(floor_run.cpu.servers, 2),
+                _round(floor_run.cpu.client, 2),
                 None,
                 None,
                 "-",
@@ -377,6 +406,8 @@ def report(
                 ours.name,
                 round(ours.seconds, 2),
                 _rate(args.rows, ours.seconds),
+                _round(ours.cpu.servers, 2),
+                _round(ours.cpu.client, 2),
                 len(ours.keys),
                 ours.keys == truth,
                 ours.note,
@@ -388,15 +419,20 @@ def report(
                     theirs.name,
                     round(theirs.seconds, 2),
                     _rate(args.rows, theirs.seconds),
+                    _round(theirs.cpu.servers, 2),
+                    _round(theirs.cpu.client, 2),
                     len(theirs.keys),
                     theirs.keys == truth,
                     theirs.note,
                 ]
             )
         print(f"{args.rows:,} rows, {len(truth):,} differences injected, {args.workers} worker(s)")
-        print_table(["tool", "seconds", "rows/s", "differences", "= injected", "notes"], rows)
+        print_table(
+            ["tool", "seconds", "rows/s", "server CPU-s", "client CPU-s", "differences", "= injected", "notes"], rows
+        )
         print(
-            f"zdm vs floor: {_fmt(floor_ratio)}x (goal <= {GOAL_FLOOR_RATIO}); "
+            f"zdm vs floor: {_fmt(floor_ratio)}x (goal <= {GOAL_FLOOR_RATIO}), "
+            f"in the servers' CPU seconds {_fmt(server_ratio)}x; "
             f"reladiff vs zdm: {_fmt(speedup)}x (goal >= {GOAL_SPEEDUP}); "
             f"same keys found: {'-' if same_keys is None else ('yes' if same_keys else 'NO')}"
         )
@@ -405,6 +441,14 @@ def report(
 
 def _rate(rows: int, seconds: float) -> float | None:
     return rows / seconds if seconds > 0 else None
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _fmt(value: float | None) -> str:
