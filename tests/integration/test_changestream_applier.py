@@ -78,7 +78,7 @@ class Stream:
             "db": "shop",
             "sequence": json.dumps([None if op == "r" else str(commit), str(lsn)]),
             "schema": "public",
-            "table": "items",
+            "table": self.topic.rsplit(".", 1)[1],
             "txId": 700 + lsn,
             "lsn": lsn,
         }

@@ -25,7 +25,8 @@ def text(value: object, sql_type: str) -> str | None:
         ("timestamp(3) without time zone", Kind.TIMESTAMP_MS, False),
         ("timestamp(0) without time zone", Kind.TIMESTAMP_MS, False),
         ("timestamp(3) without time zone[]", Kind.TIMESTAMP_MS, True),
-        ("timestamp with time zone", Kind.TEXT, False),
+        ("timestamp with time zone", Kind.TIMESTAMPTZ, False),
+        ("timestamp(3) with time zone[]", Kind.TIMESTAMPTZ, True),
         ("time without time zone", Kind.TIME, False),
         ("time(3) without time zone", Kind.TIME, False),
         ("time with time zone", Kind.TEXT, False),
@@ -36,7 +37,9 @@ def text(value: object, sql_type: str) -> str | None:
         ("jsonb[]", Kind.JSON, True),
         ("boolean", Kind.BOOL, False),
         ("hstore", Kind.HSTORE, False),
-        ("numeric(12,2)", Kind.TEXT, False),
+        ("numeric(12,2)", Kind.NUMERIC, False),
+        ("numeric", Kind.NUMERIC, False),
+        ("numeric[]", Kind.NUMERIC, True),
         ("text[][]", Kind.TEXT, True),
         ("uuid", Kind.TEXT, False),
     ],
@@ -68,11 +71,57 @@ def test_timestamp_up_to_millisecond_precision_arrives_in_millis() -> None:
     assert text([1577836800123, None], "timestamp(3) without time zone[]") == '{"2020-01-01 00:00:00.123000",NULL}'
 
 
-def test_timestamp_outside_pythons_range_is_a_conversion_error() -> None:
-    with pytest.raises(ConversionError, match="outside Python's range"):
+def test_timestamp_outside_postgresqls_range_is_a_conversion_error() -> None:
+    with pytest.raises(ConversionError, match="outside PostgreSQL's range"):
         text(-(10**18), "timestamp without time zone")
-    with pytest.raises(ConversionError, match="outside Python's range"):
+    with pytest.raises(ConversionError, match="outside PostgreSQL's range"):
         text(10**17, "timestamp(3) without time zone")
+
+
+def test_timestamps_and_dates_cover_postgresqls_whole_range_bc_and_past_year_9999() -> None:
+    # Given the first and last instants and days PostgreSQL holds (numbers from PostgreSQL 15: x - 'epoch')
+    assert text(-210866803200000000, "timestamp without time zone") == "4714-11-24 00:00:00 BC"
+    assert text(9224318015999999, "timestamp(3) without time zone") == "294276-12-31 23:59:59.999000"
+    assert text(-62135596800000001, "timestamp without time zone") == "0001-12-31 23:59:59.999999 BC"
+    assert text(-2440588, "date") == "4714-11-24 BC"
+    assert text(-719528, "date") == "0001-01-01 BC"  # year 0 is 1 BC
+    assert text(2145042905, "date") == "5874897-12-31"
+    assert text([2932897, -141427], "date[]") == '{"10000-01-01","1582-10-15"}'
+    # And one step past either end is refused, naming the range
+    with pytest.raises(ConversionError, match="outside PostgreSQL's range"):
+        text(-2440589, "date")
+    with pytest.raises(ConversionError, match="outside PostgreSQL's range"):
+        text(-210866803200000001, "timestamp without time zone")
+
+
+@pytest.mark.parametrize(
+    ("value", "sql_type", "expected"),
+    [
+        (9223372036825200000, "timestamp without time zone", "infinity"),
+        (-9223372036832400000, "timestamp(6) without time zone", "-infinity"),
+        (9223372036825200, "timestamp(3) without time zone", "infinity"),
+        (-9223372036832400, "timestamp(0) without time zone", "-infinity"),
+        (-622191234, "date", "infinity"),
+        (-2147472691, "date", "-infinity"),
+        ("NAN", "numeric", "NaN"),
+        ("POSITIVE_INFINITY", "numeric(12,2)", "Infinity"),
+        ("NEGATIVE_INFINITY", "numeric", "-Infinity"),
+        ("-infinity", "timestamp with time zone", "-infinity"),
+        ([-622191234, None, -2147472691], "date[]", '{"infinity",NULL,"-infinity"}'),
+        (["+292269055-12-02T23:00:00.000000Z", "infinity"], "timestamp with time zone[]", '{"-infinity","infinity"}'),
+        ([9223372036825200], "timestamp(3) without time zone[]", '{"infinity"}'),
+    ],
+)
+def test_debeziums_encodings_of_special_values_become_the_values(value: object, sql_type: str, expected: str) -> None:
+    # Given a special value as Debezium 3.6.3 sends it (read from the real connector) -> PostgreSQL's own text
+    assert text(value, sql_type) == expected
+
+
+def test_special_value_encodings_only_apply_to_their_own_kind() -> None:
+    # Given the same numbers and names in columns of other types: taken as they are
+    assert text(-622191234, "bigint") == "-622191234"
+    assert text("NAN", "text") == "NAN"
+    assert text(9223372036825200000, "numeric") == "9223372036825200000"
 
 
 def test_timestamptz_and_timetz_pass_through_as_iso_text() -> None:
@@ -85,8 +134,8 @@ def test_date_days_since_the_epoch() -> None:
     assert text(0, "date") == "1970-01-01"
     assert text(19782, "date") == "2024-02-29"
     assert text([18262, None], "date[]") == '{"2020-01-01",NULL}'
-    with pytest.raises(ConversionError, match="outside Python's range"):
-        text(10**9, "date")
+    with pytest.raises(ConversionError, match="outside PostgreSQL's range"):
+        text(3 * 10**9, "date")
 
 
 def test_time_micros_since_midnight() -> None:
@@ -219,3 +268,30 @@ def test_real_values_are_not_mistaken_for_the_placeholder(value: object) -> None
 def test_placeholder_uuid_is_debeziums() -> None:
     # The value Debezium 3.6.3 sent for an unchanged TOASTed uuid[] with this placeholder
     assert PLACEHOLDER_UUID == "d9684f09-18a3-327a-b294-a9dd6b907dfd"
+
+
+@pytest.mark.parametrize(
+    ("value", "sql_type"),
+    [
+        ([18262, -141428], "date[]"),  # 1582-10-14
+        ([-703383], "date[]"),  # 0044-03-15 BC as Debezium sends it: 0044-03-15
+        ([-62135769600000001], "timestamp without time zone[]"),  # 0001-12-31 23:59:59.999999 BC, shifted
+        ([-12219292800001], "timestamp(3) without time zone[]"),  # 1582-10-14 23:59:59.999
+        (["0044-03-15T12:00:00.000000Z"], "timestamp with time zone[]"),  # 0044-03-15 12:00 BC, era dropped
+        (["-4712-01-01T00:00:00Z"], "timestamp with time zone[]"),
+    ],
+)
+def test_array_elements_before_the_gregorian_calendar_are_refused(value: object, sql_type: str) -> None:
+    # Given an array element Debezium sent through java.sql types, before 1582-10-15 (Julian, era dropped)
+    # Then it is refused, saying why and what to do: its value is not known
+    with pytest.raises(ConversionError, match=r"before 1582-10-15.*engine 'logical'"):
+        text(value, sql_type)
+
+
+def test_array_elements_from_the_gregorian_start_and_scalars_of_any_day_are_taken() -> None:
+    assert text([-12219292800000000], "timestamp without time zone[]") == '{"1582-10-15 00:00:00"}'
+    assert text(["1582-10-15T00:00:00Z", "infinity"], "timestamp with time zone[]") == (
+        '{"1582-10-15T00:00:00Z","infinity"}'
+    )
+    assert text(-703383, "date") == "0044-03-15"  # a scalar arrives exactly (LocalDate), era and all
+    assert text("-0043-03-15T12:00:00Z", "timestamp with time zone") == "0044-03-15T12:00:00Z BC"

@@ -639,9 +639,48 @@ def test_debezium_engine_refuses_arrays_it_would_send_as_null_unless_replica_ide
     assert result.status == "fail"
     assert result.details == ["public.orders.seen (timestamp without time zone[])"]
     assert checks.check_change_stream_types(facts(tables=tables(risky))).status == "pass"
-    # And with REPLICA IDENTITY FULL (the whole old row in the WAL) it passes
+    # And with REPLICA IDENTITY FULL (the whole old row in the WAL) it no longer fails (it warns about the
+    # array's elements before 1582, see below)
     full = table(columns=columns, replica_identity="f")
-    assert checks.check_change_stream_types(facts(engine="debezium", tables=tables(full))).status == "pass"
+    assert checks.check_change_stream_types(facts(engine="debezium", tables=tables(full))).status == "warn"
     # And text[] arrays, which Debezium marks, pass as they are
     marked = table(columns=(Column("id", "bigint", True), Column("tags", "text[]", False)))
     assert checks.check_change_stream_types(facts(engine="debezium", tables=tables(marked))).status == "pass"
+
+
+def test_debezium_engine_refuses_time_with_time_zone_columns_it_would_convert_to_utc() -> None:
+    # Given a table with timetz columns (Debezium sends them converted to UTC: the offset is lost)
+    columns = (
+        Column("id", "bigint", True),
+        Column("opens", "time with time zone", False),
+        Column("slots", "time(3) with time zone[]", False),
+        Column("seen", "timestamp with time zone", False),
+    )
+    zoned = table(columns=columns, replica_identity="f")
+    # When the engine is debezium it fails, naming both columns (timestamptz arrives exactly) and what to do
+    result = checks.check_change_stream_types(facts(engine="debezium", tables=tables(zoned)))
+    assert result.status == "fail"
+    assert result.details == [
+        "public.orders.opens (time with time zone)",
+        "public.orders.slots (time(3) with time zone[])",
+    ]
+    assert "UTC" in result.remedy and "engine 'logical'" in result.remedy
+    # And the logical engine, which copies the values themselves, does not care
+    assert checks.check_change_stream_types(facts(tables=tables(zoned))).status == "pass"
+
+
+def test_debezium_engine_warns_about_arrays_of_dates_and_timestamps_and_numeric() -> None:
+    # Given arrays Debezium handles through java.sql types (dates before 1582 and BC eras are lost) and numeric[]
+    columns = (
+        Column("id", "bigint", True),
+        Column("days", "date[]", False),
+        Column("stamps", "timestamp(3) with time zone[]", False),
+        Column("amounts", "numeric(10,2)[]", False),
+        Column("names", "text[]", False),
+    )
+    risky = table(columns=columns, replica_identity="f")
+    # When the engine is debezium it warns, naming each column and what to do
+    result = checks.check_change_stream_types(facts(engine="debezium", tables=tables(risky)))
+    assert result.status == "warn"
+    assert result.details == ["public.orders.amounts", "public.orders.days", "public.orders.stamps"]
+    assert "1582-10-15" in result.remedy and "NaN" in result.remedy and "engine 'logical'" in result.remedy

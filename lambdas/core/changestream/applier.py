@@ -431,8 +431,8 @@ class ChangeApplier:
         for python in (False, True):
             try:
                 script = _prepare(cur, table, rows, python=python, last=last)
-            except ConversionError:
-                reason = "a value cannot be converted to its column's type"
+            except ConversionError as exc:
+                reason = f"a value cannot be converted to its column's type: {exc}"
                 continue
             try:
                 missing = set(_run(cur, script, "zdm_change"))

@@ -490,6 +490,11 @@ def _array_element(type_name: str) -> str | None:
     return base.split("(")[0].strip()
 
 
+def _is_time_with_zone(type_name: str) -> bool:
+    """time with time zone, time(n) with time zone, and arrays of them (format_type's names)."""
+    return type_name.startswith("time") and not type_name.startswith("timestamp") and "with time zone" in type_name
+
+
 def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
     name = "change_stream_types"
     if facts.engine != "debezium":
@@ -503,7 +508,22 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
         if (element := _array_element(c.type)) is not None and element not in _MARKED_ARRAY_ELEMENTS
     ]
     numeric_arrays = [f"{i.name}.{c.name}" for i in infos for c in i.columns if _array_element(c.type) == "numeric"]
-    measured = f"{len(unmarked)} array column(s) Debezium could send as NULL when unchanged"
+    zoned_times = [f"{i.name}.{c.name} ({c.type})" for i in infos for c in i.columns if _is_time_with_zone(c.type)]
+    measured = (
+        f"{len(unmarked)} array column(s) Debezium could send as NULL when unchanged, "
+        f"{len(zoned_times)} time with time zone column(s)"
+    )
+    if zoned_times:
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            "Debezium sends a time with time zone converted to UTC ('12:00:00+02' arrives as '10:00:00Z'), so the "
+            "target would hold another value. Use engine 'logical', exclude these tables, or change the columns to "
+            "time or timestamptz on both sides before migrating."
+            + (" Also: arrays Debezium could send as NULL when unchanged: " + ", ".join(unmarked) if unmarked else ""),
+            zoned_times + unmarked,
+        )
     if unmarked:
         return CheckResult(
             name,
@@ -514,14 +534,34 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
             "listed tables (more WAL per UPDATE/DELETE), exclude them, or use engine 'logical'.",
             unmarked,
         )
-    if numeric_arrays:
+    calendar_arrays = [
+        f"{i.name}.{c.name}"
+        for i in infos
+        for c in i.columns
+        if (element := _array_element(c.type)) is not None and (element == "date" or element.startswith("timestamp"))
+    ]
+    warnings = [
+        (items, advice)
+        for items, advice in (
+            (numeric_arrays, "Debezium sends NULL for a numeric[] value holding NaN."),
+            (
+                calendar_arrays,
+                "Debezium sends a date or timestamp array element before 1582-10-15 shifted by the Julian calendar "
+                "and without its era (the applier refuses such a change: a dead letter), and a BC element of a later "
+                "year as AD.",
+            ),
+        )
+        if items
+    ]
+    if warnings:
         return CheckResult(
             name,
             "warn",
             measured,
-            "Debezium sends NULL for a numeric[] value holding NaN: if these columns can hold NaN, use engine "
-            "'logical'; validation before the cutover would find such rows.",
-            numeric_arrays,
+            " ".join(advice for _, advice in warnings)
+            + " If these columns can hold such values, use engine 'logical'; validation before the cutover would "
+            "find such rows.",
+            [item for items, _ in warnings for item in items],
         )
     return CheckResult(name, "pass", measured)
 
