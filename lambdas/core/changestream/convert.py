@@ -73,7 +73,7 @@ SPECIAL_VALUES: dict[str, dict[Any, str]] = {
 
 
 class Kind(StrEnum):
-    TEXT = "text"  # numbers, strings, uuid, numeric, timestamptz, interval, ...: the value's own text
+    TEXT = "text"  # numbers, strings, uuid, interval, ...: the value's own text
     BOOL = "bool"
     BYTEA = "bytea"
     JSON = "json"
