@@ -222,13 +222,16 @@ def timed() -> Iterator[Timer]:
 
 
 @contextlib.contextmanager
-def bench_servers(names: Sequence[str], dbname: str | None = None) -> Iterator[list[PostgresServer]]:
-    """Start one throwaway server per name (optionally creating `dbname` on each); always stopped."""
+def bench_servers(
+    names: Sequence[str], dbname: str | None = None, settings: Mapping[str, str] | None = None
+) -> Iterator[list[PostgresServer]]:
+    """Start one throwaway server per name (optionally creating `dbname` on each, with `settings` over
+    the servers' defaults); always stopped."""
     servers: list[PostgresServer] = []
     try:
         for name in names:
             with timed() as t:
-                server = start_server(name)
+                server = start_server(name, settings=settings)
             servers.append(server)
             if dbname:
                 server.create_database(dbname)
