@@ -583,3 +583,23 @@ def test_a_transient_target_error_is_not_a_dead_letter_the_batch_is_delivered_ag
     result = apply(applier, batch)
     assert result.applied == 2 and result.dead_letters == []
     assert rows(target) == [(1, "sku-1", 7, None), (2, "sku-2", 1, None)]
+
+
+def test_an_event_without_a_column_the_source_has_is_a_dead_letter_not_a_null(
+    target: Connection, sink: CollectingSink
+) -> None:
+    # Given the source's columns as the engine recorded them at its start: all of the target's but `at`
+    # (a column only the target has)
+    state.record_source_columns(target, {str(ITEMS): ["id", "sku", "qty", "note", "body", "doc", "tags"]})
+    applier = ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS]), sink)
+    s = Stream()
+    without_doc = {k: v for k, v in item(1, doc='{"a": 1}').items() if k not in ("doc", "at")}
+    without_at = {k: v for k, v in item(2).items() if k != "at"}
+    # When an insert comes without `doc` (as Debezium sends a column of a type it does not know: not at all)
+    # and another without `at`
+    result = apply(applier, [s.create(without_doc, (1000, 1010)), s.create(without_at, (1100, 1110))])
+    # Then the first is a dead letter naming the column, not a row whose doc is NULL; the second applies
+    assert [d.offset for d in result.dead_letters] == [0]
+    assert "no value for column(s) doc of public.items" in result.dead_letters[0].reason
+    assert "engine 'logical'" in result.dead_letters[0].reason
+    assert rows(target) == [(2, "sku-2", 1, None)]

@@ -42,6 +42,10 @@ def text(value: object, sql_type: str) -> str | None:
         ("numeric[]", Kind.NUMERIC, True),
         ("text[][]", Kind.TEXT, True),
         ("uuid", Kind.TEXT, False),
+        ("bit(1)", Kind.BITS, False),
+        ("bit(16)", Kind.BITS, False),
+        ("bit varying(20)", Kind.BITS, False),
+        ("point", Kind.POINT, False),
     ],
 )
 def test_column_kind_follows_the_target_type(sql_type: str, kind: Kind, array: bool) -> None:
@@ -295,3 +299,22 @@ def test_array_elements_from_the_gregorian_start_and_scalars_of_any_day_are_take
     )
     assert text(-703383, "date") == "0044-03-15"  # a scalar arrives exactly (LocalDate), era and all
     assert text("-0043-03-15T12:00:00Z", "timestamp with time zone") == "0044-03-15T12:00:00Z BC"
+
+
+def test_bit_strings_from_debeziums_bits() -> None:
+    # Given bit(1) as a boolean and bit(n) as base64 bytes of the string's value, little-endian (as sent)
+    assert text(True, "bit(1)") == "1" and text(False, "bit(1)") == "0"
+    assert text("A4A=", "bit(16)") == "1000000000000011"
+    assert text("Aw==", "bit(3)") == "011"  # the width comes from the type: leading zeros kept
+    assert text("", "bit(8)") == "00000000"
+    # And bit varying, whose leading zeros Debezium drops (B'0011' arrives as B'11' does), is refused
+    with pytest.raises(ConversionError, match="leading zeros"):
+        text("Aw==", "bit varying(20)")
+
+
+def test_point_from_debeziums_struct_keeps_every_double() -> None:
+    value = {"x": 1e-300, "y": -0.0, "wkb": "AQEAAABZ8/jCH26lAQAAAAAAAACA", "srid": None}
+    assert text(value, "point") == "(1e-300,-0.0)"
+    assert text({"x": 1.5, "y": -2.25, "wkb": "", "srid": None}, "point") == "(1.5,-2.25)"
+    with pytest.raises(ConversionError, match="cannot convert a JSON dict to point"):
+        text({"wkb": "AQEAAAAAAAAAAAD4PwAAAAAAAALA"}, "point")

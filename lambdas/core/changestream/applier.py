@@ -81,6 +81,9 @@ class TargetTable:
     key: tuple[str, ...]
     columns: Mapping[str, ColumnType]  # the columns a change may write (generated ones excluded)
     generated: frozenset[str] = frozenset()
+    # The source's columns among those: an insert or update must carry each (Debezium leaves out a column
+    # of a type it does not know, which would be written as NULL); empty when not recorded.
+    expected: frozenset[str] = frozenset()
 
     @cached_property
     def label(self) -> str:
@@ -155,6 +158,7 @@ class StreamRouting:
         if missing:
             raise ValueError(f"target tables missing: {', '.join(missing)}; create the schema on the target first")
         routed: dict[str, TargetTable] = {}
+        on_source = state.source_columns(target)
         for name in wanted:
             info = infos[name]
             if not info.primary_key:
@@ -167,6 +171,7 @@ class StreamRouting:
                 key=info.primary_key,
                 columns={c.name: ColumnType.of(c.type) for c in info.columns if not c.generated},
                 generated=frozenset(c.name for c in info.columns if c.generated),
+                expected=on_source.get(str(name), frozenset()) & {c.name for c in info.columns if not c.generated},
             )
         if not target.autocommit:
             target.rollback()
@@ -602,6 +607,12 @@ def _schema_problem(table: TargetTable, event: ChangeEvent, marked: bool) -> str
             return (
                 f"schema mismatch: column(s) {', '.join(unknown)} of the event are not on target table {table.name};"
                 " add them to the target (schema changes are not replicated)"
+            )
+        left_out = sorted(table.expected - names)
+        if left_out:
+            return (
+                f"the event has no value for column(s) {', '.join(left_out)} of {table.name}, which the source has:"
+                " Debezium leaves out columns of types it does not know; use engine 'logical' for this table"
             )
     elif not marked:
         return None

@@ -6,7 +6,7 @@ a crash before the commit loses both the rows and the offsets, a crash after kee
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from psycopg2 import sql
@@ -38,6 +38,8 @@ _DDL = [
             snapshot_done boolean NOT NULL DEFAULT false,
             events bigint NOT NULL DEFAULT 0)"""
     ).format(sql.Identifier(SCHEMA)),
+    # The source's columns of each table (engine start): an event must carry each the target writes.
+    sql.SQL("ALTER TABLE {}.dbz_tables ADD COLUMN IF NOT EXISTS source_columns text[]").format(sql.Identifier(SCHEMA)),
     sql.SQL(
         """CREATE TABLE IF NOT EXISTS {}.dbz_dead_letters (
             id bigserial PRIMARY KEY,
@@ -82,6 +84,35 @@ def ensure_state_tables(conn: Connection) -> None:
             cur.execute("SELECT pg_advisory_unlock(hashtext('zdm.dbz_state'))")
             if not conn.autocommit:
                 conn.commit()
+
+
+def record_source_columns(conn: Connection, columns: Mapping[str, Sequence[str]]) -> None:
+    """Keep each table's source columns (by its name, schema.table) for the appliers to check events against."""
+    pairs = [(name, column, i) for name, names in sorted(columns.items()) for i, column in enumerate(names)]
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {}.dbz_tables AS t (table_name, source_columns)"
+                " SELECT n, array_agg(c ORDER BY o) FROM unnest(%s::text[], %s::text[], %s::int[]) AS u(n, c, o)"
+                " GROUP BY n ON CONFLICT (table_name) DO UPDATE SET source_columns = EXCLUDED.source_columns"
+            ).format(sql.Identifier(SCHEMA)),
+            ([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs]),
+        )
+    if not conn.autocommit:
+        conn.commit()
+
+
+def source_columns(conn: Connection) -> dict[str, frozenset[str]]:
+    """Each table's source columns as recorded at the engine's start (none recorded: not in the result)."""
+    if fetch_all(conn, "SELECT to_regclass(%s)", (f"{SCHEMA}.dbz_tables",))[0][0] is None:
+        return {}
+    rows = fetch_all(
+        conn,
+        sql.SQL("SELECT table_name, source_columns FROM {}.dbz_tables WHERE source_columns IS NOT NULL").format(
+            sql.Identifier(SCHEMA)
+        ),
+    )
+    return {name: frozenset(columns) for name, columns in rows}
 
 
 KEPT_ROWS_PREFIX = "dbz_moved_"  # the applier's tables keeping a deleted row for a key move (applier._stash_names)

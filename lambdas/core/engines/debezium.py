@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from psycopg2 import sql
 
+from lambdas.core.catalog import describe_tables
 from lambdas.core.changestream import state
 from lambdas.core.changestream.connector import FENCE_PREFIX, heartbeat_topic, message_topic, table_topic
 from lambdas.core.changestream.kafka import KafkaStream, TopicOffsets
@@ -97,10 +98,20 @@ class DebeziumEngine(ReplicationEngine):
             state.ensure_state_tables(target)
             state.set_applier_paused(target, False)  # a stop or an undone cutover paused it
             state.seed_offsets(target, left_over)
+            state.record_source_columns(target, self._source_columns())
         finally:
             target.close()
         self.runtime.start(self.plan.connector, self.plan.table_topics)
         return StartResult(self.name, already, [str(t) for t in self.plan.tables])
+
+    def _source_columns(self) -> dict[str, list[str]]:
+        """Each table's columns on the source, generated ones aside (Debezium does not send those)."""
+        source = connect(self._source_dsn)
+        try:
+            infos = describe_tables(source, self.plan.tables)
+        finally:
+            source.close()
+        return {str(name): [c.name for c in info.columns if not c.generated] for name, info in infos.items()}
 
     def status(self) -> ReplicationStatus:
         health = self.runtime.health()
