@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from contextlib import closing
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -14,7 +14,7 @@ from lambdas.core.changestream.connector import dead_letter_topic, table_topic
 from lambdas.core.changestream.convert import is_unavailable
 from lambdas.core.changestream.kafka import KafkaStream
 from lambdas.core.config import LagLimits
-from lambdas.core.db import connect, execute, fetch_all, fetch_value
+from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_value
 from lambdas.core.engines.base import Phase
 from lambdas.core.engines.debezium import DebeziumEngine
 from lambdas.core.health import ReplicationSignal, evaluate_health
@@ -348,21 +348,32 @@ SPECIALS_ROWS = {
 }
 
 
+@contextmanager
+def streaming_after_snapshot(
+    dbs: tuple[str, str], broker: Broker, workdir: Path, ddl: str, first_row: str, tables: Sequence[TableName]
+) -> Iterator[tuple[DebeziumEngine, Connection, Connection]]:
+    """Both databases given `ddl` and the source `first_row` (an INSERT); the stream started on `tables`
+    and its snapshot applied. Yields the engine and connections to the source and the target."""
+    with closing(connect(dbs[0])) as source, closing(connect(dbs[1])) as target:
+        execute(source, ddl)
+        execute(target, ddl)
+        execute(source, first_row)
+        engine = make_engine(dbs[0], dbs[1], broker, workdir, tables, name=f"dbz-{tables[0].name}")
+        with running(engine):
+            engine.start()
+            wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+            yield engine, source, target
+
+
 def test_special_values_arrive_exactly_and_an_unknowable_one_is_a_dead_letter(
     fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
 ) -> None:
     # Given PostgreSQL's special values (infinite timestamps and dates, numeric NaN and infinities, BC and
     # years past 9999, in scalars and arrays), one row on the source before the snapshot
     src, tgt = fresh_dbs
-    source, target = connect(src), connect(tgt)
-    execute(source, SPECIALS_SQL)
-    execute(target, SPECIALS_SQL)
-    execute(source, f"INSERT INTO specials VALUES (1, {SPECIALS_ROWS[1]})")
     tables = (TableName("public", "specials"),)
-    engine = make_engine(src, tgt, broker, tmp_path / "stream", tables, name="dbz-specials")
-    with running(engine):
-        engine.start()
-        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+    first = f"INSERT INTO specials VALUES (1, {SPECIALS_ROWS[1]})"
+    with streaming_after_snapshot(fresh_dbs, broker, tmp_path, SPECIALS_SQL, first, tables) as (engine, source, target):
         # When the others stream in, one of them holding 0044-03-15 BC in a date[]
         for key in (2, 3, 4, 5):
             execute(source, f"INSERT INTO specials VALUES ({key}, {SPECIALS_ROWS[key]})")
@@ -402,8 +413,6 @@ def test_special_values_arrive_exactly_and_an_unknowable_one_is_a_dead_letter(
             "+10000-01-01T00:00:00.000000Z",
         )
         assert sent[5]["ds"] == [-703383]  # 0044-03-15, era dropped
-    source.close()
-    target.close()
 
 
 MORE_TYPES_SQL = """
@@ -441,15 +450,13 @@ def test_more_types_arrive_exactly_and_columns_debezium_leaves_out_are_dead_lett
     # Given bit strings, points, network addresses, ranges, text search, xml, enums, domains and their
     # arrays (one row before the snapshot), and a table with columns of types Debezium does not know
     src, tgt = fresh_dbs
-    source, target = connect(src), connect(tgt)
-    execute(source, MORE_TYPES_SQL)
-    execute(target, MORE_TYPES_SQL)
-    execute(source, f"INSERT INTO carried VALUES {CARRIED_ROWS[0]}")
     tables = (TableName("public", "carried"), TableName("public", "left_out"))
-    engine = make_engine(src, tgt, broker, tmp_path / "stream", tables, name="dbz-more")
-    with running(engine):
-        engine.start()
-        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+    first = f"INSERT INTO carried VALUES {CARRIED_ROWS[0]}"
+    with streaming_after_snapshot(fresh_dbs, broker, tmp_path, MORE_TYPES_SQL, first, tables) as (
+        engine,
+        source,
+        target,
+    ):
         # When more rows stream in and change, and rows with a box and a composite value are inserted
         execute(source, f"INSERT INTO carried VALUES {CARRIED_ROWS[1]}")
         execute(source, "UPDATE carried SET ch = 'zz', b16 = B'0000000011110000', pt = '(2,3)' WHERE id = 1")
@@ -463,8 +470,6 @@ def test_more_types_arrive_exactly_and_columns_debezium_leaves_out_are_dead_lett
         assert diffs["public.left_out"].missing_on_target == ["1"]
         reasons = fetch_all(target, "SELECT reason FROM _zdm.dbz_dead_letters")
         assert len(reasons) == 1 and "no value for column(s) bx, pr of public.left_out" in reasons[0][0], reasons
-    source.close()
-    target.close()
 
 
 # --- crashes, poison, restarts, idempotence -----------------------------------------------------------

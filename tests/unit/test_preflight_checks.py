@@ -648,17 +648,19 @@ def test_debezium_engine_refuses_arrays_it_would_send_as_null_unless_replica_ide
     assert checks.check_change_stream_types(facts(engine="debezium", tables=tables(marked))).status == "pass"
 
 
+def stream_types(*columns: tuple[str, str], engine: str = "debezium") -> CheckResult:
+    """The change-stream types check of one table (REPLICA IDENTITY FULL) with a bigint key and these columns."""
+    cols = (Column("id", "bigint", True), *(Column(name, type_name, False) for name, type_name in columns))
+    return checks.check_change_stream_types(
+        facts(engine=engine, tables=tables(table(columns=cols, replica_identity="f")))
+    )
+
+
 def test_debezium_engine_refuses_time_with_time_zone_columns_it_would_convert_to_utc() -> None:
     # Given a table with timetz columns (Debezium sends them converted to UTC: the offset is lost)
-    columns = (
-        Column("id", "bigint", True),
-        Column("opens", "time with time zone", False),
-        Column("slots", "time(3) with time zone[]", False),
-        Column("seen", "timestamp with time zone", False),
-    )
-    zoned = table(columns=columns, replica_identity="f")
+    columns = [("opens", "time with time zone"), ("slots", "time(3) with time zone[]"), ("seen", "timestamptz")]
     # When the engine is debezium it fails, naming both columns (timestamptz arrives exactly) and what to do
-    result = checks.check_change_stream_types(facts(engine="debezium", tables=tables(zoned)))
+    result = stream_types(*columns)
     assert result.status == "fail"
     assert result.details == [
         "public.orders.opens (time with time zone)",
@@ -666,21 +668,14 @@ def test_debezium_engine_refuses_time_with_time_zone_columns_it_would_convert_to
     ]
     assert "UTC" in result.remedy and "engine 'logical'" in result.remedy
     # And the logical engine, which copies the values themselves, does not care
-    assert checks.check_change_stream_types(facts(tables=tables(zoned))).status == "pass"
+    assert stream_types(*columns, engine="logical").status == "pass"
 
 
 def test_debezium_engine_warns_about_arrays_of_dates_and_timestamps_and_numeric() -> None:
     # Given arrays Debezium handles through java.sql types (dates before 1582 and BC eras are lost) and numeric[]
-    columns = (
-        Column("id", "bigint", True),
-        Column("days", "date[]", False),
-        Column("stamps", "timestamp(3) with time zone[]", False),
-        Column("amounts", "numeric(10,2)[]", False),
-        Column("names", "text[]", False),
-    )
-    risky = table(columns=columns, replica_identity="f")
+    columns = [("days", "date[]"), ("stamps", "timestamp(3) with time zone[]"), ("amounts", "numeric(10,2)[]")]
     # When the engine is debezium it warns, naming each column and what to do
-    result = checks.check_change_stream_types(facts(engine="debezium", tables=tables(risky)))
+    result = stream_types(*columns, ("names", "text[]"))
     assert result.status == "warn"
     assert result.details == ["public.orders.amounts", "public.orders.days", "public.orders.stamps"]
     assert "1582-10-15" in result.remedy and "NaN" in result.remedy and "engine 'logical'" in result.remedy
@@ -702,22 +697,18 @@ def test_debezium_engine_warns_about_arrays_of_dates_and_timestamps_and_numeric(
 )
 def test_debezium_engine_refuses_types_it_leaves_out_or_cannot_carry(type_name: str, says: str) -> None:
     # Given a column of a type Debezium leaves out of its events or sends without part of its value
-    columns = (Column("id", "bigint", True), Column("odd", type_name, False))
-    odd = table(columns=columns, replica_identity="f")
     # When the engine is debezium it fails, naming the column, its type and what is lost
-    result = checks.check_change_stream_types(facts(engine="debezium", tables=tables(odd)))
+    result = stream_types(("odd", type_name))
     assert result.status == "fail"
     assert len(result.details) == 1 and result.details[0].startswith(f"public.orders.odd ({type_name}): ")
     assert says in result.details[0] and "engine 'logical'" in result.remedy
     # And the logical engine copies them as they are
-    assert checks.check_change_stream_types(facts(tables=tables(odd))).status == "pass"
+    assert stream_types(("odd", type_name), engine="logical").status == "pass"
 
 
 def test_debezium_engine_takes_the_types_it_carries_exactly() -> None:
     # Given types verified end to end through the real connector (tests/integration/test_debezium_stream.py)
     names = ["bit(8)", "bit(1)", "point", "inet", "cidr", "macaddr", "int4range", "tstzrange", "citext", "ltree"]
     names += ["xml", "tsvector", "money", "oid", "character(5)", "time(6) without time zone", "inet[]", "real[]"]
-    columns = (Column("id", "bigint", True), *(Column(f"c{i}", n, False) for i, n in enumerate(names)))
-    fine = table(columns=columns, replica_identity="f")
-    # Then nothing fails (real[] and friends may warn elsewhere; none of these does)
-    assert checks.check_change_stream_types(facts(engine="debezium", tables=tables(fine))).status == "pass"
+    # Then nothing fails or warns
+    assert stream_types(*((f"c{i}", n) for i, n in enumerate(names))).status == "pass"
