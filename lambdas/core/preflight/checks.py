@@ -491,30 +491,27 @@ def _array_element(type_name: str) -> str | None:
 
 
 # Types the Debezium connector (3.6.3, read from the real connector) leaves out of its events (the
-# column is missing: an insert would leave it NULL) or sends so that the value cannot be rebuilt.
+# column is missing: the applier refuses such a change) or sends so that the value cannot be rebuilt.
 _DEBEZIUM_OMITS = frozenset({"box", "line", "lseg", "path", "polygon", "circle", "tsquery", "interval[]"})
 _DEBEZIUM_LOSES = {
-    "bit varying": "its leading zeros (B'0011' arrives as B'11')",
-    "time without time zone[]": "the elements' microseconds (java.sql.Time keeps milliseconds), and 24:00:00 becomes 00:00:00",
-    "bit[]": "the whole array (it arrives as NULL)",
+    "time with time zone": "converted to UTC ('12:00:00+02' arrives as '10:00:00Z')",
+    "time with time zone[]": "converted to UTC ('12:00:00+02' arrives as '10:00:00Z')",
+    "bit varying": "without its leading zeros (B'0011' arrives as B'11')",
+    "bit varying[]": "without its leading zeros (B'0011' arrives as B'11')",
+    "time without time zone[]": "without the elements' microseconds (java.sql.Time keeps milliseconds), and "
+    "24:00:00 as 00:00:00",
+    "bit[]": "as NULL",
 }
 
 
 def _debezium_type_problem(type_name: str) -> str | None:
     """Why Debezium cannot carry a column of this type (format_type's name) exactly, or None."""
-    base = re.sub(r"\(\d+(,\d+)?\)", "", type_name)  # time(3) without time zone[] -> time without time zone[]
-    if base in _DEBEZIUM_OMITS or base.endswith("multirange") or base.endswith("multirange[]"):
+    base = re.sub(r"\(\d+(,\d+)?\)", "", type_name)  # time(3) with time zone[] -> time with time zone[]
+    if base in _DEBEZIUM_OMITS or base.endswith(("multirange", "multirange[]")):
         return "left out of Debezium's events (a type it does not know)"
-    if base.startswith("bit varying"):
-        return "sent without " + _DEBEZIUM_LOSES["bit varying"]
     if base in _DEBEZIUM_LOSES:
-        return "sent without " + _DEBEZIUM_LOSES[base]
+        return "sent " + _DEBEZIUM_LOSES[base]
     return None
-
-
-def _is_time_with_zone(type_name: str) -> bool:
-    """time with time zone, time(n) with time zone, and arrays of them (format_type's names)."""
-    return type_name.startswith("time") and not type_name.startswith("timestamp") and "with time zone" in type_name
 
 
 def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
@@ -522,60 +519,41 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
     if facts.engine != "debezium":
         return CheckResult(name, "pass", f"not needed (engine {facts.engine})")
     infos = [facts.tables.source[t] for t in facts.tables.selected if t in facts.tables.source]
-    unmarked = [
-        f"{i.name}.{c.name} ({c.type})"
-        for i in infos
-        if i.replica_identity != "f"
-        for c in i.columns
-        if (element := _array_element(c.type)) is not None and element not in _MARKED_ARRAY_ELEMENTS
-    ]
-    numeric_arrays = [f"{i.name}.{c.name}" for i in infos for c in i.columns if _array_element(c.type) == "numeric"]
-    zoned_times = [f"{i.name}.{c.name} ({c.type})" for i in infos for c in i.columns if _is_time_with_zone(c.type)]
+    columns = [(i, c) for i in infos for c in i.columns if not c.generated]  # generated ones are never sent
     lost = [
         f"{i.name}.{c.name} ({c.type}): {problem}"
-        for i in infos
-        for c in i.columns
-        if not c.generated and (problem := _debezium_type_problem(c.type)) is not None
+        for i, c in columns
+        if (problem := _debezium_type_problem(c.type)) is not None
     ]
-    if lost:
-        return CheckResult(
-            name,
-            "fail",
-            f"{len(lost)} column(s) of types Debezium cannot carry exactly",
-            "Debezium would not deliver these columns' values as they are on the source, and the target would hold "
-            "others. Use engine 'logical', exclude these tables, or change the columns' types on both sides.",
-            lost + zoned_times + unmarked,
-        )
-    measured = (
-        f"{len(unmarked)} array column(s) Debezium could send as NULL when unchanged, "
-        f"{len(zoned_times)} time with time zone column(s)"
-    )
-    if zoned_times:
-        return CheckResult(
-            name,
-            "fail",
-            measured,
-            "Debezium sends a time with time zone converted to UTC ('12:00:00+02' arrives as '10:00:00Z'), so the "
-            "target would hold another value. Use engine 'logical', exclude these tables, or change the columns to "
-            "time or timestamptz on both sides before migrating."
-            + (" Also: arrays Debezium could send as NULL when unchanged: " + ", ".join(unmarked) if unmarked else ""),
-            zoned_times + unmarked,
-        )
-    if unmarked:
-        return CheckResult(
-            name,
-            "fail",
-            measured,
-            "With REPLICA IDENTITY DEFAULT, Debezium sends NULL for an unchanged TOASTed array of these element "
-            "types, and the target would lose the value. Set ALTER TABLE <table> REPLICA IDENTITY FULL on the "
-            "listed tables (more WAL per UPDATE/DELETE), exclude them, or use engine 'logical'.",
-            unmarked,
-        )
+    unmarked = [
+        f"{i.name}.{c.name} ({c.type})"
+        for i, c in columns
+        if i.replica_identity != "f"
+        and (element := _array_element(c.type)) is not None
+        and element not in _MARKED_ARRAY_ELEMENTS
+    ]
+    numeric_arrays = [f"{i.name}.{c.name}" for i, c in columns if _array_element(c.type) == "numeric"]
     calendar_arrays = [
         f"{i.name}.{c.name}"
-        for i in infos
-        for c in i.columns
+        for i, c in columns
         if (element := _array_element(c.type)) is not None and (element == "date" or element.startswith("timestamp"))
+    ]
+    failures = [
+        (items, advice)
+        for items, advice in (
+            (
+                lost,
+                "Debezium would not deliver these columns' values as they are on the source, and the target would "
+                "hold others: use engine 'logical', exclude these tables, or change the columns' types on both sides.",
+            ),
+            (
+                unmarked,
+                "With REPLICA IDENTITY DEFAULT, Debezium sends NULL for an unchanged TOASTed array of these element "
+                "types, and the target would lose the value: set ALTER TABLE <table> REPLICA IDENTITY FULL on the "
+                "listed tables (more WAL per UPDATE/DELETE), exclude them, or use engine 'logical'.",
+            ),
+        )
+        if items
     ]
     warnings = [
         (items, advice)
@@ -590,6 +568,13 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
         )
         if items
     ]
+    measured = (
+        f"{len(lost)} column(s) of types Debezium cannot carry exactly, "
+        f"{len(unmarked)} array column(s) it could send as NULL when unchanged"
+    )
+    if failures:
+        details = [item for items, _ in failures for item in items]
+        return CheckResult(name, "fail", measured, " ".join(advice for _, advice in failures), details)
     if warnings:
         return CheckResult(
             name,
