@@ -343,6 +343,41 @@ def test_integer_keys_spanning_the_whole_bigint_range(fresh_dbs: tuple[str, str]
     assert summary.rows_compared == 4001 and summary.target_rows == 4002
 
 
+@pytest.mark.parametrize("chunk_rows", [100_000, 500])
+def test_keys_and_values_at_the_types_special_values_are_planned_and_compared_exactly(
+    fresh_dbs: tuple[str, str], chunk_rows: int
+) -> None:
+    # Given keys at infinity, -infinity, NaN, +-Infinity and BC among ordinary ones, in one chunk or in many
+    src, tgt = fresh_dbs
+    both(
+        src,
+        tgt,
+        "CREATE TABLE ts_keyed (at timestamp PRIMARY KEY, v text);"
+        " INSERT INTO ts_keyed SELECT '2020-01-01'::timestamp + g * interval '1 minute', 'r' FROM generate_series(1, 3000) g;"
+        " INSERT INTO ts_keyed VALUES ('infinity', 'inf'), ('-infinity', 'ninf'), ('4713-01-01 BC', 'bc');"
+        " CREATE TABLE num_keyed (n numeric PRIMARY KEY, v text);"
+        " INSERT INTO num_keyed SELECT g / 7.0, 'r' FROM generate_series(1, 3000) g;"
+        " INSERT INTO num_keyed VALUES ('NaN', 'nan'), ('Infinity', 'inf'), ('-Infinity', 'ninf');"
+        " CREATE TABLE d_keyed (d date, k int, v float8, PRIMARY KEY (d, k));"
+        " INSERT INTO d_keyed SELECT '2000-01-01'::date + g % 100, g, g / 3.0 FROM generate_series(1, 3000) g;"
+        " INSERT INTO d_keyed VALUES ('infinity', 1, 'NaN'), ('-infinity', 1, '-Infinity');"
+        " ANALYZE ts_keyed, num_keyed, d_keyed",
+    )
+    # When the target changes the rows at infinity and -infinity, loses the NaN row and changes an ordinary one
+    run_sql(tgt, "UPDATE ts_keyed SET v = 'changed' WHERE at = 'infinity'")
+    run_sql(tgt, "DELETE FROM num_keyed WHERE n = 'NaN'")
+    run_sql(tgt, "UPDATE d_keyed SET v = 'Infinity' WHERE d = '-infinity'")
+    run_sql(tgt, "UPDATE num_keyed SET v = 'x' WHERE n = 1")
+    tables = [TableName("public", t) for t in ("ts_keyed", "num_keyed", "d_keyed")]
+    summary = check(src, tgt, tables, Validation(chunk_rows=chunk_rows, slice_rows=100))
+    # Then exactly those are named, by their keys' text, and every row was compared
+    assert listed(summary) == {
+        "changed": [(["-infinity", "1"], ["v"]), (["1.00000000000000000000"], ["v"]), (["infinity"], ["v"])],
+        "missing": [(["NaN"], [])],
+    }
+    assert summary.rows_compared == 3 * 3000 + 3 + 3 + 2
+
+
 def test_integer_columns_of_different_widths_are_compared_by_value(fresh_dbs: tuple[str, str]) -> None:
     # Given an integer column that is bigint on the target, and a numeric one that is text there
     src, tgt = fresh_dbs
