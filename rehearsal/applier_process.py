@@ -16,9 +16,10 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer
 
 from lambdas.core.changestream import consumer as consume_loop
-from lambdas.core.changestream.applier import ChangeApplier, StreamRouting
+from lambdas.core.changestream.applier import ChangeApplier
 from lambdas.core.changestream.deadletters_kafka import KafkaDeadLetters
 from lambdas.core.changestream.state import ensure_state_tables
+from lambdas.core.changestream.target import StreamRouting
 from lambdas.core.db import connect
 from lambdas.core.tables import TableName
 

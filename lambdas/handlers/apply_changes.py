@@ -19,11 +19,12 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict
 
 from lambdas.core import telemetry
-from lambdas.core.changestream.applier import ChangeApplier, StreamRouting
+from lambdas.core.changestream.applier import ChangeApplier
 from lambdas.core.changestream.deadletters import DeadLetterSink, NoDeadLetterSink
 from lambdas.core.changestream.deadletters_sqs import SqsDeadLetters
 from lambdas.core.changestream.events import StreamRecord
 from lambdas.core.changestream.state import ensure_state_tables
+from lambdas.core.changestream.target import StreamRouting
 from lambdas.core.config import Migration, parse_migration
 from lambdas.core.db import Connection, connect
 from lambdas.core.endpoints import resolve_dsn

@@ -13,10 +13,11 @@ import psycopg2.errors
 import pytest
 
 from lambdas.core.changestream import state
-from lambdas.core.changestream.applier import ApplyResult, ChangeApplier, StreamRouting
+from lambdas.core.changestream.applier import ApplyResult, ChangeApplier
 from lambdas.core.changestream.connector import UNAVAILABLE_PLACEHOLDER, heartbeat_topic
 from lambdas.core.changestream.deadletters import DeadLetter, DeadLetterSink
 from lambdas.core.changestream.events import StreamRecord
+from lambdas.core.changestream.target import StreamRouting
 from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_value
 from lambdas.core.tables import TableName
 

@@ -16,8 +16,9 @@ from confluent_kafka import Consumer, Producer
 
 from lambdas.core.changestream import consumer as consume_loop
 from lambdas.core.changestream import state
-from lambdas.core.changestream.applier import ApplyResult, ChangeApplier, ReadBatch, StreamRouting
+from lambdas.core.changestream.applier import ApplyResult, ChangeApplier, ReadBatch
 from lambdas.core.changestream.kafka import KafkaStream
+from lambdas.core.changestream.target import StreamRouting
 from lambdas.core.db import Connection, connect, fetch_all
 from rehearsal.broker import Broker
 from tests.integration.test_changestream_applier import ITEMS, PREFIX, CollectingSink, Stream, item, open_target

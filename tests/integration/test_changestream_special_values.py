@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from lambdas.core.changestream import state
-from lambdas.core.changestream.applier import ChangeApplier, StreamRouting
+from lambdas.core.changestream.applier import ChangeApplier
 from lambdas.core.changestream.convert import ColumnType, to_text
+from lambdas.core.changestream.target import StreamRouting
 from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_value
 from lambdas.core.tables import TableName
 from tests.integration.test_changestream_applier import PREFIX, CollectingSink, Stream

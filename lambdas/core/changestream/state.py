@@ -115,7 +115,7 @@ def source_columns(conn: Connection) -> dict[str, frozenset[str]]:
     return {name: frozenset(columns) for name, columns in rows}
 
 
-KEPT_ROWS_PREFIX = "dbz_moved_"  # the applier's tables keeping a deleted row for a key move (applier._stash_names)
+KEPT_ROWS_PREFIX = "dbz_moved_"  # the applier's tables keeping a deleted row for a key move (statements._stash_names)
 
 
 def kept_row_tables(conn: Connection) -> list[str]:
