@@ -18,6 +18,7 @@ class Column:
     not_null: bool
     has_default: bool = False
     generated: bool = False  # GENERATED ALWAYS AS (...) STORED: computed, never copied
+    composite: bool = False  # of a composite (row) type, or an array of one
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,16 @@ def _columns(conn: Connection, oids: list[int]) -> dict[int, list[Column]]:
     rows = fetch_all(
         conn,
         "SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.atthasdef,"
-        " a.attgenerated <> ''"
-        " FROM pg_attribute a WHERE a.attrelid = ANY(%s::oid[]) AND a.attnum > 0 AND NOT a.attisdropped"
+        " a.attgenerated <> '', coalesce(e.typtype, t.typtype) = 'c'"
+        " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+        " LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'"
+        " WHERE a.attrelid = ANY(%s::oid[]) AND a.attnum > 0 AND NOT a.attisdropped"
         " ORDER BY a.attrelid, a.attnum",
         (oids,),
     )
     out: dict[int, list[Column]] = {}
-    for oid, name, typ, not_null, has_default, generated in rows:
-        out.setdefault(oid, []).append(Column(name, typ, not_null, has_default, generated))
+    for oid, name, typ, not_null, has_default, generated, composite in rows:
+        out.setdefault(oid, []).append(Column(name, typ, not_null, has_default, generated, composite))
     return out
 
 

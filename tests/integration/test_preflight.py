@@ -546,3 +546,22 @@ def test_connection_not_in_autocommit_is_left_idle(fresh_dbs: tuple[str, str]) -
     finally:
         source.close()
         target.close()
+
+
+def test_debezium_engine_fails_columns_its_connector_leaves_out_or_cannot_carry(dbs: Pair) -> None:
+    # Given a table with a composite, an array of composites, a box, a timetz and enum columns
+    dbs.both(
+        "CREATE TYPE pair AS (a integer, b text); CREATE TYPE mood AS ENUM ('sad', 'ok');"
+        " CREATE TABLE odd (id int PRIMARY KEY, pr pair, prs pair[], bx box, opens timetz, m mood, ms mood[]);"
+        " ALTER TABLE odd REPLICA IDENTITY FULL"
+    )
+    # When the preflight runs for engine debezium
+    check = dbs.preflight(engine={"type": "debezium"}).get("change_stream_types")
+    # Then it fails naming each of the first four (read from the real catalog), not the enums
+    assert check.status == "fail"
+    assert [d.split(" (")[0] for d in check.details] == [
+        "public.odd.pr",
+        "public.odd.prs",
+        "public.odd.bx",
+        "public.odd.opens",
+    ]

@@ -491,7 +491,8 @@ def _array_element(type_name: str) -> str | None:
 
 
 # Types the Debezium connector (3.6.3, read from the real connector) leaves out of its events (the
-# column is missing: the applier refuses such a change) or sends so that the value cannot be rebuilt.
+# column is missing: the applier refuses such a change), composite types among them (known by the
+# catalog's typtype, not by name), or sends so that the value cannot be rebuilt.
 _DEBEZIUM_OMITS = frozenset({"box", "line", "lseg", "path", "polygon", "circle", "tsquery", "interval[]"})
 _DEBEZIUM_LOSES = {
     "time with time zone": "converted to UTC ('12:00:00+02' arrives as '10:00:00Z')",
@@ -504,10 +505,10 @@ _DEBEZIUM_LOSES = {
 }
 
 
-def _debezium_type_problem(type_name: str) -> str | None:
-    """Why Debezium cannot carry a column of this type (format_type's name) exactly, or None."""
-    base = re.sub(r"\(\d+(,\d+)?\)", "", type_name)  # time(3) with time zone[] -> time with time zone[]
-    if base in _DEBEZIUM_OMITS or base.endswith(("multirange", "multirange[]")):
+def _debezium_type_problem(column: Column) -> str | None:
+    """Why Debezium cannot carry a column of this type exactly, or None."""
+    base = re.sub(r"\(\d+(,\d+)?\)", "", column.type)  # time(3) with time zone[] -> time with time zone[]
+    if column.composite or base in _DEBEZIUM_OMITS or base.endswith(("multirange", "multirange[]")):
         return "left out of Debezium's events (a type it does not know)"
     if base in _DEBEZIUM_LOSES:
         return "sent " + _DEBEZIUM_LOSES[base]
@@ -523,7 +524,7 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
     lost = [
         f"{i.name}.{c.name} ({c.type}): {problem}"
         for i, c in columns
-        if (problem := _debezium_type_problem(c.type)) is not None
+        if (problem := _debezium_type_problem(c)) is not None
     ]
     unmarked = [
         f"{i.name}.{c.name} ({c.type})"
