@@ -586,6 +586,11 @@ def test_poison_event_goes_to_the_dead_letter_queue_the_rest_flows_and_the_gate_
         assert not verdict.healthy
         assert "2 change event(s) could not be applied and are in the dead-letter queue" in verdict.reasons
         source.close()
+        # And a teardown drops the stream's state but keeps the dead letters (evidence, until someone looked)
+        removed = engine.teardown().removed
+        assert "_zdm.dbz_partitions" in removed and "_zdm.dbz_dead_letters" not in removed
+        assert fetch_value(target, "SELECT count(*) FROM _zdm.dbz_dead_letters") == 2
+        assert fetch_value(target, "SELECT to_regclass('_zdm.dbz_partitions')") is None
     target.close()
 
 

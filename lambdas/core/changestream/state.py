@@ -128,8 +128,9 @@ def kept_row_tables(conn: Connection) -> list[str]:
     return [name for (name,) in rows]
 
 
-def drop_state_tables(conn: Connection) -> list[str]:
-    names = [*STATE_TABLES, *kept_row_tables(conn)]
+def drop_state_tables(conn: Connection, keep: Iterable[str] = ()) -> list[str]:
+    """Drop the stream's state tables and kept-row tables, but those named in `keep`; the names dropped."""
+    names = [name for name in [*STATE_TABLES, *kept_row_tables(conn)] if name not in set(keep)]
     with conn.cursor() as cur:
         for name in names:
             cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(SCHEMA, name)))

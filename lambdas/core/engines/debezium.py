@@ -231,12 +231,8 @@ class DebeziumEngine(ReplicationEngine):
         try:
             if _has_state(target):
                 letters = int(fetch_value(target, _q("SELECT count(*) FROM {}.dbz_dead_letters")))
-                with target.cursor() as cur:
-                    for name in [*state.STATE_TABLES, *state.kept_row_tables(target)]:
-                        if name == "dbz_dead_letters" and letters:
-                            continue  # evidence: kept until someone has looked at them
-                        cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(state.SCHEMA, name)))
-                        removed.append(f"{state.SCHEMA}.{name}")
+                # dead letters are evidence: kept until someone has looked at them
+                removed += state.drop_state_tables(target, keep=["dbz_dead_letters"] if letters else [])
         finally:
             target.close()
         return TeardownResult(removed)
