@@ -155,6 +155,18 @@ def is_fenced(conn: Connection) -> bool:
     )
 
 
+def foreign_subscriptions(conn: Connection, exempt: Sequence[str] = ()) -> list[str]:
+    """Enabled subscriptions of this database other than `exempt`: their apply workers are not client
+    sessions and ignore the read-only default, so they would go on committing past the fence."""
+    rows = fetch_all(
+        conn,
+        "SELECT subname FROM pg_subscription WHERE subenabled AND subdbid ="
+        " (SELECT oid FROM pg_database WHERE datname = current_database()) AND NOT (subname = ANY(%s)) ORDER BY 1",
+        (list(exempt),),
+    )
+    return [str(r[0]) for r in rows]
+
+
 def role_overrides(conn: Connection) -> list[str]:
     """Roles whose own `default_transaction_read_only` setting would win over the database's."""
     rows = fetch_all(
@@ -203,6 +215,20 @@ def other_sessions(conn: Connection, fenced_at: datetime, exempt: Sequence[int] 
     return [SessionView(int(r[0]), bool(r[1]), bool(r[2]), bool(r[3]), float(r[4]), r[5], r[6]) for r in rows]
 
 
+def prepared_transactions(conn: Connection) -> list[str]:
+    """Two-phase transactions prepared in this database and not yet resolved.
+
+    They have no session the fence could end, and COMMIT PREPARED is allowed in a read-only
+    transaction: one committed after the fence would land after the fence position, on the old
+    side only. The fence waits for them (it never rolls back what a coordinator may commit).
+    """
+    rows = fetch_all(
+        conn,
+        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared",
+    )
+    return [str(r[0]) for r in rows]
+
+
 def end_session(conn: Connection, pid: int) -> None:
     # No wait argument: pg_terminate_backend(pid, timeout) polls in 100 ms steps; we poll faster.
     execute(conn, "SELECT pg_terminate_backend(%s)", (pid,))
@@ -219,6 +245,7 @@ def take_fence(
     timeout: float,
     terminate_long: bool = True,
     exempt_pids: Sequence[int] = (),
+    exempt_subscriptions: Sequence[str] = (),
     poll_interval: float = 0.002,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -231,6 +258,13 @@ def take_fence(
             f"role(s) {', '.join(overrides)} set default_transaction_read_only themselves, which would override the "
             "database-wide read-only fence: remove it (ALTER ROLE <role> [IN DATABASE <db>] RESET "
             "default_transaction_read_only) before the cutover"
+        )
+    subscriptions = foreign_subscriptions(conn, exempt_subscriptions)
+    if subscriptions:
+        raise FenceError(
+            f"subscription(s) {', '.join(subscriptions)} write into this database: their apply workers would go on "
+            "committing after the fence, and those writes would stay behind on this side. Disable them (and point "
+            "what feeds them at the other side) before the cutover"
         )
     database = database_name(conn)
     started = clock()
@@ -258,10 +292,11 @@ def take_fence(
                         session.in_transaction,
                         round(session.transaction_seconds, 3),
                     )
-            if held and not pending:
+            prepared = prepared_transactions(conn)
+            if held and not pending and not prepared:
                 return FenceResult(database, clock() - started, hold.holding, list(ended.values()))
             if elapsed >= timeout:
-                raise FenceTimeout(_timeout_message(database, timeout, hold, pending, terminate_long))
+                raise FenceTimeout(_timeout_message(database, timeout, hold, pending, terminate_long, prepared))
             sleep(poll_interval)
     except BaseException:
         _undo(conn, hold)
@@ -278,7 +313,12 @@ def _undo(conn: Connection, hold: HoldHandle | None) -> None:
 
 
 def _timeout_message(
-    database: str, timeout: float, hold: HoldHandle, pending: Sequence[SessionView], terminate_long: bool
+    database: str,
+    timeout: float,
+    hold: HoldHandle,
+    pending: Sequence[SessionView],
+    terminate_long: bool,
+    prepared: Sequence[str] = (),
 ) -> str:
     reasons = []
     if not hold.done():
@@ -296,6 +336,11 @@ def _timeout_message(
     others = [s for s in pending if not s.in_transaction]
     if others:
         reasons.append(f"{len(others)} old session(s) had not exited yet")
+    if prepared:
+        reasons.append(
+            f"{len(prepared)} prepared (two-phase) transaction(s) not yet committed or rolled back: "
+            + ", ".join(repr(g) for g in prepared[:5])
+        )
     why = "; ".join(reasons) or "unknown"
     return (
         f"could not fence writes on database {database!r} within {timeout:g}s, so the fence was lifted and the "

@@ -392,6 +392,27 @@ def test_unlogged_table_fails() -> None:
     assert result.details == ["public.orders: UNLOGGED"]
 
 
+def test_writers_the_fence_cannot_stop_are_named_per_side_and_the_migrations_own_are_not() -> None:
+    # Given a source fed by another system's subscription, with a prepared transaction pending, and a
+    # target holding the migration's own forward subscription (a re-run preflight)
+    given = facts(
+        source=server(subscriptions=("crm_feed",), prepared_transactions=2),
+        target=server(subscriptions=("zdm_shop",)),
+        own_subscriptions=("zdm_shop", "zdm_shop_rev"),
+    )
+    # When the check runs
+    result = checks.check_writers_the_fence_cannot_stop(given)
+    # Then it warns about the source's two writers, and not about the migration's own subscription
+    assert result.status == "warn"
+    assert len(result.details) == 2
+    assert result.details[0].startswith("source: subscription(s) crm_feed apply into database 'app'")
+    assert "cutover refuses while they are enabled" in result.details[0]
+    assert result.details[1].startswith("source: 2 prepared (two-phase) transaction(s)")
+    assert "ALTER SUBSCRIPTION <name> DISABLE" in result.remedy
+    # And a pair without them passes
+    assert checks.check_writers_the_fence_cannot_stop(facts(own_subscriptions=("zdm_shop",))).status == "pass"
+
+
 @pytest.mark.parametrize(
     ("source", "target", "safe"),
     [

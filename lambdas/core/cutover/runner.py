@@ -499,6 +499,7 @@ class CutoverRunner:
                 grace=settings.fence_grace_seconds,
                 timeout=settings.fence_timeout_seconds,
                 terminate_long=settings.terminate_long_transactions,
+                exempt_subscriptions=[n.subscription for n in (names, back, self.plan.forward) if n is not None],
             )
             lsn = fence_position(old)
             detail = {
@@ -680,6 +681,9 @@ class CutoverRunner:
         timed("writer_on_source", lambda: self._writer_on_source())
         timed("release", self.router.release)
         timed("reads_on_source", lambda: self.router.set_read_weight(0))
+        # The read shift fenced the target (a replica takes no writes); with no traffic left on it,
+        # it goes back to how the migration found it, so the migration can be started again.
+        timed("lift_target_fence", lambda: {"lifted": lift_fence(conns[Side.TARGET])})
         timed("stop_forward_replication", self._stop_forward)
         notes.append(
             "forward replication is stopped (its slot keeps WAL on the source until it is started again or torn down)"

@@ -69,6 +69,7 @@ def gather_facts(
         engine=migration.engine.type,
         copy_method=migration.engine.logical.copy_method,
         expected_copy_mb_per_s=migration.engine.logical.expected_copy_mb_per_s,
+        own_subscriptions=(migration.slot_name, migration.slot_name + "_rev"),
     )
 
 

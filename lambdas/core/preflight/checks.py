@@ -608,6 +608,40 @@ def check_unlogged_tables(facts: PreflightFacts) -> CheckResult:
     )
 
 
+def check_writers_the_fence_cannot_stop(facts: PreflightFacts) -> CheckResult:
+    """Writers that are no client session: the cutover's fence (source) and a rollback's (target)
+    wait for them or refuse, so say so now rather than at the cutover."""
+    name = "writers_the_fence_cannot_stop"
+    details: list[str] = []
+    for side, server in (("source", facts.source), ("target", facts.target)):
+        outside = [s for s in server.subscriptions if s not in facts.own_subscriptions]
+        if outside:
+            details.append(
+                f"{side}: subscription(s) {_join(outside)} apply into database {server.database!r}; their workers "
+                "ignore the read-only fence, so the "
+                + ("cutover" if side == "source" else "rollback after cutover")
+                + " refuses while they are enabled"
+            )
+        if server.prepared_transactions:
+            details.append(
+                f"{side}: {server.prepared_transactions} prepared (two-phase) transaction(s) in database "
+                f"{server.database!r} not yet committed or rolled back; the fence waits for them (COMMIT PREPARED "
+                "is allowed on a read-only database), and gives up after fence_timeout_seconds"
+            )
+    measured = f"{len(details)} finding(s)"
+    if not details:
+        return CheckResult(name, "pass", "no other subscription, no pending prepared transaction")
+    return CheckResult(
+        name,
+        "warn",
+        measured,
+        "Before the cutover, disable the other subscriptions (ALTER SUBSCRIPTION <name> DISABLE) and point what "
+        "feeds them at the side that will hold the writer; resolve prepared transactions (COMMIT PREPARED or "
+        "ROLLBACK PREPARED by their coordinator).",
+        details,
+    )
+
+
 _INT_RANK = {"smallint": 1, "integer": 2, "bigint": 3}
 _VARCHAR_RE = re.compile(r"^character varying(?:\((\d+)\))?$")
 _NUMERIC_RE = re.compile(r"^numeric(?:\((\d+),(\d+)\))?$")
@@ -994,6 +1028,7 @@ CHECKS: tuple[Check, ...] = (
     check_replica_identity,
     check_change_stream_types,
     check_unlogged_tables,
+    check_writers_the_fence_cannot_stop,
     check_target_schema,
     check_target_empty,
     check_extensions,

@@ -109,6 +109,10 @@ class ServerFacts:
     extensions: dict[str, str]  # installed in the database: name -> version
     available_extensions: frozenset[str]  # installable on the server
     large_objects: int | None  # capped at LARGE_OBJECT_COUNT_CAP; None: not readable
+    # Writers a read-only fence does not stop (see fence.take_fence): enabled subscriptions applying
+    # into this database, and two-phase transactions prepared in it and not yet resolved.
+    subscriptions: tuple[str, ...] = ()
+    prepared_transactions: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,7 @@ class PreflightFacts:
     engine: str = "logical"  # 'logical', 'dms' or 'debezium'
     copy_method: str = "parallel-snapshot"
     expected_copy_mb_per_s: float = 50.0
+    own_subscriptions: tuple[str, ...] = ()  # the migration's own (forward, back): not outside writers
 
 
 class DiskProbe(ABC):
@@ -284,6 +289,17 @@ def gather_server(conn: Connection) -> ServerFacts:
         extensions={str(n): str(v) for n, v in fetch_all(conn, "SELECT extname, extversion FROM pg_extension")},
         available_extensions=frozenset(str(r[0]) for r in fetch_all(conn, "SELECT name FROM pg_available_extensions")),
         large_objects=large_objects,
+        subscriptions=tuple(
+            str(r[0])
+            for r in fetch_all(
+                conn,
+                "SELECT subname FROM pg_subscription WHERE subenabled"
+                " AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1",
+            )
+        ),
+        prepared_transactions=_count(
+            conn, "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()"
+        ),
     )
 
 
