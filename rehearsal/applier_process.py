@@ -21,6 +21,7 @@ from lambdas.core.changestream.deadletters_kafka import KafkaDeadLetters
 from lambdas.core.changestream.state import ensure_state_tables
 from lambdas.core.changestream.target import StreamRouting
 from lambdas.core.db import connect
+from lambdas.core.fence import make_writable
 from lambdas.core.tables import TableName
 
 
@@ -30,6 +31,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     target = connect(config["target_dsn"], application_name="zdm-applier", autocommit=False)
+    make_writable(target)  # the target is fenced (read-only by default) until the cutover
+    target.commit()
     ensure_state_tables(target)
     routing = StreamRouting.load(target, config["prefix"], [TableName.parse(t) for t in config["tables"]])
     if not config.get("heartbeats", True):  # another applier process consumes them

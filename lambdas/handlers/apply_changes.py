@@ -28,6 +28,7 @@ from lambdas.core.changestream.target import StreamRouting
 from lambdas.core.config import Migration, parse_migration
 from lambdas.core.db import Connection, connect
 from lambdas.core.endpoints import resolve_dsn
+from lambdas.core.fence import make_writable
 from lambdas.handlers.runtime import _secrets_client, logger, metrics, tracer
 
 SETTINGS_PARAMETER_ENV = "ZDM_SETTINGS_PARAMETER"  # the migration's settings in SSM (stacks/config.py)
@@ -75,6 +76,8 @@ def _target() -> Connection:
     migration = _migration()
     client = _secrets_client() if migration.target.secret_arn else None
     conn = connect(resolve_dsn(migration.target, client), application_name="zdm-applier", autocommit=False)
+    make_writable(conn)  # the target is fenced (read-only by default) until the cutover
+    conn.commit()
     ensure_state_tables(conn)
     return conn
 
