@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import psycopg2.errors
+from psycopg2 import sql
+
 from lambdas.core.catalog import sequences_for_tables
 from lambdas.core.db import Connection, fetch_one, fetch_value
 from lambdas.core.tables import TableName
@@ -33,16 +36,29 @@ class SequenceSyncError(RuntimeError):
 
 
 def read_position(conn: Connection, sequence: TableName) -> SequencePosition:
+    # Not pg_sequences.last_value: it is NULL when is_called is false (after setval(s, n, false) or
+    # ALTER SEQUENCE ... RESTART WITH n: the next value is then last_value itself, not the start) and
+    # when the role may not read the sequence (then reading it must fail, not pass for "start").
     row = fetch_one(
         conn,
-        "SELECT last_value, start_value, increment_by FROM pg_sequences WHERE schemaname = %s AND sequencename = %s",
+        "SELECT increment_by FROM pg_sequences WHERE schemaname = %s AND sequencename = %s",
         (sequence.schema, sequence.name),
     )
     if row is None:
         raise SequenceSyncError(f"sequence {sequence} does not exist here: create it (the schema must match)")
-    last, start, increment = row
-    next_value = start if last is None else last + increment
-    return SequencePosition(int(next_value), int(increment))
+    increment = int(row[0])
+    try:
+        state = fetch_one(conn, sql.SQL("SELECT last_value, is_called FROM {}").format(sequence.ident))
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        raise SequenceSyncError(
+            f"sequence {sequence}: this role may not read it; GRANT SELECT, UPDATE ON SEQUENCE {sequence} to the "
+            "migration's role on both databases"
+        ) from exc
+    if state is None:  # pragma: no cover - a sequence always has its one row
+        raise SequenceSyncError(f"sequence {sequence} has no state row")
+    last, is_called = state
+    next_value = last + increment if is_called else last
+    return SequencePosition(int(next_value), increment)
 
 
 def sync_sequences(
