@@ -35,6 +35,10 @@ class TableInfo:
     size_bytes: int
     partition_parent: TableName | None = None
     key_types: tuple[str, ...] = field(default=())
+    ancestor_oids: tuple[int, ...] = field(default=())  # parents, their parents, ... (pg_inherits)
+    is_partition: bool = False  # partition_parent is a partitioned table (else plain inheritance, or none)
+    # Plain-inheritance children (not partitions): their rows are theirs, not this table's (copied with ONLY).
+    inheritance_children: tuple[TableName, ...] = field(default=())
 
     @property
     def has_usable_identity(self) -> bool:
@@ -82,9 +86,17 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
                  WHERE i.indrelid = c.oid AND i.indisprimary),
                (SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                  WHERE i.indrelid = c.oid AND i.indisreplident),
-               (SELECT pn.nspname || '.' || pc.relname FROM pg_inherits h
+               (SELECT ARRAY[pn.nspname, pc.relname] FROM pg_inherits h
                   JOIN pg_class pc ON pc.oid = h.inhparent JOIN pg_namespace pn ON pn.oid = pc.relnamespace
-                 WHERE h.inhrelid = c.oid LIMIT 1)
+                 WHERE h.inhrelid = c.oid LIMIT 1),
+               (WITH RECURSIVE up(oid) AS (
+                    SELECT h.inhparent FROM pg_inherits h WHERE h.inhrelid = c.oid
+                    UNION SELECT h.inhparent FROM pg_inherits h JOIN up ON h.inhrelid = up.oid)
+                SELECT array_agg(oid::bigint) FROM up),
+               c.relispartition,
+               (SELECT array_agg(ARRAY[kn.nspname, kc.relname] ORDER BY kn.nspname, kc.relname) FROM pg_inherits h
+                  JOIN pg_class kc ON kc.oid = h.inhrelid JOIN pg_namespace kn ON kn.oid = kc.relnamespace
+                 WHERE h.inhparent = c.oid AND NOT kc.relispartition)
           FROM wanted w
           JOIN pg_namespace n ON n.nspname = w.schema_name
           JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.table_name AND c.relkind IN ('r', 'p')
@@ -93,7 +105,23 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
     )
     columns = _columns(conn, [r[2] for r in rows])
     result: dict[TableName, TableInfo] = {}
-    for schema, name, oid, relkind, persistence, replident, est, size, pk, pk_types, ri_index, parent in rows:
+    for (
+        schema,
+        name,
+        oid,
+        relkind,
+        persistence,
+        replident,
+        est,
+        size,
+        pk,
+        pk_types,
+        ri_index,
+        parent,
+        ancestors,
+        is_partition,
+        children,
+    ) in rows:
         table = TableName(schema, name)
         result[table] = TableInfo(
             name=table,
@@ -106,8 +134,11 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
             columns=tuple(columns.get(oid, ())),
             estimated_rows=int(est),
             size_bytes=int(size),
-            partition_parent=TableName.parse(parent) if parent else None,
+            partition_parent=TableName(parent[0], parent[1]) if parent else None,
             key_types=tuple(pk_types or ()),
+            ancestor_oids=tuple(int(a) for a in ancestors or ()),
+            is_partition=bool(is_partition),
+            inheritance_children=tuple(TableName(k[0], k[1]) for k in children or ()),
         )
     return result
 

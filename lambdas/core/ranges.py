@@ -94,6 +94,25 @@ def range_predicate(
     return sql.SQL(" AND ").join(parts), params
 
 
+def range_predicate_literal(
+    key_columns: Sequence[str], key_types: Sequence[str], key_range: KeyRange
+) -> sql.Composable:
+    """`range_predicate` with the bounds as quoted literals (for statements that take no parameters)."""
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in key_columns)
+
+    def row(bound: Bound) -> sql.Composable:
+        return sql.SQL(", ").join(
+            sql.Literal(v) + sql.SQL("::") + sql.SQL(t) for v, t in zip(bound, key_types[: len(bound)], strict=True)
+        )
+
+    parts: list[sql.Composable] = []
+    if key_range.lower is not None:
+        parts.append(sql.SQL("({}) >= ({})").format(cols, row(key_range.lower)))
+    if key_range.upper is not None:
+        parts.append(sql.SQL("({}) < ({})").format(cols, row(key_range.upper)))
+    return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
+
+
 def plan_ranges(conn: Connection, table: TableInfo, rows_per_chunk: int) -> list[KeyRange]:
     """Key ranges of about `rows_per_chunk` rows each, from statistics and a block sample.
 
@@ -153,12 +172,13 @@ def key_boundaries(
         conn,
         # Order by the table's columns, qualified: a bare name would pick the output column
         # (the ::text form) and sort keys as text, giving overlapping ranges.
-        sql.SQL("SELECT {cols} FROM {t} AS t TABLESAMPLE SYSTEM (%s) ORDER BY {order}").format(
+        # The percentage as a literal, not a parameter: a '%' in a name would be taken for a placeholder.
+        sql.SQL("SELECT {cols} FROM {t} AS t TABLESAMPLE SYSTEM ({pct}) ORDER BY {order}").format(
             cols=sql.SQL(", ").join(cols),
             t=table.name.ident,
+            pct=sql.Literal(percent),
             order=sql.SQL(", ").join(sql.Identifier("t", c) for c in key),
         ),
-        (percent,),
     )
     return pick_boundaries([tuple(r) for r in sample], parts)
 

@@ -519,7 +519,7 @@ def test_extension_version_difference_warns() -> None:
 
 def test_partitioned_root_passes_with_a_note_and_orphan_partition_warns() -> None:
     root = table(TableName("public", "events"), relkind="p", oid=10)
-    leaf = table(TableName("public", "events_2024"), oid=11, partition_parent=root.name)
+    leaf = table(TableName("public", "events_2024"), oid=11, partition_parent=root.name, is_partition=True)
     with_root = checks.check_partitions(facts(tables=tables(root, leaf)))
     assert with_root.status == "pass"
     assert with_root.details[0].startswith("public.events: partitioned; replicates through its root")
@@ -527,6 +527,26 @@ def test_partitioned_root_passes_with_a_note_and_orphan_partition_warns() -> Non
     alone = checks.check_partitions(facts(tables=tables(leaf)))
     assert alone.status == "warn"
     assert alone.details == ["public.events_2024: partition of public.events, which is not selected"]
+
+
+def test_plain_inheritance_children_are_tables_of_their_own_and_left_out_ones_warn() -> None:
+    # Given a plain (non-partitioned) parent with two inheritance children, one of them selected
+    kid_a, kid_b = TableName("public", "ledger_a"), TableName("public", "ledger_b")
+    parent = table(TableName("public", "ledger"), oid=20, inheritance_children=(kid_a, kid_b))
+    child = table(kid_a, oid=21, partition_parent=parent.name)
+    # When the check runs
+    result = checks.check_partitions(facts(tables=tables(parent, child)))
+    # Then the selected child is a table of its own, and the left-out one is named with its consequence
+    assert result.status == "warn"
+    assert result.details == [
+        "public.ledger_a: inherits from public.ledger (plain inheritance): replicates as a table of its own",
+        "public.ledger: its inheritance children public.ledger_b are not selected: their rows (which "
+        "`SELECT FROM public.ledger` also shows) are not migrated",
+    ]
+    assert "public.ledger_b" in result.remedy
+    # And with both children selected it passes
+    other = table(kid_b, oid=22, partition_parent=parent.name)
+    assert checks.check_partitions(facts(tables=tables(parent, child, other))).status == "pass"
 
 
 def test_sequence_owned_by_no_column_warns() -> None:

@@ -12,6 +12,8 @@ are left alone.
 
 from __future__ import annotations
 
+import re
+
 from psycopg2 import sql
 
 from lambdas.core.catalog import TableInfo
@@ -27,10 +29,12 @@ SELECT 'index', ic.relname, pg_get_indexdef(i.indexrelid)
   FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
  WHERE i.indrelid = (SELECT oid FROM t) AND NOT i.indisreplident
    AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
+   AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)  -- part of a partitioned index
 UNION ALL
 SELECT 'constraint', k.conname, pg_get_constraintdef(k.oid)
   FROM pg_constraint k JOIN pg_index i ON i.indexrelid = k.conindid
  WHERE k.conrelid = (SELECT oid FROM t) AND k.contype IN ('p', 'u') AND NOT i.indisreplident
+   AND k.conparentid = 0  -- a partition's copy of its parent's constraint cannot be dropped alone
    AND NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.conindid = k.conindid)
 """
 
@@ -63,7 +67,7 @@ def defer_indexes(target: Connection, state_schema: str, slot: str, table: Table
                     "INSERT INTO {}.deferred_indexes (slot, table_name, index_name, kind, definition)"
                     " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
                 ).format(sql.Identifier(state_schema)),
-                (slot, str(table.name), name, kind, definition),
+                (slot, table.name.regclass, name, kind, definition),
             )
             execute(target, drop)
             execute(target, "COMMIT")
@@ -82,11 +86,11 @@ def restore_indexes(target: Connection, state_schema: str, slot: str, table: Tab
         "SELECT table_name, index_name, kind, definition FROM {}.deferred_indexes"
         " WHERE slot = %s AND (%s::text IS NULL OR table_name = %s) ORDER BY kind DESC, index_name"
     ).format(sql.Identifier(state_schema))
-    wanted = None if table is None else str(table)
+    wanted = None if table is None else table.regclass
     params = [slot, wanted, wanted]
     restored: list[str] = []
     for table_name, name, kind, definition in fetch_all(target, query, params):
-        owner = TableName.parse(table_name)
+        owner = _owner(table_name)
         if fetch_value(target, "SELECT to_regclass(%s)", (owner.regclass,)) and not _present(target, owner, name, kind):
             # Definitions come from pg_get_indexdef / pg_get_constraintdef: server-generated, names quoted.
             if kind == "index":
@@ -106,6 +110,17 @@ def restore_indexes(target: Connection, state_schema: str, slot: str, table: Tab
             (slot, table_name, name),
         )
     return restored
+
+
+_QUOTED = re.compile(r'^"((?:[^"]|"")*)"\."((?:[^"]|"")*)"$')
+
+
+def _owner(recorded: str) -> TableName:
+    """The table a record belongs to: recorded in its quoted form, as dots may appear in any name."""
+    match = _QUOTED.match(recorded)
+    if match is None:
+        return TableName.parse(recorded)  # a record written before the quoted form
+    return TableName(match.group(1).replace('""', '"'), match.group(2).replace('""', '"'))
 
 
 def _present(target: Connection, table: TableName, name: str, kind: str) -> bool:

@@ -114,15 +114,20 @@ class LogicalEngine(ReplicationEngine):
         try:
             infos = self._describe(source)
             tables = _replicated_tables(infos)
-            self._ensure_publication(source, tables)
+            on_target = _describe_target(target, tables)
             sub = _subscription(target, names.subscription)
+            parallel = self.plan.initial_copy and self.plan.settings.copy_method == "parallel-snapshot"
+            recorded = _copy_state(target, names.slot)
+            if sub is None and parallel and (recorded is None or recorded.state != "copying"):
+                _require_empty(target, tables)  # refused before anything is created on either side
+            self._ensure_publication(source, tables)
             if sub is not None:
                 enabled = sub[1]
                 if not enabled:
                     execute(target, sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(names.subscription)))
                 return StartResult(self.name, already_running=enabled, tables=[str(t.name) for t in tables])
-            if self.plan.initial_copy and self.plan.settings.copy_method == "parallel-snapshot":
-                return self._start_with_parallel_copy(source, target, infos, tables)
+            if parallel:
+                return self._start_with_parallel_copy(source, target, tables, on_target)
             return self._start_subscription(source, target, tables, copy_data=self.plan.initial_copy)
         finally:
             source.close()
@@ -140,7 +145,7 @@ class LogicalEngine(ReplicationEngine):
     def _ensure_publication(self, source: Connection, tables: Sequence[TableInfo]) -> None:
         """The publication holds exactly the selected tables (partitioned ones through their root)."""
         pub = sql.Identifier(self.plan.names.publication)
-        table_list = sql.SQL(", ").join(t.name.ident for t in tables)
+        table_list = sql.SQL(", ").join(_only(t) for t in tables)
         exists = fetch_value(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.names.publication,))
         if exists:
             execute(source, sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, table_list))
@@ -176,7 +181,11 @@ class LogicalEngine(ReplicationEngine):
         return StartResult(self.name, already_running=False, tables=[str(t.name) for t in tables])
 
     def _start_with_parallel_copy(
-        self, source: Connection, target: Connection, infos: dict[TableName, TableInfo], tables: Sequence[TableInfo]
+        self,
+        source: Connection,
+        target: Connection,
+        tables: Sequence[TableInfo],
+        on_target: dict[TableName, TableInfo],
     ) -> StartResult:
         names = self.plan.names
         _ensure_state_tables(target)
@@ -224,7 +233,7 @@ class LogicalEngine(ReplicationEngine):
             if row is None:
                 raise ReplicationSetupError("CREATE_REPLICATION_SLOT returned nothing")
             consistent_lsn, snapshot = row[1], row[2]
-            chunks = self._plan_chunks(source, tables)
+            chunks = self._plan_chunks(source, tables, on_target)
             execute(
                 target,
                 sql.SQL(
@@ -275,15 +284,21 @@ class LogicalEngine(ReplicationEngine):
             consistent_lsn=consistent_lsn,
         )
 
-    def _plan_chunks(self, source: Connection, tables: Sequence[TableInfo]) -> list[CopyChunk]:
+    def _plan_chunks(
+        self, source: Connection, tables: Sequence[TableInfo], on_target: dict[TableName, TableInfo]
+    ) -> list[CopyChunk]:
         chunk_rows = self.plan.settings.copy_chunk_rows
         chunks: list[CopyChunk] = []
         for table in tables:
+            # Binary COPY carries each type's own wire form: a widened target column (integer -> bigint)
+            # rejects it ('insufficient data left in message'), so such tables are copied as text.
+            target_types = {c.name: c.type for c in on_target[table.name].columns}
+            binary = all(target_types.get(c.name, c.type) == c.type for c in table.columns if not c.generated)
             ranges = plan_ranges(source, table, chunk_rows)
             # Bytes (table + indexes) estimate a chunk's cost better than rows: wide rows and
             # random-key indexes cost more per row. Largest first keeps the tail short.
             per_chunk = max(1, table.size_bytes // len(ranges))
-            chunks += [CopyChunk(table, i, r, per_chunk) for i, r in enumerate(ranges)]
+            chunks += [CopyChunk(table, i, r, per_chunk, binary) for i, r in enumerate(ranges)]
         return chunks
 
     def _record_chunk(self, target: Connection, chunk: CopyChunk, rows: int) -> None:
@@ -447,8 +462,37 @@ class LogicalEngine(ReplicationEngine):
 
 
 def _replicated_tables(infos: dict[TableName, TableInfo]) -> list[TableInfo]:
-    """Selected tables minus partitions whose root is selected (they replicate through the root)."""
-    return [info for name, info in sorted(infos.items()) if info.partition_parent not in infos]
+    """Selected tables minus partitions with a selected partitioned ancestor at any level (they replicate,
+    and are copied, through it: copying them too would copy their rows twice). Inheritance children of a
+    plain table stay: they are tables of their own."""
+    partitioned = {info.oid for info in infos.values() if info.relkind == "p"}
+    return [info for name, info in sorted(infos.items()) if not (partitioned & set(info.ancestor_oids))]
+
+
+def _describe_target(target: Connection, tables: Sequence[TableInfo]) -> dict[TableName, TableInfo]:
+    """The selected tables on the target; refuses what the copy and the apply worker cannot fill
+    exactly: a missing table, or a column generated on one side only (neither the copy nor
+    replication carries generated values: a plain target column would stay NULL)."""
+    on_target = describe_tables(target, [t.name for t in tables])
+    problems = [f"{t.name}: missing on the target" for t in tables if t.name not in on_target]
+    for table in tables:
+        other = {c.name: c for c in on_target[table.name].columns} if table.name in on_target else {}
+        for column in table.columns:
+            twin = other.get(column.name)
+            if twin is not None and twin.generated != column.generated:
+                side = "source" if column.generated else "target"
+                problems.append(f"{table.name}.{column.name}: a generated column on the {side} only")
+    if problems:
+        raise ReplicationSetupError(
+            f"the target cannot receive these tables exactly: {'; '.join(problems)}; create them as on the source "
+            "(preflight's target_schema check lists every difference)"
+        )
+    return on_target
+
+
+def _only(table: TableInfo) -> sql.Composable:
+    """The table itself: a plain table's inheritance children are tables of their own (selected or not)."""
+    return sql.SQL("ONLY {}").format(table.name.ident) if table.relkind == "r" else table.name.ident
 
 
 def _subscription(target: Connection, name: str) -> tuple[int, bool, bool] | None:
@@ -581,9 +625,7 @@ def drop_slot(source: Connection, slot: str, wait_seconds: float = 10.0) -> bool
 
 def _require_empty(target: Connection, tables: Sequence[TableInfo]) -> None:
     full = [
-        str(t.name)
-        for t in tables
-        if fetch_value(target, sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(t.name.ident))
+        str(t.name) for t in tables if fetch_value(target, sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(_only(t)))
     ]
     if full:
         raise ReplicationSetupError(
@@ -593,4 +635,4 @@ def _require_empty(target: Connection, tables: Sequence[TableInfo]) -> None:
 
 
 def _truncate(target: Connection, tables: Sequence[TableInfo]) -> None:
-    execute(target, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(t.name.ident for t in tables)))
+    execute(target, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(_only(t) for t in tables)))

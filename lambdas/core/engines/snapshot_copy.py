@@ -21,7 +21,8 @@ from psycopg2 import sql
 
 from lambdas.core.catalog import TableInfo
 from lambdas.core.db import Connection, execute
-from lambdas.core.ranges import KeyRange, range_predicate
+from lambdas.core.ranges import KeyRange, range_predicate_literal
+from lambdas.core.textform import pin_text_form
 
 PIPE_BUFFER = 1 << 20
 
@@ -32,6 +33,7 @@ class CopyChunk:
     number: int
     key_range: KeyRange
     estimated_cost: int  # bytes on the source, to schedule the largest chunks first
+    binary: bool = True  # FORMAT binary needs the same column types on both sides; text otherwise
 
 
 @dataclass(frozen=True)
@@ -53,21 +55,32 @@ def copy_columns(table: TableInfo) -> list[str]:
     return [c.name for c in table.columns if not c.generated]
 
 
+def _format(chunk: CopyChunk) -> sql.Composable:
+    return sql.SQL("binary" if chunk.binary else "text")
+
+
 def copy_out_sql(source: Connection, chunk: CopyChunk) -> str:
     cols = copy_columns(chunk.table)
-    predicate, params = range_predicate(chunk.table.primary_key, chunk.table.key_types, chunk.key_range)
-    query = sql.SQL("COPY (SELECT {cols} FROM {table} WHERE {pred}) TO STDOUT WITH (FORMAT binary)").format(
-        cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols), table=chunk.table.name.ident, pred=predicate
+    predicate = range_predicate_literal(chunk.table.primary_key, chunk.table.key_types, chunk.key_range)
+    query = sql.SQL("COPY (SELECT {cols} FROM {table} WHERE {pred}) TO STDOUT WITH (FORMAT {fmt})").format(
+        cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols),
+        # ONLY: a plain table's inheritance children are copied as tables of their own, never into it.
+        table=sql.SQL("ONLY {}").format(chunk.table.name.ident)
+        if chunk.table.relkind == "r"
+        else chunk.table.name.ident,
+        pred=predicate,
+        fmt=_format(chunk),
     )
-    with source.cursor() as cur:
-        # COPY cannot take bind parameters; mogrify quotes them as literals client-side.
-        return cur.mogrify(query, params).decode()
+    # COPY cannot take bind parameters: the bounds are quoted literals already. (mogrify would take a
+    # '%' in a table or column name for a placeholder.)
+    return query.as_string(source)
 
 
 def copy_in_sql(target: Connection, chunk: CopyChunk) -> str:
-    query = sql.SQL("COPY {table} ({cols}) FROM STDIN WITH (FORMAT binary)").format(
+    query = sql.SQL("COPY {table} ({cols}) FROM STDIN WITH (FORMAT {fmt})").format(
         table=chunk.table.name.ident,
         cols=sql.SQL(", ").join(sql.Identifier(c) for c in copy_columns(chunk.table)),
+        fmt=_format(chunk),
     )
     return query.as_string(target)
 
@@ -108,12 +121,18 @@ class CopySessionFactory:
 
 
 def _prepare_source(conn: Connection, snapshot: str) -> None:
+    # Text-format chunks (`CopyChunk.binary` false) travel as text forms: both sessions print and
+    # parse them under the same settings. Before the transaction: SET TRANSACTION SNAPSHOT comes first in it.
+    conn.autocommit = True
+    pin_text_form(conn)
     conn.autocommit = False
     execute(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     execute(conn, "SET TRANSACTION SNAPSHOT %s", (snapshot,))
 
 
 def _prepare_target(conn: Connection) -> None:
+    conn.autocommit = True
+    pin_text_form(conn)
     conn.autocommit = False
     # The source already enforced its constraints; firing FK triggers per copied row would
     # only slow the copy (the subscription's apply worker runs as 'replica' too).

@@ -684,6 +684,19 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Status, st
         if other is None:
             found.append(("fail", f"{t}.{col.name}: missing on the target (source type {col.type})"))
             continue
+        if other.generated != col.generated:
+            found.append(
+                (
+                    "fail",
+                    f"{t}.{col.name}: "
+                    + (
+                        "generated on the source, a plain column on the target (neither the copy nor the "
+                        "replication carries generated values: it would be NULL)"
+                        if col.generated
+                        else "a plain column on the source, generated on the target (the copy cannot write it)"
+                    ),
+                )
+            )
         if other.type != col.type:
             if is_safe_widening(col.type, other.type):
                 found.append(
@@ -819,9 +832,14 @@ def check_partitions(facts: PreflightFacts) -> CheckResult:
     roots = [
         i for i in infos if i.relkind == "p" and (i.partition_parent is None or i.partition_parent not in selected)
     ]
-    children = [i for i in infos if i.partition_parent is not None]
+    children = [i for i in infos if i.is_partition]
     orphans = [i for i in children if i.partition_parent not in selected]
+    # Plain inheritance: every table holds its own rows (copied and published with ONLY).
+    left_out = [(i, [c for c in i.inheritance_children if c not in selected]) for i in infos]
+    left_out = [(i, kids) for i, kids in left_out if kids]
     measured = f"{len(roots)} partitioned root(s), {len(children)} partition(s) selected"
+    if left_out:
+        measured += f", {len(left_out)} table(s) with inheritance children not selected"
     details = [
         f"{i.name}: partitioned; replicates through its root (publish_via_partition_root = true), so the target "
         "may partition it differently"
@@ -830,6 +848,26 @@ def check_partitions(facts: PreflightFacts) -> CheckResult:
     details += [
         f"{i.name}: partition of {i.partition_parent}, replicates through it" for i in children if i not in orphans
     ]
+    details += [
+        f"{i.name}: inherits from {i.partition_parent} (plain inheritance): replicates as a table of its own"
+        for i in infos
+        if i.partition_parent is not None and not i.is_partition
+    ]
+    details += [
+        f"{i.name}: its inheritance children {_join(kids)} are not selected: their rows (which `SELECT FROM "
+        f"{i.name}` also shows) are not migrated"
+        for i, kids in left_out
+    ]
+    if left_out and not orphans:
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            "Under plain inheritance each child holds its own rows: select the children too "
+            f"({_join(sorted({str(c) for _, kids in left_out for c in kids}))}) in 'tables.include', or exclude "
+            "them knowingly.",
+            details,
+        )
     if orphans:
         details += [f"{i.name}: partition of {i.partition_parent}, which is not selected" for i in orphans]
         return CheckResult(
