@@ -83,9 +83,16 @@ class DebeziumEngine(ReplicationEngine):
         self.runtime = runtime
         self.kafka = kafka
 
+    def _target(self) -> Connection:
+        """A control session on the target that may write its state, also while the target is fenced
+        (from the read shift to the cutover, and after a rollback)."""
+        conn = connect(self._target_dsn)
+        make_writable(conn)
+        return conn
+
     def start(self) -> StartResult:
         already = self.runtime.health().running
-        target = connect(self._target_dsn)
+        target = self._target()
         try:
             started_before = _has_state(target)
             left_over: TopicOffsets = {}
@@ -116,7 +123,7 @@ class DebeziumEngine(ReplicationEngine):
     def status(self) -> ReplicationStatus:
         health = self.runtime.health()
         problems = list(health.problems)
-        target = connect(self._target_dsn)
+        target = self._target()
         try:
             if not _has_state(target):
                 return ReplicationStatus(self.name, Phase.NOT_STARTED, problems=problems)
@@ -207,7 +214,7 @@ class DebeziumEngine(ReplicationEngine):
     def pause_applying(self) -> None:
         """No change is applied after this returns (the batch in flight has committed), whatever runs the
         applier; the connector and the applier keep running, so resuming is immediate (`start`)."""
-        target = connect(self._target_dsn)
+        target = self._target()
         try:
             if _has_state(target):
                 state.set_applier_paused(target, True)
@@ -227,7 +234,7 @@ class DebeziumEngine(ReplicationEngine):
                 removed.append(f"publication {self.plan.publication}")
         finally:
             source.close()
-        target = connect(self._target_dsn)
+        target = self._target()
         try:
             if _has_state(target):
                 letters = int(fetch_value(target, _q("SELECT count(*) FROM {}.dbz_dead_letters")))
@@ -274,7 +281,7 @@ class DebeziumEngine(ReplicationEngine):
             raise ChangeStreamBehind(f"the connector did not publish the fence marker within {timeout:g} s")
         marker_seen = time.monotonic() - started
         ends = self.kafka.end_offsets(self.plan.table_topics)
-        target = connect(self._target_dsn)
+        target = self._target()
         try:
             while True:
                 stored = state.stored_offsets(target, self.plan.table_topics)

@@ -33,6 +33,7 @@ from lambdas.core.engines.base import (
 )
 from lambdas.core.engines.deferred_indexes import defer_indexes, ensure_deferred_table, restore_indexes
 from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopySessionFactory, copy_in_parallel
+from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, applied_lsn
 from lambdas.core.ranges import plan_ranges
 from lambdas.core.tables import TableName
@@ -105,7 +106,10 @@ class LogicalEngine(ReplicationEngine):
         return self._connect(self._source_dsn, application_name="zdm-control")
 
     def _target(self) -> Connection:
-        return self._connect(self._target_dsn, application_name="zdm-control")
+        # Writable while the target is fenced (from the read shift to the cutover, and after a rollback).
+        conn = self._connect(self._target_dsn, application_name="zdm-control")
+        make_writable(conn)
+        return conn
 
     # -- start -------------------------------------------------------------------------
     def start(self) -> StartResult:
