@@ -724,3 +724,38 @@ def test_end_offsets_count_every_record_whatever_the_brokers_watermark_says(brok
     ends = stream.end_offsets(["zdm-test-ends", "zdm-test-empty", "zdm-test-missing"])
     # Then each is the offset the next record will get
     assert ends == {("zdm-test-ends", 0): 251, ("zdm-test-empty", 0): 0}
+
+
+KEYS_DDL = """
+CREATE EXTENSION IF NOT EXISTS citext;
+CREATE TABLE f (k float8 PRIMARY KEY, v int);
+CREATE TABLE n (k numeric PRIMARY KEY, v int);
+CREATE TABLE c (k citext PRIMARY KEY, v int);
+CREATE TABLE ch (k char(5) PRIMARY KEY, v int);
+CREATE TABLE g (id int PRIMARY KEY, v int);
+"""
+
+
+def test_keys_equal_but_not_the_same_move_exactly_and_a_column_added_target_first_streams(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given tables keyed by values that compare equal without being the same (0 and -0, 1.0 and 1.00,
+    # 'abc' and 'ABC' in citext, 'a' and 'a  ' in char(5)), streaming
+    src = fresh_dbs[0]
+    tables = tuple(TableName("public", t) for t in ("f", "n", "c", "ch", "g"))
+    first = "INSERT INTO f VALUES (0, 1); INSERT INTO n VALUES (1.0, 1); INSERT INTO c VALUES ('abc', 1);"
+    first += " INSERT INTO ch VALUES ('a', 1); INSERT INTO g VALUES (1, 1)"
+    with streaming_after_snapshot(fresh_dbs, broker, tmp_path, KEYS_DDL, first, tables) as (engine, source, target):
+        # When each key moves to its equal twin in one transaction (one batch)
+        execute(source, "UPDATE f SET k = '-0'; UPDATE n SET k = 1.00; UPDATE c SET k = 'ABC'; UPDATE ch SET k = 'a  '")
+        # And a column is added on the target, then on the source, and a row uses it
+        execute(target, "ALTER TABLE g ADD COLUMN extra int")
+        execute(source, "ALTER TABLE g ADD COLUMN extra int")
+        execute(source, "INSERT INTO g VALUES (2, 2, 2)")
+        fence(engine, src)
+        # Then the target holds exactly the source's keys and rows, with no dead letter
+        assert engine.status().dead_letters == 0
+        for name in ("f", "n", "c", "ch"):
+            query = f"SELECT k::text, v FROM {name} ORDER BY 1"
+            assert fetch_all(target, query) == fetch_all(source, query), name
+        assert fetch_all(target, "SELECT * FROM g ORDER BY 1") == [(1, 1, None), (2, 2, 2)]

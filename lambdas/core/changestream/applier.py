@@ -181,6 +181,17 @@ class ChangeApplier:
                 if rec.offset < part.next_offset:
                     result.replayed += 1
                     continue
+                if rec.offset > part.next_offset:
+                    # records never delivered (a batch the event source mapping gave up on, or removed by
+                    # retention): the topics are neither compacted nor transactional, so changes are missing
+                    result.dead_letters.append(
+                        _letter(
+                            rec,
+                            None,
+                            f"offsets {part.next_offset}..{rec.offset - 1} of {topic}[{partition}] were never"
+                            " delivered to the applier: their changes are missing on the target",
+                        )
+                    )
                 part.next_offset = rec.offset + 1
                 if isinstance(event, UnparseableEvent):
                     result.dead_letters.append(_letter(rec, None, f"unparseable event: {event}"))
@@ -273,10 +284,17 @@ class ChangeApplier:
             return
         plan = table.plan
         valid: list[Change] = []
+        reloaded = False
         for change in changes:
             if change.event.op is not Op.DELETE:
                 change.marked = plan.may_hold_placeholder(change.record.value)
             problem = _schema_problem(table, change.event, change.marked)
+            if problem is not None and problem.startswith(_UNKNOWN_COLUMNS) and not reloaded:
+                # Columns are added on the target before the source (as a schema change must be): read the
+                # table again, in this batch's transaction, before calling the change a mismatch.
+                table, reloaded = self._routing.reload(self._conn, table), True
+                plan = table.plan
+                problem = _schema_problem(table, change.event, change.marked)
             if problem:
                 result.dead_letters.append(_letter(change.record, change.event, problem))
             else:
@@ -476,6 +494,9 @@ def _pg_reason(exc: psycopg2.Error) -> str:
     return f"the target refused the change: {first[0] if first else type(exc).__name__}"
 
 
+_UNKNOWN_COLUMNS = "schema mismatch: column(s)"
+
+
 def _schema_problem(table: TargetTable, event: ChangeEvent, marked: bool) -> str | None:
     plan = table.plan
     if event.op is Op.DELETE:
@@ -488,7 +509,7 @@ def _schema_problem(table: TargetTable, event: ChangeEvent, marked: bool) -> str
         unknown = sorted(names - plan.full_generated)
         if unknown:
             return (
-                f"schema mismatch: column(s) {', '.join(unknown)} of the event are not on target table {table.name};"
+                f"{_UNKNOWN_COLUMNS} {', '.join(unknown)} of the event are not on target table {table.name};"
                 " add them to the target (schema changes are not replicated)"
             )
         left_out = sorted(table.expected - names)

@@ -219,8 +219,19 @@ def _stash_names(table: TargetTable) -> tuple[sql.Identifier, sql.Identifier]:
     """Two tables shaped like `table`: a temporary one for the old rows of a segment's key moves, copied
     before its deletes; and one in the state schema keeping the row a batch's last delete removed, with
     that delete's LSN, for a move whose create starts the next batch."""
-    name = state.KEPT_ROWS_PREFIX + hashlib.sha256(table.label.encode()).hexdigest()[:16]
+    # Named by the table and the columns it holds (the applier's columns, listed explicitly below): a
+    # column added to or dropped from the target never meets a copy of the old shape.
+    shape = "\x00".join([table.label, *table.plan.order])
+    name = state.KEPT_ROWS_PREFIX + hashlib.sha256(shape.encode()).hexdigest()[:16]
     return sql.Identifier(name), sql.Identifier(state.SCHEMA, name)
+
+
+def _row_columns(table: TargetTable, alias: str) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier(alias, c) for c in table.plan.order)
+
+
+def _column_names(table: TargetTable) -> sql.Composable:
+    return sql.SQL(", ").join(map(sql.Identifier, table.plan.order))
 
 
 def _keys_match(
@@ -251,14 +262,17 @@ def _stash_statement(cur: Cursor, table: TargetTable, python: bool) -> str:
         table,
         ("stash", python),
         lambda: sql.SQL(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS {aside} (LIKE {t}) ON COMMIT DELETE ROWS; DELETE FROM {aside};"
-            " CREATE TABLE IF NOT EXISTS {kept} ({lsn} bigint, LIKE {t});"
-            " INSERT INTO {aside} SELECT t.* FROM {t} AS t, {keys} WHERE {match}"
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {aside} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {t} WITH NO DATA;"
+            " DELETE FROM {aside};"
+            " CREATE TABLE IF NOT EXISTS {kept} AS SELECT NULL::bigint AS {lsn}, {cols} FROM {t} WITH NO DATA;"
+            " INSERT INTO {aside} ({cols}) SELECT {tcols} FROM {t} AS t, {keys} WHERE {match}"
         ).format(
             aside=aside,
             kept=kept,
             lsn=sql.Identifier(_ORIGIN_LSN),
             t=table.name.ident,
+            cols=_column_names(table),
+            tcols=_row_columns(table, "t"),
             keys=_recordset(table.key, conversions),
             match=_key_match(table, conversions),
         ),
@@ -276,12 +290,15 @@ def _keep_statement(cur: Cursor, table: TargetTable, python: bool, *, aside: boo
         table,
         ("keep", aside, python),
         lambda: sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {kept} ({lsn} bigint, LIKE {t}); DELETE FROM {kept};"
-            " INSERT INTO {kept} SELECT x.{lsn}, m.* FROM {source} AS m,"
+            "CREATE TABLE IF NOT EXISTS {kept} AS SELECT NULL::bigint AS {lsn}, {cols} FROM {t} WITH NO DATA;"
+            " DELETE FROM {kept};"
+            " INSERT INTO {kept} ({lsn}, {cols}) SELECT x.{lsn}, {mcols} FROM {source} AS m,"
             " json_to_recordset(%s::json) AS x({types}) WHERE {match}"
         ).format(
             kept=kept,
             t=table.name.ident,
+            cols=_column_names(table),
+            mcols=_row_columns(table, "m"),
             source=aside_table if aside else table.name.ident,
             lsn=sql.Identifier(_ORIGIN_LSN),
             types=sql.SQL(", ").join(

@@ -4,13 +4,14 @@ which topic feeds which table (`StreamRouting`), read from the target's catalog.
 from __future__ import annotations
 
 import json
+import math
 import operator
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from lambdas.core.catalog import describe_tables
+from lambdas.core.catalog import TableInfo, describe_tables
 from lambdas.core.changestream import state
 from lambdas.core.changestream.connector import heartbeat_topic, table_topic
 from lambdas.core.changestream.convert import ColumnType, SqlConversion, placeholder_markers, sql_conversion
@@ -47,6 +48,9 @@ class TablePlan:
         self.full_generated = self.full | table.generated
         self.key_set = frozenset(table.key)
         self._key_values = operator.itemgetter(*table.key)  # one column: its value, else a tuple
+        # float key columns: 0.0 and -0.0 are equal in Python (one fold key) but different values (a key
+        # moving from one to the other is a delete and a create, which must not fold into one upsert)
+        self._float_key = any(table.columns[k].sql_type in _FLOAT_TYPES for k in table.key if k in table.columns)
         self.conversions: dict[bool, dict[str, SqlConversion]] = {
             python: {n: sql_conversion(c, python=python) for n, c in table.columns.items()} for python in (False, True)
         }
@@ -56,6 +60,8 @@ class TablePlan:
     def row_key(self, values: Mapping[str, Any]) -> Hashable:
         """The key columns' JSON values, to fold a row's changes by (a delete's and an upsert's alike)."""
         key: Hashable = self._key_values(values)
+        if self._float_key:
+            key = _signed_zeros(key)
         try:
             hash(key)
         except TypeError:  # an array (a JSON list) in the key
@@ -67,6 +73,17 @@ class TablePlan:
         if raw is None:
             return False
         return any(marker in raw for marker in self.markers)
+
+
+_FLOAT_TYPES = frozenset({"double precision", "real"})
+
+
+def _signed_zeros(key: Any) -> Any:
+    if type(key) is float:
+        return (key, math.copysign(1.0, key)) if key == 0.0 else key
+    if type(key) is tuple:
+        return tuple(_signed_zeros(k) for k in key)
+    return key
 
 
 @dataclass(frozen=True)
@@ -109,13 +126,31 @@ class StreamRouting:
                     f"table {name} has no primary key: the debezium engine upserts and deletes by key;"
                     " add one or use engine 'logical'"
                 )
-            routed[table_topic(prefix, name)] = TargetTable(
-                name=name,
-                key=info.primary_key,
-                columns={c.name: ColumnType.of(c.type) for c in info.columns if not c.generated},
-                generated=frozenset(c.name for c in info.columns if c.generated),
-                expected=on_source.get(str(name), frozenset()) & {c.name for c in info.columns if not c.generated},
-            )
+            routed[table_topic(prefix, name)] = _target_table(info, on_source.get(str(name), frozenset()))
         if not target.autocommit:
             target.rollback()
         return cls(routed, heartbeat_topic(prefix))
+
+    def reload(self, target: Connection, table: TargetTable) -> TargetTable:
+        """`table` as the target's catalog describes it now (in the caller's transaction), routed from now on:
+        a column added on the target since the routing was read. The same table when it is gone or keyless."""
+        info = describe_tables(target, [table.name]).get(table.name)
+        if info is None or not info.primary_key:
+            return table
+        fresh = _target_table(info, table.expected)
+        if isinstance(self.tables, dict):
+            for topic, known in list(self.tables.items()):
+                if known is table:
+                    self.tables[topic] = fresh
+        return fresh
+
+
+def _target_table(info: TableInfo, source_columns: frozenset[str]) -> TargetTable:
+    columns = {c.name: ColumnType.of(c.type) for c in info.columns if not c.generated}
+    return TargetTable(
+        name=info.name,
+        key=info.primary_key,
+        columns=columns,
+        generated=frozenset(c.name for c in info.columns if c.generated),
+        expected=source_columns & columns.keys(),
+    )
