@@ -6,19 +6,13 @@ The stubs record each call (function, action or gate phase) so the tests read th
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from lambdas.core.config import load_migration
-from rehearsal.stepfunctions import ExecutionResult, LocalStateMachine
-from stacks.orchestration import ASL
-from tests.infrastructure.conftest import ROOT, Synth
-
-Handler = Callable[[dict[str, Any], Any], Any]
+from tests.infrastructure.asl_stubs import Stubs, execute
+from tests.infrastructure.conftest import Synth
 
 
 class CutoverError(RuntimeError):
@@ -27,92 +21,6 @@ class CutoverError(RuntimeError):
 
 class ReverseReplicationBehind(RuntimeError):
     pass
-
-
-def _settings() -> dict[str, Any]:
-    migration = load_migration(ROOT / "migrations/local.yaml")
-    data = migration.model_dump(mode="json")
-    data["read_shift"] = {"steps": [100], "bake_seconds": 0}
-    data["validation"]["enabled"] = False
-    data["cutover"]["post_cutover_bake_seconds"] = 0
-    return data
-
-
-class Stubs:
-    """Every function the definition invokes, healthy and successful unless told otherwise."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, float]] = []  # function, action or phase, when
-        self.unhealthy_phase: str | None = None
-        self.retire_failures: list[Exception] = []
-
-    def _note(self, function: str, what: str) -> None:
-        self.calls.append((function, what, time.monotonic()))
-
-    def path(self) -> list[tuple[str, str]]:
-        return [(function, what) for function, what, _ in self.calls]
-
-    def at(self, function: str, what: str) -> float:
-        return next(t for f, w, t in self.calls if (f, w) == (function, what))
-
-    def handlers(self) -> dict[str, Handler]:
-        def preflight(event: dict[str, Any], context: Any) -> dict[str, Any]:
-            self._note("Preflight", "check")
-            return {"ok": True, "failed": []}
-
-        def replication(event: dict[str, Any], context: Any) -> dict[str, Any]:
-            self._note("Replication", event["action"])
-            return {
-                "start": {"tables": [], "rows_copied": 0},
-                "status": {"phase": "streaming", "lag_seconds": 0.0, "lag_bytes": 0, "problems": []},
-                "teardown": {"removed": ["subscription zdm_shop_orders"]},
-            }[event["action"]]
-
-        def read_shift(event: dict[str, Any], context: Any) -> dict[str, Any]:
-            self._note("ReadShift", str(event["percent"]))
-            return {}
-
-        def health_gate(event: dict[str, Any], context: Any) -> dict[str, Any]:
-            self._note("HealthGate", event["phase"])
-            if event["phase"] == self.unhealthy_phase:
-                return {"healthy": False, "reasons": ["alarm zdm-shop-orders-health is in ALARM"]}
-            return {"healthy": True, "reasons": []}
-
-        def cutover(event: dict[str, Any], context: Any) -> dict[str, Any]:
-            action = event["action"]
-            self._note("Cutover", action)
-            if action == "retire_reverse" and self.retire_failures:
-                raise self.retire_failures.pop(0)
-            if action == "retire_reverse":
-                return {"status": "done", "steps": [{"step": "catch_up", "seconds": 0.01, "detail": {}}]}
-            return {"status": "done", "pause_seconds": 0.05}
-
-        return {
-            "PreflightFunctionArn": preflight,
-            "ReplicationFunctionArn": replication,
-            "ReadShiftFunctionArn": read_shift,
-            "HealthGateFunctionArn": health_gate,
-            "CutoverFunctionArn": cutover,
-            "ValidatePlanFunctionArn": lambda e, c: {},
-            "ValidateChunkFunctionArn": lambda e, c: {},
-            "ValidateSummaryFunctionArn": lambda e, c: {},
-        }
-
-
-def execute(stubs: Stubs, execution_input: dict[str, Any], *, window_seconds: int) -> ExecutionResult:
-    """The shipped definition, its rollback window substituted as the stack would (`window_seconds`)."""
-    machine = LocalStateMachine(
-        ASL,
-        stubs.handlers(),
-        values={
-            "MigrationName": "shop-orders",
-            "SettingsParameterName": "/zdm/shop-orders/settings",
-            "RollbackWindowSeconds": str(window_seconds),
-            "ValidationBucketName": "zdm-test-validation",
-        },
-        parameters={"/zdm/shop-orders/settings": json.dumps(_settings())},
-    )
-    return machine.run({"timing": {"poll_seconds": 0}, **execution_input}, timeout=120, poll_interval=0.05)
 
 
 END = [
@@ -165,7 +73,9 @@ def test_an_alarm_at_the_end_of_the_window_rolls_back_over_the_reverse_replicati
 def test_a_retire_that_fails_leaves_the_writer_on_the_target_and_names_what_to_do() -> None:
     # Given a retire that fails with a data error (not retried)
     stubs = Stubs()
-    stubs.retire_failures = [CutoverError("the back replication's subscription zdm_shop_orders_rev is missing")]
+    stubs.failures[("Cutover", "retire_reverse")] = [
+        CutoverError("the back replication's subscription zdm_shop_orders_rev is missing")
+    ]
     # When the migration reaches it
     result = execute(stubs, {"rollback_window_seconds": 0}, window_seconds=3600)
     # Then the execution fails as not retired (the migration itself is done), and nothing rolls back
@@ -179,7 +89,9 @@ def test_a_retire_that_fails_leaves_the_writer_on_the_target_and_names_what_to_d
 def test_a_source_still_catching_up_is_retried() -> None:
     # Given a retire whose first attempt times out waiting for the source to catch up
     stubs = Stubs()
-    stubs.retire_failures = [ReverseReplicationBehind("the source did not apply the target's writes up to 0/3000")]
+    stubs.failures[("Cutover", "retire_reverse")] = [
+        ReverseReplicationBehind("the source did not apply the target's writes up to 0/3000")
+    ]
     # When the migration reaches it / Then the task is retried and the migration completes
     result = execute(stubs, {"rollback_window_seconds": 0}, window_seconds=3600)
     assert result.status == "SUCCEEDED", (result.error, result.cause)

@@ -96,6 +96,10 @@ class CutoverError(RuntimeError):
     pass
 
 
+class OperationBusy(CutoverError):
+    """Another cutover, rollback or retire of the migration holds its lock: nothing was changed, try again."""
+
+
 class CutoverNotReady(CutoverError):
     """Refused before anything changed (replication not streaming, lag too high, ...)."""
 
@@ -231,7 +235,7 @@ class CutoverRunner:
             conns[Side.TARGET] = self._open(Side.TARGET)
             if lock and not store.try_lock(conns[Side.TARGET], self.plan.migration, wait_seconds=wait_seconds):
                 waited = f" for more than {wait_seconds:g} s" if wait_seconds > 0 else ""
-                raise CutoverError(
+                raise OperationBusy(
                     f"another cutover, rollback or retire of {self.plan.migration!r} has been running{waited} (it "
                     "holds the lock on the target); nothing was changed: run this again once it has finished"
                 )

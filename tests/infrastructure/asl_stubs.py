@@ -1,0 +1,116 @@
+"""The shipped state machine definition in moto's ASL interpreter with stub handlers (no servers).
+
+Each stub records its call (function, action or gate phase, when), so a test reads the path taken;
+by default every function is healthy and succeeds; `status` is what Replication's status returns,
+`failures` queues exceptions a call raises, `unhealthy_phase` trips that gate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lambdas.core.config import load_migration
+from rehearsal.stepfunctions import ExecutionResult, LocalStateMachine
+from stacks.orchestration import ASL
+from tests.infrastructure.conftest import ROOT
+
+Handler = Callable[[dict[str, Any], Any], Any]
+
+
+def settings(**changes: Any) -> dict[str, Any]:
+    """The local migration file's settings, with one quick read-shift step and no validation or bake."""
+    data = load_migration(ROOT / "migrations/local.yaml").model_dump(mode="json")
+    data["read_shift"] = {"steps": [100], "bake_seconds": 0}
+    data["validation"]["enabled"] = False
+    data["cutover"]["post_cutover_bake_seconds"] = 0
+    data.update(changes)
+    return data
+
+
+class Stubs:
+    """Every function the definition invokes, healthy and successful unless told otherwise."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float]] = []  # function, action or phase, when
+        self.status: dict[str, Any] = {"phase": "streaming", "lag_seconds": 0.0, "lag_bytes": 0, "problems": []}
+        self.unhealthy_phase: str | None = None
+        self.failures: dict[tuple[str, str], list[Exception]] = {}
+
+    def _note(self, function: str, what: str) -> None:
+        self.calls.append((function, what, time.monotonic()))
+        queued = self.failures.get((function, what))
+        if queued:
+            raise queued.pop(0)
+
+    def path(self) -> list[tuple[str, str]]:
+        return [(function, what) for function, what, _ in self.calls]
+
+    def at(self, function: str, what: str) -> float:
+        return next(t for f, w, t in self.calls if (f, w) == (function, what))
+
+    def handlers(self) -> dict[str, Handler]:
+        def preflight(event: dict[str, Any], context: Any) -> dict[str, Any]:
+            self._note("Preflight", "check")
+            return {"ok": True, "failed": []}
+
+        def replication(event: dict[str, Any], context: Any) -> dict[str, Any]:
+            self._note("Replication", event["action"])
+            return {
+                "start": {"tables": [], "rows_copied": 0},
+                "status": self.status,
+                "teardown": {"removed": ["subscription zdm_shop_orders"]},
+            }[event["action"]]
+
+        def read_shift(event: dict[str, Any], context: Any) -> dict[str, Any]:
+            self._note("ReadShift", str(event["percent"]))
+            return {}
+
+        def health_gate(event: dict[str, Any], context: Any) -> dict[str, Any]:
+            self._note("HealthGate", event["phase"])
+            if event["phase"] == self.unhealthy_phase:
+                return {"healthy": False, "reasons": ["alarm zdm-shop-orders-health is in ALARM"]}
+            return {"healthy": True, "reasons": []}
+
+        def cutover(event: dict[str, Any], context: Any) -> dict[str, Any]:
+            action = event["action"]
+            self._note("Cutover", action)
+            if action == "retire_reverse":
+                return {"status": "done", "steps": [{"step": "catch_up", "seconds": 0.01, "detail": {}}]}
+            return {"status": "done", "pause_seconds": 0.05}
+
+        return {
+            "PreflightFunctionArn": preflight,
+            "ReplicationFunctionArn": replication,
+            "ReadShiftFunctionArn": read_shift,
+            "HealthGateFunctionArn": health_gate,
+            "CutoverFunctionArn": cutover,
+            "ValidatePlanFunctionArn": lambda e, c: {},
+            "ValidateChunkFunctionArn": lambda e, c: {},
+            "ValidateSummaryFunctionArn": lambda e, c: {},
+        }
+
+
+def execute(
+    stubs: Stubs,
+    execution_input: dict[str, Any] | None = None,
+    *,
+    window_seconds: int = 0,
+    data: dict[str, Any] | None = None,
+    timeout: float = 120,
+) -> ExecutionResult:
+    """The shipped definition, its rollback window substituted as the stack would (`window_seconds`)."""
+    machine = LocalStateMachine(
+        ASL,
+        stubs.handlers(),
+        values={
+            "MigrationName": "shop-orders",
+            "SettingsParameterName": "/zdm/shop-orders/settings",
+            "RollbackWindowSeconds": str(window_seconds),
+            "ValidationBucketName": "zdm-test-validation",
+        },
+        parameters={"/zdm/shop-orders/settings": json.dumps(data if data is not None else settings())},
+    )
+    return machine.run({"timing": {"poll_seconds": 0}, **(execution_input or {})}, timeout=timeout, poll_interval=0.05)

@@ -1,0 +1,64 @@
+"""Paths through the real definition that once ended wrongly, run in moto's ASL interpreter with stub
+handlers (no servers): a loop that never ended, a failure after the cutover that did not roll back,
+and an alarm's rollback that gave up while a cutover still held the lock."""
+
+from __future__ import annotations
+
+import pytest
+
+from rehearsal.stepfunctions import StateMachineError
+from tests.infrastructure.asl_stubs import Stubs, execute, settings
+
+
+class ReplicationSetupError(RuntimeError):
+    pass
+
+
+class OperationBusy(RuntimeError):  # the name is what Step Functions matches (lambdas.core.cutover.OperationBusy)
+    pass
+
+
+def test_the_dms_engine_without_a_byte_lag_leaves_the_copy_loop_on_its_lag_in_seconds() -> None:
+    # Given the dms engine's status as DmsEngine.status() reports it: streaming, lag in seconds, no byte lag
+    stubs = Stubs()
+    stubs.status = {"phase": "streaming", "lag_seconds": 1.0, "lag_bytes": None, "problems": []}
+    # When the migration runs
+    result = execute(stubs, data=settings(engine={"type": "dms"}), timeout=60)
+    # Then it leaves the copy loop (it once polled forever) and migrates
+    assert ("ReadShift", "100") in stubs.path()
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+
+
+def test_a_logical_engine_status_without_a_byte_lag_keeps_waiting() -> None:
+    # Given the logical engine reporting no byte lag (it always should: the gate may not pass on nothing)
+    stubs = Stubs()
+    stubs.status = {"phase": "streaming", "lag_seconds": 0.0, "lag_bytes": None, "problems": []}
+    # When the migration runs for a while / Then it keeps polling and does not move on to the read shift
+    with pytest.raises(StateMachineError, match="did not finish within 3s"):
+        execute(stubs, timeout=3)
+    assert ("ReadShift", "100") not in stubs.path()
+    assert stubs.path().count(("Replication", "status")) > 1
+
+
+def test_a_failed_finalize_after_the_cutover_rolls_back() -> None:
+    # Given a teardown of the forward replication that fails with a data error after the writer moved
+    stubs = Stubs()
+    stubs.failures[("Replication", "teardown")] = [ReplicationSetupError("could not drop slot zdm_shop_orders")]
+    # When the migration runs
+    result = execute(stubs)
+    # Then the cutover is rolled back (it once ended MigrationFailed with the writer on the target, unwatched)
+    assert ("Cutover", "run") in stubs.path()
+    assert stubs.path()[-1] == ("Cutover", "rollback")
+    assert result.error == "RolledBack", (result.error, result.cause)
+
+
+def test_an_alarms_rollback_that_meets_a_cutover_holding_the_lock_is_tried_again() -> None:
+    # Given the alarm's rollback execution, whose first rollback attempt finds a cutover invocation still
+    # holding the migration's lock (the alarm stopped the execution, not that invocation)
+    stubs = Stubs()
+    stubs.failures[("Cutover", "rollback")] = [OperationBusy("another cutover ... holds the lock; nothing was changed")]
+    # When it runs
+    result = execute(stubs, {"action": "rollback"})
+    # Then the rollback is tried again and the execution ends rolled back (it once ended RollbackFailed)
+    assert stubs.path().count(("Cutover", "rollback")) == 2
+    assert result.error == "RolledBack", (result.error, result.cause)
