@@ -241,7 +241,7 @@ def standalone_engine(
             "name": name,
             # the endpoints are given as DSNs below; the file's own are not read
             "source": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
-            "target": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
+            "target": {"dsn": "host=127.0.0.1 dbname=y user=postgres"},
             "engine": {"type": "debezium", "debezium": dict(debezium or {})},
         }
     )

@@ -21,6 +21,11 @@ def deployable_settings(migration: Migration) -> dict[str, object]:
             raise MigrationConfigError(
                 f"{side}.dsn is for local runs; for AWS give {side}.secret_arn, {side}.host and {side}.database"
             )
+    if migration.router.type == "pgbouncer":
+        raise MigrationConfigError(
+            "router.type: 'pgbouncer' is for local runs (its admin DSN is a secret the stack does not store, so the "
+            "read shift and the rollback could not reach it); for AWS use 'route53' or 'rds-proxy'"
+        )
     return migration.model_dump(mode="json", exclude={"router": {"pgbouncer": {"admin_dsn"}}})
 
 

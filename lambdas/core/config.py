@@ -35,7 +35,8 @@ _AWS_ENDPOINT_FIELDS = ("rds_cluster_identifier", "rds_instance_identifier", "se
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a YAML `yes` is not the number 1; no .inf or .nan (not JSON: Step Functions cannot read them)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Endpoint(_Model):
@@ -55,6 +56,22 @@ class Endpoint(_Model):
     secret_kms_key_arn: str | None = Field(
         default=None, description="customer managed KMS key encrypting the secret (readers are granted kms:Decrypt)"
     )
+
+    @field_validator("dsn")
+    @classmethod
+    def _parsable_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from psycopg2.extensions import parse_dsn
+
+            try:
+                parse_dsn(value.get_secret_value())
+            except Exception:  # libpq's message quotes the string: never shown
+                raise ValueError(
+                    "'dsn' is not a libpq connection string (not shown: it may hold a password); write "
+                    'key=value pairs, quoting values with spaces or quotes, e.g. "host=db port=5432 '
+                    "dbname=orders user=app password='a b'\""
+                ) from None
+        return value
 
     @model_validator(mode="after")
     def _one_form(self) -> Endpoint:
@@ -374,7 +391,11 @@ class Validation(_Model):
         "must be seen in two re-checks in a row)",
     )
     recheck_timeout_seconds: float = Field(
-        default=60.0, gt=0, description="how long one re-check waits for the target to apply the source's WAL"
+        default=60.0,
+        gt=0,
+        le=240,
+        description="how long one re-check waits for the target to apply the source's WAL (within the chunk "
+        "function's 300 s)",
     )
     row_hash: Literal["auto", "md5"] = Field(
         default="auto",
@@ -616,6 +637,10 @@ class Aws(_Model):
     ] = 90
 
 
+# The Cutover function runs 900 s (stacks/registry.py); a minute is left for its steps' own work.
+CUTOVER_WAIT_BUDGET_SECONDS = 840.0
+
+
 class Migration(_Model):
     name: str
     source: Endpoint
@@ -640,6 +665,33 @@ class Migration(_Model):
             )
         return value
 
+    @model_validator(mode="after")
+    def _target_is_not_the_source(self) -> Migration:
+        if _endpoint_identity(self.source) == _endpoint_identity(self.target):
+            raise ValueError(
+                "target: names the same database as source (same connection settings); point 'target' at "
+                "the database to migrate to"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cutover_fits_its_function(self) -> Migration:
+        cut = self.cutover.fence_timeout_seconds + self.cutover.catch_up_timeout_seconds
+        router = 0.0
+        if self.router.type in ("route53", "rds-proxy"):
+            router += self.router.route53.insync_timeout_seconds
+        if self.router.type == "rds-proxy":
+            router += self.router.rds_proxy.registration_timeout_seconds
+        if cut + router > CUTOVER_WAIT_BUDGET_SECONDS:
+            where = "router" if router > cut else "cutover"
+            raise ValueError(
+                f"{where}: a cutover may wait {cut + router:g} s (cutover.fence_timeout_seconds + "
+                "catch_up_timeout_seconds + the router's insync/registration timeouts), more than the "
+                f"{CUTOVER_WAIT_BUDGET_SECONDS:g} s the Cutover function has for them (it is stopped at 15 minutes, "
+                "mid-step): lower them"
+            )
+        return self
+
     @property
     def slot_name(self) -> str:
         return "zdm_" + self.name.replace("-", "_")
@@ -648,6 +700,19 @@ class Migration(_Model):
     def topic_prefix(self) -> str:
         """Debezium's topic.prefix (the change stream's topics start with it)."""
         return self.engine.debezium.topic_prefix or self.slot_name
+
+
+def _endpoint_identity(endpoint: Endpoint) -> tuple[Any, ...]:
+    """Where an endpoint points (password left out): host, port, database."""
+    if endpoint.dsn is None:
+        return ("aws", (endpoint.host or "").lower().rstrip("."), endpoint.port, endpoint.database)
+    from psycopg2.extensions import parse_dsn
+
+    try:
+        parts = parse_dsn(endpoint.dsn.get_secret_value())
+    except Exception:  # an unparsable DSN is compared as written (never shown)
+        return ("dsn", endpoint.dsn.get_secret_value())
+    return ("dsn", parts.get("host"), parts.get("hostaddr"), parts.get("port", "5432"), parts.get("dbname"))
 
 
 class MigrationFileError(ValueError):
@@ -764,10 +829,14 @@ def _describe(error: Any) -> str:
         if isinstance(limit, float) and limit.is_integer():
             limit = int(limit)
         return f"{where}: {_show(error['input'], loc)} is {fix.format(limit)}"
+    if kind == "finite_number":
+        return f"{where}: expected a finite number, got {_show(error['input'], loc)}"
     if kind == "too_short":
         least = error.get("ctx", {}).get("min_length", 1)
         return f"{where}: the list is empty; give at least {least} item(s), or remove the key to use the default"
     message = str(error["msg"]).removeprefix("Value error, ")
+    if where == "(top level)" and re.match(r"^[a-z_.]+: ", message):  # a cross-field check names its field
+        return message
     return f"{where}: {message}"
 
 

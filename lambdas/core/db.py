@@ -30,10 +30,21 @@ class DatabaseUnreachable(ConnectionError):
     pass
 
 
+class InvalidDsn(ValueError):
+    """A DSN libpq cannot parse (a data error: never retried)."""
+
+
 def connect(dsn: str, *, application_name: str = "zdm", autocommit: bool = True, **kwargs: Any) -> Connection:
     """Open a connection; the error names the (redacted) DSN, never the password."""
     try:
         conn: Connection = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10, **kwargs)
+    except psycopg2.ProgrammingError:
+        # libpq could not parse the string; its message quotes the offending word, which may be part of
+        # a password (an unquoted one with a space): name neither.
+        raise InvalidDsn(
+            "the connection string is not valid libpq syntax (not shown: it may hold a password); "
+            "write key=value pairs and quote values holding spaces or quotes, e.g. password='a b'"
+        ) from None
     except psycopg2.OperationalError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseUnreachable(f"cannot connect to {redact_dsn(dsn)}: {reason}") from None

@@ -565,3 +565,18 @@ def test_debezium_engine_fails_columns_its_connector_leaves_out_or_cannot_carry(
         "public.odd.bx",
         "public.odd.opens",
     ]
+
+
+def test_a_target_that_reaches_the_source_database_fails_before_anything_else(fresh_dbs: tuple[str, str]) -> None:
+    # Given a target DSN written differently from the source's but reaching the very same database
+    source_dsn, _ = fresh_dbs
+    run_sql(source_dsn, "CREATE TABLE public.orders (id bigint PRIMARY KEY, note text)")
+    other_spelling = source_dsn.replace("host=127.0.0.1", "host=localhost")
+    assert other_spelling != source_dsn
+    with connect(source_dsn) as source, connect(other_spelling) as target:
+        # When preflight runs
+        report = preflight(source, target, migration_for(source_dsn, other_spelling))
+    # Then it fails naming the mistake (the engine would replicate the database into itself and fence it)
+    failed = [c for c in report.checks if c.status == "fail"]
+    assert [c.name for c in failed] == ["distinct_databases"]
+    assert "reach the same database" in failed[0].measured and "Point 'target'" in failed[0].remedy

@@ -95,3 +95,13 @@ def test_an_unreachable_server_is_an_error_without_the_password() -> None:
         ]
     )
     assert code == cli.EXIT_ERROR and "cannot connect" in err and "s3cret" not in err
+
+
+def test_a_malformed_dsn_is_an_error_without_any_part_of_it() -> None:
+    # Given a password with a space, not quoted: libpq's own message quotes the word after the space
+    code, out, err = run(
+        ["--source", "host=127.0.0.1 port=1 dbname=x user=u password=correct horsebattery", "--target", "host=b"]
+    )
+    # Then the error says what is wrong and shows nothing of the string
+    assert code == cli.EXIT_ERROR and "not valid libpq syntax" in err
+    assert "horsebattery" not in out + err

@@ -431,6 +431,81 @@ def test_a_dsn_in_the_wrong_place_is_not_echoed_in_the_error() -> None:
     ]
 
 
+def test_a_malformed_dsn_is_named_without_showing_it() -> None:
+    # Given a password with a space, not quoted (libpq's own message would quote the word after it)
+    data = with_changes(source={"dsn": "host=127.0.0.1 dbname=orders user=app password=correct horsebattery"})
+    # When parsed / Then the field is named with the fix, and no part of the string is shown
+    problems = problems_for(data)
+    assert len(problems) == 1 and problems[0].startswith("source.dsn: 'dsn' is not a libpq connection string")
+    assert "horsebattery" not in problems[0] and "quoting values with spaces" in problems[0]
+
+
+def test_a_malformed_dsn_reaching_connect_is_an_error_without_the_password() -> None:
+    # Given a DSN that bypassed the file (the validation CLI takes DSNs directly)
+    from lambdas.core.db import InvalidDsn, connect
+
+    # When connecting / Then the error names the problem, not the string
+    with pytest.raises(InvalidDsn) as caught:
+        connect("host=127.0.0.1 port=1 dbname=x user=app password=correct horsebattery")
+    assert "horsebattery" not in str(caught.value) and "not valid libpq syntax" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"dsn": MINIMAL["source"]["dsn"]},  # the very same string
+        {"dsn": f"port=5432 host=127.0.0.1  user=app dbname=orders password={PASSWORD}"},  # reordered
+    ],
+)
+def test_a_target_that_is_the_source_database_is_refused(target: dict[str, Any]) -> None:
+    # Given a target pointing at the source's host, port and database
+    problems = problems_for(with_changes(target=target))
+    # Then it is refused naming 'target', without the password
+    assert problems == [
+        "target: names the same database as source (same connection settings); point 'target' at the database "
+        "to migrate to"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sections", "field"),
+    [
+        ({"read_shift": {"bake_seconds": True}}, "read_shift.bake_seconds"),  # YAML `bake_seconds: yes`
+        ({"read_shift": {"steps": [True, 100]}}, "read_shift.steps[0]"),
+        ({"lag": {"max_seconds": float("inf")}}, "lag.max_seconds"),  # YAML `.inf`: not JSON for Step Functions
+        ({"cutover": {"fence_timeout_seconds": float("nan")}}, "cutover.fence_timeout_seconds"),
+    ],
+)
+def test_a_boolean_or_a_non_finite_number_is_refused_naming_the_field(sections: dict[str, Any], field: str) -> None:
+    problems = problems_for(with_changes(**sections))
+    assert len(problems) == 1 and problems[0].startswith(field + ":"), problems
+
+
+@pytest.mark.parametrize(
+    ("sections", "field"),
+    [
+        ({"cutover": {"catch_up_timeout_seconds": 1200}}, "cutover"),
+        (
+            {"router": {"type": "route53", "route53": {"hosted_zone_id": "Z1", "insync_timeout_seconds": 1000}}},
+            "router",
+        ),
+        ({"validation": {"recheck_timeout_seconds": 600}}, "validation.recheck_timeout_seconds"),
+    ],
+)
+def test_a_wait_longer_than_the_function_that_waits_is_refused(sections: dict[str, Any], field: str) -> None:
+    # Given waits the Cutover function (900 s) or a ValidateChunk function (300 s) cannot finish: it would be
+    # stopped mid-step (a cutover with the source fenced and clients held)
+    from stacks.registry import HANDLERS
+
+    assert {h.name: h.timeout_seconds for h in HANDLERS if h.name in ("Cutover", "ValidateChunk")} == {
+        "Cutover": 900,
+        "ValidateChunk": 300,
+    }
+    # When parsed / Then refused naming the section
+    problems = problems_for(with_changes(**sections))
+    assert len(problems) == 1 and problems[0].startswith(field), problems
+
+
 # --- helpers behind the hints -----------------------------------------------------------------
 
 

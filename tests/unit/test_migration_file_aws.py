@@ -150,3 +150,21 @@ def test_unknown_key_in_the_aws_section_lists_its_keys() -> None:
     assert problems_for(with_changes(aws={"netwrok": {}})) == [
         "aws.netwrok: unknown key 'netwrok'; did you mean 'network'? allowed keys here: debezium, log_retention_days, network, streaming"
     ]
+
+
+def test_the_pgbouncer_router_is_refused_for_aws_naming_the_field() -> None:
+    # Given an AWS file with the local pgbouncer router (its admin DSN is a secret the stack does not store)
+    from stacks.config import MigrationConfigError, deployable_settings
+
+    migration = parse_migration(
+        with_changes(
+            router={
+                "type": "pgbouncer",
+                "pgbouncer": {"admin_dsn": "host=pgb port=6432 dbname=pgbouncer user=admin", "config_path": "/p.ini"},
+            }
+        )
+    )
+    # When the stack's settings are made / Then it is refused at synth (it once failed at the read shift and
+    # again in the rollback, after the copy and the validation)
+    with pytest.raises(MigrationConfigError, match=r"router\.type: 'pgbouncer' is for local runs"):
+        deployable_settings(migration)

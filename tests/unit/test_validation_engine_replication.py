@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from lambdas.core.config import Migration
 from lambdas.handlers.validate_plan import DMS_RECHECK_MIN_SECONDS, engine_replication
 
@@ -13,7 +16,7 @@ def migration(engine: str, **validation: Any) -> Migration:
         {
             "name": "shop",
             "source": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
-            "target": {"dsn": "host=127.0.0.1 dbname=x user=postgres"},
+            "target": {"dsn": "host=127.0.0.1 dbname=y user=postgres"},
             "engine": {"type": engine},
             "validation": validation,
         }
@@ -26,9 +29,10 @@ def test_dms_differences_are_re_checked_for_at_least_the_time_its_latency_metric
     # Then chunks re-check under dms, waiting up to the floor for DMS's apply (DmsEngine.catch_up)
     assert replication is not None
     assert replication.timeout_seconds == DMS_RECHECK_MIN_SECONDS and replication.attempts == 3
-    # And a longer timeout in the file is kept
-    longer = engine_replication(migration("dms", recheck_timeout_seconds=900))
-    assert longer is not None and longer.timeout_seconds == 900
+    # And the file cannot ask for more than the chunk function (300 s) leaves: 240 s, the floor itself
+    with pytest.raises(ValidationError, match="recheck_timeout_seconds"):
+        migration("dms", recheck_timeout_seconds=900)
+    assert DMS_RECHECK_MIN_SECONDS == 240
 
 
 def test_debezium_waits_the_file_s_timeout_and_logical_is_planned_from_its_subscription() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from lambdas.core.config import Migration
-from lambdas.core.db import Connection
+from lambdas.core.db import Connection, fetch_one
 from lambdas.core.preflight.checks import CHECKS, evaluate, server_version_result
 from lambdas.core.preflight.facts import (
     DiskProbe,
@@ -39,6 +39,27 @@ __all__ = [
     "gather_facts",
     "run_preflight",
 ]
+
+
+_DATABASE_IDENTITY = (
+    "SELECT pg_postmaster_start_time()::text, current_database(),"
+    " (SELECT oid FROM pg_database WHERE datname = current_database())::text"
+)
+
+
+def same_database_result(source_conn: Connection, target_conn: Connection) -> CheckResult | None:
+    """A failed check when the target connection reaches the source database itself (same server
+    start time, database and oid), else None."""
+    identities = [fetch_one(conn, _DATABASE_IDENTITY) for conn in (source_conn, target_conn)]
+    if identities[0] is None or identities[0] != identities[1]:
+        return None
+    return CheckResult(
+        "distinct_databases",
+        "fail",
+        f"source and target reach the same database ({identities[0][1]!r} on one server)",
+        "Point 'target' in the migration file at the new database: a migration of a database onto itself "
+        "would replicate it into itself and fence it.",
+    )
 
 
 def gather_facts(
@@ -97,6 +118,9 @@ def run_preflight(
         version_check = server_version_result(*versions)
         if version_check.status == "fail":
             return PreflightReport([version_check])
+        same = same_database_result(source_conn, target_conn)
+        if same is not None:
+            return PreflightReport([version_check, same])
         facts = gather_facts(
             source_conn,
             target_conn,
