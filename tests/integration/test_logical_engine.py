@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
 
+import psycopg2
 import pytest
 from psycopg2 import sql
+from psycopg2.extensions import parse_dsn
 
 from lambdas.core.config import LogicalSettings
 from lambdas.core.db import connect, execute, fetch_value
@@ -23,6 +27,7 @@ from lambdas.core.sequences import sync_sequences
 from lambdas.core.tables import TableName
 from rehearsal import sample
 from rehearsal.compare import compare_databases
+from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload
 
 TABLES = tuple(TableName.parse(t) for t in sample.SAMPLE_TABLES)
@@ -375,3 +380,32 @@ def test_special_keys_and_the_types_debezium_cannot_carry_copy_and_stream_exactl
         assert diffs == [], diffs
     finally:
         engine.teardown()
+
+
+def test_a_failed_subscription_leaves_no_password_in_the_target_servers_log(
+    pg_pair: tuple[PostgresServer, PostgresServer], fresh_dbs: tuple[str, str]
+) -> None:
+    # Given a target server that cannot reach the source (port 1), told a conninfo holding a password
+    src, tgt = fresh_dbs
+    for dsn in fresh_dbs:
+        with closing(connect(dsn)) as conn:
+            execute(conn, "CREATE TABLE public.orders (id bigint PRIMARY KEY, note text)")
+    secret = "Pw-in-conninfo-7731"
+    unreachable = f"host=127.0.0.1 port=1 dbname={parse_dsn(src)['dbname']} user=postgres password={secret}"
+    plan = LogicalReplicationPlan(
+        ReplicationNames("zdm_test"), (TableName("public", "orders"),), LogicalSettings(copy_method="subscription")
+    )
+    engine = LogicalEngine(src, tgt, plan, subscription_conninfo=unreachable)
+    log = Path(pg_pair[1].directory) / "server.log"
+    before = log.stat().st_size
+    # When CREATE SUBSCRIPTION fails
+    try:
+        with pytest.raises(psycopg2.Error) as caught:
+            engine.start()
+        assert secret not in str(caught.value)
+    finally:
+        engine.teardown()
+    # Then the server logged the error without the statement (it holds the connection string)
+    written = log.read_bytes()[before:].decode(errors="replace")
+    assert "could not connect" in written
+    assert [line for line in written.splitlines() if secret in line] == []

@@ -11,7 +11,8 @@ Initial copy, by `copy_method`:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psycopg2
@@ -51,6 +52,22 @@ _SUBSCRIPTION_STATES = {
 
 class ReplicationSetupError(RuntimeError):
     pass
+
+
+@contextmanager
+def _statement_not_logged_on_error(conn: Connection) -> Iterator[None]:
+    """A failing CREATE SUBSCRIPTION is logged by the server with its CONNECTION string, password included
+    (log_min_error_statement): keep it out of the server log where the role may change the setting."""
+    try:
+        execute(conn, "SET log_min_error_statement = panic")
+        changed = True
+    except psycopg2.errors.InsufficientPrivilege:
+        changed = False  # a managed server that does not let us: its logging stays as configured
+    try:
+        yield
+    finally:
+        if changed and not conn.closed:
+            execute(conn, "RESET log_min_error_statement")
 
 
 @dataclass(frozen=True)
@@ -169,19 +186,20 @@ class LogicalEngine(ReplicationEngine):
         drop_slot(source, names.slot)
         if copy_data:
             _require_empty(target, tables)
-        execute(
-            target,
-            sql.SQL(
-                "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {pub}"
-                " WITH (slot_name = {slot}, create_slot = true, copy_data = {copy})"
-            ).format(
-                sub=sql.Identifier(names.subscription),
-                conn=sql.Literal(self._conninfo),
-                pub=sql.Identifier(names.publication),
-                slot=sql.Literal(names.slot),
-                copy=sql.Literal(copy_data),
-            ),
-        )
+        with _statement_not_logged_on_error(target):
+            execute(
+                target,
+                sql.SQL(
+                    "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {pub}"
+                    " WITH (slot_name = {slot}, create_slot = true, copy_data = {copy})"
+                ).format(
+                    sub=sql.Identifier(names.subscription),
+                    conn=sql.Literal(self._conninfo),
+                    pub=sql.Identifier(names.publication),
+                    slot=sql.Literal(names.slot),
+                    copy=sql.Literal(copy_data),
+                ),
+            )
         return StartResult(self.name, already_running=False, tables=[str(t.name) for t in tables])
 
     def _start_with_parallel_copy(
@@ -260,18 +278,19 @@ class LogicalEngine(ReplicationEngine):
             )
         finally:
             repl.close()  # the exported snapshot is no longer needed once every worker imported it
-        execute(
-            target,
-            sql.SQL(
-                "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {pub}"
-                " WITH (slot_name = {slot}, create_slot = false, copy_data = false, enabled = true)"
-            ).format(
-                sub=sql.Identifier(names.subscription),
-                conn=sql.Literal(self._conninfo),
-                pub=sql.Identifier(names.publication),
-                slot=sql.Literal(names.slot),
-            ),
-        )
+        with _statement_not_logged_on_error(target):
+            execute(
+                target,
+                sql.SQL(
+                    "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {pub}"
+                    " WITH (slot_name = {slot}, create_slot = false, copy_data = false, enabled = true)"
+                ).format(
+                    sub=sql.Identifier(names.subscription),
+                    conn=sql.Literal(self._conninfo),
+                    pub=sql.Identifier(names.publication),
+                    slot=sql.Literal(names.slot),
+                ),
+            )
         execute(
             target,
             sql.SQL(
