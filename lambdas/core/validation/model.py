@@ -64,6 +64,7 @@ class TableSpec(_Model):
     estimated_rows: int = 0
     comparable: bool = True  # False: missing on one side or keys differ; nothing is compared
     problems: list[str] = Field(default_factory=list)  # schema differences, each a reason to fail
+    notes: list[str] = Field(default_factory=list)  # how it is compared, where that is not the usual way
 
     @property
     def table(self) -> TableName:

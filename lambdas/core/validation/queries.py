@@ -6,11 +6,14 @@ Type names in casts (`%s::bigint`) come from the catalog's format_type(), as in
 A row's hash is a bigint computed inside the database from the text form of each compared
 column (in the source's column order, so the two sides' physical column orders do not matter):
 - `hashtextextended` (RowHash.FAST): each column hashed with its position as the seed (a NULL
-  gives a fixed per-column value) and the column hashes XORed. A column is hashed by its text form,
-  or, for integer, timestamp and uuid columns of the same kind on both sides
-  (`model.ValueHash`), by its value with the type's own hash (equal values <=> equal text forms
-  for these types; no output function: measured 0.37 instead of 0.51 CPU-s per million rows of
-  the benchmark's table). About 35% cheaper than hashing the whole ROW(...)::text once
+  gives a fixed per-column value) and the column hashes XORed. A column is hashed by its text form
+  (character(n) by its output function's, blank padding included: ::text drops it), or, for
+  integer and uuid columns of the same kind on both sides (`model.ValueHash`), by its value with
+  the type's own hash (no output function). PostgreSQL's integer hash folds 64 bits to 32 (low half
+  XOR high half, so that int2/4/8 hash alike: 0 and 4294967297 collide), so an integer's high half
+  is hashed too, under another seed: the pair determines the value. Timestamps, whose hash is the
+  same folded integer hash and which have no cheap cast to bigint, are hashed by their text.
+  About 35% cheaper than hashing the whole ROW(...)::text once
   (record_out's quoting costs as much as the columns' output). Chosen only when both servers
   were seen to give the same hashes (texts and values) with the same encoding.
 - md5 (RowHash.MD5): the first 64 bits of md5 of ROW(c1, c2, ...)::text as UTF-8 bytes, the
@@ -57,13 +60,26 @@ def hash_of(text: sql.Composable, row_hash: RowHash) -> sql.Composable:
     return sql.SQL("('x' || left(md5(convert_to({}, 'UTF8')), 16))::bit(64)::bigint").format(text)
 
 
+# hashint8extended (and timestamp_hash_extended, which is hashint8extended) folds the 64-bit value
+# to 32 bits (low half XOR high half) before hashing, so that int2/int4/int8 hash alike: 0 and
+# 4294967297 hash the same. An integer's high half is hashed as well (with another seed), which
+# makes the pair determine the value; a timestamp, which has no cheap cast to bigint, is hashed
+# by its text form.
 _VALUE_HASH_SQL = {
     ValueHash.TEXT: 'hashtextextended({c}::text COLLATE "C", {seed})',
-    ValueHash.INTEGER: "hashint8extended({c}::bigint, {seed})",
-    ValueHash.TIMESTAMP: "timestamp_hash_extended({c}, {seed})",
-    ValueHash.TIMESTAMPTZ: "timestamp_hash_extended({c}::timestamp, {seed})",
+    ValueHash.INTEGER: "(hashint8extended({c}::bigint, {seed}) # hashint8extended({c}::bigint >> 32, -{seed}))",
+    ValueHash.TIMESTAMP: 'hashtextextended({c}::text COLLATE "C", {seed})',
+    ValueHash.TIMESTAMPTZ: 'hashtextextended({c}::text COLLATE "C", {seed})',
     ValueHash.UUID: "uuid_hash_extended({c}, {seed})",
 }
+
+
+def column_text(column: sql.Composable, type_name: str) -> sql.Composable:
+    """A column's text form. For character/bpchar, its output function's (cast to text drops trailing
+    spaces, which an unconstrained bpchar keeps and a client reads), as ROW(...)::text has it."""
+    if type_name == "bpchar" or type_name.startswith("character(") or type_name == "character":
+        return sql.SQL("textin(bpcharout({}::bpchar))").format(column)
+    return sql.SQL("{}::text").format(column)
 
 
 def row_hash(spec: TableSpec, alias: str = "t") -> sql.Composable:
@@ -73,6 +89,10 @@ def row_hash(spec: TableSpec, alias: str = "t") -> sql.Composable:
     parts = [
         sql.SQL("coalesce(" + _VALUE_HASH_SQL[column.hash] + ", {null})").format(
             c=sql.Identifier(alias, column.name), seed=sql.Literal(i), null=sql.Literal(-i)
+        )
+        if column.hash is not ValueHash.TEXT
+        else sql.SQL('coalesce(hashtextextended({t} COLLATE "C", {seed}), {null})').format(
+            t=column_text(sql.Identifier(alias, column.name), column.type), seed=sql.Literal(i), null=sql.Literal(-i)
         )
         for i, column in enumerate(spec.columns, start=1)
     ]
@@ -129,8 +149,10 @@ def _range_sets(
         return None, sql.SQL(""), [], single
     n = len(spec.key)
     names = [sql.Identifier(f"lo{k}") for k in range(n)] + [sql.Identifier(f"hi{k}") for k in range(n)]
+    # The bounds travel as text arrays, each element cast to the key's type: an array of an array
+    # type (an array-typed key) is a multidimensional array to array_in, not an array of arrays.
     source = sql.SQL("unnest(%s::integer[], {arrays}) AS r(i, {names})").format(
-        arrays=sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in [*spec.key_types, *spec.key_types]),
+        arrays=sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in range(2 * n)),
         names=sql.SQL(", ").join(names),
     )
     params = ["{" + ",".join(map(str, closed)) + "}"]
@@ -139,8 +161,12 @@ def _range_sets(
     cols = sql.SQL(", ").join(sql.Identifier("t", k) for k in spec.key)
     where = sql.SQL("({cols}) >= ({lo}) AND ({cols}) < ({hi})").format(
         cols=cols,
-        lo=sql.SQL(", ").join(sql.SQL("r.{}").format(name) for name in names[:n]),
-        hi=sql.SQL(", ").join(sql.SQL("r.{}").format(name) for name in names[n:]),
+        lo=sql.SQL(", ").join(
+            sql.SQL("r.{}::{}").format(name, sql.SQL(t)) for name, t in zip(names[:n], spec.key_types, strict=True)
+        ),
+        hi=sql.SQL(", ").join(
+            sql.SQL("r.{}::{}").format(name, sql.SQL(t)) for name, t in zip(names[n:], spec.key_types, strict=True)
+        ),
     )
     return source, where, params, single
 
@@ -291,7 +317,7 @@ def fetch_rows(spec: TableSpec, keys: Sequence[Key], *, with_version: bool) -> t
     n = len(spec.key)
     u_cols = [sql.Identifier(f"k{i}") for i in range(n)]
     casts = [sql.SQL("u.{}::{}").format(c, sql.SQL(t)) for c, t in zip(u_cols, spec.key_types, strict=True)]
-    values = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in spec.column_names)
+    values = sql.SQL(", ").join(column_text(sql.Identifier("t", c.name), c.type) for c in spec.columns)
     version = sql.SQL("t.xmin::text") if with_version else sql.SQL("NULL::text")
     query = sql.SQL(
         "SELECT u.ord, t.{first} IS NOT NULL, {version}{sep}{values}"

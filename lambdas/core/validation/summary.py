@@ -115,8 +115,8 @@ class TableTally:
         absent = expected - chunks
         if absent > 0:
             problems.append(f"{absent} of {expected} chunk(s) have no result (a task failed); their rows are unchecked")
-        notes = self.notes.items
-        if self.notes.count > len(notes):
+        notes = [*spec.notes, *self.notes.items]
+        if self.notes.count > len(self.notes.items):
             notes.append(f"... and {self.notes.count - len(notes):,} more note(s)")
         summary = TableSummary(
             table=name,
