@@ -639,6 +639,9 @@ class Aws(_Model):
 
 # The Cutover function runs 900 s (stacks/registry.py); a minute is left for its steps' own work.
 CUTOVER_WAIT_BUDGET_SECONDS = 840.0
+# The Replication function (900 s) runs the parallel-snapshot copy in one invocation: its exported
+# snapshot lives only as long as the session that created the slot, so a copy cannot span invocations.
+COPY_TIME_BUDGET_SECONDS = 840.0
 
 
 class Migration(_Model):

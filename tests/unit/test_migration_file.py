@@ -506,6 +506,16 @@ def test_a_wait_longer_than_the_function_that_waits_is_refused(sections: dict[st
     assert len(problems) == 1 and problems[0].startswith(field), problems
 
 
+def test_the_time_budgets_leave_each_function_a_minute_of_its_own() -> None:
+    # The budgets the file and preflight check against, and the functions the stack deploys
+    from lambdas.core.config import COPY_TIME_BUDGET_SECONDS, CUTOVER_WAIT_BUDGET_SECONDS
+    from stacks.registry import HANDLERS
+
+    timeouts = {h.name: h.timeout_seconds for h in HANDLERS}
+    assert CUTOVER_WAIT_BUDGET_SECONDS == timeouts["Cutover"] - 60
+    assert COPY_TIME_BUDGET_SECONDS == timeouts["Replication"] - 60
+
+
 # --- helpers behind the hints -----------------------------------------------------------------
 
 

@@ -549,6 +549,26 @@ def test_plain_inheritance_children_are_tables_of_their_own_and_left_out_ones_wa
     assert checks.check_partitions(facts(tables=tables(parent, child, other))).status == "pass"
 
 
+@pytest.mark.parametrize(
+    ("copy_gb", "limit", "method", "status"),
+    [
+        (10, None, "parallel-snapshot", "pass"),  # local: nothing limits the copy
+        (10, 840.0, "parallel-snapshot", "pass"),  # 10 GB at 50 MB/s: 205 s
+        (30, 840.0, "parallel-snapshot", "warn"),  # 614 s: over half the function's time
+        (50, 840.0, "parallel-snapshot", "fail"),  # 1024 s: the function would be stopped mid-copy
+        (50, 840.0, "subscription", "pass"),  # the target server copies: no function limit
+    ],
+)
+def test_a_parallel_copy_longer_than_the_replication_function_fails(
+    copy_gb: int, limit: float | None, method: str, status: str
+) -> None:
+    given = facts(tables=tables(copy_bytes=copy_gb * GB), copy_time_limit_seconds=limit, copy_method=method)
+    result = checks.check_copy_fits_the_function(given)
+    assert result.status == status
+    if status != "pass":
+        assert "copy_method: subscription" in result.remedy
+
+
 def test_sequence_owned_by_no_column_warns() -> None:
     uses = [
         SequenceUse(TableName("public", "orders_id_seq"), ORDERS, "id", owned=True),

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
-from lambdas.core.config import Migration
+from lambdas.core.config import COPY_TIME_BUDGET_SECONDS, Migration
 from lambdas.core.db import Connection, fetch_one
 from lambdas.core.preflight.checks import CHECKS, evaluate, server_version_result
 from lambdas.core.preflight.facts import (
@@ -91,6 +91,8 @@ def gather_facts(
         copy_method=migration.engine.logical.copy_method,
         expected_copy_mb_per_s=migration.engine.logical.expected_copy_mb_per_s,
         own_subscriptions=(migration.slot_name, migration.slot_name + "_rev"),
+        # AWS endpoints (secrets): the copy runs inside the Replication function; locally nothing limits it
+        copy_time_limit_seconds=COPY_TIME_BUDGET_SECONDS if migration.source.secret_arn else None,
     )
 
 

@@ -956,6 +956,31 @@ def check_large_objects(facts: PreflightFacts) -> CheckResult:
 # --- WAL retention ---------------------------------------------------------------------------
 
 
+def check_copy_fits_the_function(facts: PreflightFacts) -> CheckResult:
+    """On AWS the parallel-snapshot copy runs inside one Replication function invocation (its snapshot
+    cannot outlive the session that exported it): a copy longer than the function would be stopped."""
+    name = "copy_fits_the_function"
+    limit = facts.copy_time_limit_seconds
+    if limit is None or facts.engine != "logical" or facts.copy_method != "parallel-snapshot":
+        return CheckResult(name, "pass", "no time limit on the copy here")
+    mb_per_s = facts.expected_copy_mb_per_s
+    seconds = facts.tables.copy_bytes / (mb_per_s * 1024 * 1024)
+    measured = (
+        f"copy of {fmt_bytes(facts.tables.copy_bytes)} at {mb_per_s:g} MB/s takes ~{fmt_seconds(seconds)}; "
+        f"the Replication function has {fmt_seconds(limit)} for it"
+    )
+    if seconds <= limit / 2:
+        return CheckResult(name, "pass", measured)
+    return CheckResult(
+        name,
+        "fail" if seconds > limit else "warn",
+        measured,
+        "Set engine.logical.copy_method: subscription (PostgreSQL's own table sync copies on the target "
+        "server, with no function time limit), or, if you measured a faster copy, set "
+        "engine.logical.expected_copy_mb_per_s to it.",
+    )
+
+
 def check_wal_retention(facts: PreflightFacts) -> CheckResult:
     """The slot keeps all WAL written during the copy: does the limit (or the disk) allow that much?"""
     name = "wal_retention"
@@ -1073,6 +1098,7 @@ CHECKS: tuple[Check, ...] = (
     check_partitions,
     check_sequences,
     check_large_objects,
+    check_copy_fits_the_function,
     check_wal_retention,
 )
 

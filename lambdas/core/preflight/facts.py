@@ -158,6 +158,7 @@ class PreflightFacts:
     copy_method: str = "parallel-snapshot"
     expected_copy_mb_per_s: float = 50.0
     own_subscriptions: tuple[str, ...] = ()  # the migration's own (forward, back): not outside writers
+    copy_time_limit_seconds: float | None = None  # the parallel copy's time limit on AWS (one function run)
 
 
 class DiskProbe(ABC):
