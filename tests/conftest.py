@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -10,12 +11,12 @@ from rehearsal.broker import Broker, start_broker
 from rehearsal.servers import PostgresServer, start_server
 
 
-@pytest.fixture(scope="session")
-def pg_pair() -> Iterator[tuple[PostgresServer, PostgresServer]]:
-    """A source and a target server for the whole session; tests use their own databases."""
-    source = start_server("test-source")
+@contextmanager
+def server_pair(prefix: str, settings: dict[str, str] | None = None) -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    """A source and a target server (`<prefix>-source`, `<prefix>-target`), stopped after."""
+    source = start_server(f"{prefix}-source", settings=settings)
     try:
-        target = start_server("test-target")
+        target = start_server(f"{prefix}-target", settings=settings)
     except BaseException:
         source.stop()
         raise
@@ -24,6 +25,13 @@ def pg_pair() -> Iterator[tuple[PostgresServer, PostgresServer]]:
     finally:
         source.stop()
         target.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_pair() -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    """A source and a target server for the whole session; tests use their own databases."""
+    with server_pair("test") as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.fence import is_fenced, make_writable
 from lambdas.core.preflight.facts import ServerFacts, gather_server
 from lambdas.core.routers.base import Side
-from rehearsal.servers import PostgresServer, start_server
+from rehearsal.servers import PostgresServer
+from tests.conftest import server_pair
 
 QUICK_FENCE = {"fence_grace_seconds": 0.2, "fence_timeout_seconds": 1.0}
 
@@ -56,18 +57,8 @@ def fenced(dsn: str) -> bool:
 
 @pytest.fixture(scope="module")
 def two_phase_pair() -> Iterator[tuple[PostgresServer, PostgresServer]]:
-    settings = {"max_prepared_transactions": "10"}
-    source = start_server("twophase-source", settings=settings)
-    try:
-        target = start_server("twophase-target", settings=settings)
-    except BaseException:
-        source.stop()
-        raise
-    try:
-        yield source, target
-    finally:
-        source.stop()
-        target.stop()
+    with server_pair("twophase", {"max_prepared_transactions": "10"}) as pair:
+        yield pair
 
 
 @pytest.fixture

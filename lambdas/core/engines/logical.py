@@ -186,21 +186,26 @@ class LogicalEngine(ReplicationEngine):
         drop_slot(source, names.slot)
         if copy_data:
             _require_empty(target, tables)
+        self._create_subscription(target, create_slot=True, copy_data=copy_data)
+        return StartResult(self.name, already_running=False, tables=[str(t.name) for t in tables])
+
+    def _create_subscription(self, target: Connection, *, create_slot: bool, copy_data: bool) -> None:
+        names = self.plan.names
         with _statement_not_logged_on_error(target):
             execute(
                 target,
                 sql.SQL(
                     "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {pub}"
-                    " WITH (slot_name = {slot}, create_slot = true, copy_data = {copy})"
+                    " WITH (slot_name = {slot}, create_slot = {create}, copy_data = {copy}, enabled = true)"
                 ).format(
                     sub=sql.Identifier(names.subscription),
                     conn=sql.Literal(self._conninfo),
                     pub=sql.Identifier(names.publication),
                     slot=sql.Literal(names.slot),
+                    create=sql.Literal(create_slot),
                     copy=sql.Literal(copy_data),
                 ),
             )
-        return StartResult(self.name, already_running=False, tables=[str(t.name) for t in tables])
 
     def _start_with_parallel_copy(
         self,
@@ -278,19 +283,7 @@ class LogicalEngine(ReplicationEngine):
             )
         finally:
             repl.close()  # the exported snapshot is no longer needed once every worker imported it
-        with _statement_not_logged_on_error(target):
-            execute(
-                target,
-                sql.SQL(
-                    "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {pub}"
-                    " WITH (slot_name = {slot}, create_slot = false, copy_data = false, enabled = true)"
-                ).format(
-                    sub=sql.Identifier(names.subscription),
-                    conn=sql.Literal(self._conninfo),
-                    pub=sql.Identifier(names.publication),
-                    slot=sql.Literal(names.slot),
-                ),
-            )
+        self._create_subscription(target, create_slot=False, copy_data=False)
         execute(
             target,
             sql.SQL(
