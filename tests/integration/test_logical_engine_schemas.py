@@ -10,28 +10,13 @@ import pytest
 from psycopg2 import sql
 
 from lambdas.core.config import LogicalSettings, parse_migration
-from lambdas.core.db import connect, execute, fetch_all
+from lambdas.core.db import connect, fetch_all
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames, ReplicationSetupError
 from lambdas.core.lsn import current_lsn, wait_for_lsn
 from lambdas.core.preflight import run_preflight
 from lambdas.core.tables import TableName
 from lambdas.core.textform import pin_text_form
-
-
-def run(dsn: str, statement: str) -> None:
-    conn = connect(dsn)
-    try:
-        execute(conn, statement)
-    finally:
-        conn.close()
-
-
-def query(dsn: str, statement: sql.Composable | str) -> list[tuple]:
-    conn = connect(dsn)
-    try:
-        return fetch_all(conn, statement)
-    finally:
-        conn.close()
+from tests.integration.db_env import query, run_sql
 
 
 def make_engine(src: str, tgt: str, tables: Sequence[TableName], chunk_rows: int = 1000) -> LogicalEngine:
@@ -75,8 +60,8 @@ def preflight_statuses(src: str, tgt: str, include: list[str]) -> dict[str, tupl
 # A column generated on the source but plain on the target arrived as NULL, and preflight passed.
 def test_generated_on_source_plain_on_target_is_refused_by_preflight(fresh_dbs: tuple[str, str]) -> None:
     src, tgt = fresh_dbs
-    run(src, "CREATE TABLE g (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED)")
-    run(tgt, "CREATE TABLE g (id int PRIMARY KEY, a int, b int)")
+    run_sql(src, "CREATE TABLE g (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED)")
+    run_sql(tgt, "CREATE TABLE g (id int PRIMARY KEY, a int, b int)")
     status, details = preflight_statuses(src, tgt, ["public.g"])["target_schema"]
     assert status == "fail", details
     assert any("public.g.b" in d for d in details), details
@@ -89,9 +74,9 @@ def test_the_engine_refuses_a_column_generated_on_one_side_only_before_creating_
     # Given a column generated on one side and plain on the other (preflight was not run)
     src, tgt = fresh_dbs
     generated, plain = (src, tgt) if generated_on == "source" else (tgt, src)
-    run(generated, "CREATE TABLE g (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED)")
-    run(plain, "CREATE TABLE g (id int PRIMARY KEY, a int, b int)")
-    run(src, "INSERT INTO g (id, a) SELECT x, x FROM generate_series(1, 10) x")
+    run_sql(generated, "CREATE TABLE g (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED)")
+    run_sql(plain, "CREATE TABLE g (id int PRIMARY KEY, a int, b int)")
+    run_sql(src, "INSERT INTO g (id, a) SELECT x, x FROM generate_series(1, 10) x")
     # When replication starts
     with pytest.raises(ReplicationSetupError, match=f"public.g.b: a generated column on the {generated_on} only"):
         make_engine(src, tgt, [TableName("public", "g")]).start()
@@ -103,8 +88,8 @@ def test_the_engine_refuses_a_column_generated_on_one_side_only_before_creating_
 
 def test_plain_on_source_generated_on_target_is_refused_by_preflight(fresh_dbs: tuple[str, str]) -> None:
     src, tgt = fresh_dbs
-    run(src, "CREATE TABLE g (id int PRIMARY KEY, a int, b int)")
-    run(tgt, "CREATE TABLE g (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED)")
+    run_sql(src, "CREATE TABLE g (id int PRIMARY KEY, a int, b int)")
+    run_sql(tgt, "CREATE TABLE g (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED)")
     status, details = preflight_statuses(src, tgt, ["public.g"])["target_schema"]
     assert status == "fail", details
 
@@ -125,11 +110,11 @@ def test_widened_columns_copy_as_text_exactly_whatever_the_databases_default_set
     ):
         dbname = dsn.rsplit("dbname=", 1)[1].split()[0]
         for setting in settings.split("; "):
-            run(dsn, f'ALTER DATABASE "{dbname}" SET {setting}')
+            run_sql(dsn, f'ALTER DATABASE "{dbname}" SET {setting}')
     columns = "ts timestamptz, d date, f float8, iv interval, b bytea, m money"
-    run(src, f"CREATE TABLE w (id int PRIMARY KEY, v int, n int, {columns})")
-    run(tgt, f"CREATE TABLE w (id bigint PRIMARY KEY, v bigint, n numeric, {columns})")
-    run(
+    run_sql(src, f"CREATE TABLE w (id int PRIMARY KEY, v int, n int, {columns})")
+    run_sql(tgt, f"CREATE TABLE w (id bigint PRIMARY KEY, v bigint, n numeric, {columns})")
+    run_sql(
         src,
         "INSERT INTO w SELECT x, x, -x, timestamptz '2024-03-04 05:06:07.123456+00' + x * interval '1 day',"
         " date '2024-01-02' + x, 0.1 + x / 3.0, make_interval(days => x, secs => 1.5), decode('00ff', 'hex'),"
@@ -141,7 +126,7 @@ def test_widened_columns_copy_as_text_exactly_whatever_the_databases_default_set
     engine = make_engine(src, tgt, [TableName("public", "w")])
     try:
         assert engine.start().rows_copied == 3000
-        run(src, "INSERT INTO w (id, v, n, f) VALUES (5000, 5000, 5000, 1e-310)")
+        run_sql(src, "INSERT INTO w (id, v, n, f) VALUES (5000, 5000, 5000, 1e-310)")
         catch_up(src, tgt)
         # Then every value is the source's
         assert rows(tgt, TableName("public", "w")) == rows(src, TableName("public", "w"))
@@ -159,9 +144,9 @@ INHERIT = (
 @pytest.mark.parametrize("selected", [["par", "chi"], ["par"]])
 def test_inheritance_child_rows_stay_in_the_child(fresh_dbs: tuple[str, str], selected: list[str]) -> None:
     src, tgt = fresh_dbs
-    run(src, INHERIT)
-    run(tgt, INHERIT)
-    run(src, "INSERT INTO par VALUES (1, 'p'); INSERT INTO chi VALUES (2, 'c', 7)")
+    run_sql(src, INHERIT)
+    run_sql(tgt, INHERIT)
+    run_sql(src, "INSERT INTO par VALUES (1, 'p'); INSERT INTO chi VALUES (2, 'c', 7)")
     expected = ("pass", []) if selected == ["par", "chi"] else ("warn", ["public.chi"])
     status, details = preflight_statuses(src, tgt, [f"public.{t}" for t in selected])["partitions"]
     assert (status, [k for k in ["public.chi"] if any(f"children {k} are not selected" in d for d in details)]) == (
@@ -170,7 +155,7 @@ def test_inheritance_child_rows_stay_in_the_child(fresh_dbs: tuple[str, str], se
     engine = make_engine(src, tgt, [TableName("public", t) for t in selected])
     try:
         engine.start()
-        run(src, "UPDATE chi SET v = 'changed'")
+        run_sql(src, "UPDATE chi SET v = 'changed'")
         catch_up(src, tgt)
         for t in selected:
             assert rows(tgt, TableName("public", t)) == rows(src, TableName("public", t)), t
@@ -193,11 +178,11 @@ def test_inheritance_child_rows_stay_in_the_child(fresh_dbs: tuple[str, str], se
 )
 def test_percent_in_names_copies(fresh_dbs: tuple[str, str], ddl: str, table: str, data: str) -> None:
     src, tgt = fresh_dbs
-    run(src, ddl)
-    run(tgt, ddl)
+    run_sql(src, ddl)
+    run_sql(tgt, ddl)
     name = TableName("public", table)
-    run(src, sql.SQL("INSERT INTO {} ").format(name.ident).as_string(connect(src)) + data)
-    run(src, "ANALYZE")
+    run_sql(src, sql.SQL("INSERT INTO {} ").format(name.ident).as_string(connect(src)) + data)
+    run_sql(src, "ANALYZE")
     engine = make_engine(src, tgt, [name])
     try:
         engine.start()
@@ -211,9 +196,9 @@ def test_percent_in_names_copies(fresh_dbs: tuple[str, str], ddl: str, table: st
 def test_dotted_schema_keeps_its_primary_key_and_indexes(fresh_dbs: tuple[str, str]) -> None:
     src, tgt = fresh_dbs
     ddl = 'CREATE SCHEMA "my.app"; CREATE TABLE "my.app".t (id int PRIMARY KEY, v text); CREATE INDEX t_v ON "my.app".t (v)'
-    run(src, ddl)
-    run(tgt, ddl)
-    run(src, "INSERT INTO \"my.app\".t SELECT x, 'v' || x FROM generate_series(1, 100) x")
+    run_sql(src, ddl)
+    run_sql(tgt, ddl)
+    run_sql(src, "INSERT INTO \"my.app\".t SELECT x, 'v' || x FROM generate_series(1, 100) x")
     name = TableName("my.app", "t")
     engine = make_engine(src, tgt, [name])
     try:
@@ -240,15 +225,17 @@ PARTITIONED = (
 @pytest.mark.parametrize("leaf", ["m_2024", "m_def"])
 def test_partition_selected_without_its_root_copies(fresh_dbs: tuple[str, str], leaf: str) -> None:
     src, tgt = fresh_dbs
-    run(src, PARTITIONED)
-    run(tgt, PARTITIONED)
-    run(src, "INSERT INTO m SELECT g, date '2024-06-01' + (g % 400), 'v' FROM generate_series(1, 3000) g; ANALYZE m")
+    run_sql(src, PARTITIONED)
+    run_sql(tgt, PARTITIONED)
+    run_sql(
+        src, "INSERT INTO m SELECT g, date '2024-06-01' + (g % 400), 'v' FROM generate_series(1, 3000) g; ANALYZE m"
+    )
     assert preflight_statuses(src, tgt, [f"public.{leaf}"])["partitions"][0] == "warn"
     name = TableName("public", leaf)
     engine = make_engine(src, tgt, [name])
     try:
         engine.start()
-        run(src, "UPDATE m SET v = 'w' WHERE id < 50")
+        run_sql(src, "UPDATE m SET v = 'w' WHERE id < 50")
         catch_up(src, tgt)
         assert rows(tgt, name) == rows(src, name)
     finally:
@@ -267,9 +254,9 @@ MULTI_LEVEL = (
 
 def test_root_and_grandchild_selected_copies_each_row_once(fresh_dbs: tuple[str, str]) -> None:
     src, tgt = fresh_dbs
-    run(src, MULTI_LEVEL)
-    run(tgt, MULTI_LEVEL)
-    run(src, "INSERT INTO r SELECT g, date '2024-06-01' + (g % 200), 'v' FROM generate_series(1, 3000) g; ANALYZE")
+    run_sql(src, MULTI_LEVEL)
+    run_sql(tgt, MULTI_LEVEL)
+    run_sql(src, "INSERT INTO r SELECT g, date '2024-06-01' + (g % 200), 'v' FROM generate_series(1, 3000) g; ANALYZE")
     engine = make_engine(src, tgt, [TableName("public", "r"), TableName("public", "l0")])
     try:
         engine.start()
@@ -283,8 +270,8 @@ def test_root_and_grandchild_selected_copies_each_row_once(fresh_dbs: tuple[str,
 # A start refused because the target holds rows creates nothing (it once left a publication and _zdm behind).
 def test_refused_start_changes_nothing_on_the_source(fresh_dbs: tuple[str, str]) -> None:
     src, tgt = fresh_dbs
-    run(src, "CREATE TABLE a (id int PRIMARY KEY)")
-    run(tgt, "CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a VALUES (1)")
+    run_sql(src, "CREATE TABLE a (id int PRIMARY KEY)")
+    run_sql(tgt, "CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a VALUES (1)")
     engine = make_engine(src, tgt, [TableName("public", "a")])
     with pytest.raises(ReplicationSetupError, match=r"already hold rows: public\.a"):
         engine.start()

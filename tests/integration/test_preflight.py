@@ -18,6 +18,7 @@ from lambdas.core.db import Connection, connect, execute
 from lambdas.core.preflight import LocalDiskProbe, PreflightReport, format_report, run_preflight
 from rehearsal.sample import create_schema, load_data
 from rehearsal.servers import PostgresServer, start_server
+from tests.integration.db_env import run_sql
 
 WAL_SAMPLE_SECONDS = 0.2
 _role_counter = itertools.count(1)
@@ -35,14 +36,6 @@ def preflight(source: Connection, target: Connection, migration: Migration) -> P
 
 def dbname(dsn: str) -> str:
     return str(parse_dsn(dsn)["dbname"])
-
-
-def run_sql(dsn: str, statement: str) -> None:
-    conn = connect(dsn)
-    try:
-        execute(conn, statement)
-    finally:
-        conn.close()
 
 
 @dataclass

@@ -28,6 +28,7 @@ from lambdas.core.validation import (
 )
 from rehearsal import sample
 from rehearsal.workload import Workload
+from tests.integration.db_env import run_sql
 
 KINDS = TableName("public", "kinds")
 SMALL = Validation(chunk_rows=1_000, slice_rows=200, report_first_keys=50)
@@ -36,14 +37,6 @@ SMALL = Validation(chunk_rows=1_000, slice_rows=200, report_first_keys=50)
 def both(src: str, tgt: str, statement: str) -> None:
     for dsn in (src, tgt):
         run_sql(dsn, statement)
-
-
-def run_sql(dsn: str, statement: str, params: Sequence[object] | None = None) -> None:
-    conn = connect(dsn)
-    try:
-        execute(conn, statement, params)
-    finally:
-        conn.close()
 
 
 def clone(src: str, tgt: str, tables: Sequence[TableName]) -> None:

@@ -9,20 +9,12 @@ import threading
 import pytest
 
 from lambdas.core.config import Validation
-from lambdas.core.db import connect, execute
 from lambdas.core.tables import TableName
 from lambdas.core.validation import RowHash, SessionPair, plan_validation, validate
+from tests.integration.db_env import run_sql
 
 T = TableName("public", "t")
 _names = itertools.count(1)
-
-
-def run_sql(dsn: str, statement: str) -> None:
-    conn = connect(dsn)
-    try:
-        execute(conn, statement)
-    finally:
-        conn.close()
 
 
 def listed(summary):  # type: ignore[no-untyped-def]

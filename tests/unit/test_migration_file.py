@@ -512,8 +512,8 @@ def test_the_time_budgets_leave_each_function_a_minute_of_its_own() -> None:
     from stacks.registry import HANDLERS
 
     timeouts = {h.name: h.timeout_seconds for h in HANDLERS}
-    assert CUTOVER_WAIT_BUDGET_SECONDS == timeouts["Cutover"] - 60
-    assert COPY_TIME_BUDGET_SECONDS == timeouts["Replication"] - 60
+    assert timeouts["Cutover"] - 60 == CUTOVER_WAIT_BUDGET_SECONDS
+    assert timeouts["Replication"] - 60 == COPY_TIME_BUDGET_SECONDS
 
 
 # --- helpers behind the hints -----------------------------------------------------------------
