@@ -184,3 +184,42 @@ def test_bpchar_on_the_source_text_on_the_target_does_not_crash(fresh_dbs: tuple
     )
     _, summary = check(src, tgt)
     assert listed(summary) == {} and summary.per_table[0].problems
+
+
+# --- two tables whose 'schema.name' texts are the same ("public.a".b and public."a.b") -------------
+
+NAMESAKES = [TableName("public", "a.b"), TableName("public.a", "b")]
+NAMESAKE_B = (
+    'CREATE SCHEMA "public.a"; CREATE TABLE "public.a".b (id int PRIMARY KEY, v text);'
+    ' INSERT INTO "public.a".b SELECT g, g::text FROM generate_series(1, 100) g'
+)
+NAMESAKE_A = (
+    'CREATE TABLE public."a.b" (id int PRIMARY KEY, v text); INSERT INTO public."a.b" SELECT g, g::text'
+    " FROM generate_series(1, 100) g"
+)
+SMALL = Validation(chunk_rows=1_000, slice_rows=200, report_first_keys=50)
+
+
+def test_a_table_missing_on_the_target_is_not_hidden_by_a_namesake(fresh_dbs: tuple[str, str]) -> None:
+    # Given public."a.b" on the source only, and "public.a".b equal on both sides
+    src, tgt = fresh_dbs
+    run_sql(src, NAMESAKE_A)
+    run_sql(src, NAMESAKE_B)
+    run_sql(tgt, NAMESAKE_B)
+    # When both are validated
+    summary = validate(src, tgt, NAMESAKES, SMALL, workers=1)
+    # Then both are reported, and the missing one fails the validation (once: one table, ok)
+    assert summary.tables == 2 and not summary.ok
+    assert sorted(t.table for t in summary.per_table) == ['"public.a".b', 'public."a.b"']
+
+
+def test_a_difference_in_one_of_two_namesakes_is_reported(fresh_dbs: tuple[str, str]) -> None:
+    # Given both tables on both sides, one row changed on the target in one of them
+    src, tgt = fresh_dbs
+    for dsn in (src, tgt):
+        run_sql(dsn, NAMESAKE_A)
+        run_sql(dsn, NAMESAKE_B)
+    run_sql(tgt, "UPDATE \"public.a\".b SET v = 'tampered' WHERE id = 7")
+    # When validated / Then exactly that row is named (once: its result was dropped as a duplicate chunk)
+    summary = validate(src, tgt, NAMESAKES, SMALL, workers=1)
+    assert summary.changed == 1 and not summary.ok

@@ -101,3 +101,42 @@ def test_a_chunk_without_a_stored_result_fails_the_summary(store: S3ValidationSt
     assert not summary.ok and summary.chunks_missing == 2
     by_name = {t.table: t for t in summary.per_table}
     assert by_name["public.b"].problems == ["1 of 1 chunk(s) have no result (a task failed); their rows are unchecked"]
+
+
+def namesakes() -> tuple[TableSpec, TableSpec]:
+    """public."a.b" and "public.a".b: the same text as `schema.name`."""
+    specs = (
+        TableSpec(schema_name="public", name="a.b", key=["id"], key_types=["bigint"], row_hash=RowHash.FAST),
+        TableSpec(schema_name="public.a", name="b", key=["id"], key_types=["bigint"], row_hash=RowHash.FAST),
+    )
+    assert [s.label for s in specs] == ['public."a.b"', '"public.a".b']
+    return specs
+
+
+def test_a_namesake_missing_on_the_target_keeps_its_own_problem(store: S3ValidationStore) -> None:
+    # Given public."a.b" missing on the target and "public.a".b compared in one chunk
+    missing, other = namesakes()
+    missing = missing.model_copy(update={"comparable": False, "problems": ["missing on the target"]})
+    plan = ValidationPlan(started_at=0.0, tables=[missing, other], chunks=[ChunkSpec(table=other, number=0, chunks=1)])
+    stored = store.store_chunks(plan, "exec")
+    assert stored.items is not None
+    store.store_result(stored.items, ChunkResult(table=other.label, chunk=0, chunks=1, source_rows=10, target_rows=10))
+    # When summarized / Then both tables are there and the validation fails (once: one table, ok)
+    summary = summarize(stored, store.iter_results(stored.items), finished_at=1.0)
+    assert summary.tables == 2 and not summary.ok
+
+
+def test_results_of_two_namesakes_do_not_overwrite_each_other(store: S3ValidationStore) -> None:
+    # Given one chunk of each namesake, one with a changed row
+    x, y = namesakes()
+    chunks = [ChunkSpec(table=x, number=0, chunks=1), ChunkSpec(table=y, number=0, chunks=1)]
+    stored = store.store_chunks(ValidationPlan(started_at=0.0, tables=[x, y], chunks=chunks), "exec")
+    assert stored.items is not None
+    store.store_result(stored.items, ChunkResult(table=x.label, chunk=0, chunks=1, source_rows=10, target_rows=10))
+    changed = DiffList(count=1, first=[KeyDiff(key=["1"], columns=["v"])])
+    store.store_result(
+        stored.items, ChunkResult(table=y.label, chunk=0, chunks=1, source_rows=10, target_rows=10, changed=changed)
+    )
+    # When summarized / Then each kept its result (once: one overwrote the other, a chunk counted missing)
+    summary = summarize(stored, store.iter_results(stored.items), finished_at=1.0)
+    assert summary.changed == 1 and summary.chunks_missing == 0

@@ -369,7 +369,7 @@ def _result(chunk: ChunkSpec, tally: _Tally, differences: list[RowDifference], u
         )
 
     return ChunkResult(
-        table=str(chunk.table.table),
+        table=chunk.table.label,
         chunk=chunk.number,
         chunks=chunk.chunks,
         source_rows=tally.source_rows,
@@ -483,7 +483,7 @@ def _multiset_result(chunk: ChunkSpec, tally: _Tally, diff: MultisetDiff, unsett
         )
 
     return ChunkResult(
-        table=str(chunk.table.table),
+        table=chunk.table.label,
         chunk=chunk.number,
         chunks=chunk.chunks,
         multiset=True,

@@ -52,6 +52,13 @@ class ColumnSpec(_Model):
     hash: ValueHash = ValueHash.TEXT
 
 
+def table_label(schema: str, name: str) -> str:
+    def part(text: str) -> str:
+        return '"' + text.replace('"', '""') + '"' if "." in text or '"' in text else text
+
+    return f"{part(schema)}.{part(name)}"
+
+
 class TableSpec(_Model):
     """One table as both sides have it: the key, the compared columns, and any schema difference."""
 
@@ -69,6 +76,12 @@ class TableSpec(_Model):
     @property
     def table(self) -> TableName:
         return TableName(self.schema_name, self.name)
+
+    @property
+    def label(self) -> str:
+        """The table's name as results, counts and stored objects are keyed by: `schema.name`, with a
+        part quoted when it holds a dot or a double quote (else "public.a".b and public."a.b" collide)."""
+        return table_label(self.schema_name, self.name)
 
     @property
     def multiset(self) -> bool:

@@ -50,13 +50,13 @@ def run_chunks(
         return pair
 
     # Chunks of one table share what they learn about how dense its differences are.
-    policies = {str(c.table.table): AdaptivePolicy(c.slice_rows) for c in chunks}
+    policies = {c.table.label: AdaptivePolicy(c.slice_rows) for c in chunks}
     results: list[ChunkResult | None] = [None] * len(chunks)
     done = 0
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks))), thread_name_prefix="zdm-validate")
     try:
         futures = {
-            pool.submit(lambda c: compare_chunk(session(), c, policy=policies[str(c.table.table)]), chunk): i
+            pool.submit(lambda c: compare_chunk(session(), c, policy=policies[c.table.label]), chunk): i
             for i, chunk in enumerate(chunks)
         }
         outstanding = set(futures)

@@ -59,7 +59,7 @@ class ValidationStore(ABC):
         self.put_object(items.key, body.encode())
         per_table: dict[str, int] = {}
         for chunk in plan.chunks:
-            name = str(chunk.table.table)
+            name = chunk.table.label
             per_table[name] = per_table.get(name, 0) + 1
         return plan.model_copy(update={"chunks": [], "items": items, "chunks_per_table": per_table})
 

@@ -104,7 +104,7 @@ class TableTally:
 
     def summary(self, planned_chunks: int | None) -> TableSummary:
         spec = self.spec
-        name = str(spec.table)
+        name = spec.label
         if not spec.comparable:
             return TableSummary(
                 table=name, multiset=spec.multiset, compared=False, problems=list(spec.problems), ok=False
@@ -117,7 +117,7 @@ class TableTally:
             problems.append(f"{absent} of {expected} chunk(s) have no result (a task failed); their rows are unchecked")
         notes = [*spec.notes, *self.notes.items]
         if self.notes.count > len(self.notes.items):
-            notes.append(f"... and {self.notes.count - len(notes):,} more note(s)")
+            notes.append(f"... and {self.notes.count - len(self.notes.items):,} more note(s)")
         summary = TableSummary(
             table=name,
             multiset=spec.multiset,
@@ -145,12 +145,12 @@ def summarize(plan: ValidationPlan, results: Iterable[ChunkResult], *, finished_
     """One summary from every chunk's result, read once (an iterator streaming from the store will
     do). `plan.chunks` may be left out (only its count per table is used; a stored plan keeps the
     counts in `chunks_per_table`). Results of tables the plan does not hold are ignored."""
-    tallies = {str(spec.table): TableTally(spec, plan.first_keys) for spec in plan.tables}
+    tallies = {spec.label: TableTally(spec, plan.first_keys) for spec in plan.tables}
     for result in results:
         tally = tallies.get(result.table)
         if tally is not None:
             tally.add(result)
-    planned: Counter[str] = Counter(str(c.table.table) for c in plan.chunks) + Counter(plan.chunks_per_table)
+    planned: Counter[str] = Counter(c.table.label for c in plan.chunks) + Counter(plan.chunks_per_table)
     known = bool(plan.chunks) or plan.items is not None  # else: only the results say how many to expect
     tables = [tally.summary(planned.get(name, 0) if known else None) for name, tally in tallies.items()]
     seconds = max(0.0, finished_at - plan.started_at)
