@@ -29,15 +29,18 @@ from rehearsal import sample
 from rehearsal.compare import compare_databases
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload
+from tests.conftest import server_pair
 
 TABLES = tuple(TableName.parse(t) for t in sample.SAMPLE_TABLES)
 
 
-def make_engine(src: str, tgt: str, **settings: object) -> LogicalEngine:
+def make_engine(
+    src: str, tgt: str, *, on_copy_progress: Callable[[ChunkCopied], None] | None = None, **settings: object
+) -> LogicalEngine:
     opts: dict[str, object] = {"copy_workers": 3, "copy_chunk_rows": 20_000}
     opts.update(settings)
     plan = LogicalReplicationPlan(ReplicationNames("zdm_test"), TABLES, LogicalSettings.model_validate(opts))
-    return LogicalEngine(src, tgt, plan)
+    return LogicalEngine(src, tgt, plan, on_copy_progress=on_copy_progress)
 
 
 def given_sample(src: str, tgt: str, rows: int) -> None:
@@ -409,3 +412,59 @@ def test_a_failed_subscription_leaves_no_password_in_the_target_servers_log(
     written = log.read_bytes()[before:].decode(errors="replace")
     assert "could not connect" in written
     assert [line for line in written.splitlines() if secret in line] == []
+
+
+def test_a_teardown_during_the_parallel_copy_is_not_undone_by_the_start_still_running(
+    fresh_dbs: tuple[str, str],
+) -> None:
+    # Given a teardown (e.g. the alarm's rollback) that runs while a start is still copying
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 20_000)
+    torn_down: list[object] = []
+
+    def teardown_once(_: ChunkCopied) -> None:
+        if not torn_down:
+            torn_down.append(make_engine(src, tgt, copy_workers=1, copy_chunk_rows=2_000).teardown())
+
+    engine = make_engine(src, tgt, on_copy_progress=teardown_once, copy_workers=1, copy_chunk_rows=2_000)
+    # When the start reaches the end of its copy / Then it refuses to create the subscription
+    with pytest.raises(ReplicationSetupError, match="was torn down while it ran: no subscription was created"):
+        engine.start()
+    # And nothing of the migration is left (once: an enabled subscription on a dropped slot, 'streaming')
+    with closing(connect(src)) as source, closing(connect(tgt)) as target:
+        assert fetch_value(target, "SELECT count(*) FROM pg_subscription WHERE subname = 'zdm_test'") == 0
+        assert fetch_value(source, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'zdm_test'") == 0
+        assert fetch_value(source, "SELECT count(*) FROM pg_publication WHERE pubname = 'zdm_test'") == 0
+    engine.teardown()
+
+
+def test_a_lost_slot_is_a_failed_phase_never_streaming() -> None:
+    # Given a source that keeps at most 1 MB of WAL for a slot, and replication streaming
+    with server_pair("lostslot", {"max_slot_wal_keep_size": "1MB"}) as (source_server, target_server):
+        src, tgt = source_server.dsn(), target_server.dsn()
+        for dsn in (src, tgt):
+            with closing(connect(dsn)) as conn:
+                execute(conn, "CREATE TABLE t (id bigint PRIMARY KEY, pad text)")
+        plan = LogicalReplicationPlan(ReplicationNames("zdm_lost"), (TableName("public", "t"),), LogicalSettings())
+        engine = LogicalEngine(src, tgt, plan)
+        engine.start()
+        wait_until(lambda: engine.status().phase is Phase.STREAMING, 30, "streaming")
+        # When the subscription stops and the source writes more WAL than that
+        engine.stop()
+        wait_until(lambda: not engine.status().slot.active, 30, "the walsender to go")  # type: ignore[union-attr]
+        with closing(connect(src)) as source:
+            for _ in range(6):
+                execute(source, "INSERT INTO t SELECT g, repeat('y', 1000) FROM generate_series(100000, 103000) g")
+                execute(source, "DELETE FROM t WHERE id >= 100000")
+                execute(source, "SELECT pg_switch_wal()")
+                execute(source, "CHECKPOINT")
+            assert (
+                fetch_value(source, "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'zdm_lost'")
+                == "lost"
+            )
+        engine.start()
+        # Then the phase is failed (the state machine's ReplicationBroken), never 'streaming'
+        status = engine.status()
+        assert status.slot is not None and status.slot.lost
+        assert status.phase is Phase.FAILED
+        engine.teardown()

@@ -231,3 +231,19 @@ def test_writes_held_at_pgbouncer_are_not_lost(
     assert fetch_value(admin, "SELECT count(*) FROM held_writes") == 10
     execute(admin, "DROP TABLE held_writes")
     admin.close()
+
+
+def test_a_read_shift_that_an_include_overrides_is_an_error_not_a_success(
+    bouncer: tuple[PgbouncerProcess, PgbouncerRouter], pg_pair: tuple[PostgresServer, PostgresServer]
+) -> None:
+    # Given a pgbouncer.ini whose %include (later in the file) defines the reader alias again
+    pgb, router = bouncer
+    source, _ = pg_pair
+    extra = pgb.directory / "extra.ini"
+    extra.write_text(f"[databases]\napp_ro = {pgb.backend(source, 'postgres')}\n")
+    extra.chmod(0o644)
+    pgb.config_path.write_text(pgb.config_path.read_text().replace("\n[pgbouncer]", f"%include {extra}\n\n[pgbouncer]"))
+    # When every read is to move to the target / Then it fails saying why (once: it returned, reads stayed)
+    with pytest.raises(RouterError, match="still routes 'app_ro' elsewhere after RELOAD"):
+        router.set_read_weight(100)
+    assert router.state().read_weight == 0

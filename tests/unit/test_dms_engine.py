@@ -352,3 +352,17 @@ def test_catch_up_without_any_datapoint_does_not_pass(aws: None) -> None:
     engine, clock = _catch_up_engine([])
     with pytest.raises(DmsBehind, match="no CDCLatencyTarget datapoint"):
         engine.catch_up(timeout=0, sleep=clock.sleep)
+
+
+def test_a_table_still_loading_keeps_the_phase_copying(aws: None) -> None:
+    # Given the task at 100% with one table loaded and one being reloaded
+    dms = boto3.client("dms", region_name=REGION)
+    arn = _task(dms)
+    _set_status(arn, "running")
+    rows = [_table("public.orders", "Table completed", 1000), _table("public.items", "Table is being reloaded", 500)]
+    stubbed, _ = _stats(rows, arn)
+    engine, _ = _engine(arn, stubbed)
+    # When its status is read / Then it is still copying (once: streaming, and the machine moved on)
+    status = engine.status()
+    assert any(t.state is TableSyncState.COPYING for t in status.tables)
+    assert status.phase is Phase.COPYING

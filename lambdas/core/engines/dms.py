@@ -176,7 +176,8 @@ class DmsEngine(ReplicationEngine):
         tables, table_problems = self._tables(run)
         problems += table_problems
         full_load_done = self.target.migration_type == "cdc" or (
-            run.full_load_percent == 100 and all(t.state is not TableSyncState.PENDING for t in tables)
+            run.full_load_percent == 100
+            and all(t.state not in (TableSyncState.PENDING, TableSyncState.COPYING) for t in tables)
         )
         if full_load_done and run.status in _RUNNING | _STOPPED:
             # DMS marks a table 'Table completed' after its full load; from then on it follows the stream.

@@ -283,14 +283,35 @@ class LogicalEngine(ReplicationEngine):
             )
         finally:
             repl.close()  # the exported snapshot is no longer needed once every worker imported it
-        self._create_subscription(target, create_slot=False, copy_data=False)
-        execute(
-            target,
-            sql.SQL(
-                "UPDATE {}.copy_state SET state = 'done', finished_at = now(), consistent_lsn = %s WHERE slot = %s"
-            ).format(sql.Identifier(STATE_SCHEMA)),
-            (consistent_lsn, names.slot),
-        )
+        # The subscription is created only while this copy's record stands, under its row lock: a teardown
+        # deletes the record first, so one that ran during the copy is not undone by a subscription created
+        # after it, and one that comes now waits for us and then drops what we created.
+        execute(target, "BEGIN")
+        try:
+            mine = fetch_value(
+                target,
+                sql.SQL("SELECT state FROM {}.copy_state WHERE slot = %s FOR UPDATE").format(
+                    sql.Identifier(STATE_SCHEMA)
+                ),
+                (names.slot,),
+            )
+            if mine != "copying":
+                raise ReplicationSetupError(
+                    f"the copy of {names.slot} was torn down while it ran: no subscription was created; start again"
+                )
+            self._create_subscription(target, create_slot=False, copy_data=False)  # create_slot false: in a transaction
+            execute(
+                target,
+                sql.SQL(
+                    "UPDATE {}.copy_state SET state = 'done', finished_at = now(), consistent_lsn = %s WHERE slot = %s"
+                ).format(sql.Identifier(STATE_SCHEMA)),
+                (consistent_lsn, names.slot),
+            )
+            execute(target, "COMMIT")
+        except BaseException:
+            if not target.closed:
+                execute(target, "ROLLBACK")
+            raise
         return StartResult(
             self.name,
             already_running=False,
@@ -401,7 +422,9 @@ class LogicalEngine(ReplicationEngine):
                 )
             if enabled and not slot.exists:
                 problems.append(f"slot {names.slot} is missing on the source")
-            if not enabled:
+            if slot.lost or (enabled and not slot.exists):
+                phase = Phase.FAILED  # no change can flow any more: never 'streaming'
+            elif not enabled:
                 phase = Phase.STOPPED
             elif any(t.state is not TableSyncState.READY for t in tables):
                 phase = Phase.COPYING
@@ -440,6 +463,14 @@ class LogicalEngine(ReplicationEngine):
         removed: list[str] = []
         target = self._target()
         try:
+            # The copy record goes first: a start still copying then creates no subscription after us (or,
+            # holding the record, makes us wait, and its subscription is dropped below).
+            if _copy_state(target, names.slot) is not None:
+                execute(
+                    target,
+                    sql.SQL("DELETE FROM {}.copy_state WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)),
+                    (names.slot,),
+                )
             if _subscription(target, names.subscription) is not None:
                 sub = sql.Identifier(names.subscription)
                 execute(target, sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sub))

@@ -12,7 +12,9 @@
   for every client to leave.
 - Reads: the reader alias gets a host list; pgbouncer opens server connections round-robin
   over it, so a list of 9 source entries and 1 target entry sends about 10% of new server
-  connections (hence of reads) to the target. Weights are quantised to at most 20 entries,
+  connections to the target: a share of connections, not of queries (a pool with few server
+  connections, or `server_round_robin = 0`, may send a client's reads all one way; 0 and 100 are
+  exact). Weights are quantised to at most 20 entries,
   and all hosts of one list share one port and database name (pgbouncer's host list has one
   `port`), which is what two database servers normally have.
 
@@ -343,6 +345,12 @@ class PgbouncerRouter(TrafficRouter):
         chosen = target if target_percent == 100 else source
         self._rewrite({self.reader_alias: database_line_value(hosts, chosen.port, chosen.dbname, chosen.user)})
         self._reload()
+        row = self._row(self._databases(), self.reader_alias)
+        if (row.host, row.port, row.database) != (",".join(hosts), chosen.port, chosen.dbname):
+            raise RouterError(
+                f"pgbouncer still routes {self.reader_alias!r} elsewhere after RELOAD: check that {self._config} is the "
+                "file this pgbouncer reads and that no %include overrides the alias"
+            )
 
     # -- hold / release -------------------------------------------------------------------------
     def begin_hold(self) -> HoldHandle:
