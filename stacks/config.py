@@ -9,6 +9,8 @@ from constructs import Construct
 
 from lambdas.core.config import Migration
 
+STANDARD_TIER_LIMIT = 4096  # bytes of a Standard-tier SSM parameter's value
+
 
 class MigrationConfigError(ValueError):
     pass
@@ -32,10 +34,14 @@ def deployable_settings(migration: Migration) -> dict[str, object]:
 class MigrationConfig(Construct):
     def __init__(self, scope: Construct, construct_id: str, *, migration: Migration) -> None:
         super().__init__(scope, construct_id)
+        value = json.dumps(deployable_settings(migration), sort_keys=True)
         self.parameter = ssm.StringParameter(
             self,
             "Settings",
             parameter_name=f"/zdm/{migration.name}/settings",
-            string_value=json.dumps(deployable_settings(migration), sort_keys=True),
+            string_value=value,
+            # Standard parameters hold at most 4 KB: a larger file needs the advanced tier (8 KB),
+            # which Intelligent-Tiering picks by itself (a deploy would fail otherwise).
+            tier=ssm.ParameterTier.INTELLIGENT_TIERING if len(value.encode()) > STANDARD_TIER_LIMIT else None,
             description=f"Settings of migration {migration.name} (no secrets: credentials stay in Secrets Manager)",
         )

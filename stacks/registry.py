@@ -68,6 +68,9 @@ HANDLERS: tuple[HandlerSpec, ...] = (
         "validate_chunk",
         # re-checks wait until the engine caught up: debezium's applier, DMS's apply
         (Access.DATABASES, Access.CHANGE_STREAM, Access.DMS_LAG, Access.VALIDATION_STORE),
+        # Under engine dms a re-check waits minutes (one-minute CDCLatencyTarget datapoints, at least
+        # 240 s each): validate_plan.engine_replication keeps the waits within this timeout.
+        timeout_seconds=900,
         description="compares one key range",
     ),
     # Reads back every chunk's result (64 at a time) and folds them as they come (memory stays flat):

@@ -393,9 +393,9 @@ class Validation(_Model):
     recheck_timeout_seconds: float = Field(
         default=60.0,
         gt=0,
-        le=240,
-        description="how long one re-check waits for the target to apply the source's WAL (within the chunk "
-        "function's 300 s)",
+        le=390,
+        description="how long one re-check waits for the target to apply the source's WAL (two re-checks must "
+        "fit the chunk function's 780 s budget; recheck_attempts is capped so that every wait fits)",
     )
     row_hash: Literal["auto", "md5"] = Field(
         default="auto",

@@ -22,6 +22,9 @@ class PlanRequest(MigrationEvent):
 
 # DMS says how far its apply is only through one-minute CloudWatch datapoints (DmsEngine.catch_up).
 DMS_RECHECK_MIN_SECONDS = 240.0
+# The re-check waits of one chunk must end within the ValidateChunk function's timeout (900 s,
+# stacks/registry.py) with time left to compare: a timed-out chunk fails the Map and the migration.
+CHUNK_WAIT_BUDGET_SECONDS = 780.0
 
 
 def engine_replication(migration: Migration) -> Replication | None:
@@ -37,7 +40,8 @@ def engine_replication(migration: Migration) -> Replication | None:
         name, timeout = "DMS task", max(settings.recheck_timeout_seconds, DMS_RECHECK_MIN_SECONDS)
     else:
         return None
-    return Replication(subscription=name, timeout_seconds=timeout, attempts=settings.recheck_attempts)
+    attempts = max(2, min(settings.recheck_attempts, int(CHUNK_WAIT_BUDGET_SECONDS // timeout)))
+    return Replication(subscription=name, timeout_seconds=timeout, attempts=attempts)
 
 
 @logger.inject_lambda_context

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,36 @@ def test_an_unknown_placeholder_fails_the_synth_naming_it(tmp_path: Path) -> Non
     # When synthesized / Then the synth stops and names the placeholder and the fix
     with pytest.raises(Exception, match=r"no substitution for \$\{MissingFunctionArn\}.*add a HandlerSpec"):
         MigrationStack(app, "Bad", migration=load_migration(ROOT / "migrations/example.yaml"), definition_file=asl)
+
+
+def test_the_chunk_function_outlasts_every_re_check_its_plan_allows(example: Synth) -> None:
+    # Given the example's engine (dms: each re-check waits at least 240 s for one-minute CloudWatch datapoints)
+    from lambdas.handlers.validate_plan import engine_replication
+
+    replication = engine_replication(example.migration)
+    assert replication is not None
+    timeout = next(
+        int(f["Properties"]["Timeout"])
+        for f in example.resources("AWS::Lambda::Function").values()
+        if f["Properties"].get("Handler") == "lambdas.handlers.validate_chunk.handler"
+    )
+    # Then a chunk's waits and a minute to compare fit the function (once: 300 s for up to 5 x 240 s of waits;
+    # a timed-out chunk fails the Distributed Map, and the migration rolls back)
+    assert replication.attempts * replication.timeout_seconds + 60 <= timeout
+
+
+def test_a_settings_value_over_4_kb_takes_a_tier_that_holds_it(synth: Callable[..., Synth]) -> None:
+    # Given a file naming a dozen alarms (its settings JSON passes 4 KB, a Standard parameter's limit)
+    names = [f"shop-orders-service-{i:02d}-p99-latency" for i in range(12)]
+    (parameter,) = synth("migrations/example.yaml", alarms={"names": names}).resources("AWS::SSM::Parameter").values()
+    props = parameter["Properties"]
+    assert len(props["Value"].encode()) > 4096
+    # Then the parameter is not Standard (once: the synth passed and the deploy failed)
+    assert props.get("Tier") == "Intelligent-Tiering"
+    # And the shipped example stays Standard
+    (shipped,) = example_parameter(synth)
+    assert "Tier" not in shipped["Properties"]
+
+
+def example_parameter(synth: Callable[..., Synth]) -> list[dict[str, Any]]:
+    return list(synth("migrations/example.yaml").resources("AWS::SSM::Parameter").values())

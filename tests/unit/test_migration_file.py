@@ -493,13 +493,14 @@ def test_a_boolean_or_a_non_finite_number_is_refused_naming_the_field(sections: 
     ],
 )
 def test_a_wait_longer_than_the_function_that_waits_is_refused(sections: dict[str, Any], field: str) -> None:
-    # Given waits the Cutover function (900 s) or a ValidateChunk function (300 s) cannot finish: it would be
+    # Given waits the Cutover function (900 s) or a ValidateChunk function (two re-checks within 780 s of its
+    # 900 s) cannot finish: it would be
     # stopped mid-step (a cutover with the source fenced and clients held)
     from stacks.registry import HANDLERS
 
     assert {h.name: h.timeout_seconds for h in HANDLERS if h.name in ("Cutover", "ValidateChunk")} == {
         "Cutover": 900,
-        "ValidateChunk": 300,
+        "ValidateChunk": 900,
     }
     # When parsed / Then refused naming the section
     problems = problems_for(with_changes(**sections))

@@ -29,10 +29,15 @@ def test_dms_differences_are_re_checked_for_at_least_the_time_its_latency_metric
     # Then chunks re-check under dms, waiting up to the floor for DMS's apply (DmsEngine.catch_up)
     assert replication is not None
     assert replication.timeout_seconds == DMS_RECHECK_MIN_SECONDS and replication.attempts == 3
-    # And the file cannot ask for more than the chunk function (300 s) leaves: 240 s, the floor itself
+    # And the attempts are capped so that every wait of a chunk fits the chunk function (780 s of its 900 s):
+    # the file's default 5 attempts become 3 under dms (5 x 240 s would be stopped mid-chunk: a rollback)
+    defaults = engine_replication(migration("dms"))
+    assert defaults is not None and (defaults.timeout_seconds, defaults.attempts) == (240, 3)
+    longest = engine_replication(migration("dms", recheck_timeout_seconds=390, recheck_attempts=5))
+    assert longest is not None and (longest.timeout_seconds, longest.attempts) == (390, 2)
+    # And more than two re-checks' worth is refused by the file
     with pytest.raises(ValidationError, match="recheck_timeout_seconds"):
         migration("dms", recheck_timeout_seconds=900)
-    assert DMS_RECHECK_MIN_SECONDS == 240
 
 
 def test_debezium_waits_the_file_s_timeout_and_logical_is_planned_from_its_subscription() -> None:
