@@ -569,6 +569,14 @@ def test_a_parallel_copy_longer_than_the_replication_function_fails(
         assert "copy_method: subscription" in result.remedy
 
 
+def test_engine_dms_fails_because_its_cutover_is_not_built() -> None:
+    # The runner would find no logical subscription and refuse the cutover (an audit found it): say so up front
+    assert checks.check_cutover_engine(facts(engine="dms")).status == "fail"
+    assert "not built" in checks.check_cutover_engine(facts(engine="dms")).measured
+    assert checks.check_cutover_engine(facts(engine="debezium")).status == "pass"
+    assert checks.check_cutover_engine(facts()).status == "pass"
+
+
 def test_sequence_owned_by_no_column_warns() -> None:
     uses = [
         SequenceUse(TableName("public", "orders_id_seq"), ORDERS, "id", owned=True),

@@ -956,6 +956,21 @@ def check_large_objects(facts: PreflightFacts) -> CheckResult:
 # --- WAL retention ---------------------------------------------------------------------------
 
 
+def check_cutover_engine(facts: PreflightFacts) -> CheckResult:
+    """Whether the cutover can wait for this engine to apply everything up to the fence position."""
+    name = "cutover_engine"
+    if facts.engine != "dms":
+        return CheckResult(name, "pass", f"engine {facts.engine}: the cutover waits for an exact position")
+    return CheckResult(
+        name,
+        "fail",
+        "engine dms: the cutover cannot wait for DMS to apply up to the fence (not built)",
+        "DMS exposes no applied position (only one-minute CloudWatch latency datapoints), and the exact way, a "
+        "marker row the task carries to the target, is not built yet: the migration would copy, validate and "
+        "shift reads, then roll back at the cutover. Use engine logical (PostgreSQL to PostgreSQL) or debezium.",
+    )
+
+
 def check_copy_fits_the_function(facts: PreflightFacts) -> CheckResult:
     """On AWS the parallel-snapshot copy runs inside one Replication function invocation (its snapshot
     cannot outlive the session that exported it): a copy longer than the function would be stopped."""
@@ -1099,6 +1114,7 @@ CHECKS: tuple[Check, ...] = (
     check_sequences,
     check_large_objects,
     check_copy_fits_the_function,
+    check_cutover_engine,
     check_wal_retention,
 )
 
