@@ -59,15 +59,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _buckets(
     latencies: list[tuple[float, float]],
+    failed_starts: list[float] | tuple[float, ...] = (),
 ) -> tuple[list[tuple[float, float]], list[tuple[float, float]], list[tuple[float, float]]]:
-    """Per second: committed transactions, p99 and max latency (ms)."""
+    """Per second: committed transactions (attempts less failed ones), p99 and max latency (ms) of every attempt."""
     by_second: dict[int, list[float]] = {}
     for start, seconds in latencies:
         by_second.setdefault(int(start), []).append(seconds * 1000)
+    failed_by_second: dict[int, int] = {}
+    for start in failed_starts:
+        failed_by_second[int(start)] = failed_by_second.get(int(start), 0) + 1
     tps, p99, peak = [], [], []
     for second in sorted(by_second):
         values = sorted(by_second[second])
-        tps.append((second + 0.5, float(len(values))))
+        tps.append((second + 0.5, float(len(values) - failed_by_second.get(second, 0))))
         p99.append((second + 0.5, values[min(len(values) - 1, int(len(values) * 0.99))]))
         peak.append((second + 0.5, values[-1]))
     return tps, p99, peak
@@ -75,7 +79,7 @@ def _buckets(
 
 def write_report(summary: dict[str, Any], timeline: Any, out: Path) -> Path:
     latencies = summary.pop("_latencies")
-    tps, p99, peak = _buckets(latencies)
+    tps, p99, peak = _buckets(latencies, summary.pop("_failed_starts", []))
     charts = [
         Chart("Replication lag", "seconds", [Series("lag (s)", timeline.lag_seconds, "#d93025")]),
         Chart("Replication lag", "bytes", [Series("lag (bytes)", timeline.lag_bytes, "#e37400")]),
@@ -111,6 +115,15 @@ def write_report(summary: dict[str, Any], timeline: Any, out: Path) -> Path:
         ("lag p99", f"{summary['lag_seconds']['p99']:.2f} s", ""),
         ("total", f"{summary['total_seconds']:.0f} s", ""),
     ]
+    if summary["final_differences"] is not None:
+        differences = summary["final_differences"]
+        cards.append(
+            (
+                "final row compare",
+                f"{differences} differences in {summary['final_rows_compared']:,} rows",
+                "ok" if differences == 0 else "bad",
+            )
+        )
     if summary["outcome"] == "migrated":
         retired = summary["reverse_replication_retired"]
         cards.append(("reverse replication", "retired" if retired else "not retired", "ok" if retired else "bad"))
@@ -144,6 +157,14 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     say(
         f"rows lost              {summary['rows_lost']} (committed inserts missing on the writer, {summary['writer_on']})"
     )
+    if "updates_lost" in summary:
+        say(
+            f"updates/deletes lost   {summary['updates_lost']} order updates, {summary['deletes_lost']} event deletes,"
+            f" {summary.get('child_rows_lost', 0)} order_items/events rows of new orders"
+            " (committed, not shown by the writer's database)"
+        )
+    if summary.get("sequences_behind"):
+        say(f"sequences behind       {'; '.join(summary['sequences_behind'])}")
     if summary["final_differences"] is not None:
         say(
             f"final row compare      {summary['final_rows_compared']:,} rows, {summary['final_differences']} differences"
@@ -188,7 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, args.out)
     expected = "rolled_back" if args.fault else "migrated"
-    return 0 if summary["outcome"] == expected and summary["rows_lost"] == 0 else 1
+    passed = (
+        summary["outcome"] == expected
+        and summary["rows_lost"] == 0
+        and summary["failed_transactions"] == 0
+        and not summary.get("sequences_behind")
+        and not summary.get("updates_lost")
+        and not summary.get("deletes_lost")
+        and not summary.get("child_rows_lost")
+        and not summary["final_differences"]  # None when not migrated: nothing compared
+    )
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -36,12 +36,22 @@ class TableDiff:
 
 
 def _stream(conn: Connection, table: TableName, key: Sequence[str], batch: int = 20_000) -> Iterator[tuple[str, str]]:
-    key_cols = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    # Columns are qualified and the whole row is ROW(t.*), so a column named like an alias (t, k, x)
+    # cannot stand in for the row or the key. With no key, the whole row is the key: a multiset
+    # compare (a duplicate row on one side only shows as missing or extra).
+    if key:
+        key_expr: sql.Composable = (
+            sql.SQL("ROW({})::text").format(sql.SQL(", ").join(sql.Identifier("t", k) for k in key))
+            if len(key) > 1
+            else sql.SQL("({})::text").format(sql.Identifier("t", key[0]))
+        )
+    else:
+        key_expr = sql.SQL("ROW(t.*)::text")
     # Ordered by the key's text in byte order ("C"), which is also Python's str order, so the
     # merge below sees the same order on both sides whatever the key's type or collation.
     query = sql.SQL(
-        'SELECT k, md5(t::text) FROM {table} t, LATERAL (SELECT ({keys})::text COLLATE "C" AS k) x ORDER BY k'
-    ).format(keys=key_cols, table=table.ident)
+        'SELECT x.k, md5(ROW(t.*)::text) FROM {table} t, LATERAL (SELECT {key} COLLATE "C" AS k) x ORDER BY 1'
+    ).format(key=key_expr, table=table.ident)
     with conn.cursor(name=f"cmp_{table.name}") as cur:
         cur.itersize = batch
         cur.execute(query)

@@ -33,7 +33,7 @@ import boto3
 from psycopg2 import sql
 
 from lambdas.core.config import Migration, load_migration
-from lambdas.core.db import connect, fetch_value
+from lambdas.core.db import connect, fetch_all, fetch_value
 from lambdas.core.routers import Side, router_for
 from lambdas.core.telemetry import composite_alarm_name
 from lambdas.handlers.runtime import VALIDATION_BUCKET_ENV
@@ -392,6 +392,9 @@ class Rehearsal:
         writer = router.state().writer
         writer_dsn = tgt if writer is Side.TARGET else src
         lost = _missing_orders(writer_dsn, stats.order_ids)
+        behind = _sequences_behind(writer_dsn, migration_tables())
+        updates_lost, deletes_lost = _lost_updates_and_deletes(writer_dsn, stats)
+        child_rows_lost = _missing_children(writer_dsn, stats)
         differences: int | None = None
         rows_compared = 0
         retire = (timeline.state_outputs.get("RetireReverseReplication") or {}).get("retire") or {}
@@ -435,6 +438,10 @@ class Rehearsal:
             "failed_transactions": stats.failed,
             "failed_transaction_errors": stats.errors[:5],
             "rows_lost": lost,
+            "sequences_behind": behind,
+            "updates_lost": updates_lost,
+            "deletes_lost": deletes_lost,
+            "child_rows_lost": child_rows_lost,
             "writer_on": writer.value if writer is not None else None,
             "final_rows_compared": rows_compared,
             "final_differences": differences,
@@ -442,6 +449,7 @@ class Rehearsal:
             "reverse_replication_left": left,
             "source_whole_as_of_lsn": _caught_up_position(retire),
             "_latencies": [(round(s - timeline.start, 3), round(d, 4)) for s, d in stats.latencies],
+            "_failed_starts": [round(s - timeline.start, 3) for s in stats.failed_starts],
         }
 
 
@@ -512,6 +520,92 @@ def _missing_orders(dsn: str, order_ids: list[int]) -> int:
     finally:
         conn.close()
     return len(set(order_ids)) - int(found)
+
+
+def _missing_children(dsn: str, stats: WorkloadStats) -> int:
+    """order_items and events rows inserted by committed new orders that the database holding the
+    writer does not have (an events row the workload deleted since is not expected)."""
+    if not stats.order_children:
+        return 0
+    conn = connect(dsn)
+    try:
+        lines = {order_id: n for order_id, n, _ in stats.order_children}
+        found = dict(
+            fetch_all(
+                conn,
+                "SELECT order_id, count(*) FROM order_items WHERE order_id = ANY(%s) GROUP BY order_id",
+                (list(lines),),
+            )
+        )
+        missing = sum(max(0, n - int(found.get(order_id, 0))) for order_id, n in lines.items())
+        deleted = set(stats.deleted_events)
+        events = [e for _, _, e in stats.order_children if e not in deleted]
+        if events:
+            present = int(fetch_value(conn, "SELECT count(*) FROM events WHERE id = ANY(%s::uuid[])", (events,)))
+            missing += len(events) - present
+    finally:
+        conn.close()
+    return missing
+
+
+def _lost_updates_and_deletes(dsn: str, stats: WorkloadStats) -> tuple[int, int]:
+    """Committed updates and deletes the database holding the writer does not show.
+
+    Every committed order update adds 1 to its total and returned the total after it, so an order
+    updated k times has, at the end, the smallest total returned - 1 + k (only the workload writes
+    totals); less means an increment was lost (a lost update the final compare cannot see when a
+    later write on the target carried the stale row back to the old source). A committed delete's
+    row must be gone."""
+    from decimal import Decimal
+
+    seen: dict[int, tuple[Decimal, int]] = {}
+    for order_id, total in stats.order_increments:
+        low, count = seen.get(order_id, (Decimal(total), 0))
+        seen[order_id] = (min(low, Decimal(total)), count + 1)
+    conn = connect(dsn)
+    try:
+        updates_lost = 0
+        if seen:
+            rows = fetch_all(conn, "SELECT id, total FROM orders WHERE id = ANY(%s)", (list(seen),))
+            found = {int(i): Decimal(t) for i, t in rows}
+            for order_id, (low, count) in seen.items():
+                expected = low - 1 + count
+                actual = found.get(order_id)
+                if actual is None or actual < expected:
+                    updates_lost += int(expected - actual) if actual is not None else count
+        deletes_lost = 0
+        if stats.deleted_events:
+            deletes_lost = int(
+                fetch_value(conn, "SELECT count(*) FROM events WHERE id = ANY(%s::uuid[])", (stats.deleted_events,))
+            )
+    finally:
+        conn.close()
+    return updates_lost, deletes_lost
+
+
+def _sequences_behind(dsn: str, tables: list[Any]) -> list[str]:
+    """Sequences on the database holding the writer whose next value is not past the largest value
+    already in a column they feed: the next insert may reuse a value (a duplicate key, or a silent
+    duplicate where nothing is unique, e.g. orders.invoice_no). Row compares cannot see this."""
+    from lambdas.core.catalog import sequences_for_tables
+    from lambdas.core.sequences import read_position
+
+    conn = connect(dsn)
+    behind: list[str] = []
+    try:
+        for use in sequences_for_tables(conn, tables):
+            position = read_position(conn, use.sequence)
+            if position.increment <= 0:
+                continue
+            largest = fetch_value(
+                conn,
+                sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(use.column), use.table.ident),
+            )
+            if largest is not None and position.next_value <= int(largest):
+                behind.append(f"{use.sequence} next {position.next_value} <= max({use.table}.{use.column}) {largest}")
+    finally:
+        conn.close()
+    return behind
 
 
 def _reverse_replication_left(migration: Migration, src: str, tgt: str) -> list[str]:

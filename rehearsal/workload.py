@@ -28,6 +28,13 @@ class WorkloadStats:
     errors: list[str] = field(default_factory=list)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (start time, seconds)
     order_ids: list[int] = field(default_factory=list)  # orders whose insert committed: must never be lost
+    failed_starts: list[float] = field(default_factory=list)  # start times of the failed attempts
+    # committed updates and deletes, so that losing one can be told (not only lost inserts):
+    order_increments: list[tuple[int, str]] = field(default_factory=list)  # (order id, total after it)
+    deleted_events: list[str] = field(default_factory=list)  # events whose delete committed
+    # the rows a committed new order inserted with it: (order id, order_items lines, its events row)
+    order_children: list[tuple[int, int, str]] = field(default_factory=list)
+    in_flight: float | None = None  # start of the attempt now running (one client's stats only)
 
     def merge(self, other: WorkloadStats) -> None:
         self.committed += other.committed
@@ -35,36 +42,48 @@ class WorkloadStats:
         self.errors += other.errors[:20]
         self.latencies += other.latencies
         self.order_ids += other.order_ids
+        self.failed_starts += other.failed_starts
+        self.order_increments += other.order_increments
+        self.deleted_events += other.deleted_events
+        self.order_children += other.order_children
 
     @property
     def max_latency(self) -> float:
         return max((lat for _, lat in self.latencies), default=0.0)
 
 
-def _new_order(cur: psycopg2.extensions.cursor, rng: random.Random, max_customer: int, max_product: int) -> int:
+def _new_order(
+    cur: psycopg2.extensions.cursor, rng: random.Random, max_customer: int, max_product: int
+) -> tuple[int, int, str]:
+    """Inserts an order, its items and its 'created' event; returns (order id, lines, event id)."""
     cur.execute(
         "INSERT INTO orders (customer_id, status, total, note) VALUES (%s, 'new', %s, %s) RETURNING id",
         (rng.randint(1, max_customer), round(rng.uniform(1, 500), 2), rng.choice([None, "", "rush – ünïcødé"])),
     )
     row = cur.fetchone()
     assert row is not None
-    for line in range(1, rng.randint(1, 3) + 1):
+    lines = rng.randint(1, 3)
+    for line in range(1, lines + 1):
         cur.execute(
             "INSERT INTO order_items (order_id, line_no, product_id, quantity, unit_price) VALUES (%s, %s, %s, %s, %s)",
             (row[0], line, rng.randint(1, max_product), rng.randint(1, 4), round(rng.uniform(1, 99), 2)),
         )
     cur.execute(
-        "INSERT INTO events (order_id, kind, payload) VALUES (%s, 'created', %s::jsonb)",
+        "INSERT INTO events (order_id, kind, payload) VALUES (%s, 'created', %s::jsonb) RETURNING id::text",
         (row[0], '{"source": "workload"}'),
     )
-    return int(row[0])
+    event = cur.fetchone()
+    assert event is not None
+    return int(row[0]), lines, str(event[0])
 
 
-def _update_order(cur: psycopg2.extensions.cursor, rng: random.Random, max_order: int) -> None:
+def _update_order(cur: psycopg2.extensions.cursor, rng: random.Random, max_order: int) -> tuple[int, str] | None:
     cur.execute(
-        "UPDATE orders SET status = %s, total = total + 1 WHERE id = %s",
+        "UPDATE orders SET status = %s, total = total + 1 WHERE id = %s RETURNING id, total::text",
         (rng.choice(["paid", "shipped", "cancelled"]), rng.randint(1, max_order)),
     )
+    row = cur.fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
 
 
 def _update_customer(cur: psycopg2.extensions.cursor, rng: random.Random, max_customer: int) -> None:
@@ -74,8 +93,11 @@ def _update_customer(cur: psycopg2.extensions.cursor, rng: random.Random, max_cu
     )
 
 
-def _delete_event(cur: psycopg2.extensions.cursor, rng: random.Random) -> None:
-    cur.execute("DELETE FROM events WHERE id = (SELECT id FROM events TABLESAMPLE SYSTEM (0.1) LIMIT 1)")
+def _delete_event(cur: psycopg2.extensions.cursor, rng: random.Random) -> list[str]:
+    cur.execute(
+        "DELETE FROM events WHERE id = (SELECT id FROM events TABLESAMPLE SYSTEM (0.1) LIMIT 1) RETURNING id::text"
+    )
+    return [str(row[0]) for row in cur.fetchall()]
 
 
 class Workload:
@@ -129,26 +151,34 @@ class Workload:
         interval = 1.0 / self._rate if self._rate else 0.0
         while not self._stop.is_set():
             began = time.monotonic()
+            stats.in_flight = began
             try:
                 if conn is None or conn.closed:
                     conn = self._connect(self._current_dsn(), application_name=f"workload-{index}", autocommit=False)
-                new_order: int | None = None
+                new_order: tuple[int, int, str] | None = None
+                increment: tuple[int, str] | None = None
+                deleted: list[str] = []
                 with conn.cursor() as cur:
                     kind = rng.random()
                     if kind < 0.4:
                         new_order = _new_order(cur, rng, max_customer, max_product)
                     elif kind < 0.7:
-                        _update_order(cur, rng, max_order)
+                        increment = _update_order(cur, rng, max_order)
                     elif kind < 0.9:
                         _update_customer(cur, rng, max_customer)
                     else:
-                        _delete_event(cur, rng)
+                        deleted = _delete_event(cur, rng)
                 conn.commit()
                 stats.committed += 1
                 if new_order is not None:
-                    stats.order_ids.append(new_order)
+                    stats.order_ids.append(new_order[0])
+                    stats.order_children.append(new_order)
+                if increment is not None:
+                    stats.order_increments.append(increment)
+                stats.deleted_events += deleted
             except (psycopg2.Error, ConnectionError) as exc:
                 stats.failed += 1
+                stats.failed_starts.append(began)
                 if len(stats.errors) < 20:
                     stats.errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
                 if conn is not None:
@@ -158,6 +188,7 @@ class Workload:
                         conn.close()
                 time.sleep(0.01)
             stats.latencies.append((began, time.monotonic() - began))
+            stats.in_flight = None
             if interval:
                 time.sleep(max(0.0, interval - (time.monotonic() - began)))
         if conn is not None:
@@ -165,10 +196,19 @@ class Workload:
 
     def stop(self) -> WorkloadStats:
         self._stop.set()
+        deadline = time.monotonic() + 30
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         total = WorkloadStats()
-        for stats in self._stats:
+        for thread, stats in zip(self._threads, self._stats, strict=True):
+            began = stats.in_flight
+            if thread.is_alive() and began is not None:
+                # Still waiting for the database when the writers stopped: a pause that never ended,
+                # and a failed transaction (it did not commit while it was measured).
+                stats.failed += 1
+                stats.failed_starts.append(began)
+                stats.errors.append("a transaction was still waiting when the writers stopped")
+                stats.latencies.append((began, time.monotonic() - began))
             total.merge(stats)
         return total
 

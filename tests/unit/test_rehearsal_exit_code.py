@@ -1,0 +1,74 @@
+"""The rehearsal command fails (exit 1) when its final row compare found differences or its writers saw
+failed transactions, and its report shows the compare (once: exit 0, and no such card)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import rehearsal.__main__ as main_mod
+from rehearsal.run import Timeline
+
+
+def _summary(**over: Any) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "outcome": "migrated",
+        "fault": None,
+        "fault_injected": False,
+        "error": None,
+        "cause": "",
+        "phase_seconds": {"cutover": 1.0},
+        "total_seconds": 10.0,
+        "rows_in_source": 20000,
+        "engine": "logical",
+        "rows_copied": 20000,
+        "lag_seconds": {"p50": 0.0, "p99": 0.0, "max": 0.0},
+        "lag_bytes": {"p50": 0.0, "p99": 0.0, "max": 0.0},
+        "rows_validated": 20000,
+        "persistent_differences": 0,
+        "longest_write_pause_ms": 10.0,
+        "longest_write_pause_during": "cutover",
+        "cutover_pause_ms": 5.0,
+        "committed_transactions": 1000,
+        "failed_transactions": 0,
+        "failed_transaction_errors": [],
+        "rows_lost": 0,
+        "writer_on": "target",
+        "final_rows_compared": 20000,
+        "final_differences": 0,
+        "reverse_replication_retired": True,
+        "reverse_replication_left": [],
+        "source_whole_as_of_lsn": "0/1",
+        "_latencies": [(1.0, 0.01)],
+    }
+    s.update(over)
+    return s
+
+
+def _run_main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, summary: dict[str, Any]) -> int:
+    import time
+
+    monkeypatch.setattr(main_mod.Rehearsal, "run_with_timeline", lambda self: (summary, Timeline(time.monotonic())))
+    return main_mod.main(["--rows", "20000", "--out", str(tmp_path)])
+
+
+def test_sanity_clean_summary_exits_0(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert _run_main(monkeypatch, tmp_path, _summary()) == 0
+
+
+def test_final_row_differences_make_the_rehearsal_fail(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The old source and the target differ in 3 rows after a "migrated" run: data is wrong.
+    assert _run_main(monkeypatch, tmp_path, _summary(final_differences=3)) != 0
+
+
+def test_failed_transactions_make_the_rehearsal_fail(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Writers saw failed transactions (e.g. duplicate keys after a missed sequence sync): not zero-downtime.
+    assert _run_main(monkeypatch, tmp_path, _summary(failed_transactions=250)) != 0
+
+
+def test_report_shows_the_final_row_compare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _run_main(monkeypatch, tmp_path, _summary(final_differences=3))
+    page = (tmp_path / "report.html").read_text()
+    assert "final row compare" in page.lower() and "3 differences" in page
