@@ -26,15 +26,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import boto3
 from psycopg2 import sql
 
+from lambdas.core.catalog import sequences_for_tables
 from lambdas.core.config import Migration, load_migration
 from lambdas.core.db import connect, fetch_all, fetch_value
 from lambdas.core.routers import Side, router_for
+from lambdas.core.sequences import read_position
 from lambdas.core.telemetry import composite_alarm_name
 from lambdas.handlers.runtime import VALIDATION_BUCKET_ENV
 from rehearsal import sample
@@ -556,8 +559,6 @@ def _lost_updates_and_deletes(dsn: str, stats: WorkloadStats) -> tuple[int, int]
     totals); less means an increment was lost (a lost update the final compare cannot see when a
     later write on the target carried the stale row back to the old source). A committed delete's
     row must be gone."""
-    from decimal import Decimal
-
     seen: dict[int, tuple[Decimal, int]] = {}
     for order_id, total in stats.order_increments:
         low, count = seen.get(order_id, (Decimal(total), 0))
@@ -587,9 +588,6 @@ def _sequences_behind(dsn: str, tables: list[Any]) -> list[str]:
     """Sequences on the database holding the writer whose next value is not past the largest value
     already in a column they feed: the next insert may reuse a value (a duplicate key, or a silent
     duplicate where nothing is unique, e.g. orders.invoice_no). Row compares cannot see this."""
-    from lambdas.core.catalog import sequences_for_tables
-    from lambdas.core.sequences import read_position
-
     conn = connect(dsn)
     behind: list[str] = []
     try:
