@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from psycopg2.extensions import parse_dsn
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -61,8 +62,6 @@ class Endpoint(_Model):
     @classmethod
     def _parsable_dsn(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            from psycopg2.extensions import parse_dsn
-
             try:
                 parse_dsn(value.get_secret_value())
             except Exception:  # libpq's message quotes the string: never shown
@@ -709,8 +708,6 @@ def _endpoint_identity(endpoint: Endpoint) -> tuple[Any, ...]:
     """Where an endpoint points (password left out): host, port, database."""
     if endpoint.dsn is None:
         return ("aws", (endpoint.host or "").lower().rstrip("."), endpoint.port, endpoint.database)
-    from psycopg2.extensions import parse_dsn
-
     try:
         parts = parse_dsn(endpoint.dsn.get_secret_value())
     except Exception:  # an unparsable DSN is compared as written (never shown)
