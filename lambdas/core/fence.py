@@ -292,8 +292,10 @@ def take_fence(
                         session.in_transaction,
                         round(session.transaction_seconds, 3),
                     )
-            prepared = prepared_transactions(conn)
-            if held and not pending and not prepared:
+            # Prepared transactions are read only once nothing else is left (not on every 2 ms poll of the pause).
+            sessions_done = held and not pending
+            prepared = prepared_transactions(conn) if sessions_done or elapsed >= timeout else []
+            if sessions_done and not prepared:
                 return FenceResult(database, clock() - started, hold.holding, list(ended.values()))
             if elapsed >= timeout:
                 raise FenceTimeout(_timeout_message(database, timeout, hold, pending, terminate_long, prepared))

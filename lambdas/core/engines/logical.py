@@ -465,7 +465,7 @@ class LogicalEngine(ReplicationEngine):
         try:
             # The copy record goes first: a start still copying then creates no subscription after us (or,
             # holding the record, makes us wait, and its subscription is dropped below).
-            if _copy_state(target, names.slot) is not None:
+            if fetch_value(target, "SELECT to_regclass(%s)", (f"{STATE_SCHEMA}.copy_state",)) is not None:
                 execute(
                     target,
                     sql.SQL("DELETE FROM {}.copy_state WHERE slot = %s").format(sql.Identifier(STATE_SCHEMA)),
