@@ -124,6 +124,15 @@ def write_report(summary: dict[str, Any], timeline: Any, out: Path) -> Path:
                 "ok" if differences == 0 else "bad",
             )
         )
+    if "lambda_limits_broken" in summary:
+        broken = summary["lambda_limits_broken"]
+        cards.append(
+            (
+                "Lambda limits",
+                "kept" if not broken else f"{len(broken)} broken",
+                "ok" if not broken else "bad",
+            )
+        )
     if summary["outcome"] == "migrated":
         retired = summary["reverse_replication_retired"]
         cards.append(("reverse replication", "retired" if retired else "not retired", "ok" if retired else "bad"))
@@ -179,6 +188,16 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
                 else f"NOT retired (still there: {', '.join(summary['reverse_replication_left']) or 'see the cause'})"
             )
         )
+    if summary.get("lambda_invocations"):
+        say("Lambda functions       runs, longest run against the timeout, largest result against a state's limit")
+    for function, use in summary.get("lambda_invocations", {}).items():
+        say(
+            f"  {function:<20} {use['invocations']:4d} run(s), longest {use['longest_seconds']:7.1f} s"
+            f" of {use['timeout_seconds']:.0f} s, largest result {use['largest_result_bytes']:,} of"
+            f" {use['result_limit_bytes']:,} bytes"
+        )
+    for broken in summary.get("lambda_limits_broken", []):
+        say(f"LAMBDA LIMIT BROKEN    {broken} (AWS would have failed this step)")
     say(f"report                 {out / 'report.html'}")
 
 
@@ -218,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         and not summary.get("deletes_lost")
         and not summary.get("child_rows_lost")
         and not summary["final_differences"]  # None when not migrated: nothing compared
+        and not summary.get("lambda_limits_broken")  # a run AWS would not have allowed proves nothing
     )
     return 0 if passed else 1
 

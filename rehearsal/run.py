@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -46,7 +46,7 @@ from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
 from rehearsal.compare import compare_databases
 from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
 from rehearsal.servers import PostgresServer, running_servers
-from rehearsal.stepfunctions import REGION, LocalStateMachine
+from rehearsal.stepfunctions import REGION, STATE_PAYLOAD_LIMIT_BYTES, Invocation, LocalStateMachine
 from rehearsal.workload import WorkloadProcess, WorkloadStats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,6 +157,33 @@ def handler_map() -> dict[str, Callable[[dict[str, Any], Any], Any]]:
         for spec in HANDLERS
         if spec.invoked_by == "state-machine"
     }
+
+
+def handler_timeouts() -> dict[str, float]:
+    """Each function's timeout as the stack deploys it (the local run keeps it: `rehearsal.stepfunctions`)."""
+    from stacks.registry import HANDLERS
+
+    return {spec.placeholder: float(spec.timeout_seconds) for spec in HANDLERS if spec.invoked_by == "state-machine"}
+
+
+def invocation_summary(invocations: Sequence[Invocation]) -> dict[str, dict[str, Any]]:
+    """Per function: how often it ran, its longest run and largest result, against its limits."""
+    by_function: dict[str, dict[str, Any]] = {}
+    for i in invocations:
+        entry = by_function.setdefault(
+            i.function,
+            {
+                "invocations": 0,
+                "longest_seconds": 0.0,
+                "timeout_seconds": i.timeout_seconds,
+                "largest_result_bytes": 0,
+                "result_limit_bytes": STATE_PAYLOAD_LIMIT_BYTES,
+            },
+        )
+        entry["invocations"] += 1
+        entry["longest_seconds"] = round(max(entry["longest_seconds"], i.seconds), 3)
+        entry["largest_result_bytes"] = max(entry["largest_result_bytes"], i.result_bytes)
+    return dict(sorted(by_function.items()))
 
 
 @dataclass
@@ -311,6 +338,7 @@ class Rehearsal:
             parameters={f"/zdm/{migration.name}/settings": json.dumps(local_settings(migration))},
             buckets=[VALIDATION_BUCKET],
             environment={VALIDATION_BUCKET_ENV: VALIDATION_BUCKET},
+            timeouts=handler_timeouts(),
         )
         execution_input = {
             "timing": {"poll_seconds": self.poll_seconds},
@@ -451,6 +479,8 @@ class Rehearsal:
             "reverse_replication_retired": retire.get("status") in ("done", "already_done") and left == [],
             "reverse_replication_left": left,
             "source_whole_as_of_lsn": _caught_up_position(retire),
+            "lambda_invocations": invocation_summary(result.invocations),
+            "lambda_limits_broken": result.limits_broken,
             "_latencies": [(round(s - timeline.start, 3), round(d, 4)) for s, d in stats.latencies],
             "_failed_starts": [round(s - timeline.start, 3) for s in stats.failed_starts],
         }

@@ -7,6 +7,14 @@ same handler code runs here as on AWS. A handler's exception becomes a Lambda fu
 error, so Retry and Catch behave as on AWS. Wait states really wait: shorten them through
 the execution input (the definition reads its wait times from the input), never by editing
 the definition.
+
+Lambda's limits are kept as AWS keeps them, so that a run here proves what a run there would do:
+a handler that runs longer than its function's timeout (`stacks.registry`) returns the error a
+timed-out function gives (`Sandbox.Timedout`; its work here ran to the end, on AWS it would have
+been cut off anywhere), and a result larger than a state's 256 KiB fails the execution, past any
+Catch, as `States.DataLimitExceeded` does on AWS (moto reports it as States.Runtime, the cause
+naming the limit). Every invocation's duration and result size is recorded
+(`ExecutionResult.invocations`), with the limits it broke.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ from typing import Any
 
 Handler = Callable[[dict[str, Any], Any], Any]
 REGION = "us-east-1"
+# Step Functions' quota on a state's input and output (and so on a task's result): 256 KiB of UTF-8.
+STATE_PAYLOAD_LIMIT_BYTES = 256 * 1024
+TIMED_OUT = "Sandbox.Timedout"  # the errorType Lambda's runtimes report for a function that timed out
+DATA_LIMIT = "States.DataLimitExceeded"
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
 
 
@@ -43,9 +55,35 @@ class LambdaContext:
     aws_request_id: str
     memory_limit_in_mb: int = 1024
     invoked_function_arn: str = ""
+    deadline: float | None = None  # time.monotonic() at which the function's timeout runs out
 
     def get_remaining_time_in_millis(self) -> int:
-        return 900_000
+        if self.deadline is None:
+            return 900_000
+        return max(0, int((self.deadline - time.monotonic()) * 1000))
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One Lambda invocation of an execution: how long it ran and how large its result was, against the limits."""
+
+    function: str
+    seconds: float
+    timeout_seconds: float | None
+    result_bytes: int
+    error: str | None = None  # the function error it returned (a handler's exception, or a broken limit)
+
+    @property
+    def limit_broken(self) -> str | None:
+        """What AWS would have done differently: the function timed out, or its result was too large for a state."""
+        if self.timeout_seconds is not None and self.seconds > self.timeout_seconds:
+            return f"{self.function} ran {self.seconds:.1f}s, longer than its timeout of {self.timeout_seconds:.0f}s"
+        if self.result_bytes > STATE_PAYLOAD_LIMIT_BYTES:
+            return (
+                f"{self.function} returned {self.result_bytes:,} bytes, more than a state's"
+                f" {STATE_PAYLOAD_LIMIT_BYTES:,}"
+            )
+        return None
 
 
 @dataclass
@@ -56,15 +94,30 @@ class ExecutionResult:
     cause: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    invocations: list[Invocation] = field(default_factory=list)
+
+    @property
+    def limits_broken(self) -> list[str]:
+        return [broken for i in self.invocations if (broken := i.limit_broken) is not None]
 
 
 def placeholders(definition: str) -> list[str]:
     return sorted(set(_PLACEHOLDER.findall(definition)))
 
 
+def _function_error(error_type: str, message: str, trace: list[str] | None = None) -> bytes:
+    body: dict[str, Any] = {"errorType": error_type, "errorMessage": message}
+    if trace is not None:
+        body["stackTrace"] = trace
+    return json.dumps(body).encode()
+
+
 @contextlib.contextmanager
-def _routed_lambdas(handlers: Mapping[str, Handler]) -> Iterator[None]:
-    """Route moto's Lambda invocations to in-process handlers (restored on exit)."""
+def _routed_lambdas(
+    handlers: Mapping[str, Handler], timeouts: Mapping[str, float], invocations: list[Invocation]
+) -> Iterator[None]:
+    """Route moto's Lambda invocations to in-process handlers (restored on exit), keeping Lambda's
+    limits (see the module docstring) and recording each invocation in `invocations`."""
     from moto.awslambda_simple.models import LambdaSimpleBackend
 
     original = LambdaSimpleBackend.invoke
@@ -78,20 +131,38 @@ def _routed_lambdas(handlers: Mapping[str, Handler]) -> Iterator[None]:
         handler = handlers.get(name)
         if handler is None:
             response_headers["x-amz-function-error"] = "Unhandled"
-            return json.dumps({"errorType": "ResourceNotFound", "errorMessage": f"no handler for {name}"}).encode()
+            return _function_error("ResourceNotFound", f"no handler for {name}")
         event = json.loads(body) if body else {}
+        timeout = timeouts.get(name)
+        started = time.monotonic()
+        context = LambdaContext(name, request, deadline=started + timeout if timeout is not None else None)
+        error: str | None = None
         try:
-            result = handler(event, LambdaContext(name, request))
+            result = handler(event, context)
         except Exception as exc:  # a Lambda function error, as AWS reports it
+            error = type(exc).__name__
+            response = _function_error(error, str(exc), traceback.format_exception(exc)[-3:])
+        else:
+            response = json.dumps(result, default=str).encode()
+        seconds = time.monotonic() - started
+        result_bytes = 0 if error else len(response)
+        if timeout is not None and seconds > timeout:
+            # Lambda would have stopped it at `timeout`: whatever it returned never reaches the state machine.
+            error = TIMED_OUT
+            response = _function_error(
+                TIMED_OUT, f"RequestId: {request} Error: Task timed out after {timeout:.2f} seconds"
+            )
+        elif error is None and len(response) > STATE_PAYLOAD_LIMIT_BYTES:
+            error = DATA_LIMIT
+            response = _function_error(
+                DATA_LIMIT,
+                f"the result of {name} has {len(response):,} bytes: over the {STATE_PAYLOAD_LIMIT_BYTES:,} a state may hold",
+            )
+        with lock:
+            invocations.append(Invocation(name, seconds, timeout, result_bytes, error))
+        if error is not None:
             response_headers["x-amz-function-error"] = "Unhandled"
-            return json.dumps(
-                {
-                    "errorType": type(exc).__name__,
-                    "errorMessage": str(exc),
-                    "stackTrace": traceback.format_exception(exc)[-3:],
-                }
-            ).encode()
-        return json.dumps(result, default=str).encode()
+        return response
 
     LambdaSimpleBackend.invoke = invoke  # type: ignore[method-assign]
     try:
@@ -126,8 +197,10 @@ class LocalStateMachine:
         parameters: Mapping[str, str] | None = None,
         buckets: Sequence[str] = (),
         environment: Mapping[str, str] | None = None,
+        timeouts: Mapping[str, float] | None = None,
     ) -> None:
-        """`handlers` maps a substitution name (e.g. 'PreflightFunctionArn') to its handler;
+        """`handlers` maps a substitution name (e.g. 'PreflightFunctionArn') to its handler, and
+        `timeouts` (by the same names) to its function's timeout in seconds (none: no limit);
         `values` fills other substitutions; `parameters` are SSM parameters and `buckets` S3 buckets
         to create first; `environment` is the functions' environment (set while the execution runs)."""
         self.definition = definition_path.read_text()
@@ -136,6 +209,7 @@ class LocalStateMachine:
         self.parameters = dict(parameters or {})
         self.buckets = list(buckets)
         self.environment = dict(environment or {})
+        self.timeouts = dict(timeouts or {})
         missing = [p for p in placeholders(self.definition) if p not in self.handlers and p not in self.values]
         if missing:
             raise StateMachineError(f"{definition_path.name} needs substitutions with no value: {', '.join(missing)}")
@@ -160,7 +234,13 @@ class LocalStateMachine:
         config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
         function_names = {sub: re.sub(r"FunctionArn$", "", sub) or sub for sub in self.handlers}
         routed = {function_names[sub]: h for sub, h in self.handlers.items()}
-        with mock_aws(config=config), _routed_lambdas(routed), _environment(self.environment):  # type: ignore[call-overload]
+        timeouts = {function_names[sub]: t for sub, t in self.timeouts.items() if sub in function_names}
+        invocations: list[Invocation] = []
+        with (
+            mock_aws(config=config),  # type: ignore[call-overload]
+            _routed_lambdas(routed, timeouts, invocations),
+            _environment(self.environment),
+        ):
             iam = boto3.client("iam", region_name=REGION)
             role = iam.create_role(RoleName="zdm-local", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
             lam = boto3.client("lambda", region_name=REGION)
@@ -216,6 +296,7 @@ class LocalStateMachine:
                 cause=description.get("cause"),
                 history=history,
                 seconds=time.monotonic() - started,
+                invocations=invocations,
             )
 
 

@@ -114,3 +114,93 @@ def test_missing_substitution_is_named(tmp_path: Path) -> None:
     path.write_text(json.dumps(ASL))
     with pytest.raises(StateMachineError, match="BrokenFunctionArn, FlakyFunctionArn, ParamName, SquareFunctionArn"):
         LocalStateMachine(path, {})
+
+
+LIMITED = {
+    "StartAt": "Slow",
+    "States": {
+        "Slow": {
+            "Type": "Task",
+            "Resource": "arn:aws:states:::lambda:invoke",
+            "Parameters": {"FunctionName": "${SlowFunctionArn}", "Payload": {}},
+            "ResultSelector": {"remaining.$": "$.Payload.remaining"},
+            "ResultPath": "$.slow",
+            "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.caught", "Next": "Big"}],
+            "Next": "Big",
+        },
+        "Big": {
+            "Type": "Task",
+            "Resource": "arn:aws:states:::lambda:invoke",
+            "Parameters": {"FunctionName": "${BigFunctionArn}", "Payload": {}},
+            "ResultSelector": {"size.$": "$.Payload.size"},
+            "ResultPath": "$.big",
+            "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.too_big", "Next": "Done"}],
+            "Next": "Done",
+        },
+        "Done": {"Type": "Succeed"},
+    },
+}
+
+
+def _limited_machine(tmp_path: Path, slow_seconds: float, big_bytes: int) -> LocalStateMachine:
+    import time
+
+    path = tmp_path / "limited.asl.json"
+    path.write_text(json.dumps(LIMITED))
+
+    def slow(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        time.sleep(slow_seconds)
+        return {"remaining": context.get_remaining_time_in_millis()}
+
+    def big(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        return {"size": big_bytes, "padding": "x" * big_bytes}
+
+    return LocalStateMachine(
+        path, {"SlowFunctionArn": slow, "BigFunctionArn": big}, timeouts={"SlowFunctionArn": 1.0, "BigFunctionArn": 5.0}
+    )
+
+
+def test_a_handler_within_lambdas_limits_returns_its_result(tmp_path: Path) -> None:
+    # Given functions that end within their timeouts and return results well under 256 KiB
+    machine = _limited_machine(tmp_path, slow_seconds=0.2, big_bytes=1000)
+    # When the definition runs
+    result = machine.run({}, timeout=60)
+    # Then both results reach the state machine, and the context told the handler the time it had left
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+    assert result.output is not None
+    assert "caught" not in result.output and "too_big" not in result.output
+    assert 0 < result.output["slow"]["remaining"] <= 800
+    assert result.limits_broken == []
+    assert [(i.function, i.error) for i in result.invocations] == [("Slow", None), ("Big", None)]
+
+
+def test_a_handler_that_outruns_its_timeout_fails_as_on_aws_and_is_named(tmp_path: Path) -> None:
+    # Given a function with a 1 s timeout whose handler takes 1.3 s
+    machine = _limited_machine(tmp_path, slow_seconds=1.3, big_bytes=1000)
+    # When the definition runs
+    result = machine.run({}, timeout=60)
+    # Then the state saw a timed-out function, not the handler's result
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+    assert result.output is not None
+    assert "slow" not in result.output
+    assert result.output["caught"]["Error"] == "Sandbox.Timedout"
+    assert "Task timed out after 1.00 seconds" in result.output["caught"]["Cause"]
+    # And the run names the broken limit
+    assert len(result.limits_broken) == 1
+    assert result.limits_broken[0].startswith("Slow ran 1.")
+    assert "longer than its timeout of 1s" in result.limits_broken[0]
+
+
+def test_a_result_larger_than_a_state_may_hold_fails_the_execution_past_its_catch(tmp_path: Path) -> None:
+    # Given a function returning 300,000 bytes (a state holds at most 256 KiB) from a task with a States.ALL Catch
+    machine = _limited_machine(tmp_path, slow_seconds=0.0, big_bytes=300_000)
+    # When the definition runs
+    result = machine.run({}, timeout=60)
+    # Then the execution failed, uncaught, as States.DataLimitExceeded fails it on AWS (States.ALL does not match it;
+    # moto names it States.Runtime, its cause names the data limit)
+    assert result.status == "FAILED"
+    assert result.error == "States.Runtime"
+    assert "States.DataLimitExceeded" in (result.cause or "")
+    # And the run names it
+    assert len(result.limits_broken) == 1
+    assert "more than a state's 262,144" in result.limits_broken[0]

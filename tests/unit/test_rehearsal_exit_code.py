@@ -72,3 +72,30 @@ def test_report_shows_the_final_row_compare(monkeypatch: pytest.MonkeyPatch, tmp
     _run_main(monkeypatch, tmp_path, _summary(final_differences=3))
     page = (tmp_path / "report.html").read_text()
     assert "final row compare" in page.lower() and "3 differences" in page
+
+
+def test_a_broken_lambda_limit_makes_the_rehearsal_fail_and_is_shown(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a migrated run in which one function ran past its timeout (AWS would have stopped it)
+    broken = ["Cutover ran 912.0s, longer than its timeout of 900s"]
+    invocations = {
+        "Cutover": {
+            "invocations": 1,
+            "longest_seconds": 912.0,
+            "timeout_seconds": 900.0,
+            "largest_result_bytes": 0,
+            "result_limit_bytes": 262144,
+        }
+    }
+    summary = _summary(lambda_limits_broken=broken, lambda_invocations=invocations)
+    # When the rehearsal ends
+    code = _run_main(monkeypatch, tmp_path, summary)
+    # Then it fails, names the function on the terminal and shows the card in the report
+    assert code == 1
+    assert "LAMBDA LIMIT BROKEN    Cutover ran 912.0s" in capsys.readouterr().err
+    assert "1 broken" in (tmp_path / "report.html").read_text()
+
+
+def test_kept_lambda_limits_leave_a_clean_run_passing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert _run_main(monkeypatch, tmp_path, _summary(lambda_limits_broken=[], lambda_invocations={})) == 0
