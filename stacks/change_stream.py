@@ -219,13 +219,7 @@ class ChangeStream(Construct):
         group.add_egress_rule(network.kafka_sg, ec2.Port.tcp(KAFKA_IAM_PORT), "the MSK cluster (IAM)")
         group.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "Secrets Manager and STS over HTTPS")
         source = next(side for side in network.databases if side.name == "source")
-        if source.security_group is not None:
-            group.add_egress_rule(source.security_group, ec2.Port.tcp(source.port), "the source database")
-            source.security_group.add_ingress_rule(
-                group, ec2.Port.tcp(source.port), f"zdm {self._ctx.name}: Debezium connector"
-            )
-        else:
-            group.add_egress_rule(ec2.Peer.ipv4(network.cidr), ec2.Port.tcp(source.port), "the source database")
+        source.allow_from(group, "the source database", f"zdm {self._ctx.name}: Debezium connector")
         # Lambda's pollers for the applier's event source mappings run in the cluster's subnets with the
         # cluster's security group: they reach the brokers and, over HTTPS, Lambda, STS and SQS.
         network.kafka_sg.add_egress_rule(network.kafka_sg, ec2.Port.tcp(KAFKA_IAM_PORT), "event source pollers")

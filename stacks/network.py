@@ -21,6 +21,16 @@ class DatabaseSide:
     name: str  # "source" | "target"
     port: int
     security_group: ec2.ISecurityGroup | None
+    cidr: str  # where the database's addresses are, when it has no security group here: the file's, or the VPC's
+
+    def allow_from(self, group: ec2.SecurityGroup, description: str, ingress_description: str) -> None:
+        """Let `group` reach this database's port: by its security group (egress and ingress) or its range (egress)."""
+        if self.security_group is not None:
+            group.add_egress_rule(self.security_group, ec2.Port.tcp(self.port), description)
+            self.security_group.add_ingress_rule(group, ec2.Port.tcp(self.port), ingress_description)
+        else:
+            # The database's own rules must admit the migration (they are not ours to change).
+            group.add_egress_rule(ec2.Peer.ipv4(self.cidr), ec2.Port.tcp(self.port), description)
 
 
 class Network(Construct):
@@ -90,24 +100,21 @@ class Network(Construct):
 
         self.databases = [
             DatabaseSide(
-                "source", ctx.migration.source.port, self._database_group("Source", settings.source_security_group_id)
+                "source",
+                ctx.migration.source.port,
+                self._database_group("Source", settings.source_security_group_id),
+                settings.source_cidr or self.cidr,
             ),
             DatabaseSide(
-                "target", ctx.migration.target.port, self._database_group("Target", settings.target_security_group_id)
+                "target",
+                ctx.migration.target.port,
+                self._database_group("Target", settings.target_security_group_id),
+                settings.target_cidr or self.cidr,
             ),
         ]
         for side in self.databases:
             for group in (self.functions_sg, self.dms_sg, self.proxies_sg):
-                if side.security_group is not None:
-                    group.add_egress_rule(side.security_group, ec2.Port.tcp(side.port), f"the {side.name} database")
-                    side.security_group.add_ingress_rule(
-                        group, ec2.Port.tcp(side.port), f"zdm {ctx.name}: {group.node.id}"
-                    )
-                else:
-                    # No database security group in the file: the database's own rules admit the VPC range.
-                    group.add_egress_rule(
-                        ec2.Peer.ipv4(self.cidr), ec2.Port.tcp(side.port), f"the {side.name} database"
-                    )
+                side.allow_from(group, f"the {side.name} database", f"zdm {ctx.name}: {group.node.id}")
 
         # Applications in the VPC reach the proxies; the functions too (health checks, validation).
         for side in self.databases:

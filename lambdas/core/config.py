@@ -497,6 +497,27 @@ class Network(_Model):
         default=None, description="the source database's security group: ingress from the migration is added"
     )
     target_security_group_id: str | None = None
+    source_cidr: str | None = Field(
+        default=None,
+        description="the source database's IPv4 range when it lies outside the VPC's (peering, Transit Gateway, "
+        "VPN): egress to its port is opened to this range instead of the VPC's",
+    )
+    target_cidr: str | None = Field(default=None, description="same for the target")
+
+    @field_validator("source_cidr", "target_cidr")
+    @classmethod
+    def _database_cidr(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            network = ipaddress.IPv4Network(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an IPv4 CIDR block of the database's addresses (host bits zero), e.g. '10.20.0.0/16'"
+            ) from None
+        if network.prefixlen < 8:
+            raise ValueError(f"{value!r} is wider than /8: give the range the database's addresses are in")
+        return value
 
     @field_validator("vpc_cidr")
     @classmethod
@@ -528,6 +549,12 @@ class Network(_Model):
             value = getattr(self, field)
             if value is not None and not _SG_RE.match(value):
                 problems.append(f"{field} {value!r} is not a security group id (sg-0123...)")
+        for side in ("source", "target"):
+            if getattr(self, f"{side}_cidr") is not None and getattr(self, f"{side}_security_group_id") is not None:
+                problems.append(
+                    f"give either {side}_security_group_id (a database the migration reaches by its security group) "
+                    f"or {side}_cidr (its address range), not both"
+                )
         if len(set(self.availability_zones)) != len(self.availability_zones):
             problems.append(f"availability_zones repeat a zone: {self.availability_zones}")
         if self.vpc_id is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aws_cdk.assertions import Match
@@ -64,3 +65,20 @@ def test_database_security_groups_admit_only_the_migration_groups_on_the_databas
     for rule in ingress:
         assert (rule["FromPort"], rule["ToPort"]) == (5432, 5432)
         assert "SourceSecurityGroupId" in rule and "CidrIp" not in rule
+
+
+def test_a_database_outside_the_vpc_range_is_reached_at_its_own_range(synth: Callable[..., Synth]) -> None:
+    # Given a new VPC (10.82.0.0/16) and a source database reached through peering at 172.16.4.0/24
+    network = {"vpc_cidr": "10.82.0.0/16", "availability_zones": ["eu-west-1a", "eu-west-1b"]}
+    result = synth("migrations/debezium.yaml", aws={"network": {**network, "source_cidr": "172.16.4.0/24"}})
+    inline = [e for g in _rules(result, "AWS::EC2::SecurityGroup") for e in g.get("SecurityGroupEgress", [])]
+    egress = [r for r in inline + _rules(result, "AWS::EC2::SecurityGroupEgress") if r.get("FromPort") == 5432]
+    to_source = [r for r in egress if r["Description"] == "the source database"]
+    to_target = [r for r in egress if r["Description"] == "the target database"]
+    # Then every group that talks to the source (functions, DMS, proxies, the Debezium connector) may reach
+    # that range on its port, and none reaches the source at the VPC's range any more
+    assert len(to_source) == 4
+    assert {r["CidrIp"] for r in to_source} == {"172.16.4.0/24"}
+    # And the target, given no range, is still reached at the VPC's
+    assert len(to_target) == 3
+    assert {r["CidrIp"] for r in to_target} == {"10.82.0.0/16"}

@@ -108,6 +108,22 @@ def test_vpc_range_must_be_a_cidr() -> None:
     ]
 
 
+def test_a_database_range_must_be_a_cidr_and_not_given_with_its_security_group() -> None:
+    # A host address with a prefix, a range wider than /8 and a range given beside the group are each named
+    assert problems_for(with_changes(aws={"network": {"source_cidr": "10.20.0.7/16"}})) == [
+        "aws.network.source_cidr: '10.20.0.7/16' is not an IPv4 CIDR block of the database's addresses"
+        " (host bits zero), e.g. '10.20.0.0/16'"
+    ]
+    assert problems_for(with_changes(aws={"network": {"target_cidr": "0.0.0.0/0"}})) == [
+        "aws.network.target_cidr: '0.0.0.0/0' is wider than /8: give the range the database's addresses are in"
+    ]
+    network = {"target_cidr": "172.16.4.0/24", "target_security_group_id": "sg-0a1b2c3d4e5f60bbb"}
+    assert problems_for(with_changes(aws={"network": network})) == [
+        "aws.network: give either target_security_group_id (a database the migration reaches by its security group)"
+        " or target_cidr (its address range), not both"
+    ]
+
+
 def test_dms_change_stream_needs_a_provisioned_cluster() -> None:
     data = with_changes(aws={"streaming": {"enabled": True, "dms_change_stream": True}})
     assert problems_for(data) == [
