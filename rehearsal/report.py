@@ -152,7 +152,35 @@ svg line.grid{stroke:#e8eaed;stroke-width:1}
 table{border-collapse:collapse;width:100%;font-size:13px;margin-top:8px} td,th{border-bottom:1px solid #e8eaed;padding:4px 8px;text-align:left}
 th{color:#5f6368;font-weight:500} section{margin-top:22px} details{margin-top:16px}
 pre{background:#f8f9fa;padding:10px;overflow:auto;font-size:12px}
+.bar{background:#e8eaed;border-radius:3px;height:10px;width:160px;display:inline-block;vertical-align:middle}
+.bar span{display:block;height:10px;border-radius:3px;background:#1a73e8} .bar span.bad{background:#d93025}
 """
+
+
+def _bar(used: float, limit: float | None) -> str:
+    """A small bar of `used` against `limit` (red past it), and the share as text."""
+    if not limit:
+        return ""
+    share = used / limit
+    width = max(1.0, min(100.0, share * 100))
+    tone = ' class="bad"' if share > 1 else ""
+    return f'<span class="bar"><span{tone} style="width:{width:.1f}%"></span></span> {share * 100:.1f}%'
+
+
+def render_function_table(invocations: dict[str, dict[str, Any]]) -> str:
+    """Each Lambda function's longest run against its timeout and largest result against a state's limit."""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{use['invocations']}</td>"
+        f"<td>{use['longest_seconds']:.2f} s of {use['timeout_seconds'] or 0:.0f} s</td>"
+        f"<td>{_bar(use['longest_seconds'], use['timeout_seconds'])}</td>"
+        f"<td>{use['largest_result_bytes']:,} B</td><td>{_bar(use['largest_result_bytes'], use['result_limit_bytes'])}</td></tr>"
+        for name, use in invocations.items()
+    )
+    return (
+        "<section><h3>Lambda functions, against Lambda's limits</h3><table><tr><th>function</th><th>runs</th>"
+        "<th>longest run</th><th>of its timeout</th><th>largest result</th><th>of a state's 256 KiB</th></tr>"
+        f"{rows}</table></section>"
+    )
 
 
 def render_report(
@@ -177,6 +205,7 @@ def render_report(
         for p in phases
     )
     chart_html = "".join(f"<section>{render_chart(c, phases, t_end)}</section>" for c in charts)
+    functions = render_function_table(summary["lambda_invocations"]) if summary.get("lambda_invocations") else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
 <body>
@@ -188,6 +217,7 @@ def render_report(
 {chart_html}
 <section><h3>Phases</h3><table><tr><th>phase</th><th>start (s)</th><th>duration (s)</th><th>status</th></tr>
 {phase_rows}</table></section>
+{functions}
 <details><summary>summary.json</summary><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre></details>
 </body></html>
 """

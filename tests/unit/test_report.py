@@ -23,3 +23,30 @@ def test_report_is_self_contained_and_shows_every_chart_and_phase() -> None:
         assert name in page
     assert "rolled back" in page and "gate" in page
     assert not re.search(r"(src|href)=\"?https?://", page)  # opens without a network
+
+
+def test_report_shows_each_function_against_its_timeout_and_the_state_limit() -> None:
+    # Given a run whose Cutover took 450 s of its 900 s and whose ValidateChunk outran its timeout
+    invocations = {
+        "Cutover": {
+            "invocations": 2,
+            "longest_seconds": 450.0,
+            "timeout_seconds": 900.0,
+            "largest_result_bytes": 1200,
+            "result_limit_bytes": 262144,
+        },
+        "ValidateChunk": {
+            "invocations": 6,
+            "longest_seconds": 950.0,
+            "timeout_seconds": 900.0,
+            "largest_result_bytes": 80,
+            "result_limit_bytes": 262144,
+        },
+    }
+    # When the report is rendered
+    page = render_report({"outcome": "migrated", "lambda_invocations": invocations}, [], [], [], 10.0)
+    # Then each function's row gives its share of the timeout, the overrun drawn in red
+    assert "Lambda functions, against Lambda's limits" in page
+    assert "450.00 s of 900 s" in page and "50.0%" in page
+    assert '<span class="bad" style="width:100.0%"></span></span> 105.6%' in page
+    assert "1,200 B" in page
