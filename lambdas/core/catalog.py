@@ -39,6 +39,8 @@ class TableInfo:
     is_partition: bool = False  # partition_parent is a partitioned table (else plain inheritance, or none)
     # Plain-inheritance children (not partitions): their rows are theirs, not this table's (copied with ONLY).
     inheritance_children: tuple[TableName, ...] = field(default=())
+    # A DEFERRABLE primary key: PostgreSQL never uses a non-immediate index as replica identity.
+    primary_key_deferrable: bool = False
 
     @property
     def has_usable_identity(self) -> bool:
@@ -48,7 +50,7 @@ class TableInfo:
         if self.replica_identity == "i":
             return self.replica_identity_index is not None
         if self.replica_identity == "d":
-            return bool(self.primary_key)
+            return bool(self.primary_key) and not self.primary_key_deferrable
         return False
 
 
@@ -96,7 +98,8 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
                c.relispartition,
                (SELECT array_agg(ARRAY[kn.nspname, kc.relname] ORDER BY kn.nspname, kc.relname) FROM pg_inherits h
                   JOIN pg_class kc ON kc.oid = h.inhrelid JOIN pg_namespace kn ON kn.oid = kc.relnamespace
-                 WHERE h.inhparent = c.oid AND NOT kc.relispartition)
+                 WHERE h.inhparent = c.oid AND NOT kc.relispartition),
+               coalesce((SELECT NOT i.indimmediate FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), false)
           FROM wanted w
           JOIN pg_namespace n ON n.nspname = w.schema_name
           JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.table_name AND c.relkind IN ('r', 'p')
@@ -121,6 +124,7 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
         ancestors,
         is_partition,
         children,
+        pk_deferrable,
     ) in rows:
         table = TableName(schema, name)
         result[table] = TableInfo(
@@ -139,6 +143,7 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
             ancestor_oids=tuple(int(a) for a in ancestors or ()),
             is_partition=bool(is_partition),
             inheritance_children=tuple(TableName(k[0], k[1]) for k in children or ()),
+            primary_key_deferrable=bool(pk_deferrable),
         )
     return result
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,12 +13,17 @@ import psycopg2
 import pytest
 from psycopg2.extensions import parse_dsn
 
-from lambdas.core.config import Migration, parse_migration
-from lambdas.core.db import Connection, connect, execute
+from lambdas.core.config import LogicalSettings, Migration, parse_migration
+from lambdas.core.db import Connection, connect, execute, fetch_value
+from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
+from lambdas.core.fence import FenceError, take_fence
 from lambdas.core.preflight import LocalDiskProbe, PreflightReport, format_report, run_preflight
+from lambdas.core.sequences import SequenceSyncError, sync_sequences
+from lambdas.core.tables import TableName
 from rehearsal.sample import create_schema, load_data
 from rehearsal.servers import PostgresServer, start_server
 from tests.integration.db_env import run_sql
+from tests.integration.test_fence import DnsLikeRouter
 
 WAL_SAMPLE_SECONDS = 0.2
 _role_counter = itertools.count(1)
@@ -573,3 +578,314 @@ def test_a_target_that_reaches_the_source_database_fails_before_anything_else(fr
     failed = [c for c in report.checks if c.status == "fail"]
     assert [c.name for c in failed] == ["distinct_databases"]
     assert "reach the same database" in failed[0].measured and "Point 'target'" in failed[0].remedy
+
+
+# -- configurations that pass everything above, yet break the migration: each test first shows the real
+# failure on the servers (an error on the source, a stalled apply, a dropped slot), then asks preflight
+
+
+def test_partitioned_root_with_replica_identity_full_but_keyless_partitions_is_refused(dbs: Pair) -> None:
+    # Given a keyless partitioned table whose root (only) is REPLICA IDENTITY FULL: ALTER TABLE on the
+    # root does not reach its partitions, which keep REPLICA IDENTITY DEFAULT without a key
+    dbs.both(
+        """
+        CREATE TABLE m (id bigint, at date NOT NULL, v int) PARTITION BY RANGE (at);
+        CREATE TABLE m_2024 PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+        ALTER TABLE m REPLICA IDENTITY FULL;
+        """
+    )
+    execute(dbs.source, "INSERT INTO m VALUES (1, '2024-06-01', 1)")
+
+    # When the preflight runs with only the root selected
+    report = dbs.preflight(tables={"include": ["public.m"]})
+
+    # Then it must not pass: once m is published, every UPDATE/DELETE on its partition fails on the source
+    execute(dbs.source, "CREATE PUBLICATION audit_pub FOR TABLE m WITH (publish_via_partition_root = true)")
+    with pytest.raises(psycopg2.errors.ObjectNotInPrerequisiteState):
+        execute(dbs.source, "UPDATE m SET v = 2")
+    assert report.get("replica_identity").status == "fail", format_report(report)
+
+
+def test_sequence_missing_on_the_target_is_refused(dbs: Pair) -> None:
+    # Given a serial column on the source; the target table has a plain integer key, no sequence
+    execute(dbs.source, "CREATE TABLE t (id serial PRIMARY KEY, v int)")
+    execute(dbs.target, "CREATE TABLE t (id integer PRIMARY KEY, v int)")
+    execute(dbs.source, "INSERT INTO t (v) VALUES (1)")
+
+    # When the preflight runs
+    report = dbs.preflight()
+
+    # Then the cutover's sequence step would fail (it is reached with writes fenced)...
+    with pytest.raises(SequenceSyncError, match="does not exist here"):
+        sync_sequences(dbs.source, dbs.target, [TableName("public", "t")])
+    # ...so the preflight must not pass
+    assert report.get("sequences").status == "fail", format_report(report)
+
+
+def test_a_role_that_overrides_default_transaction_read_only_is_reported(dbs: Pair) -> None:
+    # Given a source role with its own default_transaction_read_only (e.g. a reporting role)
+    execute(dbs.source, "CREATE TABLE t (id int PRIMARY KEY)")
+    execute(dbs.target, "CREATE TABLE t (id int PRIMARY KEY)")
+    execute(dbs.source, "DROP ROLE IF EXISTS zdm_audit_ro")
+    execute(dbs.source, "CREATE ROLE zdm_audit_ro LOGIN")
+    try:
+        execute(
+            dbs.source,
+            f'ALTER ROLE zdm_audit_ro IN DATABASE "{dbname(dbs.source_dsn)}" SET default_transaction_read_only = off',
+        )
+
+        # When the preflight runs
+        report = dbs.preflight()
+
+        # Then the cutover's fence would refuse...
+        with pytest.raises(FenceError, match="zdm_audit_ro"):
+            take_fence(dbs.source, DnsLikeRouter(), grace=0.1, timeout=1)
+        # ...so the preflight must say so
+        assert report.get("writers_the_fence_cannot_stop").status == "warn", format_report(report)
+        assert "zdm_audit_ro" in " ".join(report.get("writers_the_fence_cannot_stop").details)
+    finally:
+        execute(dbs.source, f'ALTER ROLE zdm_audit_ro IN DATABASE "{dbname(dbs.source_dsn)}" RESET ALL')
+        execute(dbs.source, "DROP ROLE zdm_audit_ro")
+
+
+@pytest.fixture
+def replicating_owner(pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair) -> Iterator[str]:
+    """On the source: a role with REPLICATION that owns the migrated table and may CREATE in the database,
+    but is neither superuser nor the database's owner (the least preflight's source_role asks for)."""
+    source_server, _ = pg_pair
+    name = "zdm_audit_owner"
+    source_server.psql(f"DROP ROLE IF EXISTS {name}")
+    source_server.psql(f"CREATE ROLE {name} LOGIN REPLICATION NOSUPERUSER")
+    execute(dbs.source, f'GRANT CREATE ON DATABASE "{dbname(dbs.source_dsn)}" TO {name}')
+    try:
+        yield name
+    finally:
+        source_server.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'")
+        execute(dbs.source, f"DROP OWNED BY {name}")
+        source_server.psql(f"DROP ROLE IF EXISTS {name}")
+
+
+def test_source_role_that_cannot_fence_or_receive_the_reverse_replication_is_refused(
+    pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair, replicating_owner: str
+) -> None:
+    # Given a table owned by the replicating (non-superuser, non-database-owner) source role
+    source_server, _ = pg_pair
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    execute(dbs.source, f"ALTER TABLE t OWNER TO {replicating_owner}")
+    execute(dbs.source, "INSERT INTO t VALUES (1, 1)")
+    role_dsn = source_server.dsn(dbname(dbs.source_dsn), user=replicating_owner)
+    source = connect(role_dsn)
+    try:
+        # When the preflight runs as that role
+        report = preflight(source, dbs.target, dbs.migration())
+        assert report.get("source_role").status == "pass"  # what it asks for is all there
+
+        # Then the cutover could neither fence the source (ALTER DATABASE needs its owner)...
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            take_fence(source, DnsLikeRouter(), grace=0.1, timeout=1)
+        # ...nor start the replication back from the target (CREATE SUBSCRIPTION needs a superuser on PG15)
+        back = LogicalReplicationPlan(
+            ReplicationNames("zdm_audit_rev"), (TableName("public", "t"),), LogicalSettings(), initial_copy=False
+        )
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="superuser"):
+            LogicalEngine(dbs.target_dsn, role_dsn, back).start()
+    finally:
+        source.close()
+        execute(dbs.target, "DROP PUBLICATION IF EXISTS zdm_audit_rev")
+    # ...so the preflight must not pass
+    assert report.get("cutover_rights").status == "fail", format_report(report)
+
+
+def test_a_source_that_cannot_run_the_reverse_subscription_is_refused() -> None:
+    # Given a source that runs no logical replication worker (max_logical_replication_workers = 0):
+    # the forward replication needs none there, but the replication back after the cutover runs on it
+    source = start_server("audit-noworkers-src", settings={"max_logical_replication_workers": "0"})
+    target = start_server("audit-noworkers-tgt")
+    try:
+        source.create_database("app")
+        target.create_database("app")
+        for server in (source, target):
+            server.psql("CREATE TABLE t (id int PRIMARY KEY, v int)", "app")
+        src, tgt = connect(source.dsn("app")), connect(target.dsn("app"))
+        try:
+            # When the preflight runs
+            report = preflight(src, tgt, migration_for(source.dsn("app"), target.dsn("app")))
+
+            # Then the replication back (what a rollback needs) would never apply anything on the source...
+            back = LogicalReplicationPlan(
+                ReplicationNames("zdm_audit_rev"), (TableName("public", "t"),), LogicalSettings(), initial_copy=False
+            )
+            LogicalEngine(target.dsn("app"), source.dsn("app"), back).start()
+            execute(tgt, "INSERT INTO t VALUES (1, 1)")
+            time.sleep(3)
+            assert fetch_value(src, "SELECT count(*) FROM t") == 0
+            assert fetch_value(src, "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL") == 0
+        finally:
+            src.close()
+            tgt.close()
+        # ...so the preflight must not pass
+        assert report.get("reverse_replication").status == "fail", format_report(report)
+    finally:
+        source.stop()
+        target.stop()
+
+
+def _forward(dbs: Pair, *tables: str) -> LogicalEngine:
+    plan = LogicalReplicationPlan(
+        ReplicationNames("zdm_audit"), tuple(TableName.parse(t) for t in tables), LogicalSettings()
+    )
+    return LogicalEngine(dbs.source_dsn, dbs.target_dsn, plan)
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_target_table_without_a_key_the_apply_can_use_is_refused(dbs: Pair) -> None:
+    # Given a table with a primary key on the source, created without one on the target
+    execute(dbs.source, "CREATE TABLE t (id int PRIMARY KEY, v int)")
+    execute(dbs.target, "CREATE TABLE t (id int NOT NULL, v int)")
+    execute(dbs.source, "INSERT INTO t VALUES (1, 1)")
+
+    # When the preflight runs
+    report = dbs.preflight()
+
+    # Then the migration's apply would stop at the first UPDATE (the target has no replica identity)...
+    _forward(dbs, "public.t").start()
+    execute(dbs.source, "UPDATE t SET v = 2 WHERE id = 1")
+    assert _wait(
+        lambda: (
+            fetch_value(dbs.target, "SELECT coalesce(sum(apply_error_count), 0) FROM pg_stat_subscription_stats") > 0
+        )
+    )
+    assert fetch_value(dbs.target, "SELECT v FROM t WHERE id = 1") == 1
+    # ...so the preflight must not pass
+    assert report.get("target_schema").status == "fail", format_report(report)
+
+
+def test_a_target_check_constraint_the_source_lacks_is_reported(dbs: Pair) -> None:
+    # Given a CHECK (and a UNIQUE) on the target that the source's rows break
+    execute(dbs.source, "CREATE TABLE t (id int PRIMARY KEY, v int)")
+    execute(dbs.target, "CREATE TABLE t (id int PRIMARY KEY, v int CHECK (v > 0))")
+    execute(dbs.source, "INSERT INTO t VALUES (1, -1)")
+
+    # When the preflight runs
+    report = dbs.preflight()
+
+    # Then the copy would fail on the target...
+    with pytest.raises(Exception, match="check constraint"):
+        _forward(dbs, "public.t").start()
+    # ...so the preflight must at least name the difference
+    assert report.get("target_schema").status == "warn", format_report(report)
+
+
+def test_a_deferrable_primary_key_is_not_a_replica_identity(dbs: Pair) -> None:
+    # Given a table whose only key is a DEFERRABLE primary key (PostgreSQL never uses a
+    # non-immediate index as replica identity)
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY DEFERRABLE INITIALLY IMMEDIATE, v int)")
+    execute(dbs.source, "INSERT INTO t VALUES (1, 1)")
+
+    # When the preflight runs
+    report = dbs.preflight()
+
+    # Then, once the table is published, every UPDATE on the source fails...
+    execute(dbs.source, "CREATE PUBLICATION audit_pub FOR TABLE t")
+    with pytest.raises(psycopg2.errors.ObjectNotInPrerequisiteState, match="replica identity"):
+        execute(dbs.source, "UPDATE t SET v = 2")
+    # ...so the preflight must refuse it
+    assert report.get("replica_identity").status == "fail", format_report(report)
+
+
+def test_a_slot_of_the_same_name_in_another_database_is_reported(
+    pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair
+) -> None:
+    # Given, on the source server, a replication slot named as this migration's ('zdm_t') that belongs to
+    # another database (another migration of the same name, from another database of the server)
+    source_server, _ = pg_pair
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    source_server.create_database("audit_other")
+    source_server.psql("SELECT pg_create_logical_replication_slot('zdm_t', 'pgoutput')", "audit_other")
+    try:
+        # When the preflight runs for migration 't'
+        report = dbs.preflight()
+
+        # Then starting the migration drops the other database's slot...
+        plan = LogicalReplicationPlan(
+            ReplicationNames(dbs.migration().slot_name), (TableName("public", "t"),), LogicalSettings()
+        )
+        LogicalEngine(dbs.source_dsn, dbs.target_dsn, plan).start()
+        assert (
+            source_server.psql(
+                "SELECT count(*) FROM pg_replication_slots s WHERE slot_name = 'zdm_t' AND database = 'audit_other'"
+            )
+            == "0"
+        )
+        # ...so the preflight must say so before
+        assert report.get("slot_names").status == "fail", format_report(report)
+    finally:
+        source_server.psql(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'audit_other'"
+        )
+        source_server.psql('DROP DATABASE IF EXISTS "audit_other"')
+
+
+def test_a_target_database_whose_encoding_cannot_hold_the_source_text_is_reported(
+    pg_pair: tuple[PostgresServer, PostgresServer],
+) -> None:
+    # Given a UTF8 source database holding text LATIN1 cannot represent, and a LATIN1 target database
+    source_server, target_server = pg_pair
+    source_server.create_database("audit_enc")
+    target_server.psql("CREATE DATABASE audit_enc TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
+    src, tgt = connect(source_server.dsn("audit_enc")), connect(target_server.dsn("audit_enc"))
+    try:
+        for conn in (src, tgt):
+            execute(conn, "CREATE TABLE t (id int PRIMARY KEY, note text)")
+        execute(src, "INSERT INTO t VALUES (1, '東京')")
+        pair = Pair(src, tgt, source_server.dsn("audit_enc"), target_server.dsn("audit_enc"))
+
+        # When the preflight runs
+        report = pair.preflight()
+
+        # Then the copy fails on the target...
+        with pytest.raises(Exception, match="has no equivalent in encoding"):
+            _forward(pair, "public.t").start()
+        # ...so the preflight must name the encoding difference
+        assert report.get("database_encoding").status == "warn", format_report(report)
+    finally:
+        src.close()
+        tgt.close()
+        source_server.psql(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'audit_enc'"
+        )
+        source_server.psql("DROP DATABASE IF EXISTS audit_enc WITH (FORCE)")
+        target_server.psql("DROP DATABASE IF EXISTS audit_enc WITH (FORCE)")
+
+
+def test_a_sequence_the_source_role_may_not_read_is_refused(
+    pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair, replicating_owner: str
+) -> None:
+    # Given a table owned by the replicating source role whose default draws from a sequence it may not read
+    source_server, _ = pg_pair
+    execute(dbs.source, "CREATE SEQUENCE shared_no")
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY, n bigint)")
+    execute(dbs.source, "ALTER TABLE t ALTER n SET DEFAULT nextval('shared_no')")
+    execute(dbs.target, "CREATE SEQUENCE shared_no")
+    execute(dbs.source, f"ALTER TABLE t OWNER TO {replicating_owner}")
+    execute(dbs.source, "INSERT INTO t (id) VALUES (1)")
+    source = connect(source_server.dsn(dbname(dbs.source_dsn), user=replicating_owner))
+    try:
+        # When the preflight runs as that role
+        report = preflight(source, dbs.target, dbs.migration())
+
+        # Then the cutover's sequence step (run with writes fenced) would fail...
+        with pytest.raises(SequenceSyncError, match="may not read it"):
+            sync_sequences(source, dbs.target, [TableName("public", "t")])
+    finally:
+        source.close()
+    # ...so the preflight's sequences check must not pass (it only warned that no column owns the sequence)
+    assert report.get("sequences").status == "fail", format_report(report)

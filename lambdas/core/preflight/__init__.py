@@ -19,6 +19,7 @@ from lambdas.core.preflight.facts import (
     LocalDiskProbe,
     PreflightFacts,
     WalSampler,
+    foreign_slots,
     gather_server,
     gather_tables,
     server_version,
@@ -81,6 +82,10 @@ def gather_facts(
     tables = gather_tables(source_conn, target_conn, list(migration.tables.include), list(migration.tables.exclude))
     free_disk = disk_probe.free_bytes(source_conn) if disk_probe is not None else None
     wal = sampler.finish()
+    # The forward slot is created on the source, the back one on the target (at cutover); the engine drops a
+    # slot of that name first, whichever database it belongs to.
+    slots = [f"source: {s}" for s in foreign_slots(source_conn, migration.slot_name)]
+    slots += [f"target: {s}" for s in foreign_slots(target_conn, migration.slot_name + "_rev")]
     return PreflightFacts(
         source=source,
         target=target,
@@ -91,6 +96,7 @@ def gather_facts(
         copy_method=migration.engine.logical.copy_method,
         expected_copy_mb_per_s=migration.engine.logical.expected_copy_mb_per_s,
         own_subscriptions=(migration.slot_name, migration.slot_name + "_rev"),
+        foreign_slots=tuple(slots),
         # AWS endpoints (secrets): the copy runs inside the Replication function; locally nothing limits it
         copy_time_limit_seconds=COPY_TIME_BUDGET_SECONDS if migration.source.secret_arn else None,
     )

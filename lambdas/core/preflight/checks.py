@@ -272,6 +272,21 @@ def check_reverse_replication(facts: PreflightFacts) -> CheckResult:
     if senders_free < 1:
         problems.append(f"no free WAL sender on the target ({tgt.wal_senders_used} of {tgt.max_wal_senders} used)")
         fixes.append(f"max_wal_senders = {tgt.wal_senders_used + 1}")
+    # The back subscription's apply worker and replication origin live on the source.
+    src = facts.source
+    src_fixes: list[str] = []
+    for setting, limit, used in (
+        ("max_logical_replication_workers", src.max_logical_replication_workers, src.logical_workers_used),
+        ("max_worker_processes", src.max_worker_processes, src.background_workers_used),
+        ("max_replication_slots", src.max_replication_slots, src.origins_used),
+    ):
+        if used is not None and limit - used < 1:
+            problems.append(
+                "no room on the source for the back subscription's "
+                + ("replication origin" if setting == "max_replication_slots" else "apply worker")
+                + f" ({setting}={limit}, {used} in use)"
+            )
+            src_fixes.append(f"{setting} = {used + 1}")
     if not problems:
         return CheckResult(name, "pass", measured)
     how = (
@@ -279,9 +294,17 @@ def check_reverse_replication(facts: PreflightFacts) -> CheckResult:
         if tgt.is_rds
         else "on the target (ALTER SYSTEM SET) and restart it"
     )
+    src_how = (
+        "in the source's DB parameter group and reboot it"
+        if src.is_rds
+        else "on the source (ALTER SYSTEM SET) and restart it"
+    )
     remedy = (
         "At cutover the target starts replicating back to the source so that a rollback loses nothing; "
-        f"it cannot without these. Set {_join(fixes)} {how} before starting."
+        "it cannot without these. "
+        + (f"Set {_join(fixes)} {how}. " if fixes else "")
+        + (f"Set {_join(src_fixes)} {src_how}. " if src_fixes else "")
+        + "Do it before starting."
     )
     return CheckResult(name, "fail", measured, remedy, problems)
 
@@ -386,6 +409,99 @@ def check_target_role(facts: PreflightFacts) -> CheckResult:
     )
 
 
+def _can_create_subscription(server: ServerFacts) -> bool:
+    role = server.role
+    if role.superuser or (server.is_rds and "rds_superuser" in role.member_of):
+        return True
+    return server.version.major >= 16 and "pg_create_subscription" in role.member_of and role.can_create_in_database
+
+
+def check_cutover_rights(facts: PreflightFacts) -> CheckResult:
+    """What the cutover and a rollback do with the endpoints' roles beyond the forward replication: fence
+    each database (ALTER DATABASE, ending sessions), subscribe on the source to the target (the replication
+    back), publish and replicate from the target."""
+    name = "cutover_rights"
+    src, tgt = facts.source, facts.target
+    measured = (
+        f"source role {src.role.name}: owns database={_yes(src.role.owns_database or src.role.superuser)}, "
+        f"can subscribe={_yes(_can_create_subscription(src))}; target role {tgt.role.name}: owns database="
+        f"{_yes(tgt.role.owns_database or tgt.role.superuser)}, replication={_yes(tgt.role.replication or tgt.role.superuser)}"
+    )
+    problems: list[str] = []
+    fixes: list[str] = []
+    warnings: list[str] = []
+    for side, server, when in (("source", src, "cutover"), ("target", tgt, "rollback")):
+        role = server.role
+        if not (role.superuser or role.owns_database):
+            problems.append(
+                f"{side} role {role.name} does not own database {server.database}: the {when}'s fence "
+                "(ALTER DATABASE ... SET default_transaction_read_only) needs the owner"
+            )
+            fixes.append(f"on the {side}: ALTER DATABASE {server.database} OWNER TO {role.name};")
+        if not (role.superuser or "pg_signal_backend" in role.member_of):
+            warnings.append(
+                f"{side} role {role.name} is not in pg_signal_backend: the {when}'s fence cannot end other roles' "
+                "sessions"
+            )
+            fixes.append(f"on the {side}: GRANT pg_signal_backend TO {role.name};")
+    if not _can_create_subscription(src):
+        problems.append(
+            f"source role {src.role.name} cannot create the subscription that replicates back from the target "
+            f"(PostgreSQL {src.version.major}"
+            + (": superuser only)" if src.version.major < 16 else ": needs pg_create_subscription and CREATE)")
+        )
+        fixes.append(
+            "on the source: use a superuser (rds_superuser on RDS)"
+            + (f" or GRANT pg_create_subscription TO {src.role.name};" if src.version.major >= 16 else "")
+        )
+    if not (tgt.role.superuser or tgt.role.replication or "rds_replication" in tgt.role.member_of):
+        problems.append(f"target role {tgt.role.name} may not replicate (the replication back streams from the target)")
+        fixes.append(f"on the target: ALTER ROLE {tgt.role.name} REPLICATION;")
+    if not problems and not warnings:
+        return CheckResult(name, "pass", measured)
+    return CheckResult(
+        name,
+        "fail" if problems else "warn",
+        measured,
+        "The cutover fences the source and starts the replication back (target -> source); a rollback fences "
+        "the target. Without these rights the cutover aborts with writes paused, or cannot be rolled back: "
+        + " ".join(fixes),
+        problems + warnings,
+    )
+
+
+def check_database_encoding(facts: PreflightFacts) -> CheckResult:
+    name = "database_encoding"
+    src, tgt = facts.source.encoding, facts.target.encoding
+    measured = f"source {src}, target {tgt}"
+    if src == tgt or (tgt == "UTF8" and src != "SQL_ASCII"):
+        return CheckResult(name, "pass", measured)
+    return CheckResult(
+        name,
+        "warn",
+        measured,
+        "The databases' encodings differ: text the target's encoding cannot represent stops the copy or the "
+        "apply ('has no equivalent in encoding'), and SQL_ASCII text is not checked at all. Create the target "
+        f"database with ENCODING '{src if src != 'SQL_ASCII' else 'UTF8'}' (CREATE DATABASE ... TEMPLATE template0).",
+        [f"source database encoding {src}, target {tgt}"],
+    )
+
+
+def check_slot_names(facts: PreflightFacts) -> CheckResult:
+    name = "slot_names"
+    if not facts.foreign_slots:
+        return CheckResult(name, "pass", "no slot of another database uses the migration's slot names")
+    return CheckResult(
+        name,
+        "fail",
+        f"{len(facts.foreign_slots)} slot(s) named as this migration's belong to another database",
+        "Starting (or the cutover, for the target's) drops a slot of that name first, and with it whatever "
+        "replicates from it (another migration of the same name, another tool). Rename this migration ('name' "
+        "in the migration file) or drop the listed slots knowingly.",
+        list(facts.foreign_slots),
+    )
+
+
 # --- tables ----------------------------------------------------------------------------------
 
 
@@ -431,12 +547,17 @@ def _identity_problem(info: TableInfo) -> str:
         return f"{info.name}: REPLICA IDENTITY NOTHING"
     if info.replica_identity == "i":
         return f"{info.name}: REPLICA IDENTITY USING INDEX, but the index no longer exists"
+    if info.primary_key and info.primary_key_deferrable:
+        return f"{info.name}: its primary key is DEFERRABLE, which PostgreSQL never uses as replica identity"
     return f"{info.name}: no primary key (replica identity default)"
 
 
 def check_replica_identity(facts: PreflightFacts) -> CheckResult:
     name = "replica_identity"
     infos = [facts.tables.source[t] for t in facts.tables.selected if t in facts.tables.source]
+    # Partitions published through a selected root: UPDATE/DELETE on each checks its own replica identity
+    # (ALTER TABLE <root> REPLICA IDENTITY does not reach them).
+    infos += [facts.tables.partitions[t] for t in sorted(facts.tables.partitions)]
     missing = [i for i in infos if not i.has_usable_identity]
     full_only = [i for i in infos if i.has_usable_identity and i.replica_identity == "f" and not i.primary_key]
     measured = (
@@ -450,7 +571,7 @@ def check_replica_identity(facts: PreflightFacts) -> CheckResult:
             "Give each listed table a primary key (ALTER TABLE <table> ADD PRIMARY KEY (<columns>)), or point the "
             "replica identity at a unique index on NOT NULL columns (ALTER TABLE <table> REPLICA IDENTITY USING "
             "INDEX <index>); as a last resort ALTER TABLE <table> REPLICA IDENTITY FULL (slow on big tables); or "
-            "exclude the table. Do not start without it: once such a table is in the publication, every UPDATE "
+            "exclude the table (a partition needs it itself: the root's setting does not reach it). Do not start without it: once such a table is in the publication, every UPDATE "
             "and DELETE on it FAILS ON THE SOURCE ('cannot update table ... because it does not have a replica "
             "identity and publishes updates').",
             [_identity_problem(i) for i in missing],
@@ -622,6 +743,13 @@ def check_writers_the_fence_cannot_stop(facts: PreflightFacts) -> CheckResult:
                 + ("cutover" if side == "source" else "rollback after cutover")
                 + " refuses while they are enabled"
             )
+        if server.read_only_overrides:
+            details.append(
+                f"{side}: role(s) {_join(server.read_only_overrides)} set default_transaction_read_only themselves "
+                "(ALTER ROLE ... SET), which would win over the read-only fence: the "
+                + ("cutover" if side == "source" else "rollback after cutover")
+                + " refuses while they do (ALTER ROLE <role> [IN DATABASE <db>] RESET default_transaction_read_only)"
+            )
         if server.prepared_transactions:
             details.append(
                 f"{side}: {server.prepared_transactions} prepared (two-phase) transaction(s) in database "
@@ -708,6 +836,30 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Status, st
             found.append(("fail", f"{t}.{col.name}: NOT NULL on the target but nullable on the source"))
         elif col.not_null and not other.not_null:
             found.append(("warn", f"{t}.{col.name}: nullable on the target but NOT NULL on the source"))
+    # The apply finds a row by the target's replica identity index, else its primary key (whatever the
+    # target's REPLICA IDENTITY setting); without either only a REPLICA IDENTITY FULL source works.
+    target_by_index = target.replica_identity == "i" and target.replica_identity_index is not None
+    target_key = bool(target.primary_key) and not target.primary_key_deferrable
+    if source.replica_identity != "f" and source.has_usable_identity:
+        if not (target_by_index or target_key):
+            found.append(
+                (
+                    "fail",
+                    f"{t}: no primary key or replica identity index on the target: the apply of the first UPDATE or "
+                    "DELETE stops (the source sends only its key, the target cannot find the row)",
+                )
+            )
+        elif source.replica_identity == "d" and not target_by_index:
+            extra = [c for c in target.primary_key if c not in source.primary_key]
+            if extra:
+                found.append(
+                    (
+                        "fail",
+                        f"{t}: the target's primary key has column(s) {_join(extra)} that the source's "
+                        f"({_join(source.primary_key)}) lacks: the source does not send them with an UPDATE or "
+                        "DELETE, and the apply stops",
+                    )
+                )
     for col in target.columns:
         if col.name in src_cols:
             continue
@@ -733,6 +885,10 @@ def check_target_schema(facts: PreflightFacts) -> CheckResult:
             findings.append(("fail", f"{table}: table missing on the target"))
             continue
         findings.extend(compare_table(source, target))
+    findings += [
+        ("warn", f"{c}: only on the target (a source row that breaks it stops the copy or the apply)")
+        for c in tables.target_only_constraints
+    ]
     status = _worst(s for s, _ in findings)
     measured = (
         f"{len(tables.selected) - missing_tables} of {len(tables.selected)} selected tables exist on the target; "
@@ -890,6 +1046,28 @@ def check_sequences(facts: PreflightFacts) -> CheckResult:
         f"{len({u.sequence for u in uses})} sequence(s) used by selected tables, "
         f"{len({u.sequence for u in unowned})} owned by no column"
     )
+    problems = [
+        f"{seq}: missing on the target (the cutover sets it there)" for seq in facts.tables.target_missing_sequences
+    ]
+    problems += [
+        f"{seq}: the source role may not read it (GRANT SELECT ON SEQUENCE {seq} TO {facts.source.role.name};)"
+        for seq in facts.tables.source_unreadable_sequences
+    ]
+    problems += [
+        f"{seq}: the target role may not read and set it "
+        f"(GRANT SELECT, UPDATE ON SEQUENCE {seq} TO {facts.target.role.name};)"
+        for seq in facts.tables.target_unwritable_sequences
+    ]
+    if problems:
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            "The cutover copies every listed sequence's position from the source to the target while writes are "
+            "fenced; it fails on these. Create the missing sequences on the target as on the source (pg_dump "
+            "--schema-only includes them) and grant what is listed.",
+            problems,
+        )
     if not unowned:
         return CheckResult(name, "pass", measured)
     return CheckResult(
@@ -1102,6 +1280,9 @@ CHECKS: tuple[Check, ...] = (
     check_reverse_replication,
     check_source_role,
     check_target_role,
+    check_cutover_rights,
+    check_slot_names,
+    check_database_encoding,
     check_table_selection,
     check_replica_identity,
     check_change_stream_types,

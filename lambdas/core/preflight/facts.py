@@ -12,13 +12,14 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from psycopg2 import sql
 
 from lambdas.core.catalog import SequenceUse, TableInfo, describe_tables, list_tables, sequences_for_tables
 from lambdas.core.db import Connection, fetch_all, fetch_one, fetch_value
+from lambdas.core.fence import role_overrides
 from lambdas.core.lsn import Lsn, current_lsn
 from lambdas.core.tables import TableName, select_tables, unmatched_patterns
 
@@ -31,7 +32,7 @@ LARGE_OBJECT_COUNT_CAP = 10_000
 _BATCH = 200
 
 # Roles whose membership matters: RDS's replication and superuser stand-ins, PG16's subscription right.
-INTERESTING_ROLES = ("rds_replication", "rds_superuser", "pg_create_subscription")
+INTERESTING_ROLES = ("rds_replication", "rds_superuser", "pg_create_subscription", "pg_signal_backend")
 
 # pg_stat_activity.backend_type values that are not background workers (they do not use max_worker_processes).
 _NON_BGWORKER_TYPES = (
@@ -84,6 +85,7 @@ class RoleFacts:
     replication: bool
     member_of: frozenset[str]  # those of INTERESTING_ROLES the role is a member of
     can_create_in_database: bool
+    owns_database: bool = False  # member of the database owner's role (ALTER DATABASE: the fence)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,9 @@ class ServerFacts:
     # into this database, and two-phase transactions prepared in it and not yet resolved.
     subscriptions: tuple[str, ...] = ()
     prepared_transactions: int = 0
+    encoding: str = "UTF8"  # the database's server encoding
+    # Roles with their own default_transaction_read_only (ALTER ROLE ... SET): the fence refuses while they exist.
+    read_only_overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,14 @@ class TableFacts:
     source_unreadable: list[TableName]  # selected tables the source role may not SELECT from
     sequences: list[SequenceUse]
     copy_bytes: int  # on-disk size of the selected tables, partitions of selected roots included
+    # Partitions (any level) of selected partitioned tables that are not selected themselves: they are
+    # published through their root, and UPDATE/DELETE on each needs its own replica identity.
+    partitions: dict[TableName, TableInfo] = field(default_factory=dict)
+    source_unreadable_sequences: list[TableName] = field(default_factory=list)
+    target_missing_sequences: list[TableName] = field(default_factory=list)
+    target_unwritable_sequences: list[TableName] = field(default_factory=list)  # no SELECT and UPDATE (setval)
+    # CHECK, UNIQUE and EXCLUDE constraints the target has and the source does not: "table: definition"
+    target_only_constraints: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,9 @@ class PreflightFacts:
     copy_method: str = "parallel-snapshot"
     expected_copy_mb_per_s: float = 50.0
     own_subscriptions: tuple[str, ...] = ()  # the migration's own (forward, back): not outside writers
+    # Slots named as the migration's (forward on the source, back on the target) that belong to another
+    # database of the server: starting would drop them. "side: slot (database db)"
+    foreign_slots: tuple[str, ...] = ()
     copy_time_limit_seconds: float | None = None  # the parallel copy's time limit on AWS (one function run)
 
 
@@ -232,8 +248,9 @@ def gather_server(conn: Connection) -> ServerFacts:
     keep = settings.get("max_slot_wal_keep_size")
     role_row = fetch_one(
         conn,
-        "SELECT current_user, r.rolsuper, r.rolreplication, has_database_privilege(current_database(), 'CREATE')"
-        " FROM pg_roles r WHERE r.rolname = current_user",
+        "SELECT current_user, r.rolsuper, r.rolreplication, has_database_privilege(current_database(), 'CREATE'),"
+        " pg_has_role(current_user, d.datdba, 'MEMBER'), pg_encoding_to_char(d.encoding)"
+        " FROM pg_roles r, pg_database d WHERE r.rolname = current_user AND d.datname = current_database()",
     )
     assert role_row is not None  # the current role always exists
     member_of = frozenset(
@@ -286,7 +303,10 @@ def gather_server(conn: Connection) -> ServerFacts:
             replication=bool(role_row[2]),
             member_of=member_of,
             can_create_in_database=bool(role_row[3]),
+            owns_database=bool(role_row[4]),
         ),
+        encoding=str(role_row[5]),
+        read_only_overrides=tuple(role_overrides(conn)),
         extensions={str(n): str(v) for n, v in fetch_all(conn, "SELECT extname, extversion FROM pg_extension")},
         available_extensions=frozenset(str(r[0]) for r in fetch_all(conn, "SELECT name FROM pg_available_extensions")),
         large_objects=large_objects,
@@ -366,11 +386,79 @@ def _copy_bytes(conn: Connection, tables: Iterable[TableInfo]) -> int:
     )
 
 
+def _partitions_below(
+    conn: Connection, roots: Sequence[TableInfo], selected: Iterable[TableName]
+) -> dict[TableName, TableInfo]:
+    """Every partition, at any level, of the partitioned `roots`, except those in `selected`."""
+    oids = [t.oid for t in roots if t.relkind == "p"]
+    if not oids:
+        return {}
+    rows = fetch_all(
+        conn,
+        "WITH RECURSIVE tree(oid) AS (SELECT unnest(%s::oid[])"
+        " UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)"
+        " SELECT n.nspname, c.relname FROM tree JOIN pg_class c ON c.oid = tree.oid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relispartition",
+        (oids,),
+    )
+    chosen = set(selected)
+    return describe_tables(conn, [TableName(s, t) for s, t in rows if TableName(s, t) not in chosen])
+
+
+def _sequence_rights(
+    conn: Connection, sequences: Iterable[TableName], rights: Sequence[str]
+) -> tuple[list[TableName], list[TableName]]:
+    """(sequences missing here, sequences present but without every one of `rights` for this role)."""
+    missing: list[TableName] = []
+    lacking: list[TableName] = []
+    for seq in sorted(set(sequences)):
+        row = fetch_one(
+            conn,
+            "SELECT bool_and(has_sequence_privilege(c.oid, r)) FROM unnest(%s::text[]) r, pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s AND c.relkind = 'S' GROUP BY c.oid",
+            (list(rights), seq.schema, seq.name),
+        )
+        if row is None:
+            missing.append(seq)
+        elif not row[0]:
+            lacking.append(seq)
+    return missing, lacking
+
+
+_CONSTRAINTS = (
+    "SELECT c.conrelid, pg_get_constraintdef(c.oid) FROM pg_constraint c"
+    " WHERE c.conrelid = ANY(%s::oid[]) AND c.contype IN ('c', 'u', 'x')"
+)
+
+
+def _target_only_constraints(
+    source: Connection, target: Connection, src: dict[TableName, TableInfo], tgt: dict[TableName, TableInfo]
+) -> list[str]:
+    """CHECK/UNIQUE/EXCLUDE constraints of target tables that the source table lacks (by definition)."""
+    common = [t for t in src if t in tgt]
+    if not common:
+        return []
+    on_source: dict[int, set[str]] = {}
+    for oid, definition in fetch_all(source, _CONSTRAINTS, ([src[t].oid for t in common],)):
+        on_source.setdefault(int(oid), set()).add(str(definition))
+    found: list[str] = []
+    by_oid = {tgt[t].oid: t for t in common}
+    for oid, definition in fetch_all(target, _CONSTRAINTS, (list(by_oid),)):
+        name = by_oid[int(oid)]
+        if str(definition) not in on_source.get(src[name].oid, set()):
+            found.append(f"{name}: {definition}")
+    return sorted(found)
+
+
 def gather_tables(source: Connection, target: Connection, include: list[str], exclude: list[str]) -> TableFacts:
     candidates = list_tables(source)
     selected = select_tables(candidates, include, exclude)
     source_info = describe_tables(source, selected)
     target_info = describe_tables(target, selected)
+    sequences = sequences_for_tables(source, selected)
+    used = [u.sequence for u in sequences]
+    _, source_unreadable_sequences = _sequence_rights(source, used, ("SELECT",))
+    target_missing_sequences, target_unwritable_sequences = _sequence_rights(target, used, ("SELECT", "UPDATE"))
     not_owned, source_unreadable = _privileges(source, source_info.values())
     _, target_unreadable = _privileges(target, target_info.values())
     readable_target = [t for t in target_info.values() if t.name not in set(target_unreadable)]
@@ -386,8 +474,13 @@ def gather_tables(source: Connection, target: Connection, include: list[str], ex
         target_unreadable=target_unreadable,
         source_not_owned=not_owned,
         source_unreadable=source_unreadable,
-        sequences=sequences_for_tables(source, selected),
+        sequences=sequences,
         copy_bytes=_copy_bytes(source, source_info.values()),
+        partitions=_partitions_below(source, list(source_info.values()), selected),
+        source_unreadable_sequences=source_unreadable_sequences,
+        target_missing_sequences=target_missing_sequences,
+        target_unwritable_sequences=target_unwritable_sequences,
+        target_only_constraints=_target_only_constraints(source, target, source_info, target_info),
     )
 
 
@@ -413,3 +506,14 @@ class WalSampler:
             self.sleep(remaining)
         end = current_lsn(self.conn)
         return WalSample(self._start, end, self.clock() - self._started_at)
+
+
+def foreign_slots(conn: Connection, slot: str) -> list[str]:
+    """Slots named `slot` that belong to another database of this server (or are physical)."""
+    rows = fetch_all(
+        conn,
+        "SELECT slot_type, coalesce(database, '') FROM pg_replication_slots"
+        " WHERE slot_name = %s AND database IS DISTINCT FROM current_database()",
+        (slot,),
+    )
+    return [f"{slot} ({kind} slot" + (f" of database {db!r})" if db else ")") for kind, db in rows]
