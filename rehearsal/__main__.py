@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from lambdas.core.config import MigrationFileError
 from rehearsal.report import Chart, PhaseSpan, Series, render_report
@@ -201,6 +203,23 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     say(f"report                 {out / 'report.html'}")
 
 
+@contextlib.contextmanager
+def _handler_logs_to(stream: TextIO) -> Iterator[None]:
+    """The handlers' Powertools logger writes to the stream it was created with (the terminal, at import):
+    point it at `stream` too while the rehearsal runs (metrics are printed, so redirect_stdout takes them)."""
+    from lambdas.handlers.runtime import logger
+
+    handler = logger.registered_handler
+    if not isinstance(handler, logging.StreamHandler):
+        yield
+        return
+    previous = handler.setStream(stream)
+    try:
+        yield
+    finally:
+        handler.setStream(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rehearsal = Rehearsal(
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"handler logs and metrics (Powertools JSON): {log_path}")
     try:
         # Handlers log to stdout as on Lambda; here that goes to a file, the terminal shows progress.
-        with log_path.open("w") as log, contextlib.redirect_stdout(log):
+        with log_path.open("w") as log, contextlib.redirect_stdout(log), _handler_logs_to(log):
             summary, timeline = rehearsal.run_with_timeline()
     except (MigrationFileError, ServerError) as exc:
         say(f"error: {exc}")

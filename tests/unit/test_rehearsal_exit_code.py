@@ -99,3 +99,26 @@ def test_a_broken_lambda_limit_makes_the_rehearsal_fail_and_is_shown(
 
 def test_kept_lambda_limits_leave_a_clean_run_passing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert _run_main(monkeypatch, tmp_path, _summary(lambda_limits_broken=[], lambda_invocations={})) == 0
+
+
+def test_handler_logs_go_to_the_log_file_not_the_terminal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a rehearsal whose handlers log through their Powertools logger (created at import, on the terminal)
+    from lambdas.handlers.runtime import logger
+
+    def run(self: Any) -> tuple[dict[str, Any], Timeline]:
+        import time
+
+        logger.info("health gate", extra={"healthy": True})
+        return _summary(), Timeline(time.monotonic())
+
+    monkeypatch.setattr(main_mod.Rehearsal, "run_with_timeline", run)
+    # When it runs
+    code = main_mod.main(["--rows", "20000", "--out", str(tmp_path)])
+    # Then the log line is in handlers.log and not on the terminal, and the logger writes where it did before
+    assert code == 0
+    assert '"message":"health gate"' in (tmp_path / "handlers.log").read_text()
+    assert "health gate" not in capsys.readouterr().out
+    logger.info("after the rehearsal")
+    assert "after the rehearsal" not in (tmp_path / "handlers.log").read_text()
