@@ -297,10 +297,10 @@ class Orchestration(Construct):
         ctx = self._ctx
         m = ctx.migration
         if access is Access.ENGINE:
+            # Every engine reaches the databases (dms: the cutover's fence marker table, dms_fence.py).
+            self._grant(Access.DATABASES, function, role)
             if m.engine.type == "dms":
                 self._grant(Access.METRICS_READ, function, role)
-            else:
-                self._grant(Access.DATABASES, function, role)
             if self._replication is not None:  # the dms engine's task and/or the DMS change stream
                 self._grant(Access.DMS, function, role)
             if self._change_stream is not None:  # engine debezium: the connector and the applier's mappings

@@ -14,7 +14,8 @@ class Access(StrEnum):
     """What a function may touch; each is granted on this migration's resources only."""
 
     DATABASES = "databases"  # read the source and target secrets; reach the databases' ports
-    ENGINE = "engine"  # whatever the configured engine needs: DATABASES (logical) or DMS + METRICS_READ (dms)
+    # whatever the configured engine needs: DATABASES, and DMS + METRICS_READ (dms) or CHANGE_STREAM (debezium)
+    ENGINE = "engine"
     DMS = "dms"  # start, stop and describe this migration's DMS task(s)
     METRICS_READ = "metrics-read"  # read CloudWatch metrics (DMS CDC latency)
     ALARMS_READ = "alarms-read"  # read the state of this migration's alarms and the file's alarms (health gates)
@@ -97,7 +98,8 @@ HANDLERS: tuple[HandlerSpec, ...] = (
     HandlerSpec(
         "Cutover",
         "cutover",
-        (Access.DATABASES, Access.TRAFFIC, Access.CHANGE_STREAM),
+        # ENGINE: the forward replication it waits for and stops (debezium's change stream, dms's task)
+        (Access.DATABASES, Access.TRAFFIC, Access.ENGINE),
         timeout_seconds=900,
         description="fence, catch up, sequences, reverse replication, writer switch; and rollback",
     ),

@@ -61,6 +61,8 @@ class Replication(Construct):
         settings = m.engine.dms
         try:
             self.mappings = table_mappings(m.tables.include, m.tables.exclude)
+            # The migration's own task also carries the cutover's fence marker (lambdas/core/engines/dms_fence.py).
+            self.task_mappings = table_mappings(m.tables.include, m.tables.exclude, fence_marker=True)
         except TableMappingError as exc:
             raise MigrationConfigError(str(exc)) from None
         self.serverless = settings.serverless
@@ -168,7 +170,13 @@ class Replication(Construct):
             fail_tasks_on_lob_truncation=True if side == "source" else None,
             # Target only: no FK checks or triggers per applied row (what the apply worker of logical
             # replication does too); the source already enforced them.
-            after_connect_script="SET session_replication_role = replica" if side == "target" else None,
+            # And writable whatever the database's default: the read shift fences the target
+            # (default_transaction_read_only) while DMS still applies to it.
+            after_connect_script=(
+                "SET session_replication_role = replica; SET default_transaction_read_only = off"
+                if side == "target"
+                else None
+            ),
         )
         engine = "aurora-postgresql" if endpoint.rds_cluster_identifier else "postgres"
         return dms.CfnEndpoint(
@@ -316,7 +324,8 @@ class Replication(Construct):
     ) -> DmsTask:
         ctx = self._ctx
         resource_id = short_name("zdm", ctx.name, suffix)
-        mappings = json.dumps(self.mappings)
+        rules = self.task_mappings if migration_type == "full-load-and-cdc" else self.mappings
+        mappings = json.dumps(rules)
         task: dms.CfnReplicationTask | dms.CfnReplicationConfig
         if self.instance is not None:
             assert self.instance_id is not None
@@ -349,7 +358,7 @@ class Replication(Construct):
                 replication_type=migration_type,
                 source_endpoint_arn=self.source.ref,
                 target_endpoint_arn=target_arn,
-                table_mappings=self.mappings,
+                table_mappings=rules,
                 replication_settings=settings,
                 compute_config=dms.CfnReplicationConfig.ComputeConfigProperty(
                     min_capacity_units=s.min_capacity_units,

@@ -9,6 +9,8 @@ from lambdas.core.db import Connection, fetch_all
 from lambdas.core.tables import TableName
 
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
+# The product's own schema (cutover state, copy state, the dms engine's fence markers): never migrated.
+OWN_SCHEMA = "_zdm"
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,13 @@ class TableInfo:
 
 
 def list_tables(conn: Connection) -> list[TableName]:
-    """Every ordinary and partitioned table outside the system schemas."""
+    """Every ordinary and partitioned table outside the system schemas and the product's own."""
     rows = fetch_all(
         conn,
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN %s AND n.nspname NOT LIKE 'pg_temp%%'"
         " AND n.nspname NOT LIKE 'pg_toast%%'",
-        (SYSTEM_SCHEMAS,),
+        ((*SYSTEM_SCHEMAS, OWN_SCHEMA),),
     )
     return sorted(TableName(s, t) for s, t in rows)
 

@@ -668,6 +668,8 @@ CUTOVER_WAIT_BUDGET_SECONDS = 840.0
 # The Replication function (900 s) runs the parallel-snapshot copy in one invocation: its exported
 # snapshot lives only as long as the session that created the slot, so a copy cannot span invocations.
 COPY_TIME_BUDGET_SECONDS = 840.0
+# Engine dms: how long the cutover waits, writes paused, for DMS to say the task stopped (engines/dms_fence.py).
+DMS_STOP_TIMEOUT_SECONDS = 180.0
 
 
 class Migration(_Model):
@@ -706,6 +708,8 @@ class Migration(_Model):
     @model_validator(mode="after")
     def _cutover_fits_its_function(self) -> Migration:
         cut = self.cutover.fence_timeout_seconds + self.cutover.catch_up_timeout_seconds
+        if self.engine.type == "dms":
+            cut += DMS_STOP_TIMEOUT_SECONDS
         router = 0.0
         if self.router.type in ("route53", "rds-proxy"):
             router += self.router.route53.insync_timeout_seconds
@@ -715,7 +719,9 @@ class Migration(_Model):
             where = "router" if router > cut else "cutover"
             raise ValueError(
                 f"{where}: a cutover may wait {cut + router:g} s (cutover.fence_timeout_seconds + "
-                "catch_up_timeout_seconds + the router's insync/registration timeouts), more than the "
+                "catch_up_timeout_seconds + the router's insync/registration timeouts"
+                + (f" + {DMS_STOP_TIMEOUT_SECONDS:g} s for the DMS task to stop" if self.engine.type == "dms" else "")
+                + "), more than the "
                 f"{CUTOVER_WAIT_BUDGET_SECONDS:g} s the Cutover function has for them (it is stopped at 15 minutes, "
                 "mid-step): lower them"
             )

@@ -24,10 +24,11 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from lambdas.core.catalog import list_tables
 from lambdas.core.config import Migration
 from lambdas.core.cutover import CutoverPlan, CutoverRunner
+from lambdas.core.cutover.runner import ForwardChangeStream
 from lambdas.core.db import connect
 from lambdas.core.routers import TrafficRouter, router_for
 from lambdas.core.tables import select_tables
-from lambdas.handlers.replication import build_debezium_engine
+from lambdas.handlers.replication import build_debezium_engine, build_dms_stream
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
 
 
@@ -70,8 +71,12 @@ def build_runner(migration: Migration) -> CutoverRunner:
         tables = select_tables(list_tables(source), migration.tables.include, migration.tables.exclude)
     finally:
         source.close()
-    # The debezium engine carries source -> target itself: the cutover waits for, stops and retires it.
-    stream = build_debezium_engine(migration, source_dsn, target_dsn) if migration.engine.type == "debezium" else None
+    # The debezium and dms engines carry source -> target themselves: the cutover waits for, stops and retires them.
+    stream: ForwardChangeStream | None = None
+    if migration.engine.type == "debezium":
+        stream = build_debezium_engine(migration, source_dsn, target_dsn)
+    elif migration.engine.type == "dms":
+        stream = build_dms_stream(migration, source_dsn, target_dsn)
     return CutoverRunner(
         source_dsn,
         target_dsn,

@@ -22,6 +22,7 @@ from lambdas.core.db import connect
 from lambdas.core.engines.base import Phase, ReplicationEngine, ReplicationStatus, TableSyncState
 from lambdas.core.engines.debezium import DebeziumEngine, DebeziumPlan
 from lambdas.core.engines.dms import DmsEngine, DmsTarget
+from lambdas.core.engines.dms_fence import DmsForwardStream
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
 from lambdas.core.tables import TableName, select_tables
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
@@ -147,9 +148,14 @@ def build_debezium_engine(
     return DebeziumEngine(source_dsn, target_dsn, plan, runtime, kafka)
 
 
+def build_dms_stream(migration: Migration, source_dsn: str, target_dsn: str) -> DmsForwardStream:
+    """The dms engine with the cutover's fence marker (created on both databases before the task starts)."""
+    return DmsForwardStream(build_dms_engine(), source_dsn, target_dsn, migration.name)
+
+
 def engine_for(migration: Migration) -> ReplicationEngine:
     if migration.engine.type == "dms":
-        return build_dms_engine()
+        return build_dms_stream(migration, *dsns(migration))
     if migration.engine.type == "debezium":
         return build_debezium_engine(migration, *dsns(migration))
     return build_engine(migration, *dsns(migration))

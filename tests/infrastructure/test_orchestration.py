@@ -163,3 +163,21 @@ def test_a_settings_value_over_4_kb_takes_a_tier_that_holds_it(synth: Callable[.
 
 def example_parameter(synth: Callable[..., Synth]) -> list[dict[str, Any]]:
     return list(synth("migrations/example.yaml").resources("AWS::SSM::Parameter").values())
+
+
+def test_the_cutover_function_drives_the_dms_task_it_waits_for(example: Synth) -> None:
+    # Given engine dms: the cutover stops the task once the fence marker reached the target
+    cutover = _functions(example)["lambdas.handlers.cutover.handler"]
+    target = json.dumps(cutover["Environment"]["Variables"]["ZDM_DMS_TARGET"])
+    assert "zdm-shop-orders-load-cdc" in target
+    role = cutover["Role"]["Fn::GetAtt"][0]
+    statements = [
+        s
+        for p in example.resources("AWS::IAM::Policy").values()
+        if {"Ref": role} in p["Properties"]["Roles"]
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+    ]
+    actions = {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    # Then it may stop, start and describe the task, read its lag, and read both databases' secrets
+    assert {"dms:StopReplicationTask", "dms:StartReplicationTask", "dms:DescribeReplicationTasks"} <= actions
+    assert {"cloudwatch:GetMetricData", "secretsmanager:GetSecretValue"} <= actions

@@ -144,7 +144,12 @@ def test_serverless_replication_has_capacity_encryption_and_private_networking(s
     assert (compute["MinCapacityUnits"], compute["MaxCapacityUnits"], compute["MultiAZ"]) == (2, 32, True)
     assert "KmsKeyId" in compute and compute["VpcSecurityGroupIds"]
     assert config["ReplicationSettings"]["ValidationSettings"]["EnableValidation"] is True
-    assert {r["object-locator"]["schema-name"] for r in config["TableMappings"]["rules"]} == {"public", "ledger"}
+    # the file's schemas, and the cutover's fence marker (_zdm.dms_fence_markers)
+    assert {r["object-locator"]["schema-name"] for r in config["TableMappings"]["rules"]} == {
+        "public",
+        "ledger",
+        "_zdm",
+    }
     serverless.template.resource_count_is("AWS::DMS::ReplicationInstance", 0)
     serverless.template.has_resource_properties(
         "AWS::Logs::LogGroup", {"LogGroupName": "dms-serverless-replication-zdm-shop-payments-load-cdc"}
@@ -155,3 +160,21 @@ def test_logical_engine_without_change_stream_builds_no_dms(synth: Callable[...,
     result = synth("migrations/example.yaml", engine={"type": "logical"}, aws={"streaming": {"enabled": False}})
     for kind in ("AWS::DMS::ReplicationInstance", "AWS::DMS::Endpoint", "AWS::DMS::ReplicationTask"):
         result.template.resource_count_is(kind, 0)
+
+
+def test_the_migration_task_carries_the_fence_marker_table_and_the_stream_task_does_not(example: Synth) -> None:
+    # Given the example's two DMS tasks (the migration's, and the CDC-only change stream to MSK)
+    tasks = {
+        t["Properties"]["MigrationType"]: json.loads(t["Properties"]["TableMappings"])
+        for t in example.resources("AWS::DMS::ReplicationTask").values()
+    }
+    # Then the cutover's marker table travels with the migration's task only
+    assert matches(tasks["full-load-and-cdc"], "_zdm.dms_fence_markers")
+    assert not matches(tasks["cdc"], "_zdm.dms_fence_markers")
+    # And DMS's sessions on the target stay writable when the read shift fences the target
+    target = next(
+        e["Properties"]["PostgreSqlSettings"]
+        for e in example.resources("AWS::DMS::Endpoint").values()
+        if e["Properties"]["EndpointType"] == "target" and e["Properties"]["EngineName"] != "kafka"
+    )
+    assert "SET default_transaction_read_only = off" in target["AfterConnectScript"]

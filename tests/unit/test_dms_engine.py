@@ -283,6 +283,19 @@ def test_table_mappings_refuse_patterns_dms_cannot_express() -> None:
         table_mappings(["public.*"], ["public.t[12]"])
 
 
+def test_the_migration_task_includes_the_fence_marker_and_refuses_an_exclude_that_drops_it() -> None:
+    # Given the file's patterns with the fence marker asked for
+    mappings = table_mappings(["public.*"], ["public.tmp_*"], fence_marker=True)
+    # Then the marker table is selected after the file's rules, and nothing else changes
+    assert matches(mappings, "_zdm.dms_fence_markers") and matches(mappings, "public.orders")
+    assert not matches(mappings, "public.tmp_x")
+    # And an exclude pattern that also matches the marker is refused, naming it
+    with pytest.raises(
+        TableMappingError, match=r"tables\.exclude pattern '\*\.\*' also excludes _zdm\.dms_fence_markers"
+    ):
+        table_mappings(["public.*"], ["*.*"], fence_marker=True)
+
+
 class MinuteClock:
     """The engine's clock, moved a minute on by each of the engine's sleeps; each minute may bring a
     CDCLatencyTarget datapoint (as DMS publishes one a minute)."""

@@ -569,10 +569,13 @@ def test_a_parallel_copy_longer_than_the_replication_function_fails(
         assert "copy_method: subscription" in result.remedy
 
 
-def test_engine_dms_fails_because_its_cutover_is_not_built() -> None:
-    # The runner would find no logical subscription and refuse the cutover (an audit found it): say so up front
-    assert checks.check_cutover_engine(facts(engine="dms")).status == "fail"
-    assert "not built" in checks.check_cutover_engine(facts(engine="dms")).measured
+def test_engine_dms_warns_that_its_cutover_pauses_writes_while_the_task_stops() -> None:
+    # Given engine dms, whose cutover waits for a marker row and then for the task to stop
+    result = checks.check_cutover_engine(facts(engine="dms"))
+    # Then preflight lets it through but says the write pause includes stopping the task
+    assert result.status == "warn"
+    assert "marker row" in result.measured and "180 s" in result.measured
+    assert "engine logical" in result.remedy
     assert checks.check_cutover_engine(facts(engine="debezium")).status == "pass"
     assert checks.check_cutover_engine(facts()).status == "pass"
 

@@ -90,6 +90,16 @@ class TeardownResult:
     removed: list[str]
 
 
+@dataclass(frozen=True)
+class FenceReached:
+    """A change stream (not a subscription) has applied on the target everything committed before the fence."""
+
+    marker_lsn: str  # where the marker written after the fence is in the source's WAL
+    waited_seconds: float
+    events_applied_to: dict[str, int]  # the stream's own positions reached (debezium: topic/partition offsets)
+    marker_seen_seconds: float = 0.0  # of waited_seconds, until the marker was seen (on the broker, on the target)
+
+
 class ReplicationEngine(ABC):
     name: str
 

@@ -22,6 +22,7 @@ from lambdas.core.changestream.kafka import KafkaStream, TopicOffsets
 from lambdas.core.changestream.runtime import ChangeStreamRuntime, PartState
 from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_one, fetch_value
 from lambdas.core.engines.base import (
+    FenceReached,
     Phase,
     ReplicationEngine,
     ReplicationStatus,
@@ -56,14 +57,6 @@ class DebeziumPlan:
     def applier_topics(self) -> list[str]:
         """What the applier consumes: the table topics and the heartbeats (StreamRouting.topics)."""
         return [*self.table_topics, heartbeat_topic(self.prefix)]
-
-
-@dataclass(frozen=True)
-class FenceReached:
-    marker_lsn: str
-    waited_seconds: float
-    events_applied_to: dict[str, int]
-    marker_seen_seconds: float = 0.0  # of waited_seconds, until the marker was on the broker
 
 
 class DebeziumEngine(ReplicationEngine):

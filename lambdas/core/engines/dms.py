@@ -30,6 +30,10 @@ from lambdas.core.engines.base import (
     TableSyncState,
     TeardownResult,
 )
+from lambdas.core.tables import TableName
+
+# The table the cutover writes its fence marker into on the source (engines.dms_fence); the task carries it.
+FENCE_MARKER_TABLE = TableName("_zdm", "dms_fence_markers")
 
 
 class DmsEngineError(RuntimeError):
@@ -270,6 +274,21 @@ class DmsEngine(ReplicationEngine):
         else:
             self._dms.stop_replication(ReplicationConfigArn=self.target.arn)
 
+    def wait_stopped(
+        self, timeout: float, *, poll_seconds: float = 2.0, sleep: Callable[[float], None] = time.sleep
+    ) -> str:
+        """Stop the task and return once DMS says it has stopped (or failed): from then on it applies nothing.
+        Raises DmsEngineError after `timeout` seconds, naming the status it was left in."""
+        self.stop()
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self._describe().status
+            if status not in _RUNNING and status != "stopping":
+                return status
+            if time.monotonic() >= deadline:
+                raise DmsEngineError(f"DMS {self._what()} was still {status} {timeout:g} s after it was told to stop")
+            sleep(poll_seconds)
+
     def teardown(self) -> TeardownResult:
         """Stop the task. The task, its endpoints and DMS's slot on the source belong to the
         CloudFormation stack: `cdk destroy` (or removing the engine from the file) deletes them,
@@ -387,29 +406,40 @@ class TableMappingError(ValueError):
     pass
 
 
-def table_mappings(include: Iterable[str], exclude: Iterable[str]) -> dict[str, Any]:
+def table_mappings(include: Iterable[str], exclude: Iterable[str], *, fence_marker: bool = False) -> dict[str, Any]:
     """DMS selection rules for 'schema.table' patterns: one include rule per `include`
     pattern, then one exclude rule per `exclude` pattern. DMS's only wildcard is '%', so '*'
-    becomes '%'; '?' and '[...]' have no DMS form and are refused with the pattern named."""
+    becomes '%'; '?' and '[...]' have no DMS form and are refused with the pattern named.
+    `fence_marker`: the migration task also carries `FENCE_MARKER_TABLE` (the cutover waits for its
+    rows on the target, `dms_fence`); an exclude pattern that would drop it is refused."""
     rules: list[dict[str, Any]] = []
-    for action, patterns in (("include", include), ("exclude", exclude)):
-        for pattern in patterns:
-            if _DMS_UNSUPPORTED.search(pattern):
-                raise TableMappingError(
-                    f"tables.{action} pattern {pattern!r}: DMS matches only '*' (as '%'); "
-                    "replace '?' and '[...]' with '*' or list the tables"
-                )
-            schema, _, table = pattern.partition(".")
-            number = str(len(rules) + 1)
-            rules.append(
-                {
-                    "rule-type": "selection",
-                    "rule-id": number,
-                    "rule-name": f"{action}-{number}",
-                    "object-locator": {"schema-name": schema.replace("*", "%"), "table-name": table.replace("*", "%")},
-                    "rule-action": action,
-                }
+    patterns = [("include", p) for p in include] + [("exclude", p) for p in exclude]
+    if fence_marker:
+        marker = f"{FENCE_MARKER_TABLE.schema}.{FENCE_MARKER_TABLE.name}"
+        blocking = [p for action, p in patterns if action == "exclude" and fnmatch.fnmatchcase(marker, p)]
+        if blocking:
+            raise TableMappingError(
+                f"tables.exclude pattern {blocking[0]!r} also excludes {marker}, the table the cutover's fence marker "
+                "travels in: narrow the pattern"
             )
+        patterns.append(("include", marker))
+    for action, pattern in patterns:
+        if _DMS_UNSUPPORTED.search(pattern):
+            raise TableMappingError(
+                f"tables.{action} pattern {pattern!r}: DMS matches only '*' (as '%'); "
+                "replace '?' and '[...]' with '*' or list the tables"
+            )
+        schema, _, table = pattern.partition(".")
+        number = str(len(rules) + 1)
+        rules.append(
+            {
+                "rule-type": "selection",
+                "rule-id": number,
+                "rule-name": f"{action}-{number}",
+                "object-locator": {"schema-name": schema.replace("*", "%"), "table-name": table.replace("*", "%")},
+                "rule-action": action,
+            }
+        )
     return {"rules": rules}
 
 

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from lambdas.core.catalog import Column, TableInfo
+from lambdas.core.config import DMS_STOP_TIMEOUT_SECONDS
 from lambdas.core.preflight.facts import (
     LARGE_OBJECT_COUNT_CAP,
     TARGET_ROW_COUNT_CAP,
@@ -1141,11 +1142,13 @@ def check_cutover_engine(facts: PreflightFacts) -> CheckResult:
         return CheckResult(name, "pass", f"engine {facts.engine}: the cutover waits for an exact position")
     return CheckResult(
         name,
-        "fail",
-        "engine dms: the cutover cannot wait for DMS to apply up to the fence (not built)",
-        "DMS exposes no applied position (only one-minute CloudWatch latency datapoints), and the exact way, a "
-        "marker row the task carries to the target, is not built yet: the migration would copy, validate and "
-        "shift reads, then roll back at the cutover. Use engine logical (PostgreSQL to PostgreSQL) or debezium.",
+        "warn",
+        "engine dms: the cutover waits for a marker row written after the fence to reach the target, then for "
+        f"the task to stop (up to {DMS_STOP_TIMEOUT_SECONDS:g} s), writes paused meanwhile",
+        "DMS exposes no applied position, so the cutover writes a row into _zdm.dms_fence_markers on the source "
+        "after the fence and waits until the task has applied it; the task is then stopped before the replication "
+        "back starts, and stopping a DMS task takes tens of seconds: the write pause lasts that long (not measured "
+        "on AWS). For a pause of a second or less use engine logical (PostgreSQL to PostgreSQL).",
     )
 
 

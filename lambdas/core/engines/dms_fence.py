@@ -1,0 +1,136 @@
+"""Engine dms at the cutover: a marker row tells when DMS has applied everything up to the fence.
+
+DMS exposes no applied position (only one-minute CloudWatch latency datapoints), so the cutover
+writes a row into `_zdm.dms_fence_markers` on the source after the fence and waits until that row
+is on the target. The task applies the source's transactions whole and in commit order (the stack
+sets BatchApplyEnabled false), and the marker commits after every write the fence let through,
+so the row's arrival proves those writes were applied. The task is then stopped, and the cutover
+waits until DMS says it stopped before the replication back starts: a task still running would
+carry the target's writes, replicated back into the source, to the target a second time.
+
+The marker table is created on both databases before the task first starts (the task's table
+mappings name it, `dms.table_mappings`); rows of earlier attempts stay (a token each).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from psycopg2 import sql
+
+from lambdas.core.config import DMS_STOP_TIMEOUT_SECONDS
+from lambdas.core.db import Connection, connect, execute, fetch_value
+from lambdas.core.engines.base import (
+    FenceReached,
+    Phase,
+    ReplicationEngine,
+    ReplicationStatus,
+    StartResult,
+    TeardownResult,
+)
+from lambdas.core.engines.dms import FENCE_MARKER_TABLE as MARKER_TABLE
+from lambdas.core.engines.dms import DmsBehind, DmsEngine
+from lambdas.core.fence import make_writable
+
+STOP_TIMEOUT_SECONDS = DMS_STOP_TIMEOUT_SECONDS  # how long the cutover waits for DMS to say the task stopped
+
+
+def ensure_marker_table(conn: Connection) -> None:
+    execute(conn, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(MARKER_TABLE.schema)))
+    execute(
+        conn,
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (token text PRIMARY KEY, migration text NOT NULL,"
+            " written_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        ).format(MARKER_TABLE.ident),
+    )
+
+
+class DmsForwardStream(ReplicationEngine):
+    """The dms engine as the cutover drives it (`cutover.runner.ForwardChangeStream`), and as the
+    Replication task starts it (the marker table first)."""
+
+    name = "dms"
+
+    def __init__(
+        self,
+        engine: DmsEngine,
+        source_dsn: str,
+        target_dsn: str,
+        migration: str,
+        *,
+        connector: Callable[..., Connection] = connect,
+        poll_seconds: float = 0.05,
+        stop_timeout_seconds: float = STOP_TIMEOUT_SECONDS,
+        stop_poll_seconds: float = 2.0,
+    ) -> None:
+        self.engine = engine
+        self._source_dsn = source_dsn
+        self._target_dsn = target_dsn
+        self.migration = migration
+        self._connect = connector
+        self._poll = poll_seconds
+        self._stop_timeout = stop_timeout_seconds
+        self._stop_poll = stop_poll_seconds
+
+    def _session(self, dsn: str) -> Connection:
+        conn = self._connect(dsn, application_name="zdm-dms-fence")
+        make_writable(conn)  # the read shift fences the target; the marker table is ours to write
+        return conn
+
+    def start(self) -> StartResult:
+        """The marker table on both databases, then the task (started, or resumed: `DmsEngine.start`).
+
+        Before the task's first start the target's copy is emptied: the full load copies the source's
+        rows into it, and rows left by an earlier migration of this database would collide."""
+        first_start = self.engine.status().phase is Phase.NOT_STARTED
+        for dsn in (self._source_dsn, self._target_dsn):
+            conn = self._session(dsn)
+            try:
+                ensure_marker_table(conn)
+                if first_start and dsn == self._target_dsn:
+                    execute(conn, sql.SQL("DELETE FROM {}").format(MARKER_TABLE.ident))
+            finally:
+                conn.close()
+        return self.engine.start()
+
+    def status(self) -> ReplicationStatus:
+        return self.engine.status()
+
+    def wait_for_fence(self, source: Connection, timeout: float) -> FenceReached:
+        """After the fence: write a marker row on the source, return once the target has it."""
+        started = time.monotonic()
+        token = uuid.uuid4().hex
+        execute(source, "SET synchronous_commit = on")
+        execute(
+            source,
+            sql.SQL("INSERT INTO {} (token, migration) VALUES (%s, %s)").format(MARKER_TABLE.ident),
+            (token, self.migration),
+        )
+        marker_lsn = str(fetch_value(source, "SELECT pg_current_wal_lsn()::text"))
+        target = self._session(self._target_dsn)
+        try:
+            query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE token = %s)").format(MARKER_TABLE.ident)
+            while not fetch_value(target, query, (token,)):
+                if time.monotonic() - started > timeout:
+                    raise DmsBehind(
+                        f"DMS did not carry the fence marker ({MARKER_TABLE}, token {token}) to the target within"
+                        f" {timeout:g} s: its apply is behind or the table is not in the task's mappings"
+                    )
+                time.sleep(self._poll)
+        finally:
+            target.close()
+        waited = time.monotonic() - started
+        return FenceReached(marker_lsn, waited, {}, waited)
+
+    def pause_applying(self) -> None:
+        """Stop the task and wait until DMS says it stopped: nothing is applied after this."""
+        self.engine.wait_stopped(self._stop_timeout, poll_seconds=self._stop_poll)
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def teardown(self) -> TeardownResult:
+        return self.engine.teardown()
