@@ -92,6 +92,9 @@ HANDLERS: tuple[HandlerSpec, ...] = (
         "ReadShift",
         "read_shift",
         (Access.TRAFFIC, Access.DATABASES),
+        # a step waits up to a minute for the migration's lock, then for Route53's INSYNC
+        # (router.route53.insync_timeout_seconds, up to ~800 s where the cutover's waits allow it)
+        timeout_seconds=900,
         description="moves a share of reads to the target",
     ),
     HandlerSpec("HealthGate", "health_gate", (Access.ALARMS_READ, Access.ENGINE), description="alarms and lag say go"),

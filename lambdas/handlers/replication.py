@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from functools import cache
@@ -19,7 +20,7 @@ from lambdas.core.changestream.kafka import KafkaStream
 from lambdas.core.changestream.runtime import ChangeStreamRuntime
 from lambdas.core.config import Migration
 from lambdas.core.db import connect
-from lambdas.core.engines.base import Phase, ReplicationEngine, ReplicationStatus, TableSyncState
+from lambdas.core.engines.base import Phase, ReplicationEngine, ReplicationStatus, StartResult, TableSyncState
 from lambdas.core.engines.debezium import DebeziumEngine, DebeziumPlan
 from lambdas.core.engines.dms import DmsEngine, DmsTarget
 from lambdas.core.engines.dms_fence import DmsForwardStream
@@ -198,7 +199,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if request.action == "start":
         if stream is not None:  # changes flow to the stream from before the copy starts
             stream.start()
-        return asdict(engine.start())
+        return start_for_state(engine.start())
     if request.action == "stop":  # the change stream keeps running: its consumers are not rolled back
         engine.stop()
         return {"stopped": True}
@@ -209,4 +210,27 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         return {"removed": removed}
     status = engine.status()
     publish_status_metrics(migration, status)
-    return status.to_json()
+    return status_for_state(status)
+
+
+STATUS_TABLES_SHOWN = 50
+
+
+def start_for_state(result: StartResult) -> dict[str, Any]:
+    """The start as the task returns it (the state keeps it to the end, within 256 KiB with the rest):
+    the first STATUS_TABLES_SHOWN tables' names and how many there are."""
+    out = asdict(result)
+    out["tables"] = result.tables[:STATUS_TABLES_SHOWN]
+    out["tables_count"] = len(result.tables)
+    return out
+
+
+def status_for_state(status: ReplicationStatus) -> dict[str, Any]:
+    """The status as the task returns it: a task's result may not pass 256 KiB (States.DataLimitExceeded,
+    which no Catch on States.ALL catches), and one entry per table passes it at ~2,400 tables. The
+    tables not ready yet (the first STATUS_TABLES_SHOWN), and how many tables are in each state."""
+    out = status.to_json()
+    waiting = [t for t in out["tables"] if t["state"] is not TableSyncState.READY]
+    out["tables"] = waiting[:STATUS_TABLES_SHOWN]
+    out["tables_by_state"] = {str(k): v for k, v in Counter(t.state for t in status.tables).items()}
+    return out

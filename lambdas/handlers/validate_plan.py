@@ -11,7 +11,7 @@ from lambdas.core import telemetry
 from lambdas.core.catalog import list_tables
 from lambdas.core.config import Migration
 from lambdas.core.tables import TableName, select_tables
-from lambdas.core.validation import Replication, SessionPair, plan_validation, replication_of
+from lambdas.core.validation import Replication, SessionPair, ValidationPlan, plan_validation, replication_of
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer, validation_store
 
 
@@ -40,8 +40,17 @@ def engine_replication(migration: Migration) -> Replication | None:
         name, timeout = "DMS task", max(settings.recheck_timeout_seconds, DMS_RECHECK_MIN_SECONDS)
     else:
         return None
-    attempts = max(2, min(settings.recheck_attempts, int(CHUNK_WAIT_BUDGET_SECONDS // timeout)))
-    return Replication(subscription=name, timeout_seconds=timeout, attempts=attempts)
+    return within_chunk_budget(
+        Replication(subscription=name, timeout_seconds=timeout, attempts=settings.recheck_attempts)
+    )
+
+
+def within_chunk_budget(replication: Replication | None) -> Replication | None:
+    """At most as many re-checks as fit CHUNK_WAIT_BUDGET_SECONDS (at least two), whatever the engine."""
+    if replication is None:
+        return None
+    fit = int(CHUNK_WAIT_BUDGET_SECONDS // replication.timeout_seconds)
+    return replication.model_copy(update={"attempts": max(2, min(replication.attempts, fit))})
 
 
 @logger.inject_lambda_context
@@ -58,7 +67,9 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             tables = select_tables(list_tables(pair.source), migration.tables.include, migration.tables.exclude)
         # While the logical engine's subscription runs, differences are re-checked once the target caught up.
         replication = (
-            replication_of(pair.target, migration.slot_name, slot=migration.slot_name, settings=settings)
+            within_chunk_budget(
+                replication_of(pair.target, migration.slot_name, slot=migration.slot_name, settings=settings)
+            )
             if migration.engine.type == "logical"
             else engine_replication(migration)
         )
@@ -77,4 +88,13 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     )
     if request.run is not None:
         plan = validation_store().store_chunks(plan, request.run)
+    return for_state(plan)
+
+
+def for_state(plan: ValidationPlan) -> dict[str, Any]:
+    """What the task returns. A stored plan: its location only. A state carries at most 256 KiB
+    (States.DataLimitExceeded, which no Catch on States.ALL catches: the execution fails without a
+    rollback); the tables' specs grow with the schema (~1.6 KB for a table of 20 columns) and stay stored."""
+    if plan.items is not None and plan.items.plan is not None:
+        plan = plan.model_copy(update={"tables": [], "chunks_per_table": {}})
     return plan.model_dump(mode="json")

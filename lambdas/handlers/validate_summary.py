@@ -27,7 +27,10 @@ class SummaryRequest(BaseModel):
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     request = SummaryRequest.model_validate(event)
     plan = request.plan
-    results = validation_store().iter_results(plan.items) if plan.items is not None else request.results
+    store = validation_store() if plan.items is not None else None
+    if store is not None and plan.items is not None and plan.items.plan is not None:
+        plan = store.load_plan(plan.items)
+    results = store.iter_results(plan.items) if store is not None and plan.items is not None else request.results
     summary = summarize(plan, results, finished_at=time.time())
     logger.info(
         "validation summarized",
@@ -42,4 +45,9 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             "seconds": summary.seconds,
         },
     )
+    if store is not None and plan.items is not None:
+        # The per-table part grows with the tables and their first differing keys: stored whole; the
+        # task returns the totals (its result counts against the state's 256 KiB before any ResultSelector).
+        key = store.store_summary(plan.items, summary.model_dump_json().encode())
+        return {**summary.model_dump(mode="json", exclude={"per_table"}), "stored": key}
     return summary.model_dump(mode="json")

@@ -148,6 +148,9 @@ class StoredItems(_Model):
     key: str  # the chunk list: one JSON array, the Distributed Map's ItemReader input
     results_prefix: str  # one object per chunk result
     chunks: int
+    # the whole plan (tables, chunks per table): a state carries at most 256 KiB, and a
+    # hundred-odd tables' specs exceed it (States.DataLimitExceeded, which no Catch catches)
+    plan: str | None = None
 
 
 class ValidationPlan(_Model):

@@ -61,7 +61,22 @@ class ValidationStore(ABC):
         for chunk in plan.chunks:
             name = chunk.table.label
             per_table[name] = per_table.get(name, 0) + 1
-        return plan.model_copy(update={"chunks": [], "items": items, "chunks_per_table": per_table})
+        # The plan without its chunks, stored too: the state may carry only where it is (see StoredItems.plan).
+        items = items.model_copy(update={"plan": f"{prefix}plan.json"})
+        stored = plan.model_copy(update={"chunks": [], "items": items, "chunks_per_table": per_table})
+        self.put_object(f"{prefix}plan.json", stored.model_dump_json().encode())
+        return stored
+
+    def load_plan(self, items: StoredItems) -> ValidationPlan:
+        """The whole plan `store_chunks` stored (the state carries only its location)."""
+        if items.plan is None:
+            raise ValueError("this plan was stored without its tables (items.plan is not set)")
+        return ValidationPlan.model_validate_json(self.get_object(items.plan))
+
+    def store_summary(self, items: StoredItems, body: bytes) -> str:
+        key = items.results_prefix.removesuffix("results/") + "summary.json"
+        self.put_object(key, body)
+        return key
 
     def load_chunks(self, items: StoredItems) -> list[ChunkSpec]:
         from pydantic import TypeAdapter
