@@ -7,13 +7,15 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any, Literal
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import Field
 
-from lambdas.core import telemetry
+from lambdas.core import polling, telemetry
 from lambdas.core.catalog import list_tables
 from lambdas.core.changestream.connector import connector_properties, publication_name, slot_name
 from lambdas.core.changestream.kafka import KafkaStream
@@ -39,6 +41,9 @@ CHANGE_STREAM_ENV = "ZDM_CHANGE_STREAM"
 
 class ReplicationRequest(MigrationEvent):
     action: Literal["start", "status", "stop", "teardown"]
+    # status, from the state machine's copy loop: when the execution began and the file's poll interval
+    since: datetime | None = None
+    poll_seconds: int | None = Field(default=None, ge=0)
 
 
 def build_engine(migration: Migration, source_dsn: str, target_dsn: str) -> ReplicationEngine:
@@ -210,7 +215,20 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         return {"removed": removed}
     status = engine.status()
     publish_status_metrics(migration, status)
-    return status_for_state(status)
+    return {**status_for_state(status), **poll_for_state(request)}
+
+
+def poll_for_state(request: ReplicationRequest, now: datetime | None = None) -> dict[str, Any]:
+    """When the copy loop polls next, and whether it may go on (`lambdas.core.polling`)."""
+    base = request.poll_seconds or 0
+    if request.since is None:
+        return {"next_poll_seconds": base, "within_history_budget": True}
+    since = request.since if request.since.tzinfo is not None else request.since.replace(tzinfo=UTC)
+    waited = ((now or datetime.now(UTC)) - since).total_seconds()
+    return {
+        "next_poll_seconds": polling.next_poll_seconds(waited, base),
+        "within_history_budget": polling.within_history_budget(waited),
+    }
 
 
 STATUS_TABLES_SHOWN = 50

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lambdas.core.config import load_migration
+from lambdas.handlers.replication import ReplicationRequest, poll_for_state
 from rehearsal.stepfunctions import ExecutionResult, LocalStateMachine
 from stacks.orchestration import ASL
 from tests.infrastructure.conftest import ROOT
@@ -58,9 +59,11 @@ class Stubs:
 
         def replication(event: dict[str, Any], context: Any) -> dict[str, Any]:
             self._note("Replication", event["action"])
+            if event["action"] == "status":
+                # When to poll next, as the real handler says it (from the execution's start and the poll)
+                return {**poll_for_state(ReplicationRequest.model_validate(event)), **self.status}
             return {
                 "start": {"tables": [], "rows_copied": 0},
-                "status": self.status,
                 "teardown": {"removed": ["subscription zdm_shop_orders"]},
             }[event["action"]]
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import boto3
 
+from lambdas.core import polling
 from rehearsal.stepfunctions import ExecutionResult, LocalStateMachine
 from stacks.orchestration import ASL
-from tests.infrastructure.asl_stubs import Stubs, settings
+from tests.infrastructure.asl_stubs import Stubs, execute, settings
 
 BUCKET = "zdm-test-validation"
 
@@ -198,6 +199,75 @@ def test_differences_with_long_keys_in_a_few_tables_roll_back_as_a_failed_valida
     assert "validation failed: 1600 persistent difference(s)" in (result.cause or ""), result.cause
 
 
+# -- the execution history: AWS fails an execution at 25,000 events (not catchable, no rollback) ------
+
+
+class CopyingFor(Stubs):
+    """Replication's status says `copying` for the first `polls` reads, then streaming."""
+
+    def __init__(self, polls: int) -> None:
+        super().__init__()
+        self.polls = polls
+
+    def handlers(self) -> dict[str, Any]:
+        handlers = super().handlers()
+        inner = handlers["ReplicationFunctionArn"]
+
+        def replication(event: dict[str, Any], context: Any) -> dict[str, Any]:
+            if event["action"] == "status":
+                copying = sum(1 for f, w in self.path() if (f, w) == ("Replication", "status")) < self.polls
+                self.status = {**self.status, "phase": "copying" if copying else "streaming"}
+            result: dict[str, Any] = inner(event, context)
+            return result
+
+        handlers["ReplicationFunctionArn"] = replication
+        return handlers
+
+
+def _events_per_poll() -> int:
+    short, long = CopyingFor(1), CopyingFor(11)
+    a, b = execute(short), execute(long)
+    assert a.status == b.status == "SUCCEEDED", (a.error, b.error)
+    return (len(b.history) - len(a.history)) // 10
+
+
+def test_a_copy_polled_until_its_history_budget_ends_stays_within_the_history_limit() -> None:
+    # Given the definition's default poll (30 s) and a copy (or a lag above the limit) that never ends
+    asl = json.loads(ASL.read_text())
+    poll = asl["States"]["Defaults"]["Parameters"]["defaults"]["timing"]["poll_seconds"]
+    # When the copy loop polls, its wait growing as the handler says, until the history budget ends it
+    polls = polling.polls_within(polling.HISTORY_BUDGET_SECONDS, poll)
+    # (events per poll measured in moto's history, which records the event types AWS does)
+    per_poll = _events_per_poll()
+    # Then the loop's events, with room for the states before and after it and for retries, stay under
+    # AWS's hard limit (reaching it fails the execution with no rollback); a fixed 30 s poll would not
+    assert per_poll * polls + 2_000 < polling.HISTORY_LIMIT_EVENTS, f"{per_poll} x {polls}"
+    assert per_poll * (polling.HISTORY_BUDGET_SECONDS // poll) > polling.HISTORY_LIMIT_EVENTS
+
+
+def test_a_copy_past_its_history_budget_rolls_back_naming_why() -> None:
+    # Given a copy loop whose status says the history budget is spent
+    stubs = Stubs()
+    stubs.status = {
+        "phase": "copying",
+        "lag_seconds": None,
+        "lag_bytes": None,
+        "problems": [],
+        "within_history_budget": False,
+    }
+    # When the definition runs
+    result = execute(stubs)
+    # Then it polled once and rolled back, the cause naming the history limit
+    assert stubs.path() == [
+        ("Preflight", "check"),
+        ("Replication", "start"),
+        ("Replication", "status"),
+        ("Cutover", "rollback"),
+    ]
+    assert result.error == "RolledBack"
+    assert "history limit of 25,000 events" in (result.cause or "")
+
+
 # -- function timeouts the local run does not enforce ------------------------------------------------
 
 
@@ -227,8 +297,6 @@ def test_a_read_shift_step_s_longest_wait_fits_the_read_shift_function_or_the_fi
 def test_a_status_read_cut_by_a_database_failover_is_retried() -> None:
     import psycopg2.errors
 
-    from tests.infrastructure.asl_stubs import execute
-
     # Given the source failing over while the status is read: the server ends the session with 57P01,
     # which psycopg2 raises as AdminShutdown, an OperationalError (the Lambda's errorType is the class name)
     stubs = Stubs()
@@ -245,7 +313,6 @@ def test_a_status_read_cut_by_a_database_failover_is_retried() -> None:
 def test_the_status_of_a_3000_table_migration_passes_through_the_copy_loop() -> None:
     from lambdas.core.engines.base import Phase, ReplicationStatus, SlotHealth, TableStatus, TableSyncState
     from lambdas.handlers import replication
-    from tests.infrastructure.asl_stubs import execute
 
     # Given a schema of 3000 tables (a schema per tenant, say), all ready, and the status task returning what
     # the real handler returns for it (before the fix: ReplicationStatus.to_json(), one entry per table, 330 KB)
@@ -290,7 +357,6 @@ def test_a_migration_of_12000_tables_starts_and_migrates() -> None:
 
     from lambdas.core.engines.base import StartResult
     from lambdas.handlers import replication
-    from tests.infrastructure.asl_stubs import execute
 
     # Given 12,000 selected tables: the start task returns what the real handler returns for them
     # (before the fix: asdict(StartResult), every table's name, ~300 KB)
