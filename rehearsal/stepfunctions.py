@@ -11,7 +11,8 @@ the definition.
 Lambda's limits are kept as AWS keeps them, so that a run here proves what a run there would do:
 a handler that runs longer than its function's timeout (`stacks.registry`) returns the error a
 timed-out function gives (`Sandbox.Timedout`; its work here ran to the end, on AWS it would have
-been cut off anywhere), and a result larger than a state's 256 KiB fails the execution, past any
+been cut off anywhere), a result Lambda's Python runtime could not serialize (a datetime, say) fails
+as `Runtime.MarshalError`, and a result larger than a state's 256 KiB fails the execution, past any
 Catch, as `States.DataLimitExceeded` does on AWS (moto reports it as States.Runtime, the cause
 naming the limit). Every invocation's duration and result size is recorded
 (`ExecutionResult.invocations`), with the limits it broke.
@@ -20,6 +21,7 @@ naming the limit). Every invocation's duration and result size is recorded
 from __future__ import annotations
 
 import contextlib
+import decimal
 import io
 import json
 import os
@@ -40,6 +42,16 @@ REGION = "us-east-1"
 STATE_PAYLOAD_LIMIT_BYTES = 256 * 1024
 TIMED_OUT = "Sandbox.Timedout"  # the errorType Lambda's runtimes report for a function that timed out
 DATA_LIMIT = "States.DataLimitExceeded"
+MARSHAL_ERROR = "Runtime.MarshalError"  # a result Lambda's Python runtime cannot turn into JSON
+
+
+def _lambda_json(value: Any) -> Any:
+    """What Lambda's Python runtime serializes beyond plain JSON: Decimal (as a number). Anything else fails."""
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
 
 
@@ -143,7 +155,11 @@ def _routed_lambdas(
             error = type(exc).__name__
             response = _function_error(error, str(exc), traceback.format_exception(exc)[-3:])
         else:
-            response = json.dumps(result, default=str).encode()
+            try:
+                response = json.dumps(result, default=_lambda_json).encode()
+            except (TypeError, ValueError) as exc:  # as Lambda's Python runtime answers an unserializable result
+                error = MARSHAL_ERROR
+                response = _function_error(MARSHAL_ERROR, f"Unable to marshal response: {exc}")
         seconds = time.monotonic() - started
         result_bytes = 0 if error else len(response)
         if timeout is not None and seconds > timeout:

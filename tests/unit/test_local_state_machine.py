@@ -204,3 +204,28 @@ def test_a_result_larger_than_a_state_may_hold_fails_the_execution_past_its_catc
     # And the run names it
     assert len(result.limits_broken) == 1
     assert "more than a state's 262,144" in result.limits_broken[0]
+
+
+def test_a_result_lambdas_runtime_cannot_serialize_fails_as_it_would_on_aws(tmp_path: Path) -> None:
+    # Given a function whose result holds a datetime (Lambda's Python runtime serializes Decimal, nothing else)
+    import datetime
+    import decimal
+
+    path = tmp_path / "limited.asl.json"
+    path.write_text(json.dumps(LIMITED))
+
+    def slow(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        return {"remaining": decimal.Decimal("1.5")}
+
+    def big(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        return {"size": 1, "at": datetime.datetime(2026, 11, 26, tzinfo=datetime.UTC)}
+
+    machine = LocalStateMachine(path, {"SlowFunctionArn": slow, "BigFunctionArn": big})
+    # When the definition runs
+    result = machine.run({}, timeout=60)
+    # Then the Decimal went through as a number, and the datetime failed the task as Runtime.MarshalError
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+    assert result.output is not None
+    assert result.output["slow"] == {"remaining": 1.5}
+    assert result.output["too_big"]["Error"] == "Runtime.MarshalError"
+    assert "datetime is not JSON serializable" in result.output["too_big"]["Cause"]
