@@ -889,3 +889,30 @@ def test_a_sequence_the_source_role_may_not_read_is_refused(
         source.close()
     # ...so the preflight's sequences check must not pass (it only warned that no column owns the sequence)
     assert report.get("sequences").status == "fail", format_report(report)
+
+
+def test_a_target_trigger_that_fires_on_replicated_writes_is_named(dbs: Pair) -> None:
+    # Given a target table with an audit trigger set ENABLE ALWAYS (it fires even for replication's writes)
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY, v int); CREATE TABLE audit (id serial PRIMARY KEY, t_id int)")
+    execute(
+        dbs.target,
+        """
+        CREATE FUNCTION note_write() RETURNS trigger LANGUAGE plpgsql AS
+          $$ BEGIN INSERT INTO public.audit (t_id) VALUES (NEW.id); RETURN NEW; END $$;
+        CREATE TRIGGER t_audit AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION note_write();
+        ALTER TABLE t ENABLE ALWAYS TRIGGER t_audit;
+        """,
+    )
+    execute(dbs.source, "INSERT INTO t VALUES (1, 1)")
+
+    # When the preflight runs
+    report = dbs.preflight(tables={"include": ["public.t"]})
+
+    # Then the migration's copy and apply fire it on the target (a second audit row per replicated row)...
+    _forward(dbs, "public.t").start()
+    execute(dbs.source, "INSERT INTO t VALUES (2, 2)")
+    assert _wait(lambda: fetch_value(dbs.target, "SELECT count(*) FROM audit") == 2, timeout=30)
+    # ...so the preflight names it
+    check = report.get("triggers_firing_on_replication")
+    assert check.status == "warn", format_report(report)
+    assert check.details == ["target: public.t: trigger t_audit (ENABLE ALWAYS)"]

@@ -871,6 +871,28 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Status, st
     return found
 
 
+def check_triggers_firing_on_replication(facts: PreflightFacts) -> CheckResult:
+    """Triggers that replication's writes fire: the copy and apply run as session_replication_role = replica,
+    which skips ordinary triggers but not those set ENABLE ALWAYS or ENABLE REPLICA."""
+    name = "triggers_firing_on_replication"
+    found = [f"target: {t}" for t in facts.tables.target_replica_triggers]
+    found += [f"source: {t}" for t in facts.tables.source_replica_triggers]
+    if not found:
+        return CheckResult(name, "pass", "no trigger on the selected tables fires on replicated writes")
+    return CheckResult(
+        name,
+        "warn",
+        f"{len(found)} trigger(s) fire on replicated writes",
+        "On the target they fire for every copied and applied row, on the source for every row the replication "
+        "back applies after the cutover: a trigger that writes another table writes it a second time (a "
+        "replicated table then collides with its replicated rows and the apply stops), one that changes NEW "
+        "leaves the two databases different, and one naming tables without their schema fails under the apply "
+        "worker's empty search_path, which stops the apply. Unless that is meant, ALTER TABLE <table> ENABLE TRIGGER <trigger> "
+        "(fires for the application's writes only) before starting.",
+        found,
+    )
+
+
 def check_target_schema(facts: PreflightFacts) -> CheckResult:
     name = "target_schema"
     tables = facts.tables
@@ -1292,6 +1314,7 @@ CHECKS: tuple[Check, ...] = (
     check_unlogged_tables,
     check_writers_the_fence_cannot_stop,
     check_target_schema,
+    check_triggers_firing_on_replication,
     check_target_empty,
     check_extensions,
     check_partitions,

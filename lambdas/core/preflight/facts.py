@@ -145,6 +145,11 @@ class TableFacts:
     target_unwritable_sequences: list[TableName] = field(default_factory=list)  # no SELECT and UPDATE (setval)
     # CHECK, UNIQUE and EXCLUDE constraints the target has and the source does not: "table: definition"
     target_only_constraints: list[str] = field(default_factory=list)
+    # User triggers set ENABLE ALWAYS or ENABLE REPLICA on the selected tables: they fire when replication
+    # writes (session_replication_role = replica), on the target during the copy and apply, on the
+    # source once the replication back runs. "table: trigger (ENABLE ALWAYS)"
+    source_replica_triggers: list[str] = field(default_factory=list)
+    target_replica_triggers: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -481,7 +486,24 @@ def gather_tables(source: Connection, target: Connection, include: list[str], ex
         target_missing_sequences=target_missing_sequences,
         target_unwritable_sequences=target_unwritable_sequences,
         target_only_constraints=_target_only_constraints(source, target, source_info, target_info),
+        source_replica_triggers=_replica_triggers(source, source_info.values()),
+        target_replica_triggers=_replica_triggers(target, target_info.values()),
     )
+
+
+def _replica_triggers(conn: Connection, tables: Iterable[TableInfo]) -> list[str]:
+    """User triggers on `tables` that fire under session_replication_role = replica."""
+    by_oid = {t.oid: t.name for t in tables}
+    if not by_oid:
+        return []
+    rows = fetch_all(
+        conn,
+        "SELECT tgrelid, tgname, tgenabled FROM pg_trigger"
+        " WHERE tgrelid = ANY(%s::oid[]) AND NOT tgisinternal AND tgenabled IN ('A', 'R') ORDER BY 1, 2",
+        (list(by_oid),),
+    )
+    how = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA"}
+    return [f"{by_oid[int(oid)]}: trigger {name} ({how[str(enabled)]})" for oid, name, enabled in rows]
 
 
 @dataclass
