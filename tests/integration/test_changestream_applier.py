@@ -698,3 +698,42 @@ def test_a_float_key_moving_from_zero_to_minus_zero_in_one_batch_keeps_the_sign(
         apply(applier, [keyed("d", {"k": 0.0}, (1100, 1110)), keyed("c", {"k": -0.0, "v": 1}, (1100, 1110))])
         # Then the target holds -0 (0 == -0, but they are different values: once folded into one upsert)
         assert fetch_all(conn, "SELECT k::text, v FROM f") == [("-0", 1)]
+
+
+# -- a key move cut by a connector crash after its delete, published again after the restart ----------------
+
+WHOLE = [(4, "sku-1", 1, "bbbbbbbbbbbb", 9_000, '{"k": [1, 2]}', ["t1", "t2"])]
+
+
+def test_a_move_cut_after_its_delete_by_a_connector_crash_and_published_again_in_one_batch(
+    target: Connection, applier: ChangeApplier
+) -> None:
+    # Given row 1 with TOASTed values, and its move 1 -> 4 (unchanged TOAST) of which the connector published
+    # only the delete (and its tombstone) before it was killed: the applier applied them as a batch
+    s = Stream()
+    apply(applier, [s.create(item(1, **BIG), (1000, 1010))])
+    cut = apply(applier, s.delete(1, (1100, 1110)))  # the move's delete and tombstone, its create never sent
+    # When the restarted connector publishes the move again, whole, under new offsets (one batch)
+    again = moved(s, 1, 4, (1100, 1110), sku="sku-1")
+    result = apply(applier, again)
+    # Then row 4 is whole and nothing is a dead letter (the first batch kept the row its delete removed)
+    assert cut.dead_letters == []
+    assert [d.reason[:60] for d in result.dead_letters] == []
+    assert big_rows(target) == WHOLE
+
+
+def test_a_move_cut_after_its_delete_by_a_connector_crash_and_published_again_across_batches(
+    target: Connection, applier: ChangeApplier
+) -> None:
+    # Given the same cut move: only its delete applied
+    s = Stream()
+    apply(applier, [s.create(item(1, **BIG), (1000, 1010))])
+    cut = apply(applier, s.delete(1, (1100, 1110)))
+    # When the move is published again and a batch boundary falls between its delete and its create
+    again = moved(s, 1, 4, (1100, 1110), sku="sku-1")
+    first = apply(applier, again[:2])
+    second = apply(applier, again[2:])
+    # Then row 4 is whole and nothing is a dead letter
+    assert cut.dead_letters == [] and first.dead_letters == []
+    assert [d.reason[:60] for d in second.dead_letters] == []
+    assert big_rows(target) == WHOLE

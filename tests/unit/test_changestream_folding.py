@@ -67,7 +67,7 @@ def test_a_key_move_takes_the_old_rows_unchanged_values() -> None:
     moved = [change(Op.DELETE, 20, id=1), change(Op.CREATE, 20, id=7, qty=4, body=P)]
     # When folded alone: the new row is written from the old one, found on the target by its old key
     rows = fold_rows(ITEMS, moved)
-    assert rows.moves == {(("id", "qty"), ("body",)): [(7, {"id": 7, "qty": 4}, Origin({"id": 1}))]}
+    assert rows.moves == {(("id", "qty"), ("body",)): [(7, {"id": 7, "qty": 4}, Origin({"id": 1}, 20))]}
     assert rows.deletes == [(1, {"id": 1})]
     # And after the old row's insert in the same batch: the body comes from that insert
     rows = fold_rows(ITEMS, [change(Op.CREATE, 19, id=1, qty=1, body="big"), *moved])

@@ -28,6 +28,7 @@ is applied with in statements.py.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -203,6 +204,14 @@ class ChangeApplier:
                 if op is Op.MESSAGE:
                     continue
                 position = event.position
+                if op is Op.READ and part.position == SNAPSHOT_POSITION and event.lsn is not None:
+                    if part.last_source_lsn is not None and event.lsn != part.last_source_lsn:
+                        # Reads of another snapshot (each carries its snapshot's LSN): the connector stopped
+                        # before its offsets said the snapshot was done and took it again from the start, and
+                        # streams from after *that* snapshot: a row the first one wrote and the source deleted
+                        # meanwhile would never be deleted. The table starts over, in this batch's transaction.
+                        changes.append(Change(rec, dataclasses.replace(event, op=Op.TRUNCATE)))
+                    part.last_source_lsn = event.lsn  # the snapshot being applied (compared within the batch too)
                 if position == SNAPSHOT_POSITION:
                     if part.position != SNAPSHOT_POSITION:  # streaming had begun: a snapshot read again
                         result.republished += 1

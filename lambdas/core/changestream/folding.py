@@ -88,16 +88,22 @@ def _available(table: TargetTable, after: Mapping[str, Any]) -> tuple[dict[str, 
 
 
 def _moved(
-    values: dict[str, Any], unavailable: frozenset[str], old_key: Mapping[str, Any], old: _FoldState | None
+    values: dict[str, Any],
+    unavailable: frozenset[str],
+    old_key: Mapping[str, Any],
+    old: _FoldState | None,
+    lsn: int | None,
 ) -> _FoldState:
     """The new row of a key-changing UPDATE whose unchanged TOAST values Debezium did not send: they are
-    the old row's, from its state earlier in the batch, else from the target's row (or its own origin)."""
+    the old row's, from its state earlier in the batch, else from the target's row (or its own origin),
+    else the row an earlier batch kept when it applied this move's delete (`lsn`: the delete was published
+    again by a restarted connector, which had published no create after it the first time)."""
     if old is None or old[1] is None:
-        return values, unavailable, Origin(old_key)
+        return values, unavailable, Origin(old_key, lsn)
     old_values, _, old_origin = old
     filled = {c: old_values[c] for c in unavailable if c in old_values}
     kept = frozenset(c for c in unavailable if c not in old_values)
-    return {**filled, **values}, kept, (old_origin or Origin(old_key)) if kept else None
+    return {**filled, **values}, kept, (old_origin or Origin(old_key, lsn)) if kept else None
 
 
 def fold_rows(table: TargetTable, changes: Sequence[Change]) -> Rows:
@@ -128,7 +134,7 @@ def fold_rows(table: TargetTable, changes: Sequence[Change]) -> Rows:
             values, unavailable = _available(table, values)
         key = plan.row_key(values)  # _schema_problem made sure the key is there
         if unavailable and moved_from and is_move_pair(moved_from[0], event):
-            rows[key] = _moved(dict(values), unavailable, moved_from[1], moved_from[2])
+            rows[key] = _moved(dict(values), unavailable, moved_from[1], moved_from[2], event.lsn)
             continue
         if unavailable and event.op is Op.CREATE and position == 0 and event.lsn is not None:
             rows[key] = (values, unavailable, Origin(None, event.lsn))

@@ -64,8 +64,17 @@ _DDL = [
     sql.SQL(
         """CREATE TABLE IF NOT EXISTS {}.dbz_control (
             id int PRIMARY KEY CHECK (id = 1),
-            applier_paused boolean NOT NULL DEFAULT false)"""
+            applier_paused boolean NOT NULL DEFAULT false,
+            offsets_seeded boolean NOT NULL DEFAULT false)"""
     ).format(sql.Identifier(SCHEMA)),
+    # offsets_seeded is set in the transaction that seeds the offsets (engine start): until then a start is a
+    # first start. A table an earlier version made gets it true (its start had seeded), then default false.
+    sql.SQL(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {t}::regclass"
+        " AND attname = 'offsets_seeded' AND NOT attisdropped) THEN"
+        " ALTER TABLE {i} ADD COLUMN offsets_seeded boolean NOT NULL DEFAULT true;"
+        " ALTER TABLE {i} ALTER COLUMN offsets_seeded SET DEFAULT false; END IF; END $$"
+    ).format(t=sql.Literal(f"{SCHEMA}.dbz_control"), i=sql.Identifier(SCHEMA, "dbz_control")),
     sql.SQL("INSERT INTO {}.dbz_control (id) VALUES (1) ON CONFLICT DO NOTHING").format(sql.Identifier(SCHEMA)),
 ]
 
@@ -202,6 +211,41 @@ def seed_offsets(conn: Connection, offsets: Mapping[tuple[str, int], int]) -> No
             )
     if not conn.autocommit:
         conn.commit()
+
+
+def offsets_seeded(conn: Connection) -> bool:
+    """Whether a start has seeded the offsets (and so decided this run's starting points) on this target."""
+    if fetch_all(conn, "SELECT to_regclass(%s)", (f"{SCHEMA}.dbz_control",))[0][0] is None:
+        return False
+    rows = fetch_all(
+        conn,
+        sql.SQL("SELECT offsets_seeded FROM {}.dbz_control WHERE id = 1").format(sql.Identifier(SCHEMA)),
+    )
+    return bool(rows and rows[0][0])
+
+
+def seed_offsets_once(conn: Connection, offsets: Mapping[tuple[str, int], int]) -> None:
+    """A first start's `seed_offsets` and the mark that they were seeded, in one transaction (`conn` in
+    autocommit mode). What an earlier run left (a teardown that died midway) is reset first: its positions
+    and its snapshot progress are not this run's."""
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        try:
+            cur.execute(
+                sql.SQL(
+                    "DELETE FROM {s}.dbz_partitions; DELETE FROM {s}.dbz_tables;"
+                    " UPDATE {s}.dbz_stream SET snapshot_completed = false"
+                ).format(s=sql.Identifier(SCHEMA))
+            )
+            seed_offsets(conn, offsets)
+            cur.execute(
+                sql.SQL("UPDATE {}.dbz_control SET offsets_seeded = true WHERE id = 1").format(sql.Identifier(SCHEMA))
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            if not conn.closed:
+                cur.execute("ROLLBACK")
+            raise
 
 
 def stored_offsets(conn: Connection, topics: Iterable[str]) -> dict[tuple[str, int], int]:

@@ -291,9 +291,12 @@ def _keep_statement(cur: Cursor, table: TargetTable, python: bool, *, aside: boo
         ("keep", aside, python),
         lambda: sql.SQL(
             "CREATE TABLE IF NOT EXISTS {kept} AS SELECT NULL::bigint AS {lsn}, {cols} FROM {t} WITH NO DATA;"
-            " DELETE FROM {kept};"
-            " INSERT INTO {kept} ({lsn}, {cols}) SELECT x.{lsn}, {mcols} FROM {source} AS m,"
-            " json_to_recordset(%s::json) AS x({types}) WHERE {match}"
+            " WITH x AS (SELECT * FROM json_to_recordset(%s::json) AS x({types})),"
+            " found AS (SELECT x.{lsn}, {mcols} FROM {source} AS m, x WHERE {match}),"
+            # a delete published again (connector restart) finds its row gone: the row kept at its LSN stays
+            " cleared AS (DELETE FROM {kept} AS k WHERE EXISTS (SELECT FROM found)"
+            "  OR k.{lsn} IS DISTINCT FROM (SELECT x.{lsn} FROM x LIMIT 1))"
+            " INSERT INTO {kept} ({lsn}, {cols}) SELECT * FROM found"
         ).format(
             kept=kept,
             t=table.name.ident,

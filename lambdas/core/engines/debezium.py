@@ -87,7 +87,9 @@ class DebeziumEngine(ReplicationEngine):
         already = self.runtime.health().running
         target = self._target()
         try:
-            started_before = _has_state(target)
+            # Not the state tables' existence: a start that died after creating them, before seeding the
+            # offsets, would make its retry skip the seeding and replay an earlier run's events.
+            started_before = _has_state(target) and state.offsets_seeded(target)
             left_over: TopicOffsets = {}
             if not started_before:
                 _require_empty(target, self.plan.tables)
@@ -97,7 +99,8 @@ class DebeziumEngine(ReplicationEngine):
                 left_over = self.kafka.end_offsets(self.plan.applier_topics)
             state.ensure_state_tables(target)
             state.set_applier_paused(target, False)  # a stop or an undone cutover paused it
-            state.seed_offsets(target, left_over)
+            if not started_before:
+                state.seed_offsets_once(target, left_over)
             state.record_source_columns(target, self._source_columns())
         finally:
             target.close()
