@@ -6,6 +6,7 @@ Each run is the command a user types; the assertions read the summary.json it wr
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+RUN_MARK = "ZDM_E2E_RUN"  # in the rehearsal's environment, so inherited by every process it starts
+
+
 def rehearse(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     proc = subprocess.run(
         [sys.executable, "-m", "rehearsal", "--rows", "20000", "--out", str(out), *extra],
@@ -24,9 +28,26 @@ def rehearse(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], 
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, RUN_MARK: str(out)},
     )
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     return proc, summary
+
+
+def processes_started_by(out: Path) -> list[str]:
+    """Command lines of live processes the rehearsal writing to `out` started (they inherit RUN_MARK):
+    other processes on the machine, another test's included, are not counted."""
+    mark = f"{RUN_MARK}={out}".encode()
+    found: list[str] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip())
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 def test_happy_path_migrates_with_no_failed_transaction_no_lost_row_and_no_difference(tmp_path: Path) -> None:
@@ -118,5 +139,5 @@ def test_the_debezium_engine_migrates_the_same_way(tmp_path: Path) -> None:
     assert summary["rows_copied"] >= 20_000
     assert summary["reverse_replication_retired"] is True
     # And no process of the change stream is left behind
-    left = subprocess.run(["pgrep", "-f", "rehearsal.(connector|applier)_process"], capture_output=True, text=True)
-    assert left.stdout.strip() == "", f"change stream processes left running: {left.stdout}"
+    left = processes_started_by(tmp_path)
+    assert left == [], f"processes of the rehearsal left running: {left}"
