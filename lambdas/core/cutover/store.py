@@ -31,23 +31,36 @@ class StateConflict(RuntimeError):
     pass
 
 
-def try_lock(conn: Connection, migration: str, *, wait_seconds: float = 0.0) -> bool:
-    """One cutover, rollback or retire of a migration at a time (a session lock: a crash releases it).
+# The lock is held by a session: if its client vanishes without closing the socket (a network cut), the
+# server must notice soon, or the lock would stay taken until the OS's keepalive (2 hours by default).
+_KEEPALIVE = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "3"}
 
-    With `wait_seconds`, waits that long for the holder to finish (its session's lock_timeout, reset
-    after); else gives up at once. `conn` is in autocommit mode (the runner's sessions are).
+
+def try_lock(conn: Connection, migration: str, *, wait_seconds: float = 0.0) -> bool:
+    """One cutover, rollback or retire of a migration at a time (a session lock: a crash releases it,
+    and a client gone silent within about a minute: server-side keepalives on the session).
+
+    With `wait_seconds`, waits that long for the holder to finish (the session's lock_timeout is
+    restored after); else gives up at once. `conn` is in autocommit mode (the runner's sessions are).
     """
+    with conn.cursor() as cur:
+        for name, value in _KEEPALIVE.items():
+            cur.execute("SELECT set_config(%s, %s, false)", (name, value))
     key = (f"zdm-cutover:{migration}",)
     if wait_seconds <= 0:
         return bool(fetch_value(conn, "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", key))
     with conn.cursor() as cur:
+        cur.execute("SELECT current_setting('lock_timeout')")
+        row = cur.fetchone()
+        previous = str(row[0]) if row else "0"
         cur.execute("SELECT set_config('lock_timeout', %s, false)", (f"{max(1, round(wait_seconds * 1000))}ms",))
         try:
             cur.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", key)
         except psycopg2.errors.LockNotAvailable:
             return False
         finally:
-            cur.execute("RESET lock_timeout")
+            # back to what the session had (make_writable's 10 s), not the server's default (often none)
+            cur.execute("SELECT set_config('lock_timeout', %s, false)", (previous,))
     return True
 
 
