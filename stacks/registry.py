@@ -69,8 +69,8 @@ HANDLERS: tuple[HandlerSpec, ...] = (
         "validate_chunk",
         # re-checks wait until the engine caught up: debezium's applier, DMS's apply
         (Access.DATABASES, Access.CHANGE_STREAM, Access.DMS_LAG, Access.VALIDATION_STORE),
-        # Under engine dms a re-check waits minutes (one-minute CDCLatencyTarget datapoints, at least
-        # 240 s each): validate_plan.engine_replication keeps the waits within this timeout.
+        # A re-check waits for the engine (dms: a marker row the task carries to the target):
+        # validate_plan.engine_replication keeps the waits within this timeout.
         timeout_seconds=900,
         description="compares one key range",
     ),

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from lambdas.core import telemetry
 from lambdas.core.validation import ChunkSpec, SessionPair, StoredItems, compare_chunk
-from lambdas.handlers.replication import build_debezium_engine, build_dms_engine
+from lambdas.handlers.replication import build_debezium_engine, build_dms_stream
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer, validation_store
 
 
@@ -42,7 +42,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             engine = (
                 build_debezium_engine(migration, source_dsn, target_dsn)
                 if migration.engine.type == "debezium"
-                else build_dms_engine()
+                else build_dms_stream(migration, source_dsn, target_dsn)
             )
             timeout = replication.timeout_seconds
 

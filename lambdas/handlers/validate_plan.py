@@ -20,8 +20,6 @@ class PlanRequest(MigrationEvent):
     run: str | None = None  # the execution's name: the chunks are stored for the Distributed Map
 
 
-# DMS says how far its apply is only through one-minute CloudWatch datapoints (DmsEngine.catch_up).
-DMS_RECHECK_MIN_SECONDS = 240.0
 # The re-check waits of one chunk must end within the ValidateChunk function's timeout (900 s,
 # stacks/registry.py) with time left to compare: a timed-out chunk fails the Map and the migration.
 CHUNK_WAIT_BUDGET_SECONDS = 780.0
@@ -35,11 +33,12 @@ def engine_replication(migration: Migration) -> Replication | None:
     settings = migration.validation
     kind = migration.engine.type
     if kind == "debezium":
-        name, timeout = f"change stream {migration.topic_prefix}", settings.recheck_timeout_seconds
+        name = f"change stream {migration.topic_prefix}"
     elif kind == "dms":
-        name, timeout = "DMS task", max(settings.recheck_timeout_seconds, DMS_RECHECK_MIN_SECONDS)
+        name = "DMS task"  # waited on by its fence marker (DmsForwardStream.catch_up)
     else:
         return None
+    timeout = settings.recheck_timeout_seconds
     return within_chunk_budget(
         Replication(subscription=name, timeout_seconds=timeout, attempts=settings.recheck_attempts)
     )

@@ -245,6 +245,27 @@ def test_a_marker_that_never_arrives_aborts_the_cutover_and_the_task_resumes(
     assert_no_difference(shop.diffs())
 
 
+def test_validation_re_checks_wait_for_a_marker_of_their_own_not_the_cutover(
+    dms_shop: tuple[Shop, DmsForwardStream, SubscriptionTask],
+) -> None:
+    # Given the stand-in task streaming, and a write just committed on the source
+    shop, stream, _ = dms_shop
+    conn = connect(shop.src)
+    try:
+        new_id = fetch_value(conn, "INSERT INTO customers (email, name) VALUES ('now@x', 'now') RETURNING id")
+    finally:
+        conn.close()
+    # When a validation re-check waits for the target to catch up (no fence: writes go on)
+    reached = stream.catch_up(10)
+    # Then that write is on the target as soon as the wait returns, and the marker went through the task
+    assert _exists(shop.tgt, new_id)
+    assert reached.waited_seconds < 10 and len(_markers(shop.tgt)) == 1
+    # And a task that applies nothing makes the wait time out (the chunk reports the rows unsettled)
+    stream.engine.stop()
+    with pytest.raises(TimeoutError, match="fence marker"):
+        stream.catch_up(1)
+
+
 def _markers(dsn: str) -> list[str]:
     conn = connect(dsn)
     try:

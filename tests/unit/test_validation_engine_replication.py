@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from lambdas.core.config import Migration
-from lambdas.handlers.validate_plan import DMS_RECHECK_MIN_SECONDS, engine_replication
+from lambdas.handlers.validate_plan import engine_replication
 
 
 def migration(engine: str, **validation: Any) -> Migration:
@@ -23,16 +23,13 @@ def migration(engine: str, **validation: Any) -> Migration:
     )
 
 
-def test_dms_differences_are_re_checked_for_at_least_the_time_its_latency_metrics_take() -> None:
-    # Given the file's 60 s re-check timeout, which one-minute CloudWatch datapoints cannot meet
+def test_dms_differences_are_re_checked_within_the_file_s_timeout_and_the_chunk_function() -> None:
+    # Given the file's 60 s re-check timeout: a re-check waits for the fence marker row, not for CloudWatch
     replication = engine_replication(migration("dms", recheck_timeout_seconds=60, recheck_attempts=3))
-    # Then chunks re-check under dms, waiting up to the floor for DMS's apply (DmsEngine.catch_up)
+    # Then chunks re-check under dms, waiting up to the file's timeout
     assert replication is not None
-    assert replication.timeout_seconds == DMS_RECHECK_MIN_SECONDS and replication.attempts == 3
-    # And the attempts are capped so that every wait of a chunk fits the chunk function (780 s of its 900 s):
-    # the file's default 5 attempts become 3 under dms (5 x 240 s would be stopped mid-chunk: a rollback)
-    defaults = engine_replication(migration("dms"))
-    assert defaults is not None and (defaults.timeout_seconds, defaults.attempts) == (240, 3)
+    assert (replication.subscription, replication.timeout_seconds, replication.attempts) == ("DMS task", 60, 3)
+    # And the attempts are capped so that every wait of a chunk fits the chunk function (780 s of its 900 s)
     longest = engine_replication(migration("dms", recheck_timeout_seconds=390, recheck_attempts=5))
     assert longest is not None and (longest.timeout_seconds, longest.attempts) == (390, 2)
     # And more than two re-checks' worth is refused by the file

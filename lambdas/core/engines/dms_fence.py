@@ -8,6 +8,10 @@ so the row's arrival proves those writes were applied. The task is then stopped,
 waits until DMS says it stopped before the replication back starts: a task still running would
 carry the target's writes, replicated back into the source, to the target a second time.
 
+Validation's re-checks wait the same way (`catch_up`): a marker row, whose arrival proves the
+target applied everything the source had committed before it (seconds, where DMS's one-minute
+CloudWatch latency datapoints took minutes).
+
 The marker table is created on both databases before the task first starts (the task's table
 mappings name it, `dms.table_mappings`); rows of earlier attempts stay (a token each).
 """
@@ -124,6 +128,15 @@ class DmsForwardStream(ReplicationEngine):
             target.close()
         waited = time.monotonic() - started
         return FenceReached(marker_lsn, waited, {}, waited)
+
+    def catch_up(self, timeout: float) -> FenceReached:
+        """Return once the target has applied everything the source committed so far (validation's
+        re-checks): the same marker as the cutover's, on a session of its own; the source need not be fenced."""
+        source = self._session(self._source_dsn)
+        try:
+            return self.wait_for_fence(source, timeout)
+        finally:
+            source.close()
 
     def pause_applying(self) -> None:
         """Stop the task and wait until DMS says it stopped: nothing is applied after this."""
