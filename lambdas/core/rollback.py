@@ -81,11 +81,17 @@ def trigger_rollback(
 ) -> RollbackResult:
     if change.state != "ALARM":
         return RollbackResult(skipped=f"alarm {change.alarm_name} is {change.state or 'unknown'}, not ALARM")
-    if next(_executions(client, state_machine_arn, None), None) is None:
+    name = rollback_execution_name(change)
+    executions = list(_executions(client, state_machine_arn, None))
+    if not executions:
         return RollbackResult(skipped="the migration has never run: nothing to roll back")
-    running = list(_executions(client, state_machine_arn, "RUNNING"))
+    running = [e for e in executions if e.get("status") == "RUNNING"]
     if any(e["name"].startswith(ROLLBACK_PREFIX) for e in running):
         return RollbackResult(skipped="a rollback is already running")
+    if any(e["name"] == name for e in executions):
+        # A redelivered event (EventBridge and Lambda deliver at least once) whose rollback has ended:
+        # StartExecution refuses a closed execution's name, and what runs now is not this alarm's business.
+        return RollbackResult(skipped=f"this alarm event was handled already: {name}")
     stopped: list[str] = []
     cause = f"{change.alarm_name} entered ALARM at {change.time}: {change.reason}"[:32_000]
     for execution in running:
@@ -93,7 +99,7 @@ def trigger_rollback(
         stopped.append(execution["executionArn"])
     started = client.start_execution(
         stateMachineArn=state_machine_arn,
-        name=rollback_execution_name(change),
+        name=name,
         input=json.dumps(
             {
                 "action": "rollback",

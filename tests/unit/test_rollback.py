@@ -108,3 +108,20 @@ def test_the_handler_reads_its_state_machine_from_the_environment(
 
     result = rollback.handler(_alarm_event(), Context())  # type: ignore[arg-type]
     assert result["started"] and len(result["stopped"]) == 1
+
+
+def test_a_redelivered_alarm_event_after_its_rollback_ended_changes_nothing(machine: tuple[Any, str]) -> None:
+    sfn, arn = machine
+    # Given an alarm event that stopped migrate-1 and started its rollback, which has since ended
+    sfn.start_execution(stateMachineArn=arn, name="migrate-1", input="{}")
+    change = AlarmChange.from_event(_alarm_event())
+    first = trigger_rollback(sfn, arn, "shop", change)
+    assert first.started is not None
+    sfn.stop_execution(executionArn=first.started)  # the rollback execution ended (moto: stopped)
+    # And the operator has started the migration again
+    again = sfn.start_execution(stateMachineArn=arn, name="migrate-2", input="{}")["executionArn"]
+    # When EventBridge / Lambda deliver the same event once more (at-least-once delivery)
+    result = trigger_rollback(sfn, arn, "shop", change)
+    # Then the new execution keeps running and the duplicate is recognised as already handled
+    assert sfn.describe_execution(executionArn=again)["status"] == "RUNNING"
+    assert result.started is None and result.skipped

@@ -195,3 +195,98 @@ def test_addresses_become_a_records_and_mixed_values_are_refused(zone: tuple[Any
         Route53Router(
             client, hosted_zone_id=zone_id, zone_name="db.internal", source_value="10.0.0.5", target_value=TARGET
         )
+
+
+# -- names and weights as Route 53 keeps them ---------------------------------------------------
+
+REGION = "eu-west-1"
+
+
+def _zone(client: Any, name: str) -> str:
+    return str(
+        client.create_hosted_zone(
+            Name=name,
+            CallerReference=f"zdm-{name}",
+            HostedZoneConfig={"PrivateZone": True, "Comment": "migration"},
+            VPC={"VPCRegion": REGION, "VPCId": "vpc-0123456789abcdef0"},
+        )["HostedZone"]["Id"]
+    )
+
+
+def _cname(name: str, value: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "Action": "CREATE",
+        "ResourceRecordSet": {"Name": name, "Type": "CNAME", "TTL": 5, "ResourceRecords": [{"Value": value}], **extra},
+    }
+
+
+class LowercasingRoute53:
+    """Moto's Route53, answering names the way Route53 stores them: in lowercase
+    ("Amazon Route 53 stores alphabetic characters as lowercase letters (a-z), regardless of how you
+    specify them", docs.aws.amazon.com/Route53/latest/DeveloperGuide/DomainNameFormat.html)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def create_hosted_zone(self, **kwargs: Any) -> dict[str, Any]:
+        response: dict[str, Any] = self._client.create_hosted_zone(**{**kwargs, "Name": kwargs["Name"].lower()})
+        return response
+
+    def change_resource_record_sets(self, **kwargs: Any) -> dict[str, Any]:
+        batch = kwargs["ChangeBatch"]
+        changes = [
+            {**c, "ResourceRecordSet": {**c["ResourceRecordSet"], "Name": c["ResourceRecordSet"]["Name"].lower()}}
+            for c in batch["Changes"]
+        ]
+        response: dict[str, Any] = self._client.change_resource_record_sets(
+            **{**kwargs, "ChangeBatch": {**batch, "Changes": changes}}
+        )
+        return response
+
+    def list_resource_record_sets(self, **kwargs: Any) -> dict[str, Any]:
+        page: dict[str, Any] = self._client.list_resource_record_sets(**kwargs)
+        return {**page, "ResourceRecordSets": [{**r, "Name": r["Name"].lower()} for r in page["ResourceRecordSets"]]}
+
+
+def test_a_zone_name_with_capitals_is_found_as_route53_lists_it() -> None:
+    with mock_aws():
+        client = LowercasingRoute53(boto3.client("route53", region_name="us-east-1"))
+        zone_id = _zone(client, "Shop.Internal")
+        # Given the stack's records in a zone the migration file names with capitals (stored in lowercase)
+        client.change_resource_record_sets(
+            HostedZoneId=zone_id,
+            ChangeBatch={
+                "Changes": [
+                    _cname("writer.Shop.Internal", "src.example.com"),
+                    _cname("reader.Shop.Internal", "src.example.com", SetIdentifier="source", Weight=100),
+                    _cname("reader.Shop.Internal", "tgt.example.com", SetIdentifier="target", Weight=0),
+                ]
+            },
+        )
+        router = Route53Router(client, hosted_zone_id=zone_id, zone_name="Shop.Internal", poll_interval=0)
+        # When the router reads its state / Then it finds the writer on the source and no reads on the target
+        state = router.state()
+        assert (state.writer, state.read_weight) == (Side.SOURCE, 0)
+
+
+def test_all_zero_weights_are_an_even_split_not_unknown() -> None:
+    # Route53: "If you set Weight to 0 for all records in the group, traffic is routed to all
+    # resources with equal probability" (ResourceRecordSet Weight, API reference)
+    with mock_aws():
+        client = boto3.client("route53", region_name="us-east-1")
+        zone_id = _zone(client, "db.internal")
+        client.change_resource_record_sets(
+            HostedZoneId=zone_id,
+            ChangeBatch={
+                "Changes": [
+                    _cname("writer.db.internal", "src.example.com"),
+                    _cname("reader.db.internal", "src.example.com", SetIdentifier="source", Weight=0),
+                    _cname("reader.db.internal", "tgt.example.com", SetIdentifier="target", Weight=0),
+                ]
+            },
+        )
+        router = Route53Router(client, hosted_zone_id=zone_id, zone_name="db.internal", poll_interval=0)
+        assert router.state().read_weight == 50

@@ -686,6 +686,9 @@ class CutoverRunner:
         timed("writer_on_source", lambda: self._writer_on_source())
         timed("release", self.router.release)
         timed("reads_on_source", lambda: self.router.set_read_weight(0))
+        # Clients holding a cached answer still open sessions on the target for the records' TTL: it
+        # stays read-only until then, so a write through the reader path cannot land there and be lost.
+        timed("reader_ttl", lambda: time.sleep(self.router.stale_seconds))
         # The read shift fenced the target (a replica takes no writes); with no traffic left on it,
         # it goes back to how the migration found it, so the migration can be started again.
         timed("lift_target_fence", lambda: {"lifted": lift_fence(conns[Side.TARGET])})

@@ -92,6 +92,11 @@ class TrafficRouter(ABC):
         """Where the writer and reads point now, and whether clients are held; changes nothing."""
 
     @property
+    def stale_seconds(self) -> float:
+        """How long after a change clients may still reach where traffic went before (a DNS TTL)."""
+        return 0.0
+
+    @property
     def holds_clients(self) -> bool:
         """Whether `begin_hold` can hold clients (else clients see the database fence's errors)."""
         return False

@@ -146,6 +146,10 @@ class RdsProxyRouter(TrafficRouter):
     def release(self) -> None:
         return None
 
+    @property
+    def stale_seconds(self) -> float:
+        return self._reads.stale_seconds if self._reads is not None else 0.0
+
     def state(self) -> RouterState:
         current = registered_targets(self._describe())
         writer = None

@@ -64,9 +64,10 @@ class Route53Router(TrafficRouter):
     ) -> None:
         self._client = client
         self._zone_id = hosted_zone_id
-        zone = zone_name.rstrip(".")
-        self.writer_name = f"{writer_record}.{zone}."
-        self.reader_name = f"{reader_record}.{zone}."
+        # Route53 stores and lists names in lowercase, whatever case they were given in
+        zone = zone_name.rstrip(".").lower()
+        self.writer_name = f"{writer_record.lower()}.{zone}."
+        self.reader_name = f"{reader_record.lower()}.{zone}."
         self._values: dict[Side, str] | None = None
         if source_value is not None and target_value is not None:
             self._values = self._checked({Side.SOURCE: source_value, Side.TARGET: target_value})
@@ -179,6 +180,10 @@ class Route53Router(TrafficRouter):
     def release(self) -> None:
         return None
 
+    @property
+    def stale_seconds(self) -> float:
+        return float(self._ttl)
+
     def state(self) -> RouterState:
         addresses = self._addresses()
         writer: Side | None = None
@@ -192,7 +197,12 @@ class Route53Router(TrafficRouter):
             if ident in (Side.SOURCE.value, Side.TARGET.value):
                 weights[Side(ident)] = int(record.get("Weight", 0))
         total = sum(weights.values())
-        read = round(100 * weights.get(Side.TARGET, 0) / total) if total else None
+        if total:
+            read: int | None = round(100 * weights.get(Side.TARGET, 0) / total)
+        elif len(weights) == 2:
+            read = 50  # every weight 0: Route53 answers with each record alike
+        else:
+            read = None
         return RouterState(writer, read, holding=False)
 
 
