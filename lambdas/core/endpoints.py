@@ -43,3 +43,13 @@ def resolve_dsn(endpoint: Endpoint, secrets: SecretReader | None = None) -> str:
             sslmode="require",
         )
     )
+
+
+def with_login_of(dsn: str, login_dsn: str) -> str:
+    """`dsn`'s server and database, logged in to as `login_dsn`'s user and password (or their absence)."""
+    from psycopg2.extensions import parse_dsn
+
+    params = {k: v for k, v in parse_dsn(dsn).items() if k not in ("user", "password")}
+    login = parse_dsn(login_dsn)
+    params.update({k: login[k] for k in ("user", "password") if k in login})
+    return str(make_dsn(**params))

@@ -9,6 +9,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from lambdas.core.db import connect
+from lambdas.core.endpoints import with_login_of
 from lambdas.core.preflight import PreflightReport, run_preflight
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
 
@@ -21,8 +22,10 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     migration = request.parsed()
     source_dsn, target_dsn = dsns(migration)
     source, target = connect(source_dsn), connect(target_dsn)
+    # rds-proxy: the application's proxy keeps the source's secret when it is pointed at the target
+    proxy_login = with_login_of(target_dsn, source_dsn) if migration.router.type == "rds-proxy" else None
     try:
-        report = run_preflight(source, target, migration)
+        report = run_preflight(source, target, migration, proxy_login_dsn=proxy_login)
     finally:
         source.close()
         target.close()

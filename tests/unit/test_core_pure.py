@@ -64,3 +64,24 @@ def test_malformed_secret_is_named_without_its_content() -> None:
     with pytest.raises(EndpointError, match="username") as info:
         resolve_dsn(endpoint, FakeSecrets('{"user": "app", "pw": "topsecret"}'))
     assert "topsecret" not in str(info.value)
+
+
+def test_a_login_is_moved_to_another_server_and_database_and_nothing_else() -> None:
+    from psycopg2.extensions import parse_dsn
+
+    from lambdas.core.endpoints import with_login_of
+
+    # Given the target's DSN and the source's (another user and password)
+    target = "host=tgt.internal port=5433 dbname=shop user=admin password=x sslmode=require"
+    source = "host=src.internal port=5432 dbname=shop_old user=app password='p w'"
+    # When the source's login is put on the target
+    moved = parse_dsn(with_login_of(target, source))
+    # Then the server, database and TLS are the target's; user and password the source's
+    assert moved == {
+        "host": "tgt.internal",
+        "port": "5433",
+        "dbname": "shop",
+        "sslmode": "require",
+        "user": "app",
+        "password": "p w",
+    }

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from lambdas.core.config import COPY_TIME_BUDGET_SECONDS, Migration
-from lambdas.core.db import Connection, fetch_one
+from lambdas.core.db import Connection, DatabaseUnreachable, connect, fetch_one
 from lambdas.core.preflight.checks import CHECKS, evaluate, server_version_result
 from lambdas.core.preflight.facts import (
     DiskProbe,
@@ -102,6 +102,27 @@ def gather_facts(
     )
 
 
+def proxy_login_result(login_dsn: str) -> CheckResult:
+    """The rds-proxy router retargets the application's proxy from the source to the target at cutover;
+    the proxy logs in to whichever database it fronts with its secret, the source's. `login_dsn`: the
+    target, logged in to as the source's user (`endpoints.with_login_of`)."""
+    name = "proxy_login_on_target"
+    try:
+        conn = connect(login_dsn, application_name="zdm-preflight")
+    except DatabaseUnreachable as exc:
+        return CheckResult(
+            name,
+            "fail",
+            "the source's user and password do not log in to the target",
+            "At cutover the application's RDS Proxy is pointed at the target and keeps logging in with the "
+            "source's secret: the target would never become available behind it and the cutover would roll back. "
+            "Create that user on the target with the same password (or give the proxy a secret that works on both).",
+            [str(exc)],
+        )
+    conn.close()
+    return CheckResult(name, "pass", "the source's user and password log in to the target (the proxy's secret)")
+
+
 def run_preflight(
     source_conn: Connection,
     target_conn: Connection,
@@ -109,6 +130,7 @@ def run_preflight(
     *,
     disk_probe: DiskProbe | None = None,
     wal_rate_sample_seconds: float = 1.0,
+    proxy_login_dsn: str | None = None,
 ) -> PreflightReport:
     """Check that `migration` can run between these two servers; read-only on both.
 
@@ -136,7 +158,10 @@ def run_preflight(
             disk_probe=disk_probe,
             wal_rate_sample_seconds=wal_rate_sample_seconds,
         )
-        return evaluate(facts)
+        report = evaluate(facts)
+        if proxy_login_dsn is not None:
+            report.checks.append(proxy_login_result(proxy_login_dsn))
+        return report
     finally:
         for conn in idle:
             conn.rollback()

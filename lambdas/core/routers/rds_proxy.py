@@ -14,7 +14,8 @@ databases' reader endpoints). `begin_hold` is already done: the database fence a
 refuses writes for its length.
 
 The proxy's auth settings must already hold a secret that works on the target (both
-databases are registered with the same proxy in turn).
+databases are registered with the same proxy in turn): preflight checks that the source's login
+works on the target (`preflight.proxy_login_result`).
 """
 
 from __future__ import annotations
