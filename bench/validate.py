@@ -162,7 +162,13 @@ def floor_scan(source_dsn: str, target_dsn: str, plan: ValidationPlan, workers: 
         conn = connect(dsn, application_name="zdm-bench-floor")
         try:
             # JIT off, as in the validator's sessions: compiling would only add to the floor.
-            execute(conn, "SET max_parallel_workers_per_gather = %s; SET jit = off", (max(0, workers - 1),))
+            # min_parallel_table_scan_size 0: otherwise the planner sizes the gather by the table
+            # (1 worker below 24 MB, 5 at 1 GB) and the floor gets fewer processes than `workers`.
+            execute(
+                conn,
+                "SET max_parallel_workers_per_gather = %s; SET min_parallel_table_scan_size = 0; SET jit = off",
+                (max(0, workers - 1),),
+            )
             with timed() as t:
                 fetch_one(conn, query)
             return t.seconds
@@ -315,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         injected = inject(tgt, args.rows, count)
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(settle, [src, tgt]))
-        check_quiet("the timed runs")
+        busy = check_quiet("the timed runs")
 
         plan = plan_only(src, tgt, settings)
         log(f"floor: one aggregate scan of each side ({args.workers} process(es) each), both at once")
@@ -339,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 theirs = run_reladiff(_reladiff_uri(source_server), _reladiff_uri(target_server), args.workers)
             theirs.cpu = cpu
             log(f"reladiff: {theirs.seconds:.2f}s, {len(theirs.keys):,} differing keys")
-    return report(args, count, injected, floor, ours, theirs)
+    return report(args, count, injected, floor, ours, theirs, busy)
 
 
 def report(
@@ -349,6 +355,7 @@ def report(
     floor_run: ToolResult,
     ours: ToolResult,
     theirs: ToolResult | None,
+    busy: float | None = None,
 ) -> int:
     truth = injected.keys
     floor = floor_run.seconds
@@ -384,6 +391,8 @@ def report(
         "reladiff_keys_equal_injected": (theirs.keys == truth) if theirs else None,
         "reladiff_ok": theirs.ok if theirs else None,
         "zdm": ours.extra,
+        # how busy the CPUs were (others' work) just before the timed runs; over 0.10: noisy timings
+        "cpu_busy_before": _round(busy),
         "goals": {
             "speedup_vs_reladiff_at_least": GOAL_SPEEDUP,
             "ratio_to_floor_at_most": GOAL_FLOOR_RATIO,
