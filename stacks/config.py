@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 from aws_cdk import aws_ssm as ssm
@@ -28,7 +29,23 @@ def deployable_settings(migration: Migration) -> dict[str, object]:
             "router.type: 'pgbouncer' is for local runs (its admin DSN is a secret the stack does not store, so the "
             "read shift and the rollback could not reach it); for AWS use 'route53' or 'rds-proxy'"
         )
+    for side in ("source", "target"):
+        endpoint = getattr(migration, side)
+        if _is_ip_address(endpoint.host) and not (endpoint.rds_cluster_identifier or endpoint.rds_instance_identifier):
+            raise MigrationConfigError(
+                f"{side}.host {endpoint.host!r} is an IP address: the stack points the writer and reader records "
+                f"(CNAMEs) at the host, and a CNAME names a host, never an address. Give the database's DNS name "
+                f"(its RDS endpoint), or {side}.rds_instance_identifier / rds_cluster_identifier"
+            )
     return migration.model_dump(mode="json", exclude={"router": {"pgbouncer": {"admin_dsn"}}})
+
+
+def _is_ip_address(host: str | None) -> bool:
+    try:
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return True
 
 
 class MigrationConfig(Construct):

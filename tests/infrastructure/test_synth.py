@@ -68,3 +68,16 @@ def test_secrets_in_two_regions_are_refused() -> None:
 def test_a_pattern_dms_cannot_express_is_refused_with_the_pattern_named() -> None:
     with pytest.raises(MigrationConfigError, match=r"tables\.include pattern 'public\.order\?'"):
         synth_migration(load("migrations/example.yaml", tables={"include": ["public.order?"]}))
+
+
+def test_a_host_given_as_an_ip_address_without_an_rds_identifier_is_refused_naming_the_field() -> None:
+    # Given a target reached by its IP address, with no RDS identifier (so no proxy: the records point at the host)
+    target = {
+        "secret_arn": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:shop/orders-pg16-target-GhIjKl",
+        "host": "10.0.2.20",
+        "database": "orders",
+        "rds_cluster_identifier": None,
+    }
+    # When the stack is synthesized / Then it is refused: a CNAME cannot point at an address
+    with pytest.raises(MigrationConfigError, match=r"target\.host '10\.0\.2\.20' is an IP address"):
+        synth_migration(load("migrations/example.yaml", target=target))
