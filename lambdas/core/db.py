@@ -17,8 +17,10 @@ Connection = psycopg2.extensions.connection
 Cursor = psycopg2.extensions.cursor
 Query = str | sql.Composable
 
-_PASSWORD_RE = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_URI_PASSWORD_RE = re.compile(r"(postgres(?:ql)?://[^:/@]+:)([^@]+)(@)")
+# A value is quoted, or runs to the next unescaped space (libpq honours backslash escapes in both forms).
+_PASSWORD_RE = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|[^\s\\])+\\?)", re.IGNORECASE)
+# The user name may be empty (postgresql://:secret@host: libpq then uses the OS user).
+_URI_PASSWORD_RE = re.compile(r"(postgres(?:ql)?://[^:/@]*:)([^@]+)(@)")
 
 
 def redact_dsn(dsn: str) -> str:

@@ -85,3 +85,12 @@ def test_a_login_is_moved_to_another_server_and_database_and_nothing_else() -> N
         "user": "app",
         "password": "p w",
     }
+
+
+def test_redact_dsn_hides_a_uri_password_with_no_user_and_an_escaped_space() -> None:
+    # Given two forms libpq accepts: a URI whose user is empty (the OS user), an unquoted value escaping a space
+    no_user = redact_dsn("postgresql://:S3cr3t-Canary-91@db.internal:5432/shop")
+    escaped = redact_dsn(r"host=db password=S3cr3t\ Canary-91 user=app")
+    # Then no part of either password is shown, and what follows the password stays
+    assert "Canary-91" not in no_user and no_user.endswith("@db.internal:5432/shop")
+    assert "Canary-91" not in escaped and escaped.endswith("user=app")
