@@ -105,9 +105,16 @@ def quick_worker_starts(server: PostgresServer) -> None:
 
 
 def start_shop(
-    source: PostgresServer, target: PostgresServer, dbname: str, rows: int = 5_000, *, forward: bool = True
+    source: PostgresServer,
+    target: PostgresServer,
+    dbname: str,
+    rows: int = 5_000,
+    *,
+    forward: bool = True,
+    kind: type[Shop] = Shop,
 ) -> Shop:
-    """The shop; `forward=False` leaves starting replication to the test (another engine)."""
+    """The shop; `forward=False` leaves starting replication to the test (another engine); `kind`: a Shop
+    subclass (other DSNs, say)."""
     for server in (source, target):
         quick_worker_starts(server)
     src_conn, tgt_conn = connect(source.dsn(dbname)), connect(target.dsn(dbname))
@@ -127,7 +134,7 @@ def start_shop(
         source=PgbouncerBackend.parse(pgb.backend(source, dbname)),
         target=PgbouncerBackend.parse(pgb.backend(target, dbname)),
     )
-    shop = Shop(source, target, dbname, pgb, router)
+    shop = kind(source, target, dbname, pgb, router)
     if not forward:
         return shop
     try:

@@ -4,14 +4,10 @@ server logs, results and errors (servers that require passwords)."""
 from __future__ import annotations
 
 import pytest
-from cutover_env import Shop, clean_up, quick_worker_starts
+from cutover_env import Shop, clean_up, start_shop
 
 from lambdas.core.cutover import CutoverRunner
-from lambdas.core.db import connect
-from lambdas.core.routers.pgbouncer import PgbouncerBackend, PgbouncerRouter
-from rehearsal import sample
-from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
-from rehearsal.servers import free_port
+from rehearsal.servers import PostgresServer, free_port
 from tests.integration.secret_env import PASSWORD, LogMark, app_dsn, exc_text, secure_pair
 
 
@@ -25,26 +21,10 @@ class SecureShop(Shop):
         return app_dsn(self.target, self.dbname)
 
 
-def secure_shop(source, target, dbname="shop") -> SecureShop:
-    for s in (source, target):
-        s.create_database(dbname)
-        quick_worker_starts(s)
-    a, b = connect(source.dsn(dbname)), connect(target.dsn(dbname))
-    sample.create_schema(a)
-    sample.create_schema(b)
-    sample.load_data(a, 2000)
-    a.close()
-    b.close()
-    pgb = start_pgbouncer({"app": LocalBackend(source, dbname), "app_ro": LocalBackend(source, dbname)})
-    router = PgbouncerRouter(
-        pgb.admin_dsn(),
-        pgb.config_path,
-        writer_alias="app",
-        reader_alias="app_ro",
-        source=PgbouncerBackend.parse(pgb.backend(source, dbname)),
-        target=PgbouncerBackend.parse(pgb.backend(target, dbname)),
-    )
-    return SecureShop(source, target, dbname, pgb, router)
+def secure_shop(source: PostgresServer, target: PostgresServer, dbname: str = "shop") -> Shop:
+    for server in (source, target):
+        server.create_database(dbname)
+    return start_shop(source, target, dbname, 2000, forward=False, kind=SecureShop)
 
 
 @pytest.mark.parametrize("logging", [{"log_statement": "ddl"}, {}], ids=["log_statement=ddl", "defaults"])
