@@ -46,7 +46,13 @@ def _validating_stubs(stubs: Stubs, summary: dict[str, Any], chunks: int = 2) ->
     return handlers
 
 
-def _run(handlers: dict[str, Any], data: dict[str, Any], timeout: float = 120) -> ExecutionResult:
+def _run(
+    handlers: dict[str, Any],
+    data: dict[str, Any],
+    timeout: float = 120,
+    environment: dict[str, str] | None = None,
+    poll_interval: float = 0.05,
+) -> ExecutionResult:
     machine = LocalStateMachine(
         ASL,
         handlers,
@@ -58,8 +64,9 @@ def _run(handlers: dict[str, Any], data: dict[str, Any], timeout: float = 120) -
         },
         parameters={"/zdm/shop-orders/settings": json.dumps(data)},
         buckets=[BUCKET],
+        environment=environment,
     )
-    return machine.run({"timing": {"poll_seconds": 0}}, timeout=timeout, poll_interval=0.05)
+    return machine.run({"timing": {"poll_seconds": 0}}, timeout=timeout, poll_interval=poll_interval)
 
 
 def _validation_on() -> dict[str, Any]:
@@ -146,20 +153,9 @@ def _real_validation(stubs: Stubs, tables: int, columns: int, key_length: int = 
 
 
 def _run_real(handlers: dict[str, Any], data: dict[str, Any]) -> ExecutionResult:
-    machine = LocalStateMachine(
-        ASL,
-        handlers,
-        values={
-            "MigrationName": "shop-orders",
-            "SettingsParameterName": "/zdm/shop-orders/settings",
-            "RollbackWindowSeconds": "0",
-            "ValidationBucketName": BUCKET,
-        },
-        parameters={"/zdm/shop-orders/settings": json.dumps(data)},
-        buckets=[BUCKET],
-        environment={"ZDM_VALIDATION_BUCKET": BUCKET, "POWERTOOLS_TRACE_DISABLED": "true"},
-    )
-    return machine.run({"timing": {"poll_seconds": 0}}, timeout=300, poll_interval=0.2)
+    """The real validation handlers: their bucket in the environment, no tracing."""
+    environment = {"ZDM_VALIDATION_BUCKET": BUCKET, "POWERTOOLS_TRACE_DISABLED": "true"}
+    return _run(handlers, data, timeout=300, environment=environment, poll_interval=0.2)
 
 
 def test_a_small_schema_validates_and_migrates() -> None:

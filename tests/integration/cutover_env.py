@@ -20,7 +20,8 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from lambdas.core.config import Cutover, LogicalSettings
-from lambdas.core.cutover import CutoverPlan, CutoverRunner, Hooks
+from lambdas.core.cutover import CutoverPlan, CutoverRunner, Hooks, OperationResult, Step
+from lambdas.core.cutover.steps import CUTOVER_STEPS
 from lambdas.core.db import Connection, connect, execute, fetch_value
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
 from lambdas.core.lsn import Lsn, wait_for_lsn
@@ -30,7 +31,7 @@ from rehearsal import sample
 from rehearsal.compare import TableDiff, compare_databases
 from rehearsal.pgbouncer import LocalBackend, PgbouncerProcess, start_pgbouncer
 from rehearsal.servers import PostgresServer
-from rehearsal.workload import WorkloadStats
+from rehearsal.workload import Workload, WorkloadStats
 
 TABLES = tuple(TableName.parse(t) for t in sample.SAMPLE_TABLES)
 FORWARD = ReplicationNames("zdm_shop")
@@ -268,3 +269,19 @@ def shop_in(pg_pair: tuple[PostgresServer, PostgresServer], fresh_dbs: tuple[str
         yield shop
     finally:
         clean_up(shop)
+
+
+def cutover_under_writes(shop: Shop, runner: CutoverRunner) -> tuple[OperationResult, WorkloadStats]:
+    """8 clients write through pgbouncer, the cutover runs half way; then every step ran, no transaction
+    failed, and the catch-up waited for a change stream's fence marker (engines debezium and dms)."""
+    workload = Workload(shop.app, clients=8, rate=40.0).start()
+    time.sleep(2.0)
+    result = runner.cutover()
+    time.sleep(1.0)
+    stats = workload.stop()
+    assert stats.failed == 0, stats.errors
+    assert result.status == "done", result
+    assert [s.step for s in result.steps] == [s.value for s in CUTOVER_STEPS]
+    catch_up = next(s for s in result.steps if s.step == Step.CATCH_UP.value)
+    assert catch_up.detail["signal"] == "fence marker"
+    return result, stats
