@@ -575,6 +575,24 @@ def test_dense_differences_are_all_found_reading_every_line(fresh_dbs: tuple[str
     assert sum(r.slices for r in results) < 100  # ranges of 16 rows would be 375 and more
 
 
+def test_a_table_that_is_only_its_integer_key_is_compared_by_records(fresh_dbs: tuple[str, str]) -> None:
+    # Given a table of nothing but a bigint key (records then carry a hash of no column), dense differences
+    src, tgt = fresh_dbs
+    both(src, tgt, "CREATE TABLE k (id bigint PRIMARY KEY); INSERT INTO k SELECT 2 * g FROM generate_series(1, 4000) g")
+    run_sql(tgt, "DELETE FROM k WHERE id % 50 = 0; INSERT INTO k SELECT 2 * g + 1 FROM generate_series(1, 4000, 40) g")
+    settings = Validation(chunk_rows=2_000, slice_rows=200, report_first_keys=1_000)
+    # When validated
+    with SessionPair.open(src, tgt) as pair:
+        plan = plan_validation(pair, [TableName("public", "k")], settings)
+    results = run_chunks(src, tgt, plan.chunks, workers=1)
+    table = summarize(plan, results, finished_at=time.time()).per_table[0]
+    # Then every missing and extra key is named, nothing is called changed, and rows were read as records
+    assert {int(k.key[0]) for k in table.missing.first} == set(range(50, 8001, 50))
+    assert {int(k.key[0]) for k in table.extra.first} == {2 * g + 1 for g in range(1, 4001, 40)}
+    assert table.changed.count == 0
+    assert sum(r.rows_fetched for r in results) >= 0.8 * (4_000 + table.target_rows)
+
+
 def test_a_multiset_too_large_to_list_reports_lower_bounds(
     fresh_dbs: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 
@@ -18,6 +19,7 @@ from lambdas.core.validation.rowdiff import (
     diff_row,
     multiset_diff,
     parse_hash_line,
+    parse_row_images,
     settle,
     settle_multiset,
     unescape_copy,
@@ -157,6 +159,24 @@ def test_missing_extra_and_equal_rows() -> None:
     assert diff_row(("1",), COLUMNS, ABSENT, row("1", "a", None)) == RowDifference(("1",), Kind.EXTRA)
     assert diff_row(("1",), COLUMNS, row("1", "a", None), row("1", "a", None)) is None
     assert diff_row(("1",), COLUMNS, ABSENT, ABSENT) is None
+
+
+def test_row_images_keep_the_sides_key_order_absence_and_versions() -> None:
+    # Given records of two columns' hashes for keys asked for as a, b, c: the side returned them in
+    # its key order c, a, b; b does not exist (negative position), a was read with xmin 7, c without
+    keys = [("a",), ("b",), ("c",)]
+    record = struct.Struct(">4q")
+    data = record.pack(3, 0, 11, -12) + record.pack(1, 7, 5, 6) + record.pack(-2, 0, -1, -2)
+    # When parsed
+    order, images = parse_row_images(data, 2, keys)
+    # Then the order is the side's, b is absent, and only a carries a version
+    assert order == [("c",), ("a",), ("b",)]
+    assert images[("c",)] == RowImage((11, -12), None)
+    assert images[("a",)] == RowImage((5, 6), "7")
+    assert images[("b",)] == ABSENT
+    # And a cut record is refused
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        parse_row_images(data[:-1], 2, keys)
 
 
 # --- re-checks while replication runs -------------------------------------------------------

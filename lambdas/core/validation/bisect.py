@@ -144,7 +144,7 @@ def _aggregate(line: bytes) -> Aggregate:
 RANGE_COST = 5.6  # one more range in a statement (2.3 us: its index descent and aggregate)
 RELINE_COST = 1.55  # re-reading a row of a mismatching range as a (key, hash) text line (0.64 us)
 TEXT_LINES_COST = 1.55  # reading every row as a text line instead of aggregates (`queries.range_lines`)
-RECORD_LINES_COST = 1.27  # ... as a 16-byte binary record, a single integer key (`queries.range_records`)
+RECORD_LINES_COST = 1.18  # ... as a 16-byte binary record, a single integer key (`queries.range_records`; 2M rows)
 RANGE_ROWS = tuple(2**i for i in range(3, 11))  # 8 .. 1024 rows per range
 PRIOR_ROWS = 1_000  # before anything is seen, differences are taken as half a difference per this many rows
 
@@ -157,7 +157,7 @@ class AdaptivePolicy:
     1 + RANGE_COST / size + RELINE_COST * P(range mismatches); with differences spread at random
     (density p), P = 1 - (1 - p)^size; the size in `RANGE_ROWS` with the least cost is chosen:
     about 1000 rows per range for clean data, 64 for one row in a thousand differing. Or, once
-    differences are dense enough that this costs more (about 1 row in 300 for binary records),
+    differences are dense enough that this costs more (about 1 row in 1,000 for binary records),
     every row's (key, hash) line is read instead, with no aggregate at all (`every_line`).
     The density is estimated from what was seen, starting from half a difference per
     `PRIOR_ROWS` rows. One policy may be shared by the chunks of a table compared in one process

@@ -172,9 +172,9 @@ class Kind(StrEnum):
 
 @dataclass(frozen=True)
 class RowImage:
-    """A row as one side has it: each compared column's text form (None for NULL), or absent."""
+    """A row as one side has it: each compared column's value, or its hash (`queries.row_images`), or absent."""
 
-    values: tuple[str | None, ...] | None
+    values: tuple[object, ...] | None
     version: str | None = None  # the source row's xmin: a new one with every update or re-insert
 
     @property
@@ -190,6 +190,21 @@ class RowDifference:
     key: Key
     kind: Kind
     columns: tuple[str, ...] = ()
+
+
+def parse_row_images(data: bytes, columns: int, keys: Sequence[Key]) -> tuple[list[Key], dict[Key, RowImage]]:
+    """The records of `queries.row_images` for `keys`: the keys in the order the side returned them
+    (its key order) and each key's image (its column hashes, or absent; xmin as the version when read)."""
+    record = struct.Struct(f">{2 + columns}q")
+    if len(data) % record.size:
+        raise ValueError(f"row images: {len(data)} bytes, not a multiple of {record.size}")
+    order: list[Key] = []
+    images: dict[Key, RowImage] = {}
+    for position, version, *values in record.iter_unpack(data):
+        key = keys[abs(position) - 1]
+        order.append(key)
+        images[key] = RowImage(tuple(values) if position > 0 else None, str(version) if version else None)
+    return order, images
 
 
 def diff_row(key: Key, columns: Sequence[str], source: RowImage, target: RowImage) -> RowDifference | None:
