@@ -737,3 +737,38 @@ def test_a_move_cut_after_its_delete_by_a_connector_crash_and_published_again_ac
     assert cut.dead_letters == [] and first.dead_letters == []
     assert [d.reason[:60] for d in second.dead_letters] == []
     assert big_rows(target) == WHOLE
+
+
+@pytest.mark.parametrize("lagging_read", [False, True], ids=["fed-by-another-applier", "older-read-in-same-batch"])
+def test_a_snapshot_taken_again_empties_a_table_the_source_emptied_meanwhile(
+    target: Connection, sink: CollectingSink, lagging_read: bool
+) -> None:
+    # Given a second table, and a first snapshot (at LSN 100) of which both tables' reads were applied, each
+    # table by its own applier (as one event source mapping per topic does), or both by one
+    execute(target, "CREATE TABLE others (LIKE items INCLUDING ALL)")
+    target.commit()
+    others = TableName("public", "others")
+    both = ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS, others]), sink)
+    items_only = both if lagging_read else ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS]), sink)
+    others_only = both if lagging_read else ChangeApplier(target, StreamRouting.load(target, PREFIX, [others]), sink)
+    s, o = Stream(), Stream(f"{PREFIX}.public.others")
+    apply(items_only, [s.change("r", item(1), (0, 100)), s.change("r", item(2), (0, 100))])
+    apply(others_only, [o.change("r", item(7), (0, 100))])
+    # When the connector, stopped before its offsets said the snapshot was done, takes it again at LSN 200,
+    # after the source deleted items 2 and emptied `others`: only items gets reads (an empty table gets none)
+    batch = [s.change("r", item(1, qty=9), (0, 200))]
+    if lagging_read:  # and a read of the first snapshot, delivered late, shares the batch
+        batch = [o.change("r", item(8), (0, 100)), *batch]
+    result = apply(items_only, batch)
+    # Then both tables hold the second snapshot only: `others` is empty
+    assert result.dead_letters == []
+    assert rows(target) == [(1, "sku-1", 9, None)]
+    assert fetch_all(target, "SELECT id FROM others") == []
+    target.rollback()
+    # And a read of the first snapshot delivered later to its own applier is skipped, not applied
+    late = apply(others_only, [o.change("r", item(9), (0, 100))])
+    assert late.republished == 1 and fetch_all(target, "SELECT id FROM others") == []
+    target.rollback()
+    # And the same batch delivered again changes nothing
+    again = apply(items_only, batch)
+    assert again.applied == 0 and rows(target) == [(1, "sku-1", 9, None)]

@@ -136,6 +136,7 @@ def test_offsets_seeded_is_true_for_a_control_row_an_earlier_version_made_and_fa
 
 
 ITEMS = TableName("public", "items")
+SMALL = TableName("public", "a_small")
 
 
 def _local(engine: DebeziumEngine) -> LocalChangeStream:
@@ -144,10 +145,10 @@ def _local(engine: DebeziumEngine) -> LocalChangeStream:
     return runtime
 
 
-def _applied_rows(tgt: str) -> int:
+def _applied_rows(tgt: str, table: str = "items") -> int:
     target = connect(tgt)
     try:
-        return int(fetch_value(target, "SELECT count(*) FROM items"))
+        return int(fetch_value(target, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))))
     finally:
         target.close()
 
@@ -155,34 +156,40 @@ def _applied_rows(tgt: str) -> int:
 def test_connector_killed_during_its_snapshot_leaves_no_row_deleted_meanwhile(
     fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
 ) -> None:
-    # Given a source table large enough that the snapshot takes several seconds, and an empty target
+    # Given a source table large enough that the snapshot takes several seconds, a small one the
+    # connector snapshots before it, and an empty target
     src, tgt = fresh_dbs
-    ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, pad text)"
+    ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, pad text); CREATE TABLE a_small (id int PRIMARY KEY)"
     source, target = connect(src), connect(tgt)
     execute(source, ddl)
     execute(target, ddl)
     execute(source, "INSERT INTO items SELECT g, 0, repeat('x', 200) FROM generate_series(1, 150000) g")
-    engine = make_engine(src, tgt, broker, tmp_path / "stream", [ITEMS], name="dbz-audit-snap")
+    execute(source, "INSERT INTO a_small SELECT generate_series(1, 50)")
+    engine = make_engine(src, tgt, broker, tmp_path / "stream", [SMALL, ITEMS], name="dbz-audit-snap")
     runtime = _local(engine)
     with running(engine):
         engine.start()
-        # When the connector is killed (SIGKILL) while its snapshot is being applied
+        # When the connector is killed (SIGKILL) while its snapshot is being applied, the small table's already
         wait_until(lambda: _applied_rows(tgt) >= 20_000, 120, "part of the snapshot on the target", engine)
+        wait_until(lambda: _applied_rows(tgt, "a_small") == 50, 60, "the small table on the target", engine)
         connector = runtime.process("connector")
         assert connector is not None
         connector.kill()
-        # And, while it is down, the source deletes and updates rows the target already holds
+        # And, while it is down, the source deletes and updates rows the target already holds, and empties
+        # the small table (the snapshot taken again has no read of it at all)
         execute(source, "DELETE FROM items WHERE id <= 1000")
         execute(source, "UPDATE items SET v = v + 1 WHERE id BETWEEN 1001 AND 2000")
+        execute(source, "DELETE FROM a_small")
         engine.start()  # the connector again
         wait_until(lambda: engine.status().copy_done, 240, "the snapshot to be applied", engine)
         execute(source, "UPDATE items SET v = v + 10 WHERE id = 150000")
         engine.catch_up(60)
 
         # Then the target equals the source: no row the source deleted meanwhile stays on the target
-        diffs = [d for d in compare_databases(src, tgt, [ITEMS]) if not d.equal]
+        diffs = [d for d in compare_databases(src, tgt, [SMALL, ITEMS]) if not d.equal]
         extra = fetch_value(target, "SELECT count(*) FROM items WHERE id <= 1000")
         assert extra == 0 and diffs == [], (extra, diffs)
+        assert _applied_rows(tgt, "a_small") == 0
         assert engine.status().dead_letters == 0
     source.close()
     target.close()

@@ -91,6 +91,7 @@ class ApplyResult:
     tables: dict[str, TableProgress] = field(default_factory=dict)
     snapshot_completed: bool = False
     paused: bool = False  # the applier is paused on the target: nothing applied, no offset stored
+    snapshot_lsn: int | None = None  # the newest snapshot whose reads this batch applies
 
 
 Parsed = ChangeEvent | None | UnparseableEvent  # parse_record's result for a record, or why it failed
@@ -141,12 +142,16 @@ class ChangeApplier:
             return result
         try:
             with self._conn.cursor() as cur:
-                paused, partitions = state.begin_batch(cur, ((r.topic, r.partition) for r, _ in batch.entries))
-                if paused:
+                start = state.begin_batch(cur, ((r.topic, r.partition) for r, _ in batch.entries))
+                if start.paused:
                     self._conn.rollback()
                     result.paused = True
                     return result
-                pending = self._admit(batch, partitions, result)
+                partitions = start.partitions
+                pending = self._admit(batch, partitions, result, start.snapshot_lsn)
+                newest = result.snapshot_lsn
+                if newest is not None and (start.snapshot_lsn is None or newest > start.snapshot_lsn):
+                    self._empty_stale_tables(cur, newest, partitions, pending)
                 for topic, changes in pending.items():
                     self._apply_table(cur, self._routing.tables[topic], changes, result)
                 if result.dead_letters:
@@ -159,14 +164,45 @@ class ChangeApplier:
             raise
         return result
 
+    def _empty_stale_tables(
+        self,
+        cur: Cursor,
+        snapshot_lsn: int,
+        partitions: Mapping[tuple[str, int], state.PartitionState],
+        pending: dict[str, list[Change]],
+    ) -> None:
+        """A newer snapshot than any applied so far: the connector took it again from the start (it
+        stopped before its offsets said the snapshot was done). Every table still holding an older
+        snapshot's reads is emptied before this one's are applied, whichever applier feeds it: one the
+        source emptied meanwhile gets no read at all, so the check per partition in `_admit` never
+        sees it."""
+        for part in partitions.values():
+            if part.streaming or part.last_source_lsn is None or part.last_source_lsn >= snapshot_lsn:
+                continue
+            table = self._routing.tables.get(part.topic)
+            if table is None:
+                continue
+            truncate_table(cur, table.name)
+            pending[part.topic] = [
+                c
+                for c in pending.get(part.topic, [])
+                if not (c.event.op is Op.READ and c.event.lsn is not None and c.event.lsn < snapshot_lsn)
+            ]
+            part.last_source_lsn = snapshot_lsn
+        for name in state.reset_stale_snapshots(cur, snapshot_lsn, partitions.keys()):
+            truncate_table(cur, name)
+
     def _admit(
         self,
         batch: ReadBatch,
         partitions: Mapping[tuple[str, int], state.PartitionState],
         result: ApplyResult,
+        applied_snapshot_lsn: int | None = None,
     ) -> dict[str, list[Change]]:
         """Decide what each record is: a replay, a tombstone, a dead letter, or a change to apply (the
-        changes per topic, in offset order). One partition's records at a time: the hot loop."""
+        changes per topic, in offset order). One partition's records at a time: the hot loop.
+
+        `applied_snapshot_lsn` is the newest snapshot applied before: reads of an older one are stale."""
         pending: dict[str, list[Change]] = {}
         for (topic, partition), group in groupby(batch.entries, key=_entry_partition):
             part = partitions[(topic, partition)]
@@ -205,6 +241,15 @@ class ChangeApplier:
                     continue
                 position = event.position
                 if op is Op.READ and part.position == SNAPSHOT_POSITION and event.lsn is not None:
+                    # Snapshots only move forward: a read older than the newest snapshot applied (to any
+                    # table, or to this one: another applier may have moved it on) is stale.
+                    if (applied_snapshot_lsn is not None and event.lsn < applied_snapshot_lsn) or (
+                        part.last_source_lsn is not None and event.lsn < part.last_source_lsn
+                    ):
+                        result.republished += 1
+                        continue
+                    if result.snapshot_lsn is None or event.lsn > result.snapshot_lsn:
+                        result.snapshot_lsn = event.lsn
                     if part.last_source_lsn is not None and event.lsn != part.last_source_lsn:
                         # Reads of another snapshot (each carries its snapshot's LSN): the connector stopped
                         # before its offsets said the snapshot was done and took it again from the start, and
@@ -272,7 +317,7 @@ class ChangeApplier:
             if change.event.op is Op.TRUNCATE:
                 self._apply_segment(cur, table, segment, result, last=False)
                 segment = []
-                self._guarded(cur, lambda: truncate_table(cur, table), [change], table, result)
+                self._guarded(cur, lambda: truncate_table(cur, table.name), [change], table, result)
             else:
                 segment.append(change)
         if len(segment) > 1 and segment[-1].event.op is Op.DELETE:
@@ -418,10 +463,12 @@ class ChangeApplier:
             sql.SQL(
                 "UPDATE {}.dbz_partitions AS p SET next_offset = v.next_offset, commit_lsn = v.commit_lsn,"
                 " lsn = v.lsn, events = v.events, last_source_lsn = v.last_source_lsn, last_ts_ms = v.last_ts_ms,"
-                " updated_at = now()"
+                " table_schema = coalesce(v.table_schema, p.table_schema),"
+                " table_name = coalesce(v.table_name, p.table_name), updated_at = now()"
                 " FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],"
-                " %s::bigint[], %s::bigint[])"
-                " AS v(topic, kafka_partition, next_offset, commit_lsn, lsn, events, last_source_lsn, last_ts_ms)"
+                " %s::bigint[], %s::bigint[], %s::text[], %s::text[])"
+                " AS v(topic, kafka_partition, next_offset, commit_lsn, lsn, events, last_source_lsn, last_ts_ms,"
+                " table_schema, table_name)"
                 " WHERE p.topic = v.topic AND p.kafka_partition = v.kafka_partition"
             ).format(sql.Identifier(state.SCHEMA))
         ]
@@ -435,6 +482,8 @@ class ChangeApplier:
             [p.last_source_lsn for p in parts],
             [p.last_ts_ms for p in parts],
         ]
+        fed = [self._routing.tables.get(p.topic) for p in parts]
+        params += [[t.name.schema if t else None for t in fed], [t.name.name if t else None for t in fed]]
         if result.tables:
             tables = sorted(result.tables.items())
             statements.append(

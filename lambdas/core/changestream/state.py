@@ -13,6 +13,7 @@ from psycopg2 import sql
 
 from lambdas.core.changestream.events import SNAPSHOT_POSITION, StreamPosition
 from lambdas.core.db import Connection, Cursor, fetch_all
+from lambdas.core.tables import TableName
 
 SCHEMA = "_zdm"
 
@@ -31,6 +32,9 @@ _DDL = [
             updated_at timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (topic, kafka_partition))"""
     ).format(sql.Identifier(SCHEMA)),
+    # The target table a partition's topic feeds (written with its state): any applier can empty it.
+    sql.SQL("ALTER TABLE {}.dbz_partitions ADD COLUMN IF NOT EXISTS table_schema text").format(sql.Identifier(SCHEMA)),
+    sql.SQL("ALTER TABLE {}.dbz_partitions ADD COLUMN IF NOT EXISTS table_name text").format(sql.Identifier(SCHEMA)),
     sql.SQL(
         """CREATE TABLE IF NOT EXISTS {}.dbz_tables (
             table_name text PRIMARY KEY,
@@ -59,6 +63,9 @@ _DDL = [
             snapshot_completed boolean NOT NULL DEFAULT false)"""
     ).format(sql.Identifier(SCHEMA)),
     sql.SQL("INSERT INTO {}.dbz_stream (id) VALUES (1) ON CONFLICT DO NOTHING").format(sql.Identifier(SCHEMA)),
+    # The newest snapshot whose reads were applied (each snapshot's reads carry its LSN): reads of an
+    # older one are stale, and a table holding an older one's rows is emptied (`reset_stale_snapshots`).
+    sql.SQL("ALTER TABLE {}.dbz_stream ADD COLUMN IF NOT EXISTS snapshot_lsn bigint").format(sql.Identifier(SCHEMA)),
     # A row of its own: every batch holds it FOR SHARE, and only a pause or a resume updates it, so
     # appliers running side by side never wait on (or deadlock over) each other's progress updates.
     sql.SQL(
@@ -164,10 +171,17 @@ class PartitionState:
         return self.position != SNAPSHOT_POSITION
 
 
-def begin_batch(cur: Cursor, keys: Iterable[tuple[str, int]]) -> tuple[bool, dict[tuple[str, int], PartitionState]]:
+@dataclass
+class BatchStart:
+    paused: bool
+    partitions: dict[tuple[str, int], PartitionState]
+    snapshot_lsn: int | None  # the newest snapshot applied so far (dbz_stream.snapshot_lsn)
+
+
+def begin_batch(cur: Cursor, keys: Iterable[tuple[str, int]]) -> BatchStart:
     """A batch's first round trip: replica mode for the transaction, the pause flag (held FOR SHARE:
-    a pause waits for this batch), and each partition's state, locked for this transaction (two
-    appliers never interleave on one). Returns (paused, states)."""
+    a pause waits for this batch), the newest snapshot applied, and each partition's state, locked
+    for this transaction (two appliers never interleave on one)."""
     keys = sorted(set(keys))
     topics, partitions = [k[0] for k in keys], [k[1] for k in keys]
     cur.execute(
@@ -180,7 +194,8 @@ def begin_batch(cur: Cursor, keys: Iterable[tuple[str, int]]) -> tuple[bool, dic
             "  p.last_source_lsn, p.last_ts_ms FROM {schema}.dbz_partitions p"
             "  JOIN unnest(%(topics)s::text[], %(partitions)s::int[]) AS w(t, n)"
             "  ON p.topic = w.t AND p.kafka_partition = w.n ORDER BY 1, 2 FOR UPDATE OF p)"
-            " SELECT coalesce((SELECT applier_paused FROM control), false), parts.* FROM (SELECT 1) AS one"
+            " SELECT coalesce((SELECT applier_paused FROM control), false),"
+            "  (SELECT snapshot_lsn FROM {schema}.dbz_stream WHERE id = 1), parts.* FROM (SELECT 1) AS one"
             " LEFT JOIN parts ON true"
         ).format(schema=sql.Identifier(SCHEMA)),
         {"topics": topics, "partitions": partitions},
@@ -188,10 +203,41 @@ def begin_batch(cur: Cursor, keys: Iterable[tuple[str, int]]) -> tuple[bool, dic
     rows = cur.fetchall()
     states = {
         (t, n): PartitionState(t, n, off, StreamPosition(c, lsn), ev, last_lsn, ts)
-        for _, t, n, off, c, lsn, ev, last_lsn, ts in rows
+        for _, _, t, n, off, c, lsn, ev, last_lsn, ts in rows
         if t is not None
     }
-    return bool(rows[0][0]), states
+    return BatchStart(bool(rows[0][0]), states, rows[0][1])
+
+
+def reset_stale_snapshots(cur: Cursor, snapshot_lsn: int, batch: Iterable[tuple[str, int]]) -> list[TableName]:
+    """Record `snapshot_lsn` as the newest snapshot, and return the tables fed by partitions outside
+    `batch` that hold an older snapshot's reads and no streamed change: they must be emptied (in this
+    transaction) before the newer snapshot's reads, since a table that was empty at the newer snapshot
+    gets none at all. Those partitions are moved to the newer snapshot (rows locked in key order).
+    """
+    in_batch = set(batch)
+    cur.execute(
+        sql.SQL(
+            "UPDATE {s}.dbz_stream SET snapshot_lsn = %(lsn)s"
+            " WHERE id = 1 AND (snapshot_lsn IS NULL OR snapshot_lsn < %(lsn)s);"
+            " SELECT topic, kafka_partition, table_schema, table_name FROM {s}.dbz_partitions"
+            " WHERE commit_lsn = 0 AND lsn = 0 AND last_source_lsn < %(lsn)s AND table_name IS NOT NULL"
+            " ORDER BY 1, 2 FOR UPDATE"
+        ).format(s=sql.Identifier(SCHEMA)),
+        {"lsn": snapshot_lsn},
+    )
+    rows = [r for r in cur.fetchall() if (r[0], r[1]) not in in_batch]
+    stale = [(t, n) for t, n, _, _ in rows]
+    if stale:
+        cur.execute(
+            sql.SQL(
+                "UPDATE {s}.dbz_partitions AS p SET last_source_lsn = %s, updated_at = now()"
+                " FROM unnest(%s::text[], %s::int[]) AS v(topic, kafka_partition)"
+                " WHERE p.topic = v.topic AND p.kafka_partition = v.kafka_partition"
+            ).format(s=sql.Identifier(SCHEMA)),
+            (snapshot_lsn, [t for t, _ in stale], [n for _, n in stale]),
+        )
+    return sorted({TableName(schema, name) for _, _, schema, name in rows}, key=str)
 
 
 def seed_offsets(conn: Connection, offsets: Mapping[tuple[str, int], int]) -> None:

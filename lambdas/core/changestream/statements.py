@@ -18,6 +18,7 @@ from lambdas.core.changestream.convert import ColumnType, SqlConversion, to_text
 from lambdas.core.changestream.folding import Origin, Rows
 from lambdas.core.changestream.target import TargetTable
 from lambdas.core.db import Cursor
+from lambdas.core.tables import TableName
 
 _ORDINAL = "zdm ordinal"  # the recordset's row number, for the rows a partial update did not find
 
@@ -374,6 +375,6 @@ def _move_statement(
     return _cached(table, ("move", columns, kept, python), build, cur)
 
 
-def truncate_table(cur: Cursor, table: TargetTable) -> None:
+def truncate_table(cur: Cursor, table: TableName) -> None:
     # DELETE, not TRUNCATE: TRUNCATE refuses a table other tables reference, even in replica mode
-    cur.execute(sql.SQL("DELETE FROM {}").format(table.name.ident))
+    cur.execute(sql.SQL("DELETE FROM {}").format(table.ident))
