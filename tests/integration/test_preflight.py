@@ -417,6 +417,39 @@ def test_source_role_that_cannot_replicate_fails(
     assert report.get("replica_identity").status == "pass"
 
 
+def test_a_role_that_may_not_switch_off_statement_logging_is_warned_and_nothing_is_changed(
+    pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair, plain_role: str
+) -> None:
+    # Given a target server logging DDL (the password of CREATE SUBSCRIPTION would be logged), and a target
+    # connection as a plain role, which may not change log_statement (a superuser-only setting)
+    _, target_server = pg_pair
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY)")
+    target_server.psql(f"ALTER DATABASE {dbname(dbs.target_dsn)} SET log_statement = 'ddl'")
+    target = connect(target_server.dsn(dbname(dbs.target_dsn), user=plain_role))
+    try:
+        # When the preflight runs
+        report = preflight(dbs.source, target, dbs.migration())
+        # Then it warns for the target's log_statement, and for its default log_min_error_statement (a failed
+        # CREATE SUBSCRIPTION is logged), naming the role; the source's superuser may switch both off
+        check = report.get("subscription_password_logging")
+        assert check.status == "warn"
+        assert [d.split(" and role")[0] for d in check.details] == [
+            "target: log_min_error_statement = error",
+            "target: log_statement = ddl",
+        ]
+        assert f"GRANT SET ON PARAMETER log_min_error_statement, log_statement TO {plain_role};" in check.remedy
+        # And the probe changed nothing: the session still logs DDL
+        assert fetch_value(target, "SHOW log_statement") == "ddl"
+        # And once the remedy is applied, the check passes
+        target_server.psql(f"GRANT SET ON PARAMETER log_min_error_statement, log_statement TO {plain_role}")
+        again = preflight(dbs.source, target, dbs.migration()).get("subscription_password_logging")
+        assert again.status == "pass", again
+    finally:
+        target.close()
+        target_server.psql(f"REVOKE SET ON PARAMETER log_min_error_statement, log_statement FROM {plain_role}")
+        target_server.psql(f"ALTER DATABASE {dbname(dbs.target_dsn)} RESET log_statement")
+
+
 def test_target_role_that_cannot_create_a_subscription_fails(
     pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair, plain_role: str
 ) -> None:

@@ -19,6 +19,7 @@ from lambdas.core.preflight.facts import (
     WalSample,
 )
 from lambdas.core.preflight.model import CheckResult, PreflightReport
+from lambdas.core.statement_logging import LogSetting
 from lambdas.core.tables import TableName
 
 MB = 1024**2
@@ -796,3 +797,63 @@ def test_debezium_engine_refuses_composite_columns_the_catalog_names() -> None:
     # Then it fails as a type Debezium leaves out; the enum beside it does not
     assert result.status == "fail"
     assert result.details == ["public.orders.pr (pair): left out of Debezium's events (a type it does not know)"]
+
+
+# --- the subscription's password in statement logs ---------------------------------------------
+
+
+def logging(*settings: tuple[str, str, bool]) -> tuple[LogSetting, ...]:
+    return tuple(LogSetting(name, value, can_set) for name, value, can_set in settings)
+
+
+def test_settings_the_role_can_switch_off_or_that_keep_nothing_pass() -> None:
+    # Given a role that may change every setting, and one that may change none while none keeps statements
+    switchable = logging(("log_min_error_statement", "error", True), ("log_statement", "ddl", True))
+    quiet = logging(
+        ("log_min_error_statement", "panic", False),
+        ("log_statement", "none", False),
+        ("log_min_duration_statement", "-1", False),
+        ("log_transaction_sample_rate", "0", False),
+        ("pg_stat_statements.track_utility", "off", False),
+    )
+    for settings in (switchable, quiet):
+        result = checks.check_subscription_password_logging(
+            facts(source=server(statement_logging=settings), target=server(statement_logging=settings))
+        )
+        # Then the check passes
+        assert result.status == "pass", result
+
+
+def test_a_role_that_cannot_switch_off_statement_logging_is_warned_on_each_subscribing_side() -> None:
+    # Given a target role that may not change log_statement = ddl nor pg_stat_statements' utility tracking,
+    # and a source role that may not change the default log_min_error_statement = error
+    target = server(
+        role=role(name="migrator"),
+        statement_logging=logging(
+            ("log_statement", "ddl", False),
+            ("pg_stat_statements.track_utility", "on", False),
+            ("log_min_duration_statement", "-1", False),
+        ),
+    )
+    source = server(role=role(name="owner"), statement_logging=logging(("log_min_error_statement", "error", False)))
+    # When checked for the logical engine (the target subscribes forward, the source back)
+    result = checks.check_subscription_password_logging(facts(source=source, target=target))
+    # Then it warns, naming each side, setting and role, and how to grant the right
+    assert result.status == "warn"
+    assert [d.split(" and role")[0] for d in result.details] == [
+        "target: log_statement = ddl",
+        "target: pg_stat_statements.track_utility = on",
+        "source: log_min_error_statement = error",
+    ]
+    assert "GRANT SET ON PARAMETER log_statement, pg_stat_statements.track_utility TO migrator;" in result.remedy
+    # And for an engine without a forward subscription only the source's is reported
+    dms = checks.check_subscription_password_logging(facts(source=source, target=target, engine="dms"))
+    assert [d.split(":")[0] for d in dms.details] == ["source"]
+
+
+def test_which_values_keep_a_statements_text() -> None:
+    assert LogSetting("log_min_error_statement", "warning", False).keeps_statements
+    assert not LogSetting("log_min_error_statement", "fatal", False).keeps_statements
+    assert LogSetting("log_min_duration_statement", "0", False).keeps_statements
+    assert LogSetting("log_transaction_sample_rate", "0.01", False).keeps_statements
+    assert not LogSetting("log_statement", "mod", False).keeps_statements

@@ -37,6 +37,7 @@ from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopySessi
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, applied_lsn
 from lambdas.core.ranges import plan_ranges
+from lambdas.core.statement_logging import settings_keeping_statements
 from lambdas.core.tables import TableName
 
 STATE_SCHEMA = "_zdm"
@@ -54,29 +55,13 @@ class ReplicationSetupError(RuntimeError):
     pass
 
 
-def _statement_log_settings(conn: Connection) -> tuple[tuple[str, str], ...]:
-    """Every setting under which the server keeps a statement's text: logged on error
-    (log_min_error_statement), as DDL or all (log_statement), by its duration (log_min_duration_statement,
-    _sample) or as part of a sampled transaction (log_transaction_sample_rate); tracked by pg_stat_statements."""
-    settings = [("log_min_error_statement", "panic"), ("log_statement", "none"), ("log_min_duration_statement", "-1")]
-    version = int(conn.server_version)
-    if version >= 120000:
-        settings.append(("log_transaction_sample_rate", "0"))
-    if version >= 130000:
-        settings.append(("log_min_duration_sample", "-1"))
-    # pg_stat_statements (on by default on RDS) keeps utility statements' text, readable by pg_read_all_stats
-    if fetch_value(conn, "SELECT 1 FROM pg_settings WHERE name = 'pg_stat_statements.track_utility'"):
-        settings.append(("pg_stat_statements.track_utility", "off"))
-    return tuple(settings)
-
-
 @contextmanager
 def _statement_not_logged_on_error(conn: Connection) -> Iterator[None]:
     """CREATE SUBSCRIPTION is logged by the server with its CONNECTION string, password included, on
     error (log_min_error_statement) and on success where DDL, all statements or their durations are
     logged: keep it out of the server log where the role may change the settings (one statement:
     all of them change or none)."""
-    settings = _statement_log_settings(conn)
+    settings = settings_keeping_statements(conn)
     try:
         execute(conn, "; ".join(f"SET {name} = {value}" for name, value in settings))
         changed = True

@@ -488,6 +488,47 @@ def check_database_encoding(facts: PreflightFacts) -> CheckResult:
     )
 
 
+def check_subscription_password_logging(facts: PreflightFacts) -> CheckResult:
+    """CREATE SUBSCRIPTION carries the other side's password in its connection string. The engines switch
+    off every setting that keeps a statement's text around it; where the role may not, and the server's
+    value keeps it, the password ends up in the server log or in pg_stat_statements."""
+    name = "subscription_password_logging"
+    sides = [("source", facts.source, "the replication back, at the cutover")]
+    if facts.engine == "logical":
+        sides.insert(0, ("target", facts.target, "the forward replication"))
+    details: list[str] = []
+    fixes: list[str] = []
+    for side, server, what in sides:
+        kept = [s for s in server.statement_logging if not s.can_set and s.keeps_statements]
+        for setting in kept:
+            details.append(
+                f"{side}: {setting.name} = {setting.value} and role {server.role.name} may not change it: "
+                f"CREATE SUBSCRIPTION of {what} would keep its password there"
+            )
+        if kept:
+            names = ", ".join(s.name for s in kept)
+            fixes.append(
+                f"on the {side}: GRANT SET ON PARAMETER {names} TO {server.role.name};"
+                if server.version.major >= 15
+                else f"on the {side}: use a superuser, or turn {names} off in the server's parameters"
+            )
+    measured = ", ".join(
+        f"{side}: {sum(1 for s in server.statement_logging if s.can_set)} of {len(server.statement_logging)} switchable"
+        for side, server, _ in sides
+    )
+    if not details:
+        return CheckResult(name, "pass", measured)
+    return CheckResult(
+        name,
+        "warn",
+        measured,
+        "The subscription's password would be written where these settings keep statements (the server log, "
+        "pg_stat_statements, readable by pg_read_all_stats). " + " ".join(fixes) + " Or change the password "
+        "after the migration.",
+        details,
+    )
+
+
 def check_slot_names(facts: PreflightFacts) -> CheckResult:
     name = "slot_names"
     if not facts.foreign_slots:
@@ -1306,6 +1347,7 @@ CHECKS: tuple[Check, ...] = (
     check_source_role,
     check_target_role,
     check_cutover_rights,
+    check_subscription_password_logging,
     check_slot_names,
     check_database_encoding,
     check_table_selection,

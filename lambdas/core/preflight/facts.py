@@ -21,6 +21,7 @@ from lambdas.core.catalog import SequenceUse, TableInfo, describe_tables, list_t
 from lambdas.core.db import Connection, fetch_all, fetch_one, fetch_value
 from lambdas.core.fence import role_overrides
 from lambdas.core.lsn import Lsn, current_lsn
+from lambdas.core.statement_logging import LogSetting, log_settings
 from lambdas.core.tables import TableName, select_tables, unmatched_patterns
 
 # Rows counted (at most) in a non-empty target table: enough to tell "a few test rows" from "real data"
@@ -118,6 +119,9 @@ class ServerFacts:
     encoding: str = "UTF8"  # the database's server encoding
     # Roles with their own default_transaction_read_only (ALTER ROLE ... SET): the fence refuses while they exist.
     read_only_overrides: tuple[str, ...] = ()
+    # The settings under which the server keeps a statement's text (CREATE SUBSCRIPTION's holds a password),
+    # their values, and whether this role may switch them off for its session.
+    statement_logging: tuple[LogSetting, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -312,6 +316,7 @@ def gather_server(conn: Connection) -> ServerFacts:
         ),
         encoding=str(role_row[5]),
         read_only_overrides=tuple(role_overrides(conn)),
+        statement_logging=log_settings(conn),
         extensions={str(n): str(v) for n, v in fetch_all(conn, "SELECT extname, extversion FROM pg_extension")},
         available_extensions=frozenset(str(r[0]) for r in fetch_all(conn, "SELECT name FROM pg_available_extensions")),
         large_objects=large_objects,
