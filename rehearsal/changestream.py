@@ -55,6 +55,9 @@ class LocalStreamSettings:
     # runs while another's target backend writes (bench/apply.py on 2 CPUs: about 0.8 of native
     # apply's rate with three, 0.6 with two, 0.45-0.5 with one).
     appliers: int = 0
+    # How often the local connector stores its offsets (MSK Connect's workers: every 60 s). A connector
+    # killed before storing any after its snapshot takes the snapshot again when it restarts.
+    offset_flush_ms: int = 1000
 
     @property
     def applier_count(self) -> int:
@@ -117,7 +120,16 @@ class LocalChangeStream(ChangeStreamRuntime):
         (directory / _PAUSED).unlink(missing_ok=True)
         config = directory / "config.json"
         if part == CONNECTOR:
-            _write_private(config, json.dumps({"bootstrap": self.settings.bootstrap, "properties": dict(connector)}))
+            _write_private(
+                config,
+                json.dumps(
+                    {
+                        "bootstrap": self.settings.bootstrap,
+                        "properties": dict(connector),
+                        "offset_flush_ms": self.settings.offset_flush_ms,
+                    }
+                ),
+            )
             module = "rehearsal.connector_process"
         else:
             s = self.settings

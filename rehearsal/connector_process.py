@@ -36,7 +36,7 @@ def embedded_properties(config: dict[str, Any], directory: Path) -> dict[str, st
             "name": "zdm-local-connector",
             "offset.storage": "org.apache.kafka.connect.storage.FileOffsetBackingStore",
             "offset.storage.file.filename": str(directory / "offsets.dat"),
-            "offset.flush.interval.ms": "1000",
+            "offset.flush.interval.ms": str(config.get("offset_flush_ms", 1000)),
         }
     )
     return props

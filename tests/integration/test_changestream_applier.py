@@ -772,3 +772,41 @@ def test_a_snapshot_taken_again_empties_a_table_the_source_emptied_meanwhile(
     # And the same batch delivered again changes nothing
     again = apply(items_only, batch)
     assert again.applied == 0 and rows(target) == [(1, "sku-1", 9, None)]
+
+
+def test_a_snapshot_taken_again_after_streaming_began_reloads_the_table(
+    target: Connection, applier: ChangeApplier
+) -> None:
+    # Given rows 1 and 2 read by a snapshot at LSN 100, then row 1 updated and row 3 inserted by the stream
+    s = Stream()
+    apply(applier, [s.change("r", item(1), (0, 100)), s.change("r", item(2), (0, 100))])
+    apply(applier, [s.update(item(1, qty=5), (1000, 1010)), s.create(item(3), (1100, 1110))])
+    # When the connector restarts without a stored offset (a Kafka Connect worker that died before its first
+    # flush) and snapshots again at LSN 2000, after the source deleted row 2 and updated row 3 meanwhile
+    result = apply(applier, [s.change("r", item(1, qty=5), (0, 2000)), s.change("r", item(3, qty=7), (0, 2000))])
+    # Then the table is the new snapshot's: row 2 is gone and row 3 has the change no event carried
+    assert result.dead_letters == [] and result.republished == 0
+    assert rows(target) == [(1, "sku-1", 5, None), (3, "sku-3", 7, None)]
+    # And the stream goes on from after that snapshot
+    apply(applier, [s.update(item(3, qty=8), (2100, 2110))])
+    assert rows(target) == [(1, "sku-1", 5, None), (3, "sku-3", 8, None)]
+    # And reads of either snapshot delivered again after that are skipped
+    again = apply(applier, [s.change("r", item(2), (0, 100)), s.change("r", item(3, qty=7), (0, 2000))])
+    assert again.republished == 2 and again.applied == 0
+    assert rows(target) == [(1, "sku-1", 5, None), (3, "sku-3", 8, None)]
+
+
+def test_a_state_without_snapshot_lsns_treats_old_reads_after_streaming_as_replays(
+    target: Connection, applier: ChangeApplier
+) -> None:
+    # Given a streaming partition whose state an earlier version wrote (no snapshot LSN recorded)
+    s = Stream()
+    apply(applier, [s.change("r", item(1), (0, 100)), s.change("r", item(2), (0, 100))])
+    apply(applier, [s.update(item(1, qty=5), (1000, 1010))])
+    execute(target, "UPDATE _zdm.dbz_partitions SET snapshot_lsn = NULL")
+    target.commit()
+    # When a read of that first snapshot is delivered again
+    result = apply(applier, [s.change("r", item(2, qty=9), (0, 100))])
+    # Then it is a replay: the table is not emptied nor changed
+    assert result.republished == 1
+    assert rows(target) == [(1, "sku-1", 5, None), (2, "sku-2", 1, None)]

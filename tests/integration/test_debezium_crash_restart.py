@@ -16,7 +16,7 @@ from lambdas.core.db import connect, execute, fetch_all, fetch_value
 from lambdas.core.engines.debezium import DebeziumEngine
 from lambdas.core.tables import TableName
 from rehearsal.broker import Broker
-from rehearsal.changestream import LocalChangeStream
+from rehearsal.changestream import LocalChangeStream, standalone_engine
 from rehearsal.compare import compare_databases
 from tests.integration.stream_env import running, wait_until
 from tests.integration.test_debezium_stream import TABLES, assert_converged, fence, given_sample, make_engine
@@ -190,6 +190,64 @@ def test_connector_killed_during_its_snapshot_leaves_no_row_deleted_meanwhile(
         extra = fetch_value(target, "SELECT count(*) FROM items WHERE id <= 1000")
         assert extra == 0 and diffs == [], (extra, diffs)
         assert _applied_rows(tgt, "a_small") == 0
+        assert engine.status().dead_letters == 0
+    source.close()
+    target.close()
+
+
+def test_connector_killed_after_streaming_began_but_before_storing_offsets_loses_no_change(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given a connector that stores its offsets once a minute (as MSK Connect's workers do), whose snapshot
+    # was applied and whose first streamed changes were applied too
+    src, tgt = fresh_dbs
+    ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, pad text); CREATE TABLE a_small (id int PRIMARY KEY)"
+    source, target = connect(src), connect(tgt)
+    execute(source, ddl)
+    execute(target, ddl)
+    execute(source, "INSERT INTO items SELECT g, 0, 'x' FROM generate_series(1, 5000) g")
+    execute(source, "INSERT INTO a_small SELECT generate_series(1, 50)")
+    engine = standalone_engine(
+        "dbz-audit-flush",
+        src,
+        tgt,
+        broker.bootstrap,
+        tmp_path / "stream",
+        [SMALL, ITEMS],
+        debezium={"heartbeat_interval_ms": 1000},
+        batch_size=500,
+        batch_window_seconds=0.1,
+        offset_flush_ms=60_000,
+    )
+    runtime = _local(engine)
+    with running(engine):
+        engine.start()
+        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+        execute(source, "UPDATE items SET v = 1 WHERE id <= 100")
+        engine.catch_up(60)
+        # When the connector is killed (SIGKILL) before it stored an offset past its snapshot
+        connector = runtime.process("connector")
+        assert connector is not None
+        connector.kill()
+        # (the embedded engine stores one at the snapshot's end; a Kafka Connect worker flushes on its interval only)
+        for offsets in (tmp_path / "stream").rglob("offsets.dat"):
+            offsets.unlink()
+        # And, while it is down, the source deletes, updates and inserts rows, and empties the small table
+        execute(source, "UPDATE items SET v = 5 WHERE id <= 50")  # over changes streamed before the kill
+        execute(source, "DELETE FROM items WHERE id BETWEEN 101 AND 200")
+        execute(source, "UPDATE items SET v = 2 WHERE id BETWEEN 201 AND 300")
+        execute(source, "INSERT INTO items SELECT g, 3, 'y' FROM generate_series(6001, 6100) g")
+        execute(source, "DELETE FROM a_small")
+        engine.start()  # the connector again
+        execute(source, "UPDATE items SET v = 4 WHERE id = 5000")
+        wait_until(
+            lambda: fetch_value(target, "SELECT v FROM items WHERE id = 5000") == 4, 120, "the change after restart"
+        )
+        engine.catch_up(60)
+
+        # Then the target equals the source: nothing changed while the connector was down is lost
+        diffs = [d for d in compare_databases(src, tgt, [SMALL, ITEMS]) if not d.equal]
+        assert diffs == [], diffs
         assert engine.status().dead_letters == 0
     source.close()
     target.close()

@@ -177,7 +177,7 @@ class ChangeApplier:
         source emptied meanwhile gets no read at all, so the check per partition in `_admit` never
         sees it."""
         for part in partitions.values():
-            if part.streaming or part.last_source_lsn is None or part.last_source_lsn >= snapshot_lsn:
+            if part.streaming or part.snapshot_lsn is None or part.snapshot_lsn >= snapshot_lsn:
                 continue
             table = self._routing.tables.get(part.topic)
             if table is None:
@@ -188,7 +188,7 @@ class ChangeApplier:
                 for c in pending.get(part.topic, [])
                 if not (c.event.op is Op.READ and c.event.lsn is not None and c.event.lsn < snapshot_lsn)
             ]
-            part.last_source_lsn = snapshot_lsn
+            part.snapshot_lsn = snapshot_lsn
         for name in state.reset_stale_snapshots(cur, snapshot_lsn, partitions.keys()):
             truncate_table(cur, name)
 
@@ -240,23 +240,32 @@ class ChangeApplier:
                 if op is Op.MESSAGE:
                     continue
                 position = event.position
-                if op is Op.READ and part.position == SNAPSHOT_POSITION and event.lsn is not None:
-                    # Snapshots only move forward: a read older than the newest snapshot applied (to any
-                    # table, or to this one: another applier may have moved it on) is stale.
+                if op is Op.READ and event.lsn is not None:
+                    # Each read carries its snapshot's LSN, and snapshots only move forward: a read older
+                    # than the newest snapshot applied (to any table, or to this one: another applier may
+                    # have moved it on) is stale.
                     if (applied_snapshot_lsn is not None and event.lsn < applied_snapshot_lsn) or (
-                        part.last_source_lsn is not None and event.lsn < part.last_source_lsn
+                        part.snapshot_lsn is not None and event.lsn < part.snapshot_lsn
                     ):
                         result.republished += 1
                         continue
-                    if result.snapshot_lsn is None or event.lsn > result.snapshot_lsn:
+                    newer = part.snapshot_lsn is None or event.lsn > part.snapshot_lsn
+                    if newer and part.streaming and part.last_source_lsn is not None:
+                        # taken after everything streamed so far (a state an earlier version wrote has no
+                        # snapshot LSN for a streaming partition: its reads again are replays, not newer)
+                        newer = event.lsn > part.last_source_lsn
+                    if newer:
+                        if part.snapshot_lsn is not None or part.streaming:
+                            # Reads of a newer snapshot: the connector stopped before its offsets said the
+                            # snapshot was done (or, on Kafka Connect, before it flushed its first offset
+                            # after it) and took it again, and streams from after *that* one: a change made
+                            # meanwhile is in no event. The table starts over in this batch's transaction,
+                            # and so does its stream position.
+                            changes.append(Change(rec, dataclasses.replace(event, op=Op.TRUNCATE)))
+                            part.position = SNAPSHOT_POSITION
+                        part.snapshot_lsn = event.lsn
+                    if not part.streaming and (result.snapshot_lsn is None or event.lsn > result.snapshot_lsn):
                         result.snapshot_lsn = event.lsn
-                    if part.last_source_lsn is not None and event.lsn != part.last_source_lsn:
-                        # Reads of another snapshot (each carries its snapshot's LSN): the connector stopped
-                        # before its offsets said the snapshot was done and took it again from the start, and
-                        # streams from after *that* snapshot: a row the first one wrote and the source deleted
-                        # meanwhile would never be deleted. The table starts over, in this batch's transaction.
-                        changes.append(Change(rec, dataclasses.replace(event, op=Op.TRUNCATE)))
-                    part.last_source_lsn = event.lsn  # the snapshot being applied (compared within the batch too)
                 if position == SNAPSHOT_POSITION:
                     if part.position != SNAPSHOT_POSITION:  # streaming had begun: a snapshot read again
                         result.republished += 1
@@ -463,12 +472,12 @@ class ChangeApplier:
             sql.SQL(
                 "UPDATE {}.dbz_partitions AS p SET next_offset = v.next_offset, commit_lsn = v.commit_lsn,"
                 " lsn = v.lsn, events = v.events, last_source_lsn = v.last_source_lsn, last_ts_ms = v.last_ts_ms,"
-                " table_schema = coalesce(v.table_schema, p.table_schema),"
+                " snapshot_lsn = v.snapshot_lsn, table_schema = coalesce(v.table_schema, p.table_schema),"
                 " table_name = coalesce(v.table_name, p.table_name), updated_at = now()"
                 " FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],"
-                " %s::bigint[], %s::bigint[], %s::text[], %s::text[])"
+                " %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[])"
                 " AS v(topic, kafka_partition, next_offset, commit_lsn, lsn, events, last_source_lsn, last_ts_ms,"
-                " table_schema, table_name)"
+                " snapshot_lsn, table_schema, table_name)"
                 " WHERE p.topic = v.topic AND p.kafka_partition = v.kafka_partition"
             ).format(sql.Identifier(state.SCHEMA))
         ]
@@ -481,6 +490,7 @@ class ChangeApplier:
             [p.events for p in parts],
             [p.last_source_lsn for p in parts],
             [p.last_ts_ms for p in parts],
+            [p.snapshot_lsn for p in parts],
         ]
         fed = [self._routing.tables.get(p.topic) for p in parts]
         params += [[t.name.schema if t else None for t in fed], [t.name.name if t else None for t in fed]]

@@ -32,6 +32,11 @@ _DDL = [
             updated_at timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (topic, kafka_partition))"""
     ).format(sql.Identifier(SCHEMA)),
+    # The snapshot whose reads a partition applied last (before this column: its last_source_lsn while
+    # it had not streamed yet, see begin_batch).
+    sql.SQL("ALTER TABLE {}.dbz_partitions ADD COLUMN IF NOT EXISTS snapshot_lsn bigint").format(
+        sql.Identifier(SCHEMA)
+    ),
     # The target table a partition's topic feeds (written with its state): any applier can empty it.
     sql.SQL("ALTER TABLE {}.dbz_partitions ADD COLUMN IF NOT EXISTS table_schema text").format(sql.Identifier(SCHEMA)),
     sql.SQL("ALTER TABLE {}.dbz_partitions ADD COLUMN IF NOT EXISTS table_name text").format(sql.Identifier(SCHEMA)),
@@ -164,10 +169,11 @@ class PartitionState:
     events: int = 0
     last_source_lsn: int | None = None
     last_ts_ms: int | None = None
+    snapshot_lsn: int | None = None  # the snapshot whose reads were applied here last (each read carries it)
 
     @property
     def streaming(self) -> bool:
-        """A streamed change was applied here: later snapshot reads are replays."""
+        """A streamed change was applied here since its snapshot: reads of that snapshot are replays."""
         return self.position != SNAPSHOT_POSITION
 
 
@@ -191,7 +197,9 @@ def begin_batch(cur: Cursor, keys: Iterable[tuple[str, int]]) -> BatchStart:
             " SELECT * FROM unnest(%(topics)s::text[], %(partitions)s::int[]) ON CONFLICT DO NOTHING;"
             " WITH control AS (SELECT applier_paused FROM {schema}.dbz_control WHERE id = 1 FOR SHARE),"
             " parts AS (SELECT p.topic, p.kafka_partition, p.next_offset, p.commit_lsn, p.lsn, p.events,"
-            "  p.last_source_lsn, p.last_ts_ms FROM {schema}.dbz_partitions p"
+            "  p.last_source_lsn, p.last_ts_ms,"
+            "  coalesce(p.snapshot_lsn, CASE WHEN p.commit_lsn = 0 AND p.lsn = 0 THEN p.last_source_lsn END)"
+            "  FROM {schema}.dbz_partitions p"
             "  JOIN unnest(%(topics)s::text[], %(partitions)s::int[]) AS w(t, n)"
             "  ON p.topic = w.t AND p.kafka_partition = w.n ORDER BY 1, 2 FOR UPDATE OF p)"
             " SELECT coalesce((SELECT applier_paused FROM control), false),"
@@ -202,42 +210,50 @@ def begin_batch(cur: Cursor, keys: Iterable[tuple[str, int]]) -> BatchStart:
     )
     rows = cur.fetchall()
     states = {
-        (t, n): PartitionState(t, n, off, StreamPosition(c, lsn), ev, last_lsn, ts)
-        for _, _, t, n, off, c, lsn, ev, last_lsn, ts in rows
+        (t, n): PartitionState(t, n, off, StreamPosition(c, lsn), ev, last_lsn, ts, snap)
+        for _, _, t, n, off, c, lsn, ev, last_lsn, ts, snap in rows
         if t is not None
     }
     return BatchStart(bool(rows[0][0]), states, rows[0][1])
 
 
 def reset_stale_snapshots(cur: Cursor, snapshot_lsn: int, batch: Iterable[tuple[str, int]]) -> list[TableName]:
-    """Record `snapshot_lsn` as the newest snapshot, and return the tables fed by partitions outside
-    `batch` that hold an older snapshot's reads and no streamed change: they must be emptied (in this
-    transaction) before the newer snapshot's reads, since a table that was empty at the newer snapshot
-    gets none at all. Those partitions are moved to the newer snapshot (rows locked in key order).
-    """
+    """Record `snapshot_lsn` as the newest snapshot. When it replaces an older one (the connector took it
+    again), the stream is copying again (snapshot progress reset), and the tables fed by partitions
+    outside `batch` that hold the older one's reads and no streamed change are returned: they must be
+    emptied (in this transaction), since a table that was empty at the newer snapshot gets no read at
+    all. Those partitions are moved to the newer snapshot (rows locked in key order)."""
+    schema = sql.Identifier(SCHEMA)
+    cur.execute(sql.SQL("SELECT snapshot_lsn FROM {}.dbz_stream WHERE id = 1 FOR UPDATE").format(schema))
+    row = cur.fetchone()
+    previous = row[0] if row else None
+    if previous is not None and previous >= snapshot_lsn:
+        return []  # another applier recorded it (or a newer one) meanwhile
+    cur.execute(sql.SQL("UPDATE {}.dbz_stream SET snapshot_lsn = %s WHERE id = 1").format(schema), (snapshot_lsn,))
+    if previous is None:
+        return []  # the first snapshot
     in_batch = set(batch)
     cur.execute(
         sql.SQL(
-            "UPDATE {s}.dbz_stream SET snapshot_lsn = %(lsn)s"
-            " WHERE id = 1 AND (snapshot_lsn IS NULL OR snapshot_lsn < %(lsn)s);"
+            "UPDATE {s}.dbz_stream SET snapshot_completed = false WHERE id = 1;"
+            " UPDATE {s}.dbz_tables SET snapshot_done = false, snapshot_rows = 0;"
             " SELECT topic, kafka_partition, table_schema, table_name FROM {s}.dbz_partitions"
-            " WHERE commit_lsn = 0 AND lsn = 0 AND last_source_lsn < %(lsn)s AND table_name IS NOT NULL"
-            " ORDER BY 1, 2 FOR UPDATE"
-        ).format(s=sql.Identifier(SCHEMA)),
+            " WHERE commit_lsn = 0 AND lsn = 0 AND table_name IS NOT NULL"
+            " AND coalesce(snapshot_lsn, last_source_lsn) < %(lsn)s ORDER BY 1, 2 FOR UPDATE"
+        ).format(s=schema),
         {"lsn": snapshot_lsn},
     )
     rows = [r for r in cur.fetchall() if (r[0], r[1]) not in in_batch]
-    stale = [(t, n) for t, n, _, _ in rows]
-    if stale:
+    if rows:
         cur.execute(
             sql.SQL(
-                "UPDATE {s}.dbz_partitions AS p SET last_source_lsn = %s, updated_at = now()"
+                "UPDATE {s}.dbz_partitions AS p SET snapshot_lsn = %s, updated_at = now()"
                 " FROM unnest(%s::text[], %s::int[]) AS v(topic, kafka_partition)"
                 " WHERE p.topic = v.topic AND p.kafka_partition = v.kafka_partition"
-            ).format(s=sql.Identifier(SCHEMA)),
-            (snapshot_lsn, [t for t, _ in stale], [n for _, n in stale]),
+            ).format(s=schema),
+            (snapshot_lsn, [r[0] for r in rows], [r[1] for r in rows]),
         )
-    return sorted({TableName(schema, name) for _, _, schema, name in rows}, key=str)
+    return sorted({TableName(r[2], r[3]) for r in rows}, key=str)
 
 
 def seed_offsets(conn: Connection, offsets: Mapping[tuple[str, int], int]) -> None:
