@@ -230,6 +230,7 @@ class CutoverRunner:
     @contextmanager
     def _sessions(self, *, lock: bool = True, wait_seconds: float = 0.0) -> Iterator[dict[Side, Connection]]:
         conns: dict[Side, Connection] = {}
+        locked = False
         try:
             conns[Side.TARGET] = self._open(Side.TARGET)
             if lock and not store.try_lock(conns[Side.TARGET], self.plan.migration, wait_seconds=wait_seconds):
@@ -238,9 +239,15 @@ class CutoverRunner:
                     f"another cutover, rollback or retire of {self.plan.migration!r} has been running{waited} (it "
                     "holds the lock on the target); nothing was changed: run this again once it has finished"
                 )
+            locked = lock
             conns[Side.SOURCE] = self._open(Side.SOURCE)
             yield conns
         finally:
+            if locked:
+                # Released before the close returns: a closed session's backend lets its locks go only once
+                # it has exited, which a run started right after (a retried task) could beat.
+                with suppress(psycopg2.Error):
+                    store.unlock(conns[Side.TARGET], self.plan.migration)
             for conn in conns.values():
                 with suppress(psycopg2.Error):
                     conn.close()
