@@ -12,7 +12,7 @@ import pytest
 from psycopg2 import sql
 
 from lambdas.core.changestream import state
-from lambdas.core.db import connect, execute, fetch_all, fetch_value
+from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_value
 from lambdas.core.engines.debezium import DebeziumEngine
 from lambdas.core.tables import TableName
 from rehearsal.broker import Broker
@@ -153,18 +153,25 @@ def _applied_rows(tgt: str, table: str = "items") -> int:
         target.close()
 
 
+def given_items_and_a_small_table(src: str, tgt: str, items: int, pad: str) -> tuple[Connection, Connection]:
+    """`items` rows in items (each with `pad`) and 50 in a_small on the source, both tables empty on the
+    target: (source, target) connections, the caller's to close."""
+    ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, pad text); CREATE TABLE a_small (id int PRIMARY KEY)"
+    source, target = connect(src), connect(tgt)
+    execute(source, ddl)
+    execute(target, ddl)
+    execute(source, "INSERT INTO items SELECT g, 0, %s FROM generate_series(1, %s) g", (pad, items))
+    execute(source, "INSERT INTO a_small SELECT generate_series(1, 50)")
+    return source, target
+
+
 def test_connector_killed_during_its_snapshot_leaves_no_row_deleted_meanwhile(
     fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
 ) -> None:
     # Given a source table large enough that the snapshot takes several seconds, a small one the
     # connector snapshots before it, and an empty target
     src, tgt = fresh_dbs
-    ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, pad text); CREATE TABLE a_small (id int PRIMARY KEY)"
-    source, target = connect(src), connect(tgt)
-    execute(source, ddl)
-    execute(target, ddl)
-    execute(source, "INSERT INTO items SELECT g, 0, repeat('x', 200) FROM generate_series(1, 150000) g")
-    execute(source, "INSERT INTO a_small SELECT generate_series(1, 50)")
+    source, target = given_items_and_a_small_table(src, tgt, 150_000, "x" * 200)
     engine = make_engine(src, tgt, broker, tmp_path / "stream", [SMALL, ITEMS], name="dbz-audit-snap")
     runtime = _local(engine)
     with running(engine):
@@ -201,12 +208,7 @@ def test_connector_killed_after_streaming_began_but_before_storing_offsets_loses
     # Given a connector that stores its offsets once a minute (as MSK Connect's workers do), whose snapshot
     # was applied and whose first streamed changes were applied too
     src, tgt = fresh_dbs
-    ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, pad text); CREATE TABLE a_small (id int PRIMARY KEY)"
-    source, target = connect(src), connect(tgt)
-    execute(source, ddl)
-    execute(target, ddl)
-    execute(source, "INSERT INTO items SELECT g, 0, 'x' FROM generate_series(1, 5000) g")
-    execute(source, "INSERT INTO a_small SELECT generate_series(1, 50)")
+    source, target = given_items_and_a_small_table(src, tgt, 5_000, "x")
     engine = standalone_engine(
         "dbz-audit-flush",
         src,
