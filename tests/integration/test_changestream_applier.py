@@ -810,3 +810,38 @@ def test_a_state_without_snapshot_lsns_treats_old_reads_after_streaming_as_repla
     # Then it is a replay: the table is not emptied nor changed
     assert result.republished == 1
     assert rows(target) == [(1, "sku-1", 5, None), (2, "sku-2", 1, None)]
+
+
+@pytest.mark.parametrize("same_batch", [False, True], ids=["fed-by-another-applier", "late-event-in-same-batch"])
+def test_a_snapshot_taken_again_empties_a_streamed_table_the_source_emptied_meanwhile(
+    target: Connection, sink: CollectingSink, same_batch: bool
+) -> None:
+    # Given two tables read by a snapshot at LSN 100, `others` then changed by the stream (LSN 1010)
+    execute(target, "CREATE TABLE others (LIKE items INCLUDING ALL)")
+    target.commit()
+    others = TableName("public", "others")
+    both = ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS, others]), sink)
+    items_only = both if same_batch else ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS]), sink)
+    others_only = both if same_batch else ChangeApplier(target, StreamRouting.load(target, PREFIX, [others]), sink)
+    s, o = Stream(), Stream(f"{PREFIX}.public.others")
+    apply(items_only, [s.change("r", item(1), (0, 100))])
+    apply(others_only, [o.change("r", item(7), (0, 100)), o.create(item(8), (1000, 1010))])
+    # When the connector snapshots again at LSN 2000, after the source emptied `others`: only items gets
+    # reads, and a change `others` streamed before (LSN 1020) is still on its way
+    late = o.update(item(8, qty=4), (1000, 1020))
+    batch = (
+        [late, s.change("r", item(1, qty=9), (0, 2000))] if same_batch else [s.change("r", item(1, qty=9), (0, 2000))]
+    )
+    result = apply(items_only, batch)
+    if not same_batch:
+        skipped = apply(others_only, [late])
+        assert skipped.republished == 1
+    # Then `others` is empty, the late older change is not applied, and items holds the new snapshot
+    assert result.dead_letters == []
+    assert fetch_all(target, "SELECT id FROM others") == []
+    target.rollback()
+    assert rows(target) == [(1, "sku-1", 9, None)]
+    # And a change after the new snapshot applies to `others` again
+    apply(others_only, [o.create(item(9), (2100, 2110))])
+    assert fetch_all(target, "SELECT id FROM others") == [(9,)]
+    target.rollback()

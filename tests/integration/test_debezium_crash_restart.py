@@ -206,7 +206,7 @@ def test_connector_killed_after_streaming_began_but_before_storing_offsets_loses
     fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
 ) -> None:
     # Given a connector that stores its offsets once a minute (as MSK Connect's workers do), whose snapshot
-    # was applied and whose first streamed changes were applied too
+    # was applied and whose first streamed changes (to both tables) were applied too
     src, tgt = fresh_dbs
     source, target = given_items_and_a_small_table(src, tgt, 5_000, "x")
     engine = standalone_engine(
@@ -226,6 +226,7 @@ def test_connector_killed_after_streaming_began_but_before_storing_offsets_loses
         engine.start()
         wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
         execute(source, "UPDATE items SET v = 1 WHERE id <= 100")
+        execute(source, "INSERT INTO a_small VALUES (51)")  # the small table streams too
         engine.catch_up(60)
         # When the connector is killed (SIGKILL) before it stored an offset past its snapshot
         connector = runtime.process("connector")

@@ -171,23 +171,24 @@ class ChangeApplier:
         partitions: Mapping[tuple[str, int], state.PartitionState],
         pending: dict[str, list[Change]],
     ) -> None:
-        """A newer snapshot than any applied so far: the connector took it again from the start (it
-        stopped before its offsets said the snapshot was done). Every table still holding an older
-        snapshot's reads is emptied before this one's are applied, whichever applier feeds it: one the
-        source emptied meanwhile gets no read at all, so the check per partition in `_admit` never
-        sees it."""
+        """A newer snapshot than any applied so far: the connector took it again from the start. Every
+        table still holding an older snapshot's rows (and changes streamed after it) is emptied before
+        this one's reads are applied, whichever applier feeds it: one the source emptied meanwhile gets
+        no read at all, so the check per partition in `_admit` never sees it. Its stream events older
+        than the new snapshot, still to come, are skipped (`PartitionState.stream_floor`)."""
         for part in partitions.values():
-            if part.streaming or part.snapshot_lsn is None or part.snapshot_lsn >= snapshot_lsn:
+            held = part.snapshot_lsn if part.snapshot_lsn is not None else part.last_source_lsn
+            if held is None or held >= snapshot_lsn:
                 continue
             table = self._routing.tables.get(part.topic)
             if table is None:
                 continue
             truncate_table(cur, table.name)
-            pending[part.topic] = [
-                c
-                for c in pending.get(part.topic, [])
-                if not (c.event.op is Op.READ and c.event.lsn is not None and c.event.lsn < snapshot_lsn)
-            ]
+            kept = [c for c in pending.get(part.topic, []) if c.event.lsn is None or c.event.lsn >= snapshot_lsn]
+            pending[part.topic] = kept
+            if part.streaming and not any(c.event.op is not Op.READ for c in kept):
+                part.stream_floor = snapshot_lsn  # its older stream events still to come are in the snapshot
+            part.position = SNAPSHOT_POSITION
             part.snapshot_lsn = snapshot_lsn
         for name in state.reset_stale_snapshots(cur, snapshot_lsn, partitions.keys()):
             truncate_table(cur, name)
@@ -240,6 +241,11 @@ class ChangeApplier:
                 if op is Op.MESSAGE:
                     continue
                 position = event.position
+                if part.stream_floor is not None and op is not Op.READ:
+                    if event.lsn is not None and event.lsn < part.stream_floor:
+                        result.republished += 1  # older than the snapshot that emptied the table: in it
+                        continue
+                    part.stream_floor = None
                 if op is Op.READ and event.lsn is not None:
                     # Each read carries its snapshot's LSN, and snapshots only move forward: a read older
                     # than the newest snapshot applied (to any table, or to this one: another applier may
@@ -264,8 +270,10 @@ class ChangeApplier:
                             changes.append(Change(rec, dataclasses.replace(event, op=Op.TRUNCATE)))
                             part.position = SNAPSHOT_POSITION
                         part.snapshot_lsn = event.lsn
-                    if not part.streaming and (result.snapshot_lsn is None or event.lsn > result.snapshot_lsn):
-                        result.snapshot_lsn = event.lsn
+                    if not part.streaming:
+                        part.stream_floor = None  # the snapshot's own reads: what follows them is newer
+                        if result.snapshot_lsn is None or event.lsn > result.snapshot_lsn:
+                            result.snapshot_lsn = event.lsn
                 if position == SNAPSHOT_POSITION:
                     if part.position != SNAPSHOT_POSITION:  # streaming had begun: a snapshot read again
                         result.republished += 1
@@ -472,12 +480,13 @@ class ChangeApplier:
             sql.SQL(
                 "UPDATE {}.dbz_partitions AS p SET next_offset = v.next_offset, commit_lsn = v.commit_lsn,"
                 " lsn = v.lsn, events = v.events, last_source_lsn = v.last_source_lsn, last_ts_ms = v.last_ts_ms,"
-                " snapshot_lsn = v.snapshot_lsn, table_schema = coalesce(v.table_schema, p.table_schema),"
+                " snapshot_lsn = v.snapshot_lsn, stream_floor = v.stream_floor,"
+                " table_schema = coalesce(v.table_schema, p.table_schema),"
                 " table_name = coalesce(v.table_name, p.table_name), updated_at = now()"
                 " FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],"
-                " %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[])"
+                " %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[])"
                 " AS v(topic, kafka_partition, next_offset, commit_lsn, lsn, events, last_source_lsn, last_ts_ms,"
-                " snapshot_lsn, table_schema, table_name)"
+                " snapshot_lsn, stream_floor, table_schema, table_name)"
                 " WHERE p.topic = v.topic AND p.kafka_partition = v.kafka_partition"
             ).format(sql.Identifier(state.SCHEMA))
         ]
@@ -491,6 +500,7 @@ class ChangeApplier:
             [p.last_source_lsn for p in parts],
             [p.last_ts_ms for p in parts],
             [p.snapshot_lsn for p in parts],
+            [p.stream_floor for p in parts],
         ]
         fed = [self._routing.tables.get(p.topic) for p in parts]
         params += [[t.name.schema if t else None for t in fed], [t.name.name if t else None for t in fed]]

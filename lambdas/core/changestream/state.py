@@ -37,6 +37,11 @@ _DDL = [
     sql.SQL("ALTER TABLE {}.dbz_partitions ADD COLUMN IF NOT EXISTS snapshot_lsn bigint").format(
         sql.Identifier(SCHEMA)
     ),
+    # Set when another table's newer snapshot emptied this one while it was streaming: its stream
+    # events below this LSN predate that snapshot (it holds them) and are skipped until one reaches it.
+    sql.SQL("ALTER TABLE {}.dbz_partitions ADD COLUMN IF NOT EXISTS stream_floor bigint").format(
+        sql.Identifier(SCHEMA)
+    ),
     # The target table a partition's topic feeds (written with its state): any applier can empty it.
     sql.SQL("ALTER TABLE {}.dbz_partitions ADD COLUMN IF NOT EXISTS table_schema text").format(sql.Identifier(SCHEMA)),
     sql.SQL("ALTER TABLE {}.dbz_partitions ADD COLUMN IF NOT EXISTS table_name text").format(sql.Identifier(SCHEMA)),
@@ -170,6 +175,7 @@ class PartitionState:
     last_source_lsn: int | None = None
     last_ts_ms: int | None = None
     snapshot_lsn: int | None = None  # the snapshot whose reads were applied here last (each read carries it)
+    stream_floor: int | None = None  # stream events below this LSN are skipped (see the column)
 
     @property
     def streaming(self) -> bool:
@@ -198,8 +204,8 @@ def begin_batch(cur: Cursor, keys: Iterable[tuple[str, int]]) -> BatchStart:
             " WITH control AS (SELECT applier_paused FROM {schema}.dbz_control WHERE id = 1 FOR SHARE),"
             " parts AS (SELECT p.topic, p.kafka_partition, p.next_offset, p.commit_lsn, p.lsn, p.events,"
             "  p.last_source_lsn, p.last_ts_ms,"
-            "  coalesce(p.snapshot_lsn, CASE WHEN p.commit_lsn = 0 AND p.lsn = 0 THEN p.last_source_lsn END)"
-            "  FROM {schema}.dbz_partitions p"
+            "  coalesce(p.snapshot_lsn, CASE WHEN p.commit_lsn = 0 AND p.lsn = 0 THEN p.last_source_lsn END),"
+            "  p.stream_floor FROM {schema}.dbz_partitions p"
             "  JOIN unnest(%(topics)s::text[], %(partitions)s::int[]) AS w(t, n)"
             "  ON p.topic = w.t AND p.kafka_partition = w.n ORDER BY 1, 2 FOR UPDATE OF p)"
             " SELECT coalesce((SELECT applier_paused FROM control), false),"
@@ -210,8 +216,8 @@ def begin_batch(cur: Cursor, keys: Iterable[tuple[str, int]]) -> BatchStart:
     )
     rows = cur.fetchall()
     states = {
-        (t, n): PartitionState(t, n, off, StreamPosition(c, lsn), ev, last_lsn, ts, snap)
-        for _, _, t, n, off, c, lsn, ev, last_lsn, ts, snap in rows
+        (t, n): PartitionState(t, n, off, StreamPosition(c, lsn), ev, last_lsn, ts, snap, floor)
+        for _, _, t, n, off, c, lsn, ev, last_lsn, ts, snap, floor in rows
         if t is not None
     }
     return BatchStart(bool(rows[0][0]), states, rows[0][1])
@@ -220,9 +226,10 @@ def begin_batch(cur: Cursor, keys: Iterable[tuple[str, int]]) -> BatchStart:
 def reset_stale_snapshots(cur: Cursor, snapshot_lsn: int, batch: Iterable[tuple[str, int]]) -> list[TableName]:
     """Record `snapshot_lsn` as the newest snapshot. When it replaces an older one (the connector took it
     again), the stream is copying again (snapshot progress reset), and the tables fed by partitions
-    outside `batch` that hold the older one's reads and no streamed change are returned: they must be
-    emptied (in this transaction), since a table that was empty at the newer snapshot gets no read at
-    all. Those partitions are moved to the newer snapshot (rows locked in key order)."""
+    outside `batch` that hold an older snapshot's rows (and changes streamed after it) are returned:
+    they must be emptied (in this transaction), since a table that was empty at the newer snapshot
+    gets no read at all. Those partitions are moved to the newer snapshot, their stream position reset
+    and their stream events older than it skipped from now on (rows locked in key order)."""
     schema = sql.Identifier(SCHEMA)
     cur.execute(sql.SQL("SELECT snapshot_lsn FROM {}.dbz_stream WHERE id = 1 FOR UPDATE").format(schema))
     row = cur.fetchone()
@@ -238,8 +245,8 @@ def reset_stale_snapshots(cur: Cursor, snapshot_lsn: int, batch: Iterable[tuple[
             "UPDATE {s}.dbz_stream SET snapshot_completed = false WHERE id = 1;"
             " UPDATE {s}.dbz_tables SET snapshot_done = false, snapshot_rows = 0;"
             " SELECT topic, kafka_partition, table_schema, table_name FROM {s}.dbz_partitions"
-            " WHERE commit_lsn = 0 AND lsn = 0 AND table_name IS NOT NULL"
-            " AND coalesce(snapshot_lsn, last_source_lsn) < %(lsn)s ORDER BY 1, 2 FOR UPDATE"
+            " WHERE table_name IS NOT NULL AND coalesce(snapshot_lsn, last_source_lsn) < %(lsn)s"
+            " ORDER BY 1, 2 FOR UPDATE"
         ).format(s=schema),
         {"lsn": snapshot_lsn},
     )
@@ -247,11 +254,13 @@ def reset_stale_snapshots(cur: Cursor, snapshot_lsn: int, batch: Iterable[tuple[
     if rows:
         cur.execute(
             sql.SQL(
-                "UPDATE {s}.dbz_partitions AS p SET snapshot_lsn = %s, updated_at = now()"
-                " FROM unnest(%s::text[], %s::int[]) AS v(topic, kafka_partition)"
+                "UPDATE {s}.dbz_partitions AS p SET snapshot_lsn = %(lsn)s, commit_lsn = 0, lsn = 0,"
+                " stream_floor = CASE WHEN p.commit_lsn = 0 AND p.lsn = 0 THEN p.stream_floor ELSE %(lsn)s END,"
+                " updated_at = now()"
+                " FROM unnest(%(topics)s::text[], %(partitions)s::int[]) AS v(topic, kafka_partition)"
                 " WHERE p.topic = v.topic AND p.kafka_partition = v.kafka_partition"
             ).format(s=schema),
-            (snapshot_lsn, [r[0] for r in rows], [r[1] for r in rows]),
+            {"lsn": snapshot_lsn, "topics": [r[0] for r in rows], "partitions": [r[1] for r in rows]},
         )
     return sorted({TableName(r[2], r[3]) for r in rows}, key=str)
 
