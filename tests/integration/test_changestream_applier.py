@@ -739,18 +739,30 @@ def test_a_move_cut_after_its_delete_by_a_connector_crash_and_published_again_ac
     assert big_rows(target) == WHOLE
 
 
+def items_and_others_appliers(
+    target: Connection, sink: CollectingSink, *, one_applier: bool
+) -> tuple[ChangeApplier, ChangeApplier]:
+    """A second table, `others`, like items; the appliers of items and of others: one applier for both, or
+    one each (as one event source mapping per topic runs)."""
+    execute(target, "CREATE TABLE others (LIKE items INCLUDING ALL)")
+    target.commit()
+    others = TableName("public", "others")
+    if one_applier:
+        both = ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS, others]), sink)
+        return both, both
+    return (
+        ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS]), sink),
+        ChangeApplier(target, StreamRouting.load(target, PREFIX, [others]), sink),
+    )
+
+
 @pytest.mark.parametrize("lagging_read", [False, True], ids=["fed-by-another-applier", "older-read-in-same-batch"])
 def test_a_snapshot_taken_again_empties_a_table_the_source_emptied_meanwhile(
     target: Connection, sink: CollectingSink, lagging_read: bool
 ) -> None:
     # Given a second table, and a first snapshot (at LSN 100) of which both tables' reads were applied, each
     # table by its own applier (as one event source mapping per topic does), or both by one
-    execute(target, "CREATE TABLE others (LIKE items INCLUDING ALL)")
-    target.commit()
-    others = TableName("public", "others")
-    both = ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS, others]), sink)
-    items_only = both if lagging_read else ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS]), sink)
-    others_only = both if lagging_read else ChangeApplier(target, StreamRouting.load(target, PREFIX, [others]), sink)
+    items_only, others_only = items_and_others_appliers(target, sink, one_applier=lagging_read)
     s, o = Stream(), Stream(f"{PREFIX}.public.others")
     apply(items_only, [s.change("r", item(1), (0, 100)), s.change("r", item(2), (0, 100))])
     apply(others_only, [o.change("r", item(7), (0, 100))])
@@ -817,12 +829,7 @@ def test_a_snapshot_taken_again_empties_a_streamed_table_the_source_emptied_mean
     target: Connection, sink: CollectingSink, same_batch: bool
 ) -> None:
     # Given two tables read by a snapshot at LSN 100, `others` then changed by the stream (LSN 1010)
-    execute(target, "CREATE TABLE others (LIKE items INCLUDING ALL)")
-    target.commit()
-    others = TableName("public", "others")
-    both = ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS, others]), sink)
-    items_only = both if same_batch else ChangeApplier(target, StreamRouting.load(target, PREFIX, [ITEMS]), sink)
-    others_only = both if same_batch else ChangeApplier(target, StreamRouting.load(target, PREFIX, [others]), sink)
+    items_only, others_only = items_and_others_appliers(target, sink, one_applier=same_batch)
     s, o = Stream(), Stream(f"{PREFIX}.public.others")
     apply(items_only, [s.change("r", item(1), (0, 100))])
     apply(others_only, [o.change("r", item(7), (0, 100)), o.create(item(8), (1000, 1010))])
