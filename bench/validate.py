@@ -54,6 +54,7 @@ from bench.common import (
     ticker,
     timed,
 )
+from lambdas.core.bulk_reads import tune_for_bulk_reads
 from lambdas.core.config import Validation
 from lambdas.core.db import connect, execute, fetch_one
 from lambdas.core.tables import TableName
@@ -202,6 +203,7 @@ class ToolResult:
 
 
 def run_ours(source_dsn: str, target_dsn: str, settings: Validation, workers: int) -> ToolResult:
+    tune_for_bulk_reads()  # as the command line (`python -m rehearsal.validate`) and the chunk Lambda do
     results: list[ChunkResult] = []
     progress = {"done": 0, "planned": 0, "rows": 0}
 

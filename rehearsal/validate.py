@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 import psycopg2
 
+from lambdas.core.bulk_reads import tune_for_bulk_reads
 from lambdas.core.catalog import list_tables
 from lambdas.core.config import MigrationFileError, Validation, load_migration
 from lambdas.core.db import DatabaseUnreachable
@@ -275,6 +276,7 @@ def run(args: argparse.Namespace, progress: Progress) -> ValidationSummary:
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     out, err = stdout or sys.stdout, stderr or sys.stderr
     args = parse_args(argv)
+    tune_for_bulk_reads()
     progress = Progress(err, enabled=not args.quiet)
     try:
         summary = run(args, progress)

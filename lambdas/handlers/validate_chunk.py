@@ -9,9 +9,13 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel
 
 from lambdas.core import telemetry
+from lambdas.core.bulk_reads import tune_for_bulk_reads
 from lambdas.core.validation import ChunkSpec, SessionPair, StoredItems, compare_chunk
 from lambdas.handlers.replication import build_debezium_engine, build_dms_stream
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer, validation_store
+
+# Once per cold start: a chunk reads megabytes of records and builds many small objects.
+tune_for_bulk_reads()
 
 
 class ChunkRequest(MigrationEvent):
