@@ -2,8 +2,9 @@
 
     python -m bench.validate [--rows N] [--diffs K | --diff-rate R] [--workers W] [--json]
 
-Starts two servers and builds the same table of N rows (bigint key, integer, text, numeric,
-double precision, timestamptz, nullable text) on both, then scatters differences over the
+Starts two servers and builds the same table of N rows (a bigint key, or with `--key uuid` a
+uuid one; integer, text, numeric, double precision, timestamptz, nullable text) on both, then
+scatters differences over the
 target: about 60% changed rows (one column each, in turn), 20% deleted, 20% extra (keys in the
 gaps between source keys). Default: a few dozen; `--diff-rate 0.01` changes 1% of the rows.
 Both databases are settled (VACUUM ANALYZE, CHECKPOINT) and then three things are timed:
@@ -27,10 +28,12 @@ invents a difference.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import re
 import sys
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,9 +72,28 @@ GOAL_SPEEDUP = 3.0  # at least 3x faster than reladiff
 GOAL_FLOOR_RATIO = 1.5  # at most 1.5x the floor
 DEFAULT_DIFFS = 36
 
+
+@dataclass(frozen=True)
+class BenchKey:
+    """The table's key type, and how row number n's key is made from it (in SQL and as text)."""
+
+    type: str
+    expression: str  # SQL of the key of the bigint `{n}`
+
+    def sql(self, n: str) -> str:
+        return self.expression.format(n=n)
+
+    def text(self, n: int) -> str:
+        if self.type == "uuid":  # md5(n::text)::uuid
+            return str(uuid.UUID(hashlib.md5(str(n).encode()).hexdigest()))
+        return str(n)
+
+
+KEYS = {"bigint": BenchKey("bigint", "{n}"), "uuid": BenchKey("uuid", "md5(({n})::text)::uuid")}
+
 CREATE = """
 CREATE TABLE bench_rows (
-    id          bigint PRIMARY KEY,
+    id          {key_type} PRIMARY KEY,
     customer_id integer NOT NULL,
     status      text NOT NULL,
     amount      numeric(12,2) NOT NULL,
@@ -82,7 +104,7 @@ CREATE TABLE bench_rows (
 # Keys are even (2, 4, ...), so extra rows can sit in the gaps, scattered through the key space.
 LOAD = """
 INSERT INTO bench_rows
-SELECT 2 * g, 1 + g %% 100000, (ARRAY['new','paid','shipped','cancelled'])[1 + g %% 4],
+SELECT {key}, 1 + g %% 100000, (ARRAY['new','paid','shipped','cancelled'])[1 + g %% 4],
        round((g %% 100000) / 13.0, 2), g / 7.0,
        timestamptz '2021-06-01 12:00:00+00' + g * interval '1 second',
        CASE WHEN g %% 5 = 0 THEN NULL ELSE 'note ' || g || ' – ünïcødé' END
@@ -100,46 +122,49 @@ CHANGES = {
 
 @dataclass
 class Injected:
-    missing: list[int] = field(default_factory=list)
+    key: BenchKey = KEYS["bigint"]
+    missing: list[int] = field(default_factory=list)  # row numbers n (the key made of n by `key`)
     extra: list[int] = field(default_factory=list)
     changed: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def keys(self) -> set[str]:
-        return {str(k) for k in [*self.missing, *self.extra, *(k for ks in self.changed.values() for k in ks)]}
+        numbers = [*self.missing, *self.extra, *(k for ks in self.changed.values() for k in ks)]
+        return {self.key.text(n) for n in numbers}
 
 
-def load(dsn: str, rows: int, batch: int = 2_000_000) -> None:
+def load(dsn: str, rows: int, key: BenchKey = KEYS["bigint"], batch: int = 2_000_000) -> None:
     conn = connect(dsn, application_name="zdm-bench-load")
     try:
-        execute(conn, CREATE)
+        execute(conn, CREATE.format(key_type=key.type))
         for low in range(1, rows + 1, batch):
-            execute(conn, LOAD, {"low": low, "high": min(rows, low + batch - 1)})
+            execute(conn, LOAD.format(key=key.sql("2 * g")), {"low": low, "high": min(rows, low + batch - 1)})
     finally:
         conn.close()
 
 
-def inject(dsn: str, rows: int, count: int, seed: int = 4) -> Injected:
+def inject(dsn: str, rows: int, count: int, key: BenchKey = KEYS["bigint"], seed: int = 4) -> Injected:
     """Scatter `count` differences over the target (deterministic for a seed)."""
     rng = random.Random(seed)  # reproducible choice of keys
     n_extra = count // 5
     n_missing = count // 5
     n_changed = count - n_extra - n_missing
     picked = rng.sample(range(1, rows + 1), n_missing + n_changed)
-    injected = Injected(missing=[2 * g for g in picked[:n_missing]])
+    injected = Injected(key=key, missing=[2 * g for g in picked[:n_missing]])
+    keys_of = f"ARRAY(SELECT {key.sql('n')} FROM unnest(%s::bigint[]) n)"  # the keys of row numbers
     names = list(CHANGES)
     for i, g in enumerate(picked[n_missing:]):
         injected.changed.setdefault(names[i % len(names)], []).append(2 * g)
     injected.extra = [2 * g + 1 for g in rng.sample(range(1, rows + 1), n_extra)]
     conn = connect(dsn, application_name="zdm-bench-inject")
     try:
-        execute(conn, "DELETE FROM bench_rows WHERE id = ANY(%s)", (injected.missing,))
+        execute(conn, f"DELETE FROM bench_rows WHERE id = ANY({keys_of})", (injected.missing,))
         for column, keys in injected.changed.items():
-            execute(conn, "UPDATE bench_rows SET " + CHANGES[column] + " WHERE id = ANY(%s)", (keys,))
+            execute(conn, "UPDATE bench_rows SET " + CHANGES[column] + f" WHERE id = ANY({keys_of})", (keys,))
         execute(
             conn,
-            "INSERT INTO bench_rows SELECT k, 7, 'extra', 1.00, 0.5, timestamptz '2030-01-01 00:00:00+00', 'extra'"
-            " FROM unnest(%s::bigint[]) k",
+            f"INSERT INTO bench_rows SELECT {key.sql('n')}, 7, 'extra', 1.00, 0.5,"
+            " timestamptz '2030-01-01 00:00:00+00', 'extra' FROM unnest(%s::bigint[]) n",
             (injected.extra,),
         )
     finally:
@@ -289,6 +314,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=int, default=default_workers(), help="chunk workers (session pairs) and reladiff threads"
     )
+    parser.add_argument(
+        "--key", choices=sorted(KEYS), default="bigint", help="the key's type (default bigint; uuid: md5 of the number)"
+    )
     parser.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk (default 100,000)")
     parser.add_argument("--slice-rows", type=int, default=10_000, help="rows per slice (default 10,000)")
     parser.add_argument(
@@ -318,9 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         src, tgt = source_server.dsn(DBNAME), target_server.dsn(DBNAME)
         log(f"loading {args.rows:,} rows into both servers ...")
         with timed() as t, ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda dsn: load(dsn, args.rows), [src, tgt]))
+            list(pool.map(lambda dsn: load(dsn, args.rows, KEYS[args.key]), [src, tgt]))
         log(f"loaded in {t.seconds:.1f}s; injecting {count:,} differences into the target")
-        injected = inject(tgt, args.rows, count)
+        injected = inject(tgt, args.rows, count, KEYS[args.key])
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(settle, [src, tgt]))
         busy = check_quiet("the timed runs")
@@ -367,6 +395,7 @@ def report(
     same_keys = theirs.keys == ours.keys if theirs else None
     result: dict[str, Any] = {
         "rows": args.rows,
+        "key": args.key,
         "diff_rate": args.diff_rate,
         "injected": len(truth),
         "workers": args.workers,

@@ -22,6 +22,7 @@ from lambdas.core.validation import (
     SessionPair,
     ValidationSummary,
     plan_validation,
+    queries,
     run_chunks,
     summarize,
     validate,
@@ -523,13 +524,24 @@ DENSE_KEYS = {
     "smallint": ("id", "(2 * g - 9000)::smallint", "smallint"),
     "text": ("id", "'k' || lpad((2 * g)::text, 6, '0')", "text"),
     "composite": ("a, b", "g % 7, 'k' || (2 * g)", "integer, text"),
+    "uuid": ("id", "md5((2 * g)::text)::uuid", "uuid"),
+    "integer and uuid": ("a, b", "g % 7, md5((2 * g)::text)::uuid", "integer, uuid"),
 }
 
 
 @pytest.mark.parametrize("key", list(DENSE_KEYS))
-def test_dense_differences_are_all_found_reading_every_line(fresh_dbs: tuple[str, str], key: str) -> None:
+def test_dense_differences_are_all_found_reading_every_line(
+    fresh_dbs: tuple[str, str], key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given 6,000 rows where the target changed every 25th, lost every 97th and gained 40 rows
     src, tgt = fresh_dbs
+    record_reads: list[str] = []
+    read_records = queries.range_records
+    monkeypatch.setattr(
+        queries,
+        "range_records",
+        lambda spec, key_range: record_reads.append(spec.name) or read_records(spec, key_range),
+    )
     columns, expression, types = DENSE_KEYS[key]
     names, type_list = columns.split(", "), types.split(", ")
     ddl = ", ".join(f"{n} {t}" for n, t in zip(names, type_list, strict=True))
@@ -573,6 +585,8 @@ def test_dense_differences_are_all_found_reading_every_line(fresh_dbs: tuple[str
     assert summary.rows_compared == 6_000
     assert sum(r.rows_fetched for r in results) >= 0.8 * (6_000 + summary.target_rows)
     assert sum(r.slices for r in results) < 100  # ranges of 16 rows would be 375 and more
+    # ... as binary records where every key column is an integer or a uuid, else as text lines
+    assert bool(record_reads) == (key in ("bigint", "smallint", "uuid", "integer and uuid"))
 
 
 def test_a_table_that_is_only_its_integer_key_is_compared_by_records(fresh_dbs: tuple[str, str]) -> None:

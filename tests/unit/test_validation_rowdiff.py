@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import random
 import struct
+import uuid
 
 import pytest
 
 from lambdas.core.validation.model import Key
 from lambdas.core.validation.rowdiff import (
     ABSENT,
-    RECORD,
+    INT8_RECORDS,
     Kind,
+    RecordLayout,
     RowDifference,
     RowImage,
     diff_hash_lines,
@@ -82,7 +84,7 @@ def test_empty_sides() -> None:
 
 
 def records(*pairs: tuple[int, int]) -> bytes:
-    return b"".join(RECORD.pack(key, digest) for key, digest in pairs)
+    return b"".join(INT8_RECORDS.record.pack(key, digest) for key, digest in pairs)
 
 
 def reference_diff(source: list[tuple[int, int]], target: list[tuple[int, int]]) -> tuple[list[int], ...]:
@@ -138,6 +140,50 @@ def test_records_diff_equals_the_plain_answer_for_any_rows_and_order(shuffle: st
 def test_records_of_a_broken_length_are_refused() -> None:
     with pytest.raises(ValueError, match="not a multiple of 16"):
         diff_hash_records(records((1, 1)) + b"x", records((1, 2)))
+
+
+@pytest.mark.parametrize(
+    ("key_types", "size"),
+    [(["bigint"], 16), (["smallint"], 16), (["uuid"], 24), (["integer", "uuid"], 32), (["uuid", "bigint"], 32)],
+)
+def test_keys_of_integer_and_uuid_columns_have_a_record_layout(key_types: list[str], size: int) -> None:
+    layout = RecordLayout.of(key_types)
+    assert layout is not None and layout.record.size == size
+
+
+@pytest.mark.parametrize("key_types", [["text"], ["integer", "numeric"], ["uuid", "date"], []])
+def test_other_keys_have_no_record_layout(key_types: list[str]) -> None:
+    assert RecordLayout.of(key_types) is None
+
+
+@pytest.mark.parametrize("shuffle", ["neither", "target"])
+def test_records_of_an_integer_and_uuid_key_diff_to_the_plain_answer(shuffle: str) -> None:
+    # Given 200 random pairs of sides keyed by (integer, uuid), in PostgreSQL's key order (uuids bytewise)
+    layout = RecordLayout.of(["integer", "uuid"])
+    assert layout is not None
+    rng = random.Random(11)
+
+    def packed(rows: list[tuple[tuple[int, bytes], int]]) -> bytes:
+        return b"".join(layout.record.pack(a, b, h) for (a, b), h in rows)
+
+    for _ in range(200):
+        keys = sorted({(rng.randint(-3, 3), rng.randbytes(16)) for _ in range(rng.randint(0, 60))})
+        source = [(k, rng.getrandbits(64) - 2**63) for k in keys]
+        target = [(k, h if rng.random() > 0.1 else h ^ 1) for k, h in source if rng.random() > 0.1]
+        target = sorted(target + [((rng.randint(-3, 3), rng.randbytes(16)), 5) for _ in range(rng.randint(0, 4))])
+        if shuffle == "target":
+            rng.shuffle(target)
+        # When diffed
+        diff = diff_hash_records(packed(source), packed(target), layout)
+        # Then the same keys as the plain answer, named as the server prints them (an integer, a hyphenated uuid)
+        src, tgt = dict(source), dict(target)
+
+        def texts(keys: list[tuple[int, bytes]]) -> list[Key]:
+            return [(str(a), str(uuid.UUID(bytes=b))) for a, b in sorted(keys)]
+
+        assert diff.missing == texts([k for k in src if k not in tgt])
+        assert diff.extra == texts([k for k in tgt if k not in src])
+        assert diff.changed == texts([k for k in src if k in tgt and src[k] != tgt[k]])
 
 
 # --- rows by primary key --------------------------------------------------------------------

@@ -12,7 +12,8 @@ is known yet about how dense differences are). While differences are rare, each 
    key quantiles of the side with more rows and its parts compared the same way.
 Once differences are dense (`AdaptivePolicy.every_line`: about 1 row in 1,000), small ranges'
 aggregates plus re-reading the mismatching ones cost more than reading every row's (key, hash)
-line once, so the piece is read that way instead (16-byte binary records for a single integer key).
+line once, so the piece is read that way instead (binary records for a key of integer and uuid
+columns: 16 bytes a row for a bigint key).
 The keys found are then read on both sides (each column as its hash) and diffed column by column. While
 replication runs, each such row is re-checked (`rowdiff.settle`) after the target has applied
 the source's WAL past the position noted after reading the source row, which is past the
@@ -55,10 +56,11 @@ from lambdas.core.validation.model import (
     TableSpec,
 )
 from lambdas.core.validation.rowdiff import (
-    RECORD,
+    INTEGER_KEY_TYPES,
     HashDiff,
     Kind,
     MultisetDiff,
+    RecordLayout,
     RowDifference,
     RowImage,
     diff_hash_lines,
@@ -76,7 +78,6 @@ MAX_PIECE_ROWS = 500_000  # planned rows compared by one statement per side at m
 # ... when every row's line is read: what one side sends and the diff holds grows with the key's width
 # (1.6 MB of binary records; text keys of a few hundred bytes, tens of MB)
 MAX_LINES_PIECE_ROWS = 100_000
-INTEGER_KEY_TYPES = {"smallint", "integer", "bigint"}
 MAX_ROW_TEXT = 200  # a multiset row is reported by its text form, cut to this length
 MULTISET_FETCH_LIMIT = 500_000  # rows (per side) in differing buckets beyond which rows are not listed
 
@@ -146,7 +147,9 @@ def _compare_keyed(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy) 
     slices = chunk.slice_ranges()
     done = 0
     while done < len(slices):
-        every_line = policy.every_line(RECORD_LINES_COST if _records_key(spec) else TEXT_LINES_COST)
+        every_line = policy.every_line(
+            TEXT_LINES_COST if RecordLayout.of(spec.key_types) is None else RECORD_LINES_COST
+        )
         # Until a slice's worth of rows was seen, one slice at a time: the range size adapts after it.
         most = MAX_LINES_PIECE_ROWS if every_line else MAX_PIECE_ROWS
         count = 1 if not policy.informed else max(1, most // max(1, chunk.slice_rows))
@@ -171,8 +174,8 @@ def _note_first(pair: SessionPair, chunk: ChunkSpec, tally: _Tally) -> None:
         tally.first_lsn = source_position(pair.source)
 
 
-def _records_key(spec: TableSpec) -> bool:
-    """A single integer key: lines can travel as 16-byte binary records (`queries.range_records`)."""
+def _integer_key(spec: TableSpec) -> bool:
+    """A single integer key: cut at equal widths of its values."""
     return len(spec.key) == 1 and spec.key_types[0] in INTEGER_KEY_TYPES
 
 
@@ -186,7 +189,7 @@ def _cut(
     (an index-only scan of the piece): cuts are only boundaries, both sides are read between the
     same ones.
     """
-    if _records_key(spec):
+    if _integer_key(spec):
         query, params = queries.key_span(spec, key_range)
         spans = [s for s in pair.both(run_one(query, params)) if s is not None and s[0] is not None]
         if not spans:
@@ -236,11 +239,12 @@ def _compare_every_line(pair: SessionPair, chunk: ChunkSpec, key_range: KeyRange
     """Dense differences: every row's (key, hash) line of the piece, read once on each side and
     diffed, with no aggregate: (rows, differing keys) found."""
     spec = chunk.table
-    if _records_key(spec):
+    layout = RecordLayout.of(spec.key_types)
+    if layout is not None:
         query, params = queries.range_records(spec, key_range)
         source, target = (fields[0] or b"" for fields in pair.both(run_copy_row(query, params)))
-        counts = len(source) // RECORD.size, len(target) // RECORD.size
-        diff = diff_hash_records(source, target)
+        counts = len(source) // layout.record.size, len(target) // layout.record.size
+        diff = diff_hash_records(source, target, layout)
     else:
         query, params = queries.range_lines(spec, [key_range])
         src_row, tgt_row = pair.both(run_one_raw(query, params))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import struct
+import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 from lambdas.core.validation.model import Key
 
@@ -75,11 +77,45 @@ def diff_hash_lines(source: bytes, target: bytes, key_columns: int) -> HashDiff:
     return diff
 
 
-RECORD = struct.Struct(">qq")  # (key, row hash) as int8send writes them: big-endian, signed
+INTEGER_KEY_TYPES = frozenset({"smallint", "integer", "bigint"})
+UUID_KEY_TYPE = "uuid"
 
 
-def diff_hash_records(source: bytes, target: bytes) -> HashDiff:
-    """Compare two sides' (key, hash) records of a single integer key (`queries.range_records`).
+@dataclass(frozen=True)
+class RecordLayout:
+    """The (key, hash) records of a key made of integer and uuid columns (`queries.range_records`):
+    each key column as its send function writes it (an integer cast to bigint: 8 bytes, big-endian,
+    signed; a uuid: its 16 bytes), then the row's 8-byte hash.
+
+    Unpacked, a record's key fields (ints, and uuids as bytes) order as PostgreSQL orders the key:
+    integers by value, uuids bytewise (uuid_cmp is memcmp), columns left to right.
+    """
+
+    uuid_columns: tuple[bool, ...]  # per key column: a uuid (else an integer)
+
+    @classmethod
+    def of(cls, key_types: Sequence[str]) -> RecordLayout | None:
+        """The layout for a key of these types, or None when one of them is not fixed-width here (text, numeric...)."""
+        if not key_types or any(t not in INTEGER_KEY_TYPES and t != UUID_KEY_TYPE for t in key_types):
+            return None
+        return cls(tuple(t == UUID_KEY_TYPE for t in key_types))
+
+    @cached_property
+    def record(self) -> struct.Struct:
+        return struct.Struct(">" + "".join("16s" if u else "q" for u in self.uuid_columns) + "q")
+
+    def key_text(self, fields: Sequence[int | bytes]) -> Key:
+        """A record's key fields as the key's text form (what the server prints: str of an int, a uuid's hyphenated hex)."""
+        return tuple(
+            str(uuid.UUID(bytes=v)) if isinstance(v, bytes) else str(v) for v in fields[: len(self.uuid_columns)]
+        )
+
+
+INT8_RECORDS = RecordLayout((False,))  # a single integer key: 16-byte records
+
+
+def diff_hash_records(source: bytes, target: bytes, layout: RecordLayout = INT8_RECORDS) -> HashDiff:
+    """Compare two sides' (key, hash) records (`RecordLayout`, `queries.range_records`).
 
     Both sides come in the same key order in practice (index range scans), so most records sit
     in equal runs at aligned positions: those are skipped by comparing byte spans (C speed,
@@ -88,40 +124,41 @@ def diff_hash_records(source: bytes, target: bytes) -> HashDiff:
     """
     if source == target:
         return HashDiff()
+    record = layout.record
     for name, data in (("source", source), ("target", target)):
-        if len(data) % RECORD.size:
-            raise ValueError(f"(key, hash) records: {len(data)} bytes on the {name}, not a multiple of {RECORD.size}")
-    left_source, left_target = _unaligned_records(source, target)
+        if len(data) % record.size:
+            raise ValueError(f"(key, hash) records: {len(data)} bytes on the {name}, not a multiple of {record.size}")
+    left_source, left_target = _unaligned_records(source, target, record)
     only_source, only_target = set(left_source), set(left_target)
     common = only_source & only_target
-    source_keys = {RECORD.unpack(r)[0] for r in only_source - common}
-    target_keys = {RECORD.unpack(r)[0] for r in only_target - common}
+    source_keys = {record.unpack(r)[:-1] for r in only_source - common}
+    target_keys = {record.unpack(r)[:-1] for r in only_target - common}
     return HashDiff(
-        missing=[(str(k),) for k in sorted(source_keys - target_keys)],
-        extra=[(str(k),) for k in sorted(target_keys - source_keys)],
-        changed=[(str(k),) for k in sorted(source_keys & target_keys)],
+        missing=[layout.key_text(k) for k in sorted(source_keys - target_keys)],
+        extra=[layout.key_text(k) for k in sorted(target_keys - source_keys)],
+        changed=[layout.key_text(k) for k in sorted(source_keys & target_keys)],
     )
 
 
-def _unaligned_records(source: bytes, target: bytes) -> tuple[list[bytes], list[bytes]]:
+def _unaligned_records(source: bytes, target: bytes, record: struct.Struct) -> tuple[list[bytes], list[bytes]]:
     """The records of each side not matched by an equal record at the aligned position.
 
     Walks both in step: an equal run is skipped whole; at a mismatch the record with the lesser
     key is set aside (both, when the keys are equal), which re-aligns the walk after a missing
     or extra row.
     """
-    size = RECORD.size
+    size = record.size
     ends = len(source) // size, len(target) // size
     i = j = 0
     left_source: list[bytes] = []
     left_target: list[bytes] = []
     while i < ends[0] and j < ends[1]:
-        run = _equal_run(source, target, i, j, min(ends[0] - i, ends[1] - j))
+        run = _equal_run(source, target, i, j, min(ends[0] - i, ends[1] - j), size)
         i, j = i + run, j + run
         if i == ends[0] or j == ends[1]:
             break
         a, b = source[i * size : (i + 1) * size], target[j * size : (j + 1) * size]
-        key_a, key_b = RECORD.unpack(a)[0], RECORD.unpack(b)[0]
+        key_a, key_b = record.unpack(a)[:-1], record.unpack(b)[:-1]
         if key_a <= key_b:
             left_source.append(a)
             i += 1
@@ -133,10 +170,9 @@ def _unaligned_records(source: bytes, target: bytes) -> tuple[list[bytes], list[
     return left_source, left_target
 
 
-def _equal_run(source: bytes, target: bytes, i: int, j: int, limit: int) -> int:
-    """How many records from position i of the source equal those from position j of the target
-    (at most `limit`): spans doubling until one differs, then a binary search inside it."""
-    size = RECORD.size
+def _equal_run(source: bytes, target: bytes, i: int, j: int, limit: int, size: int) -> int:
+    """How many records of `size` bytes from position i of the source equal those from position j
+    of the target (at most `limit`): spans doubling until one differs, then a binary search inside it."""
 
     def equal(offset: int, count: int) -> bool:
         a, b = (i + offset) * size, (j + offset) * size
