@@ -144,9 +144,7 @@ def _aggregate(line: bytes) -> Aggregate:
 RANGE_COST = 5.6  # one more range in a statement (2.3 us: its index descent and aggregate)
 RELINE_COST = 1.55  # re-reading a row of a mismatching range as a (key, hash) text line (0.64 us)
 TEXT_LINES_COST = 1.55  # reading every row as a text line instead of aggregates (`queries.range_lines`)
-RECORD_LINES_COST = (
-    1.18  # ... as a binary record, a key of integer and uuid columns (`queries.range_records`; bigint, 2M rows)
-)
+RECORD_LINES_COST = 1.18  # ... as a binary record (`queries.range_records`; a bigint key, 2M rows)
 RANGE_ROWS = tuple(2**i for i in range(3, 11))  # 8 .. 1024 rows per range
 PRIOR_ROWS = 1_000  # before anything is seen, differences are taken as half a difference per this many rows
 
