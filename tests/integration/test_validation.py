@@ -3,8 +3,10 @@ and named, nothing else is reported; and the same under live logical replication
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
+import uuid
 from collections.abc import Sequence
 
 import pytest
@@ -549,7 +551,9 @@ def test_dense_differences_are_all_found_reading_every_line(
         src,
         tgt,
         f"CREATE TABLE d ({ddl}, g int NOT NULL, v text, PRIMARY KEY ({columns}));"
-        f" INSERT INTO d SELECT {expression}, g, 'v' || g FROM generate_series(1, 6000) g; ANALYZE d",
+        # In key order, as a table filled by its key is: key ranges then read pages in order.
+        f" INSERT INTO d SELECT * FROM (SELECT {expression}, g, 'v' || g FROM generate_series(1, 6000) g) AS s"
+        f" ORDER BY {', '.join(str(i + 1) for i in range(len(names)))}; ANALYZE d",
     )
     run_sql(
         tgt,
@@ -605,6 +609,65 @@ def test_a_table_that_is_only_its_integer_key_is_compared_by_records(fresh_dbs: 
     assert {int(k.key[0]) for k in table.extra.first} == {2 * g + 1 for g in range(1, 4001, 40)}
     assert table.changed.count == 0
     assert sum(r.rows_fetched for r in results) >= 0.8 * (4_000 + table.target_rows)
+
+
+@pytest.mark.parametrize("follow_up", ["one more scan", "key ranges"])
+def test_a_uuid_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
+    fresh_dbs: tuple[str, str], follow_up: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 20,000 rows whose random uuid keys are in no physical order, and a target that lost 5 rows,
+    # changed 7 and gained 3
+    from lambdas.core.validation import chunk as chunk_module
+
+    if follow_up == "key ranges":  # the differing buckets' rows too many for one more scan
+        monkeypatch.setattr(chunk_module, "BUCKET_LINES_LIMIT", 1)
+    src, tgt = fresh_dbs
+    both(
+        src,
+        tgt,
+        "CREATE TABLE r (id uuid PRIMARY KEY, g int NOT NULL, v text, n numeric);"
+        " INSERT INTO r SELECT md5(g::text)::uuid, g, 'v' || g, g / 7.0 FROM generate_series(1, 20000) g; ANALYZE r",
+    )
+    run_sql(
+        tgt,
+        "DELETE FROM r WHERE g IN (1, 4000, 8000, 12000, 19999);"
+        " UPDATE r SET v = v || '!' WHERE g IN (2, 3, 5000, 9000, 13000, 17000, 20000);"
+        " INSERT INTO r SELECT md5((-g)::text)::uuid, -g, 'new', 0 FROM generate_series(1, 3) g",
+    )
+    settings = Validation(chunk_rows=2_000, slice_rows=200, report_first_keys=100)
+    # When validated
+    with SessionPair.open(src, tgt) as pair:
+        plan = plan_validation(pair, [TableName("public", "r")], settings)
+    results = run_chunks(src, tgt, plan.chunks, workers=2)
+    summary = summarize(plan, results, finished_at=time.time())
+    # Then the table was one chunk, compared in 1,024 buckets of its key, and says so
+    assert [(c.chunks, c.bucket_bits) for c in plan.chunks] == [(1, 10)]
+    assert any("buckets of its key" in note for note in plan.tables[0].notes)
+    assert results[0].slices == 1_024 and results[0].slices_mismatched <= 15
+
+    def keys(numbers: Sequence[int]) -> set[str]:
+        return {str(uuid.UUID(hashlib.md5(str(n).encode()).hexdigest())) for n in numbers}
+
+    # And every difference is named, and nothing else
+    table = summary.per_table[0]
+    assert {k.key[0] for k in table.missing.first} == keys([1, 4000, 8000, 12000, 19999])
+    assert {k.key[0] for k in table.changed.first} == keys([2, 3, 5000, 9000, 13000, 17000, 20000])
+    assert {k.key[0] for k in table.extra.first} == keys([-1, -2, -3])
+    assert all(k.columns == ["v"] for k in table.changed.first)
+    assert (summary.rows_compared, summary.target_rows) == (20_000, 19_998)
+
+
+def test_identical_tables_keyed_by_uuids_in_no_order_have_no_difference(fresh_dbs: tuple[str, str]) -> None:
+    src, tgt = fresh_dbs
+    both(
+        src,
+        tgt,
+        "CREATE TABLE r (id uuid PRIMARY KEY, v text);"
+        " INSERT INTO r SELECT md5(g::text)::uuid, 'v' || g FROM generate_series(1, 5000) g; ANALYZE r",
+    )
+    summary = check(src, tgt, [TableName("public", "r")])
+    assert summary.ok and summary.rows_compared == 5_000 and summary.differences == 0
+    assert summary.chunks == 1
 
 
 def test_a_multiset_too_large_to_list_reports_lower_bounds(

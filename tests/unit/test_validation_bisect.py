@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from lambdas.core.ranges import KeyRange
 from lambdas.core.validation.bisect import (
     MAX_DEPTH,
@@ -18,6 +20,7 @@ from lambdas.core.validation.bisect import (
     mismatched_buckets,
     mismatched_ranges,
     multiset_bits,
+    prefix_range,
     quantile_step,
     ranges_between,
     split_range,
@@ -159,3 +162,23 @@ def test_multiset_buckets() -> None:
     target = {0: Aggregate(5, "10"), 1: Aggregate(3, "8"), 3: Aggregate(1, "4")}
     # buckets differing, or present on one side only
     assert mismatched_buckets(source, target) == [1, 2, 3]
+
+
+def test_prefix_ranges_cut_the_uuid_key_space_in_order_without_gaps() -> None:
+    # Given 3 bits: 8 buckets
+    ranges = [prefix_range(b, 3) for b in range(8)]
+    # Then they are open at both ends and each starts where the one before ends
+    assert ranges[0].lower is None and ranges[-1].upper is None
+    assert all(ranges[i].upper == ranges[i + 1].lower for i in range(7))
+    assert ranges[1].lower == ("20000000-0000-0000-0000-000000000000",)
+    # And a uuid lies in the bucket of its leading bits (uuids order bytewise, as their lowercase text)
+    for text in [
+        "3fffffff-ffff-ffff-ffff-ffffffffffff",
+        "40000000-0000-0000-0000-000000000000",
+        "e0a1b2c3-0000-0000-0000-000000000001",
+    ]:
+        bucket = uuid.UUID(text).int >> 125
+        key_range = ranges[bucket]
+        assert (key_range.lower is None or key_range.lower[0] <= text) and (
+            key_range.upper is None or text < key_range.upper[0]
+        )

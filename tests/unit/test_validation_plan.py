@@ -22,6 +22,9 @@ from lambdas.core.validation.model import (
     ValueHash,
 )
 from lambdas.core.validation.plan import (
+    BUCKET_BITS,
+    BUCKET_SCAN_MAX_ROWS,
+    bucket_scan_bits,
     chunk_specs,
     group_slices,
     slices_per_chunk,
@@ -267,3 +270,45 @@ def test_plan_chunk_and_result_survive_a_json_round_trip() -> None:
 def test_unknown_fields_in_a_chunk_are_refused() -> None:
     with pytest.raises(ValueError, match="extra"):
         ChunkSpec.model_validate({"table": {"schema_name": "a", "name": "b"}, "number": 0, "chunks": 1, "bogus": 1})
+
+
+# --- one scan in key buckets: a uuid key in no physical order ------------------------------------
+
+
+def keyed_by(*key_types: str, multiset: bool = False) -> TableSpec:
+    key = [] if multiset else [f"k{i}" for i in range(len(key_types))]
+    return TableSpec(
+        schema_name="public",
+        name="r",
+        key=key,
+        key_types=[] if multiset else list(key_types),
+        columns=[],
+        row_hash=RowHash.FAST,
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "correlation", "rows", "bits"),
+    [
+        (keyed_by("uuid"), 0.01, 10_000_000, BUCKET_BITS),  # random uuids
+        (keyed_by("uuid"), -0.3, 1_000, BUCKET_BITS),
+        (keyed_by("uuid"), 0.98, 10_000_000, None),  # time-ordered uuids (v7) or a table filled in key order
+        (keyed_by("uuid"), -0.9, 10_000_000, None),
+        (keyed_by("uuid"), None, 10_000_000, None),  # never analyzed: key ranges are right for any order
+        (keyed_by("uuid"), 0.0, BUCKET_SCAN_MAX_ROWS + 1, None),  # too large for one task's scan
+        (keyed_by("bigint"), 0.0, 10_000_000, None),
+        (keyed_by("integer", "uuid"), 0.0, 10_000_000, None),
+        (keyed_by("uuid", multiset=True), 0.0, 10_000_000, None),
+    ],
+)
+def test_only_a_uuid_key_in_no_physical_order_is_compared_by_one_scan(
+    spec: TableSpec, correlation: float | None, rows: int, bits: int | None
+) -> None:
+    assert bucket_scan_bits(spec, correlation, rows) == bits
+
+
+def test_a_table_compared_by_one_scan_is_one_chunk_over_its_whole_key() -> None:
+    settings = Validation(chunk_rows=1_000, slice_rows=100, max_parallel_chunks=3)
+    chunks = chunk_specs(keyed_by("uuid"), [("4",), ("8",)], settings, bucket_bits=10)
+    assert [(c.chunks, c.bucket_bits, c.scan_workers, c.slices) for c in chunks] == [(1, 10, 3, [])]
+    assert chunks[0].range.key_range() == KeyRange(None, None)

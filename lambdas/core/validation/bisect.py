@@ -15,6 +15,7 @@ each difference: large ranges when differences are rare, small ones when they ar
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -201,6 +202,15 @@ def multiset_bits(rows: int, rows_per_bucket: int = 1000) -> int:
     if rows <= rows_per_bucket:
         return 1
     return max(1, min(16, math.ceil(math.log2(rows / rows_per_bucket))))
+
+
+def prefix_range(bucket: int, bits: int) -> KeyRange:
+    """The uuid key range whose keys' leading `bits` bits are `bucket` (uuids order bytewise), open at the ends."""
+
+    def bound(b: int) -> Bound | None:
+        return None if b <= 0 or b >= 2**bits else (str(uuid.UUID(int=b << (128 - bits))),)
+
+    return KeyRange(bound(bucket), bound(bucket + 1))
 
 
 def mismatched_buckets(source: dict[int, Aggregate], target: dict[int, Aggregate]) -> list[int]:

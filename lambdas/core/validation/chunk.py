@@ -41,6 +41,7 @@ from lambdas.core.validation.bisect import (
     mismatched_buckets,
     mismatched_ranges,
     multiset_bits,
+    prefix_range,
     quantile_step,
     ranges_between,
     split_range,
@@ -71,7 +72,14 @@ from lambdas.core.validation.rowdiff import (
     settle,
     settle_multiset,
 )
-from lambdas.core.validation.session import SessionPair, run_copy_row, run_one, run_one_raw, run_query
+from lambdas.core.validation.session import (
+    SessionPair,
+    run_copy_row,
+    run_one,
+    run_one_raw,
+    run_query,
+    run_with_settings,
+)
 
 READ_BATCH = 10_000  # keys per full-row read
 MAX_PIECE_ROWS = 500_000  # planned rows compared by one statement per side at most
@@ -79,6 +87,8 @@ MAX_PIECE_ROWS = 500_000  # planned rows compared by one statement per side at m
 # (1.6 MB of binary records; text keys of a few hundred bytes, tens of MB)
 MAX_LINES_PIECE_ROWS = 100_000
 MAX_ROW_TEXT = 200  # a multiset row is reported by its text form, cut to this length
+# Rows in a table's differing key buckets (per side) read by one more scan, as lines; beyond, by key ranges.
+BUCKET_LINES_LIMIT = 500_000
 MULTISET_FETCH_LIMIT = 500_000  # rows (per side) in differing buckets beyond which rows are not listed
 
 
@@ -144,6 +154,20 @@ def compare_chunk(
 def _compare_keyed(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy) -> ChunkResult:
     spec = chunk.table
     tally = _Tally()
+    if chunk.bucket_bits is not None:
+        _compare_buckets(pair, chunk, chunk.bucket_bits, tally)
+    else:
+        _compare_pieces(pair, chunk, policy, tally)
+    if chunk.replication is not None:
+        differences_found, unsettled = _recheck(pair, chunk, chunk.replication, list(tally.candidates), tally)
+    else:
+        differences_found, unsettled = _resolve(pair, spec, list(tally.candidates), tally)
+    return _result(chunk, tally, differences_found, unsettled)
+
+
+def _compare_pieces(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy, tally: _Tally) -> None:
+    """The chunk's key range, a piece at a time (see the module docstring)."""
+    spec = chunk.table
     slices = chunk.slice_ranges()
     done = 0
     while done < len(slices):
@@ -162,11 +186,42 @@ def _compare_keyed(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy) 
             ranges = _cut(pair, spec, key_range, len(piece) * chunk.slice_rows, policy.range_rows)
             rows, differences = _compare_ranges(pair, chunk, ranges, tally, depth=0)
         policy.record(rows, differences)
-    if chunk.replication is not None:
-        differences_found, unsettled = _recheck(pair, chunk, chunk.replication, list(tally.candidates), tally)
-    else:
-        differences_found, unsettled = _resolve(pair, spec, list(tally.candidates), tally)
-    return _result(chunk, tally, differences_found, unsettled)
+
+
+def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tally) -> None:
+    """The whole table by one scan per side, counted and hashed per bucket of the key's leading bits
+    (parallel query: `chunk.scan_workers` processes a side), then the differing buckets' key ranges
+    split or fetched as any range's (`_follow_up`)."""
+    spec = chunk.table
+    query, params = queries.key_buckets(spec, bits)
+    settings = {
+        "max_parallel_workers_per_gather": str(chunk.scan_workers - 1),
+        # A hash table of the buckets: the planner cannot know their number and would sort the whole table.
+        "enable_sort": "off",
+        "work_mem": "64MB",
+    }
+    src_rows, tgt_rows = pair.both(run_with_settings(settings, run_query(query, params)))
+    _note_first(pair, chunk, tally)
+    source = {int(b): Aggregate(int(n), str(s)) for b, n, s in src_rows}
+    target = {int(b): Aggregate(int(n), str(s)) for b, n, s in tgt_rows}
+    tally.source_rows += sum(a.rows for a in source.values())
+    tally.target_rows += sum(a.rows for a in target.values())
+    tally.slices += 2**bits
+    buckets = mismatched_buckets(source, target)
+    tally.slices_mismatched += len(buckets)
+    if not buckets:
+        return
+    empty = Aggregate(0, "0")
+    mismatched = [(i, source.get(b, empty), target.get(b, empty)) for i, b in enumerate(buckets)]
+    if max(sum(s.rows for _, s, _ in mismatched), sum(t.rows for _, _, t in mismatched)) <= BUCKET_LINES_LIMIT:
+        # The buckets' rows lie all over the table: one more scan reads them faster than their key ranges.
+        query, params = queries.bucket_lines(spec, bits, buckets)
+        src_row, tgt_row = pair.both(run_with_settings(settings, run_one_raw(query, params)))
+        assert src_row is not None and tgt_row is not None
+        tally.rows_fetched += int(src_row[0]) + int(tgt_row[0])
+        tally.add(diff_hash_lines(src_row[1], tgt_row[1], len(spec.key)))
+        return
+    _follow_up(pair, chunk, [prefix_range(b, bits) for b in buckets], mismatched, tally, depth=0)
 
 
 def _note_first(pair: SessionPair, chunk: ChunkSpec, tally: _Tally) -> None:
@@ -219,12 +274,26 @@ def _compare_ranges(
     tally.slices += len(ranges)
     mismatched = mismatched_ranges(src_row[1], tgt_row[1])
     tally.slices_mismatched += len(mismatched)
+    return max(source_rows, target_rows), _follow_up(pair, chunk, ranges, mismatched, tally, depth=depth)
+
+
+def _follow_up(
+    pair: SessionPair,
+    chunk: ChunkSpec,
+    ranges: Sequence[KeyRange],
+    mismatched: Sequence[tuple[int, Aggregate, Aggregate]],
+    tally: _Tally,
+    *,
+    depth: int,
+) -> int:
+    """Split (and compare again) or fetch the ranges whose aggregates differed, given as (position in
+    `ranges`, source's, target's): the number of differing keys found."""
     found = 0
     fetch: list[int] = []
     for i, source, target in mismatched:
         decision = decide(source, target, chunk.slice_rows, depth=depth)
         if decision.step is Step.SPLIT:
-            parts = _split(pair, spec, ranges[i], source, target, decision.parts)
+            parts = _split(pair, chunk.table, ranges[i], source, target, decision.parts)
             if parts:
                 tally.splits += 1
                 found += _compare_ranges(pair, chunk, parts, tally, depth=depth + 1)[1]
@@ -232,7 +301,7 @@ def _compare_ranges(
         fetch.append(i)
     if fetch:
         found += _fetch_hashes(pair, chunk, ranges, fetch, tally)
-    return max(source_rows, target_rows), found
+    return found
 
 
 def _compare_every_line(pair: SessionPair, chunk: ChunkSpec, key_range: KeyRange, tally: _Tally) -> tuple[int, int]:

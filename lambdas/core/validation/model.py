@@ -133,6 +133,11 @@ class ChunkSpec(_Model):
     slice_rows: int = 10_000
     first_keys: int = 20
     replication: Replication | None = None
+    # A whole table compared by one scan per side, its rows counted and hashed per bucket of the key's
+    # leading bits (a key range each; `bisect.prefix_range`), then the differing buckets as ranges: for a
+    # uuid key in no physical order, whose key ranges would each read pages all over the table.
+    bucket_bits: int | None = Field(default=None, ge=1, le=16)
+    scan_workers: int = Field(default=1, ge=1)  # processes per side for that scan (parallel query)
 
     def slice_ranges(self) -> list[KeyRange]:
         """The slices in key order; together exactly `range`."""

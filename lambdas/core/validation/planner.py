@@ -11,7 +11,14 @@ from lambdas.core.db import Connection, fetch_all, fetch_one, fetch_value, serve
 from lambdas.core.ranges import chunk_count, estimate_rows, key_boundaries
 from lambdas.core.tables import TableName
 from lambdas.core.validation.model import Replication, RowHash, ValidationPlan
-from lambdas.core.validation.plan import chunk_specs, effective_slice_rows, table_spec, tables_to_compare
+from lambdas.core.validation.plan import (
+    BUCKET_BITS,
+    bucket_scan_bits,
+    chunk_specs,
+    effective_slice_rows,
+    table_spec,
+    tables_to_compare,
+)
 from lambdas.core.validation.session import SessionPair
 
 SAMPLES_PER_SLICE = 50  # block-sample keys per planned slice (slice sizes need not be exact)
@@ -69,6 +76,18 @@ def key_collations(conn: Connection, table: TableInfo) -> dict[str, dict[str, ob
     return out
 
 
+KEY_CORRELATION = (
+    "SELECT correlation FROM pg_stats WHERE schemaname = %s AND tablename = %s AND attname = %s"
+    " ORDER BY inherited LIMIT 1"
+)
+
+
+def key_correlation(conn: Connection, table: TableName, column: str) -> float | None:
+    """How closely the column's order follows the rows' physical order (pg_stats, from ANALYZE; None without)."""
+    row = fetch_one(conn, KEY_CORRELATION, (table.schema, table.name, column))
+    return None if row is None or row[0] is None else float(row[0])
+
+
 def replication_of(
     target: Connection, subscription: str, *, slot: str | None, settings: Validation
 ) -> Replication | None:
@@ -124,12 +143,22 @@ def plan_validation(
                 "sorts under another collation on the target, so key ranges would select different rows"
             )
             spec = spec.model_copy(update={"key": [], "key_types": [], "notes": [*spec.notes, note]})
+        bits = None
+        if spec.comparable and spec.key_types == ["uuid"]:
+            correlation = key_correlation(source, name, spec.key[0])
+            bits = bucket_scan_bits(spec, correlation, estimated)
+            if bits is not None:
+                note = (
+                    f"compared by one scan per side in {2**BUCKET_BITS:,} buckets of its key: the uuid key is in no"
+                    f" physical order (correlation {correlation:.2f}), so key ranges would read every page many times"
+                )
+                spec = spec.model_copy(update={"notes": [*spec.notes, note]})
         specs.append(spec)
         if not spec.comparable or src is None:
             continue
         boundaries = (
             []
-            if spec.multiset
+            if spec.multiset or bits is not None
             else key_boundaries(
                 source,
                 src,
@@ -139,5 +168,5 @@ def plan_validation(
                 max_samples=MAX_SAMPLES,
             )
         )
-        chunks += chunk_specs(spec, boundaries, settings, replication)
+        chunks += chunk_specs(spec, boundaries, settings, replication, bucket_bits=bits)
     return ValidationPlan(started_at=started, first_keys=settings.report_first_keys, tables=specs, chunks=chunks)

@@ -245,6 +245,11 @@ def _key_line_parts(spec: TableSpec) -> list[sql.Composable]:
     return parts
 
 
+def _hash_line(spec: TableSpec) -> sql.Composable:
+    """A row's `key<TAB>...<TAB>hash` line (`rowdiff.diff_hash_lines`)."""
+    return sql.SQL(r" || E'\t' || ").join([*_key_line_parts(spec), sql.SQL("{}::text").format(row_hash(spec))])
+
+
 def range_lines(
     spec: TableSpec, ranges: Sequence[KeyRange], positions: Sequence[int] | None = None
 ) -> tuple[sql.Composable, Params]:
@@ -255,7 +260,7 @@ def range_lines(
     splits it in C, instead of a Python call per row. No ORDER BY (that would sort): the lines
     are diffed as sets.
     """
-    line = sql.SQL(r" || E'\t' || ").join([*_key_line_parts(spec), sql.SQL("{}::text").format(row_hash(spec))])
+    line = _hash_line(spec)
     t = table_ident(spec)
     branches: list[sql.Composable] = []
     source, where, params, single = _range_sets(spec, ranges, positions)
@@ -306,6 +311,32 @@ def range_records(spec: TableSpec, key_range: KeyRange) -> tuple[sql.Composable,
         r=record, t=table_ident(spec), where=where
     )
     return query, params
+
+
+def key_buckets(spec: TableSpec, bits: int) -> tuple[sql.Composable, Params]:
+    """(bucket, count, hash sum as text) per bucket of a uuid key's leading `bits` bits (at most 16), in
+    one scan of the whole table: `bisect.prefix_range` is each bucket's key range.
+
+    A hash table of 1,024 groups costs about a third more than a plain aggregate (10M rows: 6.6 s
+    against 4.9 at 8 and 10 bits; 8.7 s at 12, 10.3 at 16, whose groups no longer stay in the CPU's
+    caches).
+    """
+    query = sql.SQL(
+        "SELECT ((get_byte(s.u, 0) << 8) | get_byte(s.u, 1)) >> %s, count(*), sum(s.h)::text"
+        " FROM (SELECT uuid_send({k}) AS u, {h} AS h FROM {t} AS t) AS s GROUP BY 1"
+    ).format(k=sql.Identifier("t", spec.key[0]), h=row_hash(spec), t=table_ident(spec))
+    return query, [16 - bits]
+
+
+def bucket_lines(spec: TableSpec, bits: int, buckets: Sequence[int]) -> tuple[sql.Composable, Params]:
+    """One row: the count and every `key<TAB>...<TAB>hash` line (as `range_lines`) of the rows in the given
+    buckets of `key_buckets`, found by one more scan of the table (its rows lie all over it)."""
+    line = _hash_line(spec)
+    query = sql.SQL(
+        r"SELECT count(*), coalesce(string_agg({line}, E'\n'), '') FROM {t} AS t"
+        " WHERE ((get_byte(uuid_send({k}), 0) << 8 | get_byte(uuid_send({k}), 1)) >> %s) = ANY(%s::integer[])"
+    ).format(line=line, t=table_ident(spec), k=sql.Identifier("t", spec.key[0]))
+    return query, [16 - bits, list(buckets)]
 
 
 def quantiles(spec: TableSpec, key_range: KeyRange, step: int) -> tuple[sql.Composable, Params]:

@@ -7,7 +7,7 @@ read-only. `both(fn)` runs `fn(source)` on a helper thread while `fn(target)` ru
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from typing import Any, TypeVar
@@ -85,6 +85,26 @@ class SessionPair:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def run_with_settings(settings: Mapping[str, str], fn: Callable[[Connection], T]) -> Callable[[Connection], T]:
+    """`fn` with the session's settings changed, each put back after (set_config: names and values as parameters)."""
+
+    def run(conn: Connection) -> T:
+        names = list(settings)
+        previous = fetch_all(
+            conn, "SELECT current_setting(n) FROM unnest(%s::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i", (names,)
+        )
+        for name, value in settings.items():
+            execute(conn, "SELECT set_config(%s, %s, false)", (name, value))
+        try:
+            return fn(conn)
+        finally:
+            if not conn.closed:
+                for name, (value,) in zip(names, previous, strict=True):
+                    execute(conn, "SELECT set_config(%s, %s, false)", (name, value))
+
+    return run
 
 
 def run_query(query: sql.Composable, params: Sequence[Any]) -> Callable[[Connection], list[tuple[Any, ...]]]:
