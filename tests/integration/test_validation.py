@@ -619,8 +619,18 @@ def test_a_uuid_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     # changed 7 and gained 3
     from lambdas.core.validation import chunk as chunk_module
 
-    if follow_up == "key ranges":  # the differing buckets' rows too many for one more scan
+    line_reads: list[int] = []
+    read_lines = queries.range_lines
+    if follow_up == "key ranges":  # the differing buckets' rows too many for one more scan, and for one statement
         monkeypatch.setattr(chunk_module, "BUCKET_LINES_LIMIT", 1)
+        monkeypatch.setattr(chunk_module, "MAX_PIECE_ROWS", 50)
+        monkeypatch.setattr(
+            queries,
+            "range_lines",
+            lambda spec, ranges, positions=None: (
+                line_reads.append(len(positions or ranges)) or read_lines(spec, ranges, positions)
+            ),
+        )
     src, tgt = fresh_dbs
     both(
         src,
@@ -655,6 +665,8 @@ def test_a_uuid_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     assert {k.key[0] for k in table.extra.first} == keys([-1, -2, -3])
     assert all(k.columns == ["v"] for k in table.changed.first)
     assert (summary.rows_compared, summary.target_rows) == (20_000, 19_998)
+    # ... by key ranges, a few buckets (about 20 rows each) per statement
+    assert follow_up != "key ranges" or (len(line_reads) >= 3 and max(line_reads) <= 3)
 
 
 def test_identical_tables_keyed_by_uuids_in_no_order_have_no_difference(fresh_dbs: tuple[str, str]) -> None:

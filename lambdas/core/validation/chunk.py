@@ -287,9 +287,11 @@ def _follow_up(
     depth: int,
 ) -> int:
     """Split (and compare again) or fetch the ranges whose aggregates differed, given as (position in
-    `ranges`, source's, target's): the number of differing keys found."""
+    `ranges`, source's, target's): the number of differing keys found. Fetches are grouped into
+    statements of at most `MAX_PIECE_ROWS` rows a side (a table's buckets can hold all its rows)."""
     found = 0
     fetch: list[int] = []
+    fetch_rows = 0
     for i, source, target in mismatched:
         decision = decide(source, target, chunk.slice_rows, depth=depth)
         if decision.step is Step.SPLIT:
@@ -298,7 +300,12 @@ def _follow_up(
                 tally.splits += 1
                 found += _compare_ranges(pair, chunk, parts, tally, depth=depth + 1)[1]
                 continue
+        rows = max(source.rows, target.rows)
+        if fetch and fetch_rows + rows > MAX_PIECE_ROWS:
+            found += _fetch_hashes(pair, chunk, ranges, fetch, tally)
+            fetch, fetch_rows = [], 0
         fetch.append(i)
+        fetch_rows += rows
     if fetch:
         found += _fetch_hashes(pair, chunk, ranges, fetch, tally)
     return found

@@ -145,7 +145,9 @@ def group_slices(boundaries: Sequence[Bound], per_chunk: int) -> list[tuple[KeyR
 # a scan). Such a table is compared by one scan per side in buckets of the key instead (`ChunkSpec.bucket_bits`).
 BUCKET_BITS = 10
 BUCKET_SCAN_MAX_CORRELATION = 0.5  # |pg_stats.correlation| of the key column below which it is in no order
-BUCKET_SCAN_MAX_ROWS = 300_000_000  # one task scans the whole table: beyond this, key ranges over many tasks
+# One task scans the whole table (and, when differences are dense, reads every row by key range):
+# beyond this, key ranges over many tasks.
+BUCKET_SCAN_MAX_ROWS = 100_000_000
 MAX_SCAN_WORKERS = 8
 
 
