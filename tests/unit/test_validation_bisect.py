@@ -14,6 +14,7 @@ from lambdas.core.validation.bisect import (
     Decision,
     EvenRanges,
     Step,
+    bucket_runs,
     decide,
     even_ranges,
     fetch_limit,
@@ -182,3 +183,17 @@ def test_prefix_ranges_cut_the_uuid_key_space_in_order_without_gaps() -> None:
         assert (key_range.lower is None or key_range.lower[0] <= text) and (
             key_range.upper is None or text < key_range.upper[0]
         )
+
+
+def test_neighbouring_buckets_merge_into_key_ranges_up_to_a_row_limit() -> None:
+    # Given differing buckets 0, 1, 2, 5, 7 of 8 (3 bits), of 40 rows each, and at most 100 rows a range
+    rows = {b: 40 for b in (0, 1, 2, 5, 7)}
+    runs = bucket_runs([0, 1, 2, 5, 7], rows, 3, 100)
+    # Then 0-1 merge (80 rows), 2 starts anew (120 would be too many), 5 and 7 are no neighbours
+    bounds = [prefix_range(b, 3) for b in range(8)]
+    assert runs == [
+        KeyRange(None, bounds[1].upper),
+        KeyRange(bounds[2].lower, bounds[2].upper),
+        KeyRange(bounds[5].lower, bounds[5].upper),
+        KeyRange(bounds[7].lower, None),
+    ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import overload
@@ -211,6 +211,21 @@ def prefix_range(bucket: int, bits: int) -> KeyRange:
         return None if b <= 0 or b >= 2**bits else (str(uuid.UUID(int=b << (128 - bits))),)
 
     return KeyRange(bound(bucket), bound(bucket + 1))
+
+
+def bucket_runs(buckets: Sequence[int], rows: Mapping[int, int], bits: int, most: int) -> list[KeyRange]:
+    """Differing buckets (sorted) as key ranges (`prefix_range`): consecutive ones merged while together
+    they hold at most `most` rows (`rows`: each bucket's, the larger side's)."""
+    runs: list[list[int]] = []
+    total = 0
+    for bucket in buckets:
+        if runs and runs[-1][-1] == bucket - 1 and total + rows[bucket] <= most:
+            runs[-1].append(bucket)
+            total += rows[bucket]
+        else:
+            runs.append([bucket])
+            total = rows[bucket]
+    return [KeyRange(prefix_range(run[0], bits).lower, prefix_range(run[-1], bits).upper) for run in runs]
 
 
 def mismatched_buckets(source: dict[int, Aggregate], target: dict[int, Aggregate]) -> list[int]:

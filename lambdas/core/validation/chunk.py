@@ -36,12 +36,12 @@ from lambdas.core.validation.bisect import (
     AdaptivePolicy,
     Aggregate,
     Step,
+    bucket_runs,
     decide,
     even_ranges,
     mismatched_buckets,
     mismatched_ranges,
     multiset_bits,
-    prefix_range,
     quantile_step,
     ranges_between,
     split_range,
@@ -190,8 +190,8 @@ def _compare_pieces(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy,
 
 def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tally) -> None:
     """The whole table by one scan per side, counted and hashed per bucket of the key's leading bits
-    (parallel query: `chunk.scan_workers` processes a side), then the differing buckets' key ranges
-    split or fetched as any range's (`_follow_up`)."""
+    (parallel query: `chunk.scan_workers` processes a side), then the rows of the differing buckets:
+    by one more scan, or when there are many (dense differences), every row's record by key ranges."""
     spec = chunk.table
     query, params = queries.key_buckets(spec, bits)
     settings = {
@@ -212,8 +212,8 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     if not buckets:
         return
     empty = Aggregate(0, "0")
-    mismatched = [(i, source.get(b, empty), target.get(b, empty)) for i, b in enumerate(buckets)]
-    if max(sum(s.rows for _, s, _ in mismatched), sum(t.rows for _, _, t in mismatched)) <= BUCKET_LINES_LIMIT:
+    rows = {b: max(source.get(b, empty).rows, target.get(b, empty).rows) for b in buckets}
+    if sum(rows.values()) <= BUCKET_LINES_LIMIT:
         # The buckets' rows lie all over the table: one more scan reads them faster than their key ranges.
         query, params = queries.bucket_lines(spec, bits, buckets)
         src_row, tgt_row = pair.both(run_with_settings(settings, run_one_raw(query, params)))
@@ -221,7 +221,8 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
         tally.rows_fetched += int(src_row[0]) + int(tgt_row[0])
         tally.add(diff_hash_lines(src_row[1], tgt_row[1], len(spec.key)))
         return
-    _follow_up(pair, chunk, [prefix_range(b, bits) for b in buckets], mismatched, tally, depth=0)
+    for key_range in bucket_runs(buckets, rows, bits, MAX_LINES_PIECE_ROWS):
+        _compare_every_line(pair, chunk, key_range, tally, counted=True)
 
 
 def _note_first(pair: SessionPair, chunk: ChunkSpec, tally: _Tally) -> None:
@@ -274,46 +275,28 @@ def _compare_ranges(
     tally.slices += len(ranges)
     mismatched = mismatched_ranges(src_row[1], tgt_row[1])
     tally.slices_mismatched += len(mismatched)
-    return max(source_rows, target_rows), _follow_up(pair, chunk, ranges, mismatched, tally, depth=depth)
-
-
-def _follow_up(
-    pair: SessionPair,
-    chunk: ChunkSpec,
-    ranges: Sequence[KeyRange],
-    mismatched: Sequence[tuple[int, Aggregate, Aggregate]],
-    tally: _Tally,
-    *,
-    depth: int,
-) -> int:
-    """Split (and compare again) or fetch the ranges whose aggregates differed, given as (position in
-    `ranges`, source's, target's): the number of differing keys found. Fetches are grouped into
-    statements of at most `MAX_PIECE_ROWS` rows a side (a table's buckets can hold all its rows)."""
     found = 0
     fetch: list[int] = []
-    fetch_rows = 0
     for i, source, target in mismatched:
         decision = decide(source, target, chunk.slice_rows, depth=depth)
         if decision.step is Step.SPLIT:
-            parts = _split(pair, chunk.table, ranges[i], source, target, decision.parts)
+            parts = _split(pair, spec, ranges[i], source, target, decision.parts)
             if parts:
                 tally.splits += 1
                 found += _compare_ranges(pair, chunk, parts, tally, depth=depth + 1)[1]
                 continue
-        rows = max(source.rows, target.rows)
-        if fetch and fetch_rows + rows > MAX_PIECE_ROWS:
-            found += _fetch_hashes(pair, chunk, ranges, fetch, tally)
-            fetch, fetch_rows = [], 0
         fetch.append(i)
-        fetch_rows += rows
     if fetch:
         found += _fetch_hashes(pair, chunk, ranges, fetch, tally)
-    return found
+    return max(source_rows, target_rows), found
 
 
-def _compare_every_line(pair: SessionPair, chunk: ChunkSpec, key_range: KeyRange, tally: _Tally) -> tuple[int, int]:
+def _compare_every_line(
+    pair: SessionPair, chunk: ChunkSpec, key_range: KeyRange, tally: _Tally, *, counted: bool = False
+) -> tuple[int, int]:
     """Dense differences: every row's (key, hash) line of the piece, read once on each side and
-    diffed, with no aggregate: (rows, differing keys) found."""
+    diffed, with no aggregate: (rows, differing keys) found. `counted`: a bucket scan already
+    counted the rows and their ranges."""
     spec = chunk.table
     layout = RecordLayout.of(spec.key_types)
     if layout is not None:
@@ -328,10 +311,11 @@ def _compare_every_line(pair: SessionPair, chunk: ChunkSpec, key_range: KeyRange
         counts = int(src_row[0]), int(tgt_row[0])
         diff = diff_hash_lines(src_row[1], tgt_row[1], len(spec.key))
     _note_first(pair, chunk, tally)
-    tally.source_rows += counts[0]
-    tally.target_rows += counts[1]
-    tally.slices += 1
-    tally.slices_mismatched += 1 if diff else 0
+    if not counted:
+        tally.source_rows += counts[0]
+        tally.target_rows += counts[1]
+        tally.slices += 1
+        tally.slices_mismatched += 1 if diff else 0
     tally.rows_fetched += counts[0] + counts[1]
     tally.add(diff)
     return max(counts), len(diff.keys)
