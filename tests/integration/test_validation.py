@@ -455,6 +455,9 @@ def test_schema_differences_are_problems(fresh_dbs: tuple[str, str]) -> None:
 # --- live logical replication with writes running ----------------------------------------------
 
 
+FOREIGN_EVENT = "00000000-0000-4000-8000-000000000001"  # an events key gen_random_uuid() does not give here
+
+
 def test_under_live_replication_only_real_differences_persist(fresh_dbs: tuple[str, str]) -> None:
     # Given the sample shop replicated by the logical engine while 2 clients keep writing
     src, tgt = fresh_dbs
@@ -477,9 +480,11 @@ def test_under_live_replication_only_real_differences_persist(fresh_dbs: tuple[s
         time.sleep(1.0)
         # When validated while the writes run
         clean = check(src, tgt, tables, settings, replication=replication)
-        # And then, with rows tampered with directly on the target (rows the workload never touches)
+        # And then, with rows tampered with directly on the target (rows the workload never touches), one
+        # of them an event the source never had (events, keyed by random uuids, is compared by bucket scans)
         run_sql(tgt, "UPDATE products SET name = 'tampered' WHERE id = 5")
         run_sql(tgt, "DELETE FROM order_items WHERE order_id = 1 AND line_no = 1")
+        run_sql(tgt, f"INSERT INTO events (id, order_id, kind) VALUES ('{FOREIGN_EVENT}', 1, 'tampered')")
         tampered = check(src, tgt, tables, settings, replication=replication)
     finally:
         stats = workload.stop()
@@ -489,8 +494,14 @@ def test_under_live_replication_only_real_differences_persist(fresh_dbs: tuple[s
     assert clean.differences == 0 and clean.unsettled == 0, listed(clean)
     assert clean.ok
     # And exactly the tampered rows persist
-    assert listed(tampered) == {"missing": [(["1", "1"], [])], "changed": [(["5"], ["name"])]}
-    assert tampered.differences == 2 and tampered.unsettled == 0
+    assert listed(tampered) == {
+        "missing": [(["1", "1"], [])],
+        "extra": [([FOREIGN_EVENT], [])],
+        "changed": [(["5"], ["name"])],
+    }
+    assert tampered.differences == 3 and tampered.unsettled == 0
+    events = next(t for t in tampered.per_table if t.table == "public.events")
+    assert any("buckets of its key" in note for note in events.notes)
 
 
 def test_a_chunk_under_replication_notes_the_source_position_of_its_first_compare(fresh_dbs: tuple[str, str]) -> None:
