@@ -14,10 +14,12 @@ from lambdas.core.validation.bisect import (
     Decision,
     EvenRanges,
     Step,
+    UuidPrefixes,
     bucket_runs,
     decide,
     even_ranges,
     fetch_limit,
+    integer_widths,
     mismatched_buckets,
     mismatched_ranges,
     multiset_bits,
@@ -188,7 +190,7 @@ def test_prefix_ranges_cut_the_uuid_key_space_in_order_without_gaps() -> None:
 def test_neighbouring_buckets_merge_into_key_ranges_up_to_a_row_limit() -> None:
     # Given differing buckets 0, 1, 2, 5, 7 of 8 (3 bits), of 40 rows each, and at most 100 rows a range
     rows = {b: 40 for b in (0, 1, 2, 5, 7)}
-    runs = bucket_runs([0, 1, 2, 5, 7], rows, 3, 100)
+    runs = bucket_runs([0, 1, 2, 5, 7], rows, UuidPrefixes(3), 100)
     # Then 0-1 merge (80 rows), 2 starts anew (120 would be too many), 5 and 7 are no neighbours
     bounds = [prefix_range(b, 3) for b in range(8)]
     assert runs == [
@@ -197,3 +199,19 @@ def test_neighbouring_buckets_merge_into_key_ranges_up_to_a_row_limit() -> None:
         KeyRange(bounds[5].lower, bounds[5].upper),
         KeyRange(bounds[7].lower, None),
     ]
+
+
+def test_integer_widths_cover_the_keys_in_at_most_the_buckets_asked_for() -> None:
+    # Given keys from -7 to 1,000 in at most 2**4 buckets
+    buckets = integer_widths(-7, 1_000, 4)
+    ranges = [buckets.range(b) for b in range(buckets.count)]
+    # Then the first is open below, the last above, each starts where the one before ends
+    assert buckets.count <= 16 and ranges[0].lower is None and ranges[-1].upper is None
+    assert all(ranges[i].upper == ranges[i + 1].lower for i in range(buckets.count - 1))
+    # And every key from low to high lies in the bucket its width gives (as the SQL computes it)
+    width = buckets.ranges.width
+    for key in (-7, -1, 0, 62, 63, 500, 1_000):
+        bucket = min(buckets.count - 1, (key + 7) // width)
+        key_range = ranges[bucket]
+        assert key_range.lower is None or int(key_range.lower[0]) <= key
+        assert key_range.upper is None or key < int(key_range.upper[0])

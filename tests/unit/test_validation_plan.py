@@ -296,12 +296,15 @@ def keyed_by(*key_types: str, multiset: bool = False) -> TableSpec:
         (keyed_by("uuid"), -0.9, 10_000_000, None),
         (keyed_by("uuid"), None, 10_000_000, None),  # never analyzed: key ranges are right for any order
         (keyed_by("uuid"), 0.0, BUCKET_SCAN_MAX_ROWS + 1, None),  # too large for one task's scan
-        (keyed_by("bigint"), 0.0, 10_000_000, None),
+        (keyed_by("bigint"), 0.0, 10_000_000, BUCKET_BITS),  # random integers
+        (keyed_by("smallint"), 0.2, 10_000, BUCKET_BITS),
+        (keyed_by("bigint"), 1.0, 10_000_000, None),  # a serial key
+        (keyed_by("text"), 0.0, 10_000_000, None),
         (keyed_by("integer", "uuid"), 0.0, 10_000_000, None),
         (keyed_by("uuid", multiset=True), 0.0, 10_000_000, None),
     ],
 )
-def test_only_a_uuid_key_in_no_physical_order_is_compared_by_one_scan(
+def test_only_a_uuid_or_integer_key_in_no_physical_order_is_compared_by_one_scan(
     spec: TableSpec, correlation: float | None, rows: int, bits: int | None
 ) -> None:
     assert bucket_scan_bits(spec, correlation, rows) == bits

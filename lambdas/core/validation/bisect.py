@@ -213,9 +213,45 @@ def prefix_range(bucket: int, bits: int) -> KeyRange:
     return KeyRange(bound(bucket), bound(bucket + 1))
 
 
-def bucket_runs(buckets: Sequence[int], rows: Mapping[int, int], bits: int, most: int) -> list[KeyRange]:
-    """Differing buckets (sorted) as key ranges (`prefix_range`): consecutive ones merged while together
-    they hold at most `most` rows (`rows`: each bucket's, the larger side's)."""
+@dataclass(frozen=True)
+class UuidPrefixes:
+    """A uuid key's buckets: the leading `bits` bits of its keys, each bucket a key range (`prefix_range`)."""
+
+    bits: int
+
+    @property
+    def count(self) -> int:
+        return 1 << self.bits
+
+    def range(self, bucket: int) -> KeyRange:
+        return prefix_range(bucket, self.bits)
+
+
+@dataclass(frozen=True)
+class IntegerWidths:
+    """An integer key's buckets: equal widths of its values (`EvenRanges`; the first open below, the last above)."""
+
+    ranges: EvenRanges
+
+    @property
+    def count(self) -> int:
+        return len(self.ranges)
+
+    def range(self, bucket: int) -> KeyRange:
+        return self.ranges[bucket]
+
+
+KeyBuckets = UuidPrefixes | IntegerWidths
+
+
+def integer_widths(low: int, high: int, bits: int) -> IntegerWidths:
+    """Keys from `low` to `high` (inclusive) in at most 2**bits buckets of equal width."""
+    return IntegerWidths(even_ranges(KeyRange(None, None), low, high, 2**bits, 1))
+
+
+def bucket_runs(buckets: Sequence[int], rows: Mapping[int, int], key_buckets: KeyBuckets, most: int) -> list[KeyRange]:
+    """Differing buckets (sorted) as key ranges: consecutive ones merged while together they hold at most
+    `most` rows (`rows`: each bucket's, the larger side's)."""
     runs: list[list[int]] = []
     total = 0
     for bucket in buckets:
@@ -225,7 +261,7 @@ def bucket_runs(buckets: Sequence[int], rows: Mapping[int, int], bits: int, most
         else:
             runs.append([bucket])
             total = rows[bucket]
-    return [KeyRange(prefix_range(run[0], bits).lower, prefix_range(run[-1], bits).upper) for run in runs]
+    return [KeyRange(key_buckets.range(run[0]).lower, key_buckets.range(run[-1]).upper) for run in runs]
 
 
 def mismatched_buckets(source: dict[int, Aggregate], target: dict[int, Aggregate]) -> list[int]:

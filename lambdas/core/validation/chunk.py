@@ -35,10 +35,13 @@ from lambdas.core.validation.bisect import (
     TEXT_LINES_COST,
     AdaptivePolicy,
     Aggregate,
+    KeyBuckets,
     Step,
+    UuidPrefixes,
     bucket_runs,
     decide,
     even_ranges,
+    integer_widths,
     mismatched_buckets,
     mismatched_ranges,
     multiset_bits,
@@ -189,11 +192,15 @@ def _compare_pieces(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy,
 
 
 def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tally) -> None:
-    """The whole table by one scan per side, counted and hashed per bucket of the key's leading bits
-    (parallel query: `chunk.scan_workers` processes a side), then the rows of the differing buckets:
-    by one more scan, or when there are many (dense differences), every row's record by key ranges."""
+    """The whole table by one scan per side, counted and hashed per bucket of the key (a uuid's leading
+    bits, an integer's equal widths; parallel query: `chunk.scan_workers` processes a side), then the
+    rows of the differing buckets: by one more scan, or when there are many (dense differences), every
+    row's record by key ranges."""
     spec = chunk.table
-    query, params = queries.key_buckets(spec, bits)
+    key_buckets = _key_buckets(pair, spec, bits)
+    if key_buckets is None:
+        return
+    query, params = queries.key_buckets(spec, key_buckets)
     settings = {
         "max_parallel_workers_per_gather": str(chunk.scan_workers - 1),
         # A hash table of the buckets: the planner cannot know their number and would sort the whole table.
@@ -206,7 +213,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     target = {int(b): Aggregate(int(n), str(s)) for b, n, s in tgt_rows}
     tally.source_rows += sum(a.rows for a in source.values())
     tally.target_rows += sum(a.rows for a in target.values())
-    tally.slices += 2**bits
+    tally.slices += key_buckets.count
     buckets = mismatched_buckets(source, target)
     tally.slices_mismatched += len(buckets)
     if not buckets:
@@ -215,14 +222,26 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     rows = {b: max(source.get(b, empty).rows, target.get(b, empty).rows) for b in buckets}
     if sum(rows.values()) <= BUCKET_LINES_LIMIT:
         # The buckets' rows lie all over the table: one more scan reads them faster than their key ranges.
-        query, params = queries.bucket_lines(spec, bits, buckets)
+        query, params = queries.bucket_lines(spec, key_buckets, buckets)
         src_row, tgt_row = pair.both(run_with_settings(settings, run_one_raw(query, params)))
         assert src_row is not None and tgt_row is not None
         tally.rows_fetched += int(src_row[0]) + int(tgt_row[0])
         tally.add(diff_hash_lines(src_row[1], tgt_row[1], len(spec.key)))
         return
-    for key_range in bucket_runs(buckets, rows, bits, MAX_LINES_PIECE_ROWS):
+    for key_range in bucket_runs(buckets, rows, key_buckets, MAX_LINES_PIECE_ROWS):
         _compare_every_line(pair, chunk, key_range, tally, counted=True)
+
+
+def _key_buckets(pair: SessionPair, spec: TableSpec, bits: int) -> KeyBuckets | None:
+    """The key's 2**bits buckets: a uuid's leading bits; an integer's equal widths between the least and
+    greatest key either side holds (None when neither holds a row)."""
+    if not _integer_key(spec):
+        return UuidPrefixes(bits)
+    query, params = queries.key_span(spec, KeyRange(None, None))
+    spans = [s for s in pair.both(run_one(query, params)) if s is not None and s[0] is not None]
+    if not spans:
+        return None
+    return integer_widths(min(int(s[0]) for s in spans), max(int(s[1]) for s in spans), bits)
 
 
 def _note_first(pair: SessionPair, chunk: ChunkSpec, tally: _Tally) -> None:

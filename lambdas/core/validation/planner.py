@@ -13,6 +13,7 @@ from lambdas.core.tables import TableName
 from lambdas.core.validation.model import Replication, RowHash, ValidationPlan
 from lambdas.core.validation.plan import (
     BUCKET_BITS,
+    bucket_key,
     bucket_scan_bits,
     chunk_specs,
     effective_slice_rows,
@@ -144,12 +145,12 @@ def plan_validation(
             )
             spec = spec.model_copy(update={"key": [], "key_types": [], "notes": [*spec.notes, note]})
         bits = None
-        if spec.comparable and spec.key_types == ["uuid"]:
+        if spec.comparable and bucket_key(spec.key_types):
             correlation = key_correlation(source, name, spec.key[0])
             bits = bucket_scan_bits(spec, correlation, estimated)
             if bits is not None:
                 note = (
-                    f"compared by one scan per side in {2**BUCKET_BITS:,} buckets of its key: the uuid key is in no"
+                    f"compared by one scan per side in {2**BUCKET_BITS:,} buckets of its key: the key is in no"
                     f" physical order (correlation {correlation:.2f}), so key ranges would read every page many times"
                 )
                 spec = spec.model_copy(update={"notes": [*spec.notes, note]})
