@@ -2,9 +2,9 @@
 
     python -m bench.validate [--rows N] [--diffs K | --diff-rate R] [--workers W] [--json]
 
-Starts two servers and builds the same table of N rows (a bigint key, or with `--key uuid` a
-uuid one; integer, text, numeric, double precision, timestamptz, nullable text) on both, then
-scatters differences over the
+Starts two servers and builds the same table of N rows (a bigint key in load order, or with
+`--key` a uuid or a scattered bigint one, both in no physical order; integer, text, numeric,
+double precision, timestamptz, nullable text) on both, then scatters differences over the
 target: about 60% changed rows (one column each, in turn), 20% deleted, 20% extra (keys in the
 gaps between source keys). Default: a few dozen; `--diff-rate 0.01` changes 1% of the rows.
 Both databases are settled (VACUUM ANALYZE, CHECKPOINT) and then three things are timed:
@@ -34,7 +34,7 @@ import random
 import re
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -79,17 +79,29 @@ class BenchKey:
 
     type: str
     expression: str  # SQL of the key of the bigint `{n}`
+    key_text: Callable[[int], str]  # the same key as the server prints it
 
     def sql(self, n: str) -> str:
         return self.expression.format(n=n)
 
     def text(self, n: int) -> str:
-        if self.type == "uuid":  # md5(n::text)::uuid
-            return str(uuid.UUID(hashlib.md5(str(n).encode()).hexdigest()))
-        return str(n)
+        return self.key_text(n)
 
 
-KEYS = {"bigint": BenchKey("bigint", "{n}"), "uuid": BenchKey("uuid", "md5(({n})::text)::uuid")}
+def md5_uuid(n: int) -> str:
+    return str(uuid.UUID(hashlib.md5(str(n).encode()).hexdigest()))
+
+
+# n -> n * P mod M (M = 2**61 - 1, a prime; P about 0.63 M): distinct keys for every n below M, in no order.
+SCATTER_P, SCATTER_M = 1_442_695_040_888_963_407, 2**61 - 1
+
+KEYS = {
+    "bigint": BenchKey("bigint", "{n}", str),
+    "uuid": BenchKey("uuid", "md5(({n})::text)::uuid", md5_uuid),
+    "scattered-bigint": BenchKey(
+        "bigint", f"mod(({{n}})::numeric * {SCATTER_P}, {SCATTER_M})::bigint", lambda n: str(n * SCATTER_P % SCATTER_M)
+    ),
+}
 
 CREATE = """
 CREATE TABLE bench_rows (
@@ -315,7 +327,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workers", type=int, default=default_workers(), help="chunk workers (session pairs) and reladiff threads"
     )
     parser.add_argument(
-        "--key", choices=sorted(KEYS), default="bigint", help="the key's type (default bigint; uuid: md5 of the number)"
+        "--key",
+        choices=sorted(KEYS),
+        default="bigint",
+        help="the key (default bigint, in load order; uuid: md5 of the number, scattered-bigint: the number"
+        " times a prime modulo 2**61-1; both in no physical order)",
     )
     parser.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk (default 100,000)")
     parser.add_argument("--slice-rows", type=int, default=10_000, help="rows per slice (default 10,000)")
