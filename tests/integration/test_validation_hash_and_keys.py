@@ -9,8 +9,10 @@ import threading
 import pytest
 
 from lambdas.core.config import Validation
+from lambdas.core.db import Connection, fetch_value
 from lambdas.core.tables import TableName
 from lambdas.core.validation import RowHash, SessionPair, plan_validation, validate
+from lambdas.core.validation.session import run_with_settings
 from tests.integration.db_env import run_sql
 
 T = TableName("public", "t")
@@ -223,3 +225,35 @@ def test_a_difference_in_one_of_two_namesakes_is_reported(fresh_dbs: tuple[str, 
     # When validated / Then exactly that row is named (once: its result was dropped as a duplicate chunk)
     summary = validate(src, tgt, NAMESAKES, SMALL, workers=1)
     assert summary.changed == 1 and not summary.ok
+
+
+# --- a statement's own settings (a bucket scan's parallel query) ---------------------------------
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_settings_for_one_statement_are_put_back_after_it(fresh_dbs: tuple[str, str], fails: bool) -> None:
+    # Given a validator session (no parallel query, sorts allowed)
+    src, tgt = fresh_dbs
+    with SessionPair.open(src, tgt) as pair:
+        settings = {"max_parallel_workers_per_gather": "3", "enable_sort": "off", "work_mem": "64MB"}
+        names = list(settings)
+
+        def current(conn: Connection) -> list[str]:
+            return [str(fetch_value(conn, "SELECT current_setting(%s)", (n,))) for n in names]
+
+        before = current(pair.source)
+
+        def statement(conn: Connection) -> list[str]:
+            seen = current(conn)
+            if fails:
+                raise RuntimeError("the statement failed")
+            return seen
+
+        # When a statement runs with its own settings (and succeeds or fails)
+        if fails:
+            with pytest.raises(RuntimeError):
+                run_with_settings(settings, statement)(pair.source)
+        else:
+            assert run_with_settings(settings, statement)(pair.source) == ["3", "off", "64MB"]
+        # Then the session has its own settings back, for the next chunk's statements
+        assert current(pair.source) == before == ["0", "on", before[2]]

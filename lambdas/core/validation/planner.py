@@ -12,7 +12,6 @@ from lambdas.core.ranges import chunk_count, estimate_rows, key_boundaries
 from lambdas.core.tables import TableName
 from lambdas.core.validation.model import Replication, RowHash, ValidationPlan
 from lambdas.core.validation.plan import (
-    BUCKET_BITS,
     bucket_key,
     bucket_scan_bits,
     chunk_specs,
@@ -150,7 +149,7 @@ def plan_validation(
             bits = bucket_scan_bits(spec, correlation, estimated)
             if bits is not None:
                 note = (
-                    f"compared by one scan per side in {2**BUCKET_BITS:,} buckets of its key: the key is in no"
+                    f"compared by one scan per side in {2**bits:,} buckets of its key: the key is in no"
                     f" physical order (correlation {correlation:.2f}), so key ranges would read every page many times"
                 )
                 spec = spec.model_copy(update={"notes": [*spec.notes, note]})
