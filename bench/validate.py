@@ -3,7 +3,7 @@
     python -m bench.validate [--rows N] [--diffs K | --diff-rate R] [--workers W] [--json]
 
 Starts two servers and builds the same table of N rows (a bigint key in load order, or with
-`--key` a uuid or a scattered bigint one, both in no physical order; integer, text, numeric,
+`--key` a uuid, a text (md5 hex) or a scattered bigint one, all in no physical order; integer, text, numeric,
 double precision, timestamptz, nullable text) on both, then scatters differences over the
 target: about 60% changed rows (one column each, in turn), 20% deleted, 20% extra (keys in the
 gaps between source keys). Default: a few dozen; `--diff-rate 0.01` changes 1% of the rows.
@@ -88,8 +88,12 @@ class BenchKey:
         return self.key_text(n)
 
 
+def md5_hex(n: int) -> str:
+    return hashlib.md5(str(n).encode()).hexdigest()
+
+
 def md5_uuid(n: int) -> str:
-    return str(uuid.UUID(hashlib.md5(str(n).encode()).hexdigest()))
+    return str(uuid.UUID(md5_hex(n)))
 
 
 # n -> n * P mod M (M = 2**61 - 1, a prime; P about 0.63 M): distinct keys for every n below M, in no order.
@@ -98,6 +102,7 @@ SCATTER_P, SCATTER_M = 1_442_695_040_888_963_407, 2**61 - 1
 KEYS = {
     "bigint": BenchKey("bigint", "{n}", str),
     "uuid": BenchKey("uuid", "md5(({n})::text)::uuid", md5_uuid),
+    "text": BenchKey("text", "md5(({n})::text)", md5_hex),
     "scattered-bigint": BenchKey(
         "bigint", f"mod(({{n}})::numeric * {SCATTER_P}, {SCATTER_M})::bigint", lambda n: str(n * SCATTER_P % SCATTER_M)
     ),
@@ -330,8 +335,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--key",
         choices=sorted(KEYS),
         default="bigint",
-        help="the key (default bigint, in load order; uuid: md5 of the number, scattered-bigint: the number"
-        " times a prime modulo 2**61-1; both in no physical order)",
+        help="the key (default bigint, in load order; uuid: md5 of the number, text: its md5 in hex,"
+        " scattered-bigint: the number times a prime modulo 2**61-1; all in no physical order)",
     )
     parser.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk (default 100,000)")
     parser.add_argument("--slice-rows", type=int, default=10_000, help="rows per slice (default 10,000)")

@@ -627,10 +627,16 @@ def md5_uuid(n: int) -> str:
     return str(uuid.UUID(hashlib.md5(str(n).encode()).hexdigest()))
 
 
+def md5_hex(n: int) -> str:
+    return hashlib.md5(str(n).encode()).hexdigest()
+
+
 # A key in no physical order: its type, row g's key (SQL), the 3 extra rows' keys (SQL of g in 1..3),
 # row g's key as text, and the extra keys as text.
 BUCKET_KEYS: dict[str, tuple[str, str, str, Callable[[int], str], set[str]]] = {
     "uuid": ("uuid", "md5(g::text)::uuid", "md5((-g)::text)::uuid", md5_uuid, {md5_uuid(-g) for g in (1, 2, 3)}),
+    # buckets of a hash of the key, which are no key ranges
+    "text": ("text", "md5(g::text)", "md5((-g)::text)", md5_hex, {md5_hex(-g) for g in (1, 2, 3)}),
     # a permutation of 0..20010; the extra keys lie below and above all others (in the open-ended end buckets)
     "bigint": (
         "bigint",
@@ -642,8 +648,16 @@ BUCKET_KEYS: dict[str, tuple[str, str, str, Callable[[int], str], set[str]]] = {
 }
 
 
+def spy(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[str]:
+    """Wrap a query builder: the list of table names it was called for."""
+    calls: list[str] = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda spec, *args: calls.append(spec.name) or real(spec, *args))
+    return calls
+
+
 @pytest.mark.parametrize("key", list(BUCKET_KEYS))
-@pytest.mark.parametrize("follow_up", ["one more scan", "records by key ranges"])
+@pytest.mark.parametrize("follow_up", ["one more scan", "a scan per bucket", "key ranges"])
 def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     fresh_dbs: tuple[str, str], key: str, follow_up: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -652,16 +666,14 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     from lambdas.core.validation import chunk as chunk_module
 
     key_type, key_of_g, extra_key_of_g, key_text, extra = BUCKET_KEYS[key]
-    record_reads: list[str] = []
-    read_records = queries.range_records
-    if follow_up == "records by key ranges":  # the differing buckets' rows too many for one more scan
+    bucket_scans = spy(monkeypatch, queries, "bucket_lines")
+    range_reads = spy(monkeypatch, queries, "range_lines" if key == "text" else "range_records")
+    if follow_up != "one more scan":  # the differing buckets' rows too many for one more scan
         monkeypatch.setattr(chunk_module, "BUCKET_LINES_LIMIT", 1)
+    if follow_up == "a scan per bucket":
+        monkeypatch.setattr(chunk_module, "MAX_BUCKET_LINE_SCANS", 1_000)
+    if follow_up == "key ranges":  # ... and too many for a few more scans
         monkeypatch.setattr(chunk_module, "MAX_LINES_PIECE_ROWS", 50)
-        monkeypatch.setattr(
-            queries,
-            "range_records",
-            lambda spec, key_range: record_reads.append(spec.name) or read_records(spec, key_range),
-        )
     src, tgt = fresh_dbs
     both(
         src,
@@ -692,8 +704,39 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     assert {k.key[0] for k in table.extra.first} == extra
     assert all(k.columns == ["v"] for k in table.changed.first)
     assert (summary.rows_compared, summary.target_rows) == (20_000, 19_998)
-    # ... by key ranges of at most 50 rows, buckets (about 20 rows each) merged where they are neighbours
-    assert follow_up != "records by key ranges" or len(record_reads) >= 3
+    # ... by the follow-up asked for: one scan, a scan per differing bucket, or key ranges of at most 50 rows
+    # (neighbouring buckets of about 20 rows merged; for a hashed key, cut across the whole table)
+    assert len(bucket_scans) == {"one more scan": 1, "a scan per bucket": results[0].slices_mismatched}.get(
+        follow_up, 0
+    )
+    assert (len(range_reads) >= 3) == (follow_up == "key ranges")
+
+
+def test_a_composite_key_in_no_physical_order_is_compared_in_buckets_of_its_hash(fresh_dbs: tuple[str, str]) -> None:
+    # Given (tenant, id) keys written in no order (tenants interleaved, as writes over time leave them),
+    # and a target that lost 2 rows, changed 2 and gained 1
+    src, tgt = fresh_dbs
+    both(
+        src,
+        tgt,
+        "CREATE TABLE c (tenant text, id int, v text, PRIMARY KEY (tenant, id));"
+        " INSERT INTO c SELECT 't' || (g % 7), g, 'v' || g FROM generate_series(1, 12000) g ORDER BY md5(g::text);"
+        " ANALYZE c",
+    )
+    run_sql(
+        tgt,
+        "DELETE FROM c WHERE id IN (10, 7777); UPDATE c SET v = 'x' WHERE id IN (11, 11999);"
+        " INSERT INTO c VALUES ('t9', 1, 'new')",
+    )
+    # When validated
+    summary = check(src, tgt, [TableName("public", "c")], Validation(chunk_rows=2_000, slice_rows=200))
+    # Then it was one chunk in buckets of its key's hash, and every difference is named, and nothing else
+    assert summary.chunks == 1 and any("buckets of its key" in n for n in summary.per_table[0].notes)
+    assert {kind: sorted(found) for kind, found in listed(summary).items()} == {
+        "missing": [(["t0", "7777"], []), (["t3", "10"], [])],
+        "changed": [(["t1", "11999"], ["v"]), (["t4", "11"], ["v"])],
+        "extra": [(["t9", "1"], [])],
+    }
 
 
 def test_identical_tables_keyed_by_uuids_in_no_order_have_no_difference(fresh_dbs: tuple[str, str]) -> None:

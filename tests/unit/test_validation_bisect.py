@@ -15,6 +15,7 @@ from lambdas.core.validation.bisect import (
     EvenRanges,
     Step,
     UuidPrefixes,
+    bucket_groups,
     bucket_runs,
     decide,
     even_ranges,
@@ -199,6 +200,14 @@ def test_neighbouring_buckets_merge_into_key_ranges_up_to_a_row_limit() -> None:
         KeyRange(bounds[5].lower, bounds[5].upper),
         KeyRange(bounds[7].lower, None),
     ]
+
+
+def test_differing_buckets_are_grouped_for_scans_up_to_a_row_limit() -> None:
+    # Given differing buckets (any, not only neighbours) and their rows, and at most 100 rows a scan
+    rows = {-3: 40, 0: 50, 9: 10, 11: 250, 12: 30, 30: 70}
+    # Then they are grouped in order, a bucket above the limit alone, every bucket exactly once
+    assert bucket_groups(sorted(rows), rows, 100) == [[-3, 0, 9], [11], [12, 30]]
+    assert bucket_groups([], rows, 100) == []
 
 
 def test_integer_widths_cover_the_keys_in_at_most_the_buckets_asked_for() -> None:

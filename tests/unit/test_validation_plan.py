@@ -272,7 +272,7 @@ def test_unknown_fields_in_a_chunk_are_refused() -> None:
         ChunkSpec.model_validate({"table": {"schema_name": "a", "name": "b"}, "number": 0, "chunks": 1, "bogus": 1})
 
 
-# --- one scan in key buckets: a uuid key in no physical order ------------------------------------
+# --- one scan in key buckets: a key in no physical order ---------------------------------------------
 
 
 def keyed_by(*key_types: str, multiset: bool = False) -> TableSpec:
@@ -299,12 +299,14 @@ def keyed_by(*key_types: str, multiset: bool = False) -> TableSpec:
         (keyed_by("bigint"), 0.0, 10_000_000, BUCKET_BITS),  # random integers
         (keyed_by("smallint"), 0.2, 10_000, BUCKET_BITS),
         (keyed_by("bigint"), 1.0, 10_000_000, None),  # a serial key
-        (keyed_by("text"), 0.0, 10_000_000, None),
-        (keyed_by("integer", "uuid"), 0.0, 10_000_000, None),
-        (keyed_by("uuid", multiset=True), 0.0, 10_000_000, None),
+        (keyed_by("text"), 0.0, 10_000_000, BUCKET_BITS),  # hashes, e-mail addresses: buckets of a hash
+        (keyed_by("text"), 0.9, 10_000_000, None),
+        (keyed_by("integer", "uuid"), 0.0, 10_000_000, BUCKET_BITS),  # (tenant, uuid): the first column's order
+        (keyed_by("text", "bigint"), -0.7, 10_000_000, None),
+        (keyed_by("uuid", multiset=True), 0.0, 10_000_000, None),  # no key
     ],
 )
-def test_only_a_uuid_or_integer_key_in_no_physical_order_is_compared_by_one_scan(
+def test_a_key_in_no_physical_order_is_compared_by_one_scan(
     spec: TableSpec, correlation: float | None, rows: int, bits: int | None
 ) -> None:
     assert bucket_scan_bits(spec, correlation, rows) == bits

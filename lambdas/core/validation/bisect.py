@@ -241,7 +241,20 @@ class IntegerWidths:
         return self.ranges[bucket]
 
 
-KeyBuckets = UuidPrefixes | IntegerWidths
+@dataclass(frozen=True)
+class KeyHashes:
+    """Any key's buckets: the top `bits` bits of a 64-bit hash of its value (`queries.bucket_of`). A bucket
+    is no key range, so its rows are only found by scanning (`bucket_groups`)."""
+
+    bits: int
+
+    @property
+    def count(self) -> int:
+        return 1 << self.bits
+
+
+RangedBuckets = UuidPrefixes | IntegerWidths
+KeyBuckets = UuidPrefixes | IntegerWidths | KeyHashes
 
 
 def integer_widths(low: int, high: int, bits: int) -> IntegerWidths:
@@ -249,7 +262,24 @@ def integer_widths(low: int, high: int, bits: int) -> IntegerWidths:
     return IntegerWidths(even_ranges(KeyRange(None, None), low, high, 2**bits, 1))
 
 
-def bucket_runs(buckets: Sequence[int], rows: Mapping[int, int], key_buckets: KeyBuckets, most: int) -> list[KeyRange]:
+def bucket_groups(buckets: Sequence[int], rows: Mapping[int, int], most: int) -> list[list[int]]:
+    """Differing buckets in groups (in order) holding at most `most` rows together (`rows`: each bucket's,
+    the larger side's); a bucket holding more is a group alone. Each group is read by one scan."""
+    groups: list[list[int]] = []
+    total = 0
+    for bucket in buckets:
+        if groups and total + rows[bucket] <= most:
+            groups[-1].append(bucket)
+            total += rows[bucket]
+        else:
+            groups.append([bucket])
+            total = rows[bucket]
+    return groups
+
+
+def bucket_runs(
+    buckets: Sequence[int], rows: Mapping[int, int], key_buckets: RangedBuckets, most: int
+) -> list[KeyRange]:
     """Differing buckets (sorted) as key ranges: consecutive ones merged while together they hold at most
     `most` rows (`rows`: each bucket's, the larger side's)."""
     runs: list[list[int]] = []

@@ -36,8 +36,10 @@ from lambdas.core.validation.bisect import (
     AdaptivePolicy,
     Aggregate,
     KeyBuckets,
+    KeyHashes,
     Step,
     UuidPrefixes,
+    bucket_groups,
     bucket_runs,
     decide,
     even_ranges,
@@ -61,6 +63,7 @@ from lambdas.core.validation.model import (
 )
 from lambdas.core.validation.rowdiff import (
     INTEGER_KEY_TYPES,
+    UUID_KEY_TYPE,
     HashDiff,
     Kind,
     MultisetDiff,
@@ -90,8 +93,10 @@ MAX_PIECE_ROWS = 500_000  # planned rows compared by one statement per side at m
 # (1.6 MB of binary records; text keys of a few hundred bytes, tens of MB)
 MAX_LINES_PIECE_ROWS = 100_000
 MAX_ROW_TEXT = 200  # a multiset row is reported by its text form, cut to this length
-# Rows in a table's differing key buckets (per side) read by one more scan, as lines; beyond, by key ranges.
+# Rows (per side) in differing key buckets read by one more scan, as lines; beyond, by more scans, up to
+# MAX_BUCKET_LINE_SCANS, then by key ranges.
 BUCKET_LINES_LIMIT = 500_000
+MAX_BUCKET_LINE_SCANS = 4
 MULTISET_FETCH_LIMIT = 500_000  # rows (per side) in differing buckets beyond which rows are not listed
 
 
@@ -193,9 +198,9 @@ def _compare_pieces(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy,
 
 def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tally) -> None:
     """The whole table by one scan per side, counted and hashed per bucket of the key (a uuid's leading
-    bits, an integer's equal widths; parallel query: `chunk.scan_workers` processes a side), then the
-    rows of the differing buckets: by one more scan, or when there are many (dense differences), every
-    row's record by key ranges."""
+    bits, an integer's equal widths, any other key's hash's top bits; parallel query: `chunk.scan_workers`
+    processes a side), then the rows of the differing buckets: by a few more scans, or when there are
+    many (dense differences), every row by key ranges."""
     spec = chunk.table
     key_buckets = _key_buckets(pair, spec, bits)
     if key_buckets is None:
@@ -220,23 +225,34 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
         return
     empty = Aggregate(0, "0")
     rows = {b: max(source.get(b, empty).rows, target.get(b, empty).rows) for b in buckets}
-    if sum(rows.values()) <= BUCKET_LINES_LIMIT:
-        # The buckets' rows lie all over the table: one more scan reads them faster than their key ranges.
-        query, params = queries.bucket_lines(spec, key_buckets, buckets)
-        src_row, tgt_row = pair.both(run_with_settings(settings, run_one_raw(query, params)))
-        assert src_row is not None and tgt_row is not None
-        tally.rows_fetched += int(src_row[0]) + int(tgt_row[0])
-        tally.add(diff_hash_lines(src_row[1], tgt_row[1], len(spec.key)))
+    groups = bucket_groups(buckets, rows, BUCKET_LINES_LIMIT)
+    if len(groups) <= MAX_BUCKET_LINE_SCANS:
+        # The buckets' rows lie all over the table: a few more scans read them faster than their key ranges.
+        for group in groups:
+            query, params = queries.bucket_lines(spec, key_buckets, group)
+            src_row, tgt_row = pair.both(run_with_settings(settings, run_one_raw(query, params)))
+            assert src_row is not None and tgt_row is not None
+            tally.rows_fetched += int(src_row[0]) + int(tgt_row[0])
+            tally.add(diff_hash_lines(src_row[1], tgt_row[1], len(spec.key)))
         return
-    for key_range in bucket_runs(buckets, rows, key_buckets, MAX_LINES_PIECE_ROWS):
+    # Dense differences: every row's line (or record) by key ranges, those of neighbouring differing
+    # buckets, or for hashed keys, whose buckets are no key ranges, ranges cut across the whole table.
+    if isinstance(key_buckets, KeyHashes):
+        everything = KeyRange(None, None)
+        ranges = _cut(pair, spec, everything, max(tally.source_rows, tally.target_rows), MAX_LINES_PIECE_ROWS)
+    else:
+        ranges = bucket_runs(buckets, rows, key_buckets, MAX_LINES_PIECE_ROWS)
+    for key_range in ranges:
         _compare_every_line(pair, chunk, key_range, tally, counted=True)
 
 
 def _key_buckets(pair: SessionPair, spec: TableSpec, bits: int) -> KeyBuckets | None:
     """The key's 2**bits buckets: a uuid's leading bits; an integer's equal widths between the least and
-    greatest key either side holds (None when neither holds a row)."""
-    if not _integer_key(spec):
+    greatest key either side holds (None when neither holds a row); any other key's hash's top bits."""
+    if spec.key_types == [UUID_KEY_TYPE]:
         return UuidPrefixes(bits)
+    if not _integer_key(spec):
+        return KeyHashes(bits)
     query, params = queries.key_span(spec, KeyRange(None, None))
     spans = [s for s in pair.both(run_one(query, params)) if s is not None and s[0] is not None]
     if not spans:

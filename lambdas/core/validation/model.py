@@ -134,8 +134,9 @@ class ChunkSpec(_Model):
     first_keys: int = 20
     replication: Replication | None = None
     # A whole table compared by one scan per side, its rows counted and hashed per bucket of the key (a
-    # key range each: `bisect.KeyBuckets`), then the differing buckets' rows: for a uuid or integer key in
-    # no physical order, whose key ranges would each read pages all over the table.
+    # key range each for a uuid or integer key, else a hash's top bits: `bisect.KeyBuckets`), then the
+    # differing buckets' rows: for a key in no physical order, whose key ranges would each read pages all
+    # over the table.
     bucket_bits: int | None = Field(default=None, ge=1, le=16)
     scan_workers: int = Field(default=1, ge=1)  # processes per side for that scan (parallel query)
 

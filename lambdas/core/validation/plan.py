@@ -25,7 +25,6 @@ from lambdas.core.validation.model import (
     TableSpec,
     ValueHash,
 )
-from lambdas.core.validation.rowdiff import INTEGER_KEY_TYPES, UUID_KEY_TYPE
 
 
 def tables_to_compare(selected: Iterable[TableName], source: Mapping[TableName, TableInfo]) -> list[TableName]:
@@ -141,7 +140,7 @@ def group_slices(boundaries: Sequence[Bound], per_chunk: int) -> list[tuple[KeyR
     return grouped
 
 
-# A key in no physical order (random uuids, random integers): each key range's rows lie on pages all over the table,
+# A key in no physical order (random uuids or integers, hashes, emails): each key range's rows lie on pages all over the table,
 # so reading the table by key ranges reads every page over and over (10M rows, 256 MB of buffers: 9.3x
 # a scan). Such a table is compared by one scan per side in buckets of the key instead (`ChunkSpec.bucket_bits`).
 BUCKET_BITS = 10
@@ -152,18 +151,13 @@ BUCKET_SCAN_MAX_ROWS = 100_000_000
 MAX_SCAN_WORKERS = 8
 
 
-def bucket_key(key_types: Sequence[str]) -> bool:
-    """A key that can be scanned in buckets (`bisect.KeyBuckets`): a single uuid or integer column."""
-    return len(key_types) == 1 and (key_types[0] == UUID_KEY_TYPE or key_types[0] in INTEGER_KEY_TYPES)
-
-
 def bucket_scan_bits(spec: TableSpec, correlation: float | None, estimated_rows: int) -> int | None:
     """`BUCKET_BITS` when the table is compared by one scan in key buckets, else None (key ranges).
 
-    Only for a single uuid or integer key whose physical order the statistics show to be random:
-    without statistics (never analyzed) the table keeps key ranges, which are right for any order.
+    Only for a key whose (first column's) physical order the statistics show to be random: without
+    statistics (never analyzed) the table keeps key ranges, which are right for any order.
     """
-    if spec.multiset or not bucket_key(spec.key_types) or correlation is None:
+    if spec.multiset or not spec.key or correlation is None:
         return None
     if abs(correlation) >= BUCKET_SCAN_MAX_CORRELATION or estimated_rows > BUCKET_SCAN_MAX_ROWS:
         return None

@@ -12,7 +12,6 @@ from lambdas.core.ranges import chunk_count, estimate_rows, key_boundaries
 from lambdas.core.tables import TableName
 from lambdas.core.validation.model import Replication, RowHash, ValidationPlan
 from lambdas.core.validation.plan import (
-    bucket_key,
     bucket_scan_bits,
     chunk_specs,
     effective_slice_rows,
@@ -144,7 +143,7 @@ def plan_validation(
             )
             spec = spec.model_copy(update={"key": [], "key_types": [], "notes": [*spec.notes, note]})
         bits = None
-        if spec.comparable and bucket_key(spec.key_types):
+        if spec.comparable and spec.key:
             correlation = key_correlation(source, name, spec.key[0])
             bits = bucket_scan_bits(spec, correlation, estimated)
             if bits is not None:

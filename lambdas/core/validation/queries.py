@@ -38,7 +38,7 @@ from typing import Any
 from psycopg2 import sql
 
 from lambdas.core.ranges import KeyRange, range_predicate
-from lambdas.core.validation.bisect import EvenRanges, KeyBuckets, UuidPrefixes
+from lambdas.core.validation.bisect import EvenRanges, KeyBuckets, KeyHashes, UuidPrefixes
 from lambdas.core.validation.model import Key, RowHash, TableSpec, ValueHash
 
 Params = list[Any]
@@ -279,10 +279,19 @@ def range_lines(
     return query, params
 
 
+def _part_hash(spec: TableSpec, *, of_key: bool) -> sql.Composable:
+    key = set(spec.key)
+    return row_hash(spec.model_copy(update={"columns": [c for c in spec.columns if (c.name in key) == of_key]}))
+
+
 def non_key_hash(spec: TableSpec) -> sql.Composable:
     """The row hash (`row_hash`) of the columns outside the key: enough beside the key's own value."""
-    key = set(spec.key)
-    return row_hash(spec.model_copy(update={"columns": [c for c in spec.columns if c.name not in key]}))
+    return _part_hash(spec, of_key=False)
+
+
+def key_hash(spec: TableSpec) -> sql.Composable:
+    """The row hash (`row_hash`) of the key's columns alone: a key's bucket (`bisect.KeyHashes`)."""
+    return _part_hash(spec, of_key=True)
 
 
 def _key_sends(spec: TableSpec) -> list[sql.Composable]:
@@ -314,8 +323,10 @@ def range_records(spec: TableSpec, key_range: KeyRange) -> tuple[sql.Composable,
 
 
 def bucket_of(spec: TableSpec, buckets: KeyBuckets) -> tuple[sql.Composable, Params]:
-    """A row's bucket (an integer from 0) as SQL: a uuid key's leading bits, or an integer key's
-    width (clamped to the first and last bucket, which are open below and above)."""
+    """A row's bucket (an integer) as SQL: a uuid key's leading bits, an integer key's width (clamped
+    to the first and last bucket, which are open below and above), or any key's hash's top bits."""
+    if isinstance(buckets, KeyHashes):
+        return sql.SQL("({} >> %s)::integer").format(key_hash(spec)), [64 - buckets.bits]
     k = sql.Identifier("t", spec.key[0])
     if isinstance(buckets, UuidPrefixes):
         prefix = sql.SQL("(((get_byte(uuid_send({k}), 0) << 8) | get_byte(uuid_send({k}), 1)) >> %s)")
