@@ -666,13 +666,15 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     from lambdas.core.validation import chunk as chunk_module
 
     key_type, key_of_g, extra_key_of_g, key_text, extra = BUCKET_KEYS[key]
-    bucket_scans = spy(monkeypatch, queries, "bucket_lines")
+    # the rows of differing buckets as text lines for a text key, else as binary records
+    bucket_scans = spy(monkeypatch, queries, "bucket_lines" if key == "text" else "bucket_records")
     range_reads = spy(monkeypatch, queries, "range_lines" if key == "text" else "range_records")
     if follow_up != "one more scan":  # the differing buckets' rows too many for one more scan
         monkeypatch.setattr(chunk_module, "BUCKET_LINES_LIMIT", 1)
-    if follow_up == "a scan per bucket":
-        monkeypatch.setattr(chunk_module, "MAX_BUCKET_LINE_SCANS", 1_000)
-    if follow_up == "key ranges":  # ... and too many for a few more scans
+        monkeypatch.setattr(chunk_module, "BUCKET_RECORDS_LIMIT", 1)
+    if follow_up == "a scan per bucket":  # ... and scans worth their cost
+        monkeypatch.setattr(chunk_module, "scans_beat_key_ranges", lambda *_: True)
+    if follow_up == "key ranges":  # ... and not: a scan per bucket would read the table 15 times for 300 rows
         monkeypatch.setattr(chunk_module, "MAX_LINES_PIECE_ROWS", 50)
     src, tgt = fresh_dbs
     both(

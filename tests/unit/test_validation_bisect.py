@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
+
 from lambdas.core.ranges import KeyRange
 from lambdas.core.validation.bisect import (
     MAX_DEPTH,
@@ -27,6 +29,7 @@ from lambdas.core.validation.bisect import (
     prefix_range,
     quantile_step,
     ranges_between,
+    scans_beat_key_ranges,
     split_range,
 )
 
@@ -208,6 +211,23 @@ def test_differing_buckets_are_grouped_for_scans_up_to_a_row_limit() -> None:
     # Then they are grouped in order, a bucket above the limit alone, every bucket exactly once
     assert bucket_groups(sorted(rows), rows, 100) == [[-3, 0, 9], [11], [12, 30]]
     assert bucket_groups([], rows, 100) == []
+
+
+@pytest.mark.parametrize(
+    ("scans", "table_rows", "bucket_rows", "scan"),
+    [
+        (1, 100_000_000, 36, True),  # a few differing buckets: one more scan
+        (10, 10_000_000, 10_000_000, True),  # dense differences: 10 scans read 10M rows faster than key ranges
+        (16, 10_000_000, 10_000_000, True),
+        (17, 10_000_000, 10_000_000, False),
+        (10, 100_000_000, 10_000_000, False),  # 10 scans of a table 10x larger: key ranges
+        (2, 1_000_000, 100_000, False),
+    ],
+)
+def test_scans_read_differing_buckets_while_cheaper_than_key_ranges(
+    scans: int, table_rows: int, bucket_rows: int, scan: bool
+) -> None:
+    assert scans_beat_key_ranges(scans, table_rows, bucket_rows) is scan
 
 
 def test_integer_widths_cover_the_keys_in_at_most_the_buckets_asked_for() -> None:

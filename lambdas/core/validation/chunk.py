@@ -23,8 +23,11 @@ position noted at the chunk's first compare.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from psycopg2 import sql
 
 from lambdas.core.db import Connection, fetch_all
 from lambdas.core.lsn import Lsn, current_lsn, wait_for_lsn
@@ -49,6 +52,7 @@ from lambdas.core.validation.bisect import (
     multiset_bits,
     quantile_step,
     ranges_between,
+    scans_beat_key_ranges,
     split_range,
 )
 from lambdas.core.validation.model import (
@@ -87,16 +91,18 @@ from lambdas.core.validation.session import (
     run_with_settings,
 )
 
+T = TypeVar("T")
+
 READ_BATCH = 10_000  # keys per full-row read
 MAX_PIECE_ROWS = 500_000  # planned rows compared by one statement per side at most
 # ... when every row's line is read: what one side sends and the diff holds grows with the key's width
 # (1.6 MB of binary records; text keys of a few hundred bytes, tens of MB)
 MAX_LINES_PIECE_ROWS = 100_000
 MAX_ROW_TEXT = 200  # a multiset row is reported by its text form, cut to this length
-# Rows (per side) in differing key buckets read by one more scan, as lines; beyond, by more scans, up to
-# MAX_BUCKET_LINE_SCANS, then by key ranges.
+# Rows (per side) in differing key buckets read by one more scan: as binary records (sorted by the server,
+# 24 MB for a uuid key) or as text lines; more are read by more scans, each reading the whole table.
+BUCKET_RECORDS_LIMIT = 1_000_000
 BUCKET_LINES_LIMIT = 500_000
-MAX_BUCKET_LINE_SCANS = 4
 MULTISET_FETCH_LIMIT = 500_000  # rows (per side) in differing buckets beyond which rows are not listed
 
 
@@ -211,6 +217,9 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
         # A hash table of the buckets: the planner cannot know their number and would sort the whole table.
         "enable_sort": "off",
         "work_mem": "64MB",
+        # The follow-up scans' key span (`queries.bucket_records`) is a filter: its rows lie all over the table.
+        "enable_indexscan": "off",
+        "enable_bitmapscan": "off",
     }
     src_rows, tgt_rows = pair.both(run_with_settings(settings, run_query(query, params)))
     _note_first(pair, chunk, tally)
@@ -225,21 +234,21 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
         return
     empty = Aggregate(0, "0")
     rows = {b: max(source.get(b, empty).rows, target.get(b, empty).rows) for b in buckets}
-    groups = bucket_groups(buckets, rows, BUCKET_LINES_LIMIT)
-    if len(groups) <= MAX_BUCKET_LINE_SCANS:
-        # The buckets' rows lie all over the table: a few more scans read them faster than their key ranges.
+    layout = RecordLayout.of(spec.key_types)
+    groups = bucket_groups(buckets, rows, BUCKET_RECORDS_LIMIT if layout is not None else BUCKET_LINES_LIMIT)
+    table_rows = max(tally.source_rows, tally.target_rows)
+    if scans_beat_key_ranges(len(groups), table_rows, sum(rows.values())):
+        # The buckets' rows lie all over the table: scans read them faster than their key ranges.
         for group in groups:
-            query, params = queries.bucket_lines(spec, key_buckets, group)
-            src_row, tgt_row = pair.both(run_with_settings(settings, run_one_raw(query, params)))
-            assert src_row is not None and tgt_row is not None
-            tally.rows_fetched += int(src_row[0]) + int(tgt_row[0])
-            tally.add(diff_hash_lines(src_row[1], tgt_row[1], len(spec.key)))
+            read = queries.bucket_lines if layout is None else queries.bucket_records
+            counts, diff = _read_pairs(pair, spec, layout, read(spec, key_buckets, group), settings)
+            tally.rows_fetched += sum(counts)
+            tally.add(diff)
         return
-    # Dense differences: every row's line (or record) by key ranges, those of neighbouring differing
+    # Too many scans of the whole table: every row by key ranges, those of neighbouring differing
     # buckets, or for hashed keys, whose buckets are no key ranges, ranges cut across the whole table.
     if isinstance(key_buckets, KeyHashes):
-        everything = KeyRange(None, None)
-        ranges = _cut(pair, spec, everything, max(tally.source_rows, tally.target_rows), MAX_LINES_PIECE_ROWS)
+        ranges = _cut(pair, spec, KeyRange(None, None), table_rows, MAX_LINES_PIECE_ROWS)
     else:
         ranges = bucket_runs(buckets, rows, key_buckets, MAX_LINES_PIECE_ROWS)
     for key_range in ranges:
@@ -334,17 +343,8 @@ def _compare_every_line(
     counted the rows and their ranges."""
     spec = chunk.table
     layout = RecordLayout.of(spec.key_types)
-    if layout is not None:
-        query, params = queries.range_records(spec, key_range)
-        source, target = (fields[0] or b"" for fields in pair.both(run_copy_row(query, params)))
-        counts = len(source) // layout.record.size, len(target) // layout.record.size
-        diff = diff_hash_records(source, target, layout)
-    else:
-        query, params = queries.range_lines(spec, [key_range])
-        src_row, tgt_row = pair.both(run_one_raw(query, params))
-        assert src_row is not None and tgt_row is not None
-        counts = int(src_row[0]), int(tgt_row[0])
-        diff = diff_hash_lines(src_row[1], tgt_row[1], len(spec.key))
+    query = queries.range_lines(spec, [key_range]) if layout is None else queries.range_records(spec, key_range)
+    counts, diff = _read_pairs(pair, spec, layout, query)
     _note_first(pair, chunk, tally)
     if not counted:
         tally.source_rows += counts[0]
@@ -354,6 +354,30 @@ def _compare_every_line(
     tally.rows_fetched += counts[0] + counts[1]
     tally.add(diff)
     return max(counts), len(diff.keys)
+
+
+def _read_pairs(
+    pair: SessionPair,
+    spec: TableSpec,
+    layout: RecordLayout | None,
+    query: tuple[sql.Composable, Sequence[Any]],
+    settings: Mapping[str, str] | None = None,
+) -> tuple[tuple[int, int], HashDiff]:
+    """Run a query of (key, hash) pairs on both sides and diff them: the rows each side sent, and the
+    differing keys. Binary records (`queries.range_records`, `queries.bucket_records`) where `layout`
+    is known, else the count and `key<TAB>hash` lines (`queries.range_lines`, `queries.bucket_lines`)."""
+    statement, params = query
+
+    def run(read: Callable[[Connection], T]) -> tuple[T, T]:
+        return pair.both(run_with_settings(settings, read) if settings else read)
+
+    if layout is not None:
+        source, target = (fields[0] or b"" for fields in run(run_copy_row(statement, params)))
+        size = layout.record.size
+        return (len(source) // size, len(target) // size), diff_hash_records(source, target, layout)
+    src_row, tgt_row = run(run_one_raw(statement, params))
+    assert src_row is not None and tgt_row is not None
+    return (int(src_row[0]), int(tgt_row[0])), diff_hash_lines(src_row[1], tgt_row[1], len(spec.key))
 
 
 def _split(

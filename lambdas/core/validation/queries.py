@@ -315,11 +315,14 @@ def range_records(spec: TableSpec, key_range: KeyRange) -> tuple[sql.Composable,
     practice, and any order gives the same diff.
     """
     where, params = _where(spec, key_range)
-    record = sql.SQL(" || ").join([*_key_sends(spec), sql.SQL("int8send({})").format(non_key_hash(spec))])
     query = sql.SQL("SELECT coalesce(string_agg({r}, ''::bytea), ''::bytea) FROM {t} AS t WHERE {where}").format(
-        r=record, t=table_ident(spec), where=where
+        r=_record(spec), t=table_ident(spec), where=where
     )
     return query, params
+
+
+def _record(spec: TableSpec) -> sql.Composable:
+    return sql.SQL(" || ").join([*_key_sends(spec), sql.SQL("int8send({})").format(non_key_hash(spec))])
 
 
 def bucket_of(spec: TableSpec, buckets: KeyBuckets) -> tuple[sql.Composable, Params]:
@@ -354,14 +357,42 @@ def key_buckets(spec: TableSpec, buckets: KeyBuckets) -> tuple[sql.Composable, P
     return query, params
 
 
+def _in_buckets(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int]) -> tuple[sql.Composable, Params]:
+    """A WHERE clause selecting the rows of the `chosen` buckets (in order). For buckets that are key
+    ranges, the rows between the first's and the last's bounds too: a comparison turns most rows away
+    before the bucket is computed (measured, a scan of 10M uuid rows: 0.63 CPU-s against 1.37)."""
+    bucket, params = bucket_of(spec, buckets)
+    clause = sql.SQL("{} = ANY(%s::integer[])").format(bucket)
+    params = [*params, list(chosen)]
+    if isinstance(buckets, KeyHashes) or not chosen:
+        return clause, params
+    span, span_params = _where(spec, KeyRange(buckets.range(chosen[0]).lower, buckets.range(chosen[-1]).upper))
+    return sql.SQL("{} AND {}").format(span, clause), [*span_params, *params]
+
+
 def bucket_lines(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int]) -> tuple[sql.Composable, Params]:
     """One row: the count and every `key<TAB>...<TAB>hash` line (as `range_lines`) of the rows in the
     `chosen` buckets of `key_buckets`, found by one more scan of the table (its rows lie all over it)."""
-    bucket, params = bucket_of(spec, buckets)
+    where, params = _in_buckets(spec, buckets, chosen)
+    query = sql.SQL(r"SELECT count(*), coalesce(string_agg({line}, E'\n'), '') FROM {t} AS t WHERE {where}").format(
+        line=_hash_line(spec), t=table_ident(spec), where=where
+    )
+    return query, params
+
+
+def bucket_records(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int]) -> tuple[sql.Composable, Params]:
+    """One row, one field: the binary records (as `range_records`) of the rows in the `chosen` buckets
+    of `key_buckets`, in key order, found by one more scan of the table (its rows lie all over it).
+
+    Sorted by the server (in work_mem, else on disk), so that the diff walks equal runs: for dense
+    differences this reads and sorts a million rows' records in about 1.1 s a side, and their key
+    ranges (rows on pages all over the table) about 3.3 s (10M random uuids, 256 MB of buffers).
+    """
+    where, params = _in_buckets(spec, buckets, chosen)
     query = sql.SQL(
-        r"SELECT count(*), coalesce(string_agg({line}, E'\n'), '') FROM {t} AS t WHERE {b} = ANY(%s::integer[])"
-    ).format(line=_hash_line(spec), t=table_ident(spec), b=bucket)
-    return query, [*params, list(chosen)]
+        "SELECT coalesce(string_agg({r}, ''::bytea ORDER BY {order}), ''::bytea) FROM {t} AS t WHERE {where}"
+    ).format(r=_record(spec), order=_key_order(spec), t=table_ident(spec), where=where)
+    return query, params
 
 
 def quantiles(spec: TableSpec, key_range: KeyRange, step: int) -> tuple[sql.Composable, Params]:
