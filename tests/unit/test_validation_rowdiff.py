@@ -137,6 +137,34 @@ def test_records_diff_equals_the_plain_answer_for_any_rows_and_order(shuffle: st
         assert (as_ints(diff.missing), as_ints(diff.extra), as_ints(diff.changed)) == reference_diff(source, target)
 
 
+@pytest.mark.parametrize("rate", [0.0005, 0.005, 0.05])
+def test_records_diff_of_long_sides_equals_the_plain_answer(rate: float) -> None:
+    # Given long sides (equal runs of thousands of records: spans double, end at the sides' ends), with
+    # differences at a given rate, changing one bit anywhere in the hash, or a key's sign
+    rng = random.Random(int(rate * 10_000))
+    for _ in range(30):
+        keys = sorted(rng.sample(range(-50_000, 50_000), rng.randint(1_000, 5_000)))
+        source = [(k, rng.getrandbits(64) - 2**63) for k in keys]
+        taken = set(keys)
+        target = []
+        for k, h in source:
+            roll = rng.random()
+            if roll < rate / 3:
+                continue  # missing
+            if roll < 2 * rate / 3:
+                target.append((k, h ^ (1 << rng.randrange(63))))  # changed in one bit
+            elif roll < rate and k + 1 not in taken:
+                target += [(k, h), (k + 1, h)]  # an extra row in the gap after k
+            else:
+                target.append((k, h))
+        if rng.random() < 0.5:
+            target.append((-source[0][0] - 60_000, 1))  # an extra key of the other sign, first or last
+        target.sort()
+        # When diffed / Then the same keys as the plain answer
+        diff = diff_hash_records(records(*source), records(*target))
+        assert (as_ints(diff.missing), as_ints(diff.extra), as_ints(diff.changed)) == reference_diff(source, target)
+
+
 def test_records_of_a_broken_length_are_refused() -> None:
     with pytest.raises(ValueError, match="not a multiple of 16"):
         diff_hash_records(records((1, 1)) + b"x", records((1, 2)))
