@@ -214,20 +214,23 @@ def test_differing_buckets_are_grouped_for_scans_up_to_a_row_limit() -> None:
 
 
 @pytest.mark.parametrize(
-    ("scans", "table_rows", "bucket_rows", "scan"),
+    ("scans", "table_rows", "bucket_rows", "records", "scan"),
     [
-        (1, 100_000_000, 36, True),  # a few differing buckets: one more scan
-        (10, 10_000_000, 10_000_000, True),  # dense differences: 10 scans read 10M rows faster than key ranges
-        (16, 10_000_000, 10_000_000, True),
-        (17, 10_000_000, 10_000_000, False),
-        (10, 100_000_000, 10_000_000, False),  # 10 scans of a table 10x larger: key ranges
-        (2, 1_000_000, 100_000, False),
+        (1, 100_000_000, 36, True, True),  # a few differing buckets: one more scan
+        (10, 10_000_000, 10_000_000, True, True),  # dense differences: 10 scans read 10M rows faster
+        (16, 10_000_000, 10_000_000, True, True),
+        (17, 10_000_000, 10_000_000, True, False),
+        (10, 100_000_000, 10_000_000, True, False),  # 10 scans of a table 10x larger: key ranges
+        (2, 1_000_000, 100_000, True, False),
+        (20, 10_000_000, 10_000_000, False, True),  # text lines cost more by key ranges: scans pay off longer
+        (30, 10_000_000, 10_000_000, False, True),
+        (31, 10_000_000, 10_000_000, False, False),
     ],
 )
 def test_scans_read_differing_buckets_while_cheaper_than_key_ranges(
-    scans: int, table_rows: int, bucket_rows: int, scan: bool
+    scans: int, table_rows: int, bucket_rows: int, records: bool, scan: bool
 ) -> None:
-    assert scans_beat_key_ranges(scans, table_rows, bucket_rows) is scan
+    assert scans_beat_key_ranges(scans, table_rows, bucket_rows, records=records) is scan
 
 
 def test_integer_widths_cover_the_keys_in_at_most_the_buckets_asked_for() -> None:

@@ -278,16 +278,19 @@ def bucket_groups(buckets: Sequence[int], rows: Mapping[int, int], most: int) ->
 
 
 # Scans of a whole table worth one read of a row by key range, in a table whose key is in no physical
-# order. Measured, 10M random uuids (`queries.bucket_records`), a side: a scan 0.14 s per million rows
-# of the table plus 1.1 s per million rows read and sorted, against 3.3 s per million rows read by key
-# ranges: (3.3 - 1.1) / 0.14 = 16.
-SCANS_FOR_KEY_RANGE_READS = 16
+# order. Measured on 10M rows, 256 MB of buffers, a side: a scan costs 0.14 s per million rows of the
+# table; per million rows read, binary records (random uuids, `queries.bucket_records`) 1.1 s by a scan
+# and sort, 3.3 s by key ranges: (3.3 - 1.1) / 0.14 = 16; text lines (md5 text keys,
+# `queries.bucket_lines`) 0.7 s by a scan, 4.85 s by key ranges: (4.85 - 0.7) / 0.14 = 30.
+SCANS_FOR_KEY_RANGE_READS = {"records": 16, "lines": 30}
 
 
-def scans_beat_key_ranges(scans: int, table_rows: int, bucket_rows: int) -> bool:
+def scans_beat_key_ranges(scans: int, table_rows: int, bucket_rows: int, *, records: bool) -> bool:
     """Whether `scans` scans of a table of `table_rows` rows read the `bucket_rows` rows of its differing
-    buckets faster than their key ranges would (one scan always: the rows of a few buckets lie all over)."""
-    return scans <= 1 or scans * table_rows <= SCANS_FOR_KEY_RANGE_READS * bucket_rows
+    buckets (as binary `records`, else as text lines) faster than their key ranges would (one scan always:
+    the rows of a few buckets lie all over the table)."""
+    factor = SCANS_FOR_KEY_RANGE_READS["records" if records else "lines"]
+    return scans <= 1 or scans * table_rows <= factor * bucket_rows
 
 
 def bucket_runs(

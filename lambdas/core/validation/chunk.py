@@ -237,7 +237,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     layout = RecordLayout.of(spec.key_types)
     groups = bucket_groups(buckets, rows, BUCKET_RECORDS_LIMIT if layout is not None else BUCKET_LINES_LIMIT)
     table_rows = max(tally.source_rows, tally.target_rows)
-    if scans_beat_key_ranges(len(groups), table_rows, sum(rows.values())):
+    if scans_beat_key_ranges(len(groups), table_rows, sum(rows.values()), records=layout is not None):
         # The buckets' rows lie all over the table: scans read them faster than their key ranges.
         for group in groups:
             read = queries.bucket_lines if layout is None else queries.bucket_records
