@@ -262,13 +262,16 @@ def integer_widths(low: int, high: int, bits: int) -> IntegerWidths:
     return IntegerWidths(even_ranges(KeyRange(None, None), low, high, 2**bits, 1))
 
 
-def bucket_groups(buckets: Sequence[int], rows: Mapping[int, int], most: int) -> list[list[int]]:
+def bucket_groups(
+    buckets: Sequence[int], rows: Mapping[int, int], most: int, *, neighbours: bool = False
+) -> list[list[int]]:
     """Differing buckets in groups (in order) holding at most `most` rows together (`rows`: each bucket's,
-    the larger side's); a bucket holding more is a group alone. Each group is read by one scan."""
+    the larger side's); a bucket holding more is a group alone. Each group is read by one scan; with
+    `neighbours`, only consecutive buckets share a group (a key range: `bucket_runs`)."""
     groups: list[list[int]] = []
     total = 0
     for bucket in buckets:
-        if groups and total + rows[bucket] <= most:
+        if groups and total + rows[bucket] <= most and (not neighbours or groups[-1][-1] == bucket - 1):
             groups[-1].append(bucket)
             total += rows[bucket]
         else:
@@ -298,15 +301,7 @@ def bucket_runs(
 ) -> list[KeyRange]:
     """Differing buckets (sorted) as key ranges: consecutive ones merged while together they hold at most
     `most` rows (`rows`: each bucket's, the larger side's)."""
-    runs: list[list[int]] = []
-    total = 0
-    for bucket in buckets:
-        if runs and runs[-1][-1] == bucket - 1 and total + rows[bucket] <= most:
-            runs[-1].append(bucket)
-            total += rows[bucket]
-        else:
-            runs.append([bucket])
-            total = rows[bucket]
+    runs = bucket_groups(buckets, rows, most, neighbours=True)
     return [KeyRange(key_buckets.range(run[0]).lower, key_buckets.range(run[-1]).upper) for run in runs]
 
 

@@ -239,8 +239,8 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     table_rows = max(tally.source_rows, tally.target_rows)
     if scans_beat_key_ranges(len(groups), table_rows, sum(rows.values()), records=layout is not None):
         # The buckets' rows lie all over the table: scans read them faster than their key ranges.
+        read = queries.bucket_lines if layout is None else queries.bucket_records
         for group in groups:
-            read = queries.bucket_lines if layout is None else queries.bucket_records
             counts, diff = _read_pairs(pair, spec, layout, read(spec, key_buckets, group), settings)
             tally.rows_fetched += sum(counts)
             tally.add(diff)
