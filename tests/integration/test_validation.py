@@ -3,6 +3,7 @@ and named, nothing else is reported; and the same under live logical replication
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import time
@@ -29,6 +30,7 @@ from lambdas.core.validation import (
     summarize,
     validate,
 )
+from lambdas.core.validation.session import CopyStream, RecordFrames
 from rehearsal import sample
 from rehearsal.workload import Workload
 from tests.integration.db_env import run_sql
@@ -656,8 +658,34 @@ def spy(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[str]
     return calls
 
 
-@pytest.mark.parametrize("key", list(BUCKET_KEYS))
-@pytest.mark.parametrize("follow_up", ["one more scan", "a scan per bucket", "key ranges"])
+class CountedFrames(RecordFrames):
+    """RecordFrames in blocks of a few records, counting them."""
+
+    blocks = 0
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size, block_bytes=64)
+
+    def _cut(self, rows: int) -> bytes:
+        CountedFrames.blocks += 1
+        return super()._cut(rows)
+
+
+# The rows of differing buckets: for a key of integer and uuid columns, binary records sorted and
+# streamed by one more scan (here also in blocks of a few records: the pipe read 100 bytes at a time);
+# for other keys text lines, by one more scan, a scan per bucket, or key ranges.
+BUCKET_FOLLOW_UPS = [
+    ("uuid", "one sorted stream"),
+    ("uuid", "a stream in small blocks"),
+    ("bigint", "one sorted stream"),
+    ("bigint", "a stream in small blocks"),
+    ("text", "one more scan"),
+    ("text", "a scan per bucket"),
+    ("text", "key ranges"),
+]
+
+
+@pytest.mark.parametrize(("key", "follow_up"), BUCKET_FOLLOW_UPS)
 def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     fresh_dbs: tuple[str, str], key: str, follow_up: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -666,12 +694,14 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     from lambdas.core.validation import chunk as chunk_module
 
     key_type, key_of_g, extra_key_of_g, key_text, extra = BUCKET_KEYS[key]
-    # the rows of differing buckets as text lines for a text key, else as binary records
     bucket_scans = spy(monkeypatch, queries, "bucket_lines" if key == "text" else "bucket_records")
     range_reads = spy(monkeypatch, queries, "range_lines" if key == "text" else "range_records")
-    if follow_up != "one more scan":  # the differing buckets' rows too many for one more scan
+    if follow_up == "a stream in small blocks":
+        CountedFrames.blocks = 0
+        monkeypatch.setattr(chunk_module, "RecordFrames", CountedFrames)
+        monkeypatch.setattr(chunk_module, "CopyStream", functools.partial(CopyStream, read_bytes=100))
+    if follow_up in ("a scan per bucket", "key ranges"):  # the differing buckets' rows too many for one more scan
         monkeypatch.setattr(chunk_module, "BUCKET_LINES_LIMIT", 1)
-        monkeypatch.setattr(chunk_module, "BUCKET_RECORDS_LIMIT", 1)
     if follow_up == "a scan per bucket":  # ... and scans worth their cost
         monkeypatch.setattr(chunk_module, "scans_beat_key_ranges", lambda *_, **__: True)
     if follow_up == "key ranges":  # ... and not: a scan per bucket would read the table 15 times for 300 rows
@@ -707,11 +737,11 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     assert all(k.columns == ["v"] for k in table.changed.first)
     assert (summary.rows_compared, summary.target_rows) == (20_000, 19_998)
     # ... by the follow-up asked for: one scan, a scan per differing bucket, or key ranges of at most 50 rows
-    # (neighbouring buckets of about 20 rows merged; for a hashed key, cut across the whole table)
-    assert len(bucket_scans) == {"one more scan": 1, "a scan per bucket": results[0].slices_mismatched}.get(
-        follow_up, 0
-    )
+    # (cut across the whole table: a hashed key's buckets are no key ranges)
+    assert len(bucket_scans) == {"a scan per bucket": results[0].slices_mismatched, "key ranges": 0}.get(follow_up, 1)
     assert (len(range_reads) >= 3) == (follow_up == "key ranges")
+    if follow_up == "a stream in small blocks":  # each side's rows of up to 15 buckets, 3 to 4 records a block
+        assert CountedFrames.blocks >= 100
 
 
 def test_a_composite_key_in_no_physical_order_is_compared_in_buckets_of_its_hash(fresh_dbs: tuple[str, str]) -> None:

@@ -1,12 +1,14 @@
-"""Reading the one row of a binary COPY stream (`session.parse_copy_row`), without a database."""
+"""Reading binary COPY streams without a database: the one row of `session.parse_copy_row`, the fixed-width
+records of `session.RecordFrames`."""
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
 
-from lambdas.core.validation.session import parse_copy_row
+from lambdas.core.validation.session import RecordFrames, parse_copy_row
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER = struct.pack(">h", -1)
@@ -44,3 +46,62 @@ def test_a_header_extension_is_skipped() -> None:
 def test_anything_but_one_row_is_refused(stream: bytes) -> None:
     with pytest.raises(ValueError):
         parse_copy_row(stream)
+
+
+# -- a stream of fixed-width records (`session.RecordFrames`) ----------------------------------------
+
+
+def record_stream(records: list[bytes], header: bytes = HEADER) -> bytes:
+    return header + b"".join(tuple_of(r) for r in records) + TRAILER
+
+
+def cut_into_pieces(data: bytes, rng: random.Random, most: int) -> list[bytes]:
+    pieces, at = [], 0
+    while at < len(data):
+        step = rng.randint(1, most)
+        pieces.append(data[at : at + step])
+        at += step
+    return pieces
+
+
+@pytest.mark.parametrize("block_bytes", [1, 50, 1 << 20])
+def test_record_frames_cut_a_stream_into_blocks_of_whole_framed_records_however_it_arrives(block_bytes: int) -> None:
+    # Given streams of 0 to 300 16-byte records (a header extension in some), arriving in pieces of any size
+    rng = random.Random(block_bytes)
+    for _ in range(50):
+        records = [rng.randbytes(16) for _ in range(rng.randint(0, 300))]
+        header = HEADER if rng.random() < 0.5 else b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 2) + b"ex"
+        frames = RecordFrames(16, block_bytes=block_bytes)
+        # When fed piece by piece, then ended
+        blocks = [b for piece in cut_into_pieces(record_stream(records, header), rng, 70) for b in frames.feed(piece)]
+        blocks += frames.end()
+        # Then the blocks are every record behind its 6-byte frame, in order, each block whole records
+        assert b"".join(blocks) == b"".join(tuple_of(r) for r in records)
+        assert all(b and len(b) % 22 == 0 for b in blocks)
+        assert frames.rows == len(records)
+
+
+@pytest.mark.parametrize(
+    ("stream", "fault"),
+    [
+        (b"not a copy stream at all", "not a binary COPY stream"),
+        (HEADER + tuple_of(b"a" * 16) + tuple_of(None) + tuple_of(b"b" * 16) + TRAILER, "a NULL"),
+        (
+            HEADER + tuple_of(b"a" * 16) + tuple_of(b"b" * 8) + tuple_of(b"c" * 8) + tuple_of(b"d" * 16) + TRAILER,
+            "width",
+        ),
+        (HEADER + tuple_of(b"a" * 16, b"b" * 16) + TRAILER, "two fields"),
+        (HEADER + tuple_of(b"a" * 16), "no trailer"),
+        (HEADER[:10], "cut in the header"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_record_frames_refuse_a_stream_that_is_not_one_field_of_the_width(stream: bytes, fault: str) -> None:
+    # Given a stream with a NULL, a field of another width, two fields a row, no trailer... (small blocks:
+    # every frame is checked, wherever the fault is)
+    frames = RecordFrames(16, block_bytes=1)
+    # When fed and ended / Then refused, never cut into records that would be diffed
+    with pytest.raises(ValueError, match="binary COPY stream"):
+        for piece in cut_into_pieces(stream, random.Random(1), 7):
+            frames.feed(piece)
+        frames.end()

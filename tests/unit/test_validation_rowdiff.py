@@ -18,6 +18,7 @@ from lambdas.core.validation.rowdiff import (
     RowImage,
     diff_hash_lines,
     diff_hash_records,
+    diff_record_streams,
     diff_row,
     multiset_diff,
     parse_hash_line,
@@ -162,6 +163,37 @@ def test_records_diff_of_long_sides_equals_the_plain_answer(rate: float) -> None
         target.sort()
         # When diffed / Then the same keys as the plain answer
         diff = diff_hash_records(records(*source), records(*target))
+        assert (as_ints(diff.missing), as_ints(diff.extra), as_ints(diff.changed)) == reference_diff(source, target)
+
+
+def in_blocks(pairs: list[tuple[int, int]], rng: random.Random) -> list[bytes]:
+    """The records, each behind a 6-byte frame (as `session.RecordFrames` passes them on), cut into blocks of
+    0 to 40 records."""
+    framed = [b"\x00\x01\x00\x00\x00\x10" + INT8_RECORDS.record.pack(k, h) for k, h in pairs]
+    blocks, at = [], 0
+    while at < len(framed):
+        step = rng.randint(0, 40)
+        blocks.append(b"".join(framed[at : at + step]))
+        at += step
+    return blocks
+
+
+@pytest.mark.parametrize("rate", [0.0005, 0.02, 0.3])
+def test_records_streamed_in_framed_blocks_diff_to_the_plain_answer(rate: float) -> None:
+    # Given sides with differences at a given rate (a run of missing rows at the start of some), each side
+    # arriving in blocks of its own random sizes (empty ones too), every record behind a frame
+    rng = random.Random(int(rate * 10_000) + 1)
+    for _ in range(40):
+        keys = sorted(rng.sample(range(-5_000, 5_000), rng.randint(0, 2_000)))
+        source = [(k, rng.getrandbits(64) - 2**63) for k in keys]
+        target = [(k, h ^ 1 if rng.random() < rate / 2 else h) for k, h in source if rng.random() > rate / 2]
+        if rng.random() < 0.3:
+            target = target[rng.randint(0, 100) :]
+        gaps = sorted(set(range(-5_100, 5_100)) - set(keys))
+        target = sorted(target + [(k, 5) for k in rng.sample(gaps, int(rate * len(keys)))])
+        # When diffed as streams
+        diff = diff_record_streams(in_blocks(source, rng), in_blocks(target, rng), INT8_RECORDS, frame=6)
+        # Then the same keys as the plain answer: a block's end never hides or invents a difference
         assert (as_ints(diff.missing), as_ints(diff.extra), as_ints(diff.changed)) == reference_diff(source, target)
 
 

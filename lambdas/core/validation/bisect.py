@@ -253,7 +253,6 @@ class KeyHashes:
         return 1 << self.bits
 
 
-RangedBuckets = UuidPrefixes | IntegerWidths
 KeyBuckets = UuidPrefixes | IntegerWidths | KeyHashes
 
 
@@ -262,16 +261,13 @@ def integer_widths(low: int, high: int, bits: int) -> IntegerWidths:
     return IntegerWidths(even_ranges(KeyRange(None, None), low, high, 2**bits, 1))
 
 
-def bucket_groups(
-    buckets: Sequence[int], rows: Mapping[int, int], most: int, *, neighbours: bool = False
-) -> list[list[int]]:
+def bucket_groups(buckets: Sequence[int], rows: Mapping[int, int], most: int) -> list[list[int]]:
     """Differing buckets in groups (in order) holding at most `most` rows together (`rows`: each bucket's,
-    the larger side's); a bucket holding more is a group alone. Each group is read by one scan; with
-    `neighbours`, only consecutive buckets share a group (a key range: `bucket_runs`)."""
+    the larger side's); a bucket holding more is a group alone. Each group is read by one scan."""
     groups: list[list[int]] = []
     total = 0
     for bucket in buckets:
-        if groups and total + rows[bucket] <= most and (not neighbours or groups[-1][-1] == bucket - 1):
+        if groups and total + rows[bucket] <= most:
             groups[-1].append(bucket)
             total += rows[bucket]
         else:
@@ -281,28 +277,18 @@ def bucket_groups(
 
 
 # Scans of a whole table worth one read of a row by key range, in a table whose key is in no physical
-# order. Measured on 10M rows, 256 MB of buffers, a side: a scan costs 0.14 s per million rows of the
-# table; per million rows read, binary records (random uuids, `queries.bucket_records`) 1.1 s by a scan
-# and sort, 3.3 s by key ranges: (3.3 - 1.1) / 0.14 = 16; text lines (md5 text keys,
-# `queries.bucket_lines`) 0.7 s by a scan, 4.85 s by key ranges: (4.85 - 0.7) / 0.14 = 30.
-SCANS_FOR_KEY_RANGE_READS = {"records": 16, "lines": 30}
+# order, for text lines (md5 text keys, `queries.bucket_lines`). Measured on 10M rows, 256 MB of
+# buffers, a side: a scan costs 0.14 s per million rows of the table; per million rows read, 0.7 s by
+# a scan, 4.85 s by key ranges: (4.85 - 0.7) / 0.14 = 30. (Binary records are read by a single
+# sorted scan, `queries.bucket_records`.)
+SCANS_FOR_KEY_RANGE_READS = 30
 
 
-def scans_beat_key_ranges(scans: int, table_rows: int, bucket_rows: int, *, records: bool) -> bool:
+def scans_beat_key_ranges(scans: int, table_rows: int, bucket_rows: int) -> bool:
     """Whether `scans` scans of a table of `table_rows` rows read the `bucket_rows` rows of its differing
-    buckets (as binary `records`, else as text lines) faster than their key ranges would (one scan always:
-    the rows of a few buckets lie all over the table)."""
-    factor = SCANS_FOR_KEY_RANGE_READS["records" if records else "lines"]
-    return scans <= 1 or scans * table_rows <= factor * bucket_rows
-
-
-def bucket_runs(
-    buckets: Sequence[int], rows: Mapping[int, int], key_buckets: RangedBuckets, most: int
-) -> list[KeyRange]:
-    """Differing buckets (sorted) as key ranges: consecutive ones merged while together they hold at most
-    `most` rows (`rows`: each bucket's, the larger side's)."""
-    runs = bucket_groups(buckets, rows, most, neighbours=True)
-    return [KeyRange(key_buckets.range(run[0]).lower, key_buckets.range(run[-1]).upper) for run in runs]
+    buckets as text lines faster than their key ranges would (one scan always: the rows of a few
+    buckets lie all over the table)."""
+    return scans <= 1 or scans * table_rows <= SCANS_FOR_KEY_RANGE_READS * bucket_rows
 
 
 def mismatched_buckets(source: dict[int, Aggregate], target: dict[int, Aggregate]) -> list[int]:

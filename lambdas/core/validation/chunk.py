@@ -43,7 +43,6 @@ from lambdas.core.validation.bisect import (
     Step,
     UuidPrefixes,
     bucket_groups,
-    bucket_runs,
     decide,
     even_ranges,
     integer_widths,
@@ -76,6 +75,7 @@ from lambdas.core.validation.rowdiff import (
     RowImage,
     diff_hash_lines,
     diff_hash_records,
+    diff_record_streams,
     diff_row,
     multiset_diff,
     parse_row_images,
@@ -83,6 +83,8 @@ from lambdas.core.validation.rowdiff import (
     settle_multiset,
 )
 from lambdas.core.validation.session import (
+    CopyStream,
+    RecordFrames,
     SessionPair,
     run_copy_row,
     run_one,
@@ -99,9 +101,8 @@ MAX_PIECE_ROWS = 500_000  # planned rows compared by one statement per side at m
 # (1.6 MB of binary records; text keys of a few hundred bytes, tens of MB)
 MAX_LINES_PIECE_ROWS = 100_000
 MAX_ROW_TEXT = 200  # a multiset row is reported by its text form, cut to this length
-# Rows (per side) in differing key buckets read by one more scan: as binary records (sorted by the server,
-# 24 MB for a uuid key) or as text lines; more are read by more scans, each reading the whole table.
-BUCKET_RECORDS_LIMIT = 1_000_000
+# Rows (per side) in differing key buckets read as text lines by one more scan; more are read by more
+# scans, each reading the whole table.
 BUCKET_LINES_LIMIT = 500_000
 MULTISET_FETCH_LIMIT = 500_000  # rows (per side) in differing buckets beyond which rows are not listed
 
@@ -205,8 +206,9 @@ def _compare_pieces(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy,
 def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tally) -> None:
     """The whole table by one scan per side, counted and hashed per bucket of the key (a uuid's leading
     bits, an integer's equal widths, any other key's hash's top bits; parallel query: `chunk.scan_workers`
-    processes a side), then the rows of the differing buckets: by a few more scans, or when there are
-    many (dense differences), every row by key ranges."""
+    processes a side), then the rows of the differing buckets: for a key of integer and uuid columns,
+    by one more scan, sorted and streamed; else by a few more scans, or when there are many (dense
+    differences), every row by key ranges."""
     spec = chunk.table
     key_buckets = _key_buckets(pair, spec, bits)
     if key_buckets is None:
@@ -217,7 +219,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
         # A hash table of the buckets: the planner cannot know their number and would sort the whole table.
         "enable_sort": "off",
         "work_mem": "64MB",
-        # The follow-up scans' key span (`queries.bucket_records`) is a filter: its rows lie all over the table.
+        # The follow-up scans' key span (`queries._in_buckets`) is a filter: its rows lie all over the table.
         "enable_indexscan": "off",
         "enable_bitmapscan": "off",
     }
@@ -232,27 +234,45 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     tally.slices_mismatched += len(buckets)
     if not buckets:
         return
+    layout = RecordLayout.of(spec.key_types)
+    if layout is not None:
+        # One more scan, the rows of every differing bucket sorted by key and streamed.
+        settings = {**settings, "enable_sort": "on"}
+        counts, diff = _stream_pairs(pair, layout, queries.bucket_records(spec, key_buckets, buckets), settings)
+        tally.rows_fetched += sum(counts)
+        tally.add(diff)
+        return
     empty = Aggregate(0, "0")
     rows = {b: max(source.get(b, empty).rows, target.get(b, empty).rows) for b in buckets}
-    layout = RecordLayout.of(spec.key_types)
-    groups = bucket_groups(buckets, rows, BUCKET_RECORDS_LIMIT if layout is not None else BUCKET_LINES_LIMIT)
+    groups = bucket_groups(buckets, rows, BUCKET_LINES_LIMIT)
     table_rows = max(tally.source_rows, tally.target_rows)
-    if scans_beat_key_ranges(len(groups), table_rows, sum(rows.values()), records=layout is not None):
+    if scans_beat_key_ranges(len(groups), table_rows, sum(rows.values())):
         # The buckets' rows lie all over the table: scans read them faster than their key ranges.
-        read = queries.bucket_lines if layout is None else queries.bucket_records
         for group in groups:
-            counts, diff = _read_pairs(pair, spec, layout, read(spec, key_buckets, group), settings)
+            counts, diff = _read_pairs(pair, spec, layout, queries.bucket_lines(spec, key_buckets, group), settings)
             tally.rows_fetched += sum(counts)
             tally.add(diff)
         return
-    # Too many scans of the whole table: every row by key ranges, those of neighbouring differing
-    # buckets, or for hashed keys, whose buckets are no key ranges, ranges cut across the whole table.
-    if isinstance(key_buckets, KeyHashes):
-        ranges = _cut(pair, spec, KeyRange(None, None), table_rows, MAX_LINES_PIECE_ROWS)
-    else:
-        ranges = bucket_runs(buckets, rows, key_buckets, MAX_LINES_PIECE_ROWS)
+    # Too many scans of the whole table: every row by key ranges cut across the whole table (a key
+    # hash's buckets are no key ranges).
+    ranges = _cut(pair, spec, KeyRange(None, None), table_rows, MAX_LINES_PIECE_ROWS)
     for key_range in ranges:
         _compare_every_line(pair, chunk, key_range, tally, counted=True)
+
+
+def _stream_pairs(
+    pair: SessionPair, layout: RecordLayout, query: tuple[sql.Composable, Sequence[Any]], settings: Mapping[str, str]
+) -> tuple[tuple[int, int], HashDiff]:
+    """Run a query of binary records (`queries.bucket_records`) on both sides as streams and diff them
+    as they arrive: the rows each side sent, and the differing keys."""
+    statement, params = query
+    size = layout.record.size
+    with (
+        CopyStream(pair.source, statement, params, RecordFrames(size), settings) as source,
+        CopyStream(pair.target, statement, params, RecordFrames(size), settings) as target,
+    ):
+        diff = diff_record_streams(source, target, layout, frame=RecordFrames.FRAME)
+    return (source.frames.rows, target.frames.rows), diff
 
 
 def _key_buckets(pair: SessionPair, spec: TableSpec, bits: int) -> KeyBuckets | None:

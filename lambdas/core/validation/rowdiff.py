@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -115,20 +115,31 @@ INT8_RECORDS = RecordLayout((False,))  # a single integer key: 16-byte records
 
 
 def diff_hash_records(source: bytes, target: bytes, layout: RecordLayout = INT8_RECORDS) -> HashDiff:
-    """Compare two sides' (key, hash) records (`RecordLayout`, `queries.range_records`).
+    """Compare two sides' (key, hash) records (`RecordLayout`, `queries.range_records`), each side's
+    in one piece; `diff_record_streams` for records that arrive in blocks."""
+    if source == target:
+        return HashDiff()
+    return diff_record_streams([source], [target], layout)
 
-    Both sides come in the same key order in practice (index range scans), so most records sit
-    in equal runs at aligned positions: those are skipped by comparing byte spans (C speed,
+
+def diff_record_streams(
+    source: Iterable[bytes], target: Iterable[bytes], layout: RecordLayout, *, frame: int = 0
+) -> HashDiff:
+    """Compare two sides' (key, hash) records, each side's arriving as blocks of whole records, every
+    record behind `frame` bytes that are the same on both sides (COPY's framing, `RecordFrames`).
+
+    Both sides come in the same key order in practice (index range scans, or a sort), so most records
+    sit in equal runs at aligned positions: those are skipped by comparing byte spans (C speed,
     galloping), and only the records around a difference are looked at. Records left over are
     compared as sets, so any order gives the same answer (only more slowly).
     """
-    if source == target:
-        return HashDiff()
     record = layout.record
-    for name, data in (("source", source), ("target", target)):
-        if len(data) % record.size:
-            raise ValueError(f"(key, hash) records: {len(data)} bytes on the {name}, not a multiple of {record.size}")
-    left_source, left_target = _unaligned_records(source, target, record)
+    left_source, left_target = _unaligned_records(
+        _RecordCursor(source, frame + record.size, "source"),
+        _RecordCursor(target, frame + record.size, "target"),
+        record,
+        frame,
+    )
     only_source, only_target = set(left_source), set(left_target)
     common = only_source & only_target
     source_keys = {record.unpack(r)[:-1] for r in only_source - common}
@@ -140,34 +151,74 @@ def diff_hash_records(source: bytes, target: bytes, layout: RecordLayout = INT8_
     )
 
 
-def _unaligned_records(source: bytes, target: bytes, record: struct.Struct) -> tuple[list[bytes], list[bytes]]:
-    """The records of each side not matched by an equal record at the aligned position.
+class _RecordCursor:
+    """A position in one side's records, which arrive in blocks (whole records of `size` bytes each)."""
+
+    def __init__(self, blocks: Iterable[bytes], size: int, side: str) -> None:
+        self._blocks = iter(blocks)
+        self.size = size
+        self.side = side
+        self.block = b""
+        self.at = 0  # the current record's index in `block`
+        self.end = 0  # records in `block`
+
+    @property
+    def left(self) -> int:
+        return self.end - self.at
+
+    def ready(self) -> bool:
+        """Whether a record is at the cursor (the next non-empty block taken when this one is used up)."""
+        while self.at == self.end:
+            block = next(self._blocks, None)
+            if block is None:
+                return False
+            if len(block) % self.size:
+                raise ValueError(
+                    f"(key, hash) records: {len(block)} bytes on the {self.side}, not a multiple of {self.size}"
+                )
+            self.block, self.at, self.end = block, 0, len(block) // self.size
+        return True
+
+    def current(self) -> bytes:
+        return self.block[self.at * self.size : (self.at + 1) * self.size]
+
+    def rest(self, frame: int) -> list[bytes]:
+        """Every record from the cursor on (without its frame)."""
+        records: list[bytes] = []
+        while self.ready():
+            size, block = self.size, self.block
+            records += [block[k * size + frame : (k + 1) * size] for k in range(self.at, self.end)]
+            self.at = self.end
+        return records
+
+
+def _unaligned_records(
+    source: _RecordCursor, target: _RecordCursor, record: struct.Struct, frame: int
+) -> tuple[list[bytes], list[bytes]]:
+    """The records of each side (without their frames) not matched by an equal record at the aligned position.
 
     Walks both in step: an equal run is skipped whole; at a mismatch the record with the lesser
     key is set aside (both, when the keys are equal), which re-aligns the walk after a missing
     or extra row.
     """
-    size = record.size
-    ends = len(source) // size, len(target) // size
-    i = j = 0
+    size = source.size
     left_source: list[bytes] = []
     left_target: list[bytes] = []
-    while i < ends[0] and j < ends[1]:
-        run = _equal_run(source, target, i, j, min(ends[0] - i, ends[1] - j), size)
-        i, j = i + run, j + run
-        if i == ends[0] or j == ends[1]:
-            break
-        a, b = source[i * size : (i + 1) * size], target[j * size : (j + 1) * size]
-        key_a, key_b = record.unpack(a)[:-1], record.unpack(b)[:-1]
+    while source.ready() and target.ready():
+        run = _equal_run(source.block, target.block, source.at, target.at, min(source.left, target.left), size)
+        source.at += run
+        target.at += run
+        if not source.left or not target.left:
+            continue  # a block used up: the walk goes on in the next
+        a, b = source.current(), target.current()
+        key_a, key_b = record.unpack_from(a, frame)[:-1], record.unpack_from(b, frame)[:-1]
         if key_a <= key_b:
-            left_source.append(a)
-            i += 1
+            left_source.append(a[frame:])
+            source.at += 1
         if key_b <= key_a:
-            left_target.append(b)
-            j += 1
-    left_source += [source[k * size : (k + 1) * size] for k in range(i, ends[0])]
-    left_target += [target[k * size : (k + 1) * size] for k in range(j, ends[1])]
-    return left_source, left_target
+            left_target.append(b[frame:])
+            target.at += 1
+    return left_source + source.rest(frame), left_target + target.rest(frame)
 
 
 # Records compared per span while differences may be near (1% differing: about one per 100 records),

@@ -7,6 +7,9 @@ read-only. `both(fn)` runs `fn(source)` on a helper thread while `fn(target)` ru
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -170,3 +173,136 @@ def parse_copy_row(data: bytes) -> list[bytes | None]:
     if count < 0 or data[position:] != b"\xff\xff":
         raise ValueError("a binary COPY stream of one row expected")
     return fields
+
+
+class RecordFrames:
+    """Cuts a binary COPY stream of one-field rows, every field `size` bytes (fixed-width records),
+    into blocks of whole rows as they arrive: each row is its 6-byte frame (field count 1, length
+    `size`) and its record, so blocks are diffed as they are (`rowdiff.diff_record_streams` with
+    frame=`FRAME`) with nothing parsed per row. Every frame is checked (strided slices, C speed):
+    a NULL or a field of another width would shift every record after it."""
+
+    FRAME = 6
+
+    def __init__(self, size: int, block_bytes: int = 4 << 20) -> None:
+        self.size = size
+        self.rows = 0
+        self._framed = self.FRAME + size
+        self._expected = [bytes([b]) for b in (1).to_bytes(2, "big") + size.to_bytes(4, "big")]
+        self._block_bytes = block_bytes
+        self._buffer = bytearray()
+        self._header_done = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The whole blocks the stream holds once `data` is added (none until `block_bytes` gathered)."""
+        self._buffer += data
+        if not self._header_done:
+            if len(self._buffer) < len(_COPY_SIGNATURE) + 8:
+                return []
+            if not self._buffer.startswith(_COPY_SIGNATURE):
+                raise ValueError("not a binary COPY stream")
+            start = len(_COPY_SIGNATURE) + 4
+            header = start + 4 + int.from_bytes(self._buffer[start : start + 4], "big")
+            if len(self._buffer) < header:
+                return []
+            del self._buffer[:header]
+            self._header_done = True
+        rows = len(self._buffer) // self._framed
+        if len(self._buffer) < self._block_bytes or not rows:
+            return []
+        return [self._cut(rows)]
+
+    def end(self) -> list[bytes]:
+        """The last block, once the stream has ended; its trailer is checked."""
+        rows, rest = divmod(len(self._buffer) - 2, self._framed)
+        if not self._header_done or rest or rows < 0 or self._buffer[-2:] != b"\xff\xff":
+            raise ValueError(f"a binary COPY stream of {self.size}-byte fields expected")
+        block = self._cut(rows)
+        return [block] if block else []
+
+    def _cut(self, rows: int) -> bytes:
+        block = bytes(self._buffer[: rows * self._framed])
+        del self._buffer[: rows * self._framed]
+        for offset, expected in enumerate(self._expected):
+            if block[offset :: self._framed] != expected * rows:
+                raise ValueError(f"a binary COPY stream of {self.size}-byte fields expected (a NULL or another width)")
+        self.rows += rows
+        return block
+
+
+class CopyStream:
+    """`COPY (query) TO STDOUT (FORMAT binary)` run on its own thread into a pipe, read back in large
+    pieces and cut by `frames` into blocks: iterate it for the blocks. The pipe's buffer bounds what
+    waits, so a side that runs ahead waits for the reader instead of filling memory; psycopg2 hands
+    each row to the pipe's C writer (10M rows: 1.4 CPU-s, against 8 with a Python sink).
+
+    `close()` (or leaving the `with` block) cancels a statement still running, e.g. after the other
+    side failed, and ends the copy by closing the pipe."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        query: sql.Composable,
+        params: Sequence[Any],
+        frames: RecordFrames,
+        settings: Mapping[str, str] | None = None,
+        read_bytes: int = 4 << 20,
+    ) -> None:
+        self.frames = frames
+        self._conn = conn
+        self._read_bytes = read_bytes
+        read_end, write_end = os.pipe()
+        # Held open past __init__: the reader is closed by close(), the writer by the copy's thread.
+        self._reader = open(read_end, "rb", buffering=0)  # noqa: SIM115
+        self._writer = open(write_end, "wb", buffering=1 << 20)  # noqa: SIM115
+        self._pending: list[bytes] = []
+        self._ended = False
+        self._error: BaseException | None = None
+
+        def copy(conn: Connection) -> None:
+            with conn.cursor() as cur:
+                statement = cur.mogrify(query, params).decode(psycopg2.extensions.encodings[conn.encoding])
+                cur.copy_expert(f"COPY ({statement}) TO STDOUT (FORMAT binary)", self._writer)
+
+        self._copy = run_with_settings(settings, copy) if settings else copy
+        self._thread = threading.Thread(target=self._run, name="zdm-validate-stream", daemon=True)
+
+    def __enter__(self) -> CopyStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __iter__(self) -> CopyStream:
+        return self
+
+    def __next__(self) -> bytes:
+        while not self._pending:
+            data = self._reader.read(self._read_bytes)
+            if data:
+                self._pending = self.frames.feed(data)
+                continue
+            self._thread.join()  # the pipe ended: the copy is over, or failed
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                raise StopIteration
+            self._ended = True
+            self._pending = self.frames.end()
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._conn.cancel()  # a statement still running (sorting, say) stops now, not when done
+        self._reader.close()  # a write still to come fails (a broken pipe), which ends the copy
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            self._copy(self._conn)
+        except BaseException as exc:  # handed to the reader
+            self._error = exc
+        finally:
+            with contextlib.suppress(OSError):  # the reader closed its end first
+                self._writer.close()
