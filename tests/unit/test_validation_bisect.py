@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
-
 from lambdas.core.ranges import KeyRange
 from lambdas.core.validation.bisect import (
     MAX_DEPTH,
@@ -16,7 +14,6 @@ from lambdas.core.validation.bisect import (
     Decision,
     EvenRanges,
     Step,
-    bucket_groups,
     decide,
     even_ranges,
     fetch_limit,
@@ -27,7 +24,6 @@ from lambdas.core.validation.bisect import (
     prefix_range,
     quantile_step,
     ranges_between,
-    scans_beat_key_ranges,
     split_range,
 )
 
@@ -187,31 +183,6 @@ def test_prefix_ranges_cut_the_uuid_key_space_in_order_without_gaps() -> None:
         assert (key_range.lower is None or key_range.lower[0] <= text) and (
             key_range.upper is None or text < key_range.upper[0]
         )
-
-
-def test_differing_buckets_are_grouped_for_scans_up_to_a_row_limit() -> None:
-    # Given differing buckets (any, not only neighbours) and their rows, and at most 100 rows a scan
-    rows = {-3: 40, 0: 50, 9: 10, 11: 250, 12: 30, 30: 70}
-    # Then they are grouped in order, a bucket above the limit alone, every bucket exactly once
-    assert bucket_groups(sorted(rows), rows, 100) == [[-3, 0, 9], [11], [12, 30]]
-    assert bucket_groups([], rows, 100) == []
-
-
-@pytest.mark.parametrize(
-    ("scans", "table_rows", "bucket_rows", "scan"),
-    [
-        (1, 100_000_000, 36, True),  # a few differing buckets: one more scan
-        (20, 10_000_000, 10_000_000, True),  # dense differences: 20 scans read 10M rows faster
-        (30, 10_000_000, 10_000_000, True),
-        (31, 10_000_000, 10_000_000, False),
-        (10, 100_000_000, 10_000_000, False),  # 10 scans of a table 10x larger: key ranges
-        (2, 1_000_000, 10_000, False),
-    ],
-)
-def test_scans_read_differing_buckets_as_lines_while_cheaper_than_key_ranges(
-    scans: int, table_rows: int, bucket_rows: int, scan: bool
-) -> None:
-    assert scans_beat_key_ranges(scans, table_rows, bucket_rows) is scan
 
 
 def test_integer_widths_cover_the_keys_in_at_most_the_buckets_asked_for() -> None:

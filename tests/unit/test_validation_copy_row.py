@@ -1,5 +1,5 @@
-"""Reading binary COPY streams without a database: the one row of `session.parse_copy_row`, the fixed-width
-records of `session.RecordFrames`."""
+"""Reading COPY streams without a database: the one row of `session.parse_copy_row`, the fixed-width
+records of `session.RecordFrames`, the lines of `session.LineFrames`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from lambdas.core.validation.session import RecordFrames, parse_copy_row
+from lambdas.core.validation.session import LineFrames, RecordFrames, parse_copy_row
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 TRAILER = struct.pack(">h", -1)
@@ -104,4 +104,31 @@ def test_record_frames_refuse_a_stream_that_is_not_one_field_of_the_width(stream
     with pytest.raises(ValueError, match="binary COPY stream"):
         for piece in cut_into_pieces(stream, random.Random(1), 7):
             frames.feed(piece)
+        frames.end()
+
+
+# -- a stream of lines (`session.LineFrames`) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("block_bytes", [1, 40, 1 << 20])
+def test_line_frames_cut_a_stream_into_blocks_of_whole_lines_however_it_arrives(block_bytes: int) -> None:
+    # Given streams of 0 to 200 lines of any length (long ones too), arriving in pieces of any size
+    rng = random.Random(block_bytes)
+    for _ in range(50):
+        lines = [b"k" * rng.randint(0, 120) + b"\t" + str(rng.getrandbits(40)).encode() + b"\n" for _ in range(200)]
+        lines = lines[: rng.randint(0, 200)]
+        frames = LineFrames(block_bytes=block_bytes)
+        # When fed piece by piece, then ended
+        blocks = [b for piece in cut_into_pieces(b"".join(lines), rng, 70) for b in frames.feed(piece)]
+        blocks += frames.end()
+        # Then the blocks are the lines, in order, each block whole lines, and every row counted
+        assert b"".join(blocks) == b"".join(lines)
+        assert all(b and b.endswith(b"\n") for b in blocks)
+        assert frames.rows == len(lines)
+
+
+def test_line_frames_refuse_a_stream_that_ends_inside_a_line() -> None:
+    frames = LineFrames(block_bytes=1)
+    assert frames.feed(b"a\t1\nb\t") == [b"a\t1\n"]
+    with pytest.raises(ValueError, match="whole line"):
         frames.end()

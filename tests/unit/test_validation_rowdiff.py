@@ -18,6 +18,7 @@ from lambdas.core.validation.rowdiff import (
     RowImage,
     diff_hash_lines,
     diff_hash_records,
+    diff_line_streams,
     diff_record_streams,
     diff_row,
     multiset_diff,
@@ -195,6 +196,57 @@ def test_records_streamed_in_framed_blocks_diff_to_the_plain_answer(rate: float)
         diff = diff_record_streams(in_blocks(source, rng), in_blocks(target, rng), INT8_RECORDS, frame=6)
         # Then the same keys as the plain answer: a block's end never hides or invents a difference
         assert (as_ints(diff.missing), as_ints(diff.extra), as_ints(diff.changed)) == reference_diff(source, target)
+
+
+def line_blocks(rows: list[tuple[Key, str]], rng: random.Random) -> list[bytes]:
+    """`key<TAB>...<TAB>hash` lines as COPY's text format writes them (tab, newline and backslash in a key
+    escaped), cut into blocks of 0 to 30 whole lines."""
+
+    def escaped(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+    lines = [("\t".join(escaped(k) for k in key) + "\t" + digest + "\n").encode() for key, digest in rows]
+    blocks, at = [], 0
+    while at < len(lines):
+        step = rng.randint(0, 30)
+        blocks.append(b"".join(lines[at : at + step]))
+        at += step
+    return blocks
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("rate", [0.002, 0.05, 0.4])
+def test_lines_streamed_in_blocks_diff_to_the_plain_answer(rate: float, shuffle: bool) -> None:
+    # Given (text, text) keys with tabs, newlines, backslashes and non-ASCII in some, hashes of any length
+    # (a changed hash may extend the other: 12 and 123), sides in the same key order or the target
+    # shuffled, each arriving in blocks of its own random sizes
+    rng = random.Random(int(rate * 1_000) + shuffle)
+    alphabet = ["a", "b", "\t", "\n", "\\", "é", "z"]
+    for _ in range(40):
+        keys = {("".join(rng.choices(alphabet, k=rng.randint(0, 4))), str(rng.randint(0, 30))) for _ in range(300)}
+        source = sorted(((k, str(rng.getrandbits(rng.randint(1, 64)))) for k in keys), key=lambda r: r[0])
+        target = []
+        for key, digest in source:
+            roll = rng.random()
+            if roll < rate / 2:
+                continue  # missing
+            target.append((key, digest + "7" if roll < rate else digest))  # changed: the hash one digit longer
+        target += [((f"new{n}", "0"), "5") for n in range(int(rate * 20))]
+        target.sort(key=lambda r: r[0])
+        if shuffle:
+            rng.shuffle(target)
+        # When diffed as streams
+        diff = diff_line_streams(line_blocks(source, rng), line_blocks(target, rng), 2)
+        # Then the same keys as the plain answer
+        src, tgt = dict(source), dict(target)
+        assert diff.missing == sorted(k for k in src if k not in tgt)
+        assert diff.extra == sorted(k for k in tgt if k not in src)
+        assert diff.changed == sorted(k for k in src if k in tgt and src[k] != tgt[k])
+
+
+def test_a_block_of_lines_cut_inside_a_line_is_refused() -> None:
+    with pytest.raises(ValueError, match="whole line"):
+        diff_line_streams([b"a\t1\nb\t2"], [b"a\t1\n"], 1)
 
 
 def test_records_of_a_broken_length_are_refused() -> None:

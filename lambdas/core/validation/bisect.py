@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import overload
@@ -244,7 +244,7 @@ class IntegerWidths:
 @dataclass(frozen=True)
 class KeyHashes:
     """Any key's buckets: the top `bits` bits of a 64-bit hash of its value (`queries.bucket_of`). A bucket
-    is no key range, so its rows are only found by scanning (`bucket_groups`)."""
+    is no key range, so its rows are only found by scanning (`queries.bucket_lines`)."""
 
     bits: int
 
@@ -259,36 +259,6 @@ KeyBuckets = UuidPrefixes | IntegerWidths | KeyHashes
 def integer_widths(low: int, high: int, bits: int) -> IntegerWidths:
     """Keys from `low` to `high` (inclusive) in at most 2**bits buckets of equal width."""
     return IntegerWidths(even_ranges(KeyRange(None, None), low, high, 2**bits, 1))
-
-
-def bucket_groups(buckets: Sequence[int], rows: Mapping[int, int], most: int) -> list[list[int]]:
-    """Differing buckets in groups (in order) holding at most `most` rows together (`rows`: each bucket's,
-    the larger side's); a bucket holding more is a group alone. Each group is read by one scan."""
-    groups: list[list[int]] = []
-    total = 0
-    for bucket in buckets:
-        if groups and total + rows[bucket] <= most:
-            groups[-1].append(bucket)
-            total += rows[bucket]
-        else:
-            groups.append([bucket])
-            total = rows[bucket]
-    return groups
-
-
-# Scans of a whole table worth one read of a row by key range, in a table whose key is in no physical
-# order, for text lines (md5 text keys, `queries.bucket_lines`). Measured on 10M rows, 256 MB of
-# buffers, a side: a scan costs 0.14 s per million rows of the table; per million rows read, 0.7 s by
-# a scan, 4.85 s by key ranges: (4.85 - 0.7) / 0.14 = 30. (Binary records are read by a single
-# sorted scan, `queries.bucket_records`.)
-SCANS_FOR_KEY_RANGE_READS = 30
-
-
-def scans_beat_key_ranges(scans: int, table_rows: int, bucket_rows: int) -> bool:
-    """Whether `scans` scans of a table of `table_rows` rows read the `bucket_rows` rows of its differing
-    buckets as text lines faster than their key ranges would (one scan always: the rows of a few
-    buckets lie all over the table)."""
-    return scans <= 1 or scans * table_rows <= SCANS_FOR_KEY_RANGE_READS * bucket_rows
 
 
 def mismatched_buckets(source: dict[int, Aggregate], target: dict[int, Aggregate]) -> list[int]:

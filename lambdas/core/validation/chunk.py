@@ -42,7 +42,6 @@ from lambdas.core.validation.bisect import (
     KeyHashes,
     Step,
     UuidPrefixes,
-    bucket_groups,
     decide,
     even_ranges,
     integer_widths,
@@ -51,7 +50,6 @@ from lambdas.core.validation.bisect import (
     multiset_bits,
     quantile_step,
     ranges_between,
-    scans_beat_key_ranges,
     split_range,
 )
 from lambdas.core.validation.model import (
@@ -75,6 +73,7 @@ from lambdas.core.validation.rowdiff import (
     RowImage,
     diff_hash_lines,
     diff_hash_records,
+    diff_line_streams,
     diff_record_streams,
     diff_row,
     multiset_diff,
@@ -83,7 +82,10 @@ from lambdas.core.validation.rowdiff import (
     settle_multiset,
 )
 from lambdas.core.validation.session import (
+    RECORD_FRAME,
     CopyStream,
+    Frames,
+    LineFrames,
     RecordFrames,
     SessionPair,
     run_copy_row,
@@ -101,9 +103,6 @@ MAX_PIECE_ROWS = 500_000  # planned rows compared by one statement per side at m
 # (1.6 MB of binary records; text keys of a few hundred bytes, tens of MB)
 MAX_LINES_PIECE_ROWS = 100_000
 MAX_ROW_TEXT = 200  # a multiset row is reported by its text form, cut to this length
-# Rows (per side) in differing key buckets read as text lines by one more scan; more are read by more
-# scans, each reading the whole table.
-BUCKET_LINES_LIMIT = 500_000
 MULTISET_FETCH_LIMIT = 500_000  # rows (per side) in differing buckets beyond which rows are not listed
 
 
@@ -206,9 +205,8 @@ def _compare_pieces(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy,
 def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tally) -> None:
     """The whole table by one scan per side, counted and hashed per bucket of the key (a uuid's leading
     bits, an integer's equal widths, any other key's hash's top bits; parallel query: `chunk.scan_workers`
-    processes a side), then the rows of the differing buckets: for a key of integer and uuid columns,
-    by one more scan, sorted and streamed; else by a few more scans, or when there are many (dense
-    differences), every row by key ranges."""
+    processes a side), then the rows of the differing buckets by one more scan, sorted by key and
+    streamed: binary records for a key of integer and uuid columns, else `key<TAB>hash` lines."""
     spec = chunk.table
     key_buckets = _key_buckets(pair, spec, bits)
     if key_buckets is None:
@@ -234,45 +232,46 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     tally.slices_mismatched += len(buckets)
     if not buckets:
         return
+    # One more scan: the rows of every differing bucket, sorted by key and streamed.
+    settings = {**settings, "enable_sort": "on"}
     layout = RecordLayout.of(spec.key_types)
-    if layout is not None:
-        # One more scan, the rows of every differing bucket sorted by key and streamed.
-        settings = {**settings, "enable_sort": "on"}
-        counts, diff = _stream_pairs(pair, layout, queries.bucket_records(spec, key_buckets, buckets), settings)
-        tally.rows_fetched += sum(counts)
-        tally.add(diff)
-        return
-    empty = Aggregate(0, "0")
-    rows = {b: max(source.get(b, empty).rows, target.get(b, empty).rows) for b in buckets}
-    groups = bucket_groups(buckets, rows, BUCKET_LINES_LIMIT)
-    table_rows = max(tally.source_rows, tally.target_rows)
-    if scans_beat_key_ranges(len(groups), table_rows, sum(rows.values())):
-        # The buckets' rows lie all over the table: scans read them faster than their key ranges.
-        for group in groups:
-            counts, diff = _read_pairs(pair, spec, layout, queries.bucket_lines(spec, key_buckets, group), settings)
-            tally.rows_fetched += sum(counts)
-            tally.add(diff)
-        return
-    # Too many scans of the whole table: every row by key ranges cut across the whole table (a key
-    # hash's buckets are no key ranges).
-    ranges = _cut(pair, spec, KeyRange(None, None), table_rows, MAX_LINES_PIECE_ROWS)
-    for key_range in ranges:
-        _compare_every_line(pair, chunk, key_range, tally, counted=True)
+    if layout is None:
+        counts, diff = _stream_pairs(
+            pair,
+            queries.bucket_lines(spec, key_buckets, buckets),
+            settings,
+            LineFrames,
+            lambda source, target: diff_line_streams(source, target, len(spec.key)),
+        )
+    else:
+        size = layout.record.size
+        counts, diff = _stream_pairs(
+            pair,
+            queries.bucket_records(spec, key_buckets, buckets),
+            settings,
+            lambda: RecordFrames(size),
+            lambda source, target: diff_record_streams(source, target, layout, frame=RECORD_FRAME),
+        )
+    tally.rows_fetched += sum(counts)
+    tally.add(diff)
 
 
 def _stream_pairs(
-    pair: SessionPair, layout: RecordLayout, query: tuple[sql.Composable, Sequence[Any]], settings: Mapping[str, str]
+    pair: SessionPair,
+    query: tuple[sql.Composable, Sequence[Any]],
+    settings: Mapping[str, str],
+    frames: Callable[[], Frames],
+    diff: Callable[[CopyStream, CopyStream], HashDiff],
 ) -> tuple[tuple[int, int], HashDiff]:
-    """Run a query of binary records (`queries.bucket_records`) on both sides as streams and diff them
-    as they arrive: the rows each side sent, and the differing keys."""
+    """Run a query on both sides as COPY streams and diff them as they arrive (`session.CopyStream`):
+    the rows each side sent, and the differing keys."""
     statement, params = query
-    size = layout.record.size
     with (
-        CopyStream(pair.source, statement, params, RecordFrames(size), settings) as source,
-        CopyStream(pair.target, statement, params, RecordFrames(size), settings) as target,
+        CopyStream(pair.source, statement, params, frames(), settings) as source,
+        CopyStream(pair.target, statement, params, frames(), settings) as target,
     ):
-        diff = diff_record_streams(source, target, layout, frame=RecordFrames.FRAME)
-    return (source.frames.rows, target.frames.rows), diff
+        found = diff(source, target)
+    return (source.frames.rows, target.frames.rows), found
 
 
 def _key_buckets(pair: SessionPair, spec: TableSpec, bits: int) -> KeyBuckets | None:
@@ -355,47 +354,35 @@ def _compare_ranges(
     return max(source_rows, target_rows), found
 
 
-def _compare_every_line(
-    pair: SessionPair, chunk: ChunkSpec, key_range: KeyRange, tally: _Tally, *, counted: bool = False
-) -> tuple[int, int]:
+def _compare_every_line(pair: SessionPair, chunk: ChunkSpec, key_range: KeyRange, tally: _Tally) -> tuple[int, int]:
     """Dense differences: every row's (key, hash) line of the piece, read once on each side and
-    diffed, with no aggregate: (rows, differing keys) found. `counted`: a bucket scan already
-    counted the rows and their ranges."""
+    diffed, with no aggregate: (rows, differing keys) found."""
     spec = chunk.table
     layout = RecordLayout.of(spec.key_types)
     query = queries.range_lines(spec, [key_range]) if layout is None else queries.range_records(spec, key_range)
     counts, diff = _read_pairs(pair, spec, layout, query)
     _note_first(pair, chunk, tally)
-    if not counted:
-        tally.source_rows += counts[0]
-        tally.target_rows += counts[1]
-        tally.slices += 1
-        tally.slices_mismatched += 1 if diff else 0
+    tally.source_rows += counts[0]
+    tally.target_rows += counts[1]
+    tally.slices += 1
+    tally.slices_mismatched += 1 if diff else 0
     tally.rows_fetched += counts[0] + counts[1]
     tally.add(diff)
     return max(counts), len(diff.keys)
 
 
 def _read_pairs(
-    pair: SessionPair,
-    spec: TableSpec,
-    layout: RecordLayout | None,
-    query: tuple[sql.Composable, Sequence[Any]],
-    settings: Mapping[str, str] | None = None,
+    pair: SessionPair, spec: TableSpec, layout: RecordLayout | None, query: tuple[sql.Composable, Sequence[Any]]
 ) -> tuple[tuple[int, int], HashDiff]:
     """Run a query of (key, hash) pairs on both sides and diff them: the rows each side sent, and the
-    differing keys. Binary records (`queries.range_records`, `queries.bucket_records`) where `layout`
-    is known, else the count and `key<TAB>hash` lines (`queries.range_lines`, `queries.bucket_lines`)."""
+    differing keys. Binary records (`queries.range_records`) where `layout` is known, else the count
+    and `key<TAB>hash` lines (`queries.range_lines`)."""
     statement, params = query
-
-    def run(read: Callable[[Connection], T]) -> tuple[T, T]:
-        return pair.both(run_with_settings(settings, read) if settings else read)
-
     if layout is not None:
-        source, target = (fields[0] or b"" for fields in run(run_copy_row(statement, params)))
+        source, target = (fields[0] or b"" for fields in pair.both(run_copy_row(statement, params)))
         size = layout.record.size
         return (len(source) // size, len(target) // size), diff_hash_records(source, target, layout)
-    src_row, tgt_row = run(run_one_raw(statement, params))
+    src_row, tgt_row = pair.both(run_one_raw(statement, params))
     assert src_row is not None and tgt_row is not None
     return (int(src_row[0]), int(tgt_row[0])), diff_hash_lines(src_row[1], tgt_row[1], len(spec.key))
 

@@ -371,11 +371,18 @@ def _in_buckets(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int]) -> 
 
 
 def bucket_lines(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int]) -> tuple[sql.Composable, Params]:
-    """One row: the count and every `key<TAB>...<TAB>hash` line (as `range_lines`) of the rows in the
-    `chosen` buckets of `key_buckets`, found by one more scan of the table (its rows lie all over it)."""
+    """Rows of the key columns' texts and the row hash as text, read as COPY's text format (a
+    `key<TAB>...<TAB>hash` line per row, escaped by COPY; `session.LineFrames`), of each row in the
+    `chosen` buckets of `key_buckets`, found by one more scan and sorted by the key's texts byte by byte
+    (COLLATE "C": the order the diff walks in, `rowdiff.diff_line_streams`)."""
     where, params = _in_buckets(spec, buckets, chosen)
-    query = sql.SQL(r"SELECT count(*), coalesce(string_agg({line}, E'\n'), '') FROM {t} AS t WHERE {where}").format(
-        line=_hash_line(spec), t=table_ident(spec), where=where
+    texts = [sql.SQL("{}::text").format(sql.Identifier("t", k)) for k in spec.key]
+    query = sql.SQL("SELECT {texts}, {h}::text FROM {t} AS t WHERE {where} ORDER BY {order}").format(
+        texts=sql.SQL(", ").join(texts),
+        h=row_hash(spec),
+        t=table_ident(spec),
+        where=where,
+        order=sql.SQL(", ").join(sql.SQL('{} COLLATE "C"').format(text) for text in texts),
     )
     return query, params
 

@@ -63,18 +63,111 @@ def diff_hash_lines(source: bytes, target: bytes, key_columns: int) -> HashDiff:
     if source == target:
         return HashDiff()
     source_lines = set(source.split(b"\n"))
-    differing = source_lines.symmetric_difference(target.split(b"\n"))  # lines on exactly one side
-    differing.discard(b"")
-    only_source: dict[Key, str] = {}
-    only_target: dict[Key, str] = {}
-    for line in differing:
-        key, digest = parse_hash_line(line, key_columns)
-        (only_source if line in source_lines else only_target)[key] = digest
-    diff = HashDiff()
-    for key in only_source:
-        (diff.changed if key in only_target else diff.missing).append(key)
-    diff.extra = [key for key in only_target if key not in only_source]
-    return diff
+    target_lines = set(target.split(b"\n"))
+    return _differing_lines(source_lines - target_lines, target_lines - source_lines, key_columns)
+
+
+def diff_line_streams(source: Iterable[bytes], target: Iterable[bytes], key_columns: int) -> HashDiff:
+    """Compare two sides' (key..., hash) lines, each side's arriving as blocks of whole lines (each
+    ending in a newline; `session.LineFrames`), in the same key order in practice (a sort): equal
+    stretches are skipped by comparing byte spans, only the lines around a difference are looked at,
+    and lines left over are compared as sets, so any order gives the same answer (only more slowly)."""
+    left_source, left_target = _unaligned_lines(_LineCursor(source), _LineCursor(target))
+    only_source, only_target = set(left_source), set(left_target)
+    common = only_source & only_target
+    return _differing_lines(only_source - common, only_target - common, key_columns)
+
+
+def _differing_lines(only_source: set[bytes], only_target: set[bytes], key_columns: int) -> HashDiff:
+    """The keys of lines found on one side only: changed when both sides have a line for the key."""
+    keys = [
+        {parse_hash_line(text, key_columns)[0] for line in lines if (text := line.rstrip(b"\n"))}
+        for lines in (only_source, only_target)
+    ]
+    source_keys, target_keys = keys
+    return HashDiff(
+        missing=sorted(source_keys - target_keys),
+        extra=sorted(target_keys - source_keys),
+        changed=sorted(source_keys & target_keys),
+    )
+
+
+class _LineCursor:
+    """A position in one side's lines, which arrive in blocks of whole lines."""
+
+    def __init__(self, blocks: Iterable[bytes]) -> None:
+        self._blocks = iter(blocks)
+        self.block = b""
+        self.at = 0  # byte offset of the current line in `block`
+
+    @property
+    def left(self) -> int:
+        return len(self.block) - self.at
+
+    def ready(self) -> bool:
+        """Whether a line is at the cursor (the next non-empty block taken when this one is used up)."""
+        while self.at == len(self.block):
+            block = next(self._blocks, None)
+            if block is None:
+                return False
+            if block and not block.endswith(b"\n"):
+                raise ValueError("(key, hash) lines: a block that does not end with a whole line")
+            self.block, self.at = block, 0
+        return True
+
+    def line(self) -> bytes:
+        """The current line, its newline included."""
+        return self.block[self.at : self.block.index(b"\n", self.at) + 1]
+
+    def rest(self) -> list[bytes]:
+        lines: list[bytes] = []
+        while self.ready():
+            lines += [line + b"\n" for line in self.block[self.at : -1].split(b"\n")]
+            self.at = len(self.block)
+        return lines
+
+
+def _unaligned_lines(source: _LineCursor, target: _LineCursor) -> tuple[list[bytes], list[bytes]]:
+    """The lines of each side not matched by an equal line at the aligned position: the walk skips
+    the whole lines of a stretch of equal bytes; at a differing line the one with the lesser key
+    (its bytes before the last tab) is set aside (both, when the keys are equal)."""
+    left_source: list[bytes] = []
+    left_target: list[bytes] = []
+    while source.ready() and target.ready():
+        same = _common_prefix(source.block, target.block, source.at, target.at, min(source.left, target.left))
+        end = source.block.rfind(b"\n", source.at, source.at + same)
+        if end >= 0:  # whole equal lines: skipped
+            step = end + 1 - source.at
+            source.at += step
+            target.at += step
+            continue
+        a, b = source.line(), target.line()
+        key_a, key_b = a[: a.rindex(b"\t")], b[: b.rindex(b"\t")]
+        if key_a <= key_b:
+            left_source.append(a)
+            source.at += len(a)
+        if key_b <= key_a:
+            left_target.append(b)
+            target.at += len(b)
+    return left_source + source.rest(), left_target + target.rest()
+
+
+PREFIX_SPAN = 1024  # bytes compared per span before the spans double
+
+
+def _common_prefix(source: bytes, target: bytes, i: int, j: int, limit: int) -> int:
+    """How many bytes from offset i of the source equal those from offset j of the target (at most
+    `limit`): doubling spans, then the differing span's first differing byte by XOR (as `_equal_run`)."""
+    done, step = 0, PREFIX_SPAN
+    while done < limit:
+        step = min(step, limit - done)
+        x, y = source[i + done : i + done + step], target[j + done : j + done + step]
+        if x != y:
+            differing = int.from_bytes(x, "big") ^ int.from_bytes(y, "big")
+            return done + step - (differing.bit_length() + 7) // 8
+        done += step
+        step *= 2
+    return done
 
 
 INTEGER_KEY_TYPES = frozenset({"smallint", "integer", "bigint"})
