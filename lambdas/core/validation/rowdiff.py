@@ -100,10 +100,6 @@ class _LineCursor:
         self.block = b""
         self.at = 0  # byte offset of the current line in `block`
 
-    @property
-    def left(self) -> int:
-        return len(self.block) - self.at
-
     def ready(self) -> bool:
         """Whether a line is at the cursor (the next non-empty block taken when this one is used up)."""
         while self.at == len(self.block):
@@ -134,13 +130,16 @@ def _unaligned_lines(source: _LineCursor, target: _LineCursor) -> tuple[list[byt
     left_source: list[bytes] = []
     left_target: list[bytes] = []
     while source.ready() and target.ready():
-        same = _common_prefix(source.block, target.block, source.at, target.at, min(source.left, target.left))
+        limit = min(len(source.block) - source.at, len(target.block) - target.at)
+        same = _common_prefix(source.block, target.block, source.at, target.at, limit)
         end = source.block.rfind(b"\n", source.at, source.at + same)
         if end >= 0:  # whole equal lines: skipped
             step = end + 1 - source.at
             source.at += step
             target.at += step
-            continue
+        if same == limit:
+            continue  # a block used up: the walk goes on in the next
+        # The bytes differ inside the current lines.
         a, b = source.line(), target.line()
         key_a, key_b = a[: a.rindex(b"\t")], b[: b.rindex(b"\t")]
         if key_a <= key_b:
