@@ -170,11 +170,15 @@ def test_records_diff_of_long_sides_equals_the_plain_answer(rate: float) -> None
 def in_blocks(pairs: list[tuple[int, int]], rng: random.Random) -> list[bytes]:
     """The records, each behind a 6-byte frame (as `session.RecordFrames` passes them on), cut into blocks of
     0 to 40 records."""
-    framed = [b"\x00\x01\x00\x00\x00\x10" + INT8_RECORDS.record.pack(k, h) for k, h in pairs]
+    return joined_in_blocks([b"\x00\x01\x00\x00\x00\x10" + INT8_RECORDS.record.pack(k, h) for k, h in pairs], rng, 40)
+
+
+def joined_in_blocks(items: list[bytes], rng: random.Random, most: int) -> list[bytes]:
+    """The items in order, joined into blocks of 0 to `most` items each."""
     blocks, at = [], 0
-    while at < len(framed):
-        step = rng.randint(0, 40)
-        blocks.append(b"".join(framed[at : at + step]))
+    while at < len(items):
+        step = rng.randint(0, most)
+        blocks.append(b"".join(items[at : at + step]))
         at += step
     return blocks
 
@@ -206,12 +210,7 @@ def line_blocks(rows: list[tuple[Key, str]], rng: random.Random) -> list[bytes]:
         return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
     lines = [("\t".join(escaped(k) for k in key) + "\t" + digest + "\n").encode() for key, digest in rows]
-    blocks, at = [], 0
-    while at < len(lines):
-        step = rng.randint(0, 30)
-        blocks.append(b"".join(lines[at : at + step]))
-        at += step
-    return blocks
+    return joined_in_blocks(lines, rng, 30)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
