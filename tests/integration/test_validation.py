@@ -670,9 +670,9 @@ def counting(frames: type[RecordFrames] | type[LineFrames], counter: list[int]) 
 
 
 @pytest.mark.parametrize("key", list(BUCKET_KEYS))
-@pytest.mark.parametrize("blocks", ["as they come", "small"])
+@pytest.mark.parametrize("variant", ["fast row hash", "small blocks", "md5 row hash"])
 def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
-    fresh_dbs: tuple[str, str], key: str, blocks: str, monkeypatch: pytest.MonkeyPatch
+    fresh_dbs: tuple[str, str], key: str, variant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given 20,000 rows whose keys are in no physical order, and a target that lost 5 rows, changed 7
     # and gained 3
@@ -682,8 +682,13 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     # the rows of differing buckets: binary records for a uuid or integer key, else text lines, sorted and streamed
     bucket_scans = spy(monkeypatch, queries, "bucket_lines" if key == "text" else "bucket_records")
     range_reads = spy(monkeypatch, queries, "range_lines" if key == "text" else "range_records")
+    kinds: list[str] = []  # the kind of buckets the queries were built for
+    bucket_of = queries.bucket_of
+    monkeypatch.setattr(queries, "bucket_of", lambda spec, b: kinds.append(type(b).__name__) or bucket_of(spec, b))
     cut: list[int] = []
-    if blocks == "small":  # many blocks a side: the pipe read 100 bytes at a time, cut into blocks of a few rows
+    if (
+        variant == "small blocks"
+    ):  # many blocks a side: the pipe read 100 bytes at a time, cut into blocks of a few rows
         frames = chunk_module.LineFrames if key == "text" else chunk_module.RecordFrames
         monkeypatch.setattr(chunk_module, frames.__name__, counting(frames, cut))
         monkeypatch.setattr(chunk_module, "CopyStream", functools.partial(CopyStream, read_bytes=100))
@@ -700,7 +705,8 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
         " UPDATE r SET v = v || '!' WHERE g IN (2, 3, 5000, 9000, 13000, 17000, 20000);"
         f" INSERT INTO r SELECT {extra_key_of_g}, -g, 'new', 0 FROM generate_series(1, 3) g",
     )
-    settings = Validation(chunk_rows=2_000, slice_rows=200, report_first_keys=100)
+    row_hash = "md5" if variant == "md5 row hash" else "auto"
+    settings = Validation(chunk_rows=2_000, slice_rows=200, report_first_keys=100, row_hash=row_hash)
     # When validated
     with SessionPair.open(src, tgt) as pair:
         plan = plan_validation(pair, [TableName("public", "r")], settings)
@@ -719,8 +725,12 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     assert (summary.rows_compared, summary.target_rows) == (20_000, 19_998)
     # ... by one more scan, no key range read
     assert (len(bucket_scans), len(range_reads)) == (1, 0)
-    if blocks == "small":  # each side's rows of up to 15 buckets, a few rows a block
+    if variant == "small blocks":  # each side's rows of up to 15 buckets, a few rows a block
         assert len(cut) >= 60
+    # ... in buckets of an integer's widths, of a uuid's leading bits under the md5 row hash (md5 of its
+    # text would cost more), else of the key's hash
+    expected = {"bigint": "IntegerWidths", "uuid": "UuidPrefixes" if row_hash == "md5" else "KeyHashes"}
+    assert set(kinds) == {expected.get(key, "KeyHashes")}
 
 
 def test_a_composite_key_in_no_physical_order_is_compared_in_buckets_of_its_hash(fresh_dbs: tuple[str, str]) -> None:

@@ -60,6 +60,7 @@ from lambdas.core.validation.model import (
     KeyDiff,
     RangeSpec,
     Replication,
+    RowHash,
     TableSpec,
 )
 from lambdas.core.validation.rowdiff import (
@@ -275,9 +276,14 @@ def _stream_pairs(
 
 
 def _key_buckets(pair: SessionPair, spec: TableSpec, bits: int) -> KeyBuckets | None:
-    """The key's 2**bits buckets: a uuid's leading bits; an integer's equal widths between the least and
-    greatest key either side holds (None when neither holds a row); any other key's hash's top bits."""
-    if spec.key_types == [UUID_KEY_TYPE]:
+    """The key's 2**bits buckets: an integer's equal widths between the least and greatest key either
+    side holds (None when neither holds a row); any other key's hash's top bits, but a uuid's leading
+    bits under the md5 row hash (md5 of the key's text costs more than its bytes).
+
+    A uuid's own hash (the fast row hash's) is cheaper than its leading bytes (uuid_send twice): 10M
+    rows, a side, 4.77 CPU-s against 5.02 to count and hash the buckets, 0.85 against 1.26 to scan for
+    the rows of 35 of them."""
+    if spec.key_types == [UUID_KEY_TYPE] and spec.row_hash is RowHash.MD5:
         return UuidPrefixes(bits)
     if not _integer_key(spec):
         return KeyHashes(bits)
