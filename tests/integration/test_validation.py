@@ -733,6 +733,40 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     assert set(kinds) == {expected.get(key, "KeyHashes")}
 
 
+@pytest.mark.parametrize("key", ["uuid", "text"])
+def test_when_every_bucket_differs_every_row_is_read_with_no_bucket_computed(
+    fresh_dbs: tuple[str, str], key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 3,000 rows keyed in no order, every one changed on the target, one missing and one extra (so
+    # every bucket either side holds differs)
+    key_type, key_of_g, extra_key_of_g, key_text, _ = BUCKET_KEYS[key]
+    reads: list[object] = []
+    read = queries.bucket_lines if key == "text" else queries.bucket_records
+    monkeypatch.setattr(
+        queries, read.__name__, lambda spec, buckets, chosen: reads.append(chosen) or read(spec, buckets, chosen)
+    )
+    src, tgt = fresh_dbs
+    both(
+        src,
+        tgt,
+        f"CREATE TABLE r (id {key_type} PRIMARY KEY, g int NOT NULL, v text);"
+        f" INSERT INTO r SELECT {key_of_g}, g, 'v' || g FROM generate_series(1, 3000) g; ANALYZE r",
+    )
+    run_sql(
+        tgt,
+        "UPDATE r SET v = v || '!' WHERE g > 1; DELETE FROM r WHERE g = 1;"
+        f" INSERT INTO r SELECT {extra_key_of_g}, 0, 'new' FROM generate_series(1, 1) g",
+    )
+    # When validated
+    summary = check(src, tgt, [TableName("public", "r")], Validation(report_first_keys=5_000))
+    # Then every row was read by one scan with no bucket filter, and every difference is named
+    assert reads == [None]
+    table = summary.per_table[0]
+    assert {k.key[0] for k in table.missing.first} == {key_text(1)}
+    assert {k.key[0] for k in table.changed.first} == {key_text(g) for g in range(2, 3001)}
+    assert table.extra.count == 1 and table.changed.count == 2_999
+
+
 def test_a_composite_key_in_no_physical_order_is_compared_in_buckets_of_its_hash(fresh_dbs: tuple[str, str]) -> None:
     # Given (tenant, id) keys written in no order (tenants interleaved, as writes over time leave them),
     # and a target that lost 2 rows, changed 2 and gained 1

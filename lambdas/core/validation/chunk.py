@@ -233,13 +233,15 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     tally.slices_mismatched += len(buckets)
     if not buckets:
         return
-    # One more scan: the rows of every differing bucket, sorted by key and streamed.
+    # One more scan: the rows of every differing bucket, sorted by key and streamed; when every bucket
+    # either side holds differs (dense differences), every row, no bucket computed.
     settings = {**settings, "enable_sort": "on"}
+    chosen = None if set(buckets) == set(source) | set(target) else buckets
     layout = RecordLayout.of(spec.key_types)
     if layout is None:
         counts, diff = _stream_pairs(
             pair,
-            queries.bucket_lines(spec, key_buckets, buckets),
+            queries.bucket_lines(spec, key_buckets, chosen),
             settings,
             LineFrames,
             lambda source, target: diff_line_streams(source, target, len(spec.key)),
@@ -248,7 +250,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
         size = layout.record.size
         counts, diff = _stream_pairs(
             pair,
-            queries.bucket_records(spec, key_buckets, buckets),
+            queries.bucket_records(spec, key_buckets, chosen),
             settings,
             lambda: RecordFrames(size),
             lambda source, target: diff_record_streams(source, target, layout, frame=RECORD_FRAME),

@@ -357,10 +357,13 @@ def key_buckets(spec: TableSpec, buckets: KeyBuckets) -> tuple[sql.Composable, P
     return query, params
 
 
-def _in_buckets(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int]) -> tuple[sql.Composable, Params]:
-    """A WHERE clause selecting the rows of the `chosen` buckets (in order). For buckets that are key
-    ranges, the rows between the first's and the last's bounds too: a comparison turns most rows away
-    before the bucket is computed (measured, a scan of 10M uuid rows: 0.63 CPU-s against 1.37)."""
+def _in_buckets(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | None) -> tuple[sql.Composable, Params]:
+    """A WHERE clause selecting the rows of the `chosen` buckets (in order; None: every row, no bucket
+    computed). For buckets that are key ranges, the rows between the first's and the last's bounds too:
+    a comparison turns most rows away before the bucket is computed (measured, a scan of 10M uuid rows:
+    0.63 CPU-s against 1.37)."""
+    if chosen is None:
+        return sql.SQL("true"), []
     bucket, params = bucket_of(spec, buckets)
     clause = sql.SQL("{} = ANY(%s::integer[])").format(bucket)
     params = [*params, list(chosen)]
@@ -370,11 +373,11 @@ def _in_buckets(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int]) -> 
     return sql.SQL("{} AND {}").format(span, clause), [*span_params, *params]
 
 
-def bucket_lines(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int]) -> tuple[sql.Composable, Params]:
+def bucket_lines(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | None) -> tuple[sql.Composable, Params]:
     """Rows of the key columns' texts and the row hash as text, read as COPY's text format (a
     `key<TAB>...<TAB>hash` line per row, escaped by COPY; `session.LineFrames`), of each row in the
-    `chosen` buckets of `key_buckets`, found by one more scan and sorted by the key's texts byte by byte
-    (COLLATE "C": the order the diff walks in, `rowdiff.diff_line_streams`)."""
+    `chosen` buckets of `key_buckets` (None: of every row), found by one more scan and sorted by the
+    key's texts byte by byte (COLLATE "C": the order the diff walks in, `rowdiff.diff_line_streams`)."""
     where, params = _in_buckets(spec, buckets, chosen)
     texts = [sql.SQL("{}::text").format(sql.Identifier("t", k)) for k in spec.key]
     query = sql.SQL("SELECT {texts}, {h}::text FROM {t} AS t WHERE {where} ORDER BY {order}").format(
@@ -387,9 +390,9 @@ def bucket_lines(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int]) ->
     return query, params
 
 
-def bucket_records(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int]) -> tuple[sql.Composable, Params]:
+def bucket_records(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | None) -> tuple[sql.Composable, Params]:
     """Rows of one field: the binary record (as `range_records`) of each row in the `chosen` buckets of
-    `key_buckets`, in key order, found by one more scan of the table (its rows lie all over it) and
+    `key_buckets` (None: of every row), in key order, found by one more scan of the table (its rows lie all over it) and
     sorted by the server (in work_mem, else on disk); read as a stream (`session.CopyStream`).
 
     One statement for all the differing buckets, however many rows they hold: measured on 10M
