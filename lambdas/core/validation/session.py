@@ -175,7 +175,8 @@ def parse_copy_row(data: bytes) -> list[bytes | None]:
     return fields
 
 
-RECORD_FRAME = 6  # the bytes before each record in a binary COPY stream of one field a row: count 1, length
+# The bytes before each record in a binary COPY stream of one field a row: the field count (1), the length.
+RECORD_FRAME = 6
 
 
 class RecordFrames:
