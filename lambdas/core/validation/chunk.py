@@ -205,8 +205,9 @@ def _compare_pieces(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy,
 
 def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tally) -> None:
     """The whole table by one scan per side, counted and hashed per bucket of the key (`_key_buckets`;
-    parallel query: `chunk.scan_workers` processes a side), then the rows of the differing buckets by one more scan, sorted by key and
-    streamed: binary records for a key of integer and uuid columns, else `key<TAB>hash` lines."""
+    parallel query: `chunk.scan_workers` processes a side), then the rows of the differing buckets by
+    one more scan, sorted by key and streamed: binary records for a key of integer and uuid columns,
+    else `key<TAB>hash` lines."""
     spec = chunk.table
     key_buckets = _key_buckets(pair, spec, bits)
     if key_buckets is None:
