@@ -61,7 +61,7 @@ from lambdas.core.bulk_reads import tune_for_bulk_reads
 from lambdas.core.config import Validation
 from lambdas.core.db import connect, execute, fetch_one
 from lambdas.core.tables import TableName
-from lambdas.core.validation import ChunkResult, SessionPair, ValidationPlan, validate
+from lambdas.core.validation import ChunkResult, ChunkStep, SessionPair, ValidationPlan, validate
 from lambdas.core.validation.queries import row_hash
 from rehearsal.servers import PostgresServer
 
@@ -248,6 +248,7 @@ def run_ours(source_dsn: str, target_dsn: str, settings: Validation, workers: in
     tune_for_bulk_reads()  # as the command line (`python -m rehearsal.validate`) and the chunk Lambda do
     results: list[ChunkResult] = []
     progress = {"done": 0, "planned": 0, "rows": 0}
+    steps: list[ChunkStep] = []  # the latest step a chunk reported
 
     def on_plan(plan: ValidationPlan) -> None:
         progress["planned"] = len(plan.chunks)
@@ -257,12 +258,25 @@ def run_ours(source_dsn: str, target_dsn: str, settings: Validation, workers: in
         results.append(result)
         progress["done"], progress["rows"] = done, progress["rows"] + result.source_rows
 
-    with (
-        ticker(lambda: f"zdm: {progress['done']}/{progress['planned']} chunks, {progress['rows']:,} rows"),
-        timed() as t,
-    ):
+    def on_step(step: ChunkStep) -> None:
+        steps[:] = [step]
+
+    def describe() -> str:
+        text = f"zdm: {progress['done']}/{progress['planned']} chunks, {progress['rows']:,} rows"
+        for step in steps[-1:]:
+            text += f"; chunk {step.chunk + 1}: {step.describe()}"
+        return text
+
+    with ticker(describe), timed() as t:
         summary = validate(
-            source_dsn, target_dsn, [TABLE], settings, workers=workers, on_plan=on_plan, on_result=on_result
+            source_dsn,
+            target_dsn,
+            [TABLE],
+            settings,
+            workers=workers,
+            on_plan=on_plan,
+            on_result=on_result,
+            on_step=on_step,
         )
     keys = {k.key[0] for r in results for d in (r.missing, r.extra, r.changed) for k in d.first}
     table = summary.per_table[0]

@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import psycopg2
@@ -36,6 +36,7 @@ from lambdas.core.endpoints import EndpointError, SecretReader, resolve_dsn
 from lambdas.core.tables import TableName, select_tables, unmatched_patterns
 from lambdas.core.validation import (
     ChunkResult,
+    ChunkStep,
     Replication,
     SessionPair,
     TableSummary,
@@ -132,22 +133,41 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, list[str], list[str], V
 
 
 class Progress:
-    """One line on stderr per second or so (redrawn in place on a terminal)."""
+    """One line on stderr per second or so (redrawn in place on a terminal): chunks done, rows, differences,
+    and what the longest-running chunk is doing now (a table in no key order is one chunk that runs for
+    minutes on a large table). Use it as a context manager: it redraws on its own while chunks run."""
 
-    def __init__(self, stream: TextIO, enabled: bool) -> None:
+    def __init__(self, stream: TextIO, enabled: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream
         self.enabled = enabled
         self.tty = stream.isatty()
-        self.started = time.monotonic()
+        self.clock = clock
+        self.interval = 0.2 if self.tty else 2.0
+        self.started = clock()
         self.last = 0.0
         self.lock = threading.Lock()
         self.rows = 0
         self.differences = 0
+        self.done = 0
         self.planned = 0
+        self.running: dict[tuple[str, int], tuple[float, ChunkStep]] = {}  # chunk -> (since, its last step)
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._ticker = threading.Thread(target=self._tick, name="zdm-validate-progress", daemon=True)
+            self._ticker.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
 
     def say(self, text: str) -> None:
         if self.enabled:
-            print(f"[{time.monotonic() - self.started:6.1f}s] {text}", file=self.stream, flush=True)
+            print(f"[{self.clock() - self.started:6.1f}s] {text}", file=self.stream, flush=True)
 
     def plan(self, plan: ValidationPlan) -> None:
         self.planned = len(plan.chunks)
@@ -158,24 +178,48 @@ class Progress:
             + ("; re-checking differences against live replication" if live else "")
         )
 
+    def step(self, step: ChunkStep) -> None:
+        with self.lock:
+            since = self.running.get((step.table, step.chunk), (self.clock(), step))[0]
+            self.running[(step.table, step.chunk)] = (since, step)
+            self._draw()
+
     def chunk(self, result: ChunkResult, done: int, planned: int) -> None:
         with self.lock:
+            self.running.pop((result.table, result.chunk), None)
             self.rows += result.source_rows
             self.differences += result.differences + result.unsettled.count
-            now = time.monotonic()
-            if not self.enabled or (now - self.last < (0.2 if self.tty else 2.0) and done < planned):
-                return
-            self.last = now
-            elapsed = now - self.started
-            line = (
-                f"[{elapsed:6.1f}s] {done}/{planned} chunks, {self.rows:,} rows, {self.differences:,} "
-                f"difference(s), {self.rows / max(elapsed, 1e-9):,.0f} rows/s"
-            )
-            if self.tty:
-                end = "\n" if done == planned else ""
-                print("\r" + line + "\033[K", end=end, file=self.stream, flush=True)
-            else:
-                print(line, file=self.stream, flush=True)
+            self.done, self.planned = done, planned
+            self._draw(final=done == planned)
+
+    def line(self) -> str:
+        """The progress line as it stands (the caller holds the lock)."""
+        elapsed = self.clock() - self.started
+        line = (
+            f"[{elapsed:6.1f}s] {self.done}/{self.planned} chunks, {self.rows:,} rows, {self.differences:,} "
+            f"difference(s), {self.rows / max(elapsed, 1e-9):,.0f} rows/s"
+        )
+        if self.running:
+            since, step = min(self.running.values(), key=lambda item: item[0])
+            line += f"; now {step.table} chunk {step.chunk + 1}/{step.chunks} ({self.clock() - since:.0f}s): {step.describe()}"
+        return line
+
+    def _draw(self, *, final: bool = False) -> None:
+        now = self.clock()
+        if not self.enabled or (now - self.last < self.interval and not final):
+            return
+        self.last = now
+        if self.tty:
+            print("\r" + self.line() + "\033[K", end="\n" if final else "", file=self.stream, flush=True)
+        else:
+            print(self.line(), file=self.stream, flush=True)
+
+    def _tick(self) -> None:
+        # Steps may go quiet for long (one scan counting a table's rows per key bucket): redraw anyway.
+        while not self._stop.wait(self.interval):
+            with self.lock:
+                if self.running:
+                    self._draw()
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -267,9 +311,15 @@ def run(args: argparse.Namespace, progress: Progress) -> ValidationSummary:
                 raise UsageError(f"subscription {subscription!r} does not exist or is disabled on the target")
         plan = plan_validation(pair, tables, settings, replication=replication)
     progress.plan(plan)
-    results = run_chunks(
-        source_dsn, target_dsn, plan.chunks, workers=settings.max_parallel_chunks, on_result=progress.chunk
-    )
+    with progress:
+        results = run_chunks(
+            source_dsn,
+            target_dsn,
+            plan.chunks,
+            workers=settings.max_parallel_chunks,
+            on_result=progress.chunk,
+            on_step=progress.step,
+        )
     return summarize(plan, results, finished_at=time.time())
 
 

@@ -20,6 +20,7 @@ from lambdas.core.lsn import Lsn
 from lambdas.core.tables import TableName
 from lambdas.core.validation import (
     ChunkResult,
+    ChunkStep,
     Replication,
     RowHash,
     SessionPair,
@@ -624,6 +625,36 @@ def test_a_table_that_is_only_its_integer_key_is_compared_by_records(fresh_dbs: 
     assert sum(r.rows_fetched for r in results) >= 0.8 * (4_000 + table.target_rows)
 
 
+def test_a_chunk_compared_by_key_ranges_tells_its_slices_then_its_differing_rows_as_it_goes(
+    fresh_dbs: tuple[str, str],
+) -> None:
+    # Given 4,000 rows in key order, 3 of them changed on the target
+    src, tgt = fresh_dbs
+    both(
+        src,
+        tgt,
+        "CREATE TABLE s (id bigint PRIMARY KEY, v text);"
+        " INSERT INTO s SELECT g, 'v' || g FROM generate_series(1, 4000) g; ANALYZE s",
+    )
+    run_sql(tgt, "UPDATE s SET v = 'x' WHERE id IN (10, 2000, 3999)")
+    with SessionPair.open(src, tgt) as pair:
+        plan = plan_validation(pair, [TableName("public", "s")], Validation(chunk_rows=4_000, slice_rows=200))
+    # When validated, hearing every step
+    steps: list[ChunkStep] = []
+    results = run_chunks(src, tgt, plan.chunks, workers=1, on_step=steps.append)
+    # Then each chunk counted its slices from none to all, the first alone (density unknown), then the
+    # differing rows it found were read in full
+    assert len(plan.chunks) >= 1 and sum(r.changed.count for r in results) == 3
+    for chunk, result in zip(plan.chunks, results, strict=True):
+        mine = [s for s in steps if s.chunk == chunk.number]
+        ranges = [s.done for s in mine if s.step == "key ranges"]
+        assert ranges[:2] == [0, 1] and ranges == sorted(ranges)
+        assert ranges[-1] == len(chunk.slice_ranges()) == mine[0].total and mine[0].unit == "slices"
+        differing = [(s.done, s.total) for s in mine if s.step == "differing rows"]
+        assert differing == ([(0, result.changed.count), (result.changed.count,) * 2] if result.changed.count else [])
+        assert {s.step for s in mine} <= {"key ranges", "differing rows"}
+
+
 def md5_uuid(n: int) -> str:
     """md5(n::text)::uuid, as the server computes it."""
     return str(uuid.UUID(hashlib.md5(str(n).encode()).hexdigest()))
@@ -710,7 +741,8 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     # When validated
     with SessionPair.open(src, tgt) as pair:
         plan = plan_validation(pair, [TableName("public", "r")], settings)
-    results = run_chunks(src, tgt, plan.chunks, workers=2)
+    steps: list[ChunkStep] = []
+    results = run_chunks(src, tgt, plan.chunks, workers=2, on_step=steps.append)
     summary = summarize(plan, results, finished_at=time.time())
     # Then the table was one chunk, compared in (at most) 1,024 buckets of its key, and says so
     assert [(c.chunks, c.bucket_bits) for c in plan.chunks] == [(1, 10)]
@@ -727,6 +759,17 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     assert (len(bucket_scans), len(range_reads)) == (1, 0)
     if variant == "small blocks":  # each side's rows of up to 15 buckets, a few rows a block
         assert len(cut) >= 60
+    # ... and the chunk told what it was doing as it went: the bucket scan, the rows streamed up to all
+    # the source's rows in differing buckets, the 15 differing rows read in full
+    assert list(dict.fromkeys(s.step for s in steps)) == ["key buckets", "rows of differing buckets", "differing rows"]
+    streamed = [s for s in steps if s.step == "rows of differing buckets"]
+    done = [s.done for s in streamed]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == streamed[0].total
+    # (the target sent those rows but the 5 missing, and the 3 extra)
+    assert done[-1] + (done[-1] - 5 + 3) == results[0].rows_fetched
+    assert (steps[-1].done, steps[-1].total, steps[-1].unit) == (15, 15, "keys")
+    if variant == "small blocks":
+        assert len(set(done)) >= 10
     # ... in buckets of an integer's widths, of a uuid's leading bits under the md5 row hash (md5 of its
     # text would cost more), else of the key's hash
     expected = {"bigint": "IntegerWidths", "uuid": "UuidPrefixes" if row_hash == "md5" else "KeyHashes"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,9 @@ def test_json_result_names_the_differences_and_exits_1(fresh_dbs: tuple[str, str
     assert items["changed"]["first"][0] == {"key": ["2500"], "columns": ["price"], "copies": 1}
     assert (summary["rows_compared"], summary["target_rows"], summary["differences"]) == (3050, 3049, 2)
     assert "planned 2 table(s)" in err and "chunks" in err
+    # ... including what a running chunk was doing (its first step is always drawn)
+    now = r"; now public\.(items chunk \d/3 \(\d+s\): key ranges, \d/\d slices|tags chunk 1/1 \(\d+s\): key buckets)\n"
+    assert re.search(now, err), err
     assert "s3cret" not in out + err
 
 

@@ -10,6 +10,7 @@ from lambdas.core.validation.chunk import compare_chunk
 from lambdas.core.validation.model import (
     ChunkResult,
     ChunkSpec,
+    ChunkStep,
     DiffList,
     KeyDiff,
     Replication,
@@ -28,6 +29,7 @@ from lambdas.core.validation.summary import summarize
 __all__ = [
     "ChunkResult",
     "ChunkSpec",
+    "ChunkStep",
     "DiffList",
     "KeyDiff",
     "Replication",

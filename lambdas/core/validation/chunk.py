@@ -23,7 +23,7 @@ position noted at the chunk's first compare.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -55,9 +55,11 @@ from lambdas.core.validation.bisect import (
 from lambdas.core.validation.model import (
     ChunkResult,
     ChunkSpec,
+    ChunkStep,
     DiffList,
     Key,
     KeyDiff,
+    OnStep,
     RangeSpec,
     Replication,
     RowHash,
@@ -128,6 +130,8 @@ def wait_applied(pair: SessionPair, replication: Replication, lsn: Lsn) -> None:
 
 @dataclass
 class _Tally:
+    chunk: ChunkSpec
+    on_step: OnStep | None = None
     source_rows: int = 0
     target_rows: int = 0
     slices: int = 0
@@ -143,6 +147,12 @@ class _Tally:
         for key in diff.keys:
             self.candidates[key] = None
 
+    def step(self, step: str, done: int, total: int | None, unit: str) -> None:
+        """Tell whoever watches what the chunk is doing (`ChunkStep`)."""
+        if self.on_step is not None:
+            chunk = self.chunk
+            self.on_step(ChunkStep(chunk.table.label, chunk.number, chunk.chunks, step, done, total, unit))
+
 
 def compare_chunk(
     pair: SessionPair,
@@ -150,25 +160,27 @@ def compare_chunk(
     *,
     policy: AdaptivePolicy | None = None,
     clock: Callable[[], float] = time.monotonic,
+    on_step: OnStep | None = None,
 ) -> ChunkResult:
     """Compare one chunk (a Map item); the result names every differing row up to `first_keys`.
 
-    `policy` may carry what earlier chunks of the table saw (how dense differences are).
+    `policy` may carry what earlier chunks of the table saw (how dense differences are); `on_step`
+    hears what the chunk is doing as it goes (a chunk of one table in no key order runs for minutes).
     """
     started = clock()
+    tally = _Tally(chunk, on_step)
     if chunk.table.multiset:
-        result = _compare_multiset(pair, chunk)
+        result = _compare_multiset(pair, chunk, tally)
     else:
-        result = _compare_keyed(pair, chunk, policy or AdaptivePolicy(chunk.slice_rows))
+        result = _compare_keyed(pair, chunk, policy or AdaptivePolicy(chunk.slice_rows), tally)
     return result.model_copy(update={"seconds": round(clock() - started, 6)})
 
 
 # -- tables with a primary key ---------------------------------------------------------------
 
 
-def _compare_keyed(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy) -> ChunkResult:
+def _compare_keyed(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy, tally: _Tally) -> ChunkResult:
     spec = chunk.table
-    tally = _Tally()
     if chunk.bucket_bits is not None:
         _compare_buckets(pair, chunk, chunk.bucket_bits, tally)
     else:
@@ -185,6 +197,7 @@ def _compare_pieces(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy,
     spec = chunk.table
     slices = chunk.slice_ranges()
     done = 0
+    tally.step("key ranges", done, len(slices), "slices")
     while done < len(slices):
         every_line = policy.every_line(
             TEXT_LINES_COST if RecordLayout.of(spec.key_types) is None else RECORD_LINES_COST
@@ -201,6 +214,7 @@ def _compare_pieces(pair: SessionPair, chunk: ChunkSpec, policy: AdaptivePolicy,
             ranges = _cut(pair, spec, key_range, len(piece) * chunk.slice_rows, policy.range_rows)
             rows, differences = _compare_ranges(pair, chunk, ranges, tally, depth=0)
         policy.record(rows, differences)
+        tally.step("key ranges", done, len(slices), "slices")
 
 
 def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tally) -> None:
@@ -213,6 +227,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     if key_buckets is None:
         return
     query, params = queries.key_buckets(spec, key_buckets)
+    tally.step("key buckets", 0, None, "rows")
     settings = {
         "max_parallel_workers_per_gather": str(chunk.scan_workers - 1),
         # A hash table of the buckets: the planner cannot know their number and would sort the whole table.
@@ -237,6 +252,12 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     # either side holds differs (dense differences), every row, no bucket computed.
     settings = {**settings, "enable_sort": "on"}
     chosen = None if set(buckets) == set(source) | set(target) else buckets
+    in_chosen = sum(a.rows for b, a in source.items() if chosen is None or b in chosen)
+
+    def streamed(rows: int) -> None:
+        tally.step("rows of differing buckets", rows, in_chosen, "rows")
+
+    streamed(0)
     layout = RecordLayout.of(spec.key_types)
     if layout is None:
         counts, diff = _stream_pairs(
@@ -245,6 +266,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
             settings,
             LineFrames,
             lambda source, target: diff_line_streams(source, target, len(spec.key)),
+            streamed,
         )
     else:
         size = layout.record.size
@@ -254,6 +276,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
             settings,
             lambda: RecordFrames(size),
             lambda source, target: diff_record_streams(source, target, layout, frame=RECORD_FRAME),
+            streamed,
         )
     tally.rows_fetched += sum(counts)
     tally.add(diff)
@@ -264,17 +287,25 @@ def _stream_pairs(
     query: tuple[sql.Composable, Sequence[Any]],
     settings: Mapping[str, str],
     frames: Callable[[], Frames],
-    diff: Callable[[CopyStream, CopyStream], HashDiff],
+    diff: Callable[[Iterator[bytes], Iterator[bytes]], HashDiff],
+    on_source_rows: Callable[[int], None],
 ) -> tuple[tuple[int, int], HashDiff]:
     """Run a query on both sides as COPY streams and diff them as they arrive (`session.CopyStream`):
-    the rows each side sent, and the differing keys."""
+    the rows each side sent, and the differing keys. `on_source_rows` hears the source's rows so far
+    with each of its blocks."""
     statement, params = query
     with (
         CopyStream(pair.source, statement, params, frames(), settings) as source,
         CopyStream(pair.target, statement, params, frames(), settings) as target,
     ):
-        found = diff(source, target)
+        found = diff(_reporting(source, on_source_rows), iter(target))
     return (source.frames.rows, target.frames.rows), found
+
+
+def _reporting(stream: CopyStream, on_rows: Callable[[int], None]) -> Iterator[bytes]:
+    for block in stream:
+        on_rows(stream.frames.rows)
+        yield block
 
 
 def _key_buckets(pair: SessionPair, spec: TableSpec, bits: int) -> KeyBuckets | None:
@@ -427,9 +458,15 @@ def _fetch_hashes(
 
 
 def _read_rows(
-    conn: Connection, spec: TableSpec, keys: Sequence[Key], *, with_version: bool
+    conn: Connection,
+    spec: TableSpec,
+    keys: Sequence[Key],
+    *,
+    with_version: bool,
+    on_keys: Callable[[int], None] | None = None,
 ) -> tuple[list[Key], dict[Key, RowImage]]:
-    """Each key's row image on one side (its column hashes), and the keys in that side's key order."""
+    """Each key's row image on one side (its column hashes), and the keys in that side's key order;
+    `on_keys` hears how many keys were read so far, batch by batch."""
     order: list[Key] = []
     images: dict[Key, RowImage] = {}
     for start in range(0, len(keys), READ_BATCH):
@@ -440,6 +477,8 @@ def _read_rows(
         )
         order += batch_order
         images.update(batch_images)
+        if on_keys is not None:
+            on_keys(start + len(batch))
     return order, images
 
 
@@ -449,7 +488,13 @@ def _resolve(
     """Without replication: read the candidate rows in full once and diff them by column."""
     if not keys:
         return [], []
-    (order, source), (_, target) = pair.both(lambda conn: _read_rows(conn, spec, keys, with_version=False))
+
+    def read(conn: Connection) -> tuple[list[Key], dict[Key, RowImage]]:
+        on_keys = (lambda done: tally.step("differing rows", done, len(keys), "keys")) if conn is pair.source else None
+        return _read_rows(conn, spec, keys, with_version=False, on_keys=on_keys)
+
+    tally.step("differing rows", 0, len(keys), "keys")
+    (order, source), (_, target) = pair.both(read)
     differences: list[RowDifference] = []
     columns = spec.column_names
     for key in order:
@@ -472,6 +517,7 @@ def _recheck(
     for _ in range(replication.attempts):
         if not pending:
             break
+        tally.step("re-checking differing rows", len(keys) - len(pending), len(keys), "keys")
         order, first = _read_rows(pair.source, spec, pending, with_version=True)
         position = source_position(pair.source)
         if tally.first_lsn is not None:
@@ -534,10 +580,11 @@ def _result(chunk: ChunkSpec, tally: _Tally, differences: list[RowDifference], u
 # -- tables without a primary key: multisets -------------------------------------------------
 
 
-def _compare_multiset(pair: SessionPair, chunk: ChunkSpec) -> ChunkResult:
+def _compare_multiset(pair: SessionPair, chunk: ChunkSpec, tally: _Tally) -> ChunkResult:
     """Count and hash sum of all rows; if they differ, buckets of the row hash, then the rows in differing buckets."""
     spec = chunk.table
-    tally = _Tally(slices=1)
+    tally.slices = 1
+    tally.step("count and hash of all rows", 0, None, "rows")
     query, params = queries.whole_aggregate(spec)
     src_row, tgt_row = pair.both(run_one(query, params))
     _note_first(pair, chunk, tally)
@@ -549,6 +596,7 @@ def _compare_multiset(pair: SessionPair, chunk: ChunkSpec) -> ChunkResult:
     if source != target:
         tally.slices_mismatched = 1
         bits = multiset_bits(max(source.rows, target.rows))
+        tally.step("row hash buckets", 0, None, "rows")
         query, params = queries.bucket_aggregates(spec, bits)
         src_buckets, tgt_buckets = pair.both(run_query(query, params))
         src_agg = {int(b): Aggregate(int(n), str(s)) for b, n, s in src_buckets}

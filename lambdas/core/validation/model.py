@@ -9,6 +9,8 @@ task never re-reads the plan. Keys travel as the text form of each key column (a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -145,6 +147,31 @@ class ChunkSpec(_Model):
         whole = self.range.key_range()
         points: list[Bound | None] = [whole.lower, *(tuple(b) for b in self.slices), whole.upper]
         return [KeyRange(points[i], points[i + 1]) for i in range(len(points) - 1)]
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    """What a running chunk is doing, for a person watching (not a task boundary: never stored).
+
+    A chunk reports each step as it starts and as it goes: `done` of `total` `unit`s (total None
+    when not known before the step ends, as for a scan counting rows per key bucket)."""
+
+    table: str
+    chunk: int  # 0-based
+    chunks: int
+    step: str  # "key ranges", "key buckets", "rows of differing buckets", "differing rows"
+    done: int
+    total: int | None
+    unit: str  # "slices", "rows", "keys"
+
+    def describe(self) -> str:
+        """The step and how far it is, e.g. `rows of differing buckets, 900/1,000 rows`."""
+        if self.total is not None:
+            return f"{self.step}, {self.done:,}/{self.total:,} {self.unit}"
+        return f"{self.step}, {self.done:,} {self.unit}" if self.done else self.step  # a scan that tells nothing
+
+
+OnStep = Callable[[ChunkStep], None]
 
 
 class StoredItems(_Model):

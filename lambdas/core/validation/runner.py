@@ -16,7 +16,14 @@ from lambdas.core.db import Connection, connect
 from lambdas.core.tables import TableName
 from lambdas.core.validation.bisect import AdaptivePolicy
 from lambdas.core.validation.chunk import compare_chunk
-from lambdas.core.validation.model import ChunkResult, ChunkSpec, Replication, ValidationPlan, ValidationSummary
+from lambdas.core.validation.model import (
+    ChunkResult,
+    ChunkSpec,
+    OnStep,
+    Replication,
+    ValidationPlan,
+    ValidationSummary,
+)
 from lambdas.core.validation.planner import plan_validation
 from lambdas.core.validation.session import SessionPair
 from lambdas.core.validation.summary import summarize
@@ -31,9 +38,11 @@ def run_chunks(
     *,
     workers: int,
     on_result: OnResult | None = None,
+    on_step: OnStep | None = None,
     connector: Callable[..., Connection] = connect,
 ) -> list[ChunkResult]:
-    """Compare every chunk, `workers` at a time (each worker keeps one session pair); results in plan order."""
+    """Compare every chunk, `workers` at a time (each worker keeps one session pair); results in plan
+    order. `on_step` hears what running chunks are doing (`compare_chunk`), from the workers' threads."""
     if not chunks:
         return []
     local = threading.local()
@@ -56,7 +65,9 @@ def run_chunks(
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks))), thread_name_prefix="zdm-validate")
     try:
         futures = {
-            pool.submit(lambda c: compare_chunk(session(), c, policy=policies[c.table.label]), chunk): i
+            pool.submit(
+                lambda c: compare_chunk(session(), c, policy=policies[c.table.label], on_step=on_step), chunk
+            ): i
             for i, chunk in enumerate(chunks)
         }
         outstanding = set(futures)
@@ -85,6 +96,7 @@ def validate(
     workers: int | None = None,
     on_plan: Callable[[ValidationPlan], None] | None = None,
     on_result: OnResult | None = None,
+    on_step: OnStep | None = None,
     connector: Callable[..., Connection] = connect,
 ) -> ValidationSummary:
     """Plan, compare every chunk (`workers`, default max_parallel_chunks, at a time) and summarize."""
@@ -98,6 +110,7 @@ def validate(
         plan.chunks,
         workers=workers or settings.max_parallel_chunks,
         on_result=on_result,
+        on_step=on_step,
         connector=connector,
     )
     return summarize(plan, results, finished_at=time.time())
