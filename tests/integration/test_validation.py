@@ -31,6 +31,9 @@ from lambdas.core.validation import (
     summarize,
     validate,
 )
+from lambdas.core.validation.bisect import KeyBuckets
+from lambdas.core.validation.model import TableSpec
+from lambdas.core.validation.queries import Where
 from lambdas.core.validation.session import CopyStream, Frames, LineFrames, RecordFrames
 from rehearsal import sample
 from rehearsal.workload import Workload
@@ -700,6 +703,34 @@ def counting(frames: type[RecordFrames] | type[LineFrames], counter: list[int]) 
     return functools.partial(Counted, block_bytes=64)
 
 
+def given_rows_in_no_order(src: str, tgt: str, key: str) -> None:
+    """20,000 rows whose keys are in no physical order; the target lost 5 rows, changed 7 and gained 3."""
+    key_type, key_of_g, extra_key_of_g, _, _ = BUCKET_KEYS[key]
+    both(
+        src,
+        tgt,
+        f"CREATE TABLE r (id {key_type} PRIMARY KEY, g int NOT NULL, v text, n numeric);"
+        f" INSERT INTO r SELECT {key_of_g}, g, 'v' || g, g / 7.0 FROM generate_series(1, 20000) g; ANALYZE r",
+    )
+    run_sql(
+        tgt,
+        "DELETE FROM r WHERE g IN (1, 4000, 8000, 12000, 19999);"
+        " UPDATE r SET v = v || '!' WHERE g IN (2, 3, 5000, 9000, 13000, 17000, 20000);"
+        f" INSERT INTO r SELECT {extra_key_of_g}, -g, 'new', 0 FROM generate_series(1, 3) g",
+    )
+
+
+def assert_rows_in_no_order_named(summary: ValidationSummary, key: str) -> None:
+    """Every difference `given_rows_in_no_order` made is named, and nothing else; every row counted once."""
+    _, _, _, key_text, extra = BUCKET_KEYS[key]
+    table = summary.per_table[0]
+    assert {k.key[0] for k in table.missing.first} == {key_text(n) for n in (1, 4000, 8000, 12000, 19999)}
+    assert {k.key[0] for k in table.changed.first} == {key_text(n) for n in (2, 3, 5000, 9000, 13000, 17000, 20000)}
+    assert {k.key[0] for k in table.extra.first} == extra
+    assert all(k.columns == ["v"] for k in table.changed.first)
+    assert (summary.rows_compared, summary.target_rows) == (20_000, 19_998)
+
+
 @pytest.mark.parametrize("key", list(BUCKET_KEYS))
 @pytest.mark.parametrize("variant", ["fast row hash", "small blocks", "md5 row hash"])
 def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
@@ -709,7 +740,6 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     # and gained 3
     from lambdas.core.validation import chunk as chunk_module
 
-    key_type, key_of_g, extra_key_of_g, key_text, extra = BUCKET_KEYS[key]
     # the rows of differing buckets: binary records for a uuid or integer key, else text lines, sorted and streamed
     bucket_scans = spy(monkeypatch, queries, "bucket_lines" if key == "text" else "bucket_records")
     range_reads = spy(monkeypatch, queries, "range_lines" if key == "text" else "range_records")
@@ -724,18 +754,7 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
         monkeypatch.setattr(chunk_module, frames.__name__, counting(frames, cut))
         monkeypatch.setattr(chunk_module, "CopyStream", functools.partial(CopyStream, read_bytes=100))
     src, tgt = fresh_dbs
-    both(
-        src,
-        tgt,
-        f"CREATE TABLE r (id {key_type} PRIMARY KEY, g int NOT NULL, v text, n numeric);"
-        f" INSERT INTO r SELECT {key_of_g}, g, 'v' || g, g / 7.0 FROM generate_series(1, 20000) g; ANALYZE r",
-    )
-    run_sql(
-        tgt,
-        "DELETE FROM r WHERE g IN (1, 4000, 8000, 12000, 19999);"
-        " UPDATE r SET v = v || '!' WHERE g IN (2, 3, 5000, 9000, 13000, 17000, 20000);"
-        f" INSERT INTO r SELECT {extra_key_of_g}, -g, 'new', 0 FROM generate_series(1, 3) g",
-    )
+    given_rows_in_no_order(src, tgt, key)
     row_hash = "md5" if variant == "md5 row hash" else "auto"
     settings = Validation(chunk_rows=2_000, slice_rows=200, report_first_keys=100, row_hash=row_hash)
     # When validated
@@ -749,12 +768,7 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     assert any("buckets of its key" in note for note in plan.tables[0].notes)
     assert 1_000 <= results[0].slices <= 1_024 and results[0].slices_mismatched <= 15
     # And every difference is named, and nothing else
-    table = summary.per_table[0]
-    assert {k.key[0] for k in table.missing.first} == {key_text(n) for n in (1, 4000, 8000, 12000, 19999)}
-    assert {k.key[0] for k in table.changed.first} == {key_text(n) for n in (2, 3, 5000, 9000, 13000, 17000, 20000)}
-    assert {k.key[0] for k in table.extra.first} == extra
-    assert all(k.columns == ["v"] for k in table.changed.first)
-    assert (summary.rows_compared, summary.target_rows) == (20_000, 19_998)
+    assert_rows_in_no_order_named(summary, key)
     # ... by one more scan, no key range read
     assert (len(bucket_scans), len(range_reads)) == (1, 0)
     if variant == "small blocks":  # each side's rows of up to 15 buckets, a few rows a block
@@ -776,18 +790,64 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     assert set(kinds) == {expected.get(key, "KeyHashes")}
 
 
+@pytest.mark.parametrize(
+    ("key", "row_hash", "kind"),
+    [
+        ("uuid", "auto", "KeyHashes"),
+        ("uuid", "md5", "UuidPrefixes"),  # groups of leading bits: key ranges
+        ("text", "auto", "KeyHashes"),
+        ("bigint", "auto", "KeyHashes"),  # not the integer's widths: they move with the least and greatest key
+    ],
+)
+def test_a_table_too_large_for_one_scan_is_compared_in_groups_of_key_buckets_one_chunk_each(
+    fresh_dbs: tuple[str, str], key: str, row_hash: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given rows in no physical order with differences, and one task's scan made 6,000 rows
+    from lambdas.core.validation import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "BUCKET_SCAN_MAX_ROWS", 6_000)
+    kinds: list[str] = []
+    bucket_of = queries.bucket_of
+    monkeypatch.setattr(queries, "bucket_of", lambda spec, b: kinds.append(type(b).__name__) or bucket_of(spec, b))
+    src, tgt = fresh_dbs
+    given_rows_in_no_order(src, tgt, key)
+    settings = Validation(chunk_rows=2_000, slice_rows=200, report_first_keys=100, row_hash=row_hash)
+    # When validated
+    with SessionPair.open(src, tgt) as pair:
+        plan = plan_validation(pair, [TableName("public", "r")], settings)
+    results = run_chunks(src, tgt, plan.chunks, workers=2)
+    summary = summarize(plan, results, finished_at=time.time())
+    # Then the 20,000 rows were 4 groups of 1,024 buckets, one chunk each, and the plan says so
+    assert [(c.bucket_bits, c.bucket_groups, c.bucket_group) for c in plan.chunks] == [(12, 4, g) for g in range(4)]
+    assert any("4 chunks of one scan per side each in 4,096 buckets" in n for n in plan.tables[0].notes)
+    assert [r.slices for r in results] == [1_024] * 4 and set(kinds) == {kind}
+    # And each group held some of the rows and no row was in two (the total is the table's)
+    assert all(r.source_rows > 1_000 for r in results) and sum(r.source_rows for r in results) == 20_000
+    # And every difference is named, and nothing else
+    assert_rows_in_no_order_named(summary, key)
+
+
 @pytest.mark.parametrize("key", ["uuid", "text"])
+@pytest.mark.parametrize("groups", [1, 4])
 def test_when_every_bucket_differs_every_row_is_read_with_no_bucket_computed(
-    fresh_dbs: tuple[str, str], key: str, monkeypatch: pytest.MonkeyPatch
+    fresh_dbs: tuple[str, str], key: str, groups: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given 3,000 rows keyed in no order, every one changed on the target, one missing and one extra (so
-    # every bucket either side holds differs)
+    # every bucket either side holds differs), in one chunk, or in 4 groups of buckets (one task's scan
+    # made 1,000 rows)
+    from lambdas.core.validation import plan as plan_module
+
+    if groups > 1:
+        monkeypatch.setattr(plan_module, "BUCKET_SCAN_MAX_ROWS", 1_000)
     key_type, key_of_g, extra_key_of_g, key_text, _ = BUCKET_KEYS[key]
-    reads: list[object] = []
+    reads: list[tuple[object, str]] = []
     read = queries.bucket_lines if key == "text" else queries.bucket_records
-    monkeypatch.setattr(
-        queries, read.__name__, lambda spec, buckets, chosen: reads.append(chosen) or read(spec, buckets, chosen)
-    )
+
+    def spied(spec: TableSpec, buckets: KeyBuckets, chosen: list[int] | None, group: Where) -> Where:
+        reads.append((chosen, "true" if group == queries.EVERY_ROW else "group"))
+        return read(spec, buckets, chosen, group)
+
+    monkeypatch.setattr(queries, read.__name__, spied)
     src, tgt = fresh_dbs
     both(
         src,
@@ -802,8 +862,10 @@ def test_when_every_bucket_differs_every_row_is_read_with_no_bucket_computed(
     )
     # When validated
     summary = check(src, tgt, [TableName("public", "r")], Validation(report_first_keys=5_000))
-    # Then every row was read by one scan with no bucket filter, and every difference is named
-    assert reads == [None]
+    # Then every row (of each group) was read by one scan with no bucket filter, and every difference
+    # is named once
+    assert reads == ([(None, "true")] if groups == 1 else [(None, "group")] * groups)
+    assert summary.chunks == groups
     table = summary.per_table[0]
     assert {k.key[0] for k in table.missing.first} == {key_text(1)}
     assert {k.key[0] for k in table.changed.first} == {key_text(g) for g in range(2, 3001)}

@@ -24,6 +24,7 @@ from lambdas.core.validation.model import (
 from lambdas.core.validation.plan import (
     BUCKET_BITS,
     BUCKET_SCAN_MAX_ROWS,
+    MAX_BUCKET_BITS,
     bucket_scan_bits,
     chunk_specs,
     group_slices,
@@ -295,7 +296,12 @@ def keyed_by(*key_types: str, multiset: bool = False) -> TableSpec:
         (keyed_by("uuid"), 0.98, 10_000_000, None),  # time-ordered uuids (v7) or a table filled in key order
         (keyed_by("uuid"), -0.9, 10_000_000, None),
         (keyed_by("uuid"), None, 10_000_000, None),  # never analyzed: key ranges are right for any order
-        (keyed_by("uuid"), 0.0, BUCKET_SCAN_MAX_ROWS + 1, None),  # too large for one task's scan
+        # too large for one task's scan: groups of buckets, one chunk each, up to 64 groups
+        (keyed_by("uuid"), 0.0, BUCKET_SCAN_MAX_ROWS, BUCKET_BITS),
+        (keyed_by("uuid"), 0.0, BUCKET_SCAN_MAX_ROWS + 1, BUCKET_BITS + 1),
+        (keyed_by("bigint"), 0.1, 3 * BUCKET_SCAN_MAX_ROWS, BUCKET_BITS + 2),  # 4 groups (a power of 2)
+        (keyed_by("text"), 0.0, 64 * BUCKET_SCAN_MAX_ROWS, MAX_BUCKET_BITS),
+        (keyed_by("uuid"), 0.0, 64 * BUCKET_SCAN_MAX_ROWS + 1, None),  # then key ranges over many tasks
         (keyed_by("bigint"), 0.0, 10_000_000, BUCKET_BITS),  # random integers
         (keyed_by("smallint"), 0.2, 10_000, BUCKET_BITS),
         (keyed_by("bigint"), 1.0, 10_000_000, None),  # a serial key
@@ -317,3 +323,25 @@ def test_a_table_compared_by_one_scan_is_one_chunk_over_its_whole_key() -> None:
     chunks = chunk_specs(keyed_by("uuid"), [("4",), ("8",)], settings, bucket_bits=10)
     assert [(c.chunks, c.bucket_bits, c.scan_workers, c.slices) for c in chunks] == [(1, 10, 3, [])]
     assert chunks[0].range.key_range() == KeyRange(None, None)
+
+
+@pytest.mark.parametrize(("parallel", "workers"), [(1, 1), (2, 1), (3, 1), (8, 2), (32, 8)])
+def test_a_table_too_large_for_one_scan_is_one_chunk_per_group_of_buckets(parallel: int, workers: int) -> None:
+    # Given a table in 4,096 buckets (4 groups of 1,024)
+    settings = Validation(chunk_rows=1_000, slice_rows=100, max_parallel_chunks=parallel)
+    # When its chunks are planned
+    chunks = chunk_specs(keyed_by("uuid"), [], settings, bucket_bits=BUCKET_BITS + 2)
+    # Then each group is one chunk over the whole key, and the chunks running at once share the scan
+    # processes a side (at most max_parallel_chunks in all, and never none)
+    assert [(c.number, c.chunks, c.bucket_group, c.bucket_groups) for c in chunks] == [(g, 4, g, 4) for g in range(4)]
+    assert {(c.bucket_bits, c.scan_workers, c.range.key_range()) for c in chunks} == {
+        (BUCKET_BITS + 2, workers, KeyRange(None, None))
+    }
+
+
+@pytest.mark.parametrize(("bits", "groups", "group"), [(12, 3, 0), (12, 4, 4), (None, 2, 0), (10, 1, 1)])
+def test_a_bucket_group_outside_its_groups_is_refused(bits: int | None, groups: int, group: int) -> None:
+    with pytest.raises(ValueError, match="bucket_group"):
+        ChunkSpec(
+            table=keyed_by("uuid"), number=0, chunks=1, bucket_bits=bits, bucket_groups=groups, bucket_group=group
+        )

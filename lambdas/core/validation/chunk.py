@@ -221,12 +221,14 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     """The whole table by one scan per side, counted and hashed per bucket of the key (`_key_buckets`;
     parallel query: `chunk.scan_workers` processes a side), then the rows of the differing buckets by
     one more scan, sorted by key and streamed: binary records for a key of integer and uuid columns,
-    else `key<TAB>hash` lines."""
+    else `key<TAB>hash` lines. In a table split in groups of buckets, only the rows of the chunk's group
+    are hashed (`queries.bucket_group`)."""
     spec = chunk.table
-    key_buckets = _key_buckets(pair, spec, bits)
+    key_buckets = _key_buckets(pair, spec, bits, grouped=chunk.bucket_groups > 1)
     if key_buckets is None:
         return
-    query, params = queries.key_buckets(spec, key_buckets)
+    group = queries.bucket_group(spec, key_buckets, chunk.bucket_group, chunk.bucket_groups)
+    query, params = queries.key_buckets(spec, key_buckets, group)
     tally.step("key buckets", 0, None, "rows")
     settings = {
         "max_parallel_workers_per_gather": str(chunk.scan_workers - 1),
@@ -243,7 +245,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     target = {int(b): Aggregate(int(n), str(s)) for b, n, s in tgt_rows}
     tally.source_rows += sum(a.rows for a in source.values())
     tally.target_rows += sum(a.rows for a in target.values())
-    tally.slices += key_buckets.count
+    tally.slices += key_buckets.count // chunk.bucket_groups
     buckets = mismatched_buckets(source, target)
     tally.slices_mismatched += len(buckets)
     if not buckets:
@@ -262,7 +264,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     if layout is None:
         counts, diff = _stream_pairs(
             pair,
-            queries.bucket_lines(spec, key_buckets, chosen),
+            queries.bucket_lines(spec, key_buckets, chosen, group),
             settings,
             LineFrames,
             lambda source, target: diff_line_streams(source, target, len(spec.key)),
@@ -272,7 +274,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
         size = layout.record.size
         counts, diff = _stream_pairs(
             pair,
-            queries.bucket_records(spec, key_buckets, chosen),
+            queries.bucket_records(spec, key_buckets, chosen, group),
             settings,
             lambda: RecordFrames(size),
             lambda source, target: diff_record_streams(source, target, layout, frame=RECORD_FRAME),
@@ -308,17 +310,19 @@ def _reporting(stream: CopyStream, on_rows: Callable[[int], None]) -> Iterator[b
         yield block
 
 
-def _key_buckets(pair: SessionPair, spec: TableSpec, bits: int) -> KeyBuckets | None:
+def _key_buckets(pair: SessionPair, spec: TableSpec, bits: int, *, grouped: bool) -> KeyBuckets | None:
     """The key's 2**bits buckets: an integer's equal widths between the least and greatest key either
     side holds (None when neither holds a row); any other key's hash's top bits, but a uuid's leading
-    bits under the md5 row hash (md5 of the key's text costs more than its bytes).
+    bits under the md5 row hash (md5 of the key's text costs more than its bytes). When the buckets are
+    `grouped` (one chunk per group), an integer key's hash's top bits too: every chunk must see the
+    same buckets, and the least and greatest key move while replication runs.
 
     A uuid's own hash (the fast row hash's) is cheaper than its leading bytes (uuid_send twice): 10M
     rows, a side, 4.77 CPU-s against 5.02 to count and hash the buckets, 0.85 against 1.26 to scan for
     the rows of 35 of them."""
     if spec.key_types == [UUID_KEY_TYPE] and spec.row_hash is RowHash.MD5:
         return UuidPrefixes(bits)
-    if not _integer_key(spec):
+    if grouped or not _integer_key(spec):
         return KeyHashes(bits)
     query, params = queries.key_span(spec, KeyRange(None, None))
     spans = [s for s in pair.both(run_one(query, params)) if s is not None and s[0] is not None]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lambdas.core.ranges import Bound, KeyRange
 from lambdas.core.tables import TableName
@@ -141,6 +141,21 @@ class ChunkSpec(_Model):
     # over the table.
     bucket_bits: int | None = Field(default=None, ge=1, le=16)
     scan_workers: int = Field(default=1, ge=1)  # processes per side for that scan (parallel query)
+    # A table too large for one task's scan: its buckets split into `bucket_groups` groups (a power of 2),
+    # each one chunk comparing the rows whose buckets' top bits are `bucket_group` (each chunk scans the
+    # whole table and hashes only its group's rows).
+    bucket_groups: int = Field(default=1, ge=1)
+    bucket_group: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _group_in_groups(self) -> ChunkSpec:
+        groups = self.bucket_groups
+        if groups & (groups - 1) or self.bucket_group >= groups or (groups > 1 and self.bucket_bits is None):
+            raise ValueError(
+                f"bucket_group {self.bucket_group} of {groups} bucket_groups: expected a power of 2 groups"
+                " of a table compared in key buckets, the group below their number"
+            )
+        return self
 
     def slice_ranges(self) -> list[KeyRange]:
         """The slices in key order; together exactly `range`."""

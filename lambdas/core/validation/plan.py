@@ -143,25 +143,29 @@ def group_slices(boundaries: Sequence[Bound], per_chunk: int) -> list[tuple[KeyR
 # A key in no physical order (random uuids or integers, hashes, emails): each key range's rows lie on pages all over the table,
 # so reading the table by key ranges reads every page over and over (10M rows, 256 MB of buffers: 9.3x
 # a scan). Such a table is compared by one scan per side in buckets of the key instead (`ChunkSpec.bucket_bits`).
-BUCKET_BITS = 10
+BUCKET_BITS = 10  # buckets one chunk compares
 BUCKET_SCAN_MAX_CORRELATION = 0.5  # |pg_stats.correlation| of the key column below which it is in no order
-# One task scans the whole table (and, when differences are dense, reads every row by key range):
-# beyond this, key ranges over many tasks.
+# Rows one task scans for (and, when differences are dense, reads and sorts): a larger table is split into
+# groups of buckets, one chunk each, up to `MAX_BUCKET_BITS` (64 groups); beyond, key ranges over many tasks.
 BUCKET_SCAN_MAX_ROWS = 100_000_000
+MAX_BUCKET_BITS = 16
 MAX_SCAN_WORKERS = 8
 
 
 def bucket_scan_bits(spec: TableSpec, correlation: float | None, estimated_rows: int) -> int | None:
-    """`BUCKET_BITS` when the table is compared by one scan in key buckets, else None (key ranges).
+    """The bits of the key buckets when the table is compared by scans in key buckets, else None (key
+    ranges): `BUCKET_BITS`, plus one per doubling of groups of `BUCKET_SCAN_MAX_ROWS` rows.
 
     Only for a key whose (first column's) physical order the statistics show to be random: without
     statistics (never analyzed) the table keeps key ranges, which are right for any order.
     """
     if spec.multiset or not spec.key or correlation is None:
         return None
-    if abs(correlation) >= BUCKET_SCAN_MAX_CORRELATION or estimated_rows > BUCKET_SCAN_MAX_ROWS:
+    if abs(correlation) >= BUCKET_SCAN_MAX_CORRELATION:
         return None
-    return BUCKET_BITS
+    groups = max(1, -(-estimated_rows // BUCKET_SCAN_MAX_ROWS))
+    bits = BUCKET_BITS + (groups - 1).bit_length()  # groups rounded up to a power of 2
+    return bits if bits <= MAX_BUCKET_BITS else None
 
 
 def chunk_specs(
@@ -173,10 +177,29 @@ def chunk_specs(
     bucket_bits: int | None = None,
 ) -> list[ChunkSpec]:
     """The Map items for one table. A table without a key is one chunk (it has no order to cut), and so
-    is one compared by one scan in key buckets."""
+    is one compared by one scan in key buckets, or one chunk per group of `BUCKET_BITS` bits of buckets
+    (`bucket_scan_bits`), each with its share of the scan processes a side."""
     if not spec.comparable:
         return []
-    whole = spec.multiset or bucket_bits is not None
+    if bucket_bits is not None:
+        bucket_groups = 1 << max(0, bucket_bits - BUCKET_BITS)
+        concurrent = min(bucket_groups, settings.max_parallel_chunks)
+        return [
+            ChunkSpec(
+                table=spec,
+                number=group,
+                chunks=bucket_groups,
+                slice_rows=effective_slice_rows(settings),
+                first_keys=settings.report_first_keys,
+                replication=replication,
+                bucket_bits=bucket_bits,
+                scan_workers=max(1, min(settings.max_parallel_chunks // concurrent, MAX_SCAN_WORKERS)),
+                bucket_groups=bucket_groups,
+                bucket_group=group,
+            )
+            for group in range(bucket_groups)
+        ]
+    whole = spec.multiset
     groups = [(KeyRange(None, None), [])] if whole else group_slices(boundaries, slices_per_chunk(settings))
     return [
         ChunkSpec(
@@ -188,8 +211,6 @@ def chunk_specs(
             slice_rows=effective_slice_rows(settings),
             first_keys=settings.report_first_keys,
             replication=replication,
-            bucket_bits=bucket_bits,
-            scan_workers=min(settings.max_parallel_chunks, MAX_SCAN_WORKERS),
         )
         for i, (key_range, inner) in enumerate(groups)
     ]

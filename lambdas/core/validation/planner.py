@@ -12,6 +12,7 @@ from lambdas.core.ranges import chunk_count, estimate_rows, key_boundaries
 from lambdas.core.tables import TableName
 from lambdas.core.validation.model import Replication, RowHash, ValidationPlan
 from lambdas.core.validation.plan import (
+    BUCKET_BITS,
     bucket_scan_bits,
     chunk_specs,
     effective_slice_rows,
@@ -147,8 +148,10 @@ def plan_validation(
             correlation = key_correlation(source, name, spec.key[0])
             bits = bucket_scan_bits(spec, correlation, estimated)
             if bits is not None:
+                groups = 2 ** (bits - BUCKET_BITS)
+                scans = "one scan per side" if groups == 1 else f"{groups} chunks of one scan per side each"
                 note = (
-                    f"compared by one scan per side in {2**bits:,} buckets of its key: the key is in no"
+                    f"compared by {scans} in {2**bits:,} buckets of its key: the key is in no"
                     f" physical order (correlation {correlation:.2f}), so key ranges would read every page many times"
                 )
                 spec = spec.model_copy(update={"notes": [*spec.notes, note]})

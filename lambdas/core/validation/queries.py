@@ -38,7 +38,7 @@ from typing import Any
 from psycopg2 import sql
 
 from lambdas.core.ranges import KeyRange, range_predicate
-from lambdas.core.validation.bisect import EvenRanges, KeyBuckets, KeyHashes, UuidPrefixes
+from lambdas.core.validation.bisect import EvenRanges, KeyBuckets, KeyHashes, UuidPrefixes, prefix_range
 from lambdas.core.validation.model import Key, RowHash, TableSpec, ValueHash
 
 Params = list[Any]
@@ -343,27 +343,50 @@ def bucket_of(spec: TableSpec, buckets: KeyBuckets) -> tuple[sql.Composable, Par
     return clamped, [len(ranges) - 1, ranges.low, ranges.width]
 
 
-def key_buckets(spec: TableSpec, buckets: KeyBuckets) -> tuple[sql.Composable, Params]:
-    """(bucket, count, hash sum as text) per bucket of the key (`bucket_of`), in one scan of the whole table.
+Where = tuple[sql.Composable, Params]
+EVERY_ROW: Where = (sql.SQL("true"), [])
+
+
+def bucket_group(spec: TableSpec, buckets: KeyBuckets, group: int, groups: int) -> Where:
+    """A WHERE clause selecting the rows of one of `groups` groups (a power of 2) of the key's buckets:
+    those whose buckets' top bits are `group` (every row when there is one group). A uuid's leading bits
+    are a key range (a comparison); a hash's top bits are computed (the key's hash, as `bucket_of`).
+    Buckets of an integer's widths are not grouped: their bounds come from the least and greatest key
+    at the time, which another chunk could see otherwise."""
+    if groups == 1:
+        return EVERY_ROW
+    bits = (groups - 1).bit_length()
+    if isinstance(buckets, UuidPrefixes):
+        return _where(spec, prefix_range(group, bits))
+    if isinstance(buckets, KeyHashes):
+        # >> is arithmetic on bigint: the mask keeps the top bits as an unsigned number
+        return sql.SQL("(({} >> %s) & %s) = %s").format(key_hash(spec)), [64 - bits, groups - 1, group]
+    raise ValueError("buckets of an integer key's widths are not split in groups")
+
+
+def key_buckets(spec: TableSpec, buckets: KeyBuckets, group: Where = EVERY_ROW) -> tuple[sql.Composable, Params]:
+    """(bucket, count, hash sum as text) per bucket of the key (`bucket_of`), in one scan of the whole table,
+    of the rows `group` selects (`bucket_group`).
 
     A hash table of 1,024 groups costs about a third more than a plain aggregate (10M uuid rows: 6.6 s
     against 4.9 at 8 and 10 bits; 8.7 s at 12, 10.3 at 16, whose groups no longer stay in the CPU's
     caches).
     """
     bucket, params = bucket_of(spec, buckets)
-    query = sql.SQL("SELECT {b}, count(*), sum({h})::text FROM {t} AS t GROUP BY 1").format(
-        b=bucket, h=row_hash(spec), t=table_ident(spec)
+    where, where_params = group
+    query = sql.SQL("SELECT {b}, count(*), sum({h})::text FROM {t} AS t WHERE {where} GROUP BY 1").format(
+        b=bucket, h=row_hash(spec), t=table_ident(spec), where=where
     )
-    return query, params
+    return query, [*params, *where_params]
 
 
-def _in_buckets(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | None) -> tuple[sql.Composable, Params]:
-    """A WHERE clause selecting the rows of the `chosen` buckets (in order; None: every row, no bucket
-    computed). For buckets that are key ranges, the rows between the first's and the last's bounds too:
-    a comparison turns most rows away before the bucket is computed (measured, a scan of 10M uuid rows:
-    0.63 CPU-s against 1.37)."""
+def _in_buckets(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | None, group: Where) -> Where:
+    """A WHERE clause selecting the rows of the `chosen` buckets (in order; None: every row of the
+    `group`, no bucket computed). For buckets that are key ranges, the rows between the first's and the
+    last's bounds too: a comparison turns most rows away before the bucket is computed (measured, a
+    scan of 10M uuid rows: 0.63 CPU-s against 1.37)."""
     if chosen is None:
-        return sql.SQL("true"), []
+        return group
     bucket, params = bucket_of(spec, buckets)
     clause = sql.SQL("{} = ANY(%s::integer[])").format(bucket)
     params = [*params, list(chosen)]
@@ -373,12 +396,15 @@ def _in_buckets(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | No
     return sql.SQL("{} AND {}").format(span, clause), [*span_params, *params]
 
 
-def bucket_lines(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | None) -> tuple[sql.Composable, Params]:
+def bucket_lines(
+    spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | None, group: Where = EVERY_ROW
+) -> tuple[sql.Composable, Params]:
     """Rows of the key columns' texts and the row hash as text, read as COPY's text format (a
     `key<TAB>...<TAB>hash` line per row, escaped by COPY; `session.LineFrames`), of each row in the
-    `chosen` buckets of `key_buckets` (None: of every row), found by one more scan and sorted by the
-    key's texts byte by byte (COLLATE "C": the order the diff walks in, `rowdiff.diff_line_streams`)."""
-    where, params = _in_buckets(spec, buckets, chosen)
+    `chosen` buckets of `key_buckets` (None: of every row `group` selects), found by one more scan and
+    sorted by the key's texts byte by byte (COLLATE "C": the order the diff walks in,
+    `rowdiff.diff_line_streams`)."""
+    where, params = _in_buckets(spec, buckets, chosen, group)
     texts = [sql.SQL("{}::text").format(sql.Identifier("t", k)) for k in spec.key]
     query = sql.SQL("SELECT {texts}, {h}::text FROM {t} AS t WHERE {where} ORDER BY {order}").format(
         texts=sql.SQL(", ").join(texts),
@@ -390,18 +416,20 @@ def bucket_lines(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | N
     return query, params
 
 
-def bucket_records(spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | None) -> tuple[sql.Composable, Params]:
+def bucket_records(
+    spec: TableSpec, buckets: KeyBuckets, chosen: Sequence[int] | None, group: Where = EVERY_ROW
+) -> tuple[sql.Composable, Params]:
     """Rows of one field: the binary record (as `range_records`) of each row in the `chosen` buckets of
-    `key_buckets` (None: of every row), in key order, found by one more scan of the table (its rows lie
-    all over it) and sorted by the server (in work_mem, else on disk); read as a stream
-    (`session.CopyStream`).
+    `key_buckets` (None: of every row `group` selects), in key order, found by one more scan of the
+    table (its rows lie all over it) and sorted by the server (in work_mem, else on disk); read as a
+    stream (`session.CopyStream`).
 
     One statement for all the differing buckets, however many rows they hold: measured on 10M random
     uuids, a side, 8.1 CPU-s to scan, hash and sort every row's record (as one sorted aggregate; sent
     as COPY rows, a few percent more), against 1.56 s per million rows when each million was a scan
     and sort of its own.
     """
-    where, params = _in_buckets(spec, buckets, chosen)
+    where, params = _in_buckets(spec, buckets, chosen, group)
     query = sql.SQL("SELECT {r} FROM {t} AS t WHERE {where} ORDER BY {order}").format(
         r=_record(spec), order=_key_order(spec), t=table_ident(spec), where=where
     )
