@@ -252,7 +252,9 @@ def run_ours(source_dsn: str, target_dsn: str, settings: Validation, workers: in
 
     def on_plan(plan: ValidationPlan) -> None:
         progress["planned"] = len(plan.chunks)
-        log(f"  zdm: {len(plan.chunks)} chunks of ~{settings.chunk_rows:,} rows, row hash {plan.tables[0].row_hash}")
+        bits = [c.bucket_bits for c in plan.chunks if c.bucket_bits is not None]
+        shape = f"in {2 ** max(bits):,} key buckets" if bits else f"of ~{settings.chunk_rows:,} rows"
+        log(f"  zdm: {len(plan.chunks)} chunks {shape}, row hash {plan.tables[0].row_hash}")
 
     def on_result(result: ChunkResult, done: int, planned: int) -> None:
         results.append(result)
@@ -360,6 +362,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the servers' shared_buffers, e.g. 2GB (default: the test servers' 256MB; a production server "
         "often holds a 10M-row table in its cache, which index range scans profit from more than the floor's scan)",
     )
+    parser.add_argument(
+        "--bucket-scan-max-rows",
+        type=int,
+        default=Validation().bucket_scan_max_rows,
+        help="rows one task scans for in a table keyed in no order (default 100,000,000): lower it to see a"
+        " key in no order split into groups of buckets, one task each",
+    )
     parser.add_argument("--skip-reladiff", action="store_true", help="time only ours and the floor")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     return parser.parse_args(argv)
@@ -374,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slice_rows=args.slice_rows,
         max_parallel_chunks=args.workers,
         report_first_keys=count + 1,
+        bucket_scan_max_rows=args.bucket_scan_max_rows,
     )
     server_settings = {"shared_buffers": args.shared_buffers} if args.shared_buffers else None
     with bench_servers(["bench-val-source", "bench-val-target"], dbname=DBNAME, settings=server_settings) as servers:

@@ -401,6 +401,14 @@ class Validation(_Model):
         description="auto: PostgreSQL's 64-bit text hash when both servers give the same hashes (checked at "
         "plan time), else md5 of the UTF-8 text; md5: always md5 (slower, portable everywhere)",
     )
+    bucket_scan_max_rows: int = Field(
+        default=100_000_000,
+        ge=1_000,
+        description="a table whose key is in no physical order is compared by scanning it in buckets of the "
+        "key; one task scans for at most this many (estimated) rows, about 45 s a side at 2.3M rows/s (the "
+        "chunk function has 900 s, and dense differences add a sorted scan): a larger table is split into up "
+        "to 64 groups of buckets, one task each, every one scanning the whole table",
+    )
 
 
 class Cutover(_Model):

@@ -803,15 +803,14 @@ def test_a_table_too_large_for_one_scan_is_compared_in_groups_of_key_buckets_one
     fresh_dbs: tuple[str, str], key: str, row_hash: str, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given rows in no physical order with differences, and one task's scan made 6,000 rows
-    from lambdas.core.validation import plan as plan_module
-
-    monkeypatch.setattr(plan_module, "BUCKET_SCAN_MAX_ROWS", 6_000)
     kinds: list[str] = []
     bucket_of = queries.bucket_of
     monkeypatch.setattr(queries, "bucket_of", lambda spec, b: kinds.append(type(b).__name__) or bucket_of(spec, b))
     src, tgt = fresh_dbs
     given_rows_in_no_order(src, tgt, key)
-    settings = Validation(chunk_rows=2_000, slice_rows=200, report_first_keys=100, row_hash=row_hash)
+    settings = Validation(
+        chunk_rows=2_000, slice_rows=200, report_first_keys=100, row_hash=row_hash, bucket_scan_max_rows=6_000
+    )
     # When validated
     with SessionPair.open(src, tgt) as pair:
         plan = plan_validation(pair, [TableName("public", "r")], settings)
@@ -835,10 +834,6 @@ def test_when_every_bucket_differs_every_row_is_read_with_no_bucket_computed(
     # Given 3,000 rows keyed in no order, every one changed on the target, one missing and one extra (so
     # every bucket either side holds differs), in one chunk, or in 4 groups of buckets (one task's scan
     # made 1,000 rows)
-    from lambdas.core.validation import plan as plan_module
-
-    if groups > 1:
-        monkeypatch.setattr(plan_module, "BUCKET_SCAN_MAX_ROWS", 1_000)
     key_type, key_of_g, extra_key_of_g, key_text, _ = BUCKET_KEYS[key]
     reads: list[tuple[object, str]] = []
     read = queries.bucket_lines if key == "text" else queries.bucket_records
@@ -861,7 +856,8 @@ def test_when_every_bucket_differs_every_row_is_read_with_no_bucket_computed(
         f" INSERT INTO r SELECT {extra_key_of_g}, 0, 'new' FROM generate_series(1, 1) g",
     )
     # When validated
-    summary = check(src, tgt, [TableName("public", "r")], Validation(report_first_keys=5_000))
+    settings = Validation(report_first_keys=5_000, bucket_scan_max_rows=1_000 if groups > 1 else 100_000_000)
+    summary = check(src, tgt, [TableName("public", "r")], settings)
     # Then every row (of each group) was read by one scan with no bucket filter, and every difference
     # is named once
     assert reads == ([(None, "true")] if groups == 1 else [(None, "group")] * groups)

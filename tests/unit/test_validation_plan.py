@@ -23,7 +23,6 @@ from lambdas.core.validation.model import (
 )
 from lambdas.core.validation.plan import (
     BUCKET_BITS,
-    BUCKET_SCAN_MAX_ROWS,
     MAX_BUCKET_BITS,
     bucket_scan_bits,
     chunk_specs,
@@ -35,6 +34,7 @@ from lambdas.core.validation.plan import (
 )
 
 ORDERS = TableName("public", "orders")
+MAX_ROWS = Validation().bucket_scan_max_rows  # one task's scan
 
 
 def info(
@@ -297,11 +297,11 @@ def keyed_by(*key_types: str, multiset: bool = False) -> TableSpec:
         (keyed_by("uuid"), -0.9, 10_000_000, None),
         (keyed_by("uuid"), None, 10_000_000, None),  # never analyzed: key ranges are right for any order
         # too large for one task's scan: groups of buckets, one chunk each, up to 64 groups
-        (keyed_by("uuid"), 0.0, BUCKET_SCAN_MAX_ROWS, BUCKET_BITS),
-        (keyed_by("uuid"), 0.0, BUCKET_SCAN_MAX_ROWS + 1, BUCKET_BITS + 1),
-        (keyed_by("bigint"), 0.1, 3 * BUCKET_SCAN_MAX_ROWS, BUCKET_BITS + 2),  # 4 groups (a power of 2)
-        (keyed_by("text"), 0.0, 64 * BUCKET_SCAN_MAX_ROWS, MAX_BUCKET_BITS),
-        (keyed_by("uuid"), 0.0, 64 * BUCKET_SCAN_MAX_ROWS + 1, None),  # then key ranges over many tasks
+        (keyed_by("uuid"), 0.0, MAX_ROWS, BUCKET_BITS),
+        (keyed_by("uuid"), 0.0, MAX_ROWS + 1, BUCKET_BITS + 1),
+        (keyed_by("bigint"), 0.1, 3 * MAX_ROWS, BUCKET_BITS + 2),  # 4 groups (a power of 2)
+        (keyed_by("text"), 0.0, 64 * MAX_ROWS, MAX_BUCKET_BITS),
+        (keyed_by("uuid"), 0.0, 64 * MAX_ROWS + 1, None),  # then key ranges over many tasks
         (keyed_by("bigint"), 0.0, 10_000_000, BUCKET_BITS),  # random integers
         (keyed_by("smallint"), 0.2, 10_000, BUCKET_BITS),
         (keyed_by("bigint"), 1.0, 10_000_000, None),  # a serial key
@@ -315,7 +315,7 @@ def keyed_by(*key_types: str, multiset: bool = False) -> TableSpec:
 def test_a_key_in_no_physical_order_is_compared_by_one_scan(
     spec: TableSpec, correlation: float | None, rows: int, bits: int | None
 ) -> None:
-    assert bucket_scan_bits(spec, correlation, rows) == bits
+    assert bucket_scan_bits(spec, correlation, rows, MAX_ROWS) == bits
 
 
 def test_a_table_compared_by_one_scan_is_one_chunk_over_its_whole_key() -> None:

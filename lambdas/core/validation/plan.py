@@ -145,16 +145,15 @@ def group_slices(boundaries: Sequence[Bound], per_chunk: int) -> list[tuple[KeyR
 # a scan). Such a table is compared by one scan per side in buckets of the key instead (`ChunkSpec.bucket_bits`).
 BUCKET_BITS = 10  # buckets one chunk compares
 BUCKET_SCAN_MAX_CORRELATION = 0.5  # |pg_stats.correlation| of the key column below which it is in no order
-# Rows one task scans for (and, when differences are dense, reads and sorts): a larger table is split into
-# groups of buckets, one chunk each, up to `MAX_BUCKET_BITS` (64 groups); beyond, key ranges over many tasks.
-BUCKET_SCAN_MAX_ROWS = 100_000_000
+# A table beyond `Validation.bucket_scan_max_rows` (what one task scans for) is split into groups of
+# buckets, one chunk each, up to `MAX_BUCKET_BITS` (64 groups); beyond, key ranges over many tasks.
 MAX_BUCKET_BITS = 16
 MAX_SCAN_WORKERS = 8
 
 
-def bucket_scan_bits(spec: TableSpec, correlation: float | None, estimated_rows: int) -> int | None:
+def bucket_scan_bits(spec: TableSpec, correlation: float | None, estimated_rows: int, max_rows: int) -> int | None:
     """The bits of the key buckets when the table is compared by scans in key buckets, else None (key
-    ranges): `BUCKET_BITS`, plus one per doubling of groups of `BUCKET_SCAN_MAX_ROWS` rows.
+    ranges): `BUCKET_BITS`, plus one per doubling of groups of `max_rows` rows (one task's scan).
 
     Only for a key whose (first column's) physical order the statistics show to be random: without
     statistics (never analyzed) the table keeps key ranges, which are right for any order.
@@ -163,7 +162,7 @@ def bucket_scan_bits(spec: TableSpec, correlation: float | None, estimated_rows:
         return None
     if abs(correlation) >= BUCKET_SCAN_MAX_CORRELATION:
         return None
-    groups = max(1, -(-estimated_rows // BUCKET_SCAN_MAX_ROWS))
+    groups = max(1, -(-estimated_rows // max(1, max_rows)))
     bits = BUCKET_BITS + (groups - 1).bit_length()  # groups rounded up to a power of 2
     return bits if bits <= MAX_BUCKET_BITS else None
 

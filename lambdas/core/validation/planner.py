@@ -146,7 +146,7 @@ def plan_validation(
         bits = None
         if spec.comparable and spec.key:
             correlation = key_correlation(source, name, spec.key[0])
-            bits = bucket_scan_bits(spec, correlation, estimated)
+            bits = bucket_scan_bits(spec, correlation, estimated, settings.bucket_scan_max_rows)
             if bits is not None:
                 groups = 2 ** (bits - BUCKET_BITS)
                 scans = "one scan per side" if groups == 1 else f"{groups} chunks of one scan per side each"
