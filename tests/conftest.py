@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
+from lambdas.handlers.runtime import logger
 from rehearsal.broker import Broker, start_broker
 from rehearsal.servers import PostgresServer, start_server
 
@@ -92,3 +94,15 @@ def _drop_slots(server: PostgresServer, dbname: str) -> None:
             break
         time.sleep(0.1)
     server.psql(f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{dbname}'")
+
+
+@pytest.fixture
+def handler_logs() -> Iterator[io.StringIO]:
+    """What the handlers log: their logger's handler holds the stdout of import time, which no capture
+    fixture sees."""
+    stream = io.StringIO()
+    previous = logger.registered_handler.setStream(stream)
+    try:
+        yield stream
+    finally:
+        logger.registered_handler.setStream(previous)  # type: ignore[arg-type]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -10,7 +13,7 @@ from pydantic import BaseModel
 
 from lambdas.core import telemetry
 from lambdas.core.bulk_reads import tune_for_bulk_reads
-from lambdas.core.validation import ChunkSpec, SessionPair, StoredItems, compare_chunk
+from lambdas.core.validation import ChunkSpec, ChunkStep, SessionPair, StoredItems, compare_chunk
 from lambdas.handlers.replication import build_debezium_engine, build_dms_stream
 from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer, validation_store
 
@@ -30,6 +33,27 @@ class ChunkReceipt(BaseModel):
     chunk: int
     differences: int
     unsettled: int
+
+
+class StepLog:
+    """Logs what a running chunk is doing: each new step, and how far it is at most every `every`
+    seconds (a table in no key order is one chunk that runs for minutes). Counts only, never keys."""
+
+    def __init__(self, log: Callable[..., None], every: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self._log = log
+        self._every = every
+        self._clock = clock
+        self._lock = threading.Lock()  # steps come from both sides' threads
+        self._last: tuple[str, float] | None = None
+
+    def __call__(self, step: ChunkStep) -> None:
+        now = self._clock()
+        with self._lock:
+            if self._last is not None and self._last[0] == step.step and now - self._last[1] < self._every:
+                return
+            self._last = (step.step, now)
+        fields = {"table": step.table, "chunk": step.chunk, "step": step.step, "done": step.done, "unit": step.unit}
+        self._log("validation chunk step", extra={**fields, "total": step.total})
 
 
 @logger.inject_lambda_context
@@ -54,7 +78,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
                 engine.catch_up(timeout)
 
             pair.catch_up = catch_up
-        result = compare_chunk(pair, request.chunk)
+        result = compare_chunk(pair, request.chunk, on_step=StepLog(logger.info))
     metrics.add_dimension(name=telemetry.MIGRATION_DIMENSION, value=migration.name)
     metrics.add_metric(name=telemetry.VALIDATION_CHUNKS_DONE, unit=MetricUnit.Count, value=1)
     metrics.add_metric(

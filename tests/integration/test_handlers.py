@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ def event(src: str, tgt: str, **extra: Any) -> dict[str, Any]:
 
 
 def test_handlers_run_preflight_replication_and_sequences_without_leaking_secrets(
-    fresh_dbs: tuple[str, str], capsys: pytest.CaptureFixture[str]
+    fresh_dbs: tuple[str, str], capsys: pytest.CaptureFixture[str], handler_logs: io.StringIO
 ) -> None:
     # Given a source with data and an empty target with the same schema
     src, tgt = fresh_dbs
@@ -64,8 +65,9 @@ def test_handlers_run_preflight_replication_and_sequences_without_leaking_secret
     for result in (pre, started, status, synced, removed):
         json.dumps(result)
     # And no password reached the logs or the results
-    out = capsys.readouterr()
-    everything = out.out + out.err + json.dumps([pre, started, status, synced, removed])
+    out, logs = capsys.readouterr(), handler_logs.getvalue()
+    assert logs.strip()  # the check below covers what the handlers logged
+    everything = logs + out.out + out.err + json.dumps([pre, started, status, synced, removed])
     assert "s3cret" not in everything
 
 

@@ -3,6 +3,7 @@ state would run them), summary; JSON in and out, no password in logs or results.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ def on_both(dsns: tuple[str, str], statements: str) -> None:
 
 
 def test_plan_map_and_summary_handlers_find_a_difference_without_leaking_secrets(
-    fresh_dbs: tuple[str, str], capsys: pytest.CaptureFixture[str]
+    fresh_dbs: tuple[str, str], capsys: pytest.CaptureFixture[str], handler_logs: io.StringIO
 ) -> None:
     # Given two tables on both sides, one row of one table changed on the target
     src, tgt = fresh_dbs
@@ -69,9 +70,14 @@ def test_plan_map_and_summary_handlers_find_a_difference_without_leaking_secrets
     assert (summary["rows_compared"], summary["differences"], summary["changed"]) == (4500, 1, 1)
     table_a = next(t for t in summary["per_table"] if t["table"] == "public.a")
     assert table_a["changed"]["first"] == [{"key": ["3210"], "columns": ["v"], "copies": 1}]
-    # And no password reached the logs or the results
-    out = capsys.readouterr()
-    assert "s3cret" not in out.out + out.err + json.dumps([plan, results, summary])
+    # And no password reached the logs, the metrics or the results
+    out, logs = capsys.readouterr(), handler_logs.getvalue()
+    assert '"validation chunk compared"' in logs and "ValidationChunksDone" in out.out
+    assert "s3cret" not in logs + out.out + out.err + json.dumps([plan, results, summary])
+    # And each chunk logged its steps as it went: 'b' (uuids in no order) its bucket scan, with counts only
+    steps = [json.loads(line) for line in logs.splitlines() if '"validation chunk step"' in line]
+    assert {(s["table"], s["step"]) for s in steps} >= {("public.a", "key ranges"), ("public.b", "key buckets")}
+    assert not any(str(k) in json.dumps(steps) for k in ("3210", "'changed'"))
 
 
 def test_plan_handler_accepts_an_explicit_table_list(fresh_dbs: tuple[str, str]) -> None:

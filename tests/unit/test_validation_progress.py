@@ -1,11 +1,14 @@
-"""The command line's progress line: chunks done, and what the longest-running chunk is doing now."""
+"""Progress within a chunk: the command line's line (chunks done, what the longest-running chunk is doing
+now) and the chunk Lambda's step log."""
 
 from __future__ import annotations
 
 import io
 import time
+from typing import Any
 
 from lambdas.core.validation import ChunkResult, ChunkStep
+from lambdas.handlers.validate_chunk import StepLog
 from rehearsal.validate import Progress
 
 
@@ -87,3 +90,25 @@ def test_disabled_progress_prints_nothing_and_starts_no_thread() -> None:
         progress.step(step("key buckets", 0, None))
         progress.chunk(ChunkResult(table="public.events", chunk=0, chunks=1), 1, 1)
     assert stream.getvalue() == "" and progress._ticker is None
+
+
+def test_the_chunk_function_logs_each_new_step_and_a_running_one_every_30_s() -> None:
+    # Given a step log over a fake clock
+    logged: list[dict[str, Any]] = []
+    clock = Clock()
+    log = StepLog(lambda message, extra: logged.append({"message": message, **extra}), clock=clock)
+    # When a bucket scan starts, rows stream for 40 s, then the differing rows are read
+    log(step("key buckets", 0, None))
+    for second in range(1, 41):
+        clock.now += 1
+        log(step("rows of differing buckets", second * 1_000, 40_000))
+    log(step("differing rows", 0, 12, unit="keys"))
+    # Then each step is logged when it starts, the stream again after 30 s, with counts and no keys
+    assert [(e["step"], e["done"], e["total"]) for e in logged] == [
+        ("key buckets", 0, None),
+        ("rows of differing buckets", 1_000, 40_000),
+        ("rows of differing buckets", 31_000, 40_000),
+        ("differing rows", 0, 12),
+    ]
+    assert {e["message"] for e in logged} == {"validation chunk step"}
+    assert set(logged[0]) == {"message", "table", "chunk", "step", "done", "total", "unit"}
