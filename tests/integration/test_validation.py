@@ -790,6 +790,38 @@ def test_a_key_in_no_physical_order_is_compared_by_one_scan_in_key_buckets(
     assert set(kinds) == {expected.get(key, "KeyHashes")}
 
 
+@pytest.mark.parametrize("key", list(BUCKET_KEYS))
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_sample_of_dense_differences_skips_the_bucket_scan_and_reads_every_row(
+    fresh_dbs: tuple[str, str], key: str, dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 20,000 rows in no order with 15 differences, and for dense ones 1 row in 25 changed as well;
+    # the sample made 500 keys (a chunk then samples from 5,000 rows on)
+    from lambdas.core.validation import chunk as chunk_module
+
+    monkeypatch.setattr(chunk_module, "SAMPLE_KEYS", 500)
+    bucket_scans = spy(monkeypatch, queries, "key_buckets")
+    src, tgt = fresh_dbs
+    given_rows_in_no_order(src, tgt, key)
+    if dense:
+        run_sql(tgt, "UPDATE r SET v = v || '?' WHERE g % 25 = 7")
+    # When validated
+    summary = check(src, tgt, [TableName("public", "r")], Validation(report_first_keys=5_000))
+    # Then dense differences skipped the bucket scan, and the table says why; sparse ones did not
+    table = summary.per_table[0]
+    assert len(bucket_scans) == (0 if dense else 1)
+    assert any("sampled rows differed: every row read at once" in n for n in table.notes) == dense
+    # And every difference is named, and every row counted once
+    _, _, _, key_text, extra = BUCKET_KEYS[key]
+    changed = {2, 3, 5000, 9000, 13000, 17000, 20000} | (
+        {g for g in range(1, 20001) if g % 25 == 7} if dense else set()
+    )
+    assert {k.key[0] for k in table.missing.first} == {key_text(n) for n in (1, 4000, 8000, 12000, 19999)}
+    assert {k.key[0] for k in table.changed.first} == {key_text(n) for n in changed}
+    assert {k.key[0] for k in table.extra.first} == extra and table.changed.count == len(changed)
+    assert (summary.rows_compared, summary.target_rows) == (20_000, 19_998)
+
+
 @pytest.mark.parametrize(
     ("key", "row_hash", "kind"),
     [

@@ -222,14 +222,14 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     parallel query: `chunk.scan_workers` processes a side), then the rows of the differing buckets by
     one more scan, sorted by key and streamed: binary records for a key of integer and uuid columns,
     else `key<TAB>hash` lines. In a table split in groups of buckets, only the rows of the chunk's group
-    are hashed (`queries.bucket_group`)."""
+    are hashed (`queries.bucket_group`). When a sample of rows shows differences dense enough that
+    nearly every bucket would differ (`_dense_in_sample`), the bucket scan is skipped: every row of the
+    group is streamed at once."""
     spec = chunk.table
     key_buckets = _key_buckets(pair, spec, bits, grouped=chunk.bucket_groups > 1)
     if key_buckets is None:
         return
     group = queries.bucket_group(spec, key_buckets, chunk.bucket_group, chunk.bucket_groups)
-    query, params = queries.key_buckets(spec, key_buckets, group)
-    tally.step("key buckets", 0, None, "rows")
     settings = {
         "max_parallel_workers_per_gather": str(chunk.scan_workers - 1),
         # A hash table of the buckets: the planner cannot know their number and would sort the whole table.
@@ -239,6 +239,17 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
         "enable_indexscan": "off",
         "enable_bitmapscan": "off",
     }
+    stream_settings = {**settings, "enable_sort": "on"}
+    if _dense_in_sample(pair, chunk, group, tally):
+        counts = _stream_buckets(pair, spec, key_buckets, None, group, stream_settings, None, tally)
+        _note_first(pair, chunk, tally)
+        tally.source_rows += counts[0]
+        tally.target_rows += counts[1]
+        tally.slices += 1  # one piece read row by row
+        tally.slices_mismatched += 1 if tally.candidates else 0
+        return
+    query, params = queries.key_buckets(spec, key_buckets, group)
+    tally.step("key buckets", 0, None, "rows")
     src_rows, tgt_rows = pair.both(run_with_settings(settings, run_query(query, params)))
     _note_first(pair, chunk, tally)
     source = {int(b): Aggregate(int(n), str(s)) for b, n, s in src_rows}
@@ -250,14 +261,60 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     tally.slices_mismatched += len(buckets)
     if not buckets:
         return
-    # One more scan: the rows of every differing bucket, sorted by key and streamed; when every bucket
-    # either side holds differs (dense differences), every row, no bucket computed.
-    settings = {**settings, "enable_sort": "on"}
+    # One more scan: the rows of every differing bucket; when every bucket either side holds differs
+    # (dense differences), every row, no bucket computed.
     chosen = None if set(buckets) == set(source) | set(target) else buckets
     in_chosen = sum(a.rows for b, a in source.items() if chosen is None or b in chosen)
+    _stream_buckets(pair, spec, key_buckets, chosen, group, stream_settings, in_chosen, tally)
+
+
+# A chunk in key buckets first reads this many of its source rows' keys, at random pages, on both sides:
+# when at least `DENSE_SAMPLE_DIFFERENCES` differ (1 row in 2,000), nearly every one of the 1,024 buckets
+# would differ (all of them, past about 1 row in 10,000), so the bucket scan is skipped. A sample read
+# only where the chunk holds ten times as many rows: on a small table, the bucket scan costs little.
+SAMPLE_KEYS = 4_000
+DENSE_SAMPLE_DIFFERENCES = 2
+
+
+def _dense_in_sample(pair: SessionPair, chunk: ChunkSpec, group: queries.Where, tally: _Tally) -> bool:
+    """Whether a sample of the chunk's rows (source keys of random pages, `queries.sampled_page_keys`,
+    read on both sides as `_resolve` reads them) shows dense differences (see `SAMPLE_KEYS`)."""
+    spec = chunk.table
+    rows = spec.estimated_rows / chunk.bucket_groups
+    if rows < 10 * SAMPLE_KEYS:
+        return False
+    tally.step("sample of rows", 0, SAMPLE_KEYS, "keys")
+    percent = min(100.0, 100.0 * SAMPLE_KEYS * chunk.bucket_groups / max(1, spec.estimated_rows))
+    query, params = queries.sampled_page_keys(spec, percent, group, SAMPLE_KEYS)
+    keys = [tuple(str(v) for v in row) for row in fetch_all(pair.source, query, params)]
+    if not keys:
+        return False
+    (_, source), (_, target) = pair.both(lambda conn: _read_rows(conn, spec, keys, with_version=False))
+    columns = spec.column_names
+    differing = sum(1 for key in keys if diff_row(key, columns, source[key], target[key]) is not None)
+    tally.step("sample of rows", len(keys), SAMPLE_KEYS, "keys")
+    if differing < DENSE_SAMPLE_DIFFERENCES:
+        return False
+    tally.notes.append(f"{differing:,} of {len(keys):,} sampled rows differed: every row read at once, no bucket scan")
+    return True
+
+
+def _stream_buckets(
+    pair: SessionPair,
+    spec: TableSpec,
+    key_buckets: KeyBuckets,
+    chosen: Sequence[int] | None,
+    group: queries.Where,
+    settings: Mapping[str, str],
+    total: int | None,
+    tally: _Tally,
+) -> tuple[int, int]:
+    """The rows of the `chosen` buckets (None: every row of the `group`), sorted by key by the servers
+    and streamed, diffed as they come: the rows each side sent."""
+    step = "rows of differing buckets" if chosen is not None or total is not None else "every row"
 
     def streamed(rows: int) -> None:
-        tally.step("rows of differing buckets", rows, in_chosen, "rows")
+        tally.step(step, rows, total, "rows")
 
     streamed(0)
     layout = RecordLayout.of(spec.key_types)
@@ -282,6 +339,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
         )
     tally.rows_fetched += sum(counts)
     tally.add(diff)
+    return counts
 
 
 def _stream_pairs(

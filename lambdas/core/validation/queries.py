@@ -230,6 +230,17 @@ def sampled_keys(spec: TableSpec, key_range: KeyRange, every: int) -> tuple[sql.
     return query, [*params, 1.0 / max(1, every)]
 
 
+def sampled_page_keys(spec: TableSpec, percent: float, group: Where, limit: int) -> tuple[sql.Composable, Params]:
+    """The keys (as text) of at most `limit` rows on about `percent` of the table's pages, picked at
+    random but the same each time (TABLESAMPLE SYSTEM ... REPEATABLE: a run decides as the last one
+    did), of the rows `group` selects (`bucket_group`)."""
+    where, params = group
+    query = sql.SQL("SELECT {keys} FROM {t} AS t TABLESAMPLE SYSTEM (%s) REPEATABLE (0) WHERE {where} LIMIT %s").format(
+        keys=_key_texts(spec), t=table_ident(spec), where=where
+    )
+    return query, [percent, *params, limit]
+
+
 # Key types whose text form never holds a backslash, tab or newline (no escaping needed).
 _PLAIN_KEY_TYPES = {"smallint", "integer", "bigint", "uuid", "numeric", "date", "boolean", "oid"}
 
