@@ -241,7 +241,7 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     }
     stream_settings = {**settings, "enable_sort": "on"}
     if _dense_in_sample(pair, chunk, group, tally):
-        counts = _stream_buckets(pair, spec, key_buckets, None, group, stream_settings, None, tally)
+        counts = _stream_buckets(pair, spec, key_buckets, None, group, stream_settings, ("every row", None), tally)
         _note_first(pair, chunk, tally)
         tally.source_rows += counts[0]
         tally.target_rows += counts[1]
@@ -265,7 +265,8 @@ def _compare_buckets(pair: SessionPair, chunk: ChunkSpec, bits: int, tally: _Tal
     # (dense differences), every row, no bucket computed.
     chosen = None if set(buckets) == set(source) | set(target) else buckets
     in_chosen = sum(a.rows for b, a in source.items() if chosen is None or b in chosen)
-    _stream_buckets(pair, spec, key_buckets, chosen, group, stream_settings, in_chosen, tally)
+    progress = ("rows of differing buckets", in_chosen)
+    _stream_buckets(pair, spec, key_buckets, chosen, group, stream_settings, progress, tally)
 
 
 # A chunk in key buckets first reads this many of its source rows' keys, at random pages, on both sides:
@@ -278,21 +279,17 @@ DENSE_SAMPLE_DIFFERENCES = 2
 
 def _dense_in_sample(pair: SessionPair, chunk: ChunkSpec, group: queries.Where, tally: _Tally) -> bool:
     """Whether a sample of the chunk's rows (source keys of random pages, `queries.sampled_page_keys`,
-    read on both sides as `_resolve` reads them) shows dense differences (see `SAMPLE_KEYS`)."""
+    read in full on both sides, `_diff_in_full`) shows dense differences (see `SAMPLE_KEYS`)."""
     spec = chunk.table
     rows = spec.estimated_rows / chunk.bucket_groups
     if rows < 10 * SAMPLE_KEYS:
         return False
-    tally.step("sample of rows", 0, SAMPLE_KEYS, "keys")
     percent = min(100.0, 100.0 * SAMPLE_KEYS * chunk.bucket_groups / max(1, spec.estimated_rows))
     query, params = queries.sampled_page_keys(spec, percent, group, SAMPLE_KEYS)
     keys = [tuple(str(v) for v in row) for row in fetch_all(pair.source, query, params)]
     if not keys:
         return False
-    (_, source), (_, target) = pair.both(lambda conn: _read_rows(conn, spec, keys, with_version=False))
-    columns = spec.column_names
-    differing = sum(1 for key in keys if diff_row(key, columns, source[key], target[key]) is not None)
-    tally.step("sample of rows", len(keys), SAMPLE_KEYS, "keys")
+    differing = sum(1 for d in _diff_in_full(pair, spec, keys, "sample of rows", tally) if d is not None)
     if differing < DENSE_SAMPLE_DIFFERENCES:
         return False
     tally.notes.append(f"{differing:,} of {len(keys):,} sampled rows differed: every row read at once, no bucket scan")
@@ -306,12 +303,13 @@ def _stream_buckets(
     chosen: Sequence[int] | None,
     group: queries.Where,
     settings: Mapping[str, str],
-    total: int | None,
+    progress: tuple[str, int | None],
     tally: _Tally,
 ) -> tuple[int, int]:
     """The rows of the `chosen` buckets (None: every row of the `group`), sorted by key by the servers
-    and streamed, diffed as they come: the rows each side sent."""
-    step = "rows of differing buckets" if chosen is not None or total is not None else "every row"
+    and streamed, diffed as they come: the rows each side sent. `progress` is the step's name and its
+    total (the source's rows in those buckets, when known)."""
+    step, total = progress
 
     def streamed(rows: int) -> None:
         tally.step(step, rows, total, "rows")
@@ -550,22 +548,29 @@ def _resolve(
     """Without replication: read the candidate rows in full once and diff them by column."""
     if not keys:
         return [], []
-
-    def read(conn: Connection) -> tuple[list[Key], dict[Key, RowImage]]:
-        on_keys = (lambda done: tally.step("differing rows", done, len(keys), "keys")) if conn is pair.source else None
-        return _read_rows(conn, spec, keys, with_version=False, on_keys=on_keys)
-
-    tally.step("differing rows", 0, len(keys), "keys")
-    (order, source), (_, target) = pair.both(read)
     differences: list[RowDifference] = []
-    columns = spec.column_names
-    for key in order:
-        difference = diff_row(key, columns, source[key], target[key])
+    for difference in _diff_in_full(pair, spec, keys, "differing rows", tally):
         if difference is None:
             tally.transient += 1  # equal when read in full: changed between the reads
         else:
             differences.append(difference)
     return differences, []
+
+
+def _diff_in_full(
+    pair: SessionPair, spec: TableSpec, keys: Sequence[Key], step: str, tally: _Tally
+) -> list[RowDifference | None]:
+    """Each key's row read in full on both sides (`_read_rows`, batch by batch reported as `step`) and
+    diffed by column, in the source's key order: its difference, or None where both sides are equal."""
+
+    def read(conn: Connection) -> tuple[list[Key], dict[Key, RowImage]]:
+        on_keys = (lambda done: tally.step(step, done, len(keys), "keys")) if conn is pair.source else None
+        return _read_rows(conn, spec, keys, with_version=False, on_keys=on_keys)
+
+    tally.step(step, 0, len(keys), "keys")
+    (order, source), (_, target) = pair.both(read)
+    columns = spec.column_names
+    return [diff_row(key, columns, source[key], target[key]) for key in order]
 
 
 def _recheck(
