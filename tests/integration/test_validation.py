@@ -658,6 +658,47 @@ def test_a_chunk_compared_by_key_ranges_tells_its_slices_then_its_differing_rows
         assert {s.step for s in mine} <= {"key ranges", "differing rows"}
 
 
+def test_without_replication_what_changed_between_the_two_reads_is_settled_by_the_second(
+    fresh_dbs: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 1,000 rows; the target lacks 10, 20 and 30, has 1001 and 1002 too, and changed 500
+    from lambdas.core.validation import chunk as chunk_module
+
+    src, tgt = fresh_dbs
+    both(
+        src,
+        tgt,
+        "CREATE TABLE o (id bigint PRIMARY KEY, v text);"
+        " INSERT INTO o SELECT g, 'v' || g FROM generate_series(1, 1000) g; ANALYZE o",
+    )
+    run_sql(tgt, "DELETE FROM o WHERE id IN (10, 20, 30); INSERT INTO o VALUES (1001, 'x'), (1002, 'y');")
+    run_sql(tgt, "UPDATE o SET v = 'changed' WHERE id = 500")
+    # ... and between the (key, hash) read and the rows read in full, a writer puts 10 back as it was,
+    # 20 back with another value, and deletes 1001
+    reads: list[tuple[str, list[int]]] = []
+    diff_in_full = chunk_module._diff_in_full
+
+    def writing_first(pair: SessionPair, spec: TableSpec, keys: Sequence[tuple[str, ...]], step: str, tally: object):
+        if not reads:
+            run_sql(tgt, "INSERT INTO o VALUES (10, 'v10'), (20, 'other'); DELETE FROM o WHERE id = 1001")
+        reads.append((step, sorted(int(k[0]) for k in keys)))
+        return diff_in_full(pair, spec, keys, step, tally)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(chunk_module, "_diff_in_full", writing_first)
+    # When validated without replication
+    with SessionPair.open(src, tgt) as pair:
+        plan = plan_validation(pair, [TableName("public", "o")], Validation(chunk_rows=2_000, slice_rows=200))
+    [result] = run_chunks(src, tgt, plan.chunks, workers=1)
+    # Then the 6 differing keys were read again, in full
+    assert reads == [("differing rows", [10, 20, 30, 500, 1001, 1002])]
+    # ... what still differs is named: 30 missing, 1002 extra, 20 and 500 changed in v
+    assert [k.key for k in result.missing.first] == [["30"]]
+    assert [k.key for k in result.extra.first] == [["1002"]]
+    assert sorted((k.key, k.columns) for k in result.changed.first) == [(["20"], ["v"]), (["500"], ["v"])]
+    # ... and 10 (equal again) and 1001 (on neither side now) count as changed between the reads
+    assert result.transient == 2
+
+
 def md5_uuid(n: int) -> str:
     """md5(n::text)::uuid, as the server computes it."""
     return str(uuid.UUID(hashlib.md5(str(n).encode()).hexdigest()))
