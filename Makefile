@@ -8,7 +8,7 @@ OUT ?= out/rehearsal
 FAULT ?=
 ENGINE ?= logical
 MIGRATION ?= migrations/example.yaml
-APT_PACKAGES := postgresql pgbouncer pgcopydb openjdk-17-jre-headless
+APT_PACKAGES := postgresql postgresql-15-pgaudit pgbouncer pgcopydb openjdk-17-jre-headless
 export PYTHONPATH := $(CURDIR)
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 

@@ -20,7 +20,7 @@ def settings_keeping_statements(conn: Connection) -> tuple[tuple[str, str], ...]
     """Every setting under which the server keeps a statement's text, with the value that stops it:
     logged on error (log_min_error_statement), as DDL or all (log_statement), by its duration
     (log_min_duration_statement, _sample) or as part of a sampled transaction
-    (log_transaction_sample_rate); tracked by pg_stat_statements."""
+    (log_transaction_sample_rate); tracked by pg_stat_statements; written to the audit log by pgaudit."""
     settings = [("log_min_error_statement", "panic"), ("log_statement", "none"), ("log_min_duration_statement", "-1")]
     version = int(conn.server_version)
     if version >= 120000:
@@ -30,6 +30,9 @@ def settings_keeping_statements(conn: Connection) -> tuple[tuple[str, str], ...]
     # pg_stat_statements (on by default on RDS) keeps utility statements' text, readable by pg_read_all_stats
     if fetch_value(conn, "SELECT 1 FROM pg_settings WHERE name = 'pg_stat_statements.track_utility'"):
         settings.append(("pg_stat_statements.track_utility", "off"))
+    # pgaudit (an RDS and Aurora option) logs DDL with its whole text, CONNECTION string included
+    if fetch_value(conn, "SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log'"):
+        settings.append(("pgaudit.log", "none"))
     return tuple(settings)
 
 
@@ -51,7 +54,21 @@ class LogSetting:
             return _number(value) >= 0
         if self.name == "log_transaction_sample_rate":
             return _number(value) > 0
+        if self.name == "pgaudit.log":
+            return pgaudit_logs_ddl(value)
         return value == "on"  # pg_stat_statements.track_utility
+
+
+def pgaudit_logs_ddl(value: str) -> bool:
+    """Whether pgaudit.log's classes include DDL (CREATE and ALTER SUBSCRIPTION): read left to right as
+    pgaudit does, a class added, or taken away when it starts with '-'; ALL holds DDL, NONE adds nothing."""
+    logged = False
+    for token in value.split(","):
+        name = token.strip().lower()
+        subtract = name.startswith("-")
+        if name.lstrip("-") in ("ddl", "all"):
+            logged = not subtract
+    return logged
 
 
 def _number(text: str) -> float:

@@ -22,6 +22,7 @@ from lambdas.core.sequences import SequenceSyncError, sync_sequences
 from lambdas.core.tables import TableName
 from rehearsal.sample import create_schema, load_data
 from rehearsal.servers import PostgresServer, start_server
+from tests.conftest import server_pair
 from tests.integration.db_env import run_sql
 from tests.integration.test_fence import DnsLikeRouter
 
@@ -448,6 +449,39 @@ def test_a_role_that_may_not_switch_off_statement_logging_is_warned_and_nothing_
         target.close()
         target_server.psql(f"REVOKE SET ON PARAMETER log_min_error_statement, log_statement FROM {plain_role}")
         target_server.psql(f"ALTER DATABASE {dbname(dbs.target_dsn)} RESET log_statement")
+
+
+def test_pgaudit_logging_ddl_is_warned_for_a_role_that_may_not_switch_it_off_until_the_role_is_left_out() -> None:
+    # Given servers with pgaudit logging DDL (CREATE SUBSCRIPTION's text, password included, would be
+    # audited), and a target connection as a plain role, which may not change pgaudit.log
+    role = "zdm_audited"
+    with server_pair("pf-pgaudit", {"shared_preload_libraries": "pgaudit", "pgaudit.log": "ddl"}) as servers:
+        for server in servers:
+            server.create_database("pf")
+            server.psql(f"CREATE ROLE {role} LOGIN; GRANT SET ON PARAMETER log_min_error_statement TO {role}")
+            server.psql("CREATE TABLE t (id int PRIMARY KEY)", "pf")
+        source_server, target_server = servers
+        migration = migration_for(source_server.dsn("pf"), target_server.dsn("pf"))
+        source = connect(source_server.dsn("pf"))
+        target = connect(target_server.dsn("pf", user=role))
+        try:
+            # When the preflight runs
+            check = preflight(source, target, migration).get("subscription_password_logging")
+            # Then it warns for the target's pgaudit.log alone (the source's superuser may switch it off), with
+            # the grant, and the ALTER ROLE that RDS documents for leaving a role out of the audit
+            assert check.status == "warn"
+            assert [d.split(" and role")[0] for d in check.details] == ["target: pgaudit.log = ddl"]
+            assert f"GRANT SET ON PARAMETER pgaudit.log TO {role};" in check.remedy
+            assert f"ALTER ROLE {role} SET pgaudit.log = 'none';" in check.remedy
+            # And once the role is left out of the audit, a new session passes
+            target_server.psql(f"ALTER ROLE {role} SET pgaudit.log = 'none'")
+            target.close()
+            target = connect(target_server.dsn("pf", user=role))
+            again = preflight(source, target, migration).get("subscription_password_logging")
+            assert again.status == "pass", again
+        finally:
+            source.close()
+            target.close()
 
 
 def test_target_role_that_cannot_create_a_subscription_fails(

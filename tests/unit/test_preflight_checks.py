@@ -851,6 +851,41 @@ def test_a_role_that_cannot_switch_off_statement_logging_is_warned_on_each_subsc
     assert [d.split(":")[0] for d in dms.details] == ["source"]
 
 
+@pytest.mark.parametrize(
+    ("value", "logs_ddl"),
+    [
+        ("ddl", True),
+        ("DDL", True),
+        ("all", True),
+        ("write, ddl", True),
+        ("all, -misc", True),
+        ("-ddl, ddl", True),
+        ("all, -ddl", False),
+        ("ddl,-all", False),
+        ("ddl, none", True),  # NONE adds no class; it takes none away
+        ("read, write, role, misc", False),
+        ("none", False),
+        ("", False),
+    ],
+)
+def test_pgaudit_log_keeps_create_subscription_when_its_classes_hold_ddl(value: str, logs_ddl: bool) -> None:
+    # Given pgaudit.log set to a list of classes, read left to right as pgaudit reads it
+    # Then it keeps CREATE SUBSCRIPTION's text (a DDL statement) exactly when DDL is among them
+    assert LogSetting("pgaudit.log", value, False).keeps_statements is logs_ddl
+
+
+def test_pgaudit_the_role_may_not_switch_off_is_warned_with_the_grant_and_the_alter_role_rds_documents() -> None:
+    # Given a target role that may not change pgaudit.log = 'ddl' (a superuser-only setting)
+    target = server(role=role(name="migrator"), statement_logging=logging(("pgaudit.log", "ddl", False)))
+    # When checked
+    result = checks.check_subscription_password_logging(facts(target=target))
+    # Then it warns for pgaudit.log, and names both remedies
+    assert result.status == "warn"
+    assert [d.split(" and role")[0] for d in result.details] == ["target: pgaudit.log = ddl"]
+    assert "GRANT SET ON PARAMETER pgaudit.log TO migrator;" in result.remedy
+    assert "ALTER ROLE migrator SET pgaudit.log = 'none';" in result.remedy
+
+
 def test_which_values_keep_a_statements_text() -> None:
     assert LogSetting("log_min_error_statement", "warning", False).keeps_statements
     assert not LogSetting("log_min_error_statement", "fatal", False).keeps_statements

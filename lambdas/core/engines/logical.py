@@ -58,22 +58,30 @@ class ReplicationSetupError(RuntimeError):
 @contextmanager
 def _statement_not_logged_on_error(conn: Connection) -> Iterator[None]:
     """CREATE SUBSCRIPTION is logged by the server with its CONNECTION string, password included, on
-    error (log_min_error_statement) and on success where DDL, all statements or their durations are
-    logged: keep it out of the server log where the role may change the settings (one statement:
-    all of them change or none)."""
-    settings = settings_keeping_statements(conn)
-    try:
-        execute(conn, "; ".join(f"SET {name} = {value}" for name, value in settings))
-        changed = True
-    except psycopg2.errors.InsufficientPrivilege:
-        changed = False  # a managed server that does not let us: its logging stays as configured
+    error (log_min_error_statement), on success where DDL, all statements or their durations are
+    logged, and by pgaudit: keep it out of the server log where the role may change the settings.
+    Each one apart, so that a setting the role may not change (preflight warns of it) leaves the
+    others switched off; inside a transaction block, each behind a savepoint, so a refusal does not
+    abort it."""
+    in_block = conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+    changed: list[str] = []
+    for name, value in settings_keeping_statements(conn):
+        if in_block:
+            execute(conn, "SAVEPOINT zdm_log_setting")
+        try:
+            execute(conn, f"SET {name} = {value}")  # names and values are statement_logging's constants
+            changed.append(name)
+        except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.CantChangeRuntimeParam):
+            # A managed server that does not let us: this one stays as configured.
+            if in_block:
+                execute(conn, "ROLLBACK TO SAVEPOINT zdm_log_setting")
     try:
         yield
     finally:
         # In a failed transaction the settings roll back with it (and a RESET would hide the error).
         failed = not conn.closed and conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_INERROR
         if changed and not conn.closed and not failed:
-            execute(conn, "; ".join(f"RESET {name}" for name, _ in settings))
+            execute(conn, "; ".join(f"RESET {name}" for name in changed))
 
 
 @dataclass(frozen=True)

@@ -512,6 +512,12 @@ def check_subscription_password_logging(facts: PreflightFacts) -> CheckResult:
                 if server.version.major >= 15
                 else f"on the {side}: use a superuser, or turn {names} off in the server's parameters"
             )
+            if any(s.name == "pgaudit.log" for s in kept):
+                # What RDS documents for keeping a role out of pgaudit's session log (rds_superuser may run it).
+                fixes.append(
+                    f"For pgaudit.log, or on RDS: ALTER ROLE {server.role.name} SET pgaudit.log = 'none'; "
+                    "(that role's own statements are then not audited)."
+                )
     measured = ", ".join(
         f"{side}: {sum(1 for s in server.statement_logging if s.can_set)} of {len(server.statement_logging)} switchable"
         for side, server, _ in sides
