@@ -27,7 +27,11 @@ def secure_shop(source: PostgresServer, target: PostgresServer, dbname: str = "s
     return start_shop(source, target, dbname, 2000, forward=False, kind=SecureShop)
 
 
-@pytest.mark.parametrize("logging", [{"log_statement": "ddl"}, {}], ids=["log_statement=ddl", "defaults"])
+@pytest.mark.parametrize(
+    "logging",
+    [{"log_statement": "ddl"}, {}, {"shared_preload_libraries": "pgaudit", "pgaudit.log": "ddl"}],
+    ids=["log_statement=ddl", "defaults", "pgaudit.log=ddl"],
+)
 def test_cutover_and_rollback_keep_password_out_of_server_logs(logging: dict[str, str]) -> None:
     # Given a replicating shop on servers that require a password
     with secure_pair("audit-cut", settings=logging) as (source, target):
