@@ -366,8 +366,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--bucket-scan-max-rows",
         type=int,
         default=Validation().bucket_scan_max_rows,
-        help="rows one task scans for in a table keyed in no order (default 100,000,000): lower it to see a"
-        " key in no order split into groups of buckets, one task each",
+        help="rows one scan process hashes in a task, for a table keyed in no order (default 100,000,000): lower"
+        " it to see such a table in more buckets, and split into groups of buckets (one task each) past what the"
+        " bench's 2 processes a side hash",
     )
     parser.add_argument("--skip-reladiff", action="store_true", help="time only ours and the floor")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")

@@ -405,9 +405,11 @@ class Validation(_Model):
         default=100_000_000,
         ge=1_000,
         description="a table whose key is in no physical order is compared by scanning it in buckets of the "
-        "key; one task scans for at most this many (estimated) rows, about 45 s a side at 2.3M rows/s (the "
-        "chunk function has 900 s, and dense differences add a sorted scan): a larger table is split into up "
-        "to 64 groups of buckets, one task each, every one scanning the whole table",
+        "key (about this many rows / 1,024 a bucket); one scan process hashes at most this many (estimated) "
+        "rows in a task, about 45 s at 2.3M rows/s (the chunk function has 900 s, and dense differences add "
+        "a sorted scan), and a task's scan uses up to 8 of max_parallel_chunks processes a side: a larger "
+        "table is split into groups of buckets, one task each, every one scanning the whole table; past 64 "
+        "times this many rows, key ranges",
     )
 
 

@@ -875,14 +875,20 @@ def test_a_sample_of_dense_differences_skips_the_bucket_scan_and_reads_every_row
 def test_a_table_too_large_for_one_scan_is_compared_in_groups_of_key_buckets_one_chunk_each(
     fresh_dbs: tuple[str, str], key: str, row_hash: str, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given rows in no physical order with differences, and one task's scan made 6,000 rows
+    # Given rows in no physical order with differences, a scan process made to hash 6,000 rows in a task,
+    # and one process a side
     kinds: list[str] = []
     bucket_of = queries.bucket_of
     monkeypatch.setattr(queries, "bucket_of", lambda spec, b: kinds.append(type(b).__name__) or bucket_of(spec, b))
     src, tgt = fresh_dbs
     given_rows_in_no_order(src, tgt, key)
     settings = Validation(
-        chunk_rows=2_000, slice_rows=200, report_first_keys=100, row_hash=row_hash, bucket_scan_max_rows=6_000
+        chunk_rows=2_000,
+        slice_rows=200,
+        report_first_keys=100,
+        row_hash=row_hash,
+        bucket_scan_max_rows=6_000,
+        max_parallel_chunks=1,
     )
     # When validated
     with SessionPair.open(src, tgt) as pair:
@@ -896,6 +902,28 @@ def test_a_table_too_large_for_one_scan_is_compared_in_groups_of_key_buckets_one
     # And each group held some of the rows and no row was in two (the total is the table's)
     assert all(r.source_rows > 1_000 for r in results) and sum(r.source_rows for r in results) == 20_000
     # And every difference is named, and nothing else
+    assert_rows_in_no_order_named(summary, key)
+
+
+@pytest.mark.parametrize("key", ["uuid", "bigint"])
+def test_a_table_within_what_one_task_s_scan_processes_hash_is_one_chunk_of_all_its_buckets(
+    fresh_dbs: tuple[str, str], key: str
+) -> None:
+    # Given the same 20,000 rows and 6,000 rows a scan process, but 4 processes a side
+    src, tgt = fresh_dbs
+    given_rows_in_no_order(src, tgt, key)
+    settings = Validation(report_first_keys=100, bucket_scan_max_rows=6_000, max_parallel_chunks=4)
+    # When validated
+    with SessionPair.open(src, tgt) as pair:
+        plan = plan_validation(pair, [TableName("public", "r")], settings)
+    results = run_chunks(src, tgt, plan.chunks, workers=2)
+    summary = summarize(plan, results, finished_at=time.time())
+    # Then one task scans the table once per side with the 4 processes, in 4,096 buckets (one scan
+    # instead of 4), and every difference is named
+    assert [(c.bucket_bits, c.bucket_groups, c.scan_workers) for c in plan.chunks] == [(12, 1, 4)]
+    assert any("by one scan per side in 4,096 buckets" in n for n in plan.tables[0].notes)
+    # (an integer's equal widths round the key span: a few buckets fewer)
+    assert [r.source_rows for r in results] == [20_000] and 4_000 <= results[0].slices <= 4_096
     assert_rows_in_no_order_named(summary, key)
 
 
@@ -929,7 +957,9 @@ def test_when_every_bucket_differs_every_row_is_read_with_no_bucket_computed(
         f" INSERT INTO r SELECT {extra_key_of_g}, 0, 'new' FROM generate_series(1, 1) g",
     )
     # When validated
-    settings = Validation(report_first_keys=5_000, bucket_scan_max_rows=1_000 if groups > 1 else 100_000_000)
+    settings = Validation(
+        report_first_keys=5_000, bucket_scan_max_rows=1_000 if groups > 1 else 100_000_000, max_parallel_chunks=1
+    )
     summary = check(src, tgt, [TableName("public", "r")], settings)
     # Then every row (of each group) was read by one scan with no bucket filter, and every difference
     # is named once

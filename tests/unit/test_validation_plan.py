@@ -24,7 +24,8 @@ from lambdas.core.validation.model import (
 from lambdas.core.validation.plan import (
     BUCKET_BITS,
     MAX_BUCKET_BITS,
-    bucket_scan_bits,
+    BucketScan,
+    bucket_scan_shape,
     chunk_specs,
     group_slices,
     slices_per_chunk,
@@ -34,7 +35,7 @@ from lambdas.core.validation.plan import (
 )
 
 ORDERS = TableName("public", "orders")
-MAX_ROWS = Validation().bucket_scan_max_rows  # one task's scan
+MAX_ROWS = Validation().bucket_scan_max_rows  # one scan process's rows in a task
 
 
 def info(
@@ -296,10 +297,10 @@ def keyed_by(*key_types: str, multiset: bool = False) -> TableSpec:
         (keyed_by("uuid"), 0.98, 10_000_000, None),  # time-ordered uuids (v7) or a table filled in key order
         (keyed_by("uuid"), -0.9, 10_000_000, None),
         (keyed_by("uuid"), None, 10_000_000, None),  # never analyzed: key ranges are right for any order
-        # too large for one task's scan: groups of buckets, one chunk each, up to 64 groups
+        # a bucket holds about MAX_ROWS / 1,024 rows: one more bit per doubling, up to 16 bits
         (keyed_by("uuid"), 0.0, MAX_ROWS, BUCKET_BITS),
         (keyed_by("uuid"), 0.0, MAX_ROWS + 1, BUCKET_BITS + 1),
-        (keyed_by("bigint"), 0.1, 3 * MAX_ROWS, BUCKET_BITS + 2),  # 4 groups (a power of 2)
+        (keyed_by("bigint"), 0.1, 3 * MAX_ROWS, BUCKET_BITS + 2),
         (keyed_by("text"), 0.0, 64 * MAX_ROWS, MAX_BUCKET_BITS),
         (keyed_by("uuid"), 0.0, 64 * MAX_ROWS + 1, None),  # then key ranges over many tasks
         (keyed_by("bigint"), 0.0, 10_000_000, BUCKET_BITS),  # random integers
@@ -312,15 +313,41 @@ def keyed_by(*key_types: str, multiset: bool = False) -> TableSpec:
         (keyed_by("uuid", multiset=True), 0.0, 10_000_000, None),  # no key
     ],
 )
-def test_a_key_in_no_physical_order_is_compared_by_one_scan(
+def test_a_key_in_no_physical_order_is_compared_by_scans_in_buckets_of_about_max_rows_over_1024(
     spec: TableSpec, correlation: float | None, rows: int, bits: int | None
 ) -> None:
-    assert bucket_scan_bits(spec, correlation, rows, MAX_ROWS) == bits
+    shape = bucket_scan_shape(spec, correlation, rows, MAX_ROWS, max_parallel_chunks=8)
+    assert (shape.bits if shape else None) == bits
+
+
+@pytest.mark.parametrize(
+    ("rows", "parallel", "shape"),
+    [
+        # up to 8 processes a side scan for one task: one task until 8 x MAX_ROWS rows
+        (8 * MAX_ROWS, 8, BucketScan(BUCKET_BITS + 3, 1)),
+        (8 * MAX_ROWS + 1, 8, BucketScan(BUCKET_BITS + 4, 2)),
+        (10 * MAX_ROWS, 32, BucketScan(BUCKET_BITS + 4, 2)),  # never more than 8 processes for one task
+        (64 * MAX_ROWS, 8, BucketScan(MAX_BUCKET_BITS, 8)),
+        # fewer processes a side: groups sooner, each of at least 1,024 buckets
+        (2 * MAX_ROWS, 2, BucketScan(BUCKET_BITS + 1, 1)),
+        (3 * MAX_ROWS, 2, BucketScan(BUCKET_BITS + 2, 2)),
+        (5 * MAX_ROWS, 1, BucketScan(BUCKET_BITS + 3, 8)),
+        (MAX_ROWS + 1, 1, BucketScan(BUCKET_BITS + 1, 2)),
+    ],
+)
+def test_a_table_is_split_in_groups_only_past_what_one_task_s_scan_processes_hash(
+    rows: int, parallel: int, shape: BucketScan
+) -> None:
+    # Given a table in no key order of `rows` rows, and `parallel` scan processes a side
+    # When its scan is shaped
+    # Then one task takes the table while its processes (up to 8) hash at most MAX_ROWS rows each:
+    # every further group scans the whole table again
+    assert bucket_scan_shape(keyed_by("uuid"), 0.0, rows, MAX_ROWS, max_parallel_chunks=parallel) == shape
 
 
 def test_a_table_compared_by_one_scan_is_one_chunk_over_its_whole_key() -> None:
     settings = Validation(chunk_rows=1_000, slice_rows=100, max_parallel_chunks=3)
-    chunks = chunk_specs(keyed_by("uuid"), [("4",), ("8",)], settings, bucket_bits=10)
+    chunks = chunk_specs(keyed_by("uuid"), [("4",), ("8",)], settings, bucket_scan=BucketScan(10, 1))
     assert [(c.chunks, c.bucket_bits, c.scan_workers, c.slices) for c in chunks] == [(1, 10, 3, [])]
     assert chunks[0].range.key_range() == KeyRange(None, None)
 
@@ -330,7 +357,7 @@ def test_a_table_too_large_for_one_scan_is_one_chunk_per_group_of_buckets(parall
     # Given a table in 4,096 buckets (4 groups of 1,024)
     settings = Validation(chunk_rows=1_000, slice_rows=100, max_parallel_chunks=parallel)
     # When its chunks are planned
-    chunks = chunk_specs(keyed_by("uuid"), [], settings, bucket_bits=BUCKET_BITS + 2)
+    chunks = chunk_specs(keyed_by("uuid"), [], settings, bucket_scan=BucketScan(BUCKET_BITS + 2, 4))
     # Then each group is one chunk over the whole key, and the chunks running at once share the scan
     # processes a side (at most max_parallel_chunks in all, and never none)
     assert [(c.number, c.chunks, c.bucket_group, c.bucket_groups) for c in chunks] == [(g, 4, g, 4) for g in range(4)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from lambdas.core.catalog import TableInfo
 from lambdas.core.config import Validation
@@ -143,17 +144,33 @@ def group_slices(boundaries: Sequence[Bound], per_chunk: int) -> list[tuple[KeyR
 # A key in no physical order (random uuids or integers, hashes, emails): each key range's rows lie on pages all over the table,
 # so reading the table by key ranges reads every page over and over (10M rows, 256 MB of buffers: 9.3x
 # a scan). Such a table is compared by one scan per side in buckets of the key instead (`ChunkSpec.bucket_bits`).
-BUCKET_BITS = 10  # buckets one chunk compares
+BUCKET_BITS = 10  # buckets a chunk compares at least; one more bit per doubling of `Validation.bucket_scan_max_rows`
 BUCKET_SCAN_MAX_CORRELATION = 0.5  # |pg_stats.correlation| of the key column below which it is in no order
-# A table beyond `Validation.bucket_scan_max_rows` (what one task scans for) is split into groups of
-# buckets, one chunk each, up to `MAX_BUCKET_BITS` (64 groups); beyond, key ranges over many tasks.
+# Past `MAX_BUCKET_BITS` (6.4B rows at the default), key ranges over many tasks.
 MAX_BUCKET_BITS = 16
 MAX_SCAN_WORKERS = 8
 
 
-def bucket_scan_bits(spec: TableSpec, correlation: float | None, estimated_rows: int, max_rows: int) -> int | None:
-    """The bits of the key buckets when the table is compared by scans in key buckets, else None (key
-    ranges): `BUCKET_BITS`, plus one per doubling of groups of `max_rows` rows (one task's scan).
+@dataclass(frozen=True)
+class BucketScan:
+    """How a table in no key order is compared: in `2**bits` buckets of its key, split into `groups`
+    chunks (a power of 2), each scanning the whole table for the rows of its share of the buckets."""
+
+    bits: int
+    groups: int
+
+
+def bucket_scan_shape(
+    spec: TableSpec, correlation: float | None, estimated_rows: int, max_rows: int, max_parallel_chunks: int
+) -> BucketScan | None:
+    """The buckets and groups when the table is compared by scans in key buckets, else None (key ranges).
+
+    A bucket holds about `max_rows` / 1,024 rows: `BUCKET_BITS`, plus one bit per doubling of `max_rows`
+    rows. `max_rows` is what one scan process hashes in a task; a task's scan uses up to
+    `MAX_SCAN_WORKERS` of the `max_parallel_chunks` processes a side (parallel query), so the table is
+    split in groups only past that many rows per process. Each group scans the whole table: a second
+    group costs the database a second full scan per side, and with no more processes to share, one
+    task with all of them finishes no later than two with half each.
 
     Only for a key whose (first column's) physical order the statistics show to be random: without
     statistics (never analyzed) the table keeps key ranges, which are right for any order.
@@ -162,9 +179,12 @@ def bucket_scan_bits(spec: TableSpec, correlation: float | None, estimated_rows:
         return None
     if abs(correlation) >= BUCKET_SCAN_MAX_CORRELATION:
         return None
-    groups = max(1, -(-estimated_rows // max(1, max_rows)))
-    bits = BUCKET_BITS + (groups - 1).bit_length()  # groups rounded up to a power of 2
-    return bits if bits <= MAX_BUCKET_BITS else None
+    max_rows = max(1, max_rows)
+    processes = max(1, min(max_parallel_chunks, MAX_SCAN_WORKERS))
+    groups = 1 << (max(1, -(-estimated_rows // (max_rows * processes))) - 1).bit_length()  # a power of 2
+    size_bits = (max(1, -(-estimated_rows // max_rows)) - 1).bit_length()
+    bits = BUCKET_BITS + max(size_bits, groups.bit_length() - 1)  # at least 1,024 buckets a group
+    return BucketScan(bits, groups) if bits <= MAX_BUCKET_BITS else None
 
 
 def chunk_specs(
@@ -173,15 +193,15 @@ def chunk_specs(
     settings: Validation,
     replication: Replication | None = None,
     *,
-    bucket_bits: int | None = None,
+    bucket_scan: BucketScan | None = None,
 ) -> list[ChunkSpec]:
     """The Map items for one table. A table without a key is one chunk (it has no order to cut), and so
-    is one compared by one scan in key buckets, or one chunk per group of `BUCKET_BITS` bits of buckets
-    (`bucket_scan_bits`), each with its share of the scan processes a side."""
+    is one compared by one scan in key buckets, or one chunk per group of buckets (`bucket_scan_shape`),
+    each with its share of the scan processes a side."""
     if not spec.comparable:
         return []
-    if bucket_bits is not None:
-        bucket_groups = 1 << max(0, bucket_bits - BUCKET_BITS)
+    if bucket_scan is not None:
+        bucket_bits, bucket_groups = bucket_scan.bits, bucket_scan.groups
         concurrent = min(bucket_groups, settings.max_parallel_chunks)
         return [
             ChunkSpec(

@@ -12,8 +12,7 @@ from lambdas.core.ranges import chunk_count, estimate_rows, key_boundaries
 from lambdas.core.tables import TableName
 from lambdas.core.validation.model import Replication, RowHash, ValidationPlan
 from lambdas.core.validation.plan import (
-    BUCKET_BITS,
-    bucket_scan_bits,
+    bucket_scan_shape,
     chunk_specs,
     effective_slice_rows,
     table_spec,
@@ -143,15 +142,17 @@ def plan_validation(
                 "sorts under another collation on the target, so key ranges would select different rows"
             )
             spec = spec.model_copy(update={"key": [], "key_types": [], "notes": [*spec.notes, note]})
-        bits = None
+        bucket_scan = None
         if spec.comparable and spec.key:
             correlation = key_correlation(source, name, spec.key[0])
-            bits = bucket_scan_bits(spec, correlation, estimated, settings.bucket_scan_max_rows)
-            if bits is not None:
-                groups = 2 ** (bits - BUCKET_BITS)
+            bucket_scan = bucket_scan_shape(
+                spec, correlation, estimated, settings.bucket_scan_max_rows, settings.max_parallel_chunks
+            )
+            if bucket_scan is not None:
+                groups = bucket_scan.groups
                 scans = "one scan per side" if groups == 1 else f"{groups} chunks of one scan per side each"
                 note = (
-                    f"compared by {scans} in {2**bits:,} buckets of its key: the key is in no"
+                    f"compared by {scans} in {2**bucket_scan.bits:,} buckets of its key: the key is in no"
                     f" physical order (correlation {correlation:.2f}), so key ranges would read every page many times"
                 )
                 spec = spec.model_copy(update={"notes": [*spec.notes, note]})
@@ -160,7 +161,7 @@ def plan_validation(
             continue
         boundaries = (
             []
-            if spec.multiset or bits is not None
+            if spec.multiset or bucket_scan is not None
             else key_boundaries(
                 source,
                 src,
@@ -170,5 +171,5 @@ def plan_validation(
                 max_samples=MAX_SAMPLES,
             )
         )
-        chunks += chunk_specs(spec, boundaries, settings, replication, bucket_bits=bits)
+        chunks += chunk_specs(spec, boundaries, settings, replication, bucket_scan=bucket_scan)
     return ValidationPlan(started_at=started, first_keys=settings.report_first_keys, tables=specs, chunks=chunks)
