@@ -233,9 +233,11 @@ def start_server(
     owner_pid: int | None = None,
     guardian: bool = True,
     timeout: float = 60,
+    bindir: Path | None = None,
 ) -> PostgresServer:
-    """initdb + start one server on a free port (or `port`, which must be free)."""
-    bindir = find_pg_bindir()
+    """initdb + start one server on a free port (or `port`, which must be free), from `bindir` (default:
+    `find_pg_bindir`)."""
+    bindir = bindir or find_pg_bindir()
     run_as = RunAs.for_current_user()
     reap_orphans(root)
     ownership.shared_root(root)

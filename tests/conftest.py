@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -14,11 +15,13 @@ from rehearsal.servers import PostgresServer, start_server
 
 
 @contextmanager
-def server_pair(prefix: str, settings: dict[str, str] | None = None) -> Iterator[tuple[PostgresServer, PostgresServer]]:
+def server_pair(
+    prefix: str, settings: dict[str, str] | None = None, bindir: Path | None = None
+) -> Iterator[tuple[PostgresServer, PostgresServer]]:
     """A source and a target server (`<prefix>-source`, `<prefix>-target`), stopped after."""
-    source = start_server(f"{prefix}-source", settings=settings)
+    source = start_server(f"{prefix}-source", settings=settings, bindir=bindir)
     try:
-        target = start_server(f"{prefix}-target", settings=settings)
+        target = start_server(f"{prefix}-target", settings=settings, bindir=bindir)
     except BaseException:
         source.stop()
         raise

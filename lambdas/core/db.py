@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
@@ -83,3 +84,28 @@ def execute(conn: Connection, query: Query, params: Sequence[Any] | dict[str, An
 
 def server_version_num(conn: Connection) -> int:
     return int(conn.server_version)
+
+
+def settable(conn: Connection, settings: Sequence[tuple[str, str]]) -> dict[str, bool]:
+    """Whether the role may set each (name, value), tried with SET LOCAL inside a transaction that is
+    rolled back: nothing changes, and it answers for managed servers whose own rules (rds_superuser,
+    GRANT SET ON PARAMETER) the catalog does not show. Names and values must be constants."""
+    allowed: dict[str, bool] = {}
+    autocommit = conn.autocommit
+    if autocommit:
+        conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            for name, value in settings:
+                cur.execute("SAVEPOINT zdm_set_probe")
+                try:
+                    cur.execute(f"SET LOCAL {name} = {value}")
+                    allowed[name] = True
+                except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.CantChangeRuntimeParam):
+                    allowed[name] = False
+                cur.execute("ROLLBACK TO SAVEPOINT zdm_set_probe")
+    finally:
+        conn.rollback()
+        if autocommit:
+            conn.autocommit = True
+    return allowed

@@ -38,12 +38,29 @@ def current_lsn(conn: Connection) -> Lsn:
     return Lsn.parse(fetch_value(conn, "SELECT pg_current_wal_insert_lsn()::text"))
 
 
+# Superuser-only unless granted (GRANT EXECUTE ON FUNCTION ...): a PostgreSQL 16 subscription owner
+# that is no superuser (pg_create_subscription) may not read its own subscription's origin.
+ORIGIN_PROGRESS = "pg_replication_origin_progress(text, boolean)"
+
+
+def origin_progress_readable(conn: Connection) -> bool:
+    """Whether the role may read replication origins' progress (`applied_lsn`)."""
+    return bool(fetch_value(conn, "SELECT has_function_privilege(%s, 'EXECUTE')", (ORIGIN_PROGRESS,)))
+
+
 def applied_lsn(target: Connection, subscription: str) -> Lsn | None:
-    """What the target has applied for `subscription`: its replication origin's progress.
+    """What the target has applied for `subscription`: its replication origin's progress; None
+    before the first commit, or where the role may not read it (`origin_progress_readable`).
 
     The origin moves as each replicated transaction commits on the target, so it is the
     fastest and most exact signal (the source's confirmed_flush_lsn waits for feedback).
     """
+    if not origin_progress_readable(target):
+        return None
+    return _origin_progress(target, subscription)
+
+
+def _origin_progress(target: Connection, subscription: str) -> Lsn | None:
     value = fetch_value(
         target,
         sql.SQL(
@@ -128,8 +145,9 @@ def wait_for_lsn(
     start = clock()
     interval = poll_interval
     last_seen: Lsn | None = None
+    readable = origin_progress_readable(target)  # else the other two signals decide
     while True:
-        origin = applied_lsn(target, subscription)
+        origin = _origin_progress(target, subscription) if readable else None
         if origin is not None:
             last_seen = origin
             if origin >= lsn:

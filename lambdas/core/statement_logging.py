@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import psycopg2.errors
-
-from lambdas.core.db import Connection, fetch_all, fetch_value
+from lambdas.core.db import Connection, fetch_all, fetch_value, settable
 
 # A failed statement is logged when log_min_error_statement is at or below ERROR.
 _LEVELS_LOGGING_ERRORS = {"debug5", "debug4", "debug3", "debug2", "debug1", "info", "notice", "warning", "error"}
@@ -79,33 +77,13 @@ def _number(text: str) -> float:
 
 
 def log_settings(conn: Connection) -> tuple[LogSetting, ...]:
-    """Each setting of `settings_keeping_statements` with its value and whether the role may change it.
-
-    Tried with SET LOCAL inside a transaction that is rolled back: nothing changes, and it answers for
-    managed servers whose own rules (rds_superuser) the catalog does not show.
-    """
+    """Each setting of `settings_keeping_statements` with its value and whether the role may change it
+    (`db.settable`: probed, nothing changes)."""
     settings = settings_keeping_statements(conn)
     names = [name for name, _ in settings]
     values = {
         str(n): str(v)
         for n, v in fetch_all(conn, "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (names,))
     }
-    allowed: dict[str, bool] = {}
-    autocommit = conn.autocommit
-    if autocommit:
-        conn.autocommit = False
-    try:
-        with conn.cursor() as cur:
-            for name, value in settings:
-                cur.execute("SAVEPOINT zdm_log_probe")
-                try:
-                    cur.execute(f"SET LOCAL {name} = {value}")  # names and values are the constants above
-                    allowed[name] = True
-                except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.CantChangeRuntimeParam):
-                    allowed[name] = False
-                cur.execute("ROLLBACK TO SAVEPOINT zdm_log_probe")
-    finally:
-        conn.rollback()
-        if autocommit:
-            conn.autocommit = True
+    allowed = settable(conn, settings)
     return tuple(LogSetting(name, values.get(name, ""), allowed[name]) for name in names)

@@ -680,17 +680,60 @@ def test_byte_and_time_formatting() -> None:
     assert checks.fmt_seconds(3 * 3600) == "3.0 h"
 
 
-def test_debezium_engine_needs_a_superuser_target_even_on_16() -> None:
-    # Given PostgreSQL 16, where pg_create_subscription would do for the logical engine
+def test_the_debezium_applier_needs_a_target_role_that_may_set_session_replication_role() -> None:
+    # Given PostgreSQL 16, and a target role in pg_create_subscription that may not set session_replication_role
     pg16 = ServerVersion(160002, "16.2")
-    granted = role(member_of=frozenset({"pg_create_subscription"}))
-    # When the engine is debezium, whose applier sets session_replication_role
-    result = checks.check_target_role(facts(engine="debezium", target=server(version=pg16, role=granted)))
-    # Then only a superuser (or rds_superuser) passes
+    refused = role(member_of=frozenset({"pg_create_subscription"}), can_set_replication_role=False)
+    # When the engine is debezium, whose applier writes as session_replication_role = replica
+    result = checks.check_target_role(facts(engine="debezium", target=server(version=pg16, role=refused)))
+    # Then it fails, naming the grant that lets the role set it
     assert result.status == "fail"
-    assert "session_replication_role" in result.remedy
+    assert "GRANT SET ON PARAMETER session_replication_role TO app;" in result.remedy
+    assert result.details == ["role app cannot set session_replication_role"]
+    # And once the role may set it (granted, or rds_superuser), it passes
+    granted = replace(refused, can_set_replication_role=True)
+    assert (
+        checks.check_target_role(facts(engine="debezium", target=server(version=pg16, role=granted))).status == "pass"
+    )
     rds = server(is_rds=True, role=role(member_of=frozenset({"rds_superuser"})))
     assert checks.check_target_role(facts(engine="debezium", target=rds)).status == "pass"
+    # And before PostgreSQL 15 (no GRANT SET ON PARAMETER) only a superuser will do
+    pg14 = server(version=ServerVersion(140010, "14.10"), role=replace(refused, member_of=frozenset()))
+    old = checks.check_target_role(facts(engine="debezium", target=pg14))
+    assert old.status == "fail" and "GRANT SET ON PARAMETER" not in old.remedy and "superuser" in old.remedy
+
+
+@pytest.mark.parametrize(("copy_method", "status"), [("parallel-snapshot", "fail"), ("subscription", "pass")])
+def test_the_parallel_copy_needs_a_target_role_that_may_set_session_replication_role(
+    copy_method: str, status: str
+) -> None:
+    # Given a PostgreSQL 16 target role that may create subscriptions but not set session_replication_role
+    pg16 = ServerVersion(160002, "16.2")
+    refused = role(member_of=frozenset({"pg_create_subscription"}), can_set_replication_role=False)
+    # When the logical engine copies with `copy_method`
+    result = checks.check_target_role(facts(target=server(version=pg16, role=refused), copy_method=copy_method))
+    # Then the parallel copy (whose sessions write as replica) fails with the grant; the subscription's own copy does not
+    assert result.status == status
+    if status == "fail":
+        assert "GRANT SET ON PARAMETER session_replication_role TO app;" in result.remedy
+
+
+def test_a_role_that_may_not_read_origin_progress_is_warned_on_each_subscribing_side() -> None:
+    # Given a target role and a source role that may not execute pg_replication_origin_progress
+    unreadable = role(can_read_origin_progress=False)
+    target = server(role=replace(unreadable, name="migrator"))
+    source = server(role=replace(unreadable, name="owner"))
+    # When checked for the logical engine (the target subscribes forward, the source back)
+    result = checks.check_apply_position_rights(facts(source=source, target=target))
+    # Then it warns for both, naming the grant
+    assert result.status == "warn"
+    assert [d.split(" may not")[0] for d in result.details] == ["target role migrator", "source role owner"]
+    assert "GRANT EXECUTE ON FUNCTION pg_replication_origin_progress(text, boolean) TO migrator;" in result.remedy
+    # And for an engine without a forward subscription only the source is looked at
+    dms = checks.check_apply_position_rights(facts(source=source, target=target, engine="dms"))
+    assert [d.split(" may not")[0] for d in dms.details] == ["source role owner"]
+    # And roles that may read it pass
+    assert checks.check_apply_position_rights(facts()).status == "pass"
 
 
 def test_debezium_engine_refuses_tables_without_a_primary_key() -> None:

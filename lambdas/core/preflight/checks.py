@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 from lambdas.core.catalog import Column, TableInfo
 from lambdas.core.config import DMS_STOP_TIMEOUT_SECONDS
+from lambdas.core.lsn import ORIGIN_PROGRESS
 from lambdas.core.preflight.facts import (
     LARGE_OBJECT_COUNT_CAP,
     TARGET_ROW_COUNT_CAP,
@@ -358,6 +359,10 @@ def check_source_role(facts: PreflightFacts) -> CheckResult:
 
 
 def check_target_role(facts: PreflightFacts) -> CheckResult:
+    """The target role's rights: to create the subscription (logical engine: superuser, or on PostgreSQL
+    16+ pg_create_subscription and CREATE on the database), and to write as session_replication_role =
+    replica (the parallel copy and the debezium applier: foreign keys are not checked per change, as in
+    native logical replication's apply; superuser, or GRANT SET ON PARAMETER on PostgreSQL 15+)."""
     name = "target_role"
     if facts.engine not in ("logical", "debezium"):
         return CheckResult(name, "pass", f"not needed (engine {facts.engine})")
@@ -369,45 +374,44 @@ def check_target_role(facts: PreflightFacts) -> CheckResult:
         return CheckResult(name, "pass", measured)
     if tgt.is_rds and "rds_superuser" in role.member_of:
         return CheckResult(name, "pass", measured + ", rds_superuser=yes")
-    if facts.engine == "debezium":
-        # The applier sets session_replication_role = replica (foreign keys are not checked per change, as in
-        # native logical replication's apply); PostgreSQL lets only superusers set it.
+    if facts.engine == "logical" and major < 16:
         return CheckResult(
             name,
             "fail",
             measured,
-            "The debezium engine's applier sets session_replication_role, which only a superuser may: give the "
-            "target endpoint a superuser (the master user, a member of rds_superuser, on RDS).",
-            [f"role {role.name} cannot set session_replication_role"],
+            f"PostgreSQL {major} lets only superusers create subscriptions: give the target endpoint a superuser "
+            "(the master user, a member of rds_superuser, on RDS), or upgrade the target to PostgreSQL 16+ and "
+            f"GRANT pg_create_subscription TO {role.name}.",
+            [f"role {role.name} cannot create a subscription"],
         )
-    if major >= 16:
+    problems: list[str] = []
+    grants: list[str] = []
+    if facts.engine == "logical":
         has_right = "pg_create_subscription" in role.member_of
         measured += (
             f", pg_create_subscription={_yes(has_right)}, CREATE on database={_yes(role.can_create_in_database)}"
         )
-        if has_right and role.can_create_in_database:
-            return CheckResult(name, "pass", measured)
-        grants = []
         if not has_right:
             grants.append(f"GRANT pg_create_subscription TO {role.name};")
         if not role.can_create_in_database:
             grants.append(f"GRANT CREATE ON DATABASE {tgt.database} TO {role.name};")
-        return CheckResult(
-            name,
-            "fail",
-            measured,
-            "On the target, as a superuser run: " + " ".join(grants),
-            [f"role {role.name} cannot create a subscription"],
+        if grants:
+            problems.append(f"role {role.name} cannot create a subscription")
+    if facts.engine == "debezium" or facts.copy_method == "parallel-snapshot":
+        measured += f", may set session_replication_role={_yes(role.can_set_replication_role)}"
+        if not role.can_set_replication_role:
+            problems.append(f"role {role.name} cannot set session_replication_role")
+            if major >= 15:
+                grants.append(f"GRANT SET ON PARAMETER session_replication_role TO {role.name};")
+    if not problems:
+        return CheckResult(name, "pass", measured)
+    remedy = "On the target, as a superuser run: " + " ".join(grants) if grants else ""
+    if major < 15 and not role.can_set_replication_role:
+        remedy = (
+            f"PostgreSQL {major} lets only superusers set session_replication_role, which the debezium applier "
+            "does: give the target endpoint a superuser (the master user, a member of rds_superuser, on RDS)."
         )
-    return CheckResult(
-        name,
-        "fail",
-        measured,
-        f"PostgreSQL {major} lets only superusers create subscriptions: give the target endpoint a superuser "
-        "(the master user, a member of rds_superuser, on RDS), or upgrade the target to PostgreSQL 16+ and "
-        f"GRANT pg_create_subscription TO {role.name}.",
-        [f"role {role.name} cannot create a subscription"],
-    )
+    return CheckResult(name, "fail", measured, remedy, problems)
 
 
 def _can_create_subscription(server: ServerFacts) -> bool:
@@ -468,6 +472,40 @@ def check_cutover_rights(facts: PreflightFacts) -> CheckResult:
         "the target. Without these rights the cutover aborts with writes paused, or cannot be rolled back: "
         + " ".join(fixes),
         problems + warnings,
+    )
+
+
+def check_apply_position_rights(facts: PreflightFacts) -> CheckResult:
+    """How far a subscription applied is read from its replication origin (`lsn.applied_lsn`): the lag, the
+    cutover's catch-up, validation's re-checks. Reading it is superuser-only unless granted, which a
+    PostgreSQL 16 subscription owner in pg_create_subscription is not. Without it the waits still end, on
+    the apply worker's received position and the walsender's report, which confirm later."""
+    name = "apply_position_rights"
+    sides = [("source", facts.source, "the replication back, at a rollback")]
+    if facts.engine == "logical":
+        sides.insert(0, ("target", facts.target, "the forward replication"))
+    lacking = [(side, server, what) for side, server, what in sides if not server.role.can_read_origin_progress]
+    measured = ", ".join(
+        f"{side} role {server.role.name}: reads origin progress={_yes(server.role.can_read_origin_progress)}"
+        for side, server, _ in sides
+    )
+    if not lacking:
+        return CheckResult(name, "pass", measured)
+    return CheckResult(
+        name,
+        "warn",
+        measured,
+        "Waits for the subscriber to apply a position (the cutover's catch-up, the lag, validation's re-checks) "
+        "would confirm it later, from the apply worker's received position and the walsender's report. "
+        + " ".join(
+            f"On the {side}, in database {server.database}, as a superuser run: "
+            f"GRANT EXECUTE ON FUNCTION {ORIGIN_PROGRESS} TO {server.role.name};"
+            for side, server, _ in lacking
+        ),
+        [
+            f"{side} role {server.role.name} may not execute pg_replication_origin_progress ({what})"
+            for side, server, what in lacking
+        ],
     )
 
 
@@ -1352,6 +1390,7 @@ CHECKS: tuple[Check, ...] = (
     check_reverse_replication,
     check_source_role,
     check_target_role,
+    check_apply_position_rights,
     check_cutover_rights,
     check_subscription_password_logging,
     check_slot_names,

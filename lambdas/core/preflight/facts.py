@@ -18,9 +18,9 @@ from pathlib import Path
 from psycopg2 import sql
 
 from lambdas.core.catalog import SequenceUse, TableInfo, describe_tables, list_tables, sequences_for_tables
-from lambdas.core.db import Connection, fetch_all, fetch_one, fetch_value
+from lambdas.core.db import Connection, fetch_all, fetch_one, fetch_value, settable
 from lambdas.core.fence import role_overrides
-from lambdas.core.lsn import Lsn, current_lsn
+from lambdas.core.lsn import Lsn, current_lsn, origin_progress_readable
 from lambdas.core.statement_logging import LogSetting, log_settings
 from lambdas.core.tables import TableName, select_tables, unmatched_patterns
 
@@ -87,6 +87,11 @@ class RoleFacts:
     member_of: frozenset[str]  # those of INTERESTING_ROLES the role is a member of
     can_create_in_database: bool
     owns_database: bool = False  # member of the database owner's role (ALTER DATABASE: the fence)
+    # session_replication_role = replica: the parallel copy and the change-stream applier write with it
+    # (superuser only unless GRANT SET ON PARAMETER, PostgreSQL 15+; probed, as managed servers have rules)
+    can_set_replication_role: bool = True
+    # pg_replication_origin_progress: how far a subscription on this server applied (superuser only unless granted)
+    can_read_origin_progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -313,6 +318,10 @@ def gather_server(conn: Connection) -> ServerFacts:
             member_of=member_of,
             can_create_in_database=bool(role_row[3]),
             owns_database=bool(role_row[4]),
+            can_set_replication_role=settable(conn, [("session_replication_role", "replica")])[
+                "session_replication_role"
+            ],
+            can_read_origin_progress=origin_progress_readable(conn),
         ),
         encoding=str(role_row[5]),
         read_only_overrides=tuple(role_overrides(conn)),

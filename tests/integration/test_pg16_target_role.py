@@ -1,0 +1,132 @@
+"""PostgreSQL 16 lets a role that is no superuser create subscriptions (pg_create_subscription): preflight
+names every grant such a target role lacks, and with them the logical engine copies, streams and waits for
+a position as that role. Real PostgreSQL 16 servers: binaries from the pgserver wheel (Debian 12 packages
+only 15)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lambdas.core.config import LogicalSettings, parse_migration
+from lambdas.core.db import connect, execute, fetch_value
+from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
+from lambdas.core.lsn import applied_lsn, current_lsn, wait_for_lsn
+from lambdas.core.preflight import LocalDiskProbe, PreflightReport, run_preflight
+from lambdas.core.tables import TableName
+from rehearsal.servers import PostgresServer
+from tests.conftest import server_pair
+from tests.integration.secret_env import PASSWORD, secure
+
+ROLE = "migrator"
+TABLES = (TableName("public", "items"), TableName("public", "events"))
+DDL = (
+    "CREATE TABLE items (id bigint PRIMARY KEY, v text);"
+    " CREATE TABLE events (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), item bigint, at timestamptz DEFAULT now());"
+)
+GRANT_SET = f"GRANT SET ON PARAMETER session_replication_role TO {ROLE}"
+GRANT_ORIGIN = f"GRANT EXECUTE ON FUNCTION pg_replication_origin_progress(text, boolean) TO {ROLE}"
+
+
+def pg16_bindir() -> Path:
+    spec = importlib.util.find_spec("pgserver")  # found, not imported: the package starts servers of its own
+    assert spec is not None and spec.submodule_search_locations, "pgserver (requirements-dev.txt) is not installed"
+    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+
+
+@pytest.fixture(scope="module")
+def pg16() -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    """A PostgreSQL 16 source and target that require passwords (a subscription owned by a role that is no
+    superuser must log in to the source with one), with database shop on both."""
+    with server_pair("pg16", bindir=pg16_bindir()) as (source, target):
+        for server in (source, target):
+            secure(server)
+            server.create_database("shop")
+        yield source, target
+
+
+def source_dsn(source: PostgresServer) -> str:
+    return f"host=127.0.0.1 port={source.port} dbname=shop user=app password={PASSWORD}"
+
+
+def target_dsn(target: PostgresServer) -> str:
+    return f"host=127.0.0.1 port={target.port} dbname=shop user={ROLE} password={PASSWORD}"
+
+
+def preflight(source: PostgresServer, target: PostgresServer) -> PreflightReport:
+    migration = parse_migration(
+        {"name": "t", "source": {"dsn": source_dsn(source)}, "target": {"dsn": target_dsn(target)}}
+    )
+    src, tgt = connect(source_dsn(source)), connect(target_dsn(target))
+    try:
+        return run_preflight(src, tgt, migration, disk_probe=LocalDiskProbe(), wal_rate_sample_seconds=0.2)
+    finally:
+        src.close()
+        tgt.close()
+
+
+def test_a_target_role_in_pg_create_subscription_is_told_each_grant_and_then_migrates(
+    pg16: tuple[PostgresServer, PostgresServer],
+) -> None:
+    # Given PostgreSQL 16, rows on the source, and the target's tables owned by a role that is no superuser
+    # but may create subscriptions (pg_create_subscription, CREATE on the database)
+    source, target = pg16
+    assert fetch_value(connect(source_dsn(source)), "SHOW server_version_num").startswith("16")
+    target.psql(
+        f"CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'; GRANT pg_create_subscription TO {ROLE};"
+        f" GRANT CREATE ON DATABASE shop TO {ROLE}"
+    )
+    target.psql(f"GRANT CREATE ON SCHEMA public TO {ROLE}", "shop")
+    src = connect(source_dsn(source))
+    execute(src, DDL)
+    execute(src, "INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 3000) g;")
+    execute(src, "INSERT INTO events (item) SELECT g FROM generate_series(1, 3000) g")
+    tgt = connect(target_dsn(target))
+    execute(tgt, DDL)
+    try:
+        # When preflight runs (the default copy: parallel-snapshot)
+        report = preflight(source, target)
+        # Then the role may create the subscription, but not write as session_replication_role = replica as
+        # the parallel copy does: it fails, naming the grant; and reading how far the subscription applied
+        # is only warned about, with its grant
+        role_check = report.get("target_role")
+        assert role_check.status == "fail", role_check
+        assert f"GRANT SET ON PARAMETER session_replication_role TO {ROLE};" in role_check.remedy
+        position = report.get("apply_position_rights")
+        assert position.status == "warn", position
+        assert f"On the target, in database shop, as a superuser run: {GRANT_ORIGIN};" in position.remedy
+        # When the first grant is run as the remedy says
+        target.psql(GRANT_SET)
+        # Then the role check passes
+        assert preflight(source, target).get("target_role").status == "pass"
+        # And the logical engine copies every row as that role, and streams what comes next
+        plan = LogicalReplicationPlan(
+            ReplicationNames("zdm_pg16"), TABLES, LogicalSettings.model_validate({"copy_workers": 2})
+        )
+        started = LogicalEngine(source_dsn(source), target_dsn(target), plan).start()
+        assert started.rows_copied == 6000
+        execute(src, "INSERT INTO items SELECT g, 'late' FROM generate_series(3001, 3100) g")
+        # And a wait for the source's position ends without reading the origin (the apply worker's received
+        # position or the walsender's report decides)
+        reached = wait_for_lsn(
+            tgt, "zdm_pg16", current_lsn(src), timeout=30, source=src, slot=plan.names.slot, max_poll_interval=0.05
+        )
+        assert reached.signal in ("received", "walsender")
+        assert fetch_value(tgt, "SELECT count(*) FROM items") == 3100
+        assert applied_lsn(tgt, "zdm_pg16") is None  # not readable: no error
+        # When the second grant is run (in the database: functions' rights are the database's own)
+        target.psql(GRANT_ORIGIN, "shop")
+        # Then preflight warns of nothing more about the role, and waits read the origin again
+        assert preflight(source, target).get("apply_position_rights").status == "pass"
+        execute(src, "UPDATE items SET v = 'again' WHERE id <= 10")
+        again = wait_for_lsn(tgt, "zdm_pg16", current_lsn(src), timeout=30, max_poll_interval=0.05)
+        assert again.signal in ("origin", "received")
+        assert fetch_value(tgt, "SELECT count(*) FROM items WHERE v = 'again'") == 10
+        origin = applied_lsn(tgt, "zdm_pg16")
+        assert origin is not None and origin >= reached.reached_lsn
+    finally:
+        tgt.close()
+        src.close()
