@@ -1,6 +1,6 @@
 """PostgreSQL 16 lets a role that is no superuser create subscriptions (pg_create_subscription): preflight
 names every grant such a target role lacks, and with them the logical engine copies, streams and waits for
-a position as that role. Real PostgreSQL 16 servers: binaries from the pgserver wheel (Debian 12 packages
+a position as that role, and the cutover and its rollback run. Real PostgreSQL 16 servers: binaries from the pgserver wheel (Debian 12 packages
 only 15)."""
 
 from __future__ import annotations
@@ -11,14 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from lambdas.core.config import LogicalSettings, parse_migration
+from lambdas.core.config import Cutover, LogicalSettings, parse_migration
+from lambdas.core.cutover import CutoverPlan, CutoverRunner
 from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
 from lambdas.core.lsn import applied_lsn, current_lsn, wait_for_lsn
 from lambdas.core.preflight import LocalDiskProbe, PreflightReport, run_preflight
+from lambdas.core.routers.pgbouncer import PgbouncerBackend, PgbouncerRouter
 from lambdas.core.tables import TableName
+from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
 from rehearsal.servers import PostgresServer
 from tests.conftest import server_pair
+from tests.integration.cutover_env import quick_worker_starts
 from tests.integration.secret_env import PASSWORD, secure
 
 ROLE = "migrator"
@@ -130,3 +134,71 @@ def test_a_target_role_in_pg_create_subscription_is_told_each_grant_and_then_mig
     finally:
         tgt.close()
         src.close()
+
+
+def test_with_the_grants_preflight_names_such_a_role_is_cut_over_and_rolled_back(
+    pg16: tuple[PostgresServer, PostgresServer],
+) -> None:
+    # Given a PostgreSQL 16 target role that is no superuser, granted what preflight's role checks name
+    # (pg_create_subscription, REPLICATION and pg_signal_backend, the database's ownership, SET
+    # session_replication_role, EXECUTE on pg_replication_origin_progress), and tables with a sequence
+    source, target = pg16
+    role, db = "cutter", "cut"
+    for server in (source, target):
+        server.create_database(db)
+        quick_worker_starts(server)
+    target.psql(
+        f"CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{PASSWORD}'; GRANT pg_create_subscription, pg_signal_backend"
+        f" TO {role}; ALTER DATABASE {db} OWNER TO {role}; GRANT SET ON PARAMETER session_replication_role TO {role}"
+    )
+    target.psql(f"{GRANT_ORIGIN.replace(ROLE, role)}; GRANT CREATE ON SCHEMA public TO {role}", db)
+    src_dsn = f"host=127.0.0.1 port={source.port} dbname={db} user=app password={PASSWORD}"
+    tgt_dsn = f"host=127.0.0.1 port={target.port} dbname={db} user={role} password={PASSWORD}"
+    tables = (TableName("public", "items"), TableName("public", "orders"))
+    ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v text); CREATE TABLE orders (id bigserial PRIMARY KEY, v text);"
+    src, tgt = connect(src_dsn), connect(tgt_dsn)
+    execute(src, ddl + " INSERT INTO items SELECT g, 'v' FROM generate_series(1, 2000) g;")
+    execute(src, "INSERT INTO orders (v) SELECT 'o' FROM generate_series(1, 500)")
+    execute(tgt, ddl)
+    migration = parse_migration({"name": "t", "source": {"dsn": src_dsn}, "target": {"dsn": tgt_dsn}})
+    report = run_preflight(src, tgt, migration, disk_probe=LocalDiskProbe(), wal_rate_sample_seconds=0.2)
+    assert {n: report.get(n).status for n in ("target_role", "apply_position_rights", "cutover_rights")} == {
+        "target_role": "pass",
+        "apply_position_rights": "pass",
+        "cutover_rights": "pass",
+    }
+    pgb = start_pgbouncer({"app": LocalBackend(source, db), "app_ro": LocalBackend(source, db)})
+    try:
+        router = PgbouncerRouter(
+            pgb.admin_dsn(),
+            pgb.config_path,
+            writer_alias="app",
+            reader_alias="app_ro",
+            source=PgbouncerBackend.parse(pgb.backend(source, db)),
+            target=PgbouncerBackend.parse(pgb.backend(target, db)),
+        )
+        forward, back = ReplicationNames("zdm_cut"), ReplicationNames("zdm_cut_rev")
+        LogicalEngine(
+            src_dsn, tgt_dsn, LogicalReplicationPlan(forward, tables, LogicalSettings(copy_workers=2))
+        ).start()
+        wait_for_lsn(tgt, forward.subscription, current_lsn(src), timeout=30, source=src, slot=forward.slot)
+        plan = CutoverPlan(db, tables, forward, back, Cutover(), LogicalSettings(copy_workers=2), 64 << 20)
+        src.close()  # the fences end other sessions
+        tgt.close()
+        # When the writer is cut over to the target, an order is taken there, and the cutover is rolled back
+        done = CutoverRunner(src_dsn, tgt_dsn, router, plan).cutover()
+        app = connect(pgb.dsn("app"))
+        new_order = fetch_value(app, "INSERT INTO orders (v) VALUES ('on the target') RETURNING id")
+        app.close()
+        back_done = CutoverRunner(src_dsn, tgt_dsn, router, plan).rollback()
+        # Then both ended, the target's sequence had moved past the source's, and the order taken on the
+        # target came back to the source through the replication back
+        assert (done.status, back_done.status) == ("done", "done")
+        assert new_order > 500
+        src = connect(src_dsn)
+        assert fetch_value(src, "SELECT v FROM orders WHERE id = %s", (new_order,)) == "on the target"
+        assert fetch_value(src, "SELECT count(*) FROM orders") == 501
+    finally:
+        pgb.stop()
+        src.close()
+        tgt.close()
