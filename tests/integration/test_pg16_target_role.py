@@ -202,3 +202,58 @@ def test_with_the_grants_preflight_names_such_a_role_is_cut_over_and_rolled_back
         pgb.stop()
         src.close()
         tgt.close()
+
+
+def test_the_change_stream_applier_runs_as_such_a_role_granted_session_replication_role(
+    pg16: tuple[PostgresServer, PostgresServer],
+) -> None:
+    # Given a PostgreSQL 16 target role that is no superuser, with CREATE on the database (the applier's
+    # state schema) and the right to SET session_replication_role, the one preflight names for debezium
+    from lambdas.core.changestream import state
+    from lambdas.core.changestream.applier import ChangeApplier
+    from lambdas.core.changestream.target import StreamRouting
+    from tests.integration.test_changestream_applier import PREFIX, TOPIC, CollectingSink, Stream, item, open_target
+
+    source, target = pg16
+    role, db = "applier", "dbz"
+    target.create_database(db)
+    target.psql(
+        f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'; GRANT CREATE ON DATABASE {db} TO {role};"
+        f" GRANT SET ON PARAMETER session_replication_role TO {role}"
+    )
+    target.psql(f"GRANT CREATE ON SCHEMA public TO {role}", db)
+    dsn = f"host=127.0.0.1 port={target.port} dbname={db} user={role} password={PASSWORD}"
+    migration = parse_migration(
+        {"name": "t", "source": {"dsn": source_dsn(source)}, "target": {"dsn": dsn}, "engine": {"type": "debezium"}}
+    )
+    conn = open_target(dsn)
+    try:
+        report = run_preflight(
+            connect(source_dsn(source)),
+            connect(dsn),
+            migration,
+            disk_probe=LocalDiskProbe(),
+            wal_rate_sample_seconds=0.2,
+        )
+        assert report.get("target_role").status == "pass", report.get("target_role")
+        # When a batch of snapshot reads, creates, an update and a delete is applied as that role
+        s = Stream()
+        batch = [
+            s.read(item(1)),
+            s.read(item(2)),
+            s.create(item(3, qty=3), (1000, 1010)),
+            s.update(item(1, qty=5), (1100, 1110)),
+            *s.delete(2, (1200, 1210)),
+        ]
+        applier = ChangeApplier(
+            conn, StreamRouting.load(conn, PREFIX, [TableName("public", "items")]), CollectingSink()
+        )
+        result = applier.apply(batch)
+        # Then every change is applied, nothing is a dead letter, and the offsets are stored
+        assert (result.applied, result.tombstones, result.dead_letters) == (5, 1, [])
+        with conn.cursor() as cur:
+            cur.execute("SELECT id, qty FROM items ORDER BY id")
+            assert cur.fetchall() == [(1, 5), (3, 3)]
+        assert state.stored_offsets(conn, [TOPIC]) == {(TOPIC, 0): len(batch)}
+    finally:
+        conn.close()
