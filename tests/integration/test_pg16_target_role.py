@@ -5,9 +5,7 @@ only 15)."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -23,6 +21,7 @@ from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
 from rehearsal.servers import PostgresServer
 from tests.conftest import server_pair
 from tests.integration.cutover_env import quick_worker_starts
+from tests.integration.pg16_env import pg16_bindir
 from tests.integration.secret_env import PASSWORD, secure
 
 ROLE = "migrator"
@@ -33,12 +32,6 @@ DDL = (
 )
 GRANT_SET = f"GRANT SET ON PARAMETER session_replication_role TO {ROLE}"
 GRANT_ORIGIN = f"GRANT EXECUTE ON FUNCTION pg_replication_origin_progress(text, boolean) TO {ROLE}"
-
-
-def pg16_bindir() -> Path:
-    spec = importlib.util.find_spec("pgserver")  # found, not imported: the package starts servers of its own
-    assert spec is not None and spec.submodule_search_locations, "pgserver (requirements-dev.txt) is not installed"
-    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
 
 
 @pytest.fixture(scope="module")
