@@ -1,6 +1,7 @@
 """PostgreSQL 16 lets a role that is no superuser create subscriptions (pg_create_subscription): preflight
 names every grant such a target role lacks, and with them the logical engine copies, streams and waits for
-a position as that role, and the cutover and its rollback run. Real PostgreSQL 16 servers: binaries from the pgserver wheel (Debian 12 packages
+a position as that role, and the cutover and its rollback run, from a PostgreSQL 16 source and from a 15 one
+(a major-version upgrade). Real PostgreSQL 16 servers: binaries from the pgserver wheel (Debian 12 packages
 only 15)."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lambdas.core.preflight import LocalDiskProbe, PreflightReport, run_prefligh
 from lambdas.core.routers.pgbouncer import PgbouncerBackend, PgbouncerRouter
 from lambdas.core.tables import TableName
 from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
-from rehearsal.servers import PostgresServer
+from rehearsal.servers import PostgresServer, start_server
 from tests.conftest import server_pair
 from tests.integration.cutover_env import quick_worker_starts
 from tests.integration.pg16_env import pg16_bindir
@@ -129,14 +130,28 @@ def test_a_target_role_in_pg_create_subscription_is_told_each_grant_and_then_mig
         src.close()
 
 
+@pytest.fixture(scope="module")
+def pg15_source() -> Iterator[PostgresServer]:
+    """A PostgreSQL 15 source that requires passwords: the other side of a major-version upgrade."""
+    server = start_server("pg15-source")
+    try:
+        secure(server)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("source_version", ["16", "15"])
 def test_with_the_grants_preflight_names_such_a_role_is_cut_over_and_rolled_back(
-    pg16: tuple[PostgresServer, PostgresServer],
+    pg16: tuple[PostgresServer, PostgresServer], source_version: str, request: pytest.FixtureRequest
 ) -> None:
     # Given a PostgreSQL 16 target role that is no superuser, granted what preflight's role checks name
     # (pg_create_subscription, REPLICATION and pg_signal_backend, the database's ownership, SET
-    # session_replication_role, EXECUTE on pg_replication_origin_progress), and tables with a sequence
-    source, target = pg16
-    role, db = "cutter", "cut"
+    # session_replication_role, EXECUTE on pg_replication_origin_progress), tables with a sequence, and a
+    # PostgreSQL 16 source, or a 15 one (a major-version upgrade)
+    source = pg16[0] if source_version == "16" else request.getfixturevalue("pg15_source")
+    target = pg16[1]
+    role, db = f"cutter{source_version}", f"cut{source_version}"
     for server in (source, target):
         server.create_database(db)
         quick_worker_starts(server)
@@ -153,6 +168,7 @@ def test_with_the_grants_preflight_names_such_a_role_is_cut_over_and_rolled_back
     execute(src, ddl + " INSERT INTO items SELECT g, 'v' FROM generate_series(1, 2000) g;")
     execute(src, "INSERT INTO orders (v) SELECT 'o' FROM generate_series(1, 500)")
     execute(tgt, ddl)
+    assert str(fetch_value(src, "SHOW server_version_num")).startswith(source_version)
     migration = parse_migration({"name": "t", "source": {"dsn": src_dsn}, "target": {"dsn": tgt_dsn}})
     report = run_preflight(src, tgt, migration, disk_probe=LocalDiskProbe(), wal_rate_sample_seconds=0.2)
     assert {n: report.get(n).status for n in ("target_role", "apply_position_rights", "cutover_rights")} == {
@@ -170,7 +186,7 @@ def test_with_the_grants_preflight_names_such_a_role_is_cut_over_and_rolled_back
             source=PgbouncerBackend.parse(pgb.backend(source, db)),
             target=PgbouncerBackend.parse(pgb.backend(target, db)),
         )
-        forward, back = ReplicationNames("zdm_cut"), ReplicationNames("zdm_cut_rev")
+        forward, back = ReplicationNames(f"zdm_{db}"), ReplicationNames(f"zdm_{db}_rev")
         LogicalEngine(
             src_dsn, tgt_dsn, LogicalReplicationPlan(forward, tables, LogicalSettings(copy_workers=2))
         ).start()
