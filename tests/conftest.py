@@ -16,12 +16,16 @@ from rehearsal.servers import PostgresServer, start_server
 
 @contextmanager
 def server_pair(
-    prefix: str, settings: dict[str, str] | None = None, bindir: Path | None = None
+    prefix: str,
+    settings: dict[str, str] | None = None,
+    bindir: Path | None = None,
+    target_bindir: Path | None = None,
 ) -> Iterator[tuple[PostgresServer, PostgresServer]]:
-    """A source and a target server (`<prefix>-source`, `<prefix>-target`), stopped after."""
+    """A source and a target server (`<prefix>-source`, `<prefix>-target`), stopped after; the target from
+    `target_bindir` when given (another major version), else both from `bindir` (default: Debian's)."""
     source = start_server(f"{prefix}-source", settings=settings, bindir=bindir)
     try:
-        target = start_server(f"{prefix}-target", settings=settings, bindir=bindir)
+        target = start_server(f"{prefix}-target", settings=settings, bindir=target_bindir or bindir)
     except BaseException:
         source.stop()
         raise

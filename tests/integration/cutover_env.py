@@ -105,6 +105,23 @@ def quick_worker_starts(server: PostgresServer) -> None:
         conn.close()
 
 
+def pgbouncer_router(
+    source: PostgresServer, target: PostgresServer, dbname: str
+) -> tuple[PgbouncerProcess, PgbouncerRouter]:
+    """A real pgbouncer serving the writer alias `app` and the reader alias `app_ro` from the source, and
+    the router that moves them."""
+    pgb = start_pgbouncer({"app": LocalBackend(source, dbname), "app_ro": LocalBackend(source, dbname)})
+    router = PgbouncerRouter(
+        pgb.admin_dsn(),
+        pgb.config_path,
+        writer_alias="app",
+        reader_alias="app_ro",
+        source=PgbouncerBackend.parse(pgb.backend(source, dbname)),
+        target=PgbouncerBackend.parse(pgb.backend(target, dbname)),
+    )
+    return pgb, router
+
+
 def start_shop(
     source: PostgresServer,
     target: PostgresServer,
@@ -126,15 +143,7 @@ def start_shop(
     finally:
         src_conn.close()
         tgt_conn.close()
-    pgb = start_pgbouncer({"app": LocalBackend(source, dbname), "app_ro": LocalBackend(source, dbname)})
-    router = PgbouncerRouter(
-        pgb.admin_dsn(),
-        pgb.config_path,
-        writer_alias="app",
-        reader_alias="app_ro",
-        source=PgbouncerBackend.parse(pgb.backend(source, dbname)),
-        target=PgbouncerBackend.parse(pgb.backend(target, dbname)),
-    )
+    pgb, router = pgbouncer_router(source, target, dbname)
     shop = kind(source, target, dbname, pgb, router)
     if not forward:
         return shop

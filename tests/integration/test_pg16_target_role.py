@@ -16,12 +16,10 @@ from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
 from lambdas.core.lsn import applied_lsn, current_lsn, wait_for_lsn
 from lambdas.core.preflight import LocalDiskProbe, PreflightReport, run_preflight
-from lambdas.core.routers.pgbouncer import PgbouncerBackend, PgbouncerRouter
 from lambdas.core.tables import TableName
-from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
 from rehearsal.servers import PostgresServer, start_server
 from tests.conftest import server_pair
-from tests.integration.cutover_env import quick_worker_starts
+from tests.integration.cutover_env import pgbouncer_router, quick_worker_starts
 from tests.integration.pg16_env import pg16_bindir
 from tests.integration.secret_env import PASSWORD, secure
 
@@ -176,16 +174,8 @@ def test_with_the_grants_preflight_names_such_a_role_is_cut_over_and_rolled_back
         "apply_position_rights": "pass",
         "cutover_rights": "pass",
     }
-    pgb = start_pgbouncer({"app": LocalBackend(source, db), "app_ro": LocalBackend(source, db)})
+    pgb, router = pgbouncer_router(source, target, db)
     try:
-        router = PgbouncerRouter(
-            pgb.admin_dsn(),
-            pgb.config_path,
-            writer_alias="app",
-            reader_alias="app_ro",
-            source=PgbouncerBackend.parse(pgb.backend(source, db)),
-            target=PgbouncerBackend.parse(pgb.backend(target, db)),
-        )
         forward, back = ReplicationNames(f"zdm_{db}"), ReplicationNames(f"zdm_{db}_rev")
         LogicalEngine(
             src_dsn, tgt_dsn, LogicalReplicationPlan(forward, tables, LogicalSettings(copy_workers=2))

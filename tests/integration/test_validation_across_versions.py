@@ -11,7 +11,8 @@ import pytest
 from lambdas.core.config import Validation
 from lambdas.core.db import connect, fetch_value
 from lambdas.core.validation import RowHash, SessionPair, plan_validation, validate
-from rehearsal.servers import PostgresServer, start_server
+from rehearsal.servers import PostgresServer
+from tests.conftest import server_pair
 from tests.integration.db_env import run_sql
 from tests.integration.pg16_env import pg16_bindir
 from tests.integration.test_validation import KINDS, KINDS_SQL, listed
@@ -49,17 +50,8 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def pg15_and_16() -> Iterator[tuple[PostgresServer, PostgresServer]]:
-    source = start_server("x15-source")
-    try:
-        target = start_server("x16-target", bindir=pg16_bindir())
-    except BaseException:
-        source.stop()
-        raise
-    try:
-        yield source, target
-    finally:
-        source.stop()
-        target.stop()
+    with server_pair("x15-16", target_bindir=pg16_bindir()) as pair:
+        yield pair
 
 
 @pytest.mark.parametrize(("row_hash", "expected"), [("auto", RowHash.FAST), ("md5", RowHash.MD5)])

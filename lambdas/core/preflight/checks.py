@@ -475,15 +475,22 @@ def check_cutover_rights(facts: PreflightFacts) -> CheckResult:
     )
 
 
+def _subscribing_sides(facts: PreflightFacts, back: str) -> list[tuple[str, ServerFacts, str]]:
+    """The servers a subscription is created on, with what it is for: the target for the logical engine's
+    forward replication, and the source for the replication back (`back` says when) under every engine."""
+    sides = [("source", facts.source, back)]
+    if facts.engine == "logical":
+        sides.insert(0, ("target", facts.target, "the forward replication"))
+    return sides
+
+
 def check_apply_position_rights(facts: PreflightFacts) -> CheckResult:
     """How far a subscription applied is read from its replication origin (`lsn.applied_lsn`): the lag, the
     cutover's catch-up, validation's re-checks. Reading it is superuser-only unless granted, which a
     PostgreSQL 16 subscription owner in pg_create_subscription is not. Without it the waits still end, on
     the apply worker's received position and the walsender's report, which confirm later."""
     name = "apply_position_rights"
-    sides = [("source", facts.source, "the replication back, at a rollback")]
-    if facts.engine == "logical":
-        sides.insert(0, ("target", facts.target, "the forward replication"))
+    sides = _subscribing_sides(facts, "the replication back, at a rollback")
     lacking = [(side, server, what) for side, server, what in sides if not server.role.can_read_origin_progress]
     measured = ", ".join(
         f"{side} role {server.role.name}: reads origin progress={_yes(server.role.can_read_origin_progress)}"
@@ -531,9 +538,7 @@ def check_subscription_password_logging(facts: PreflightFacts) -> CheckResult:
     off every setting that keeps a statement's text around it; where the role may not, and the server's
     value keeps it, the password ends up in the server log or in pg_stat_statements."""
     name = "subscription_password_logging"
-    sides = [("source", facts.source, "the replication back, at the cutover")]
-    if facts.engine == "logical":
-        sides.insert(0, ("target", facts.target, "the forward replication"))
+    sides = _subscribing_sides(facts, "the replication back, at the cutover")
     details: list[str] = []
     fixes: list[str] = []
     for side, server, what in sides:
