@@ -7,6 +7,8 @@ only 15)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
+from typing import Any
 
 import pytest
 
@@ -21,7 +23,7 @@ from rehearsal.servers import PostgresServer, start_server
 from tests.conftest import server_pair
 from tests.integration.cutover_env import pgbouncer_router, quick_worker_starts
 from tests.integration.pg16_env import pg16_bindir
-from tests.integration.secret_env import PASSWORD, secure
+from tests.integration.secret_env import PASSWORD, app_dsn, secure
 
 ROLE = "migrator"
 TABLES = (TableName("public", "items"), TableName("public", "events"))
@@ -44,24 +46,18 @@ def pg16() -> Iterator[tuple[PostgresServer, PostgresServer]]:
         yield source, target
 
 
-def source_dsn(source: PostgresServer) -> str:
-    return f"host=127.0.0.1 port={source.port} dbname=shop user=app password={PASSWORD}"
+def source_dsn(source: PostgresServer, db: str = "shop") -> str:
+    return app_dsn(source, db)  # the superuser app, with its password
 
 
-def target_dsn(target: PostgresServer) -> str:
-    return f"host=127.0.0.1 port={target.port} dbname=shop user={ROLE} password={PASSWORD}"
+def role_dsn(target: PostgresServer, db: str = "shop", role: str = ROLE) -> str:
+    return f"host=127.0.0.1 port={target.port} dbname={db} user={role} password={PASSWORD}"
 
 
-def preflight(source: PostgresServer, target: PostgresServer) -> PreflightReport:
-    migration = parse_migration(
-        {"name": "t", "source": {"dsn": source_dsn(source)}, "target": {"dsn": target_dsn(target)}}
-    )
-    src, tgt = connect(source_dsn(source)), connect(target_dsn(target))
-    try:
+def preflight(src_dsn: str, tgt_dsn: str, **extra: Any) -> PreflightReport:
+    migration = parse_migration({"name": "t", "source": {"dsn": src_dsn}, "target": {"dsn": tgt_dsn}, **extra})
+    with closing(connect(src_dsn)) as src, closing(connect(tgt_dsn)) as tgt:
         return run_preflight(src, tgt, migration, disk_probe=LocalDiskProbe(), wal_rate_sample_seconds=0.2)
-    finally:
-        src.close()
-        tgt.close()
 
 
 def test_a_target_role_in_pg_create_subscription_is_told_each_grant_and_then_migrates(
@@ -70,21 +66,21 @@ def test_a_target_role_in_pg_create_subscription_is_told_each_grant_and_then_mig
     # Given PostgreSQL 16, rows on the source, and the target's tables owned by a role that is no superuser
     # but may create subscriptions (pg_create_subscription, CREATE on the database)
     source, target = pg16
-    assert fetch_value(connect(source_dsn(source)), "SHOW server_version_num").startswith("16")
     target.psql(
         f"CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'; GRANT pg_create_subscription TO {ROLE};"
         f" GRANT CREATE ON DATABASE shop TO {ROLE}"
     )
     target.psql(f"GRANT CREATE ON SCHEMA public TO {ROLE}", "shop")
     src = connect(source_dsn(source))
+    assert str(fetch_value(src, "SHOW server_version_num")).startswith("16")
     execute(src, DDL)
     execute(src, "INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 3000) g;")
     execute(src, "INSERT INTO events (item) SELECT g FROM generate_series(1, 3000) g")
-    tgt = connect(target_dsn(target))
+    tgt = connect(role_dsn(target))
     execute(tgt, DDL)
     try:
         # When preflight runs (the default copy: parallel-snapshot)
-        report = preflight(source, target)
+        report = preflight(source_dsn(source), role_dsn(target))
         # Then the role may create the subscription, but not write as session_replication_role = replica as
         # the parallel copy does: it fails, naming the grant; and reading how far the subscription applied
         # is only warned about, with its grant
@@ -97,12 +93,12 @@ def test_a_target_role_in_pg_create_subscription_is_told_each_grant_and_then_mig
         # When the first grant is run as the remedy says
         target.psql(GRANT_SET)
         # Then the role check passes
-        assert preflight(source, target).get("target_role").status == "pass"
+        assert preflight(source_dsn(source), role_dsn(target)).get("target_role").status == "pass"
         # And the logical engine copies every row as that role, and streams what comes next
         plan = LogicalReplicationPlan(
             ReplicationNames("zdm_pg16"), TABLES, LogicalSettings.model_validate({"copy_workers": 2})
         )
-        started = LogicalEngine(source_dsn(source), target_dsn(target), plan).start()
+        started = LogicalEngine(source_dsn(source), role_dsn(target), plan).start()
         assert started.rows_copied == 6000
         execute(src, "INSERT INTO items SELECT g, 'late' FROM generate_series(3001, 3100) g")
         # And a wait for the source's position ends without reading the origin (the apply worker's received
@@ -116,7 +112,7 @@ def test_a_target_role_in_pg_create_subscription_is_told_each_grant_and_then_mig
         # When the second grant is run (in the database: functions' rights are the database's own)
         target.psql(GRANT_ORIGIN, "shop")
         # Then preflight warns of nothing more about the role, and waits read the origin again
-        assert preflight(source, target).get("apply_position_rights").status == "pass"
+        assert preflight(source_dsn(source), role_dsn(target)).get("apply_position_rights").status == "pass"
         execute(src, "UPDATE items SET v = 'again' WHERE id <= 10")
         again = wait_for_lsn(tgt, "zdm_pg16", current_lsn(src), timeout=30, max_poll_interval=0.05)
         assert again.signal in ("origin", "received")
@@ -158,8 +154,7 @@ def test_with_the_grants_preflight_names_such_a_role_is_cut_over_and_rolled_back
         f" TO {role}; ALTER DATABASE {db} OWNER TO {role}; GRANT SET ON PARAMETER session_replication_role TO {role}"
     )
     target.psql(f"{GRANT_ORIGIN.replace(ROLE, role)}; GRANT CREATE ON SCHEMA public TO {role}", db)
-    src_dsn = f"host=127.0.0.1 port={source.port} dbname={db} user=app password={PASSWORD}"
-    tgt_dsn = f"host=127.0.0.1 port={target.port} dbname={db} user={role} password={PASSWORD}"
+    src_dsn, tgt_dsn = source_dsn(source, db), role_dsn(target, db, role)
     tables = (TableName("public", "items"), TableName("public", "orders"))
     ddl = "CREATE TABLE items (id bigint PRIMARY KEY, v text); CREATE TABLE orders (id bigserial PRIMARY KEY, v text);"
     src, tgt = connect(src_dsn), connect(tgt_dsn)
@@ -167,8 +162,7 @@ def test_with_the_grants_preflight_names_such_a_role_is_cut_over_and_rolled_back
     execute(src, "INSERT INTO orders (v) SELECT 'o' FROM generate_series(1, 500)")
     execute(tgt, ddl)
     assert str(fetch_value(src, "SHOW server_version_num")).startswith(source_version)
-    migration = parse_migration({"name": "t", "source": {"dsn": src_dsn}, "target": {"dsn": tgt_dsn}})
-    report = run_preflight(src, tgt, migration, disk_probe=LocalDiskProbe(), wal_rate_sample_seconds=0.2)
+    report = preflight(src_dsn, tgt_dsn)
     assert {n: report.get(n).status for n in ("target_role", "apply_position_rights", "cutover_rights")} == {
         "target_role": "pass",
         "apply_position_rights": "pass",
@@ -221,19 +215,10 @@ def test_the_change_stream_applier_runs_as_such_a_role_granted_session_replicati
         f" GRANT SET ON PARAMETER session_replication_role TO {role}"
     )
     target.psql(f"GRANT CREATE ON SCHEMA public TO {role}", db)
-    dsn = f"host=127.0.0.1 port={target.port} dbname={db} user={role} password={PASSWORD}"
-    migration = parse_migration(
-        {"name": "t", "source": {"dsn": source_dsn(source)}, "target": {"dsn": dsn}, "engine": {"type": "debezium"}}
-    )
+    dsn = role_dsn(target, db, role)
     conn = open_target(dsn)
     try:
-        report = run_preflight(
-            connect(source_dsn(source)),
-            connect(dsn),
-            migration,
-            disk_probe=LocalDiskProbe(),
-            wal_rate_sample_seconds=0.2,
-        )
+        report = preflight(source_dsn(source), dsn, engine={"type": "debezium"})
         assert report.get("target_role").status == "pass", report.get("target_role")
         # When a batch of snapshot reads, creates, an update and a delete is applied as that role
         s = Stream()

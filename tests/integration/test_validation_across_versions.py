@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import pytest
 
 from lambdas.core.config import Validation
-from lambdas.core.db import connect, fetch_value
 from lambdas.core.validation import RowHash, SessionPair, plan_validation, validate
 from rehearsal.servers import PostgresServer
 from tests.conftest import server_pair
@@ -64,8 +63,7 @@ def test_a_postgresql_15_source_and_16_target_hash_alike_and_every_difference_is
     for server in (source, target):
         server.create_database(db)
     src, tgt = source.dsn(db), target.dsn(db)
-    versions = [str(fetch_value(connect(dsn), "SHOW server_version_num"))[:2] for dsn in (src, tgt)]
-    assert versions == ["15", "16"]
+    assert [server.psql("SHOW server_version_num", db)[:2] for server in (source, target)] == ["15", "16"]
     for dsn in (src, tgt):
         run_sql(dsn, KINDS_SQL)
     settings = Validation(chunk_rows=1_000, slice_rows=200, report_first_keys=50, row_hash=row_hash)

@@ -181,10 +181,14 @@ def bucket_scan_shape(
         return None
     max_rows = max(1, max_rows)
     processes = max(1, min(max_parallel_chunks, MAX_SCAN_WORKERS))
-    groups = 1 << (max(1, -(-estimated_rows // (max_rows * processes))) - 1).bit_length()  # a power of 2
-    size_bits = (max(1, -(-estimated_rows // max_rows)) - 1).bit_length()
-    bits = BUCKET_BITS + max(size_bits, groups.bit_length() - 1)  # at least 1,024 buckets a group
-    return BucketScan(bits, groups) if bits <= MAX_BUCKET_BITS else None
+    group_bits = _doublings(estimated_rows, max_rows * processes)
+    bits = BUCKET_BITS + max(_doublings(estimated_rows, max_rows), group_bits)  # at least 1,024 buckets a group
+    return BucketScan(bits, 1 << group_bits) if bits <= MAX_BUCKET_BITS else None
+
+
+def _doublings(rows: int, per: int) -> int:
+    """How many times `per` must double to hold `rows` (0 when it already does)."""
+    return (max(1, -(-rows // per)) - 1).bit_length()
 
 
 def chunk_specs(
