@@ -43,6 +43,9 @@ class TableInfo:
     inheritance_children: tuple[TableName, ...] = field(default=())
     # A DEFERRABLE primary key: PostgreSQL never uses a non-immediate index as replica identity.
     primary_key_deferrable: bool = False
+    # row_security_active() for the reading role: its policies hide rows from it (it neither owns the table
+    # without FORCE ROW LEVEL SECURITY nor has BYPASSRLS), so a copy or a compare would silently see fewer.
+    row_security_active: bool = False
 
     @property
     def has_usable_identity(self) -> bool:
@@ -101,7 +104,8 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
                (SELECT array_agg(ARRAY[kn.nspname, kc.relname] ORDER BY kn.nspname, kc.relname) FROM pg_inherits h
                   JOIN pg_class kc ON kc.oid = h.inhrelid JOIN pg_namespace kn ON kn.oid = kc.relnamespace
                  WHERE h.inhparent = c.oid AND NOT kc.relispartition),
-               coalesce((SELECT NOT i.indimmediate FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), false)
+               coalesce((SELECT NOT i.indimmediate FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), false),
+               c.relrowsecurity AND row_security_active(c.oid)
           FROM wanted w
           JOIN pg_namespace n ON n.nspname = w.schema_name
           JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.table_name AND c.relkind IN ('r', 'p')
@@ -127,6 +131,7 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
         is_partition,
         children,
         pk_deferrable,
+        rls_active,
     ) in rows:
         table = TableName(schema, name)
         result[table] = TableInfo(
@@ -146,6 +151,7 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
             is_partition=bool(is_partition),
             inheritance_children=tuple(TableName(k[0], k[1]) for k in children or ()),
             primary_key_deferrable=bool(pk_deferrable),
+            row_security_active=bool(rls_active),
         )
     return result
 

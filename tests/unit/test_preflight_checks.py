@@ -393,6 +393,32 @@ def test_unlogged_table_fails() -> None:
     assert result.details == ["public.orders: UNLOGGED"]
 
 
+def test_row_level_security_fails_per_side_naming_role_and_tables_and_passes_when_no_policy_filters() -> None:
+    # Given a source role whose reads of orders (and a partition read through its root) a policy filters,
+    # and a target role whose reads of orders it filters too
+    hidden = table(row_security_active=True)
+    partition = table(TableName("public", "orders_2024"), row_security_active=True)
+    given = facts(
+        source=server(role=role(name="mig")),
+        target=server(role=role(name="mig_t")),
+        tables=tables(hidden, target=[hidden], partitions={partition.name: partition}),
+    )
+    # When the check runs
+    result = checks.check_row_level_security(given)
+    # Then it fails, one line per side, and names the grant for each role
+    assert result.status == "fail"
+    assert result.measured == "tables whose policies hide rows from the migration's role: source 2, target 1"
+    assert result.details == [
+        "source: row-level security policies filter what role mig reads from public.orders, public.orders_2024 "
+        "(the copy and the validation would silently see only those rows)",
+        "target: row-level security policies filter what role mig_t reads from public.orders "
+        "(the validation would silently see only those rows)",
+    ]
+    assert "ALTER ROLE mig BYPASSRLS; ALTER ROLE mig_t BYPASSRLS;" in result.remedy
+    # And tables no policy filters pass
+    assert checks.check_row_level_security(facts()).status == "pass"
+
+
 def test_writers_the_fence_cannot_stop_are_named_per_side_and_the_migrations_own_are_not() -> None:
     # Given a source fed by another system's subscription, with a prepared transaction pending, and a
     # target holding the migration's own forward subscription (a re-run preflight)

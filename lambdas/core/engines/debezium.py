@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from psycopg2 import sql
 
-from lambdas.core.catalog import describe_tables
+from lambdas.core.catalog import TableInfo, describe_tables
 from lambdas.core.changestream import state
 from lambdas.core.changestream.connector import FENCE_PREFIX, heartbeat_topic, message_topic, table_topic
 from lambdas.core.changestream.kafka import KafkaStream, TopicOffsets
@@ -31,7 +31,7 @@ from lambdas.core.engines.base import (
     TableSyncState,
     TeardownResult,
 )
-from lambdas.core.engines.logical import drop_slot, slot_health
+from lambdas.core.engines.logical import drop_slot, refuse_filtered_reads, slot_health
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, current_lsn
 from lambdas.core.tables import TableName
@@ -85,6 +85,7 @@ class DebeziumEngine(ReplicationEngine):
 
     def start(self) -> StartResult:
         already = self.runtime.health().running
+        infos = self._describe_source()
         target = self._target()
         try:
             # Not the state tables' existence: a start that died after creating them, before seeding the
@@ -92,6 +93,7 @@ class DebeziumEngine(ReplicationEngine):
             started_before = _has_state(target) and state.offsets_seeded(target)
             left_over: TopicOffsets = {}
             if not started_before:
+                refuse_filtered_reads(list(infos.values()), "the source")  # the connector snapshots as this role
                 _require_empty(target, self.plan.tables)
                 # Topics of an earlier run with this name (torn down, started again) still hold its
                 # events: this run's applier starts after them, or it would replay them onto the new
@@ -101,20 +103,20 @@ class DebeziumEngine(ReplicationEngine):
             state.set_applier_paused(target, False)  # a stop or an undone cutover paused it
             if not started_before:
                 state.seed_offsets_once(target, left_over)
-            state.record_source_columns(target, self._source_columns())
+            # Each table's columns on the source, generated ones aside (Debezium does not send those).
+            columns = {str(name): [c.name for c in info.columns if not c.generated] for name, info in infos.items()}
+            state.record_source_columns(target, columns)
         finally:
             target.close()
         self.runtime.start(self.plan.connector, self.plan.table_topics)
         return StartResult(self.name, already, [str(t) for t in self.plan.tables])
 
-    def _source_columns(self) -> dict[str, list[str]]:
-        """Each table's columns on the source, generated ones aside (Debezium does not send those)."""
+    def _describe_source(self) -> dict[TableName, TableInfo]:
         source = connect(self._source_dsn)
         try:
-            infos = describe_tables(source, self.plan.tables)
+            return describe_tables(source, self.plan.tables)
         finally:
             source.close()
-        return {str(name): [c.name for c in info.columns if not c.generated] for name, info in infos.items()}
 
     def status(self) -> ReplicationStatus:
         health = self.runtime.health()

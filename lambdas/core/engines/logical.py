@@ -149,6 +149,8 @@ class LogicalEngine(ReplicationEngine):
         try:
             infos = self._describe(source)
             tables = _replicated_tables(infos)
+            if self.plan.initial_copy:
+                refuse_filtered_reads(tables, "the source")
             on_target = _describe_target(target, tables)
             sub = _subscription(target, names.subscription)
             parallel = self.plan.initial_copy and self.plan.settings.copy_method == "parallel-snapshot"
@@ -528,6 +530,18 @@ def _replicated_tables(infos: dict[TableName, TableInfo]) -> list[TableInfo]:
     plain table stay: they are tables of their own."""
     partitioned = {info.oid for info in infos.values() if info.relkind == "p"}
     return [info for name, info in sorted(infos.items()) if not (partitioned & set(info.ancestor_oids))]
+
+
+def refuse_filtered_reads(tables: Sequence[TableInfo], side: str) -> None:
+    """Refuses to copy what row-level security hides from the reading role: PostgreSQL filters a COPY or
+    SELECT silently, so the target would lack the hidden rows and nothing would say so."""
+    filtered = [str(t.name) for t in tables if t.row_security_active]
+    if filtered:
+        raise ReplicationSetupError(
+            f"row-level security policies hide rows of {', '.join(filtered)} from this role on {side}: a copy "
+            "would silently leave them behind; give the role BYPASSRLS or connect as the tables' owner "
+            "(preflight's row_level_security check says how)"
+        )
 
 
 def _describe_target(target: Connection, tables: Sequence[TableInfo]) -> dict[TableName, TableInfo]:

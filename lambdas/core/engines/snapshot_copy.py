@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import psycopg2
 from psycopg2 import sql
 
 from lambdas.core.catalog import TableInfo
@@ -105,11 +106,22 @@ def copy_chunk(source: Connection, target: Connection, chunk: CopyChunk) -> int:
         with os.fdopen(read_fd, "rb", buffering=PIPE_BUFFER) as reader, target.cursor() as cur:
             cur.copy_expert(in_sql, reader, size=PIPE_BUFFER)
             rows = cur.rowcount
+    except psycopg2.Error:
+        producer.join()
+        # A source that failed (a refused read) leaves the target a cut stream ("COPY file signature not
+        # recognized"): name the cause. A pipe the failing target closed is no cause (not a database error).
+        if errors and isinstance(errors[0], psycopg2.Error):
+            raise _read_failed(chunk, errors[0]) from errors[0]
+        raise
     finally:
         producer.join()
     if errors:
-        raise CopyFailed(f"reading {chunk.table.name} chunk {chunk.number} from the source failed: {errors[0]}")
+        raise _read_failed(chunk, errors[0])
     return int(rows)
+
+
+def _read_failed(chunk: CopyChunk, error: BaseException) -> CopyFailed:
+    return CopyFailed(f"reading {chunk.table.name} chunk {chunk.number} from the source failed: {error}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,9 @@ def _prepare_source(conn: Connection, snapshot: str) -> None:
     # parse them under the same settings. Before the transaction: SET TRANSACTION SNAPSHOT comes first in it.
     conn.autocommit = True
     pin_text_form(conn)
+    # A row-level security policy that hides rows from this role (one made after the engine checked) makes
+    # the COPY fail instead of silently copying fewer rows.
+    execute(conn, "SET row_security = off")
     conn.autocommit = False
     execute(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     execute(conn, "SET TRANSACTION SNAPSHOT %s", (snapshot,))

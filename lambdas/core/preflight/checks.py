@@ -801,6 +801,43 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
     return CheckResult(name, "pass", measured)
 
 
+def check_row_level_security(facts: PreflightFacts) -> CheckResult:
+    """Policies that hide rows from the migration's roles: PostgreSQL filters silently, so the copy (and
+    Debezium's or DMS's snapshot) would leave rows behind and the validation would compare only what both
+    roles see, and call the result equal."""
+    name = "row_level_security"
+    tables = facts.tables
+    problems: list[str] = []
+    sides = (
+        ("source", facts.source, [*tables.source.values(), *tables.partitions.values()], "the copy and the validation"),
+        ("target", facts.target, list(tables.target.values()), "the validation"),
+    )
+    roles: list[str] = []
+    counts: list[str] = []
+    for side, server, infos, readers in sides:
+        filtered = sorted(str(t.name) for t in infos if t.row_security_active)
+        counts.append(f"{side} {len(filtered)}")
+        if filtered:
+            roles.append(server.role.name)
+            problems.append(
+                f"{side}: row-level security policies filter what role {server.role.name} reads from "
+                f"{_join(filtered)} ({readers} would silently see only those rows)"
+            )
+    measured = "tables whose policies hide rows from the migration's role: " + _join(counts)
+    if not problems:
+        return CheckResult(name, "pass", measured)
+    grants = " ".join(f"ALTER ROLE {role} BYPASSRLS;" for role in sorted(set(roles)))
+    return CheckResult(
+        name,
+        "fail",
+        measured,
+        f"Let the migration's roles read every row: as a superuser run {grants} Or connect as each table's owner: "
+        "an owner bypasses its table's policies unless the table has FORCE ROW LEVEL SECURITY (then ALTER TABLE "
+        "<table> NO FORCE ROW LEVEL SECURITY; for the migration's duration).",
+        problems,
+    )
+
+
 def check_unlogged_tables(facts: PreflightFacts) -> CheckResult:
     name = "unlogged_tables"
     unlogged = [
@@ -1404,6 +1441,7 @@ CHECKS: tuple[Check, ...] = (
     check_replica_identity,
     check_change_stream_types,
     check_unlogged_tables,
+    check_row_level_security,
     check_writers_the_fence_cannot_stop,
     check_target_schema,
     check_triggers_firing_on_replication,

@@ -75,6 +75,14 @@ def table_spec(
         return unusable("not found on the source")
     if target is None:
         return unusable("missing on the target")
+    hidden = [side for side, info in (("source", source), ("target", target)) if info.row_security_active]
+    if hidden:
+        # PostgreSQL filters silently: compared, both sides' visible rows could agree while hidden ones differ.
+        return unusable(
+            f"row-level security policies hide rows from this role on the {' and the '.join(hidden)}, so not "
+            "every row can be read; give the role BYPASSRLS or connect as the table's owner (and ALTER TABLE ... "
+            "NO FORCE ROW LEVEL SECURITY while validating)"
+        )
     if source.primary_key != target.primary_key:
         return unusable(
             f"primary keys differ: source {_key_text(source.primary_key)}, "
