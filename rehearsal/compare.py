@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from psycopg2 import sql
 
 from lambdas.core.catalog import describe_tables
-from lambdas.core.db import Connection, execute
+from lambdas.core.db import Connection, execute, unbound_session
 from lambdas.core.tables import TableName
 
 # One definition of the settings that change a row's text form, shared with the validator.
@@ -99,6 +99,7 @@ class Snapshot:
             conn = connect(dsn, autocommit=False, application_name=application_name)
             execute(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             execute(conn, "SET row_security = off")  # rows a policy hides fail the compare, never vanish from it
+            unbound_session(conn)
             pin_text_form(conn)  # the first query fixes the snapshot
             conns.append(conn)
         return cls(conns[0], conns[1])

@@ -37,17 +37,21 @@ class InvalidDsn(ValueError):
     """A DSN libpq cannot parse (a data error: never retried)."""
 
 
+def _invalid_dsn() -> InvalidDsn:
+    # libpq could not parse the string; its message quotes the offending word, which may be part of
+    # a password (an unquoted one with a space): name neither.
+    return InvalidDsn(
+        "the connection string is not valid libpq syntax (not shown: it may hold a password); "
+        "write key=value pairs and quote values holding spaces or quotes, e.g. password='a b'"
+    )
+
+
 def connect(dsn: str, *, application_name: str = "zdm", autocommit: bool = True, **kwargs: Any) -> Connection:
     """Open a connection; the error names the (redacted) DSN, never the password."""
     try:
         conn: Connection = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10, **kwargs)
     except psycopg2.ProgrammingError:
-        # libpq could not parse the string; its message quotes the offending word, which may be part of
-        # a password (an unquoted one with a space): name neither.
-        raise InvalidDsn(
-            "the connection string is not valid libpq syntax (not shown: it may hold a password); "
-            "write key=value pairs and quote values holding spaces or quotes, e.g. password='a b'"
-        ) from None
+        raise _invalid_dsn() from None
     except psycopg2.OperationalError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseUnreachable(f"cannot connect to {redact_dsn(dsn)}: {reason}") from None
@@ -109,3 +113,26 @@ def settable(conn: Connection, settings: Sequence[tuple[str, str]]) -> dict[str,
         if autocommit:
             conn.autocommit = True
     return allowed
+
+
+# A database's or role's own statement_timeout and idle_in_transaction_session_timeout guard it from its
+# applications; the migration's bulk sessions (a COPY of a table, a snapshot's transaction held between
+# chunks, a compare) run for longer on purpose and are bounded by their callers instead (as pg_dump does).
+UNBOUNDED_SESSION = (("statement_timeout", "0"), ("idle_in_transaction_session_timeout", "0"))
+
+
+def unbound_session(conn: Connection) -> None:
+    """Lift the server's statement and idle-in-transaction timeouts for this session (`UNBOUNDED_SESSION`)."""
+    execute(conn, "; ".join(f"SET {name} = {value}" for name, value in UNBOUNDED_SESSION))
+
+
+def with_unbounded_session(dsn: str) -> str:
+    """The DSN with `UNBOUNDED_SESSION` added to its startup options (what it already sets is kept), for a
+    session the server opens itself: a subscription's walsender runs the table sync's COPY under them."""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        raise _invalid_dsn() from None
+    extra = " ".join(f"-c {name}={value}" for name, value in UNBOUNDED_SESSION)
+    params["options"] = f"{params['options']} {extra}" if params.get("options") else extra
+    return str(psycopg2.extensions.make_dsn(**params))

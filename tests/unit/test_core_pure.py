@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 import pytest
+from psycopg2.extensions import parse_dsn
 
 from lambdas.core.config import Endpoint
-from lambdas.core.db import redact_dsn
+from lambdas.core.db import InvalidDsn, redact_dsn, with_unbounded_session
 from lambdas.core.endpoints import EndpointError, resolve_dsn
 from lambdas.core.lsn import Lsn
 from lambdas.core.tables import TableName, select_tables, unmatched_patterns
@@ -94,3 +95,28 @@ def test_redact_dsn_hides_a_uri_password_with_no_user_and_an_escaped_space() -> 
     # Then no part of either password is shown, and what follows the password stays
     assert "Canary-91" not in no_user and no_user.endswith("@db.internal:5432/shop")
     assert "Canary-91" not in escaped and escaped.endswith("user=app")
+
+
+def test_a_subscriptions_conninfo_lifts_the_servers_timeouts_and_keeps_everything_else() -> None:
+    # Given DSNs in both forms, one with options of its own and a password holding a space and a quote
+    lifted = "-c statement_timeout=0 -c idle_in_transaction_session_timeout=0"
+    plain = parse_dsn(with_unbounded_session("host=db port=5432 dbname=shop user=app password='p w\\'x'"))
+    uri = parse_dsn(with_unbounded_session("postgresql://app:s3cret@db:5432/shop?sslmode=require"))
+    own = parse_dsn(with_unbounded_session("host=db dbname=shop options='-c search_path=app'"))
+    # Then each gains the options, and keeps every other parameter exactly
+    assert plain == {
+        "host": "db",
+        "port": "5432",
+        "dbname": "shop",
+        "user": "app",
+        "password": "p w'x",
+        "options": lifted,
+    }
+    assert uri["password"] == "s3cret" and uri["sslmode"] == "require" and uri["options"] == lifted
+    assert own["options"] == f"-c search_path=app {lifted}"
+
+
+def test_an_unparsable_dsn_given_for_a_subscription_is_an_error_that_shows_no_part_of_it() -> None:
+    with pytest.raises(InvalidDsn) as raised:
+        with_unbounded_session("host=db password=Canary-7 x")
+    assert "Canary" not in str(raised.value)

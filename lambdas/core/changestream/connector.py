@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from lambdas.core.db import UNBOUNDED_SESSION
 from lambdas.core.tables import TableName
 
 if TYPE_CHECKING:  # the applier imports this module: it need not build the migration file's models
@@ -94,8 +95,11 @@ def connector_properties(
         "table.include.list": ",".join(f"{t.schema}.{t.name}" for t in tables),
         "snapshot.mode": "initial",
         # The snapshot's JDBC sessions: a row-level security policy hiding rows from this role fails the
-        # snapshot instead of leaving the hidden rows silently behind (the engine and preflight refuse first).
-        "database.initial.statements": "SET row_security = off",
+        # snapshot instead of leaving the hidden rows silently behind (the engine and preflight refuse first);
+        # the server's timeouts do not cancel a table's snapshot SELECT or its transaction (db.UNBOUNDED_SESSION).
+        "database.initial.statements": "; ".join(
+            ["SET row_security = off", *(f"SET {name} = {value}" for name, value in UNBOUNDED_SESSION)]
+        ),
         "snapshot.fetch.size": str(settings.snapshot_fetch_size),
         "max.batch.size": str(settings.max_batch_size),
         # How long the connector waits to fill a batch (default 500 ms): the cutover's fence marker,

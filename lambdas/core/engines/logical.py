@@ -21,7 +21,7 @@ from psycopg2 import sql
 
 from lambdas.core.catalog import TableInfo, describe_tables
 from lambdas.core.config import LogicalSettings
-from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_one, fetch_value
+from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_one, fetch_value, with_unbounded_session
 from lambdas.core.engines.base import (
     Phase,
     ReplicationEngine,
@@ -127,7 +127,7 @@ class LogicalEngine(ReplicationEngine):
         self._source_dsn = source_dsn
         self._target_dsn = target_dsn
         # How the target server reaches the source (may differ from how we do).
-        self._conninfo = subscription_conninfo or source_dsn
+        self._conninfo = with_unbounded_session(subscription_conninfo or source_dsn)
         self.plan = plan
         self._on_copy_progress = on_copy_progress
         self._connect = connector

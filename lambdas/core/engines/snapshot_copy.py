@@ -21,7 +21,7 @@ import psycopg2
 from psycopg2 import sql
 
 from lambdas.core.catalog import TableInfo
-from lambdas.core.db import Connection, execute
+from lambdas.core.db import Connection, execute, unbound_session
 from lambdas.core.ranges import KeyRange, range_predicate_literal
 from lambdas.core.textform import pin_text_form
 
@@ -137,6 +137,7 @@ def _prepare_source(conn: Connection, snapshot: str) -> None:
     # parse them under the same settings. Before the transaction: SET TRANSACTION SNAPSHOT comes first in it.
     conn.autocommit = True
     pin_text_form(conn)
+    unbound_session(conn)  # a chunk's COPY, and its transaction held between chunks, outlast a server's timeouts
     # A row-level security policy that hides rows from this role (one made after the engine checked) makes
     # the COPY fail instead of silently copying fewer rows.
     execute(conn, "SET row_security = off")
@@ -148,6 +149,7 @@ def _prepare_source(conn: Connection, snapshot: str) -> None:
 def _prepare_target(conn: Connection) -> None:
     conn.autocommit = True
     pin_text_form(conn)
+    unbound_session(conn)  # COPY, index builds and ANALYZE of whole tables
     conn.autocommit = False
     # The source already enforced its constraints; firing FK triggers per copied row would
     # only slow the copy (the subscription's apply worker runs as 'replica' too).

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import psycopg2.extensions
 from psycopg2 import sql
 
-from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_one
+from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_one, unbound_session
 from lambdas.core.textform import pin_text_form
 
 T = TypeVar("T")
@@ -34,10 +34,13 @@ def prepare_session(conn: Connection) -> None:
     No parallel query: chunks already run side by side (the Map, the workers), and a chunk's
     statement is too short to pay for starting workers (measured: 2M rows compared chunk by chunk
     took 2.16 CPU-s with parallel index scans, 1.6 without; one scan of the table 1.53).
+    No statement or idle-in-transaction timeout of the server's (`db.unbound_session`): a chunk's
+    statements read hundreds of thousands of rows; the task's own time limit bounds them.
     row_security off: PostgreSQL then refuses a read its policies would filter (the planner already
     reports such tables), instead of silently leaving rows out of the compare.
     """
     pin_text_form(conn)
+    unbound_session(conn)
     execute(
         conn,
         "SET default_transaction_read_only = on; SET jit = off; SET max_parallel_workers_per_gather = 0;"
