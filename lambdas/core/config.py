@@ -149,6 +149,13 @@ class LogicalSettings(_Model):
     expected_copy_mb_per_s: float = Field(
         default=50.0, gt=0, description="used by preflight to estimate the WAL kept during the copy"
     )
+    slot_wait_seconds: int = Field(
+        default=120,
+        ge=1,
+        le=600,
+        description="how long creating the replication slot may wait for transactions open on the source to end "
+        "before the start fails, naming them",
+    )
 
 
 _DCU_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384)

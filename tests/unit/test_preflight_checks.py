@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from lambdas.core.catalog import Column, SequenceUse, TableInfo
+from lambdas.core.engines.slot_creation import BlockingTransaction
 from lambdas.core.lsn import Lsn
 from lambdas.core.preflight import checks, format_report
 from lambdas.core.preflight.facts import (
@@ -417,6 +418,26 @@ def test_row_level_security_fails_per_side_naming_role_and_tables_and_passes_whe
     assert "ALTER ROLE mig BYPASSRLS; ALTER ROLE mig_t BYPASSRLS;" in result.remedy
     # And tables no policy filters pass
     assert checks.check_row_level_security(facts()).status == "pass"
+
+
+def test_open_transactions_a_slot_would_wait_for_warn_naming_each_and_what_to_do() -> None:
+    # Given a session idle in a transaction that wrote, two hours ago, and a prepared transaction
+    session = BlockingTransaction(4242, "app", "nightly-report", "idle in transaction", 7200.0)
+    prepared = BlockingTransaction(0, "xa", "", "prepared", 300.0, gid="branch-7")
+    given = facts(source=server(open_write_transactions=(session, prepared)))
+    # When the check runs
+    result = checks.check_open_transactions(given)
+    # Then it warns, naming both and how to end each
+    assert result.status == "warn"
+    assert result.details == [
+        "pid 4242 (user app, application nightly-report, idle in transaction, transaction open 2.0 h)",
+        "prepared transaction 'branch-7' (owner xa, prepared 5 min ago)",
+    ]
+    assert "pg_terminate_backend" in result.remedy and "ROLLBACK PREPARED" in result.remedy
+    # And with none it passes; a role that cannot see others' sessions is told so
+    assert checks.check_open_transactions(facts()).status == "pass"
+    blind = checks.check_open_transactions(facts(source=server(role=role(), sees_all_sessions=False)))
+    assert "of role app's own sessions only: no pg_read_all_stats" in blind.measured
 
 
 def test_writers_the_fence_cannot_stop_are_named_per_side_and_the_migrations_own_are_not() -> None:

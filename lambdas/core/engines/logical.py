@@ -33,6 +33,7 @@ from lambdas.core.engines.base import (
     TeardownResult,
 )
 from lambdas.core.engines.deferred_indexes import defer_indexes, ensure_deferred_table, restore_indexes
+from lambdas.core.engines.slot_creation import create_logical_slot
 from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopySessionFactory, copy_in_parallel
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, applied_lsn
@@ -198,27 +199,42 @@ class LogicalEngine(ReplicationEngine):
         self, source: Connection, target: Connection, tables: Sequence[TableInfo], *, copy_data: bool
     ) -> StartResult:
         names = self.plan.names
-        # A slot left by an interrupted CREATE SUBSCRIPTION (it creates the slot remotely first).
+        # A slot left by an interrupted start (made here, then the subscription) or CREATE SUBSCRIPTION.
         drop_slot(source, names.slot)
         if copy_data:
             _require_empty(target, tables)
-        self._create_subscription(target, create_slot=True, copy_data=copy_data)
+        # Made here rather than by CREATE SUBSCRIPTION, which would wait blind for transactions open on the source.
+        repl = self._replication_connection()
+        try:
+            create_logical_slot(
+                repl, source, names.slot, export_snapshot=False, wait_seconds=self.plan.settings.slot_wait_seconds
+            )
+        finally:
+            repl.close()
+        self._create_subscription(target, copy_data=copy_data)
         return StartResult(self.name, already_running=False, tables=[str(t.name) for t in tables])
 
-    def _create_subscription(self, target: Connection, *, create_slot: bool, copy_data: bool) -> None:
+    def _replication_connection(self) -> Connection:
+        return self._connect(
+            self._source_dsn,
+            application_name="zdm-slot",
+            connection_factory=psycopg2.extras.LogicalReplicationConnection,
+        )
+
+    def _create_subscription(self, target: Connection, *, copy_data: bool) -> None:
+        """On the slot already made (`create_slot = false`; which may also run inside a transaction block)."""
         names = self.plan.names
         with _statement_not_logged_on_error(target):
             execute(
                 target,
                 sql.SQL(
                     "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {pub}"
-                    " WITH (slot_name = {slot}, create_slot = {create}, copy_data = {copy}, enabled = true)"
+                    " WITH (slot_name = {slot}, create_slot = false, copy_data = {copy}, enabled = true)"
                 ).format(
                     sub=sql.Identifier(names.subscription),
                     conn=sql.Literal(self._conninfo),
                     pub=sql.Identifier(names.publication),
                     slot=sql.Literal(names.slot),
-                    create=sql.Literal(create_slot),
                     copy=sql.Literal(copy_data),
                 ),
             )
@@ -260,22 +276,12 @@ class LogicalEngine(ReplicationEngine):
         for table in tables:
             defer_indexes(target, STATE_SCHEMA, names.slot, table)
         started = time.monotonic()
-        repl = self._connect(
-            self._source_dsn,
-            application_name="zdm-slot",
-            connection_factory=psycopg2.extras.LogicalReplicationConnection,
-        )
+        repl = self._replication_connection()
         try:
-            with repl.cursor() as cur:
-                cur.execute(
-                    sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT").format(
-                        sql.Identifier(names.slot)
-                    )
-                )
-                row = cur.fetchone()
-            if row is None:
-                raise ReplicationSetupError("CREATE_REPLICATION_SLOT returned nothing")
-            consistent_lsn, snapshot = row[1], row[2]
+            created = create_logical_slot(
+                repl, source, names.slot, export_snapshot=True, wait_seconds=self.plan.settings.slot_wait_seconds
+            )
+            consistent_lsn, snapshot = created.consistent_lsn, str(created.snapshot)
             chunks = self._plan_chunks(source, tables, on_target)
             execute(
                 target,
@@ -315,7 +321,7 @@ class LogicalEngine(ReplicationEngine):
                 raise ReplicationSetupError(
                     f"the copy of {names.slot} was torn down while it ran: no subscription was created; start again"
                 )
-            self._create_subscription(target, create_slot=False, copy_data=False)  # create_slot false: in a transaction
+            self._create_subscription(target, copy_data=False)
             execute(
                 target,
                 sql.SQL(

@@ -15,6 +15,7 @@ from lambdas.core.config import DMS_STOP_TIMEOUT_SECONDS
 from lambdas.core.lsn import ORIGIN_PROGRESS
 from lambdas.core.preflight.facts import (
     LARGE_OBJECT_COUNT_CAP,
+    LONG_TRANSACTION_SECONDS,
     TARGET_ROW_COUNT_CAP,
     PreflightFacts,
     ServerFacts,
@@ -998,6 +999,33 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Status, st
     return found
 
 
+def check_open_transactions(facts: PreflightFacts) -> CheckResult:
+    """Transactions a new replication slot on the source would wait for: the start fails after
+    `logical.slot_wait_seconds` naming them (the logical engine), or hangs (a connector creating its slot)."""
+    name = "open_transactions"
+    source = facts.source
+    open_now = source.open_write_transactions
+    seen = (
+        "" if source.sees_all_sessions else f" (of role {source.role.name}'s own sessions only: no pg_read_all_stats)"
+    )
+    measured = (
+        f"{len(open_now)} transaction(s) on the source holding a transaction id for over "
+        f"{LONG_TRANSACTION_SECONDS:.0f} s, or prepared{seen}"
+    )
+    if not open_now:
+        return CheckResult(name, "pass", measured)
+    return CheckResult(
+        name,
+        "warn",
+        measured,
+        "Creating the replication slot waits until every transaction holding a transaction id when it starts has "
+        "ended (in every database of the server). End or finish these before starting (a session: "
+        "SELECT pg_terminate_backend(<pid>); a prepared transaction: COMMIT PREPARED or ROLLBACK PREPARED "
+        "'<gid>'), or the logical engine's start fails after logical.slot_wait_seconds, naming them.",
+        [b.describe() for b in open_now],
+    )
+
+
 def check_triggers_firing_on_replication(facts: PreflightFacts) -> CheckResult:
     """Triggers that replication's writes fire: the copy and apply run as session_replication_role = replica,
     which skips ordinary triggers but not those set ENABLE ALWAYS or ENABLE REPLICA."""
@@ -1443,6 +1471,7 @@ CHECKS: tuple[Check, ...] = (
     check_unlogged_tables,
     check_row_level_security,
     check_writers_the_fence_cannot_stop,
+    check_open_transactions,
     check_target_schema,
     check_triggers_firing_on_replication,
     check_target_empty,

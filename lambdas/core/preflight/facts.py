@@ -19,6 +19,7 @@ from psycopg2 import sql
 
 from lambdas.core.catalog import SequenceUse, TableInfo, describe_tables, list_tables, sequences_for_tables
 from lambdas.core.db import Connection, fetch_all, fetch_one, fetch_value, settable
+from lambdas.core.engines.slot_creation import BlockingTransaction
 from lambdas.core.fence import role_overrides
 from lambdas.core.lsn import Lsn, current_lsn, origin_progress_readable
 from lambdas.core.statement_logging import LogSetting, log_settings
@@ -127,6 +128,11 @@ class ServerFacts:
     # The settings under which the server keeps a statement's text (CREATE SUBSCRIPTION's holds a password),
     # their values, and whether this role may switch them off for its session.
     statement_logging: tuple[LogSetting, ...] = ()
+    # Transactions a new replication slot on this server would wait for (`engines.slot_creation`): sessions
+    # that hold a transaction id and have been open longer than LONG_TRANSACTION_SECONDS, and every prepared
+    # transaction (of any database: a slot waits for them all). Others' sessions only if the role may see them.
+    open_write_transactions: tuple[BlockingTransaction, ...] = ()
+    sees_all_sessions: bool = True  # superuser or pg_read_all_stats: other roles' transactions are visible
 
 
 @dataclass(frozen=True)
@@ -247,7 +253,22 @@ def _can_select(conn: Connection, relation: str) -> bool:
     return bool(fetch_value(conn, "SELECT has_table_privilege(%s, 'SELECT')", (relation,)))
 
 
-def gather_server(conn: Connection) -> ServerFacts:
+LONG_TRANSACTION_SECONDS = 60.0
+_OPEN_WRITE_TRANSACTIONS = """
+SELECT pid, coalesce(usename, ''), coalesce(application_name, ''), coalesce(state, ''),
+       extract(epoch FROM clock_timestamp() - xact_start)::float8, NULL
+  FROM pg_stat_activity
+ WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+   AND xact_start < clock_timestamp() - make_interval(secs => %(seconds)s)
+UNION ALL
+SELECT 0, owner::text, '', 'prepared', extract(epoch FROM clock_timestamp() - prepared)::float8, gid
+  FROM pg_prepared_xacts
+ ORDER BY 5 DESC, 1
+ LIMIT 20
+"""
+
+
+def gather_server(conn: Connection, *, long_transaction_seconds: float = LONG_TRANSACTION_SECONDS) -> ServerFacts:
     version = server_version(conn)
     settings = {
         name: (setting, unit)
@@ -339,6 +360,17 @@ def gather_server(conn: Connection) -> ServerFacts:
         ),
         prepared_transactions=_count(
             conn, "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()"
+        ),
+        open_write_transactions=tuple(
+            BlockingTransaction(*row)
+            for row in fetch_all(conn, _OPEN_WRITE_TRANSACTIONS, {"seconds": long_transaction_seconds})
+        ),
+        sees_all_sessions=bool(
+            fetch_value(
+                conn,
+                "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')"
+                " FROM pg_roles WHERE rolname = current_user",
+            )
         ),
     )
 
