@@ -983,3 +983,37 @@ def test_a_target_trigger_that_fires_on_replicated_writes_is_named(dbs: Pair) ->
     check = report.get("triggers_firing_on_replication")
     assert check.status == "warn", format_report(report)
     assert check.details == ["target: public.t: trigger t_audit (ENABLE ALWAYS)"]
+
+
+def test_a_role_connection_limit_below_the_migrations_sessions_fails_and_the_copy_would_indeed_fail(
+    pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair, replicating_owner: str
+) -> None:
+    # Given the source role (it owns the table and may replicate) limited to 3 sessions
+    source_server, _ = pg_pair
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    execute(dbs.source, f"ALTER TABLE t OWNER TO {replicating_owner}")
+    execute(dbs.source, "INSERT INTO t SELECT g, g FROM generate_series(1, 10000) g; ANALYZE t")
+    source_server.psql(f"ALTER ROLE {replicating_owner} CONNECTION LIMIT 3")
+    role_dsn = source_server.dsn(dbname(dbs.source_dsn), user=replicating_owner)
+    source = connect(role_dsn)
+    try:
+        # When the preflight runs for 4 copy workers and 8 validation chunks
+        migration = dbs.migration(engine={"type": "logical", "logical": {"copy_workers": 4}})
+        check = preflight(source, dbs.target, migration).get("connection_capacity")
+    finally:
+        source.close()
+
+    # Then it fails: 1 + 8 sessions and the walsender do not fit in 3
+    assert check.status == "fail"
+    assert check.details == [
+        f"source: role {replicating_owner} has CONNECTION LIMIT 3 with 0 session(s) open; the migration opens up to 10"
+    ]
+    # And what it foresees is real: the copy's 4 workers (10 chunks) cannot all connect
+    settings = LogicalSettings(copy_workers=4, copy_chunk_rows=1000)
+    plan = LogicalReplicationPlan(ReplicationNames("zdm_connlimit"), (TableName("public", "t"),), settings)
+    engine = LogicalEngine(role_dsn, dbs.target_dsn, plan)
+    try:
+        with pytest.raises(Exception, match="too many connections for role"):
+            engine.start()
+    finally:
+        engine.teardown()

@@ -12,6 +12,7 @@ from lambdas.core.engines.slot_creation import BlockingTransaction
 from lambdas.core.lsn import Lsn
 from lambdas.core.preflight import checks, format_report
 from lambdas.core.preflight.facts import (
+    ConnectionFacts,
     PreflightFacts,
     RoleFacts,
     ServerFacts,
@@ -438,6 +439,40 @@ def test_open_transactions_a_slot_would_wait_for_warn_naming_each_and_what_to_do
     assert checks.check_open_transactions(facts()).status == "pass"
     blind = checks.check_open_transactions(facts(source=server(role=role(), sees_all_sessions=False)))
     assert "of role app's own sessions only: no pg_read_all_stats" in blind.measured
+
+
+def test_connection_capacity_fails_on_a_connection_limit_and_warns_on_a_nearly_full_server() -> None:
+    # Given 4 copy workers and 8 validation chunks (1 + 8 sessions a side, and the source's walsender)
+    mig = role(name="mig", replication=True)
+    limited = server(role=mig, connections=ConnectionFacts(role_limit=5, role_used=2))
+    given = facts(source=limited, copy_workers=4, validation_sessions=8)
+    # When the check runs, Then the role's limit fails it, counting the sessions the role already has
+    result = checks.check_connection_capacity(given)
+    assert result.status == "fail"
+    assert result.details == [
+        "source: role mig has CONNECTION LIMIT 5 with 1 session(s) open; the migration opens up to 10"
+    ]
+    assert "validation.max_parallel_chunks" in result.remedy
+    # And a database's limit fails too; a superuser is exempt from both
+    db_limited = server(role=mig, connections=ConnectionFacts(database_limit=3))
+    assert checks.check_connection_capacity(facts(target=db_limited)).details == [
+        "target: database app has CONNECTION LIMIT 3 with 0 session(s) open; the migration opens up to 9"
+    ]
+    assert (
+        checks.check_connection_capacity(facts(source=server(connections=ConnectionFacts(role_limit=1)))).status
+        == "pass"
+    )
+    # And a server with fewer free sessions than needed warns (load varies), superuser slots aside for others
+    full = server(role=mig, connections=ConnectionFacts(max_connections=100, reserved=3, used=91))
+    tight = checks.check_connection_capacity(facts(target=full, validation_sessions=8))
+    assert tight.status == "warn"
+    assert tight.details == [
+        "target: 7 of max_connections 100 free for role mig (90 in use, 3 kept for superusers); "
+        "the migration opens up to 9"
+    ]
+    assert tight.measured == "source needs up to 9, 100 of 100 free; target needs up to 9, 7 of 100 free"
+    # And fewer validation chunks make it fit
+    assert checks.check_connection_capacity(facts(target=full, validation_sessions=4, copy_workers=4)).status == "pass"
 
 
 def test_writers_the_fence_cannot_stop_are_named_per_side_and_the_migrations_own_are_not() -> None:

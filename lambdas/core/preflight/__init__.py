@@ -99,6 +99,8 @@ def gather_facts(
         foreign_slots=tuple(slots),
         # AWS endpoints (secrets): the copy runs inside the Replication function; locally nothing limits it
         copy_time_limit_seconds=COPY_TIME_BUDGET_SECONDS if migration.source.secret_arn else None,
+        copy_workers=migration.engine.logical.copy_workers,
+        validation_sessions=migration.validation.max_parallel_chunks if migration.validation.enabled else 0,
     )
 
 

@@ -999,6 +999,62 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Status, st
     return found
 
 
+def sessions_needed(facts: PreflightFacts, side: str) -> int:
+    """The most client sessions the migration holds on one side at once, beside the control session: the
+    parallel copy's workers (a session a side each), or later the validation's chunks (one a side each).
+    Replication connections (the slot's, a subscription's, a connector's) count against max_wal_senders."""
+    copying = facts.copy_workers if facts.engine == "logical" and facts.copy_method == "parallel-snapshot" else 0
+    applier = 1 if side == "target" and facts.engine == "debezium" else 0  # the applier's session
+    return 1 + applier + max(copying, facts.validation_sessions)
+
+
+def check_connection_capacity(facts: PreflightFacts) -> CheckResult:
+    """Sessions the migration will open against the role's, the database's and the server's limits: a
+    CONNECTION LIMIT is hard (a copy worker or a validation chunk fails to connect), free slots vary with load."""
+    name = "connection_capacity"
+    hard: list[str] = []
+    tight: list[str] = []
+    measured: list[str] = []
+    for side, server in (("source", facts.source), ("target", facts.target)):
+        c = server.connections
+        needed = sessions_needed(facts, side)
+        # This preflight's own session ends before the migration's open. Both limits also count replication
+        # connections (the source's walsender), max_connections does not; superusers are exempt from both.
+        opens = needed + (1 if side == "source" else 0)
+        limits = (
+            (f"role {server.role.name}", c.role_limit, c.role_used - 1),
+            (f"database {server.database}", c.database_limit, c.database_used - 1),
+        )
+        for what, limit, used in limits:
+            if not server.role.superuser and limit >= 0 and used + opens > limit:
+                hard.append(
+                    f"{side}: {what} has CONNECTION LIMIT {limit} with {used} session(s) open; the migration opens "
+                    f"up to {opens}"
+                )
+        usable = c.max_connections - (0 if server.role.superuser else c.reserved)
+        free = usable - (c.used - 1)
+        measured.append(f"{side} needs up to {needed}, {free} of {c.max_connections} free")
+        if needed > free:
+            tight.append(
+                f"{side}: {free} of max_connections {c.max_connections} free for role {server.role.name} "
+                f"({c.used - 1} in use{'' if server.role.superuser else f', {c.reserved} kept for superusers'}); "
+                f"the migration opens up to {needed}"
+            )
+    summary = "; ".join(measured)
+    if not hard and not tight:
+        return CheckResult(name, "pass", summary)
+    return CheckResult(
+        name,
+        "fail" if hard else "warn",
+        summary,
+        "Make room for the migration's sessions: raise the CONNECTION LIMIT named (ALTER ROLE <role> CONNECTION "
+        "LIMIT <n>; ALTER DATABASE <db> CONNECTION LIMIT <n>;), or lower logical.copy_workers and "
+        "validation.max_parallel_chunks (the sessions a side are 1 + the larger of the two). Free sessions vary "
+        "with the applications' load; max_connections needs a restart (on RDS: the parameter group, then reboot).",
+        hard + tight,
+    )
+
+
 def check_open_transactions(facts: PreflightFacts) -> CheckResult:
     """Transactions a new replication slot on the source would wait for: the start fails after
     `logical.slot_wait_seconds` naming them (the logical engine), or hangs (a connector creating its slot)."""
@@ -1472,6 +1528,7 @@ CHECKS: tuple[Check, ...] = (
     check_row_level_security,
     check_writers_the_fence_cannot_stop,
     check_open_transactions,
+    check_connection_capacity,
     check_target_schema,
     check_triggers_firing_on_replication,
     check_target_empty,

@@ -96,6 +96,32 @@ class RoleFacts:
 
 
 @dataclass(frozen=True)
+class ConnectionFacts:
+    """Client sessions: the server's limit and the slots it keeps for superusers, the role's and the
+    database's CONNECTION LIMIT (-1: none), and how many sessions each has open now (this one included)."""
+
+    max_connections: int = 100
+    reserved: int = 3  # superuser_reserved_connections, plus reserved_connections (PostgreSQL 16)
+    used: int = 1  # client backends
+    role_limit: int = -1
+    role_used: int = 1
+    database_limit: int = -1
+    database_used: int = 1
+
+
+_CONNECTIONS = """
+SELECT current_setting('max_connections')::int,
+       current_setting('superuser_reserved_connections')::int
+         + coalesce(current_setting('reserved_connections', true)::int, 0),
+       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int,
+       r.rolconnlimit, (SELECT count(*) FROM pg_stat_activity WHERE usename = current_user)::int,
+       d.datconnlimit, (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database())::int
+  FROM pg_roles r, pg_database d
+ WHERE r.rolname = current_user AND d.datname = current_database()
+"""
+
+
+@dataclass(frozen=True)
 class ServerFacts:
     """Settings, capacity and rights of one server, as seen by the connection's role."""
 
@@ -133,6 +159,7 @@ class ServerFacts:
     # transaction (of any database: a slot waits for them all). Others' sessions only if the role may see them.
     open_write_transactions: tuple[BlockingTransaction, ...] = ()
     sees_all_sessions: bool = True  # superuser or pg_read_all_stats: other roles' transactions are visible
+    connections: ConnectionFacts = field(default_factory=ConnectionFacts)
 
 
 @dataclass(frozen=True)
@@ -195,6 +222,8 @@ class PreflightFacts:
     # database of the server: starting would drop them. "side: slot (database db)"
     foreign_slots: tuple[str, ...] = ()
     copy_time_limit_seconds: float | None = None  # the parallel copy's time limit on AWS (one function run)
+    copy_workers: int = 4  # logical.copy_workers: session pairs of the parallel copy
+    validation_sessions: int = 8  # validation.max_parallel_chunks (0: no validation): one session a side each
 
 
 class DiskProbe(ABC):
@@ -365,6 +394,7 @@ def gather_server(conn: Connection, *, long_transaction_seconds: float = LONG_TR
             BlockingTransaction(*row)
             for row in fetch_all(conn, _OPEN_WRITE_TRANSACTIONS, {"seconds": long_transaction_seconds})
         ),
+        connections=ConnectionFacts(*(fetch_one(conn, _CONNECTIONS) or ())),
         sees_all_sessions=bool(
             fetch_value(
                 conn,
