@@ -1069,3 +1069,28 @@ def test_a_partitioned_table_is_compared_through_its_root(fresh_dbs: tuple[str, 
     assert [t.table for t in summary.per_table] == ["public.m"]
     assert summary.rows_compared == 3000
     assert listed(summary) == {"changed": [(["2500"], ["v"])]}
+
+
+def test_plain_inheritance_children_are_compared_as_the_tables_they_are_each_row_once(
+    fresh_dbs: tuple[str, str],
+) -> None:
+    # Given a parent with a child of its own (plain inheritance, as partitioning was done before
+    # PostgreSQL 10), both selected: the copy moves each one's own rows (ONLY)
+    src, tgt = fresh_dbs
+    both(
+        src,
+        tgt,
+        "CREATE TABLE p (id int PRIMARY KEY, v text);"
+        " CREATE TABLE c (PRIMARY KEY (id)) INHERITS (p);"
+        " INSERT INTO p SELECT g, 'p' || g FROM generate_series(1, 100) g;"
+        " INSERT INTO c SELECT g, 'c' || g FROM generate_series(101, 300) g",
+    )
+    run_sql(tgt, "UPDATE c SET v = 'x' WHERE id = 250")
+    # When validated
+    summary = check(src, tgt, [TableName("public", "p"), TableName("public", "c")])
+    # Then each table is compared on its own rows (the parent's 100, the child's 200), and the changed
+    # child row is reported once, in the child, not a second time through the parent
+    rows = {t.table: (t.source_rows, t.target_rows) for t in summary.per_table}
+    assert rows == {"public.p": (100, 100), "public.c": (200, 200)}
+    assert summary.rows_compared == 300
+    assert listed(summary) == {"changed": [(["250"], ["v"])]}

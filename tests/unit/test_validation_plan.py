@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -183,13 +184,34 @@ def test_a_table_without_primary_key_is_a_multiset_in_one_chunk() -> None:
 
 
 def test_partitions_of_a_selected_root_are_left_to_the_root() -> None:
-    # Given a partitioned root, one of its partitions and an unrelated table, all selected
-    root, leaf, other = TableName("public", "m"), TableName("public", "m_2024"), TableName("public", "x")
-    infos = {root: info(root), leaf: info(leaf, parent=root), other: info(other)}
-    # When the tables to compare are chosen / Then the partition is read through its root only
-    assert tables_to_compare([leaf, other, root], infos) == [root, other]
-    # And a partition selected without its root is compared itself
+    # Given a partitioned root, a partition of one of its partitions, and an unrelated table, all selected
+    root, mid, leaf, other = (TableName("public", n) for n in ("m", "m_2024", "m_2024_01", "x"))
+    infos = {
+        root: replace(info(root), oid=10, relkind="p"),
+        mid: replace(info(mid, parent=root), oid=11, relkind="p", is_partition=True, ancestor_oids=(10,)),
+        leaf: replace(info(leaf, parent=mid), oid=12, is_partition=True, ancestor_oids=(11, 10)),
+        other: replace(info(other), oid=13),
+    }
+    # When the tables to compare are chosen / Then the partitions are read through the root only
+    assert tables_to_compare([leaf, other, root, mid], infos) == [root, other]
+    # And a partition selected without its ancestors is compared itself
     assert tables_to_compare([leaf], infos) == [leaf]
+
+
+def test_plain_inheritance_children_are_compared_as_tables_of_their_own_and_read_with_only() -> None:
+    # Given a plain table and its inheritance child (not a partition), both selected
+    parent, child = TableName("public", "p"), TableName("public", "c")
+    infos = {
+        parent: replace(info(parent), oid=20),
+        child: replace(info(child, parent=parent), oid=21, ancestor_oids=(20,)),
+    }
+    # Then both are compared, each read with ONLY (its own rows, as the copy moves them)
+    assert tables_to_compare([parent, child], infos) == [child, parent]
+    spec = table_spec(parent, infos[parent], infos[parent], RowHash.FAST)
+    assert spec.only
+    # And a table partitioned on either side is read without ONLY (its rows are all in its partitions)
+    partitioned = replace(infos[parent], relkind="p")
+    assert not table_spec(parent, infos[parent], partitioned, RowHash.FAST).only
 
 
 # --- cutting the key space ------------------------------------------------------------------

@@ -70,6 +70,9 @@ class TableSpec(_Model):
     key_types: list[str] = Field(default_factory=list)
     columns: list[ColumnSpec] = Field(default_factory=list)  # present on both sides, in the source's order
     row_hash: RowHash = RowHash.MD5
+    # Read with ONLY: a plain table's inheritance children hold rows of their own (the copy reads ONLY it too).
+    # Not for a partitioned table on either side, whose rows are all in its partitions.
+    only: bool = False
     estimated_rows: int = 0
     comparable: bool = True  # False: missing on one side or keys differ; nothing is compared
     problems: list[str] = Field(default_factory=list)  # schema differences, each a reason to fail

@@ -29,10 +29,15 @@ from lambdas.core.validation.model import (
 
 
 def tables_to_compare(selected: Iterable[TableName], source: Mapping[TableName, TableInfo]) -> list[TableName]:
-    """The selected tables, minus partitions whose partitioned root is selected (the root reads them)."""
+    """The selected tables, minus partitions with a selected partitioned ancestor (it reads them). A plain
+    inheritance child is a table of its own, compared on its own rows, as the copy moves them (ONLY)."""
     chosen = sorted(set(selected))
-    chosen_set = set(chosen)
-    return [t for t in chosen if t not in source or source[t].partition_parent not in chosen_set]
+    chosen_oids = {source[t].oid for t in chosen if t in source}
+    return [
+        t
+        for t in chosen
+        if t not in source or not (source[t].is_partition and chosen_oids & set(source[t].ancestor_oids))
+    ]
 
 
 _VALUE_HASHES = {
@@ -116,6 +121,7 @@ def table_spec(
         schema_name=name.schema,
         name=name.name,
         row_hash=row_hash,
+        only=source.relkind == "r" and target.relkind == "r",
         key=list(source.primary_key),
         key_types=list(source.key_types),
         columns=columns,

@@ -45,7 +45,8 @@ Params = list[Any]
 
 
 def table_ident(spec: TableSpec) -> sql.Composable:
-    return sql.Identifier(spec.schema_name, spec.name)
+    ident = sql.Identifier(spec.schema_name, spec.name)
+    return sql.SQL("ONLY {}").format(ident) if spec.only else ident
 
 
 def row_text(spec: TableSpec, alias: str = "t") -> sql.Composable:
