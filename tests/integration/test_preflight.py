@@ -1017,3 +1017,34 @@ def test_a_role_connection_limit_below_the_migrations_sessions_fails_and_the_cop
             engine.start()
     finally:
         engine.teardown()
+
+
+def test_a_foreign_key_to_a_table_left_out_fails_until_the_table_is_selected(dbs: Pair) -> None:
+    # Given orders referencing customers (and a partitioned root referencing itself through a partition),
+    # with only orders selected, and the target's customers empty
+    dbs.both(
+        "CREATE TABLE customers (id int PRIMARY KEY);"
+        " CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers);"
+        " CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id);"
+        " CREATE TABLE m_1 PARTITION OF m FOR VALUES FROM (0) TO (100);"
+        " CREATE TABLE n (id int PRIMARY KEY, m_id int REFERENCES m)"
+    )
+    execute(dbs.source, "INSERT INTO customers VALUES (1); INSERT INTO orders VALUES (1, 1)")
+
+    # When the preflight runs, Then it fails naming the constraint and the table left out
+    report = dbs.preflight(tables={"include": ["public.orders", "public.m", "public.n"]})
+    check = report.get("references_outside_selection")
+    assert check.status == "fail"
+    assert check.details == [
+        "public.orders: orders_customer_id_fkey references public.customers, which is not selected and is empty "
+        "on the target"
+    ]
+
+    # And with customers already filled on the target by other means it only warns
+    execute(dbs.target, "INSERT INTO customers VALUES (1)")
+    report = dbs.preflight(tables={"include": ["public.orders", "public.m", "public.n"]})
+    assert report.get("references_outside_selection").status == "warn"
+
+    # And with customers selected it passes
+    report = dbs.preflight(tables={"include": ["public.orders", "public.customers", "public.m", "public.n"]})
+    assert report.get("references_outside_selection").status == "pass"

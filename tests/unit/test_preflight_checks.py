@@ -13,6 +13,7 @@ from lambdas.core.lsn import Lsn
 from lambdas.core.preflight import checks, format_report
 from lambdas.core.preflight.facts import (
     ConnectionFacts,
+    OutsideReference,
     PreflightFacts,
     RoleFacts,
     ServerFacts,
@@ -473,6 +474,28 @@ def test_connection_capacity_fails_on_a_connection_limit_and_warns_on_a_nearly_f
     assert tight.measured == "source needs up to 9, 100 of 100 free; target needs up to 9, 7 of 100 free"
     # And fewer validation chunks make it fit
     assert checks.check_connection_capacity(facts(target=full, validation_sessions=4, copy_workers=4)).status == "pass"
+
+
+def test_foreign_keys_to_tables_not_migrated_fail_when_the_target_lacks_them_and_warn_otherwise() -> None:
+    customers, regions = TableName("public", "customers"), TableName("public", "regions")
+    lacking = OutsideReference(ORDERS, "orders_customer_id_fkey", customers, "empty")
+    filled = OutsideReference(ORDERS, "orders_region_fkey", regions, "has rows")
+    # Given a reference to a table empty on the target, When checked, Then it fails naming the constraint
+    result = checks.check_references_outside_the_selection(facts(tables=tables(references_outside=[lacking, filled])))
+    assert result.status == "fail"
+    assert result.details == [
+        "public.orders: orders_customer_id_fkey references public.customers, which is not selected and is empty "
+        "on the target",
+        "public.orders: orders_region_fkey references public.regions, which is not selected and is filled on the "
+        "target by something other than this migration",
+    ]
+    assert "tables.include" in result.remedy
+    # And one to a table the target already holds only warns; none passes
+    assert (
+        checks.check_references_outside_the_selection(facts(tables=tables(references_outside=[filled]))).status
+        == "warn"
+    )
+    assert checks.check_references_outside_the_selection(facts()).status == "pass"
 
 
 def test_writers_the_fence_cannot_stop_are_named_per_side_and_the_migrations_own_are_not() -> None:

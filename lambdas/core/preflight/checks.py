@@ -839,6 +839,38 @@ def check_row_level_security(facts: PreflightFacts) -> CheckResult:
     )
 
 
+def check_references_outside_the_selection(facts: PreflightFacts) -> CheckResult:
+    """Foreign keys from migrated tables to tables that are not: the copy and the apply write with
+    session_replication_role = replica, which checks no foreign key, so the target would hold rows
+    referencing rows it lacks, and after the cutover the application's writes would fail on them."""
+    name = "references_outside_selection"
+    refs = facts.tables.references_outside
+    measured = f"{len(refs)} foreign key(s) from selected tables to tables not selected"
+    if not refs:
+        return CheckResult(name, "pass", measured)
+    lacking = [r for r in refs if r.on_target in ("missing", "empty")]
+    details = [
+        f"{r.table}: {r.constraint} references {r.referenced}, which is not selected and is "
+        + {
+            "missing": "missing on the target",
+            "empty": "empty on the target",
+            "has rows": "filled on the target by something other than this migration",
+            "unreadable": "unreadable on the target for this role",
+        }[r.on_target]
+        for r in refs
+    ]
+    return CheckResult(
+        name,
+        "fail" if lacking else "warn",
+        measured,
+        "Select the referenced tables too (tables.include), or leave the referencing tables out. Replication "
+        "checks no foreign key on the target: its rows would reference rows it lacks, and after the cutover "
+        "the application's inserts and updates of them would fail. A referenced table kept in step some other "
+        "way must be complete on the target before the cutover.",
+        details,
+    )
+
+
 def check_unlogged_tables(facts: PreflightFacts) -> CheckResult:
     name = "unlogged_tables"
     unlogged = [
@@ -1522,6 +1554,7 @@ CHECKS: tuple[Check, ...] = (
     check_slot_names,
     check_database_encoding,
     check_table_selection,
+    check_references_outside_the_selection,
     check_replica_identity,
     check_change_stream_types,
     check_unlogged_tables,

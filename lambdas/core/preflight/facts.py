@@ -163,6 +163,16 @@ class ServerFacts:
 
 
 @dataclass(frozen=True)
+class OutsideReference:
+    """A foreign key from a selected table to a table that is not migrated, and that table on the target."""
+
+    table: TableName
+    constraint: str
+    referenced: TableName
+    on_target: str  # 'missing', 'empty', 'has rows' or 'unreadable'
+
+
+@dataclass(frozen=True)
 class TableFacts:
     """The table selection and what both catalogs say about the selected tables."""
 
@@ -192,6 +202,9 @@ class TableFacts:
     # source once the replication back runs. "table: trigger (ENABLE ALWAYS)"
     source_replica_triggers: list[str] = field(default_factory=list)
     target_replica_triggers: list[str] = field(default_factory=list)
+    # Foreign keys of selected tables (on the source) to tables that are not migrated (neither selected nor
+    # read through a selected partitioned ancestor).
+    references_outside: list[OutsideReference] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -564,7 +577,48 @@ def gather_tables(source: Connection, target: Connection, include: list[str], ex
         target_only_constraints=_target_only_constraints(source, target, source_info, target_info),
         source_replica_triggers=_replica_triggers(source, source_info.values()),
         target_replica_triggers=_replica_triggers(target, target_info.values()),
+        references_outside=_references_outside(source, target, source_info),
     )
+
+
+def _references_outside(
+    source: Connection, target: Connection, selected: dict[TableName, TableInfo]
+) -> list[OutsideReference]:
+    """Foreign keys of the selected tables whose referenced table is not migrated, with its state on the target."""
+    if not selected:
+        return []
+    rows = fetch_all(
+        source,
+        "SELECT DISTINCT n.nspname, c.relname, con.conname, rn.nspname, rc.relname"
+        " FROM pg_constraint con"
+        " JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " JOIN pg_class rc ON rc.oid = con.confrelid JOIN pg_namespace rn ON rn.oid = rc.relnamespace"
+        " WHERE con.contype = 'f' AND con.conrelid = ANY(%s::oid[]) ORDER BY 1, 2, 3",
+        ([t.oid for t in selected.values()],),
+    )
+    selected_oids = {t.oid for t in selected.values()}
+    referenced = describe_tables(source, {TableName(r[3], r[4]) for r in rows} - set(selected))
+    # A partition is migrated through its selected partitioned ancestor.
+    outside = {name for name, info in referenced.items() if not (set(info.ancestor_oids) & selected_oids)}
+    if not outside:
+        return []
+    on_target = describe_tables(target, outside)
+    _, unreadable = _privileges(target, on_target.values())
+    readable = sorted((t for t in on_target.values() if t.name not in set(unreadable)), key=lambda t: t.name)
+    with_rows = _non_empty(target, readable)
+
+    def state(name: TableName) -> str:
+        if name not in on_target:
+            return "missing"
+        if name in set(unreadable):
+            return "unreadable"
+        return "has rows" if name in with_rows else "empty"
+
+    return [
+        OutsideReference(TableName(r[0], r[1]), str(r[2]), TableName(r[3], r[4]), state(TableName(r[3], r[4])))
+        for r in rows
+        if TableName(r[3], r[4]) in outside
+    ]
 
 
 def _replica_triggers(conn: Connection, tables: Iterable[TableInfo]) -> list[str]:
