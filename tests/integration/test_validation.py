@@ -37,7 +37,7 @@ from lambdas.core.validation.queries import Where
 from lambdas.core.validation.session import CopyStream, Frames, LineFrames, RecordFrames
 from rehearsal import sample
 from rehearsal.workload import Workload
-from tests.integration.db_env import run_sql
+from tests.integration.db_env import query, run_sql
 
 KINDS = TableName("public", "kinds")
 SMALL = Validation(chunk_rows=1_000, slice_rows=200, report_first_keys=50)
@@ -1094,3 +1094,31 @@ def test_plain_inheritance_children_are_compared_as_the_tables_they_are_each_row
     assert rows == {"public.p": (100, 100), "public.c": (200, 200)}
     assert summary.rows_compared == 300
     assert listed(summary) == {"changed": [(["250"], ["v"])]}
+
+
+def test_a_serializable_database_default_puts_no_predicate_locks_on_the_applications_tables(
+    fresh_dbs: tuple[str, str],
+) -> None:
+    # Given a source whose transactions default to SERIALIZABLE, and an application transaction
+    # open meanwhile (its serializable snapshot keeps other transactions' predicate locks alive)
+    src, tgt = fresh_dbs
+    both(
+        src,
+        tgt,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 5000) g",
+    )
+    run_sql(
+        src, f"ALTER DATABASE {src.split('dbname=')[1].split()[0]} SET default_transaction_isolation = 'serializable'"
+    )
+    app = connect(src, autocommit=False)
+    try:
+        execute(app, "SELECT 1")  # its snapshot is taken
+        # When the validator compares t
+        summary = check(src, tgt, [TableName("public", "t")])
+        assert summary.ok
+        # Then it left no SIRead (predicate) lock on t: under SSI those would make the application's
+        # serializable transactions fail more often, and a validator has no need of them
+        locks = query(src, "SELECT count(*) FROM pg_locks WHERE mode = 'SIReadLock' AND relation = 't'::regclass")
+        assert locks == [(0,)]
+    finally:
+        app.close()

@@ -36,6 +36,9 @@ def prepare_session(conn: Connection) -> None:
     took 2.16 CPU-s with parallel index scans, 1.6 without; one scan of the table 1.53).
     No statement or idle-in-transaction timeout of the server's (`db.unbound_session`): a chunk's
     statements read hundreds of thousands of rows; the task's own time limit bounds them.
+    Read committed whatever the server's default: each statement reads its own snapshot anyway, and
+    under SERIALIZABLE every row read would leave a predicate lock the application's serializable
+    transactions then conflict with.
     row_security off: PostgreSQL then refuses a read its policies would filter (the planner already
     reports such tables), instead of silently leaving rows out of the compare.
     """
@@ -43,8 +46,8 @@ def prepare_session(conn: Connection) -> None:
     unbound_session(conn)
     execute(
         conn,
-        "SET default_transaction_read_only = on; SET jit = off; SET max_parallel_workers_per_gather = 0;"
-        " SET row_security = off",
+        "SET default_transaction_read_only = on; SET default_transaction_isolation = 'read committed';"
+        " SET jit = off; SET max_parallel_workers_per_gather = 0; SET row_security = off",
     )
 
 
