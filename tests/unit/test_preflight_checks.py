@@ -433,7 +433,7 @@ def test_open_transactions_a_slot_would_wait_for_warn_naming_each_and_what_to_do
     assert result.status == "warn"
     assert result.details == [
         "pid 4242 (user app, application nightly-report, idle in transaction, transaction open 2.0 h)",
-        "prepared transaction 'branch-7' (owner xa, prepared 5 min ago)",
+        "prepared transaction 'branch-7' (owner xa, prepared 5.0 min ago)",
     ]
     assert "pg_terminate_backend" in result.remedy and "ROLLBACK PREPARED" in result.remedy
     # And with none it passes; a role that cannot see others' sessions is told so

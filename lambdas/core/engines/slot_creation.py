@@ -20,6 +20,7 @@ import psycopg2
 from psycopg2 import sql
 
 from lambdas.core.db import Connection, fetch_all
+from lambdas.core.durations import fmt_seconds
 
 # What the walsender creating the slot waits for: the sessions holding the transaction locks it waits on, and
 # prepared (two-phase) transactions, which pg_blocking_pids reports as pid 0: found by the lock's transaction id.
@@ -50,17 +51,9 @@ class BlockingTransaction:
 
     def describe(self) -> str:
         if self.gid is not None:
-            return f"prepared transaction {self.gid!r} (owner {self.user}, prepared {_age(self.seconds)} ago)"
+            return f"prepared transaction {self.gid!r} (owner {self.user}, prepared {fmt_seconds(self.seconds)} ago)"
         app = f", application {self.application}" if self.application else ""
-        return f"pid {self.pid} (user {self.user}{app}, {self.state or 'unknown state'}, transaction open {_age(self.seconds)})"
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"pid {self.pid} (user {self.user}{app}, {self.state or 'unknown state'}, transaction open {fmt_seconds(self.seconds)})"
 
 
 class SlotCreationBlocked(RuntimeError):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 from lambdas.core.catalog import Column, TableInfo
 from lambdas.core.config import DMS_STOP_TIMEOUT_SECONDS
+from lambdas.core.durations import fmt_seconds
 from lambdas.core.lsn import ORIGIN_PROGRESS
 from lambdas.core.preflight.facts import (
     LARGE_OBJECT_COUNT_CAP,
@@ -36,14 +37,6 @@ def fmt_bytes(value: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} TB"  # pragma: no cover
-
-
-def fmt_seconds(value: float) -> str:
-    if value < 120:
-        return f"{value:.1f} s"
-    if value < 7200:
-        return f"{value / 60:.1f} min"
-    return f"{value / 3600:.1f} h"
 
 
 def _join(items: Iterable[object]) -> str:
