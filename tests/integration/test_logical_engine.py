@@ -30,6 +30,7 @@ from rehearsal.compare import compare_databases
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload
 from tests.conftest import server_pair
+from tests.integration.db_env import query, run_sql
 
 TABLES = tuple(TableName.parse(t) for t in sample.SAMPLE_TABLES)
 
@@ -467,4 +468,38 @@ def test_a_lost_slot_is_a_failed_phase_never_streaming() -> None:
         status = engine.status()
         assert status.slot is not None and status.slot.lost
         assert status.phase is Phase.FAILED
+        engine.teardown()
+
+
+def test_a_table_dropped_and_created_again_on_the_source_is_a_problem_not_silence(fresh_dbs: tuple[str, str]) -> None:
+    # Given two tables streaming, one of them partitioned (its partition is published through the root)
+    src, tgt = fresh_dbs
+    for dsn in (src, tgt):
+        run_sql(
+            dsn,
+            "CREATE TABLE daily_stats (id int PRIMARY KEY, n int);"
+            " CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id);"
+            " CREATE TABLE m_1 PARTITION OF m FOR VALUES FROM (0) TO (100)",
+        )
+    run_sql(src, "INSERT INTO daily_stats VALUES (1, 1); INSERT INTO m VALUES (1)")
+    tables = (TableName("public", "daily_stats"), TableName("public", "m"), TableName("public", "m_1"))
+    engine = LogicalEngine(src, tgt, LogicalReplicationPlan(ReplicationNames("zdm_test"), tables, LogicalSettings()))
+    try:
+        engine.start()
+        wait_until(lambda: engine.status().phase is Phase.STREAMING, 30, "streaming")
+        assert engine.status().problems == []
+
+        # When a nightly job rebuilds daily_stats on the source (DROP, CREATE, fill)
+        run_sql(
+            src,
+            "DROP TABLE daily_stats; CREATE TABLE daily_stats (id int PRIMARY KEY, n int);"
+            " INSERT INTO daily_stats VALUES (1, 2)",
+        )
+
+        # Then the engine reports it (the cutover refuses and health gates fail on problems), while the
+        # target silently keeps the old row: nothing replicates the new table
+        (problem,) = engine.status().problems
+        assert problem.startswith("public.daily_stats no longer in publication zdm_test")
+        assert query(tgt, "SELECT n FROM daily_stats WHERE id = 1") == [(1,)]
+    finally:
         engine.teardown()

@@ -444,6 +444,13 @@ class LogicalEngine(ReplicationEngine):
                 )
             if enabled and not slot.exists:
                 problems.append(f"slot {names.slot} is missing on the source")
+            unpublished = unpublished_tables(source, names.publication, self.plan.tables)
+            if unpublished:
+                problems.append(
+                    f"{', '.join(map(str, unpublished))} no longer in publication {names.publication} (dropped, or "
+                    "dropped and created again, on the source): its changes are not replicated and the target "
+                    "keeps the old rows; tear down and start again to copy it anew"
+                )
             if slot.lost or (enabled and not slot.exists):
                 phase = Phase.FAILED  # no change can flow any more: never 'streaming'
             elif not enabled:
@@ -648,6 +655,34 @@ def _ensure_state_tables(target: Connection) -> None:
         ).format(schema),
     )
     ensure_deferred_table(target, STATE_SCHEMA)
+
+
+# Selected tables whose changes the publication no longer carries: neither in it nor below a table in it
+# (a partition of a published root). A table dropped and created again (an ETL job's rebuild) leaves it.
+_UNPUBLISHED = """
+WITH RECURSIVE published AS (
+    SELECT pr.prrelid AS relid FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+     WHERE p.pubname = %(publication)s
+    UNION
+    SELECT h.inhrelid FROM pg_inherits h JOIN published ON h.inhparent = published.relid
+      JOIN pg_class k ON k.oid = h.inhrelid WHERE k.relispartition
+)
+SELECT w.s, w.t FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS w(s, t, n)
+ WHERE NOT EXISTS (
+       SELECT 1 FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+        WHERE ns.nspname = w.s AND c.relname = w.t AND c.oid IN (SELECT relid FROM published))
+ ORDER BY w.n
+"""
+
+
+def unpublished_tables(source: Connection, publication: str, tables: Sequence[TableName]) -> list[TableName]:
+    """The selected tables the publication does not carry any more, in the plan's order."""
+    rows = fetch_all(
+        source,
+        _UNPUBLISHED,
+        {"publication": publication, "schemas": [t.schema for t in tables], "names": [t.name for t in tables]},
+    )
+    return [TableName(str(schema), str(name)) for schema, name in rows]
 
 
 def slot_health(source: Connection, slot: str) -> SlotHealth:
