@@ -759,3 +759,29 @@ def test_keys_equal_but_not_the_same_move_exactly_and_a_column_added_target_firs
             query = f"SELECT k::text, v FROM {name} ORDER BY 1"
             assert fetch_all(target, query) == fetch_all(source, query), name
         assert fetch_all(target, "SELECT * FROM g ORDER BY 1") == [(1, 1, None), (2, 2, 2)]
+
+
+def test_a_table_rebuilt_on_the_source_is_a_problem_of_the_stream(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given two tables streaming through the connector's publication
+    src, tgt = fresh_dbs
+    for dsn in (src, tgt):
+        with closing(connect(dsn)) as conn:
+            execute(
+                conn, "CREATE TABLE daily_stats (id int PRIMARY KEY, n int); CREATE TABLE kept (id int PRIMARY KEY)"
+            )
+    tables = [TableName("public", "daily_stats"), TableName("public", "kept")]
+    engine = make_engine(src, tgt, broker, tmp_path / "stream", tables, name="dbz-rebuild")
+    with running(engine):
+        engine.start()
+        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+        assert engine.status().problems == []
+
+        # When a nightly job rebuilds daily_stats on the source (DROP, CREATE, fill)
+        with closing(connect(src)) as conn:
+            execute(conn, "DROP TABLE daily_stats; CREATE TABLE daily_stats (id int PRIMARY KEY, n int)")
+
+        # Then the stream reports it: the publication no longer carries the table's changes
+        problems = engine.status().problems
+        assert len(problems) == 1 and problems[0].startswith("public.daily_stats no longer in publication")

@@ -31,7 +31,13 @@ from lambdas.core.engines.base import (
     TableSyncState,
     TeardownResult,
 )
-from lambdas.core.engines.logical import drop_slot, refuse_filtered_reads, slot_health
+from lambdas.core.engines.logical import (
+    drop_slot,
+    refuse_filtered_reads,
+    slot_health,
+    unpublished_problem,
+    unpublished_tables,
+)
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, current_lsn
 from lambdas.core.tables import TableName
@@ -158,8 +164,13 @@ class DebeziumEngine(ReplicationEngine):
                 "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
                 (self.plan.slot,),
             )
+            # The connector makes its publication when it first starts (publication.autocreate.mode).
+            published = fetch_value(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.publication,))
+            unpublished = unpublished_tables(source, self.plan.publication, self.plan.tables) if published else []
         finally:
             source.close()
+        if unpublished:
+            problems.append(unpublished_problem(unpublished, self.plan.publication))
 
         applied_lsn = last_lsn
         if pending == 0 and confirmed is not None:  # all the connector confirmed is applied

@@ -446,11 +446,7 @@ class LogicalEngine(ReplicationEngine):
                 problems.append(f"slot {names.slot} is missing on the source")
             unpublished = unpublished_tables(source, names.publication, self.plan.tables)
             if unpublished:
-                problems.append(
-                    f"{', '.join(map(str, unpublished))} no longer in publication {names.publication} (dropped, or "
-                    "dropped and created again, on the source): its changes are not replicated and the target "
-                    "keeps the old rows; tear down and start again to copy it anew"
-                )
+                problems.append(unpublished_problem(unpublished, names.publication))
             if slot.lost or (enabled and not slot.exists):
                 phase = Phase.FAILED  # no change can flow any more: never 'streaming'
             elif not enabled:
@@ -683,6 +679,14 @@ def unpublished_tables(source: Connection, publication: str, tables: Sequence[Ta
         {"publication": publication, "schemas": [t.schema for t in tables], "names": [t.name for t in tables]},
     )
     return [TableName(str(schema), str(name)) for schema, name in rows]
+
+
+def unpublished_problem(tables: Sequence[TableName], publication: str) -> str:
+    return (
+        f"{', '.join(map(str, tables))} no longer in publication {publication} (dropped, or dropped and created "
+        "again, on the source): its changes are not replicated and the target keeps the old rows; tear down and "
+        "start again to copy it anew"
+    )
 
 
 def slot_health(source: Connection, slot: str) -> SlotHealth:
