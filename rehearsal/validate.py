@@ -240,7 +240,7 @@ def render(summary: ValidationSummary, out: TextIO) -> None:
                "transient", "seconds", "rows/s", "status"]  # fmt: skip
     rows = [
         [
-            t.table + (" (no key: multiset)" if t.multiset else ""),
+            t.table + (" (no key: multiset)" if t.multiset and t.compared else ""),
             f"{t.source_rows:,}",
             f"{t.target_rows:,}",
             str(t.chunks),

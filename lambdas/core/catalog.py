@@ -46,6 +46,7 @@ class TableInfo:
     # row_security_active() for the reading role: its policies hide rows from it (it neither owns the table
     # without FORCE ROW LEVEL SECURITY nor has BYPASSRLS), so a copy or a compare would silently see fewer.
     row_security_active: bool = False
+    readable: bool = True  # the connection's role may SELECT from it
 
     @property
     def has_usable_identity(self) -> bool:
@@ -105,7 +106,8 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
                   JOIN pg_class kc ON kc.oid = h.inhrelid JOIN pg_namespace kn ON kn.oid = kc.relnamespace
                  WHERE h.inhparent = c.oid AND NOT kc.relispartition),
                coalesce((SELECT NOT i.indimmediate FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), false),
-               c.relrowsecurity AND row_security_active(c.oid)
+               c.relrowsecurity AND row_security_active(c.oid),
+               has_table_privilege(c.oid, 'SELECT')
           FROM wanted w
           JOIN pg_namespace n ON n.nspname = w.schema_name
           JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.table_name AND c.relkind IN ('r', 'p')
@@ -132,6 +134,7 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
         children,
         pk_deferrable,
         rls_active,
+        readable,
     ) in rows:
         table = TableName(schema, name)
         result[table] = TableInfo(
@@ -152,6 +155,7 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
             inheritance_children=tuple(TableName(k[0], k[1]) for k in children or ()),
             primary_key_deferrable=bool(pk_deferrable),
             row_security_active=bool(rls_active),
+            readable=bool(readable),
         )
     return result
 

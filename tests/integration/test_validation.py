@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 from psycopg2 import sql
+from psycopg2.extensions import parse_dsn
 
 from lambdas.core.config import LogicalSettings, Validation
 from lambdas.core.db import connect, execute, fetch_value
@@ -36,6 +37,7 @@ from lambdas.core.validation.model import TableSpec
 from lambdas.core.validation.queries import Where
 from lambdas.core.validation.session import CopyStream, Frames, LineFrames, RecordFrames
 from rehearsal import sample
+from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload
 from tests.integration.db_env import query, run_sql
 
@@ -1107,9 +1109,7 @@ def test_a_serializable_database_default_puts_no_predicate_locks_on_the_applicat
         tgt,
         "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 5000) g",
     )
-    run_sql(
-        src, f"ALTER DATABASE {src.split('dbname=')[1].split()[0]} SET default_transaction_isolation = 'serializable'"
-    )
+    run_sql(src, f"ALTER DATABASE \"{parse_dsn(src)['dbname']}\" SET default_transaction_isolation = 'serializable'")
     app = connect(src, autocommit=False)
     try:
         execute(app, "SELECT 1")  # its snapshot is taken
@@ -1122,3 +1122,36 @@ def test_a_serializable_database_default_puts_no_predicate_locks_on_the_applicat
         assert locks == [(0,)]
     finally:
         app.close()
+
+
+def test_a_table_the_role_may_not_read_is_a_problem_and_the_others_are_still_compared(
+    pg_pair: tuple[PostgresServer, PostgresServer], fresh_dbs: tuple[str, str]
+) -> None:
+    # Given two tables, a role that may read one of them on the source, and a difference in each
+    src, tgt = fresh_dbs
+    both(src, tgt, "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);"
+         " INSERT INTO a SELECT generate_series(1, 100); INSERT INTO b SELECT generate_series(1, 100)")  # fmt: skip
+    run_sql(tgt, "DELETE FROM a WHERE id = 7; DELETE FROM b WHERE id = 8")
+    role = "zdm_reads_a"
+    for server, dsn in zip(pg_pair, fresh_dbs, strict=True):
+        server.psql(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN")
+        run_sql(dsn, f"GRANT SELECT ON a TO {role}" + (f"; GRANT SELECT ON b TO {role}" if dsn == tgt else ""))
+    try:
+        as_role = [
+            server.dsn(parse_dsn(dsn)["dbname"], user=role) for server, dsn in zip(pg_pair, fresh_dbs, strict=True)
+        ]
+        # When validated as that role
+        summary = check(as_role[0], as_role[1], [TableName("public", "a"), TableName("public", "b")])
+    finally:
+        for server, dsn in zip(pg_pair, fresh_dbs, strict=True):
+            run_sql(dsn, f"DROP OWNED BY {role}")
+            server.psql(f"DROP ROLE IF EXISTS {role}")
+    # Then the unreadable table is a problem naming the grant (the validation fails), and the other is
+    # still compared, its missing row found (before, the whole run stopped on "permission denied")
+    tables = {t.table: t for t in summary.per_table}
+    assert not summary.ok
+    assert not tables["public.b"].compared
+    assert tables["public.b"].problems == [
+        "this role may not SELECT from it on the source; GRANT SELECT ON public.b TO the role there"
+    ]
+    assert [k.key for k in tables["public.a"].missing.first] == [["7"]]

@@ -80,6 +80,12 @@ def table_spec(
         return unusable("not found on the source")
     if target is None:
         return unusable("missing on the target")
+    unreadable = [side for side, info in (("source", source), ("target", target)) if not info.readable]
+    if unreadable:
+        return unusable(
+            f"this role may not SELECT from it on the {' and the '.join(unreadable)}; GRANT SELECT ON "
+            f"{name} TO the role there"
+        )
     hidden = [side for side, info in (("source", source), ("target", target)) if info.row_security_active]
     if hidden:
         # PostgreSQL filters silently: compared, both sides' visible rows could agree while hidden ones differ.

@@ -126,8 +126,10 @@ def plan_validation(
     slice_rows = effective_slice_rows(settings)
     for name in tables_to_compare(tables, source_infos):
         src, tgt = source_infos.get(name), target_infos.get(name)
-        # Not sampled under a policy (the session's row_security = off refuses it): table_spec reports the table.
-        estimated = estimate_rows(source, src) if src is not None and not src.row_security_active else 0
+        # Not sampled when the role may not read every row (refused): table_spec reports the table.
+        estimated = (
+            estimate_rows(source, src) if src is not None and src.readable and not src.row_security_active else 0
+        )
         spec = table_spec(name, src, tgt, row_hash, estimated)
         if (
             src is not None
