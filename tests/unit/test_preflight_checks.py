@@ -472,6 +472,13 @@ def test_connection_capacity_fails_on_a_connection_limit_and_warns_on_a_nearly_f
         "the migration opens up to 9"
     ]
     assert tight.measured == "source needs up to 9, 100 of 100 free; target needs up to 9, 7 of 100 free"
+    # And the subscription copy's table syncs (2 sync workers) count against the source role's limit too
+    synced = checks.check_connection_capacity(
+        facts(source=limited, copy_method="subscription", copy_workers=4, validation_sessions=2)
+    )
+    assert synced.details == [
+        "source: role mig has CONNECTION LIMIT 5 with 1 session(s) open; the migration opens up to 6"
+    ]
     # And fewer validation chunks make it fit
     assert checks.check_connection_capacity(facts(target=full, validation_sessions=4, copy_workers=4)).status == "pass"
 

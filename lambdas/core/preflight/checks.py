@@ -1044,8 +1044,11 @@ def check_connection_capacity(facts: PreflightFacts) -> CheckResult:
         c = server.connections
         needed = sessions_needed(facts, side)
         # This preflight's own session ends before the migration's open. Both limits also count replication
-        # connections (the source's walsender), max_connections does not; superusers are exempt from both.
-        opens = needed + (1 if side == "source" else 0)
+        # connections (the source's walsenders: the slot's, and a table sync's per sync worker of the
+        # subscription copy), max_connections does not; superusers are exempt from both.
+        syncing = facts.copy_method == "subscription" and facts.engine == "logical"
+        walsenders = 1 + (facts.target.max_sync_workers_per_subscription if syncing else 0)
+        opens = needed + (walsenders if side == "source" else 0)
         limits = (
             (f"role {server.role.name}", c.role_limit, c.role_used - 1),
             (f"database {server.database}", c.database_limit, c.database_used - 1),
