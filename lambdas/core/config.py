@@ -235,6 +235,14 @@ class DebeziumSettings(_Model):
     )
     snapshot_fetch_size: int = Field(default=10_240, ge=100, description="rows per fetch in the initial snapshot")
     max_batch_size: int = Field(default=4096, ge=1, description="Debezium's max.batch.size (events per poll)")
+    max_retries: int = Field(
+        default=30,
+        ge=-1,
+        description="Debezium's errors.max.retries: a failure it deems retriable (a lost connection, but also a "
+        "refused read) is retried this many times, about 10 s apart, before the connector fails and the "
+        "engine reports it; -1 retries without end (Debezium's default, which shows a lasting failure as a "
+        "copy that never ends)",
+    )
 
     @field_validator("topic_prefix")
     @classmethod
