@@ -358,6 +358,13 @@ ByteSize = Annotated[int, Field(ge=0)]
 class LagLimits(_Model):
     max_seconds: float = Field(default=5.0, gt=0)
     max_bytes: ByteSize = 16 * 1024**2
+    problems_max_seconds: int = Field(
+        default=900,
+        ge=0,
+        description="how long the replication status may report problems without a break (an apply worker that "
+        "keeps failing, a table its publication lost) while the state machine waits for the copy and the lag, "
+        "before it rolls back naming them",
+    )
 
     @field_validator("max_bytes", mode="before")
     @classmethod

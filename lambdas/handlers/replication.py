@@ -44,6 +44,8 @@ class ReplicationRequest(MigrationEvent):
     # status, from the state machine's copy loop: when the execution began and the file's poll interval
     since: datetime | None = None
     poll_seconds: int | None = Field(default=None, ge=0)
+    # status, from the copy loop's previous poll: since when the status has reported problems without a break
+    problems_since: datetime | None = None
 
 
 def build_engine(migration: Migration, source_dsn: str, target_dsn: str) -> ReplicationEngine:
@@ -215,7 +217,22 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         return {"removed": removed}
     status = engine.status()
     publish_status_metrics(migration, status)
-    return {**status_for_state(status), **poll_for_state(request)}
+    lasting = problems_for_state(request, status.problems, migration.lag.problems_max_seconds)
+    return {**status_for_state(status), **poll_for_state(request), **lasting}
+
+
+def problems_for_state(
+    request: ReplicationRequest, problems: Sequence[str], limit_seconds: float, now: datetime | None = None
+) -> dict[str, Any]:
+    """Since when the status has reported problems without a break (carried from poll to poll by the copy
+    loop), and whether that is longer than allowed: the loop then rolls back naming them, instead of
+    waiting its whole history budget (12 days) for a lag that a stuck replication never brings down."""
+    if not problems:
+        return {"problems_since": None, "problems_lasting": False}
+    now = now or datetime.now(UTC)
+    since = request.problems_since or now
+    since = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+    return {"problems_since": since.isoformat(), "problems_lasting": (now - since).total_seconds() >= limit_seconds}
 
 
 def poll_for_state(request: ReplicationRequest, now: datetime | None = None) -> dict[str, Any]:

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lambdas.core.config import load_migration
-from lambdas.handlers.replication import ReplicationRequest, poll_for_state
+from lambdas.core.config import LagLimits, load_migration
+from lambdas.handlers.replication import ReplicationRequest, poll_for_state, problems_for_state
 from rehearsal.stepfunctions import ExecutionResult, LocalStateMachine
 from stacks.orchestration import ASL
 from tests.infrastructure.conftest import ROOT
@@ -60,8 +60,11 @@ class Stubs:
         def replication(event: dict[str, Any], context: Any) -> dict[str, Any]:
             self._note("Replication", event["action"])
             if event["action"] == "status":
-                # When to poll next, as the real handler says it (from the execution's start and the poll)
-                return {**poll_for_state(ReplicationRequest.model_validate(event)), **self.status}
+                # When to poll next, and since when problems last, as the real handler says them
+                request = ReplicationRequest.model_validate(event)
+                limit = LagLimits.model_validate(event["migration"].get("lag") or {}).problems_max_seconds
+                lasting = problems_for_state(request, self.status["problems"], limit)
+                return {**poll_for_state(request), **lasting, **self.status}
             return {
                 "start": {"tables": [], "rows_copied": 0},
                 "teardown": {"removed": ["subscription zdm_shop_orders"]},

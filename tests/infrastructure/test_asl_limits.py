@@ -395,3 +395,55 @@ def test_a_logical_engine_chunk_s_re_checks_fit_the_chunk_function(monkeypatch: 
     # the migration rolls back; locally nothing stops it
     assert replication is not None
     assert replication.attempts * replication.timeout_seconds + 60 <= chunk_timeout, replication
+
+
+def test_replication_problems_that_last_past_the_limit_roll_back_naming_them() -> None:
+    # Given a copy whose status keeps reporting a problem, and problems allowed to last 0 s
+    stubs = Stubs()
+    stubs.status = {
+        "phase": "copying",
+        "lag_seconds": None,
+        "lag_bytes": None,
+        "problems": ["public.daily_stats no longer in publication zdm_shop_orders"],
+    }
+    data = settings()
+    data["lag"]["problems_max_seconds"] = 0
+    # When the definition runs
+    result = execute(stubs, data=data)
+    # Then the copy loop rolls back at its first poll, the cause naming the problem
+    # (before, it polled on for the loop's whole history budget: 12 days)
+    assert stubs.path() == [
+        ("Preflight", "check"),
+        ("Replication", "start"),
+        ("Replication", "status"),
+        ("Cutover", "rollback"),
+    ]
+    assert result.error == "RolledBack"
+    assert "no longer in publication" in (result.cause or "")
+
+
+def test_a_problem_that_clears_before_the_limit_does_not_stop_the_migration() -> None:
+    # Given a copy whose first status reports a problem and the next ones none, within the default limit
+    stubs = Stubs()
+    problem = {"phase": "copying", "lag_seconds": None, "lag_bytes": None, "problems": ["apply worker not running"]}
+    healthy = dict(stubs.status)
+    replies = iter([problem, healthy])
+    original = stubs.handlers
+
+    def handlers() -> dict[str, Any]:
+        functions = original()
+        replication = functions["ReplicationFunctionArn"]
+
+        def replication_then_healthy(event: dict[str, Any], context: Any) -> Any:
+            if event["action"] == "status":
+                stubs.status = next(replies, healthy)
+            return replication(event, context)
+
+        functions["ReplicationFunctionArn"] = replication_then_healthy
+        return functions
+
+    stubs.handlers = handlers  # type: ignore[method-assign]
+    # When the definition runs, Then it migrates, having polled twice
+    result = execute(stubs)
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+    assert stubs.path().count(("Replication", "status")) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from lambdas.core import polling
-from lambdas.handlers.replication import ReplicationRequest, poll_for_state
+from lambdas.handlers.replication import ReplicationRequest, poll_for_state, problems_for_state
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -45,3 +45,27 @@ def test_a_fixed_poll_would_reach_the_history_limit_within_a_day_the_growing_one
     # At ~11 events a poll: 2,880 polls a day at a fixed 30 s; the growing wait makes ~730 in a day
     assert polling.polls_within(86400, 30) < 800
     assert polling.polls_within(polling.HISTORY_BUDGET_SECONDS, 30) * 11 < 21_000
+
+
+def _problems_since(since: datetime | None) -> ReplicationRequest:
+    return ReplicationRequest.model_validate(
+        {"migration": {}, "action": "status", "problems_since": since.isoformat() if since else None}
+    )
+
+
+def test_problems_are_carried_from_poll_to_poll_and_last_too_long_past_the_limit() -> None:
+    # Given a first poll that finds a problem, Then it starts the clock, not yet too long
+    first = problems_for_state(_problems_since(None), ["apply worker not running"], 900, NOW)
+    assert first == {"problems_since": NOW.isoformat(), "problems_lasting": False}
+    # And a later poll still finding problems keeps the clock; 15 minutes on, they last too long
+    later = _problems_since(NOW)
+    assert problems_for_state(later, ["x"], 900, NOW + timedelta(minutes=14))["problems_lasting"] is False
+    assert problems_for_state(later, ["x"], 900, NOW + timedelta(minutes=15)) == {
+        "problems_since": NOW.isoformat(),
+        "problems_lasting": True,
+    }
+    # And a poll without problems stops the clock (a break starts it anew)
+    assert problems_for_state(later, [], 900, NOW + timedelta(hours=1)) == {
+        "problems_since": None,
+        "problems_lasting": False,
+    }
