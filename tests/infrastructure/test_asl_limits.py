@@ -241,6 +241,17 @@ def test_a_copy_polled_until_its_history_budget_ends_stays_within_the_history_li
     assert per_poll * (polling.HISTORY_BUDGET_SECONDS // poll) > polling.HISTORY_LIMIT_EVENTS
 
 
+def assert_rolled_back_at_the_first_poll(stubs: Stubs, result: ExecutionResult, cause: str) -> None:
+    assert stubs.path() == [
+        ("Preflight", "check"),
+        ("Replication", "start"),
+        ("Replication", "status"),
+        ("Cutover", "rollback"),
+    ]
+    assert result.error == "RolledBack"
+    assert cause in (result.cause or "")
+
+
 def test_a_copy_past_its_history_budget_rolls_back_naming_why() -> None:
     # Given a copy loop whose status says the history budget is spent
     stubs = Stubs()
@@ -254,14 +265,7 @@ def test_a_copy_past_its_history_budget_rolls_back_naming_why() -> None:
     # When the definition runs
     result = execute(stubs)
     # Then it polled once and rolled back, the cause naming the history limit
-    assert stubs.path() == [
-        ("Preflight", "check"),
-        ("Replication", "start"),
-        ("Replication", "status"),
-        ("Cutover", "rollback"),
-    ]
-    assert result.error == "RolledBack"
-    assert "history limit of 25,000 events" in (result.cause or "")
+    assert_rolled_back_at_the_first_poll(stubs, result, "history limit of 25,000 events")
 
 
 # -- function timeouts the local run does not enforce ------------------------------------------------
@@ -412,14 +416,7 @@ def test_replication_problems_that_last_past_the_limit_roll_back_naming_them() -
     result = execute(stubs, data=data)
     # Then the copy loop rolls back at its first poll, the cause naming the problem
     # (before, it polled on for the loop's whole history budget: 12 days)
-    assert stubs.path() == [
-        ("Preflight", "check"),
-        ("Replication", "start"),
-        ("Replication", "status"),
-        ("Cutover", "rollback"),
-    ]
-    assert result.error == "RolledBack"
-    assert "no longer in publication" in (result.cause or "")
+    assert_rolled_back_at_the_first_poll(stubs, result, "no longer in publication")
 
 
 def test_a_problem_that_clears_before_the_limit_does_not_stop_the_migration() -> None:
