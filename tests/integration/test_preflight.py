@@ -732,15 +732,19 @@ def replicating_owner(pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair)
         source_server.psql(f"DROP ROLE IF EXISTS {name}")
 
 
+def given_table_owned_by(pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair, owner: str, rows: int) -> str:
+    """Table t on both sides, owned by `owner` on the source with `rows` rows there; the source DSN as `owner`."""
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    execute(dbs.source, f"ALTER TABLE t OWNER TO {owner}")
+    execute(dbs.source, f"INSERT INTO t SELECT g, g FROM generate_series(1, {int(rows)}) g; ANALYZE t")
+    return pg_pair[0].dsn(dbname(dbs.source_dsn), user=owner)
+
+
 def test_source_role_that_cannot_fence_or_receive_the_reverse_replication_is_refused(
     pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair, replicating_owner: str
 ) -> None:
     # Given a table owned by the replicating (non-superuser, non-database-owner) source role
-    source_server, _ = pg_pair
-    dbs.both("CREATE TABLE t (id int PRIMARY KEY, v int)")
-    execute(dbs.source, f"ALTER TABLE t OWNER TO {replicating_owner}")
-    execute(dbs.source, "INSERT INTO t VALUES (1, 1)")
-    role_dsn = source_server.dsn(dbname(dbs.source_dsn), user=replicating_owner)
+    role_dsn = given_table_owned_by(pg_pair, dbs, replicating_owner, rows=1)
     source = connect(role_dsn)
     try:
         # When the preflight runs as that role
@@ -989,12 +993,8 @@ def test_a_role_connection_limit_below_the_migrations_sessions_fails_and_the_cop
     pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair, replicating_owner: str
 ) -> None:
     # Given the source role (it owns the table and may replicate) limited to 3 sessions
-    source_server, _ = pg_pair
-    dbs.both("CREATE TABLE t (id int PRIMARY KEY, v int)")
-    execute(dbs.source, f"ALTER TABLE t OWNER TO {replicating_owner}")
-    execute(dbs.source, "INSERT INTO t SELECT g, g FROM generate_series(1, 10000) g; ANALYZE t")
-    source_server.psql(f"ALTER ROLE {replicating_owner} CONNECTION LIMIT 3")
-    role_dsn = source_server.dsn(dbname(dbs.source_dsn), user=replicating_owner)
+    role_dsn = given_table_owned_by(pg_pair, dbs, replicating_owner, rows=10_000)
+    pg_pair[0].psql(f"ALTER ROLE {replicating_owner} CONNECTION LIMIT 3")
     source = connect(role_dsn)
     try:
         # When the preflight runs for 4 copy workers and 8 validation chunks

@@ -423,20 +423,22 @@ def _batches(items: Sequence[TableInfo]) -> Iterable[Sequence[TableInfo]]:
         yield items[start : start + _BATCH]
 
 
-def _privileges(conn: Connection, tables: Iterable[TableInfo]) -> tuple[list[TableName], list[TableName]]:
-    """(tables the role does not own, tables it may not SELECT from)."""
+def _not_owned(conn: Connection, tables: Iterable[TableInfo]) -> list[TableName]:
+    """The tables the role does not own."""
     infos = {t.oid: t.name for t in tables}
     if not infos:
-        return [], []
+        return []
     rows = fetch_all(
         conn,
-        "SELECT c.oid, pg_has_role(c.relowner, 'USAGE'), has_table_privilege(c.oid, 'SELECT')"
-        " FROM pg_class c WHERE c.oid = ANY(%s::oid[])",
+        "SELECT c.oid FROM pg_class c WHERE c.oid = ANY(%s::oid[]) AND NOT pg_has_role(c.relowner, 'USAGE')",
         (list(infos),),
     )
-    not_owned = sorted(infos[oid] for oid, owned, _ in rows if not owned)
-    unreadable = sorted(infos[oid] for oid, _, readable in rows if not readable)
-    return not_owned, unreadable
+    return sorted(infos[oid] for (oid,) in rows)
+
+
+def _unreadable(tables: Iterable[TableInfo]) -> list[TableName]:
+    """The tables the role may not SELECT from (`TableInfo.readable`, read with the catalog)."""
+    return sorted(t.name for t in tables if not t.readable)
 
 
 def _non_empty(conn: Connection, tables: Sequence[TableInfo]) -> dict[TableName, int]:
@@ -553,8 +555,8 @@ def gather_tables(source: Connection, target: Connection, include: list[str], ex
     used = [u.sequence for u in sequences]
     _, source_unreadable_sequences = _sequence_rights(source, used, ("SELECT",))
     target_missing_sequences, target_unwritable_sequences = _sequence_rights(target, used, ("SELECT", "UPDATE"))
-    not_owned, source_unreadable = _privileges(source, source_info.values())
-    _, target_unreadable = _privileges(target, target_info.values())
+    not_owned = _not_owned(source, source_info.values())
+    source_unreadable, target_unreadable = _unreadable(source_info.values()), _unreadable(target_info.values())
     readable_target = [t for t in target_info.values() if t.name not in set(target_unreadable)]
     return TableFacts(
         include=list(include),
@@ -603,7 +605,7 @@ def _references_outside(
     if not outside:
         return []
     on_target = describe_tables(target, outside)
-    _, unreadable = _privileges(target, on_target.values())
+    unreadable = _unreadable(on_target.values())
     readable = sorted((t for t in on_target.values() if t.name not in set(unreadable)), key=lambda t: t.name)
     with_rows = _non_empty(target, readable)
 
