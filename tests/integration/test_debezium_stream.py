@@ -761,7 +761,7 @@ def test_keys_equal_but_not_the_same_move_exactly_and_a_column_added_target_firs
         assert fetch_all(target, "SELECT * FROM g ORDER BY 1") == [(1, 1, None), (2, 2, 2)]
 
 
-def test_a_table_rebuilt_on_the_source_is_a_problem_of_the_stream(
+def test_a_table_rebuilt_or_altered_on_the_source_is_a_problem_of_the_stream(
     fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
 ) -> None:
     # Given two tables streaming through the connector's publication
@@ -778,10 +778,19 @@ def test_a_table_rebuilt_on_the_source_is_a_problem_of_the_stream(
         wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
         assert engine.status().problems == []
 
-        # When a nightly job rebuilds daily_stats on the source (DROP, CREATE, fill)
+        # When a nightly job rebuilds daily_stats on the source (DROP, CREATE, fill), and a release adds a
+        # column to kept on the source only
         with closing(connect(src)) as conn:
             execute(conn, "DROP TABLE daily_stats; CREATE TABLE daily_stats (id int PRIMARY KEY, n int)")
+            execute(conn, "ALTER TABLE kept ADD COLUMN note text")
 
-        # Then the stream reports it: the publication no longer carries the table's changes
-        problems = engine.status().problems
-        assert len(problems) == 1 and problems[0].startswith("public.daily_stats no longer in publication")
+        # Then the stream reports both: the publication no longer carries the table's changes, and the
+        # target lacks the column (the applier would dead-letter every change that sets it)
+        unpublished, drift = engine.status().problems
+        assert unpublished.startswith("public.daily_stats no longer in publication")
+        assert drift.startswith("the schemas no longer match: public.kept.note: missing on the target")
+
+        # When the target follows, the column is no longer a problem
+        with closing(connect(tgt)) as conn:
+            execute(conn, "ALTER TABLE kept ADD COLUMN note text")
+        assert engine.status().problems == [unpublished]

@@ -61,6 +61,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.1)
 
 
+def streaming_without_problems(engine: LogicalEngine) -> bool:
+    """Streaming, and the apply worker up: a just-started subscription's worker may not be running yet."""
+    status = engine.status()
+    return status.phase is Phase.STREAMING and not status.problems
+
+
 def caught_up(engine: LogicalEngine, src: str, tgt: str, timeout: float = 60) -> None:
     source, target = connect(src), connect(tgt)
     try:
@@ -486,8 +492,7 @@ def test_a_table_dropped_and_created_again_on_the_source_is_a_problem_not_silenc
     engine = LogicalEngine(src, tgt, LogicalReplicationPlan(ReplicationNames("zdm_test"), tables, LogicalSettings()))
     try:
         engine.start()
-        wait_until(lambda: engine.status().phase is Phase.STREAMING, 30, "streaming")
-        assert engine.status().problems == []
+        wait_until(lambda: streaming_without_problems(engine), 30, "streaming without problems")
 
         # When a nightly job rebuilds daily_stats on the source (DROP, CREATE, fill)
         run_sql(
@@ -501,5 +506,46 @@ def test_a_table_dropped_and_created_again_on_the_source_is_a_problem_not_silenc
         (problem,) = engine.status().problems
         assert problem.startswith("public.daily_stats no longer in publication zdm_test")
         assert query(tgt, "SELECT n FROM daily_stats WHERE id = 1") == [(1,)]
+    finally:
+        engine.teardown()
+
+
+def test_ddl_run_on_the_source_only_is_named_until_the_target_follows(fresh_dbs: tuple[str, str]) -> None:
+    # Given a table streaming
+    src, tgt = fresh_dbs
+    for dsn in (src, tgt):
+        run_sql(dsn, "CREATE TABLE orders (id int PRIMARY KEY, n int)")
+    run_sql(src, "INSERT INTO orders VALUES (1, 1)")
+    engine = LogicalEngine(
+        src,
+        tgt,
+        LogicalReplicationPlan(ReplicationNames("zdm_test"), (TableName("public", "orders"),), LogicalSettings()),
+    )
+    try:
+        engine.start()
+        wait_until(lambda: streaming_without_problems(engine), 30, "streaming without problems")
+
+        # When a release adds a column on the source only and writes a row with it
+        run_sql(src, "ALTER TABLE orders ADD COLUMN note text; INSERT INTO orders VALUES (2, 2, 'x')")
+
+        # Then the status names the column and what to do, and the apply, failing on that row, counts its errors
+        wait_until(lambda: "apply error" in " ".join(engine.status().problems), 30, "an apply error")
+        problems = engine.status().problems
+        assert any(
+            p.startswith("the schemas no longer match: public.orders.note: missing on the target (source type text)")
+            and "make the same change on the target" in p
+            for p in problems
+        ), problems
+        assert query(tgt, "SELECT count(*) FROM orders") == [(1,)]
+
+        # When the target follows, the problem clears and the row arrives
+        run_sql(tgt, "ALTER TABLE orders ADD COLUMN note text")
+        wait_until(lambda: query(tgt, "SELECT note FROM orders WHERE id = 2") == [("x",)], 60, "the row to arrive")
+        wait_until(lambda: engine.status().problems == [], 30, "no problem")
+
+        # When a column's type changes on the source only, it is named as well
+        run_sql(src, "ALTER TABLE orders ALTER COLUMN n TYPE bigint")
+        (problem,) = engine.status().problems
+        assert "public.orders.n: type bigint on the source, integer on the target" in problem
     finally:
         engine.teardown()

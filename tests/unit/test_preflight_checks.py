@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from lambdas.core import schema_compare
 from lambdas.core.catalog import Column, SequenceUse, TableInfo
 from lambdas.core.engines.slot_creation import BlockingTransaction
 from lambdas.core.lsn import Lsn
@@ -547,7 +548,7 @@ def test_writers_the_fence_cannot_stop_are_named_per_side_and_the_migrations_own
     ],
 )
 def test_safe_widening(source: str, target: str, safe: bool) -> None:
-    assert checks.is_safe_widening(source, target) is safe
+    assert schema_compare.is_safe_widening(source, target) is safe
 
 
 def test_schema_differences_are_listed_with_their_weight() -> None:
@@ -595,6 +596,36 @@ def test_schema_with_only_harmless_differences_warns() -> None:
     result = checks.check_target_schema(facts(tables=tables(table(), target=[target])))
     assert result.status == "warn"
     assert "Not blocking" in result.remedy
+
+
+def test_schema_drift_names_only_what_stops_the_apply_and_leaves_gone_tables_to_the_publication_check() -> None:
+    # Given, after the start, a column added on the source only, a column widened on the target only,
+    # a table dropped on the target and one dropped on the source
+    source = {
+        ORDERS: table(columns=(*table().columns, Column("added", "text", False))),
+        ITEMS: table(ITEMS, oid=2),
+    }
+    target = {ORDERS: table(columns=(Column("id", "numeric", True, True), Column("note", "text", False)))}
+    gone = TableName("public", "gone")
+
+    # When the status compares them
+    found = schema_compare.schema_drift(source, target, [ORDERS, ITEMS, gone])
+
+    # Then only the blocking differences are named (a wider target type carries every value)
+    assert found == [
+        "public.orders.added: missing on the target (source type text)",
+        "public.items: missing on the target",
+    ]
+    assert schema_compare.drift_problem(found).startswith(
+        "the schemas no longer match: public.orders.added: missing on the target (source type text); public.items"
+    )
+
+
+def test_a_drift_problem_names_the_first_differences_and_counts_the_rest() -> None:
+    found = [f"public.t{i}: missing on the target" for i in range(schema_compare.DRIFT_SHOWN + 3)]
+    problem = schema_compare.drift_problem(found)
+    assert f"public.t{schema_compare.DRIFT_SHOWN - 1}: missing on the target; and 3 more." in problem
+    assert f"public.t{schema_compare.DRIFT_SHOWN}:" not in problem
 
 
 def test_non_empty_target_tables_fail_with_capped_counts() -> None:

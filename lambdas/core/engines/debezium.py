@@ -40,6 +40,7 @@ from lambdas.core.engines.logical import (
 )
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, current_lsn
+from lambdas.core.schema_compare import drift_problem, schema_drift
 from lambdas.core.tables import TableName
 
 
@@ -140,6 +141,7 @@ class DebeziumEngine(ReplicationEngine):
                 target,
                 _q("SELECT topic, kafka_partition, next_offset, last_source_lsn, last_ts_ms FROM {}.dbz_partitions"),
             )
+            on_target = describe_tables(target, self.plan.tables)
         finally:
             target.close()
         try:
@@ -167,10 +169,13 @@ class DebeziumEngine(ReplicationEngine):
             # The connector makes its publication when it first starts (publication.autocreate.mode).
             published = fetch_value(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.publication,))
             unpublished = unpublished_tables(source, self.plan.publication, self.plan.tables) if published else []
+            drift = schema_drift(describe_tables(source, self.plan.tables), on_target, self.plan.tables)
         finally:
             source.close()
         if unpublished:
             problems.append(unpublished_problem(unpublished, self.plan.publication))
+        if drift:  # the applier dead-letters the changes it cannot write until the target is altered too
+            problems.append(drift_problem(drift))
 
         applied_lsn = last_lsn
         if pending == 0 and confirmed is not None:  # all the connector confirmed is applied

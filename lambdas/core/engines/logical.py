@@ -38,6 +38,7 @@ from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopySessi
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, applied_lsn
 from lambdas.core.ranges import plan_ranges
+from lambdas.core.schema_compare import drift_problem, schema_drift
 from lambdas.core.statement_logging import settings_keeping_statements
 from lambdas.core.tables import TableName
 
@@ -439,14 +440,22 @@ class LogicalEngine(ReplicationEngine):
             else:
                 lag_seconds = None
             if enabled and not worker_running:
+                errors = _apply_errors(target, sub[0])
                 problems.append(
-                    f"subscription {names.subscription} is enabled but its apply worker is not running; see the target's log"
+                    f"subscription {names.subscription} is enabled but its apply worker is not running"
+                    + (f" ({errors} apply error(s) so far)" if errors else "")
+                    + "; see the target's log"
                 )
             if enabled and not slot.exists:
                 problems.append(f"slot {names.slot} is missing on the source")
             unpublished = unpublished_tables(source, names.publication, self.plan.tables)
             if unpublished:
                 problems.append(unpublished_problem(unpublished, names.publication))
+            drift = schema_drift(
+                describe_tables(source, self.plan.tables), describe_tables(target, self.plan.tables), self.plan.tables
+            )
+            if drift:
+                problems.append(drift_problem(drift))
             if slot.lost or (enabled and not slot.exists):
                 phase = Phase.FAILED  # no change can flow any more: never 'streaming'
             elif not enabled:
@@ -588,6 +597,19 @@ def _subscription(target: Connection, name: str) -> tuple[int, bool, bool] | Non
         (name,),
     )
     return (int(row[0]), bool(row[1]), bool(row[2])) if row else None
+
+
+def _apply_errors(target: Connection, sub_oid: int) -> int | None:
+    """Apply and table-sync errors counted since the subscription began (PostgreSQL 15+; None before): a
+    worker that fails on the same change again and again is down only between its retries."""
+    if int(fetch_value(target, "SHOW server_version_num")) < 150000:
+        return None
+    row = fetch_one(
+        target,
+        "SELECT apply_error_count + sync_error_count FROM pg_stat_subscription_stats WHERE subid = %s",
+        (sub_oid,),
+    )
+    return int(row[0]) if row else 0
 
 
 def _subscription_tables(target: Connection, sub_oid: int) -> list[TableStatus]:
