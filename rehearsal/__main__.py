@@ -176,6 +176,11 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         )
     if summary.get("sequences_behind"):
         say(f"sequences behind       {'; '.join(summary['sequences_behind'])}")
+    if summary.get("views_refreshed") or summary.get("views_stale"):
+        say(
+            f"materialized views     refreshed on the target before reads moved: {', '.join(summary['views_refreshed'])}"
+            + (f"; STALE on the target: {'; '.join(summary['views_stale'])}" if summary.get("views_stale") else "")
+        )
     if summary["final_differences"] is not None:
         say(
             f"final row compare      {summary['final_rows_compared']:,} rows, {summary['final_differences']} differences"
@@ -255,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         and not summary.get("updates_lost")
         and not summary.get("deletes_lost")
         and not summary.get("child_rows_lost")
+        and not summary.get("views_stale")
         and not summary["final_differences"]  # None when not migrated: nothing compared
         and not summary.get("lambda_limits_broken")  # a run AWS would not have allowed proves nothing
     )

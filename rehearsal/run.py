@@ -36,6 +36,7 @@ from psycopg2 import sql
 from lambdas.core.catalog import sequences_for_tables
 from lambdas.core.config import Migration, load_migration
 from lambdas.core.db import connect, fetch_all, fetch_value
+from lambdas.core.matviews import list_materialized_views
 from lambdas.core.routers import Side, router_for
 from lambdas.core.sequences import read_position
 from lambdas.core.telemetry import composite_alarm_name
@@ -69,6 +70,7 @@ PHASE_OF = {
     "ValidatePlan": "validation",
     "ValidateChunks": "validation",
     "ValidateSummary": "validation",
+    "RefreshMaterializedViews": "refresh views",
     "ReadShift": "read shift",
     "Cutover": "cutover",
     "PostCutoverBake": "post-cutover bake",
@@ -426,6 +428,7 @@ class Rehearsal:
         behind = _sequences_behind(writer_dsn, migration_tables())
         updates_lost, deletes_lost = _lost_updates_and_deletes(writer_dsn, stats)
         child_rows_lost = _missing_children(writer_dsn, stats)
+        views_stale = _views_stale(src, tgt) if writer is Side.TARGET else []
         differences: int | None = None
         rows_compared = 0
         retire = (timeline.state_outputs.get("RetireReverseReplication") or {}).get("retire") or {}
@@ -473,6 +476,14 @@ class Rehearsal:
             "updates_lost": updates_lost,
             "deletes_lost": deletes_lost,
             "child_rows_lost": child_rows_lost,
+            "views_stale": views_stale,
+            "views_refreshed": [
+                v["view"]
+                for v in (
+                    (timeline.state_outputs.get("RefreshMaterializedViews") or {}).get("materialized_views") or {}
+                ).get("views", [])
+                if v["refreshed"]
+            ],
             "writer_on": writer.value if writer is not None else None,
             "final_rows_compared": rows_compared,
             "final_differences": differences,
@@ -634,6 +645,30 @@ def _sequences_behind(dsn: str, tables: list[Any]) -> list[str]:
     finally:
         conn.close()
     return behind
+
+
+def _views_stale(src: str, tgt: str) -> list[str]:
+    """Materialized views the source answers and the target, now the writer, does not: unpopulated there,
+    or holding another number of rows (the sample's view has a row per country, which the workload keeps)."""
+    stale: list[str] = []
+    source, target = connect(src), connect(tgt)
+    try:
+        on_target = {v.name: v for v in list_materialized_views(target)}
+        for view in list_materialized_views(source):
+            if not view.populated:
+                continue
+            twin = on_target.get(view.name)
+            if twin is None or not twin.populated:
+                stale.append(f"{view.name}: not populated on the target")
+                continue
+            count = sql.SQL("SELECT count(*) FROM {}").format(view.name.ident)
+            rows, source_rows = fetch_value(target, count), fetch_value(source, count)
+            if rows != source_rows:
+                stale.append(f"{view.name}: {rows} rows on the target, {source_rows} on the source")
+    finally:
+        source.close()
+        target.close()
+    return stale
 
 
 def _reverse_replication_left(migration: Migration, src: str, tgt: str) -> list[str]:

@@ -87,6 +87,14 @@ HANDLERS: tuple[HandlerSpec, ...] = (
         memory_mb=2048,
         description="merges chunk results",
     ),
+    # REFRESH MATERIALIZED VIEW runs each view's query in full: as long as the view takes to compute.
+    HandlerSpec(
+        "RefreshViews",
+        "refresh_views",
+        (Access.DATABASES,),
+        timeout_seconds=900,
+        description="refreshes materialized views on the target before reads move",
+    ),
     # the target database too: the step takes the migration's lock there and checks no rollback started since
     HandlerSpec(
         "ReadShift",

@@ -70,6 +70,10 @@ class Stubs:
                 "teardown": {"removed": ["subscription zdm_shop_orders"]},
             }[event["action"]]
 
+        def refresh_views(event: dict[str, Any], context: Any) -> dict[str, Any]:
+            self._note("RefreshViews", "refresh")
+            return {"views": []}
+
         def read_shift(event: dict[str, Any], context: Any) -> dict[str, Any]:
             self._note("ReadShift", str(event["percent"]))
             return {}
@@ -90,6 +94,7 @@ class Stubs:
         return {
             "PreflightFunctionArn": preflight,
             "ReplicationFunctionArn": replication,
+            "RefreshViewsFunctionArn": refresh_views,
             "ReadShiftFunctionArn": read_shift,
             "HealthGateFunctionArn": health_gate,
             "CutoverFunctionArn": cutover,

@@ -4,9 +4,12 @@ and an alarm's rollback that gave up while a cutover still held the lock."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rehearsal.stepfunctions import StateMachineError
+from stacks.orchestration import ASL
 from tests.infrastructure.asl_stubs import Stubs, execute, settings
 
 
@@ -61,4 +64,37 @@ def test_an_alarms_rollback_that_meets_a_cutover_holding_the_lock_is_tried_again
     result = execute(stubs, {"action": "rollback"})
     # Then the rollback is tried again and the execution ends rolled back (it once ended RollbackFailed)
     assert stubs.path().count(("Cutover", "rollback")) == 2
+    assert result.error == "RolledBack", (result.error, result.cause)
+
+
+class MaterializedViewsMissing(RuntimeError):  # lambdas.core.matviews.MaterializedViewsMissing
+    pass
+
+
+def test_materialized_views_are_refreshed_before_any_read_moves_with_or_without_validation() -> None:
+    # Given a migration without validation
+    stubs = Stubs()
+    # When it runs
+    result = execute(stubs)
+    # Then the views are refreshed once, before the first read shift
+    path = stubs.path()
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+    assert path.count(("RefreshViews", "refresh")) == 1
+    assert path.index(("RefreshViews", "refresh")) < path.index(("ReadShift", "100"))
+    # And a passed validation leads there too (the stubs cannot run the validation's distributed Map)
+    passed = json.loads(ASL.read_text())["States"]["ValidationPassed"]
+    assert passed["Choices"] == [
+        {"Variable": "$.validation_summary.ok", "BooleanEquals": True, "Next": "RefreshMaterializedViews"}
+    ]
+
+
+def test_a_refresh_that_cannot_be_done_rolls_back_before_any_read_moves() -> None:
+    # Given a view the target lacks
+    stubs = Stubs()
+    stubs.failures[("RefreshViews", "refresh")] = [MaterializedViewsMissing("public.daily exist on the source only")]
+    # When the migration runs
+    result = execute(stubs)
+    # Then it rolls back, and no read ever went to the target
+    assert ("ReadShift", "100") not in stubs.path()
+    assert stubs.path()[-1] == ("Cutover", "rollback")
     assert result.error == "RolledBack", (result.error, result.cause)

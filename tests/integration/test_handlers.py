@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from lambdas.core.db import connect
-from lambdas.handlers import preflight, replication, sequences
+from lambdas.core.db import connect, fetch_all
+from lambdas.handlers import preflight, refresh_views, replication, sequences
 from rehearsal import sample
 
 
@@ -35,7 +36,7 @@ def event(src: str, tgt: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def test_handlers_run_preflight_replication_and_sequences_without_leaking_secrets(
+def test_handlers_run_preflight_replication_sequences_and_view_refresh_without_leaking_secrets(
     fresh_dbs: tuple[str, str], capsys: pytest.CaptureFixture[str], handler_logs: io.StringIO
 ) -> None:
     # Given a source with data and an empty target with the same schema
@@ -48,12 +49,13 @@ def test_handlers_run_preflight_replication_and_sequences_without_leaking_secret
     sample.load_data(conn, 10_000)
     conn.close()
     ctx = FakeContext()
-    # When the preflight, start (twice), status, sequence sync and teardown tasks run
+    # When the preflight, start (twice), status, sequence sync, view refresh and teardown tasks run
     pre = preflight.handler(event(src, tgt), ctx)
     started = replication.handler(event(src, tgt, action="start"), ctx)
     again = replication.handler(event(src, tgt, action="start"), ctx)
     status = replication.handler(event(src, tgt, action="status"), ctx)
     synced = sequences.handler(event(src, tgt), ctx)
+    views = refresh_views.handler(event(src, tgt), ctx)
     removed = replication.handler(event(src, tgt, action="teardown"), ctx)
     # Then each returns its typed result as JSON-ready data
     assert pre["ok"] is True, pre["failed"]
@@ -61,13 +63,17 @@ def test_handlers_run_preflight_replication_and_sequences_without_leaking_secret
     assert again["already_running"] and again["rows_copied"] == 0
     assert status["phase"] in ("streaming", "copying") and status["slot"]["exists"]
     assert len(synced["sequences"]) == 4
+    assert [(v["view"], v["refreshed"]) for v in views["views"]] == [("public.sales_by_country", True)]
+    report = "SELECT * FROM sales_by_country ORDER BY 1"
+    with closing(connect(src)) as source, closing(connect(tgt)) as target:  # the copied rows: the same report
+        assert fetch_all(target, report) == fetch_all(source, report) != []
     assert "slot zdm_handler_test" in removed["removed"]
-    for result in (pre, started, status, synced, removed):
+    for result in (pre, started, status, synced, views, removed):
         json.dumps(result)
     # And no password reached the logs or the results
     out, logs = capsys.readouterr(), handler_logs.getvalue()
     assert logs.strip()  # the check below covers what the handlers logged
-    everything = logs + out.out + out.err + json.dumps([pre, started, status, synced, removed])
+    everything = logs + out.out + out.err + json.dumps([pre, started, status, synced, views, removed])
     assert "s3cret" not in everything
 
 

@@ -507,6 +507,50 @@ def test_target_role_that_cannot_create_a_subscription_fails(
     assert report.get("target_empty").details == ["public.t: not readable by the target role"]
 
 
+def test_materialized_views_the_target_lacks_or_its_role_may_not_refresh_fail(
+    pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair, plain_role: str
+) -> None:
+    # Given views over a selected table: one restored on the target but owned by another role than the
+    # target's, one not restored there at all, one in a schema the selection leaves out
+    _, target_server = pg_pair
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY); CREATE SCHEMA reports")
+    dbs.both("CREATE MATERIALIZED VIEW t_count AS SELECT count(*) FROM t")
+    dbs.both("CREATE MATERIALIZED VIEW reports.daily AS SELECT count(*) FROM t")
+    execute(dbs.source, "CREATE MATERIALIZED VIEW t_ids AS SELECT id FROM t")
+    target = connect(target_server.dsn(dbname(dbs.target_dsn), user=plain_role))
+    try:
+        # When the preflight runs with the target's role not owning the views
+        check = preflight(dbs.source, target, dbs.migration(tables={"include": ["public.*"]})).get("materialized_views")
+    finally:
+        target.close()
+
+    # Then it fails, naming both views and how to fix each
+    assert check.status == "fail"
+    assert check.details == [
+        "public.t_ids: missing on the target",
+        f"public.t_count: the target's role {plain_role} is not its owner (REFRESH needs the owner)",
+    ]
+    assert (
+        check.measured
+        == "2 selected materialized view(s), 2 to refresh on the target before reads move; 1 not selected"
+    )
+    assert "ALTER MATERIALIZED VIEW <view> OWNER TO <role>" in check.remedy
+
+
+def test_materialized_views_the_selection_leaves_out_are_named(dbs: Pair) -> None:
+    # Given a view on both sides in a schema the selection leaves out
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY); CREATE SCHEMA reports")
+    dbs.both("CREATE MATERIALIZED VIEW reports.daily AS SELECT count(*) FROM t")
+
+    # When the preflight runs over public.* only
+    check = dbs.preflight(tables={"include": ["public.*"]}).get("materialized_views")
+
+    # Then it warns: the target's view stays as it is unless someone refreshes it
+    assert check.status == "warn"
+    assert check.details == ["reports.daily"]
+    assert "REFRESH" in check.remedy
+
+
 # --- server settings ---------------------------------------------------------------------------
 
 

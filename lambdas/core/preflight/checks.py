@@ -14,6 +14,7 @@ from lambdas.core.catalog import Column, TableInfo
 from lambdas.core.config import DMS_STOP_TIMEOUT_SECONDS
 from lambdas.core.durations import fmt_seconds
 from lambdas.core.lsn import ORIGIN_PROGRESS
+from lambdas.core.matviews import selected_views
 from lambdas.core.preflight.facts import (
     LARGE_OBJECT_COUNT_CAP,
     LONG_TRANSACTION_SECONDS,
@@ -1245,6 +1246,47 @@ def check_sequences(facts: PreflightFacts) -> CheckResult:
     )
 
 
+def check_materialized_views(facts: PreflightFacts) -> CheckResult:
+    """Neither the copy nor replication fills a materialized view: the migration refreshes the selected ones
+    on the target before reads move (`matviews`). One the target lacks, or whose owner the target's role is
+    not, would stop it there."""
+    name = "materialized_views"
+    include, exclude = facts.tables.include, facts.tables.exclude
+    selected = selected_views(facts.source.materialized_views, include, exclude)
+    on_target = {v.name: v for v in selected_views(facts.target.materialized_views, include, exclude)}
+    left_out = [v.name for v in facts.source.materialized_views if v not in selected]
+    missing = [v.name for v in selected if v.name not in on_target]
+    not_owned = [v.name for v in selected if v.populated and v.name in on_target and not on_target[v.name].owned]
+    measured = (
+        f"{len(selected)} selected materialized view(s), {sum(v.populated for v in selected)} to refresh on the "
+        "target before reads move" + (f"; {len(left_out)} not selected" if left_out else "")
+    )
+    if missing or not_owned:
+        details = [f"{v}: missing on the target" for v in missing] + [
+            f"{v}: the target's role {facts.target.role.name} is not its owner (REFRESH needs the owner)"
+            for v in not_owned
+        ]
+        return CheckResult(
+            name,
+            "fail",
+            measured,
+            "Create the missing views on the target (pg_dump --schema-only restores them), and let the target's "
+            "role refresh the others: ALTER MATERIALIZED VIEW <view> OWNER TO <role>, or GRANT <owner> TO <role>.",
+            details,
+        )
+    if left_out:
+        return CheckResult(
+            name,
+            "warn",
+            measured,
+            "tables.include/exclude do not match these views: the migration leaves them as they are on the target, "
+            "unpopulated (or computed over empty tables) until you REFRESH them there; do it before reads move, "
+            "or add them to tables.include.",
+            [str(v) for v in left_out],
+        )
+    return CheckResult(name, "pass", measured)
+
+
 def _is_lo_type(type_name: str) -> bool:
     return type_name == "oid" or type_name.rsplit(".", 1)[-1] == "lo"
 
@@ -1466,6 +1508,7 @@ CHECKS: tuple[Check, ...] = (
     check_partitions,
     check_sequences,
     check_large_objects,
+    check_materialized_views,
     check_copy_fits_the_function,
     check_cutover_engine,
     check_wal_retention,

@@ -22,6 +22,7 @@ from lambdas.core.db import Connection, fetch_all, fetch_one, fetch_value, setta
 from lambdas.core.engines.slot_creation import BlockingTransaction
 from lambdas.core.fence import role_overrides
 from lambdas.core.lsn import Lsn, current_lsn, origin_progress_readable
+from lambdas.core.matviews import MaterializedView, list_materialized_views
 from lambdas.core.statement_logging import LogSetting, log_settings
 from lambdas.core.tables import TableName, select_tables, unmatched_patterns
 
@@ -160,6 +161,7 @@ class ServerFacts:
     open_write_transactions: tuple[BlockingTransaction, ...] = ()
     sees_all_sessions: bool = True  # superuser or pg_read_all_stats: other roles' transactions are visible
     connections: ConnectionFacts = field(default_factory=ConnectionFacts)
+    materialized_views: tuple[MaterializedView, ...] = ()  # in refresh order (inputs first)
 
 
 @dataclass(frozen=True)
@@ -408,6 +410,7 @@ def gather_server(conn: Connection, *, long_transaction_seconds: float = LONG_TR
             for row in fetch_all(conn, _OPEN_WRITE_TRANSACTIONS, {"seconds": long_transaction_seconds})
         ),
         connections=ConnectionFacts(*(fetch_one(conn, _CONNECTIONS) or ())),
+        materialized_views=tuple(list_materialized_views(conn)),
         sees_all_sessions=bool(
             fetch_value(
                 conn,

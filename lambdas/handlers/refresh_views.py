@@ -1,0 +1,37 @@
+"""Materialized view task: refresh the selected views on the target before reads move there (neither the
+copy nor replication fills them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from lambdas.core.db import connect
+from lambdas.core.matviews import refresh_materialized_views
+from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics
+@tracer.capture_lambda_handler
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    migration = MigrationEvent.model_validate(event).parsed()
+    source_dsn, target_dsn = dsns(migration)
+    source = connect(source_dsn, application_name="zdm-refresh-views")
+    try:
+        target = connect(target_dsn, application_name="zdm-refresh-views")
+        try:
+            views = refresh_materialized_views(source, target, migration.tables.include, migration.tables.exclude)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    refreshed = [v for v in views if v.refreshed]
+    metrics.add_metric(name="MaterializedViewsRefreshed", unit=MetricUnit.Count, value=len(refreshed))
+    logger.info(
+        "materialized views refreshed",
+        extra={"refreshed": len(refreshed), "left_unpopulated": len(views) - len(refreshed)},
+    )
+    return {"views": [{"view": str(v.name), "refreshed": v.refreshed, "seconds": round(v.seconds, 3)} for v in views]}
