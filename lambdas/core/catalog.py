@@ -160,6 +160,52 @@ def describe_tables(conn: Connection, tables: Iterable[TableName]) -> dict[Table
     return result
 
 
+@dataclass(frozen=True)
+class Partition:
+    """A partition at any level under a partitioned table: its direct parent and its bound as SQL
+    (`FOR VALUES ...`, or `DEFAULT`)."""
+
+    name: TableName
+    parent: TableName
+    bound: str
+
+
+def partition_trees(conn: Connection, roots: Iterable[TableName]) -> dict[TableName, list[Partition]]:
+    """Every partition under each of `roots` (partitioned tables), at every level (pg_inherits, so
+    PostgreSQL 10 and 11 too)."""
+    names = list(roots)
+    if not names:
+        return {}
+    rows = fetch_all(
+        conn,
+        """
+        WITH RECURSIVE wanted(schema_name, table_name) AS (SELECT * FROM unnest(%s::text[], %s::text[])),
+        tree(root, relid) AS (
+            SELECT c.oid, c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            JOIN wanted w ON w.schema_name = n.nspname AND w.table_name = c.relname
+            WHERE c.relkind = 'p'
+            UNION ALL
+            SELECT t.root, i.inhrelid FROM tree t JOIN pg_inherits i ON i.inhparent = t.relid
+        )
+        SELECT rn.nspname, r.relname, cn.nspname, c.relname, pn.nspname, p.relname, pg_get_expr(c.relpartbound, c.oid)
+        FROM tree t
+        JOIN pg_class r ON r.oid = t.root JOIN pg_namespace rn ON rn.oid = r.relnamespace
+        JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+        JOIN pg_inherits i ON i.inhrelid = c.oid
+        JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
+        WHERE t.relid <> t.root AND c.relispartition
+        ORDER BY 1, 2, 3, 4
+        """,
+        ([n.schema for n in names], [n.name for n in names]),
+    )
+    trees: dict[TableName, list[Partition]] = {}
+    for root_schema, root, schema, name, parent_schema, parent, bound in rows:
+        trees.setdefault(TableName(root_schema, root), []).append(
+            Partition(TableName(schema, name), TableName(parent_schema, parent), str(bound))
+        )
+    return trees
+
+
 def _columns(conn: Connection, oids: list[int]) -> dict[int, list[Column]]:
     if not oids:
         return {}

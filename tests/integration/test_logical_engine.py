@@ -549,3 +549,48 @@ def test_ddl_run_on_the_source_only_is_named_until_the_target_follows(fresh_dbs:
         assert "public.orders.n: type bigint on the source, integer on the target" in problem
     finally:
         engine.teardown()
+
+
+def test_a_partition_created_on_the_source_after_the_start_is_named_with_the_statement_that_fixes_it(
+    fresh_dbs: tuple[str, str],
+) -> None:
+    # Given a table partitioned by month the same way on both sides, streaming through its root
+    src, tgt = fresh_dbs
+    for dsn in (src, tgt):
+        run_sql(
+            dsn,
+            "CREATE TABLE m (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);"
+            " CREATE TABLE m_2026_11 PARTITION OF m FOR VALUES FROM ('2026-11-01') TO ('2026-12-01')",
+        )
+    run_sql(src, "INSERT INTO m VALUES (1, '2026-11-05')")
+    tables = (TableName("public", "m"), TableName("public", "m_2026_11"))
+    engine = LogicalEngine(src, tgt, LogicalReplicationPlan(ReplicationNames("zdm_test"), tables, LogicalSettings()))
+    try:
+        engine.start()
+        wait_until(lambda: streaming_without_problems(engine), 30, "streaming without problems")
+
+        # When a scheduled job creates next month's partition on the source, and rows land in both months
+        run_sql(
+            src,
+            "CREATE TABLE m_2026_12 PARTITION OF m FOR VALUES FROM ('2026-12-01') TO ('2027-01-01');"
+            " INSERT INTO m VALUES (2, '2026-12-05'); INSERT INTO m VALUES (3, '2026-11-06')",
+        )
+
+        # Then the status names the partition and the statement that creates it on the target, while the
+        # apply is stuck on the December row (and the November row behind it)
+        (problem,) = [p for p in engine.status().problems if p.startswith("the schemas no longer match")]
+        statement = (
+            "CREATE TABLE public.m_2026_12 PARTITION OF public.m FOR VALUES FROM ('2026-12-01') TO ('2027-01-01')"
+        )
+        assert (
+            f"public.m_2026_12: a partition of public.m on the source only (a row routed to it stops the apply): {statement}"
+            in problem
+        )
+        assert query(tgt, "SELECT id FROM m ORDER BY 1") == [(1,)]
+
+        # When the target runs that statement, the rows arrive and the problem clears
+        run_sql(tgt, statement)
+        wait_until(lambda: query(tgt, "SELECT id FROM m ORDER BY 1") == [(1,), (2,), (3,)], 60, "the rows to arrive")
+        wait_until(lambda: engine.status().problems == [], 30, "no problem")
+    finally:
+        engine.teardown()

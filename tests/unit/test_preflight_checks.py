@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from lambdas.core import schema_compare
-from lambdas.core.catalog import Column, SequenceUse, TableInfo
+from lambdas.core.catalog import Column, Partition, SequenceUse, TableInfo
 from lambdas.core.engines.slot_creation import BlockingTransaction
 from lambdas.core.lsn import Lsn
 from lambdas.core.preflight import checks, format_report
@@ -626,6 +626,41 @@ def test_a_drift_problem_names_the_first_differences_and_counts_the_rest() -> No
     problem = schema_compare.drift_problem(found)
     assert f"public.t{schema_compare.DRIFT_SHOWN - 1}: missing on the target; and 3 more." in problem
     assert f"public.t{schema_compare.DRIFT_SHOWN}:" not in problem
+
+
+M = TableName("public", "m")
+
+
+def part(name: str, bound: str, parent: TableName = M) -> Partition:
+    return Partition(TableName("public", name), parent, bound)
+
+
+NOV = part("m_11", "FOR VALUES FROM ('2026-11-01') TO ('2026-12-01')")
+DEC = part("m_12", "FOR VALUES FROM ('2026-12-01') TO ('2027-01-01')")
+
+
+def test_a_partition_the_source_added_is_named_only_where_the_target_mirrors_it_without_a_default() -> None:
+    # Given next month's partition on the source only
+    source = {M: [NOV, DEC]}
+    # When the target is partitioned the same way / Then the new partition is named with its statement
+    assert schema_compare.partitions_missing(source, {M: [NOV]}) == [
+        "public.m_12: a partition of public.m on the source only (a row routed to it stops the apply): "
+        "CREATE TABLE public.m_12 PARTITION OF public.m FOR VALUES FROM ('2026-12-01') TO ('2027-01-01')"
+    ]
+    # When the target has a DEFAULT partition (it takes the rows) / Then nothing is named
+    assert schema_compare.partitions_missing(source, {M: [NOV, part("m_other", "DEFAULT")]}) == []
+    # When the target partitions its own way (other names) / Then nothing is named: not ours to judge
+    assert schema_compare.partitions_missing(source, {M: [part("m_q4", "FOR VALUES FROM (1) TO (2)")]}) == []
+    # When the target has no partition at all yet / Then nothing is named (preflight's checks cover it)
+    assert schema_compare.partitions_missing(source, {}) == []
+
+
+def test_a_new_sub_partitioned_month_is_named_at_its_top_only() -> None:
+    # Given a new partition that is itself partitioned, with a partition of its own
+    dec_a = part("m_12_a", "FOR VALUES IN ('a')", parent=DEC.name)
+    found = schema_compare.partitions_missing({M: [NOV, DEC, dec_a]}, {M: [NOV]})
+    # Then the month is named (its own partitions follow once it exists)
+    assert [f.split(":")[0] for f in found] == ["public.m_12"]
 
 
 def test_non_empty_target_tables_fail_with_capped_counts() -> None:

@@ -34,13 +34,13 @@ from lambdas.core.engines.base import (
 from lambdas.core.engines.logical import (
     drop_slot,
     refuse_filtered_reads,
+    schema_drift_problems,
     slot_health,
     unpublished_problem,
     unpublished_tables,
 )
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, current_lsn
-from lambdas.core.schema_compare import drift_problem, schema_drift
 from lambdas.core.tables import TableName
 
 
@@ -141,14 +141,34 @@ class DebeziumEngine(ReplicationEngine):
                 target,
                 _q("SELECT topic, kafka_partition, next_offset, last_source_lsn, last_ts_ms FROM {}.dbz_partitions"),
             )
-            on_target = describe_tables(target, self.plan.tables)
+            try:
+                ends = self.kafka.end_offsets(self.plan.table_topics)
+            except Exception as exc:
+                ends = {}
+                problems.append(f"cannot read the broker's offsets: {exc}")
+            source = connect(self._source_dsn)
+            try:
+                now_lsn = current_lsn(source)
+                slot = slot_health(source, self.plan.slot)
+                confirmed = fetch_value(
+                    source,
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                    (self.plan.slot,),
+                )
+                # The connector makes its publication when it first starts (publication.autocreate.mode).
+                published = fetch_value(
+                    source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.publication,)
+                )
+                unpublished = unpublished_tables(source, self.plan.publication, self.plan.tables) if published else []
+                # the applier dead-letters the changes it cannot write until the target is altered too
+                drift = schema_drift_problems(source, target, self.plan.tables)
+            finally:
+                source.close()
         finally:
             target.close()
-        try:
-            ends = self.kafka.end_offsets(self.plan.table_topics)
-        except Exception as exc:
-            ends = {}
-            problems.append(f"cannot read the broker's offsets: {exc}")
+        if unpublished:
+            problems.append(unpublished_problem(unpublished, self.plan.publication))
+        problems += drift
         applied = {(t, p): off for t, p, off, _, _ in partitions}
         pending_by_topic: dict[str, int] = {}
         for (topic, part), end in ends.items():
@@ -156,26 +176,6 @@ class DebeziumEngine(ReplicationEngine):
         pending = sum(pending_by_topic.values()) if ends else None
         last_lsn = max((int(r[3]) for r in partitions if r[3] is not None), default=None)
         pending_ts = [int(r[4]) for r in partitions if r[4] is not None and pending_by_topic.get(r[0], 0) > 0]
-
-        source = connect(self._source_dsn)
-        try:
-            now_lsn = current_lsn(source)
-            slot = slot_health(source, self.plan.slot)
-            confirmed = fetch_value(
-                source,
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                (self.plan.slot,),
-            )
-            # The connector makes its publication when it first starts (publication.autocreate.mode).
-            published = fetch_value(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.publication,))
-            unpublished = unpublished_tables(source, self.plan.publication, self.plan.tables) if published else []
-            drift = schema_drift(describe_tables(source, self.plan.tables), on_target, self.plan.tables)
-        finally:
-            source.close()
-        if unpublished:
-            problems.append(unpublished_problem(unpublished, self.plan.publication))
-        if drift:  # the applier dead-letters the changes it cannot write until the target is altered too
-            problems.append(drift_problem(drift))
 
         applied_lsn = last_lsn
         if pending == 0 and confirmed is not None:  # all the connector confirmed is applied

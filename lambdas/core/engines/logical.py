@@ -19,7 +19,7 @@ import psycopg2
 import psycopg2.extras
 from psycopg2 import sql
 
-from lambdas.core.catalog import TableInfo, describe_tables
+from lambdas.core.catalog import TableInfo, describe_tables, partition_trees
 from lambdas.core.config import LogicalSettings
 from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_one, fetch_value, with_unbounded_session
 from lambdas.core.engines.base import (
@@ -38,7 +38,7 @@ from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopySessi
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, applied_lsn
 from lambdas.core.ranges import plan_ranges
-from lambdas.core.schema_compare import drift_problem, schema_drift
+from lambdas.core.schema_compare import drift_problem, partitions_missing, schema_drift
 from lambdas.core.statement_logging import settings_keeping_statements
 from lambdas.core.tables import TableName
 
@@ -451,11 +451,7 @@ class LogicalEngine(ReplicationEngine):
             unpublished = unpublished_tables(source, names.publication, self.plan.tables)
             if unpublished:
                 problems.append(unpublished_problem(unpublished, names.publication))
-            drift = schema_drift(
-                describe_tables(source, self.plan.tables), describe_tables(target, self.plan.tables), self.plan.tables
-            )
-            if drift:
-                problems.append(drift_problem(drift))
+            problems += schema_drift_problems(source, target, self.plan.tables)
             if slot.lost or (enabled and not slot.exists):
                 phase = Phase.FAILED  # no change can flow any more: never 'streaming'
             elif not enabled:
@@ -701,6 +697,16 @@ def unpublished_tables(source: Connection, publication: str, tables: Sequence[Ta
         {"publication": publication, "schemas": [t.schema for t in tables], "names": [t.name for t in tables]},
     )
     return [TableName(str(schema), str(name)) for schema, name in rows]
+
+
+def schema_drift_problems(source: Connection, target: Connection, tables: Sequence[TableName]) -> list[str]:
+    """One problem naming how the selected tables' definitions came apart after the start (DDL is not
+    replicated): columns, types and keys (`schema_drift`), and partitions the source added (`partitions_missing`)."""
+    on_source = describe_tables(source, tables)
+    roots = [name for name, info in on_source.items() if info.relkind == "p"]
+    found = schema_drift(on_source, describe_tables(target, tables), tables)
+    found += partitions_missing(partition_trees(source, roots), partition_trees(target, roots))
+    return [drift_problem(found)] if found else []
 
 
 def unpublished_problem(tables: Sequence[TableName], publication: str) -> str:
