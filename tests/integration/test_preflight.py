@@ -24,6 +24,7 @@ from rehearsal.sample import create_schema, load_data
 from rehearsal.servers import PostgresServer, start_server
 from tests.conftest import server_pair
 from tests.integration.db_env import run_sql
+from tests.integration.standby_env import standby_of
 from tests.integration.test_fence import DnsLikeRouter
 
 WAL_SAMPLE_SECONDS = 0.2
@@ -549,6 +550,32 @@ def test_materialized_views_the_selection_leaves_out_are_named(dbs: Pair) -> Non
     assert check.status == "warn"
     assert check.details == ["reports.daily"]
     assert "REFRESH" in check.remedy
+
+
+def test_a_standby_on_either_side_is_refused_by_name_before_any_other_check(
+    pg_pair: tuple[PostgresServer, PostgresServer], dbs: Pair
+) -> None:
+    # Given a hot standby of the source server (a read replica's endpoint), streaming from it
+    source_server, _ = pg_pair
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY)")
+    with standby_of(source_server) as standby:
+        replica_dsn = standby.dsn(dbname(dbs.source_dsn))
+        replica = connect(replica_dsn)
+        try:
+            # When the preflight runs with the replica as the source, then as the target
+            as_source = preflight(replica, dbs.target, migration_for(replica_dsn, dbs.target_dsn))
+            as_target = preflight(dbs.source, replica, migration_for(dbs.source_dsn, replica_dsn))
+        finally:
+            replica.close()
+
+    # Then each stops at the check naming the side (the WAL rate sample once failed there with
+    # "recovery is in progress"), and says where to point it
+    for report, side in ((as_source, "source"), (as_target, "target")):
+        assert [c.name for c in report.checks] == ["server_version", "primary_servers"]
+        check = report.get("primary_servers")
+        assert check.status == "fail"
+        assert check.details == [f"{side}: in recovery (a standby)"]
+        assert f"Point '{side}' in the migration file at the primary" in check.remedy
 
 
 # --- server settings ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from lambdas.core.config import COPY_TIME_BUDGET_SECONDS, Migration
-from lambdas.core.db import Connection, DatabaseUnreachable, connect, fetch_one
+from lambdas.core.db import Connection, DatabaseUnreachable, connect, fetch_one, fetch_value
 from lambdas.core.preflight.checks import CHECKS, evaluate, server_version_result
 from lambdas.core.preflight.facts import (
     DiskProbe,
@@ -104,6 +104,29 @@ def gather_facts(
     )
 
 
+def standby_result(source_conn: Connection, target_conn: Connection) -> CheckResult | None:
+    """A failed check when either side is a standby (in recovery), else None. A read replica's endpoint in the
+    file is an easy mistake; the other checks could not even read the source's WAL position there."""
+    standbys = [
+        side
+        for side, conn in (("source", source_conn), ("target", target_conn))
+        if fetch_value(conn, "SELECT pg_is_in_recovery()")
+    ]
+    if not standbys:
+        return None
+    return CheckResult(
+        "primary_servers",
+        "fail",
+        f"{' and '.join(standbys)}: a standby server (pg_is_in_recovery() is true), read-only",
+        "Point "
+        + " and ".join(f"'{side}'" for side in standbys)
+        + " in the migration file at the primary: on RDS the instance itself, on Aurora the cluster's writer "
+        "endpoint, not a read replica or the reader endpoint. The source holds the migration's publication, slot "
+        "and write fence; the target receives the copy and every change; a standby can do neither.",
+        [f"{side}: in recovery (a standby)" for side in standbys],
+    )
+
+
 def proxy_login_result(login_dsn: str) -> CheckResult:
     """The rds-proxy router retargets the application's proxy from the source to the target at cutover;
     the proxy logs in to whichever database it fronts with its secret, the source's. `login_dsn`: the
@@ -153,6 +176,9 @@ def run_preflight(
         same = same_database_result(source_conn, target_conn)
         if same is not None:
             return PreflightReport([version_check, same])
+        standby = standby_result(source_conn, target_conn)
+        if standby is not None:
+            return PreflightReport([version_check, standby])
         facts = gather_facts(
             source_conn,
             target_conn,
