@@ -156,6 +156,13 @@ class LogicalSettings(_Model):
         description="how long creating the replication slot may wait for transactions open on the source to end "
         "before the start fails, naming them",
     )
+    lock_wait_seconds: int = Field(
+        default=120,
+        ge=1,
+        le=600,
+        description="how long creating the publication may wait for other sessions' locks on the selected tables "
+        "(a VACUUM, ANALYZE, CREATE INDEX or ALTER TABLE) before the start fails, naming them",
+    )
 
 
 _DCU_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384)

@@ -22,6 +22,7 @@ from lambdas.core.engines.logical import (
     ReplicationSetupError,
 )
 from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyFailed
+from lambdas.core.engines.table_locks import TableLocksBusy
 from lambdas.core.lsn import LsnWaitTimeout, current_lsn, wait_for_lsn
 from lambdas.core.sequences import sync_sequences
 from lambdas.core.tables import TableName
@@ -593,4 +594,41 @@ def test_a_partition_created_on_the_source_after_the_start_is_named_with_the_sta
         wait_until(lambda: query(tgt, "SELECT id FROM m ORDER BY 1") == [(1,), (2,), (3,)], 60, "the rows to arrive")
         wait_until(lambda: engine.status().problems == [], 30, "no problem")
     finally:
+        engine.teardown()
+
+
+def test_a_long_lock_on_a_table_fails_the_start_naming_its_session_and_nothing_is_created(
+    fresh_dbs: tuple[str, str],
+) -> None:
+    # Given a session holding a SHARE UPDATE EXCLUSIVE lock on a selected table, as a long CREATE INDEX
+    # CONCURRENTLY, VACUUM or ANALYZE does
+    src, tgt = fresh_dbs
+    for dsn in (src, tgt):
+        run_sql(dsn, "CREATE TABLE orders (id int PRIMARY KEY)")
+    run_sql(src, "INSERT INTO orders VALUES (1)")
+    holder = connect(src, application_name="nightly-reindex", autocommit=False)
+    execute(holder, "LOCK TABLE orders IN SHARE UPDATE EXCLUSIVE MODE")
+    settings = LogicalSettings(lock_wait_seconds=3)
+    engine = LogicalEngine(
+        src, tgt, LogicalReplicationPlan(ReplicationNames("zdm_test"), (TableName("public", "orders"),), settings)
+    )
+    try:
+        # When the engine starts / Then it gives up after the wait, naming the session; meanwhile the
+        # application's writes went on (they never conflict with that lock)
+        with pytest.raises(
+            TableLocksBusy, match=r"creating publication zdm_test waited .* application nightly-reindex"
+        ):
+            engine.start()
+        run_sql(src, "INSERT INTO orders VALUES (2)")
+        # And nothing was created on either side
+        assert query(src, "SELECT count(*) FROM pg_publication") == [(0,)]
+        assert not slot_exists(src)
+        assert query(tgt, "SELECT count(*) FROM pg_subscription") == [(0,)]
+
+        # When the lock is released, the start succeeds
+        holder.rollback()
+        engine.start()
+        wait_until(lambda: query(tgt, "SELECT id FROM orders ORDER BY 1") == [(1,), (2,)], 30, "the copy")
+    finally:
+        holder.close()
         engine.teardown()

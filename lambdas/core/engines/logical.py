@@ -21,7 +21,15 @@ from psycopg2 import sql
 
 from lambdas.core.catalog import TableInfo, describe_tables, partition_trees
 from lambdas.core.config import LogicalSettings
-from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_one, fetch_value, with_unbounded_session
+from lambdas.core.db import (
+    Connection,
+    connect,
+    execute,
+    fetch_all,
+    fetch_one,
+    fetch_value,
+    with_unbounded_session,
+)
 from lambdas.core.engines.base import (
     Phase,
     ReplicationEngine,
@@ -35,6 +43,7 @@ from lambdas.core.engines.base import (
 from lambdas.core.engines.deferred_indexes import defer_indexes, ensure_deferred_table, restore_indexes
 from lambdas.core.engines.slot_creation import create_logical_slot
 from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopySessionFactory, copy_in_parallel
+from lambdas.core.engines.table_locks import run_waiting_for_locks
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, applied_lsn
 from lambdas.core.ranges import plan_ranges
@@ -186,15 +195,20 @@ class LogicalEngine(ReplicationEngine):
         pub = sql.Identifier(self.plan.names.publication)
         table_list = sql.SQL(", ").join(_only(t) for t in tables)
         exists = fetch_value(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.names.publication,))
-        if exists:
-            execute(source, sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, table_list))
-        else:
-            execute(
-                source,
-                sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)").format(
-                    pub, table_list
-                ),
+        statement = (
+            sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, table_list)
+            if exists
+            else sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)").format(
+                pub, table_list
             )
+        )
+        run_waiting_for_locks(
+            source,
+            statement,
+            [t.oid for t in tables],
+            what=f"{'altering' if exists else 'creating'} publication {self.plan.names.publication}",
+            wait_seconds=self.plan.settings.lock_wait_seconds,
+        )
 
     def _start_subscription(
         self, source: Connection, target: Connection, tables: Sequence[TableInfo], *, copy_data: bool
