@@ -632,3 +632,31 @@ def test_a_long_lock_on_a_table_fails_the_start_naming_its_session_and_nothing_i
     finally:
         holder.close()
         engine.teardown()
+
+
+def test_a_transaction_larger_than_the_decoding_memory_streams_to_the_target_instead_of_spilling_on_the_source(
+    fresh_dbs: tuple[str, str],
+) -> None:
+    # Given a source whose walsender may hold only 64 kB of a transaction in memory, streaming to the target
+    src, tgt = fresh_dbs
+    run_sql(src, f"ALTER DATABASE \"{parse_dsn(src)['dbname']}\" SET logical_decoding_work_mem = '64kB'")
+    for dsn in (src, tgt):
+        run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    engine = LogicalEngine(
+        src, tgt, LogicalReplicationPlan(ReplicationNames("zdm_test"), (TableName("public", "t"),), LogicalSettings())
+    )
+    try:
+        engine.start()
+        wait_until(lambda: streaming_without_problems(engine), 30, "streaming without problems")
+
+        # When one transaction writes 100,000 rows (about 11 MB)
+        run_sql(src, "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 100000) g")
+        wait_until(lambda: query(tgt, "SELECT count(*) FROM t") == [(100_000,)], 60, "the rows")
+
+        # Then it was streamed to the target while it ran (the walsender reports its statistics a little
+        # later), and nothing was spilled to the source's disk
+        slot_stats = "SELECT spill_bytes, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = 'zdm_test'"
+        wait_until(lambda: query(src, slot_stats)[0][1] > 10_000_000, 30, "the slot's statistics")
+        assert query(src, slot_stats)[0][0] == 0
+    finally:
+        engine.teardown()

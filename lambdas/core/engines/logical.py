@@ -28,6 +28,7 @@ from lambdas.core.db import (
     fetch_all,
     fetch_one,
     fetch_value,
+    server_version_num,
     with_unbounded_session,
 )
 from lambdas.core.engines.base import (
@@ -64,6 +65,9 @@ _SUBSCRIPTION_STATES = {
 
 class ReplicationSetupError(RuntimeError):
     pass
+
+
+STREAMING_VERSION = 140000  # subscriptions stream large transactions in progress from PostgreSQL 14 (both sides)
 
 
 @contextmanager
@@ -226,7 +230,7 @@ class LogicalEngine(ReplicationEngine):
             )
         finally:
             repl.close()
-        self._create_subscription(target, copy_data=copy_data)
+        self._create_subscription(source, target, copy_data=copy_data)
         return StartResult(self.name, already_running=False, tables=[str(t.name) for t in tables])
 
     def _replication_connection(self) -> Connection:
@@ -236,16 +240,22 @@ class LogicalEngine(ReplicationEngine):
             connection_factory=psycopg2.extras.LogicalReplicationConnection,
         )
 
-    def _create_subscription(self, target: Connection, *, copy_data: bool) -> None:
-        """On the slot already made (`create_slot = false`; which may also run inside a transaction block)."""
+    def _create_subscription(self, source: Connection, target: Connection, *, copy_data: bool) -> None:
+        """On the slot already made (`create_slot = false`; which may also run inside a transaction block).
+        From PostgreSQL 14 on both sides, a transaction larger than the source's logical_decoding_work_mem
+        is streamed to the target while it runs (`streaming = on`) instead of spilled to the source's disk
+        until it commits: a bulk UPDATE of many millions of rows would otherwise fill the production
+        server's pg_replslot with gigabytes."""
         names = self.plan.names
+        streams = min(server_version_num(source), server_version_num(target)) >= STREAMING_VERSION
         with _statement_not_logged_on_error(target):
             execute(
                 target,
                 sql.SQL(
                     "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {pub}"
-                    " WITH (slot_name = {slot}, create_slot = false, copy_data = {copy}, enabled = true)"
+                    " WITH (slot_name = {slot}, create_slot = false, copy_data = {copy}, enabled = true{stream})"
                 ).format(
+                    stream=sql.SQL(", streaming = on" if streams else ""),
                     sub=sql.Identifier(names.subscription),
                     conn=sql.Literal(self._conninfo),
                     pub=sql.Identifier(names.publication),
@@ -336,7 +346,7 @@ class LogicalEngine(ReplicationEngine):
                 raise ReplicationSetupError(
                     f"the copy of {names.slot} was torn down while it ran: no subscription was created; start again"
                 )
-            self._create_subscription(target, copy_data=False)
+            self._create_subscription(source, target, copy_data=False)
             execute(
                 target,
                 sql.SQL(
@@ -612,7 +622,7 @@ def _subscription(target: Connection, name: str) -> tuple[int, bool, bool] | Non
 def _apply_errors(target: Connection, sub_oid: int) -> int | None:
     """Apply and table-sync errors counted since the subscription began (PostgreSQL 15+; None before): a
     worker that fails on the same change again and again is down only between its retries."""
-    if int(fetch_value(target, "SHOW server_version_num")) < 150000:
+    if server_version_num(target) < 150000:
         return None
     row = fetch_one(
         target,
