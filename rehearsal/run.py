@@ -35,7 +35,7 @@ from psycopg2 import sql
 
 from lambdas.core.catalog import sequences_for_tables
 from lambdas.core.config import Migration, load_migration
-from lambdas.core.db import connect, fetch_all, fetch_value
+from lambdas.core.db import connect, execute, fetch_all, fetch_value
 from lambdas.core.matviews import list_materialized_views
 from lambdas.core.routers import Side, router_for
 from lambdas.core.sequences import read_position
@@ -53,13 +53,14 @@ from rehearsal.workload import WorkloadProcess, WorkloadStats
 ROOT = Path(__file__).resolve().parent.parent
 DEFINITION = ROOT / "statemachine" / "migration.asl.json"
 VALIDATION_BUCKET = "zdm-local-validation"  # in the mock: the plans' chunks and the chunks' results
-FAULTS = ("gate", "kill-target", "cutover")
+FAULTS = ("gate", "kill-target", "cutover", "ddl")
 ENGINES = ("logical", "debezium")
 DBNAME = "shop"
 FAULT_HELP = {
     "gate": "trip the health gate during the read shift",
     "kill-target": "kill the target server during the initial copy",
     "cutover": "fail the cutover after the fence is taken",
+    "ddl": "add a column to a table on the source only during the read shift (DDL is not replicated)",
 }
 # What each state belongs to, for phase timings and the report's bands.
 PHASE_OF = {
@@ -314,6 +315,11 @@ class Rehearsal:
                 injected.append("gate")
                 set_alarm("ALARM", "fault injected: health gate tripped during the read shift")
                 say(f"[{timeline.now():7.1f}s] fault: composite alarm set to ALARM during the read shift")
+            if self.fault == "ddl" and details.get("name") == "Bake" and not injected:
+                injected.append("ddl")
+                with contextlib.closing(connect(src)) as conn:  # as a release run against the old database would
+                    execute(conn, "ALTER TABLE orders ADD COLUMN gift_note text")
+                say(f"[{timeline.now():7.1f}s] fault: a column added to orders on the source only")
             failed = event.get("taskFailedEventDetails") or event.get("executionFailedEventDetails")
             if failed:
                 timeline.events.append((timeline.now(), str(failed.get("error"))))
