@@ -8,9 +8,8 @@ from typing import Any
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from lambdas.core.db import connect
 from lambdas.core.matviews import refresh_materialized_views
-from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
+from lambdas.handlers.runtime import MigrationEvent, both_databases, logger, metrics, tracer
 
 
 @logger.inject_lambda_context
@@ -18,16 +17,8 @@ from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, trac
 @tracer.capture_lambda_handler
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     migration = MigrationEvent.model_validate(event).parsed()
-    source_dsn, target_dsn = dsns(migration)
-    source = connect(source_dsn, application_name="zdm-refresh-views")
-    try:
-        target = connect(target_dsn, application_name="zdm-refresh-views")
-        try:
-            views = refresh_materialized_views(source, target, migration.tables.include, migration.tables.exclude)
-        finally:
-            target.close()
-    finally:
-        source.close()
+    with both_databases(migration, "zdm-refresh-views") as (source, target):
+        views = refresh_materialized_views(source, target, migration.tables.include, migration.tables.exclude)
     refreshed = [v for v in views if v.refreshed]
     metrics.add_metric(name="MaterializedViewsRefreshed", unit=MetricUnit.Count, value=len(refreshed))
     logger.info(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -14,6 +16,7 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from pydantic import BaseModel, ConfigDict
 
 from lambdas.core.config import Migration, parse_migration
+from lambdas.core.db import Connection, connect
 from lambdas.core.endpoints import SecretReader, resolve_dsn
 from lambdas.core.validation.store import ValidationStore
 from lambdas.core.validation.store_s3 import READERS as S3_READERS
@@ -67,3 +70,19 @@ def dsns(migration: Migration) -> tuple[str, str]:
     needs_secrets = migration.source.secret_arn is not None or migration.target.secret_arn is not None
     client = _secrets_client() if needs_secrets else None
     return resolve_dsn(migration.source, client), resolve_dsn(migration.target, client)
+
+
+@contextmanager
+def both_databases(migration: Migration, application_name: str = "zdm") -> Iterator[tuple[Connection, Connection]]:
+    """A task's session on the source and on the target, both closed when it ends (the source's too when
+    the target cannot be reached)."""
+    source_dsn, target_dsn = dsns(migration)
+    source = connect(source_dsn, application_name=application_name)
+    try:
+        target = connect(target_dsn, application_name=application_name)
+        try:
+            yield source, target
+        finally:
+            target.close()
+    finally:
+        source.close()

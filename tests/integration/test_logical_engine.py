@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
@@ -37,11 +37,16 @@ TABLES = tuple(TableName.parse(t) for t in sample.SAMPLE_TABLES)
 
 
 def make_engine(
-    src: str, tgt: str, *, on_copy_progress: Callable[[ChunkCopied], None] | None = None, **settings: object
+    src: str,
+    tgt: str,
+    *,
+    tables: Sequence[TableName] = TABLES,
+    on_copy_progress: Callable[[ChunkCopied], None] | None = None,
+    **settings: object,
 ) -> LogicalEngine:
     opts: dict[str, object] = {"copy_workers": 3, "copy_chunk_rows": 20_000}
     opts.update(settings)
-    plan = LogicalReplicationPlan(ReplicationNames("zdm_test"), TABLES, LogicalSettings.model_validate(opts))
+    plan = LogicalReplicationPlan(ReplicationNames("zdm_test"), tuple(tables), LogicalSettings.model_validate(opts))
     return LogicalEngine(src, tgt, plan, on_copy_progress=on_copy_progress)
 
 
@@ -490,7 +495,7 @@ def test_a_table_dropped_and_created_again_on_the_source_is_a_problem_not_silenc
         )
     run_sql(src, "INSERT INTO daily_stats VALUES (1, 1); INSERT INTO m VALUES (1)")
     tables = (TableName("public", "daily_stats"), TableName("public", "m"), TableName("public", "m_1"))
-    engine = LogicalEngine(src, tgt, LogicalReplicationPlan(ReplicationNames("zdm_test"), tables, LogicalSettings()))
+    engine = make_engine(src, tgt, tables=tables)
     try:
         engine.start()
         wait_until(lambda: streaming_without_problems(engine), 30, "streaming without problems")
@@ -517,11 +522,7 @@ def test_ddl_run_on_the_source_only_is_named_until_the_target_follows(fresh_dbs:
     for dsn in (src, tgt):
         run_sql(dsn, "CREATE TABLE orders (id int PRIMARY KEY, n int)")
     run_sql(src, "INSERT INTO orders VALUES (1, 1)")
-    engine = LogicalEngine(
-        src,
-        tgt,
-        LogicalReplicationPlan(ReplicationNames("zdm_test"), (TableName("public", "orders"),), LogicalSettings()),
-    )
+    engine = make_engine(src, tgt, tables=[TableName("public", "orders")])
     try:
         engine.start()
         wait_until(lambda: streaming_without_problems(engine), 30, "streaming without problems")
@@ -565,7 +566,7 @@ def test_a_partition_created_on_the_source_after_the_start_is_named_with_the_sta
         )
     run_sql(src, "INSERT INTO m VALUES (1, '2026-11-05')")
     tables = (TableName("public", "m"), TableName("public", "m_2026_11"))
-    engine = LogicalEngine(src, tgt, LogicalReplicationPlan(ReplicationNames("zdm_test"), tables, LogicalSettings()))
+    engine = make_engine(src, tgt, tables=tables)
     try:
         engine.start()
         wait_until(lambda: streaming_without_problems(engine), 30, "streaming without problems")
@@ -608,10 +609,7 @@ def test_a_long_lock_on_a_table_fails_the_start_naming_its_session_and_nothing_i
     run_sql(src, "INSERT INTO orders VALUES (1)")
     holder = connect(src, application_name="nightly-reindex", autocommit=False)
     execute(holder, "LOCK TABLE orders IN SHARE UPDATE EXCLUSIVE MODE")
-    settings = LogicalSettings(lock_wait_seconds=3)
-    engine = LogicalEngine(
-        src, tgt, LogicalReplicationPlan(ReplicationNames("zdm_test"), (TableName("public", "orders"),), settings)
-    )
+    engine = make_engine(src, tgt, tables=[TableName("public", "orders")], lock_wait_seconds=3)
     try:
         # When the engine starts / Then it gives up after the wait, naming the session; meanwhile the
         # application's writes went on (they never conflict with that lock)
@@ -642,9 +640,7 @@ def test_a_transaction_larger_than_the_decoding_memory_streams_to_the_target_ins
     run_sql(src, f"ALTER DATABASE \"{parse_dsn(src)['dbname']}\" SET logical_decoding_work_mem = '64kB'")
     for dsn in (src, tgt):
         run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)")
-    engine = LogicalEngine(
-        src, tgt, LogicalReplicationPlan(ReplicationNames("zdm_test"), (TableName("public", "t"),), LogicalSettings())
-    )
+    engine = make_engine(src, tgt, tables=[TableName("public", "t")])
     try:
         engine.start()
         wait_until(lambda: streaming_without_problems(engine), 30, "streaming without problems")
