@@ -121,9 +121,25 @@ def settable(conn: Connection, settings: Sequence[tuple[str, str]]) -> dict[str,
 UNBOUNDED_SESSION = (("statement_timeout", "0"), ("idle_in_transaction_session_timeout", "0"))
 
 
+# PostgreSQL 14+ also ends a session idle outside a transaction for idle_session_timeout: a worker's target
+# session between two chunks, or the engine's control sessions while a copy of hours runs elsewhere (a
+# start then failed at its very end, creating the subscription). Older servers refuse the name.
+IDLE_SESSION_TIMEOUT_VERSION = 140000
+
+
 def unbound_session(conn: Connection) -> None:
-    """Lift the server's statement and idle-in-transaction timeouts for this session (`UNBOUNDED_SESSION`)."""
+    """Lift the server's statement, idle-in-transaction and idle-session timeouts for this session
+    (`UNBOUNDED_SESSION`, and `keep_when_idle`)."""
     execute(conn, "; ".join(f"SET {name} = {value}" for name, value in UNBOUNDED_SESSION))
+    keep_when_idle(conn)
+
+
+def keep_when_idle(conn: Connection) -> None:
+    """Lift the server's idle_session_timeout (PostgreSQL 14+) for a session that waits while the migration
+    works elsewhere."""
+    if server_version_num(conn) >= IDLE_SESSION_TIMEOUT_VERSION:
+        with conn.cursor() as cur:
+            cur.execute("SET idle_session_timeout = 0")
 
 
 def with_unbounded_session(dsn: str) -> str:

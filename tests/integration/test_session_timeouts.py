@@ -22,6 +22,7 @@ ROWS = 1_000_000
 # Far below what a COPY or a compare of a million rows takes, far above any catalog query's time.
 STATEMENT_TIMEOUT = "50ms"
 IDLE_IN_TRANSACTION_TIMEOUT = "300ms"
+IDLE_SESSION_TIMEOUT = "300ms"  # PostgreSQL 14+: a session idle outside a transaction (between chunks, or waiting)
 
 
 @pytest.fixture
@@ -36,7 +37,8 @@ def guarded(fresh_dbs: tuple[str, str]) -> Iterator[tuple[str, str]]:
         run_sql(
             dsn,
             f'ALTER DATABASE "{name}" SET statement_timeout = {STATEMENT_TIMEOUT!r};'
-            f' ALTER DATABASE "{name}" SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT!r}',
+            f' ALTER DATABASE "{name}" SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT!r};'
+            f' ALTER DATABASE "{name}" SET idle_session_timeout = {IDLE_SESSION_TIMEOUT!r}',
         )
     yield fresh_dbs
 

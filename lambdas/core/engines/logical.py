@@ -28,6 +28,7 @@ from lambdas.core.db import (
     fetch_all,
     fetch_one,
     fetch_value,
+    keep_when_idle,
     server_version_num,
     with_unbounded_session,
 )
@@ -155,6 +156,7 @@ class LogicalEngine(ReplicationEngine):
         # Writable while the target is fenced (from the read shift to the cutover, and after a rollback).
         conn = self._connect(self._target_dsn, application_name="zdm-control")
         make_writable(conn)
+        keep_when_idle(conn)  # idle while the parallel copy runs, then it creates the subscription
         return conn
 
     # -- start -------------------------------------------------------------------------
