@@ -60,14 +60,15 @@ class Shop:
         """What the application connects to: pgbouncer's writer alias."""
         return self.pgbouncer.dsn("app")
 
-    def plan(self, **changes: Any) -> CutoverPlan:
+    def plan(self, logical: LogicalSettings | None = None, **changes: Any) -> CutoverPlan:
         settings = self.settings.model_copy(update=changes) if changes else self.settings
-        return CutoverPlan(
-            "shop", TABLES, FORWARD, REVERSE, settings, LogicalSettings(copy_workers=2, copy_chunk_rows=5000), 64 << 20
-        )
+        logical = logical or LogicalSettings(copy_workers=2, copy_chunk_rows=5000)
+        return CutoverPlan("shop", TABLES, FORWARD, REVERSE, settings, logical, 64 << 20)
 
-    def runner(self, hooks: Hooks | None = None, **changes: Any) -> CutoverRunner:
-        return CutoverRunner(self.src, self.tgt, self.router, self.plan(**changes), hooks=hooks)
+    def runner(
+        self, hooks: Hooks | None = None, logical: LogicalSettings | None = None, **changes: Any
+    ) -> CutoverRunner:
+        return CutoverRunner(self.src, self.tgt, self.router, self.plan(logical, **changes), hooks=hooks)
 
     def forward_engine(self) -> LogicalEngine:
         plan = LogicalReplicationPlan(FORWARD, TABLES, LogicalSettings(copy_workers=2, copy_chunk_rows=5000))

@@ -28,9 +28,11 @@ from cutover_env import (
 )
 from psycopg2 import sql
 
+from lambdas.core.config import LogicalSettings
 from lambdas.core.cutover import CutoverAborted, CutoverNotReady, CutoverRunner, Hooks, Operation, Status, Step, store
 from lambdas.core.cutover.steps import CUTOVER_STEPS
 from lambdas.core.db import connect, execute, fetch_value
+from lambdas.core.engines.table_locks import TableLocksBusy
 from lambdas.core.fence import is_fenced
 from lambdas.core.routers.base import Side
 from rehearsal.compare import Snapshot
@@ -378,6 +380,30 @@ def test_cutover_refuses_to_start_when_replication_is_not_streaming(shop: Shop) 
     finally:
         src.close()
     assert not shop.router.state().holding
+
+
+def test_a_lock_held_on_a_target_table_stops_the_cutover_before_its_fence_not_inside_the_pause(shop: Shop) -> None:
+    # Given a session on the target holding a SHARE UPDATE EXCLUSIVE lock on a table (a manual VACUUM or
+    # ANALYZE after the copy), which the back replication's publication needs
+    holder = connect(shop.tgt, application_name="vacuum-after-copy", autocommit=False)
+    execute(holder, "LOCK TABLE orders IN SHARE UPDATE EXCLUSIVE MODE")
+    try:
+        # When a cutover is asked for / Then it gives up naming the session, before the fence: the source
+        # was never fenced, no client was held, no attempt was begun
+        with pytest.raises(TableLocksBusy, match=r"creating publication zdm_shop_rev .* application vacuum-after-copy"):
+            shop.runner(logical=LogicalSettings(lock_wait_seconds=2)).cutover()
+        src = connect(shop.src)
+        try:
+            assert not is_fenced(src)
+        finally:
+            src.close()
+        assert not shop.router.state().holding
+        assert shop.runner().status()["cutover"] is None
+    finally:
+        holder.close()
+
+    # And once the lock is gone the cutover runs
+    assert shop.runner().cutover().status == "done"
 
 
 def test_rollback_with_the_target_unreachable(shop: Shop) -> None:

@@ -8,7 +8,8 @@ The cutover (source -> target), each step idempotent and recorded on the target 
 3. sequences: the target's sequences are moved to at least the source's + margin.
 4. stop replication: the forward subscription is disabled and its apply worker ended.
 5. start back replication target -> source: a subscription on the source, no initial copy,
-   with a new slot on the target.
+   with a new slot on the target (its publication is made before the fence: waiting for the
+   tables' locks never lengthens the pause, and a lock held too long stops the cutover unchanged).
 6. unfence new: the target accepts writes (lifts a fence a rollback may have left there).
 7. switch writer: the router points the writer at the target.
 8. release: held clients continue - on the target.
@@ -389,6 +390,8 @@ class CutoverRunner:
         target = conns[Side.TARGET]
         if progress is None or progress.status is not Status.RUNNING:
             self._check_ready(direction, names)
+            if back is not None:  # before the fence: its table locks never wait inside the pause
+                self._engine(direction.new, back).publish()
             progress = store.begin(target, self.plan.migration, direction.operation)
         else:
             self._reassert_fence(direction, progress, conns, names, back)

@@ -187,6 +187,16 @@ class LogicalEngine(ReplicationEngine):
             source.close()
             target.close()
 
+    def publish(self) -> None:
+        """The publication alone: without a slot nothing is decoded yet. The cutover makes its back
+        replication's before the fence, so that waiting for table locks never lengthens the write pause;
+        start() then finds it as it is."""
+        source = self._source()
+        try:
+            self._ensure_publication(source, _replicated_tables(self._describe(source)))
+        finally:
+            source.close()
+
     def _describe(self, source: Connection) -> dict[TableName, TableInfo]:
         infos = describe_tables(source, self.plan.tables)
         missing = [str(t) for t in self.plan.tables if t not in infos]
@@ -201,6 +211,8 @@ class LogicalEngine(ReplicationEngine):
         pub = sql.Identifier(self.plan.names.publication)
         table_list = sql.SQL(", ").join(_only(t) for t in tables)
         exists = fetch_value(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.names.publication,))
+        if exists and _published_oids(source, self.plan.names.publication) == {t.oid for t in tables}:
+            return  # already exactly these tables: ALTER PUBLICATION would only take their locks again
         statement = (
             sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, table_list)
             if exists
@@ -713,6 +725,15 @@ SELECT w.s, w.t FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINAL
         WHERE ns.nspname = w.s AND c.relname = w.t AND c.oid IN (SELECT relid FROM published))
  ORDER BY w.n
 """
+
+
+def _published_oids(source: Connection, publication: str) -> set[int]:
+    rows = fetch_all(
+        source,
+        "SELECT r.prrelid FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid WHERE p.pubname = %s",
+        (publication,),
+    )
+    return {int(r[0]) for r in rows}
 
 
 def unpublished_tables(source: Connection, publication: str, tables: Sequence[TableName]) -> list[TableName]:
