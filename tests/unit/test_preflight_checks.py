@@ -11,6 +11,7 @@ from lambdas.core import schema_compare
 from lambdas.core.catalog import Column, Partition, SequenceUse, TableInfo
 from lambdas.core.engines.slot_creation import BlockingTransaction
 from lambdas.core.lsn import Lsn
+from lambdas.core.matviews import MaterializedView
 from lambdas.core.preflight import checks, format_report
 from lambdas.core.preflight.facts import (
     ConnectionFacts,
@@ -661,6 +662,35 @@ def test_a_new_sub_partitioned_month_is_named_at_its_top_only() -> None:
     found = schema_compare.partitions_missing({M: [NOV, DEC, dec_a]}, {M: [NOV]})
     # Then the month is named (its own partitions follow once it exists)
     assert [f.split(":")[0] for f in found] == ["public.m_12"]
+
+
+def view(name: str, *, populated: bool = True, owned: bool = True) -> MaterializedView:
+    return MaterializedView(TableName.parse(name), populated, owned)
+
+
+def test_materialized_views_restored_and_owned_on_the_target_pass_counting_those_to_refresh() -> None:
+    # Given two selected views on both sides (one the source holds unpopulated), the target's role owning them
+    on_source = (view("public.totals"), view("public.drafts", populated=False))
+    on_target = (view("public.totals", populated=False), view("public.drafts", populated=False))
+    # When checked / Then it passes, saying how many the migration refreshes before reads move
+    result = checks.check_materialized_views(
+        facts(source=server(materialized_views=on_source), target=server(materialized_views=on_target))
+    )
+    assert (result.status, result.measured) == (
+        "pass",
+        "2 selected materialized view(s), 1 to refresh on the target before reads move",
+    )
+
+
+def test_a_view_the_source_holds_unpopulated_needs_no_owner_on_the_target() -> None:
+    # Given a view left unpopulated on the source, owned by another role on the target
+    on_source = (view("public.drafts", populated=False),)
+    on_target = (view("public.drafts", populated=False, owned=False),)
+    # When checked / Then it passes: the migration does not refresh it
+    result = checks.check_materialized_views(
+        facts(source=server(materialized_views=on_source), target=server(materialized_views=on_target))
+    )
+    assert result.status == "pass"
 
 
 def test_non_empty_target_tables_fail_with_capped_counts() -> None:
