@@ -138,8 +138,7 @@ def keep_when_idle(conn: Connection) -> None:
     """Lift the server's idle_session_timeout (PostgreSQL 14+) for a session that waits while the migration
     works elsewhere."""
     if server_version_num(conn) >= IDLE_SESSION_TIMEOUT_VERSION:
-        with conn.cursor() as cur:
-            cur.execute("SET idle_session_timeout = 0")
+        execute(conn, "SET idle_session_timeout = 0")
 
 
 def with_unbounded_session(dsn: str) -> str:

@@ -16,7 +16,8 @@ from lambdas.core.tables import TableName
 Severity = Literal["fail", "warn"]  # fail: the copy or the apply stops or loses data; warn: it carries on
 
 
-def _join(items: Iterable[object]) -> str:
+def join_names(items: Iterable[object]) -> str:
+    """Names for a message, comma-separated."""
     return ", ".join(str(i) for i in items)
 
 
@@ -105,8 +106,8 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Severity, 
                 found.append(
                     (
                         "fail",
-                        f"{t}: the target's primary key has column(s) {_join(extra)} that the source's "
-                        f"({_join(source.primary_key)}) lacks: the source does not send them with an UPDATE or "
+                        f"{t}: the target's primary key has column(s) {join_names(extra)} that the source's "
+                        f"({join_names(source.primary_key)}) lacks: the source does not send them with an UPDATE or "
                         "DELETE, and the apply stops",
                     )
                 )

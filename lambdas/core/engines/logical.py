@@ -210,9 +210,10 @@ class LogicalEngine(ReplicationEngine):
         """The publication holds exactly the selected tables (partitioned ones through their root)."""
         pub = sql.Identifier(self.plan.names.publication)
         table_list = sql.SQL(", ").join(_only(t) for t in tables)
-        exists = fetch_value(source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.names.publication,))
-        if exists and _published_oids(source, self.plan.names.publication) == {t.oid for t in tables}:
+        published = _published_oids(source, self.plan.names.publication)
+        if published == {t.oid for t in tables}:
             return  # already exactly these tables: ALTER PUBLICATION would only take their locks again
+        exists = published is not None
         statement = (
             sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, table_list)
             if exists
@@ -727,13 +728,15 @@ SELECT w.s, w.t FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINAL
 """
 
 
-def _published_oids(source: Connection, publication: str) -> set[int]:
-    rows = fetch_all(
+def _published_oids(source: Connection, publication: str) -> set[int] | None:
+    """The tables the publication holds, or None when there is no such publication."""
+    oids = fetch_value(
         source,
-        "SELECT r.prrelid FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid WHERE p.pubname = %s",
+        "SELECT array(SELECT r.prrelid::bigint FROM pg_publication_rel r WHERE r.prpubid = p.oid)"
+        " FROM pg_publication p WHERE p.pubname = %s",
         (publication,),
     )
-    return {int(r[0]) for r in rows}
+    return None if oids is None else {int(o) for o in oids}
 
 
 def unpublished_tables(source: Connection, publication: str, tables: Sequence[TableName]) -> list[TableName]:

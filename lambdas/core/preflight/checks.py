@@ -25,6 +25,7 @@ from lambdas.core.preflight.facts import (
 )
 from lambdas.core.preflight.model import CheckResult, PreflightReport, Status
 from lambdas.core.schema_compare import compare_table
+from lambdas.core.schema_compare import join_names as _join  # one helper for every check's messages
 
 MIN_VERSION_NUM = 100000  # logical replication arrived in PostgreSQL 10
 FORWARD_SLOTS_NEEDED = 2  # the forward slot, plus headroom (a retried or temporary slot)
@@ -39,10 +40,6 @@ def fmt_bytes(value: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} TB"  # pragma: no cover
-
-
-def _join(items: Iterable[object]) -> str:
-    return ", ".join(str(i) for i in items)
 
 
 def _worst(statuses: Iterable[Status]) -> Status:
