@@ -1,6 +1,6 @@
 """`python -m rehearsal`: rehearse a whole migration locally (see rehearsal/run.py), then report.
 
-    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover]
+    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover|ddl|reverse-ddl]
 
 Writes OUT/summary.json and OUT/report.html (open it in a browser; it needs no network).
 """
@@ -20,6 +20,10 @@ from lambdas.core.config import MigrationFileError
 from rehearsal.report import Chart, PhaseSpan, Series, render_report
 from rehearsal.run import ENGINES, FAULT_HELP, FAULTS, Rehearsal, say
 from rehearsal.servers import ServerError
+
+# What each fault ends in: a rollback by itself, but for a reverse replication broken after the cutover,
+# which stops the migration with the writer on the target (nothing to roll back for; a rollback would be refused)
+EXPECTED_OUTCOME = {"reverse-ddl": "reverse_replication_broken"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,9 +139,12 @@ def write_report(summary: dict[str, Any], timeline: Any, out: Path) -> Path:
                 "ok" if not broken else "bad",
             )
         )
-    if summary["outcome"] == "migrated":
+    if summary["outcome"] == "migrated" or summary.get("reverse_mended") is not None:
         retired = summary["reverse_replication_retired"]
-        cards.append(("reverse replication", "retired" if retired else "not retired", "ok" if retired else "bad"))
+        mended = "mended, " if summary.get("reverse_mended") else ""
+        cards.append(
+            ("reverse replication", f"{mended}retired" if retired else "not retired", "ok" if retired else "bad")
+        )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
     path.write_text(render_report(summary, charts, phases, cards, summary["total_seconds"]))
@@ -185,12 +192,15 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         say(
             f"final row compare      {summary['final_rows_compared']:,} rows, {summary['final_differences']} differences"
         )
-    if summary["outcome"] == "migrated":
+    if summary.get("rollback_problems"):
+        say(f"rollback would fail    {'; '.join(summary['rollback_problems'])[:400]}")
+    if summary["outcome"] == "migrated" or summary.get("reverse_mended") is not None:
         retired = summary["reverse_replication_retired"]
+        when = "once mended, after the stop" if summary.get("reverse_mended") else "after the rollback window"
         say(
             "reverse replication    "
             + (
-                f"retired after the rollback window (the source is whole up to {summary['source_whole_as_of_lsn']})"
+                f"retired {when} (the source is whole up to {summary['source_whole_as_of_lsn']})"
                 if retired
                 else f"NOT retired (still there: {', '.join(summary['reverse_replication_left']) or 'see the cause'})"
             )
@@ -251,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     write_report(summary, timeline, args.out)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, args.out)
-    expected = "rolled_back" if args.fault else "migrated"
+    expected = EXPECTED_OUTCOME.get(args.fault, "rolled_back") if args.fault else "migrated"
+    # Fault reverse-ddl: the stop is expected; the mend must then bring the source level with the target
+    mended = args.fault != "reverse-ddl" or (
+        summary["reverse_replication_retired"] and summary["final_differences"] == 0
+    )
     passed = (
         summary["outcome"] == expected
+        and mended
         and summary["rows_lost"] == 0
         and summary["failed_transactions"] == 0
         and not summary.get("sequences_behind")

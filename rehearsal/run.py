@@ -35,7 +35,9 @@ from psycopg2 import sql
 
 from lambdas.core.catalog import sequences_for_tables
 from lambdas.core.config import Migration, load_migration
+from lambdas.core.cutover import ReverseReplicationBehind
 from lambdas.core.db import connect, execute, fetch_all, fetch_value
+from lambdas.core.fence import make_writable
 from lambdas.core.matviews import list_materialized_views
 from lambdas.core.routers import Side, router_for
 from lambdas.core.sequences import read_position
@@ -47,13 +49,13 @@ from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
 from rehearsal.compare import compare_databases
 from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
 from rehearsal.servers import PostgresServer, running_servers
-from rehearsal.stepfunctions import REGION, STATE_PAYLOAD_LIMIT_BYTES, Invocation, LocalStateMachine
+from rehearsal.stepfunctions import REGION, STATE_PAYLOAD_LIMIT_BYTES, Invocation, LambdaContext, LocalStateMachine
 from rehearsal.workload import WorkloadProcess, WorkloadStats
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFINITION = ROOT / "statemachine" / "migration.asl.json"
 VALIDATION_BUCKET = "zdm-local-validation"  # in the mock: the plans' chunks and the chunks' results
-FAULTS = ("gate", "kill-target", "cutover", "ddl")
+FAULTS = ("gate", "kill-target", "cutover", "ddl", "reverse-ddl")
 ENGINES = ("logical", "debezium")
 DBNAME = "shop"
 FAULT_HELP = {
@@ -61,7 +63,12 @@ FAULT_HELP = {
     "kill-target": "kill the target server during the initial copy",
     "cutover": "fail the cutover after the fence is taken",
     "ddl": "add a column to a table on the source only during the read shift (DDL is not replicated)",
+    "reverse-ddl": "add a column on the target (the new writer) as the rollback window opens: the reverse "
+    "replication breaks, the window stops naming it; then the rehearsal mends it (the same column on the source) "
+    "and retires the reverse replication, as an operator would",
 }
+# Fault reverse-ddl: the reverse replication's problems count as lasting after this long (lag.problems_max_seconds)
+REVERSE_FAULT_LASTING_SECONDS = 3
 # What each state belongs to, for phase timings and the report's bands.
 PHASE_OF = {
     "Preflight": "preflight",
@@ -77,8 +84,9 @@ PHASE_OF = {
     "PostCutoverBake": "post-cutover bake",
     "PostCutoverGate": "post-cutover bake",
     "Finalize": "finalize",
-    "RollbackWindow": "rollback window",
+    "OpenRollbackWindow": "rollback window",
     "RollbackWindowGate": "rollback window",
+    "RollbackWindowWait": "rollback window",
     "RetireReverseReplication": "retire reverse",
     "Rollback": "rollback",
 }
@@ -201,6 +209,7 @@ class Rehearsal:
     rollback_window_seconds: int = 2  # the input's override of cutover.rollback_window_hours
     engine: str = "logical"  # logical, or debezium (a local broker, connector and applier; see docs/change-stream.md)
     rows_snapshotted: int | None = None  # debezium: rows the applier wrote from the connector's snapshot
+    reverse_mended: bool | None = None  # fault reverse-ddl: the reverse replication mended and retired after the stop
     timeline: Timeline = field(default_factory=lambda: Timeline(time.monotonic()))
 
     def run_with_timeline(self) -> tuple[dict[str, Any], Timeline]:
@@ -315,6 +324,11 @@ class Rehearsal:
                 injected.append("gate")
                 set_alarm("ALARM", "fault injected: health gate tripped during the read shift")
                 say(f"[{timeline.now():7.1f}s] fault: composite alarm set to ALARM during the read shift")
+            if self.fault == "reverse-ddl" and details.get("name") == "OpenRollbackWindow" and not injected:
+                injected.append("reverse-ddl")
+                with contextlib.closing(connect(tgt)) as conn:  # the application's next release, on its new database
+                    execute(conn, "ALTER TABLE orders ADD COLUMN gift_note text")
+                say(f"[{timeline.now():7.1f}s] fault: a column added to orders on the target (the writer) only")
             if self.fault == "ddl" and details.get("name") == "Bake" and not injected:
                 injected.append("ddl")
                 with contextlib.closing(connect(src)) as conn:  # as a release run against the old database would
@@ -334,6 +348,9 @@ class Rehearsal:
         handlers["CutoverFunctionArn"] = _stopping_writers_before_retire(
             handlers["CutoverFunctionArn"], workload, timeline
         )
+        settings_data = local_settings(migration)
+        if self.fault == "reverse-ddl":
+            settings_data["lag"]["problems_max_seconds"] = REVERSE_FAULT_LASTING_SECONDS
         machine = LocalStateMachine(
             DEFINITION,
             handlers,
@@ -343,7 +360,7 @@ class Rehearsal:
                 "RollbackWindowSeconds": str(migration.cutover.rollback_window_seconds),
                 "ValidationBucketName": VALIDATION_BUCKET,
             },
-            parameters={f"/zdm/{migration.name}/settings": json.dumps(local_settings(migration))},
+            parameters={f"/zdm/{migration.name}/settings": json.dumps(settings_data)},
             buckets=[VALIDATION_BUCKET],
             environment={VALIDATION_BUCKET_ENV: VALIDATION_BUCKET},
             timeouts=handler_timeouts(),
@@ -361,7 +378,29 @@ class Rehearsal:
             stop.set()
             monitor.join(timeout=10)
         say(f"[{timeline.now():7.1f}s] execution {result.status}: {result.error or ''} {(result.cause or '')[:200]}")
+        if self.fault == "reverse-ddl" and result.error == "ReverseReplicationBroken":
+            self.reverse_mended = self._mend_reverse(handlers["CutoverFunctionArn"], settings_data, src, timeline)
         return self._summarize(migration, result, stats, timeline, total_rows, src, tgt, router, injected)
+
+    def _mend_reverse(
+        self, cutover: Callable[[dict[str, Any], Any], Any], settings_data: dict[str, Any], src: str, timeline: Timeline
+    ) -> bool:
+        """What the stop asks a person to do: the target's column added on the source too (the reverse
+        replication then applies the rows it held back), then the Cutover function's retire_reverse."""
+        with contextlib.closing(connect(src)) as conn:
+            make_writable(conn)  # the source stays fenced after the cutover; this session may still run DDL
+            execute(conn, "ALTER TABLE orders ADD COLUMN gift_note text")
+        say(f"[{timeline.now():7.1f}s] mended: the same column added to orders on the source; retiring ...")
+        event = {"migration": settings_data, "action": "retire_reverse"}
+        for attempt in range(1, 4):  # as the state machine retries ReverseReplicationBehind
+            try:
+                retired = cutover(event, LambdaContext("zdm-rehearsal-cutover", f"mend-{attempt}"))
+            except ReverseReplicationBehind:
+                continue
+            self.timeline.state_outputs["RetireReverseReplication"] = {"retire": retired}
+            say(f"[{timeline.now():7.1f}s] reverse replication retired after the mend")
+            return True
+        return False
 
     def _kill_target_soon(self, target: PostgresServer, tgt: str, timeline: Timeline) -> None:
         """Kill the target once the copy has written rows to it (mid-copy, not before it starts)."""
@@ -426,6 +465,8 @@ class Rehearsal:
         outcome = (
             "migrated"
             if result.status == "SUCCEEDED"
+            else "reverse_replication_broken"
+            if result.error == "ReverseReplicationBroken"
             else ("rolled_back" if result.error != "RollbackFailed" and _rolled_back(result) else "failed")
         )
         writer = router.state().writer
@@ -439,7 +480,7 @@ class Rehearsal:
         rows_compared = 0
         retire = (timeline.state_outputs.get("RetireReverseReplication") or {}).get("retire") or {}
         left: list[str] | None = None  # not looked for when not migrated: the target may be down (a fault)
-        if outcome == "migrated":
+        if outcome == "migrated" or self.reverse_mended:
             left = _reverse_replication_left(migration, src, tgt)
             # The retire waited until the source had applied the target's writes up to its start,
             # and the writers had stopped before it: the two must be equal row for row.
@@ -496,6 +537,10 @@ class Rehearsal:
             "reverse_replication_retired": retire.get("status") in ("done", "already_done") and left == [],
             "reverse_replication_left": left,
             "source_whole_as_of_lsn": _caught_up_position(retire),
+            "rollback_problems": ((timeline.state_outputs.get("RollbackWindowGate") or {}).get("gate") or {}).get(
+                "rollback_problems"
+            ),
+            "reverse_mended": self.reverse_mended,
             "lambda_invocations": invocation_summary(result.invocations),
             "lambda_limits_broken": result.limits_broken,
             "_latencies": [(round(s - timeline.start, 3), round(d, 4)) for s, d in stats.latencies],
@@ -760,8 +805,8 @@ def _failing_after_fence(
             return handler(event, context)
         original = cutover_handler.build_runner
 
-        def build_runner_with_fault(migration: Migration) -> Any:
-            runner = original(migration)
+        def build_runner_with_fault(migration: Migration, **kwargs: Any) -> Any:
+            runner = original(migration, **kwargs)
             runner.hooks = Hooks(after_record=hook)
             return runner
 

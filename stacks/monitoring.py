@@ -225,6 +225,28 @@ class Monitoring(Construct):
         for index, name in enumerate(a.names):
             self.alarms.append(cloudwatch.Alarm.from_alarm_name(self, f"FileAlarm{index}", name))
 
+        # -- the rollback window: outside the composite, since what they report is that a rollback would be
+        # refused (the back replication is broken) or would hold writes long: a person mends it, nothing rolls back
+        self.window_alarms: list[cloudwatch.IAlarm] = [
+            self._alarm(
+                "RollbackNotReady",
+                custom(telemetry.ROLLBACK_READY, "Minimum"),
+                1,
+                "in the rollback window, the reverse replication has been broken for lag.problems_max_seconds: a "
+                "rollback would be refused (see the execution's rollback_problems)",
+                minutes=1,
+                op=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+                in_composite=False,
+            ),
+            self._alarm(
+                "ReverseSlotRetainedWal",
+                custom(telemetry.REVERSE_SLOT_RETAINED_WAL_BYTES),
+                a.max_retained_wal,
+                "WAL kept on the target by the reverse replication's slot above alarms.max_retained_wal",
+                in_composite=False,
+            ),
+        ]
+
         # -- composite, and the rule that rolls back ----------------------------------------------
         self.composite = cloudwatch.CompositeAlarm(
             self,
@@ -263,6 +285,7 @@ class Monitoring(Construct):
         *,
         minutes: int | None = None,
         op: cloudwatch.ComparisonOperator = cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        in_composite: bool = True,
     ) -> cloudwatch.Alarm:
         evaluation = minutes or self._ctx.migration.alarms.evaluation_minutes
         kebab = "".join(f"-{c.lower()}" if c.isupper() else c for c in construct_id).lstrip("-")
@@ -279,7 +302,8 @@ class Monitoring(Construct):
             # No data means nothing to judge (engine not running, metric not published yet): not a breach.
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
-        self.alarms.append(alarm)
+        if in_composite:
+            self.alarms.append(alarm)
         return alarm
 
     def _dashboard(self) -> cloudwatch.Dashboard:
@@ -319,6 +343,9 @@ class Monitoring(Construct):
         dashboard.add_widgets(
             cloudwatch.AlarmStatusWidget(
                 title="Alarms (any in ALARM rolls back)", alarms=[self.composite, *self.alarms], width=12
+            ),
+            cloudwatch.AlarmStatusWidget(
+                title="Rollback window (a person acts: nothing rolls back)", alarms=self.window_alarms, width=12
             ),
             cloudwatch.GraphWidget(
                 title="Errors: target database, application",

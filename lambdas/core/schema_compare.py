@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from lambdas.core.catalog import Column, Partition, TableInfo
 from lambdas.core.tables import TableName
 
 Severity = Literal["fail", "warn"]  # fail: the copy or the apply stops or loses data; warn: it carries on
+
+
+@dataclass(frozen=True)
+class Sides:
+    """What messages call the side replication reads from and the side it writes to: after the cutover the
+    back replication reads from the target, and a difference is named by the database it is on."""
+
+    publisher: str = "source"
+    subscriber: str = "target"
+
+
+FORWARD_SIDES = Sides()
+REVERSE_SIDES = Sides("target", "source")
 
 
 def join_names(items: Iterable[object]) -> str:
@@ -52,8 +66,10 @@ def is_safe_widening(source_type: str, target_type: str) -> bool:
     return False
 
 
-def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Severity, str]]:
-    """Column-by-column differences (name, type, nullability), each with how bad it is."""
+def compare_table(source: TableInfo, target: TableInfo, sides: Sides = FORWARD_SIDES) -> list[tuple[Severity, str]]:
+    """Column-by-column differences (name, type, nullability), each with how bad it is (`source` is the
+    side rows come from, named in the messages as `sides` says)."""
+    p, s = sides.publisher, sides.subscriber
     found: list[tuple[Severity, str]] = []
     tgt_cols: dict[str, Column] = {c.name: c for c in target.columns}
     src_cols: dict[str, Column] = {c.name: c for c in source.columns}
@@ -61,7 +77,7 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Severity, 
     for col in source.columns:
         other = tgt_cols.get(col.name)
         if other is None:
-            found.append(("fail", f"{t}.{col.name}: missing on the target (source type {col.type})"))
+            found.append(("fail", f"{t}.{col.name}: missing on the {s} ({p} type {col.type})"))
             continue
         if other.generated != col.generated:
             found.append(
@@ -69,24 +85,22 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Severity, 
                     "fail",
                     f"{t}.{col.name}: "
                     + (
-                        "generated on the source, a plain column on the target (neither the copy nor the "
+                        f"generated on the {p}, a plain column on the {s} (neither the copy nor the "
                         "replication carries generated values: it would be NULL)"
                         if col.generated
-                        else "a plain column on the source, generated on the target (the copy cannot write it)"
+                        else f"a plain column on the {p}, generated on the {s} (the copy cannot write it)"
                     ),
                 )
             )
         if other.type != col.type:
             if is_safe_widening(col.type, other.type):
-                found.append(
-                    ("warn", f"{t}.{col.name}: type {col.type} on the source, {other.type} on the target (wider)")
-                )
+                found.append(("warn", f"{t}.{col.name}: type {col.type} on the {p}, {other.type} on the {s} (wider)"))
             else:
-                found.append(("fail", f"{t}.{col.name}: type {col.type} on the source, {other.type} on the target"))
+                found.append(("fail", f"{t}.{col.name}: type {col.type} on the {p}, {other.type} on the {s}"))
         if other.not_null and not col.not_null:
-            found.append(("fail", f"{t}.{col.name}: NOT NULL on the target but nullable on the source"))
+            found.append(("fail", f"{t}.{col.name}: NOT NULL on the {s} but nullable on the {p}"))
         elif col.not_null and not other.not_null:
-            found.append(("warn", f"{t}.{col.name}: nullable on the target but NOT NULL on the source"))
+            found.append(("warn", f"{t}.{col.name}: nullable on the {s} but NOT NULL on the {p}"))
     # The apply finds a row by the target's replica identity index, else its primary key (whatever the
     # target's REPLICA IDENTITY setting); without either only a REPLICA IDENTITY FULL source works.
     target_by_index = target.replica_identity == "i" and target.replica_identity_index is not None
@@ -96,8 +110,8 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Severity, 
             found.append(
                 (
                     "fail",
-                    f"{t}: no primary key or replica identity index on the target: the apply of the first UPDATE or "
-                    "DELETE stops (the source sends only its key, the target cannot find the row)",
+                    f"{t}: no primary key or replica identity index on the {s}: the apply of the first UPDATE or "
+                    f"DELETE stops (the {p} sends only its key, the {s} cannot find the row)",
                 )
             )
         elif source.replica_identity == "d" and not target_by_index:
@@ -106,8 +120,8 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Severity, 
                 found.append(
                     (
                         "fail",
-                        f"{t}: the target's primary key has column(s) {join_names(extra)} that the source's "
-                        f"({join_names(source.primary_key)}) lacks: the source does not send them with an UPDATE or "
+                        f"{t}: the {s}'s primary key has column(s) {join_names(extra)} that the {p}'s "
+                        f"({join_names(source.primary_key)}) lacks: the {p} does not send them with an UPDATE or "
                         "DELETE, and the apply stops",
                     )
                 )
@@ -115,9 +129,9 @@ def compare_table(source: TableInfo, target: TableInfo) -> list[tuple[Severity, 
         if col.name in src_cols:
             continue
         if col.not_null and not col.has_default:
-            found.append(("fail", f"{t}.{col.name}: extra target column, NOT NULL without a default"))
+            found.append(("fail", f"{t}.{col.name}: extra {s} column, NOT NULL without a default"))
         else:
-            found.append(("warn", f"{t}.{col.name}: extra target column ({col.type}), not on the source"))
+            found.append(("warn", f"{t}.{col.name}: extra {s} column ({col.type}), not on the {p}"))
     return found
 
 
@@ -125,7 +139,10 @@ DRIFT_SHOWN = 10  # differences named in a status problem; the rest are counted
 
 
 def schema_drift(
-    source: Mapping[TableName, TableInfo], target: Mapping[TableName, TableInfo], tables: Iterable[TableName]
+    source: Mapping[TableName, TableInfo],
+    target: Mapping[TableName, TableInfo],
+    tables: Iterable[TableName],
+    sides: Sides = FORWARD_SIDES,
 ) -> list[str]:
     """The blocking differences between the tables' definitions as they are now on each side. A table gone
     from the source is left out: the engines' publication checks name it."""
@@ -136,25 +153,27 @@ def schema_drift(
             continue
         tgt = target.get(name)
         if tgt is None:
-            found.append(f"{name}: missing on the target")
+            found.append(f"{name}: missing on the {sides.subscriber}")
             continue
-        found += [text for severity, text in compare_table(src, tgt) if severity == "fail"]
+        found += [text for severity, text in compare_table(src, tgt, sides) if severity == "fail"]
     return found
 
 
-def drift_problem(found: Sequence[str]) -> str:
+def drift_problem(found: Sequence[str], sides: Sides = FORWARD_SIDES) -> str:
     """One status problem naming the differences DDL run after the start left behind."""
     shown = "; ".join(found[:DRIFT_SHOWN])
     if len(found) > DRIFT_SHOWN:
         shown += f"; and {len(found) - DRIFT_SHOWN} more"
     return (
-        f"the schemas no longer match: {shown}. DDL is not replicated: make the same change on the target as on "
-        "the source (until then the apply stops or rejects rows)"
+        f"the schemas no longer match: {shown}. DDL is not replicated: make the same change on the "
+        f"{sides.subscriber} as on the {sides.publisher} (until then the apply stops or rejects rows)"
     )
 
 
 def partitions_missing(
-    source: Mapping[TableName, Sequence[Partition]], target: Mapping[TableName, Sequence[Partition]]
+    source: Mapping[TableName, Sequence[Partition]],
+    target: Mapping[TableName, Sequence[Partition]],
+    sides: Sides = FORWARD_SIDES,
 ) -> list[str]:
     """Partitions under a replicated partitioned table that the source has and the target lacks, where the
     target is partitioned the same way (its partitions' names are all the source's) and no DEFAULT partition
@@ -169,7 +188,7 @@ def partitions_missing(
         on_target = {root, *theirs}
         with_default = {p.parent for p in theirs.values() if p.bound == "DEFAULT"}
         found += [
-            f"{p.name}: a partition of {p.parent} on the source only (a row routed to it stops the apply): "
+            f"{p.name}: a partition of {p.parent} on the {sides.publisher} only (a row routed to it stops the apply): "
             f"CREATE TABLE {p.name} PARTITION OF {p.parent} {p.bound}"
             for p in parts
             if p.name not in theirs and p.parent in on_target and p.parent not in with_default

@@ -24,6 +24,10 @@ TABLES_READY_PERCENT = "TablesReadyPercent"  # full-load progress: share of tabl
 # Published by the router and validation handlers (their owners publish them; the dashboard reads them).
 READ_WEIGHT_TARGET_PERCENT = "ReadWeightTargetPercent"
 WRITER_ON_TARGET = "WriterOnTarget"
+# The rollback window (health gate): 0 once the back replication's problems have lasted lag.problems_max_seconds
+# (a rollback would be refused), else 1; and the WAL its slot holds on the target.
+ROLLBACK_READY = "RollbackReady"
+REVERSE_SLOT_RETAINED_WAL_BYTES = "ReverseSlotRetainedWalBytes"
 VALIDATION_CHUNKS_DONE = "ValidationChunksDone"
 VALIDATION_CHUNKS_TOTAL = "ValidationChunksTotal"
 VALIDATION_MISMATCHED_ROWS = "ValidationMismatchedRows"

@@ -64,7 +64,9 @@ def build_router(migration: Migration) -> TrafficRouter:
     )
 
 
-def build_runner(migration: Migration) -> CutoverRunner:
+def build_runner(migration: Migration, *, forward_stream: bool = True) -> CutoverRunner:
+    """The migration's cutover runner; without its `forward_stream` (debezium, dms) for what needs only the
+    back replication (the rollback window's checks)."""
     source_dsn, target_dsn = dsns(migration)
     source = connect(source_dsn)
     try:
@@ -73,9 +75,9 @@ def build_runner(migration: Migration) -> CutoverRunner:
         source.close()
     # The debezium and dms engines carry source -> target themselves: the cutover waits for, stops and retires them.
     stream: ForwardChangeStream | None = None
-    if migration.engine.type == "debezium":
+    if forward_stream and migration.engine.type == "debezium":
         stream = build_debezium_engine(migration, source_dsn, target_dsn)
-    elif migration.engine.type == "dms":
+    elif forward_stream and migration.engine.type == "dms":
         stream = build_dms_stream(migration, source_dsn, target_dsn)
     return CutoverRunner(
         source_dsn,

@@ -113,6 +113,26 @@ def test_injected_fault_ends_in_a_clean_rollback_with_nothing_lost(tmp_path: Pat
     assert "rolled back" in (tmp_path / "report.html").read_text()
 
 
+def test_ddl_on_the_new_writer_in_the_rollback_window_stops_the_migration_naming_it_and_the_mend_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    # When a column is added on the target (the writer) as the rollback window opens
+    proc, summary = rehearse(tmp_path, "--fault", "reverse-ddl")
+    # Then the window's checks stopped the migration, naming the column and the side it is missing on,
+    # without rolling back (the rollback is what would be refused) and without retiring
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary["fault_injected"] is True and summary["outcome"] == "reverse_replication_broken"
+    assert summary["error"] == "ReverseReplicationBroken"
+    assert "public.orders.gift_note: missing on the source (target type text)" in summary["cause"]
+    assert "make the same change on the source as on the target" in summary["cause"]
+    assert "rollback" not in summary["phase_seconds"] and summary["writer_on"] == "target"
+    assert summary["rows_lost"] == 0 and summary["failed_transactions"] == 0
+    # And once mended as the stop says (the same column on the source), the retire left the source whole
+    assert summary["reverse_mended"] is True and summary["reverse_replication_retired"] is True
+    assert summary["final_differences"] == 0 and summary["final_rows_compared"] >= 20_000
+    assert "mended, retired" in (tmp_path / "report.html").read_text()
+
+
 def test_bad_migration_file_stops_before_anything_starts_with_the_field_and_fix(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: shop\nsource: {dsn: 'host=x'}\ntarget: {dsn: 'host=y'}\nread_shift: {steps: [10, 50]}\n")

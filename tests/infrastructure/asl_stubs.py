@@ -2,7 +2,8 @@
 
 Each stub records its call (function, action or gate phase, when), so a test reads the path taken;
 by default every function is healthy and succeeds; `status` is what Replication's status returns,
-`failures` queues exceptions a call raises, `unhealthy_phase` trips that gate.
+`failures` queues exceptions a call raises, `unhealthy_phase` trips that gate, `reverse_problems` are
+what the rollback window's checks find.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from lambdas.core.config import LagLimits, load_migration
+from lambdas.core.cutover import RollbackReadiness
+from lambdas.handlers.health_gate import GateRequest, check_window, window_for_state
 from lambdas.handlers.replication import ReplicationRequest, poll_for_state, problems_for_state
 from rehearsal.stepfunctions import ExecutionResult, LocalStateMachine
 from stacks.orchestration import ASL
@@ -39,6 +42,9 @@ class Stubs:
         self.status: dict[str, Any] = {"phase": "streaming", "lag_seconds": 0.0, "lag_bytes": 0, "problems": []}
         self.unhealthy_phase: str | None = None
         self.failures: dict[tuple[str, str], list[Exception]] = {}
+        # What the rollback window's checks find wrong with the back replication, one list per check (the
+        # last one repeats)
+        self.reverse_problems: list[list[str]] = [[]]
 
     def _note(self, function: str, what: str) -> None:
         self.calls.append((function, what, time.monotonic()))
@@ -80,9 +86,17 @@ class Stubs:
 
         def health_gate(event: dict[str, Any], context: Any) -> dict[str, Any]:
             self._note("HealthGate", event["phase"])
+            verdict: dict[str, Any] = {"healthy": True, "reasons": []}
             if event["phase"] == self.unhealthy_phase:
-                return {"healthy": False, "reasons": ["alarm zdm-shop-orders-health is in ALARM"]}
-            return {"healthy": True, "reasons": []}
+                verdict = {"healthy": False, "reasons": ["alarm zdm-shop-orders-health is in ALARM"]}
+            request = GateRequest.model_validate(event)
+            if request.window is None:
+                return verdict
+            # The window's next step as the real handler decides it, over the queued readiness problems
+            problems = self.reverse_problems.pop(0) if len(self.reverse_problems) > 1 else self.reverse_problems[0]
+            readiness = RollbackReadiness(applies=True, problems=problems)
+            lasting = LagLimits.model_validate(event["migration"].get("lag") or {}).problems_max_seconds
+            return {**verdict, **window_for_state(readiness, check_window(request.window, readiness, lasting))}
 
         def cutover(event: dict[str, Any], context: Any) -> dict[str, Any]:
             action = event["action"]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from tests.infrastructure.asl_stubs import Stubs, execute
+from tests.infrastructure.asl_stubs import Stubs, execute, settings
 from tests.infrastructure.conftest import Synth
 
 
@@ -30,19 +31,24 @@ END = [
 ]
 
 
-def test_after_finalize_the_file_s_window_passes_then_the_alarms_are_read_then_reverse_replication_is_retired() -> None:
+def test_after_finalize_the_window_is_checked_from_its_start_to_its_end_then_reverse_replication_is_retired() -> None:
     # Given a stack whose migration file gives a rollback window of 2 s, and no override in the input
     stubs = Stubs()
     # When the migration runs through
     result = execute(stubs, {}, window_seconds=2)
-    # Then it ends Migrated: forward replication torn down, the window waited, the gate read, the retire run
+    # Then it ends Migrated: forward replication torn down, the window checked, the retire run
     assert result.status == "SUCCEEDED", (result.error, result.cause)
-    assert stubs.path()[-3:] == END
+    end = stubs.path()[stubs.path().index(("Replication", "teardown")) :]
+    checks = end[1:-1]
+    assert end[0] == ("Replication", "teardown") and end[-1] == ("Cutover", "retire_reverse")
+    assert checks == [("HealthGate", "rollback window")] * len(checks) and len(checks) >= 2
     assert ("Cutover", "rollback") not in stubs.path()
     assert result.output is not None and result.output["retire"]["status"] == "done"
-    # And the window lasted the file's seconds
-    waited = stubs.at("HealthGate", "rollback window") - stubs.at("Replication", "teardown")
-    assert 1.8 <= waited < 10
+    # And the first check ran as the window opened, the retire once it had lasted the file's seconds
+    gates = [t for f, w, t in stubs.calls if (f, w) == ("HealthGate", "rollback window")]
+    teardown = stubs.at("Replication", "teardown")
+    assert gates[0] - teardown < 1.0
+    assert 1.8 <= stubs.at("Cutover", "retire_reverse") - teardown < 10
 
 
 def test_the_input_shortens_the_window_and_a_zero_window_is_accepted() -> None:
@@ -57,7 +63,7 @@ def test_the_input_shortens_the_window_and_a_zero_window_is_accepted() -> None:
     assert time.monotonic() - started < 60
 
 
-def test_an_alarm_at_the_end_of_the_window_rolls_back_over_the_reverse_replication_instead_of_retiring_it() -> None:
+def test_an_alarm_in_the_window_rolls_back_over_the_reverse_replication_instead_of_retiring_it() -> None:
     # Given the composite alarm in ALARM when the window ends
     stubs = Stubs()
     stubs.unhealthy_phase = "rollback window"
@@ -65,9 +71,50 @@ def test_an_alarm_at_the_end_of_the_window_rolls_back_over_the_reverse_replicati
     result = execute(stubs, {"rollback_window_seconds": 0}, window_seconds=3600)
     # Then the rollback runs (the reverse replication is still there) and the retire never does
     assert result.status == "FAILED" and result.error == "RolledBack"
-    assert "at the end of the rollback window" in (result.cause or "")
+    assert "in the rollback window" in (result.cause or "")
     assert stubs.path()[-2:] == [("HealthGate", "rollback window"), ("Cutover", "rollback")]
     assert ("Cutover", "retire_reverse") not in stubs.path()
+
+
+GIFT_NOTE = (
+    "the schemas no longer match: public.orders.gift_note: missing on the source (target type text). DDL is not "
+    "replicated: make the same change on the source as on the target"
+)
+
+
+def test_a_reverse_replication_still_broken_when_the_window_ends_stops_without_retiring_or_rolling_back() -> None:
+    # Given a back replication broken by a column added on the target only, and problems that count as
+    # lasting after 1 s
+    stubs = Stubs()
+    stubs.reverse_problems = [[GIFT_NOTE]]
+    # When the window (of none) ends
+    result = execute(stubs, {"rollback_window_seconds": 0}, window_seconds=3600, data=lasting_after_1s())
+    # Then it stops once the problem has lasted, naming it and what to do; the writer stays on the target
+    assert result.status == "FAILED" and result.error == "ReverseReplicationBroken", (result.error, result.cause)
+    cause = result.cause or ""
+    assert "migrated, but the reverse replication is broken" in cause
+    assert "public.orders.gift_note: missing on the source" in cause and "retire_reverse" in cause
+    assert stubs.path().count(("HealthGate", "rollback window")) >= 2  # a young problem is checked again
+    assert ("Cutover", "retire_reverse") not in stubs.path() and ("Cutover", "rollback") not in stubs.path()
+
+
+def test_a_reverse_replication_mended_within_the_window_is_retired_at_its_end() -> None:
+    # Given a back replication broken at the window's first check, mended (the same DDL on the source) by the next
+    stubs = Stubs()
+    stubs.reverse_problems = [[GIFT_NOTE], []]
+    # When the 2 s window runs
+    result = execute(stubs, {}, window_seconds=2, data=lasting_after_1s())
+    # Then the migration completes: the retire ran once the window was over and the problem gone
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+    assert stubs.path()[-1] == ("Cutover", "retire_reverse")
+    assert result.output is not None and result.output["gate"]["rollback_ready"] is True
+
+
+def lasting_after_1s() -> dict[str, Any]:
+    """The settings, the back replication's problems counting as lasting after 1 s (lag.problems_max_seconds)."""
+    data = settings()
+    data["lag"]["problems_max_seconds"] = 1
+    return data
 
 
 def test_a_retire_that_fails_leaves_the_writer_on_the_target_and_names_what_to_do() -> None:

@@ -28,6 +28,8 @@ def test_every_alarm_of_the_brief_exists(example: Synth) -> None:
         "zdm-shop-orders-slot-lost",
         "zdm-shop-orders-target-database-errors",
         "zdm-shop-orders-app-error-rate",
+        "zdm-shop-orders-rollback-not-ready",
+        "zdm-shop-orders-reverse-slot-retained-wal",
     }
     latency = alarms["zdm-shop-orders-dms-c-d-c-latency-target"]
     assert latency["Namespace"] == "AWS/DMS" and latency["Threshold"] == 60
@@ -74,14 +76,30 @@ def test_target_errors_are_counted_from_the_target_postgresql_log(example: Synth
     )
 
 
-def test_composite_covers_every_alarm_and_the_file_alarms(example: Synth) -> None:
+WINDOW_ALARMS = {"zdm-shop-orders-rollback-not-ready", "zdm-shop-orders-reverse-slot-retained-wal"}
+
+
+def test_composite_covers_every_alarm_but_the_rollback_window_s_and_the_file_alarms(example: Synth) -> None:
     composite = next(iter(example.resources("AWS::CloudWatch::CompositeAlarm").values()))["Properties"]
     rule = json.dumps(composite["AlarmRule"])
     assert composite["AlarmName"] == "zdm-shop-orders-health"
-    for logical_id in example.resources("AWS::CloudWatch::Alarm"):
-        assert logical_id in rule
+    for logical_id, alarm in example.resources("AWS::CloudWatch::Alarm").items():
+        # A broken reverse replication must not roll back: the rollback is what it says would be refused
+        assert (logical_id in rule) is (alarm["Properties"]["AlarmName"] not in WINDOW_ALARMS), logical_id
     for name in example.migration.alarms.names:
         assert f"alarm:{name}" in rule
+
+
+def test_the_rollback_window_alarms_read_what_the_gate_publishes(example: Synth) -> None:
+    alarms = _alarms(example)
+    ready = alarms["zdm-shop-orders-rollback-not-ready"]
+    assert (ready["Namespace"], ready["MetricName"], ready["Statistic"]) == ("Zdm", telemetry.ROLLBACK_READY, "Minimum")
+    assert (ready["ComparisonOperator"], ready["Threshold"], ready["EvaluationPeriods"]) == ("LessThanThreshold", 1, 1)
+    assert ready["TreatMissingData"] == "notBreaching"
+    wal = alarms["zdm-shop-orders-reverse-slot-retained-wal"]
+    assert (wal["MetricName"], wal["Threshold"]) == (telemetry.REVERSE_SLOT_RETAINED_WAL_BYTES, 10 * 1024**3)
+    for alarm in (ready, wal):
+        assert {d["Name"]: d["Value"] for d in alarm["Dimensions"]} == {"service": "zdm", "migration": "shop-orders"}
 
 
 def test_rule_on_the_composite_entering_alarm_invokes_the_rollback_function(example: Synth) -> None:

@@ -1,4 +1,4 @@
-"""The read-shift, cutover and rollback handlers, unchanged, against real servers and pgbouncer."""
+"""The read-shift, cutover, rollback and health-gate handlers, unchanged, against real servers and pgbouncer."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import boto3
 import pytest
 from cutover_env import Shop, server_port, shop_in
+from moto import mock_aws
 
 from lambdas.core.cutover import RollbackError
-from lambdas.handlers import cutover, read_shift
+from lambdas.core.db import connect, execute
+from lambdas.core.telemetry import composite_alarm_name
+from lambdas.handlers import cutover, health_gate, read_shift
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload
 
@@ -103,6 +107,49 @@ def test_retire_reverse_action_retires_once_and_a_later_rollback_fails_with_the_
     with pytest.raises(RollbackError, match="retired after the rollback window"):
         cutover.handler(event(shop, action="rollback"), ctx)
     assert server_port(shop.app) == shop.target.port
+
+
+def test_the_rollback_window_gate_reads_the_back_replication_and_says_when_to_check_again(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch, handler_logs: io.StringIO
+) -> None:
+    ctx = FakeContext()
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    window = {"seconds": 3600, "check_seconds": 30}
+    with mock_aws():  # the migration's alarms: CloudWatch, its composite alarm in OK
+        cloudwatch = boto3.client("cloudwatch")
+        cloudwatch.put_metric_alarm(
+            AlarmName=composite_alarm_name("shop"),
+            Namespace="Zdm/Test",
+            MetricName="Health",
+            Statistic="Maximum",
+            Period=60,
+            EvaluationPeriods=1,
+            Threshold=0,
+            ComparisonOperator="GreaterThanThreshold",
+        )
+        cloudwatch.set_alarm_state(AlarmName=composite_alarm_name("shop"), StateValue="OK", StateReason="test")
+        # Given a cutover done through the handler
+        cutover.handler(event(shop), ctx)
+        # When the rollback window's gate runs its first check
+        first = health_gate.handler(event(shop, phase="rollback window", check_replication=False, window=window), ctx)
+        # Then the alarms are fine, a rollback would run, and the next check comes after the poll
+        assert first["healthy"] is True and first["rollback_ready"] is True, first
+        assert first["window"]["next"] == "wait" and first["window"]["next_check_seconds"] == 30
+        # When a column is added on the new writer only, and written there
+        conn = connect(shop.app)
+        try:
+            execute(conn, "ALTER TABLE customers ADD COLUMN gift_note text")
+            execute(conn, "INSERT INTO customers (email, name, gift_note) VALUES ('g@example.com', 'G', 'bow')")
+        finally:
+            conn.close()
+        later = {**window, "started": first["window"]["started"]}
+        second = health_gate.handler(event(shop, phase="rollback window", check_replication=False, window=later), ctx)
+    # Then the gate stays healthy (the new writer is fine: no rollback for this), but says a rollback would
+    # not run and why, dating the problem for the next check
+    assert second["healthy"] is True and second["rollback_ready"] is False
+    assert any("public.customers.gift_note: missing on the source" in p for p in second["rollback_problems"])
+    assert second["window"]["problems_since"] is not None and second["window"]["started"] == first["window"]["started"]
+    assert "a rollback would not run now" in handler_logs.getvalue()
 
 
 def test_a_bad_read_step_is_refused_by_the_event_model(shop: Shop) -> None:

@@ -13,10 +13,20 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from cutover_env import REVERSE, Shop, assert_no_difference, read_only_error, shop_in
+from cutover_env import REVERSE, Shop, assert_no_difference, read_only_error, shop_in, until
 from psycopg2 import sql
 
-from lambdas.core.cutover import CutoverError, Hooks, Operation, OperationBusy, RollbackError, Status, Step, store
+from lambdas.core.cutover import (
+    CutoverError,
+    Hooks,
+    Operation,
+    OperationBusy,
+    RollbackError,
+    RollbackReadiness,
+    Status,
+    Step,
+    store,
+)
 from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn
@@ -260,3 +270,60 @@ def test_retire_is_refused_before_a_cutover_and_after_a_rollback(shop: Shop) -> 
         assert store.load(conn, "shop", Operation.RETIRE_REVERSE) is None
     finally:
         conn.close()
+
+
+def readiness(shop: Shop) -> RollbackReadiness:
+    return shop.runner().rollback_readiness()
+
+
+def add_gift_note(dsn: str) -> None:
+    conn = connect(dsn)
+    make_writable(conn)  # the source is fenced after the cutover: DDL from our session still runs
+    try:
+        execute(conn, "ALTER TABLE customers ADD COLUMN gift_note text")
+    finally:
+        conn.close()
+
+
+def test_the_rollback_window_sees_ddl_on_the_target_break_the_back_replication_and_a_fix_on_the_source_mend_it(
+    shop: Shop,
+) -> None:
+    # Given no cutover yet: there is no rollback window to watch
+    assert readiness(shop) == RollbackReadiness(applies=False)
+    # And then a cutover done under writes: the back replication carries a rollback
+    cut_over_under_writes(shop, seconds=0.5)
+    until(lambda: readiness(shop).ready, 30, "the back replication streaming without problems")
+    # When the application's next release adds a column on the new writer (the target) and writes it
+    add_gift_note(shop.tgt)
+    conn = connect(shop.app)
+    try:
+        execute(conn, "INSERT INTO customers (email, name, gift_note) VALUES ('gift@example.com', 'G', 'ribbon')")
+    finally:
+        conn.close()
+    # Then the window's check says a rollback would not run, naming the column, the side and the fix
+    broken = readiness(shop)
+    assert broken.applies and not broken.ready
+    text = " ".join(broken.problems)
+    assert "public.customers.gift_note: missing on the source (target type text)" in text, text
+    assert "make the same change on the source as on the target" in text, text
+    assert customers_named(shop.src, "gift@example.com") == 0
+    # When the same column is added on the source
+    add_gift_note(shop.src)
+    # Then the back replication applies the row and a rollback is ready again
+    until(lambda: customers_named(shop.src, "gift@example.com") == 1, 30, "the row applied on the source")
+    until(lambda: readiness(shop).ready, 30, "the back replication without problems")
+    # And a rollback now brings every target write back
+    shop.runner().rollback()
+    assert shop.router.state().writer is Side.SOURCE
+    assert customers_named(shop.src, "gift@example.com") == 1
+    # And once rolled back, there is no window left to watch
+    assert readiness(shop) == RollbackReadiness(applies=False)
+
+
+def test_after_the_retire_there_is_no_rollback_window_to_watch(shop: Shop) -> None:
+    # Given a cutover whose back replication was retired
+    cut_over_under_writes(shop, seconds=0.5)
+    shop.runner().retire_reverse()
+    # When the window's check runs (a gate retried after the retire, say)
+    # Then it reports nothing to watch, rather than a broken back replication
+    assert readiness(shop) == RollbackReadiness(applies=False)

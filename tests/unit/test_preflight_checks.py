@@ -622,6 +622,32 @@ def test_schema_drift_names_only_what_stops_the_apply_and_leaves_gone_tables_to_
     )
 
 
+def test_drift_of_the_back_replication_names_each_database_by_what_it_is() -> None:
+    # Given the back replication after a cutover (the target publishes, the old source subscribes), and a
+    # column the application's next release added on the target only, and a partition made there
+    on_target = {ORDERS: table(columns=(*table().columns, Column("gift_note", "text", False)))}
+    on_source = {ORDERS: table()}
+    sides = schema_compare.REVERSE_SIDES
+    # When the drift is named from the back replication's side
+    found = schema_compare.schema_drift(on_target, on_source, [ORDERS], sides)
+    found += schema_compare.partitions_missing({M: [NOV, DEC]}, {M: [NOV]}, sides)
+    # Then "the source" is the old source, where the change is missing, and the fix is worded that way round
+    assert found[0] == "public.orders.gift_note: missing on the source (target type text)"
+    assert found[1].startswith("public.m_12: a partition of public.m on the target only")
+    assert schema_compare.drift_problem(found, sides).endswith(
+        "make the same change on the source as on the target (until then the apply stops or rejects rows)"
+    )
+    # And a key the subscriber lacks is named on its side too
+    keyless = schema_compare.compare_table(table(), table(primary_key=()), sides)
+    assert keyless == [
+        (
+            "fail",
+            "public.orders: no primary key or replica identity index on the source: the apply of the first UPDATE "
+            "or DELETE stops (the target sends only its key, the source cannot find the row)",
+        )
+    ]
+
+
 def test_a_drift_problem_names_the_first_differences_and_counts_the_rest() -> None:
     found = [f"public.t{i}: missing on the target" for i in range(schema_compare.DRIFT_SHOWN + 3)]
     problem = schema_compare.drift_problem(found)

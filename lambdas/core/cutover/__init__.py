@@ -11,6 +11,7 @@ from lambdas.core.cutover.runner import (
     OperationResult,
     ReverseReplicationBehind,
     RollbackError,
+    RollbackReadiness,
     StepRun,
 )
 from lambdas.core.cutover.steps import Operation, Status, Step
@@ -27,6 +28,7 @@ __all__ = [
     "OperationResult",
     "ReverseReplicationBehind",
     "RollbackError",
+    "RollbackReadiness",
     "Status",
     "Step",
     "StepRun",

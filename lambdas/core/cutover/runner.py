@@ -84,6 +84,7 @@ from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, 
 from lambdas.core.fence import fence_position, is_fenced, lift_fence, make_writable, take_fence
 from lambdas.core.lsn import Lsn, LsnWaitTimeout, current_lsn, wait_for_lsn
 from lambdas.core.routers.base import Side, TrafficRouter
+from lambdas.core.schema_compare import Sides
 from lambdas.core.sequences import sync_sequences
 from lambdas.core.tables import TableName
 
@@ -185,6 +186,33 @@ class OperationResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RollbackReadiness:
+    """Whether a rollback after the cutover could run now, over the back replication (target -> source)."""
+
+    applies: bool  # the writer moved and the back replication is kept: the rollback window
+    problems: list[str] = field(default_factory=list)  # why a rollback would be refused or would lose time
+    lag_bytes: int | None = None
+    retained_wal_bytes: int | None = None  # held on the target by the back replication's slot
+
+    @property
+    def ready(self) -> bool:
+        return self.applies and not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ready": self.ready}
+
+
+def lag_problem(what: str, status: ReplicationStatus, max_lag_bytes: int | None) -> str | None:
+    """Why the replication lags too far for a fence to wait for it (None when it does not, or when the
+    engine reports no byte lag: DMS, gated in seconds by the state machine)."""
+    if max_lag_bytes is None or status.engine == "dms":
+        return None
+    if status.lag_bytes is not None and status.lag_bytes <= max_lag_bytes:
+        return None
+    return f"{what} lags {status.lag_bytes} bytes, above lag.max_bytes ({max_lag_bytes})"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -255,7 +283,8 @@ class CutoverRunner:
 
     def _engine(self, old: Side, names: ReplicationNames) -> LogicalEngine:
         """The logical replication old -> new under `names` (no initial copy)."""
-        plan = LogicalReplicationPlan(names, self.plan.tables, self.plan.logical, initial_copy=False)
+        sides = Sides(old.value, old.other.value)
+        plan = LogicalReplicationPlan(names, self.plan.tables, self.plan.logical, initial_copy=False, sides=sides)
         return LogicalEngine(
             self._dsn[old],
             self._dsn[old.other],
@@ -352,6 +381,34 @@ class CutoverRunner:
                 steps=runs,
                 notes=["the source stays fenced (read-only): a copy of the target as of the retire"],
             )
+
+    def rollback_readiness(self) -> RollbackReadiness:
+        """Whether a rollback would run now, read through the rollback window: DDL run on the target alone,
+        a stopped subscription or a lost slot breaks the back replication, and a rollback would then be
+        refused (`_check_ready`) when an alarm asks for it. Read-only; takes no lock. A database that cannot
+        be reached is a problem to report, not an error: the window's gate must not roll back for it."""
+        try:
+            target = self._open(Side.TARGET)
+            try:
+                records = {op: store.load(target, self.plan.migration, op) for op in Operation}
+            finally:
+                target.close()
+            if retire_blocker(records[Operation.CUTOVER], records[Operation.ROLLBACK]) is not None or not (
+                rollback_possible(records[Operation.RETIRE_REVERSE])
+            ):
+                return RollbackReadiness(applies=False)
+            status = self._engine(Side.TARGET, self.plan.reverse).status()
+        except DatabaseUnreachable as exc:
+            return RollbackReadiness(applies=True, problems=[f"a rollback could not run: {_first_line(exc)}"])
+        what = f"replication target -> source ({self.plan.reverse.subscription})"
+        problems = list(status.problems)
+        if status.phase is not Phase.STREAMING:
+            problems.insert(0, f"{what} is {status.phase.value}, not streaming")
+        lagging = lag_problem(what, status, self.plan.max_lag_bytes)
+        if lagging is not None:
+            problems.append(f"{lagging}: a rollback would hold writes while the source catches up")
+        retained = status.slot.retained_wal_bytes if status.slot is not None else None
+        return RollbackReadiness(True, problems, status.lag_bytes, retained)
 
     def status(self) -> dict[str, Any]:
         with self._sessions(lock=False) as conns:
@@ -456,13 +513,11 @@ class CutoverRunner:
             if self._clock() > deadline:
                 raise CutoverNotReady(f"{what} has problems: {'; '.join(status.problems)}; nothing was changed")
             time.sleep(0.1)
-        limit = self.plan.max_lag_bytes
-        # DMS reports no byte lag (the state machine gated its lag in seconds before the cutover).
-        bytes_known = status.engine != "dms"
-        if limit is not None and bytes_known and (status.lag_bytes is None or status.lag_bytes > limit):
+        lagging = lag_problem(what, status, self.plan.max_lag_bytes)
+        if lagging is not None:
             raise CutoverNotReady(
-                f"{what} lags {status.lag_bytes} bytes, above lag.max_bytes ({limit}): the fence would last while it "
-                "catches up. Nothing was changed; try again when the lag is lower"
+                f"{lagging}: the fence would last while it catches up. Nothing was changed; try again when the lag "
+                "is lower"
             )
         if direction.operation is Operation.CUTOVER and self.router.state().writer is direction.new:
             raise CutoverNotReady(

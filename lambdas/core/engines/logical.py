@@ -49,7 +49,7 @@ from lambdas.core.engines.table_locks import run_waiting_for_locks
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, applied_lsn
 from lambdas.core.ranges import plan_ranges
-from lambdas.core.schema_compare import drift_problem, partitions_missing, schema_drift
+from lambdas.core.schema_compare import FORWARD_SIDES, Sides, drift_problem, partitions_missing, schema_drift
 from lambdas.core.statement_logging import settings_keeping_statements
 from lambdas.core.tables import TableName
 
@@ -125,6 +125,7 @@ class LogicalReplicationPlan:
     tables: tuple[TableName, ...]
     settings: LogicalSettings = field(default_factory=LogicalSettings)
     initial_copy: bool = True
+    sides: Sides = FORWARD_SIDES  # what the status's problems call the two databases
 
 
 class LogicalEngine(ReplicationEngine):
@@ -426,7 +427,8 @@ class LogicalEngine(ReplicationEngine):
             problems: list[str] = []
             if slot.lost:
                 problems.append(
-                    f"slot {names.slot} lost its WAL (max_slot_wal_keep_size exceeded): replication cannot continue; "
+                    f"slot {names.slot} on the {self.plan.sides.publisher} lost its WAL (max_slot_wal_keep_size "
+                    "exceeded): replication cannot continue; "
                     "tear down and start again"
                 )
             if sub is None:
@@ -483,14 +485,14 @@ class LogicalEngine(ReplicationEngine):
                 problems.append(
                     f"subscription {names.subscription} is enabled but its apply worker is not running"
                     + (f" ({errors} apply error(s) so far)" if errors else "")
-                    + "; see the target's log"
+                    + f"; see the {self.plan.sides.subscriber}'s log"
                 )
             if enabled and not slot.exists:
-                problems.append(f"slot {names.slot} is missing on the source")
+                problems.append(f"slot {names.slot} is missing on the {self.plan.sides.publisher}")
             unpublished = unpublished_tables(source, names.publication, self.plan.tables)
             if unpublished:
-                problems.append(unpublished_problem(unpublished, names.publication))
-            problems += schema_drift_problems(source, target, self.plan.tables)
+                problems.append(unpublished_problem(unpublished, names.publication, self.plan.sides))
+            problems += schema_drift_problems(source, target, self.plan.tables, self.plan.sides)
             if slot.lost or (enabled and not slot.exists):
                 phase = Phase.FAILED  # no change can flow any more: never 'streaming'
             elif not enabled:
@@ -749,21 +751,23 @@ def unpublished_tables(source: Connection, publication: str, tables: Sequence[Ta
     return [TableName(str(schema), str(name)) for schema, name in rows]
 
 
-def schema_drift_problems(source: Connection, target: Connection, tables: Sequence[TableName]) -> list[str]:
+def schema_drift_problems(
+    source: Connection, target: Connection, tables: Sequence[TableName], sides: Sides = FORWARD_SIDES
+) -> list[str]:
     """One problem naming how the selected tables' definitions came apart after the start (DDL is not
     replicated): columns, types and keys (`schema_drift`), and partitions the source added (`partitions_missing`)."""
     on_source = describe_tables(source, tables)
     roots = [name for name, info in on_source.items() if info.relkind == "p"]
-    found = schema_drift(on_source, describe_tables(target, tables), tables)
-    found += partitions_missing(partition_trees(source, roots), partition_trees(target, roots))
-    return [drift_problem(found)] if found else []
+    found = schema_drift(on_source, describe_tables(target, tables), tables, sides)
+    found += partitions_missing(partition_trees(source, roots), partition_trees(target, roots), sides)
+    return [drift_problem(found, sides)] if found else []
 
 
-def unpublished_problem(tables: Sequence[TableName], publication: str) -> str:
+def unpublished_problem(tables: Sequence[TableName], publication: str, sides: Sides = FORWARD_SIDES) -> str:
     return (
         f"{', '.join(map(str, tables))} no longer in publication {publication} (dropped, or dropped and created "
-        "again, on the source): its changes are not replicated and the target keeps the old rows; tear down and "
-        "start again to copy it anew"
+        f"again, on the {sides.publisher}): its changes are not replicated and the {sides.subscriber} keeps the old "
+        "rows; tear down and start again to copy it anew"
     )
 
 
