@@ -229,6 +229,7 @@ def local_engine(
         publication_name(migration),
         tuple(tables),
         local_connector(migration, tables, source_dsn),
+        migration.engine.logical.lock_wait_seconds,
     )
     kafka = KafkaStream({"bootstrap.servers": settings.bootstrap})
     return DebeziumEngine(source_dsn, target_dsn, plan, LocalChangeStream(settings), kafka)

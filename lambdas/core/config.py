@@ -160,8 +160,9 @@ class LogicalSettings(_Model):
         default=120,
         ge=1,
         le=600,
-        description="how long creating the publication may wait for other sessions' locks on the selected tables "
-        "(a VACUUM, ANALYZE, CREATE INDEX or ALTER TABLE) before the start fails, naming them",
+        description="how long creating a publication may wait for other sessions' locks on the selected tables "
+        "(a VACUUM, ANALYZE, CREATE INDEX or ALTER TABLE) before the start or the cutover fails, naming them; "
+        "engine debezium's publication (made before its connector starts) waits the same",
     )
 
 

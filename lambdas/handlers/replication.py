@@ -151,7 +151,12 @@ def build_debezium_engine(
     tables = _selected_tables(migration, source_dsn)
     runtime, kafka, connector = _runtime(migration, tables, source_dsn, environ)
     plan = DebeziumPlan(
-        migration.topic_prefix, slot_name(migration), publication_name(migration), tuple(tables), connector
+        migration.topic_prefix,
+        slot_name(migration),
+        publication_name(migration),
+        tuple(tables),
+        connector,
+        migration.engine.logical.lock_wait_seconds,
     )
     return DebeziumEngine(source_dsn, target_dsn, plan, runtime, kafka)
 

@@ -6,8 +6,10 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from lambdas.core.changestream.connector import dead_letter_topic, table_topic
@@ -17,6 +19,7 @@ from lambdas.core.config import LagLimits
 from lambdas.core.db import Connection, connect, execute, fetch_all, fetch_value
 from lambdas.core.engines.base import Phase
 from lambdas.core.engines.debezium import DebeziumEngine
+from lambdas.core.engines.table_locks import TableLocksBusy
 from lambdas.core.health import ReplicationSignal, evaluate_health
 from lambdas.core.tables import TableName
 from rehearsal import sample
@@ -794,3 +797,42 @@ def test_a_table_rebuilt_or_altered_on_the_source_is_a_problem_of_the_stream(
         with closing(connect(tgt)) as conn:
             execute(conn, "ALTER TABLE kept ADD COLUMN note text")
         assert engine.status().problems == [unpublished]
+
+
+def test_a_long_lock_on_a_table_fails_the_start_naming_its_session_before_the_connector_runs(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given the sample, and a session holding a SHARE UPDATE EXCLUSIVE lock on a selected table, as a long
+    # CREATE INDEX CONCURRENTLY, VACUUM or ANALYZE does
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 500)
+    engine = make_engine(src, tgt, broker, tmp_path, TABLES, name="dbz-locks")
+    engine.plan = replace(engine.plan, lock_wait_seconds=3)
+    holder = connect(src, application_name="nightly-reindex", autocommit=False)
+    execute(holder, "LOCK TABLE orders IN SHARE UPDATE EXCLUSIVE MODE")
+    published = "SELECT count(*) FROM pg_publication WHERE pubname = %s"
+    with running(engine):
+        try:
+            # When the engine starts / Then it gives up after the wait, naming the session, before any
+            # connector runs (which would have waited for the lock with no bound)
+            with pytest.raises(TableLocksBusy, match=r"creating publication .* application nightly-reindex"):
+                engine.start()
+            assert local(engine).process("connector") is None
+            with closing(connect(src)) as source:
+                assert fetch_value(source, published, (engine.plan.publication,)) == 0
+            # When the lock is released / Then the start makes the publication of exactly the selected
+            # tables, and the stream converges
+            holder.rollback()
+            engine.start()
+            with closing(connect(src)) as source:
+                tables = fetch_all(
+                    source,
+                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1",
+                    (engine.plan.publication,),
+                )
+            assert [t for (t,) in tables] == sorted(str(t) for t in TABLES)
+            wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+            fence(engine, src)
+            assert_converged(src, tgt)
+        finally:
+            holder.close()

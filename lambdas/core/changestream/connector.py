@@ -91,7 +91,9 @@ def connector_properties(
         "topic.prefix": migration.topic_prefix,
         "slot.name": slot_name(migration),
         "publication.name": publication_name(migration),
-        "publication.autocreate.mode": "filtered",
+        # The engine makes the publication before the connector starts, bounding its wait for the tables'
+        # locks (`DebeziumEngine._ensure_publication`); the connector would otherwise create or alter it itself.
+        "publication.autocreate.mode": "disabled",
         "table.include.list": ",".join(f"{t.schema}.{t.name}" for t in tables),
         "snapshot.mode": "initial",
         # The snapshot's JDBC sessions: a row-level security policy hiding rows from this role fails the

@@ -33,6 +33,7 @@ from lambdas.core.engines.base import (
 )
 from lambdas.core.engines.logical import (
     drop_slot,
+    ensure_publication,
     refuse_filtered_reads,
     schema_drift_problems,
     slot_health,
@@ -55,6 +56,7 @@ class DebeziumPlan:
     publication: str
     tables: tuple[TableName, ...]
     connector: Mapping[str, str]  # the connector's settings (hold the password or its reference)
+    lock_wait_seconds: float = 120.0  # making the publication waits this long for the tables' locks at most
 
     @property
     def table_topics(self) -> list[str]:
@@ -115,8 +117,26 @@ class DebeziumEngine(ReplicationEngine):
             state.record_source_columns(target, columns)
         finally:
             target.close()
+        self._ensure_publication(list(infos.values()))
         self.runtime.start(self.plan.connector, self.plan.table_topics)
         return StartResult(self.name, already, [str(t) for t in self.plan.tables])
+
+    def _ensure_publication(self, tables: list[TableInfo]) -> None:
+        """Made here, not by the connector (publication.autocreate.mode disabled): its CREATE or ALTER
+        PUBLICATION would wait blind for a lock on a table (a VACUUM, a CREATE INDEX), while this one waits
+        `lock_wait_seconds` at most and names the sessions holding them."""
+        source = connect(self._source_dsn)
+        try:
+            make_writable(source)  # a start again after an undone cutover may find the source fenced
+            ensure_publication(
+                source,
+                self.plan.publication,
+                tables,
+                via_partition_root=False,  # as the connector's own publication: each partition's topic
+                lock_wait_seconds=self.plan.lock_wait_seconds,
+            )
+        finally:
+            source.close()
 
     def _describe_source(self) -> dict[TableName, TableInfo]:
         source = connect(self._source_dsn)
@@ -155,7 +175,7 @@ class DebeziumEngine(ReplicationEngine):
                     "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
                     (self.plan.slot,),
                 )
-                # The connector makes its publication when it first starts (publication.autocreate.mode).
+                # Made by the start (`_ensure_publication`): missing before it.
                 published = fetch_value(
                     source, "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.plan.publication,)
                 )

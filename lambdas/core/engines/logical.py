@@ -208,26 +208,12 @@ class LogicalEngine(ReplicationEngine):
         return infos
 
     def _ensure_publication(self, source: Connection, tables: Sequence[TableInfo]) -> None:
-        """The publication holds exactly the selected tables (partitioned ones through their root)."""
-        pub = sql.Identifier(self.plan.names.publication)
-        table_list = sql.SQL(", ").join(_only(t) for t in tables)
-        published = _published_oids(source, self.plan.names.publication)
-        if published == {t.oid for t in tables}:
-            return  # already exactly these tables: ALTER PUBLICATION would only take their locks again
-        exists = published is not None
-        statement = (
-            sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, table_list)
-            if exists
-            else sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)").format(
-                pub, table_list
-            )
-        )
-        run_waiting_for_locks(
+        ensure_publication(
             source,
-            statement,
-            [t.oid for t in tables],
-            what=f"{'altering' if exists else 'creating'} publication {self.plan.names.publication}",
-            wait_seconds=self.plan.settings.lock_wait_seconds,
+            self.plan.names.publication,
+            tables,
+            via_partition_root=True,
+            lock_wait_seconds=self.plan.settings.lock_wait_seconds,
         )
 
     def _start_subscription(
@@ -618,6 +604,41 @@ def _describe_target(target: Connection, tables: Sequence[TableInfo]) -> dict[Ta
             "(preflight's target_schema check lists every difference)"
         )
     return on_target
+
+
+def ensure_publication(
+    source: Connection,
+    name: str,
+    tables: Sequence[TableInfo],
+    *,
+    via_partition_root: bool,
+    lock_wait_seconds: float,
+) -> None:
+    """Publication `name` holds exactly `tables` (partitioned ones through their root when `via_partition_root`).
+
+    CREATE and ALTER PUBLICATION take a SHARE UPDATE EXCLUSIVE lock on each table: a VACUUM, ANALYZE or
+    CREATE INDEX holding one would make them wait blind, so each attempt waits 2 s at most and the whole
+    at most `lock_wait_seconds` (`table_locks.run_waiting_for_locks`, naming the holders). A publication
+    already holding exactly these tables is left alone: altering it would only take their locks again."""
+    pub = sql.Identifier(name)
+    table_list = sql.SQL(", ").join(_only(t) for t in tables)
+    published = _published_oids(source, name)
+    if published == {t.oid for t in tables}:
+        return
+    exists = published is not None
+    options = sql.SQL(" WITH (publish_via_partition_root = true)") if via_partition_root else sql.SQL("")
+    statement = (
+        sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(pub, table_list)
+        if exists
+        else sql.SQL("CREATE PUBLICATION {} FOR TABLE {}{}").format(pub, table_list, options)
+    )
+    run_waiting_for_locks(
+        source,
+        statement,
+        [t.oid for t in tables],
+        what=f"{'altering' if exists else 'creating'} publication {name}",
+        wait_seconds=lock_wait_seconds,
+    )
 
 
 def _only(table: TableInfo) -> sql.Composable:
