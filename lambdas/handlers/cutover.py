@@ -23,9 +23,9 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from lambdas.core.catalog import list_tables
 from lambdas.core.config import Migration
-from lambdas.core.cutover import CutoverPlan, CutoverRunner
+from lambdas.core.cutover import CutoverPlan, CutoverRunner, RollbackReadiness
 from lambdas.core.cutover.runner import ForwardChangeStream
-from lambdas.core.db import connect
+from lambdas.core.db import DatabaseUnreachable, connect
 from lambdas.core.routers import TrafficRouter, router_for
 from lambdas.core.tables import select_tables
 from lambdas.handlers.replication import build_debezium_engine, build_dms_stream
@@ -86,6 +86,16 @@ def build_runner(migration: Migration, *, forward_stream: bool = True) -> Cutove
         CutoverPlan.for_migration(migration, tables),
         forward_stream=stream,
     )
+
+
+def rollback_readiness(migration: Migration) -> RollbackReadiness:
+    """Whether a rollback would run now (the rollback window's checks); a database out of reach, while the
+    runner is built (it lists the source's tables), is a problem to report like one found later."""
+    try:
+        runner = build_runner(migration, forward_stream=False)
+    except DatabaseUnreachable as exc:
+        return RollbackReadiness.unreachable(exc)
+    return runner.rollback_readiness()
 
 
 @logger.inject_lambda_context

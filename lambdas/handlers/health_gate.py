@@ -20,7 +20,7 @@ from lambdas.core.cutover import RollbackReadiness
 from lambdas.core.health import AlarmSignal, HealthSignal, ReplicationSignal, evaluate_health
 from lambdas.core.rollback_window import WindowCheck, window_check
 from lambdas.core.telemetry import composite_alarm_name
-from lambdas.handlers.cutover import build_runner
+from lambdas.handlers.cutover import rollback_readiness
 from lambdas.handlers.replication import engine_for
 from lambdas.handlers.runtime import MigrationEvent, logger, metrics, tracer
 
@@ -63,7 +63,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     logger.info("health gate", extra={"phase": request.phase, "healthy": verdict.healthy, "reasons": verdict.reasons})
     result = {"phase": request.phase, **asdict(verdict)}
     if request.window is not None:
-        readiness = build_runner(migration, forward_stream=False).rollback_readiness()
+        readiness = rollback_readiness(migration)
         check = check_window(request.window, readiness, migration.lag.problems_max_seconds)
         publish_window_metrics(migration, readiness, check)
         if readiness.problems:

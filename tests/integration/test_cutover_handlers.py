@@ -35,6 +35,22 @@ def shop(pg_pair: tuple[PostgresServer, PostgresServer], fresh_dbs: tuple[str, s
         yield s
 
 
+def create_health_alarm(migration: str) -> None:
+    """The migration's composite alarm, in OK, in moto's CloudWatch (the gate reads it by name)."""
+    cloudwatch = boto3.client("cloudwatch")
+    cloudwatch.put_metric_alarm(
+        AlarmName=composite_alarm_name(migration),
+        Namespace="Zdm/Test",
+        MetricName="Health",
+        Statistic="Maximum",
+        Period=60,
+        EvaluationPeriods=1,
+        Threshold=0,
+        ComparisonOperator="GreaterThanThreshold",
+    )
+    cloudwatch.set_alarm_state(AlarmName=composite_alarm_name(migration), StateValue="OK", StateReason="test")
+
+
 def event(shop: Shop, **extra: Any) -> dict[str, Any]:
     # trust authentication ignores passwords, so they stand in for real secrets
     return {
@@ -116,18 +132,7 @@ def test_the_rollback_window_gate_reads_the_back_replication_and_says_when_to_ch
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     window = {"seconds": 3600, "check_seconds": 30}
     with mock_aws():  # the migration's alarms: CloudWatch, its composite alarm in OK
-        cloudwatch = boto3.client("cloudwatch")
-        cloudwatch.put_metric_alarm(
-            AlarmName=composite_alarm_name("shop"),
-            Namespace="Zdm/Test",
-            MetricName="Health",
-            Statistic="Maximum",
-            Period=60,
-            EvaluationPeriods=1,
-            Threshold=0,
-            ComparisonOperator="GreaterThanThreshold",
-        )
-        cloudwatch.set_alarm_state(AlarmName=composite_alarm_name("shop"), StateValue="OK", StateReason="test")
+        create_health_alarm("shop")
         # Given a cutover done through the handler
         cutover.handler(event(shop), ctx)
         # When the rollback window's gate runs its first check
@@ -150,6 +155,28 @@ def test_the_rollback_window_gate_reads_the_back_replication_and_says_when_to_ch
     assert any("public.customers.gift_note: missing on the source" in p for p in second["rollback_problems"])
     assert second["window"]["problems_since"] is not None and second["window"]["started"] == first["window"]["started"]
     assert "a rollback would not run now" in handler_logs.getvalue()
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_a_database_out_of_reach_in_the_window_is_reported_not_rolled_back_for(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch, handler_logs: io.StringIO, side: str
+) -> None:
+    ctx = FakeContext()
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    cutover.handler(event(shop), ctx)
+    # Given one database out of reach in the rollback window (a port nothing listens on): the old source (the
+    # runner lists its tables) or the target (the rollback's records are read there)
+    gone = event(shop, phase="rollback window", check_replication=False, window={"seconds": 3600})
+    gone["migration"][side]["dsn"] = f"host=127.0.0.1 port=1 dbname=shop user=app password=s3cret-{side}"
+    with mock_aws():
+        create_health_alarm("shop")
+        # When the window's gate checks
+        result = health_gate.handler(gone, ctx)
+    # Then it does not fail (a failed gate would roll back, towards a source it cannot reach): the new writer is
+    # healthy, and a rollback is reported as impossible for now, without the password
+    assert result["healthy"] is True and result["rollback_ready"] is False
+    assert result["rollback_problems"][0].startswith("a rollback could not run: cannot connect to")
+    assert "s3cret" not in json.dumps(result) + handler_logs.getvalue()
 
 
 def test_a_bad_read_step_is_refused_by_the_event_model(shop: Shop) -> None:

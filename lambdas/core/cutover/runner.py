@@ -199,6 +199,12 @@ class RollbackReadiness:
     def ready(self) -> bool:
         return self.applies and not self.problems
 
+    @classmethod
+    def unreachable(cls, exc: DatabaseUnreachable) -> RollbackReadiness:
+        """A database that cannot be reached: reported as why a rollback could not run, never raised (the
+        rollback window's gate must not roll back for it; the DSN in the message is redacted)."""
+        return cls(applies=True, problems=[f"a rollback could not run: {_first_line(exc)}"])
+
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "ready": self.ready}
 
@@ -399,7 +405,7 @@ class CutoverRunner:
                 return RollbackReadiness(applies=False)
             status = self._engine(Side.TARGET, self.plan.reverse).status()
         except DatabaseUnreachable as exc:
-            return RollbackReadiness(applies=True, problems=[f"a rollback could not run: {_first_line(exc)}"])
+            return RollbackReadiness.unreachable(exc)
         what = f"replication target -> source ({self.plan.reverse.subscription})"
         problems = list(status.problems)
         if status.phase is not Phase.STREAMING:
