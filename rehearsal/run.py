@@ -75,6 +75,7 @@ PHASE_OF = {
     "StartReplication": "initial copy",
     "WaitForCopy": "catch up",
     "CopyStatus": "catch up",
+    "AddNewTables": "catch up",
     "ValidatePlan": "validation",
     "ValidateChunks": "validation",
     "ValidateSummary": "validation",

@@ -40,7 +40,7 @@ CHANGE_STREAM_ENV = "ZDM_CHANGE_STREAM"
 
 
 class ReplicationRequest(MigrationEvent):
-    action: Literal["start", "status", "stop", "teardown"]
+    action: Literal["start", "status", "stop", "teardown", "add_tables"]
     # status, from the state machine's copy loop: when the execution began and the file's poll interval
     since: datetime | None = None
     poll_seconds: int | None = Field(default=None, ge=0)
@@ -215,6 +215,14 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if request.action == "stop":  # the change stream keeps running: its consumers are not rolled back
         engine.stop()
         return {"stopped": True}
+    if request.action == "add_tables":  # the copy loop, when the status says tables_to_add
+        if not isinstance(engine, LogicalEngine):
+            raise ValueError(
+                f"engine {migration.engine.type!r} cannot add tables created after the start: only engine logical does"
+            )
+        added = engine.add_tables()
+        logger.info("tables added", extra={"added": added.added, "waiting": added.waiting})
+        return asdict(added)
     if request.action == "teardown":
         removed = engine.teardown().removed
         if stream is not None:
@@ -273,4 +281,5 @@ def status_for_state(status: ReplicationStatus) -> dict[str, Any]:
     waiting = [t for t in out["tables"] if t["state"] is not TableSyncState.READY]
     out["tables"] = waiting[:STATUS_TABLES_SHOWN]
     out["tables_by_state"] = {str(k): v for k, v in Counter(t.state for t in status.tables).items()}
+    out["add_tables"] = bool(status.tables_to_add)  # the copy loop's AddNewTables runs next
     return out

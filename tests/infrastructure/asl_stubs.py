@@ -39,7 +39,15 @@ class Stubs:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, float]] = []  # function, action or phase, when
-        self.status: dict[str, Any] = {"phase": "streaming", "lag_seconds": 0.0, "lag_bytes": 0, "problems": []}
+        self.status: dict[str, Any] = {
+            "phase": "streaming",
+            "lag_seconds": 0.0,
+            "lag_bytes": 0,
+            "problems": [],
+            "add_tables": False,
+        }
+        # Replies of successive status polls, each over `status` (the last one repeats); none: `status` alone
+        self.status_replies: list[dict[str, Any]] = []
         self.unhealthy_phase: str | None = None
         self.failures: dict[tuple[str, str], list[Exception]] = {}
         # What the rollback window's checks find wrong with the back replication, one list per check (the
@@ -51,6 +59,11 @@ class Stubs:
         queued = self.failures.get((function, what))
         if queued:
             raise queued.pop(0)
+
+    def _next_status_reply(self) -> dict[str, Any]:
+        if not self.status_replies:
+            return {}
+        return self.status_replies.pop(0) if len(self.status_replies) > 1 else self.status_replies[0]
 
     def path(self) -> list[tuple[str, str]]:
         return [(function, what) for function, what, _ in self.calls]
@@ -69,11 +82,13 @@ class Stubs:
                 # When to poll next, and since when problems last, as the real handler says them
                 request = ReplicationRequest.model_validate(event)
                 limit = LagLimits.model_validate(event["migration"].get("lag") or {}).problems_max_seconds
-                lasting = problems_for_state(request, self.status["problems"], limit)
-                return {**poll_for_state(request), **lasting, **self.status}
+                reply = {**self.status, **self._next_status_reply()}
+                lasting = problems_for_state(request, reply["problems"], limit)
+                return {**poll_for_state(request), **lasting, "add_tables": False, **reply}
             return {
                 "start": {"tables": [], "rows_copied": 0},
                 "teardown": {"removed": ["subscription zdm_shop_orders"]},
+                "add_tables": {"added": ["public.coupons"], "waiting": []},
             }[event["action"]]
 
         def refresh_views(event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -98,3 +98,39 @@ def test_a_refresh_that_cannot_be_done_rolls_back_before_any_read_moves() -> Non
     assert ("ReadShift", "100") not in stubs.path()
     assert stubs.path()[-1] == ("Cutover", "rollback")
     assert result.error == "RolledBack", (result.error, result.cause)
+
+
+def test_a_status_reporting_a_problem_holds_the_copy_loop_until_it_clears() -> None:
+    # Given a replication streaming under the lag limit, whose status reports a problem at two polls
+    # (a column added on the source only, say), then none
+    stubs = Stubs()
+    drift = {"problems": ["the schemas no longer match: public.orders.gift_note: missing on the target"]}
+    stubs.status_replies = [drift, drift, {}]
+    # When the migration runs
+    result = execute(stubs, timeout=60)
+    # Then nothing moved on (no validation, no read shift) until the problem was gone, and it then migrated
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+    path = stubs.path()
+    assert path.count(("Replication", "status")) == 3
+    assert path.index(("ReadShift", "100")) > max(i for i, call in enumerate(path) if call == ("Replication", "status"))
+
+
+def test_tables_created_after_the_start_are_added_then_the_copy_loop_waits_for_their_copy() -> None:
+    # Given a status naming a table created on the source after the start and since on the target, then the
+    # table being copied by its table sync, then everything streaming
+    stubs = Stubs()
+    stubs.status_replies = [
+        {"add_tables": True, "problems": ["public.coupons: created on the source after the start"]},
+        {"phase": "copying", "lag_seconds": None, "lag_bytes": None},
+        {},
+    ]
+    # When the migration runs
+    result = execute(stubs, timeout=60)
+    # Then the loop added the table once, right after the poll that named it, waited for its copy, and migrated
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+    path = stubs.path()
+    assert path.count(("Replication", "add_tables")) == 1
+    first = path.index(("Replication", "status"))
+    assert path[first + 1] == ("Replication", "add_tables")
+    assert path.count(("Replication", "status")) == 3
+    assert result.output is not None and result.output["added_tables"]["added"] == ["public.coupons"]

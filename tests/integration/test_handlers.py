@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from lambdas.core.db import connect, fetch_all
+from lambdas.core.db import connect, execute, fetch_all
 from lambdas.handlers import preflight, refresh_views, replication, sequences
 from rehearsal import sample
 
@@ -75,6 +76,38 @@ def test_handlers_run_preflight_replication_sequences_and_view_refresh_without_l
     assert logs.strip()  # the check below covers what the handlers logged
     everything = logs + out.out + out.err + json.dumps([pre, started, status, synced, views, removed])
     assert "s3cret" not in everything
+
+
+def test_the_replication_task_adds_a_table_the_file_s_patterns_select_after_the_start(
+    fresh_dbs: tuple[str, str], handler_logs: io.StringIO
+) -> None:
+    # Given a replication started by the task over public.* (one table then)
+    src, tgt = fresh_dbs
+    for dsn in (src, tgt):
+        with closing(connect(dsn)) as conn:
+            execute(conn, "CREATE TABLE orders (id int PRIMARY KEY)")
+    ctx = FakeContext()
+    replication.handler(event(src, tgt, action="start"), ctx)
+    try:
+        # When a table is created on both sides after the start, and written on the source
+        for dsn in (src, tgt):
+            with closing(connect(dsn)) as conn:
+                execute(conn, "CREATE TABLE coupons (code text PRIMARY KEY)")
+        with closing(connect(src)) as conn:
+            execute(conn, "INSERT INTO coupons VALUES ('spring'), ('summer')")
+        # Then the next status (its engine selects the tables anew) says to add it, and the task adds it
+        status = replication.handler(event(src, tgt, action="status"), ctx)
+        assert status["add_tables"] is True and status["tables_to_add"] == ["public.coupons"]
+        added = replication.handler(event(src, tgt, action="add_tables"), ctx)
+        assert added == {"added": ["public.coupons"], "waiting": []}
+        deadline = time.monotonic() + 30
+        while replication.handler(event(src, tgt, action="status"), ctx)["tables"] and time.monotonic() < deadline:
+            time.sleep(0.2)  # its table sync copies it
+        with closing(connect(tgt)) as conn:
+            assert fetch_all(conn, "SELECT code FROM coupons ORDER BY 1") == [("spring",), ("summer",)]
+        assert "tables added" in handler_logs.getvalue()
+    finally:
+        replication.handler(event(src, tgt, action="teardown"), ctx)
 
 
 def test_bad_migration_in_event_fails_with_field_path(fresh_dbs: tuple[str, str]) -> None:

@@ -16,6 +16,7 @@ from lambdas.core.config import LogicalSettings
 from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.engines.base import Phase, ReplicationStatus
 from lambdas.core.engines.logical import (
+    AddedTables,
     LogicalEngine,
     LogicalReplicationPlan,
     ReplicationNames,
@@ -656,3 +657,76 @@ def test_a_transaction_larger_than_the_decoding_memory_streams_to_the_target_ins
         assert query(src, slot_stats)[0][0] == 0
     finally:
         engine.teardown()
+
+
+def test_a_table_created_on_the_source_after_the_start_is_named_then_added_and_replicated_whole(
+    fresh_dbs: tuple[str, str],
+) -> None:
+    # Given a running replication of orders
+    src, tgt = fresh_dbs
+    orders, coupons = TableName("public", "orders"), TableName("public", "coupons")
+    for dsn in (src, tgt):
+        run_sql(dsn, "CREATE TABLE orders (id int PRIMARY KEY, v text)")
+    run_sql(src, "INSERT INTO orders SELECT g, 'x' FROM generate_series(1, 1000) g")
+    engine = make_engine(src, tgt, tables=[orders])
+    engine.start()
+    # The next invocation selects the new table too (the file's patterns match it): an engine of both
+    later = make_engine(src, tgt, tables=[coupons, orders])
+    try:
+        wait_until(lambda: streaming_without_problems(engine), 30, "streaming without problems")
+        # When the application's release creates a table on the source only and writes to it
+        run_sql(src, "CREATE TABLE coupons (code text PRIMARY KEY, pct int)")
+        run_sql(src, "INSERT INTO coupons SELECT 'c' || g, g % 100 FROM generate_series(1, 5000) g")
+        # Then the status names it and says what to do first; it cannot be added yet, and nothing changes
+        status = later.status()
+        text = " ".join(status.problems)
+        assert "public.coupons: created on the source after the start, not replicated yet" in text, text
+        assert "first create public.coupons on the target as on the source" in text, text
+        assert "no longer in publication" not in text  # not a table dropped and created again
+        assert status.tables_to_add == []
+        assert later.add_tables() == AddedTables([], ["public.coupons"])
+        # When it is created on the target alike, and the engine adds it (a retried task: twice)
+        run_sql(tgt, "CREATE TABLE coupons (code text PRIMARY KEY, pct int)")
+        assert later.status().tables_to_add == ["public.coupons"]
+        assert later.add_tables() == AddedTables(["public.coupons"], [])
+        assert later.add_tables() == AddedTables([], [])
+        run_sql(src, "UPDATE coupons SET pct = pct + 1 WHERE pct < 10")
+        run_sql(src, "INSERT INTO coupons VALUES ('late', 5)")
+        run_sql(src, "INSERT INTO orders VALUES (1001, 'after')")
+        # Then its rows are copied and its changes follow; no problem is left
+        wait_until(lambda: streaming_without_problems(later), 60, "the new table copied and streaming")
+        caught_up(later, src, tgt)
+        diffs = [d for d in compare_databases(src, tgt, [coupons, orders]) if not d.equal]
+        assert diffs == [], diffs
+        assert query(tgt, "SELECT count(*) FROM coupons") == [(5001,)]
+    finally:
+        later.teardown()
+
+
+def test_tables_are_not_added_to_a_target_table_holding_rows_nor_to_one_defined_otherwise(
+    fresh_dbs: tuple[str, str],
+) -> None:
+    # Given a running replication, and a table created after the start on both sides, but not alike
+    src, tgt = fresh_dbs
+    orders, coupons = TableName("public", "orders"), TableName("public", "coupons")
+    for dsn in (src, tgt):
+        run_sql(dsn, "CREATE TABLE orders (id int PRIMARY KEY)")
+    make_engine(src, tgt, tables=[orders]).start()
+    later = make_engine(src, tgt, tables=[coupons, orders])
+    try:
+        run_sql(src, "CREATE TABLE coupons (code text PRIMARY KEY, pct int)")
+        run_sql(tgt, "CREATE TABLE coupons (code text PRIMARY KEY)")
+        # When the engine adds it / Then it refuses, naming the difference; nothing was added
+        with pytest.raises(
+            ReplicationSetupError, match=r"public.coupons.pct: missing on the target.*nothing was added"
+        ):
+            later.add_tables()
+        assert query(src, "SELECT count(*) FROM pg_publication_tables WHERE tablename = 'coupons'") == [(0,)]
+        # When it is alike but already holds rows on the target / Then it refuses too (the copy would duplicate)
+        run_sql(tgt, "ALTER TABLE coupons ADD COLUMN pct int")
+        run_sql(tgt, "INSERT INTO coupons VALUES ('stray', 1)")
+        with pytest.raises(ReplicationSetupError, match=r"target tables already hold rows: public.coupons"):
+            later.add_tables()
+        assert query(src, "SELECT count(*) FROM pg_publication_tables WHERE tablename = 'coupons'") == [(0,)]
+    finally:
+        later.teardown()

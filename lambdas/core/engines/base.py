@@ -64,6 +64,8 @@ class ReplicationStatus:
     problems: list[str] = field(default_factory=list)
     dead_letters: int | None = None  # change events the engine could not apply (debezium)
     pending_events: int | None = None  # published, not yet applied (debezium)
+    # Tables created on the source after the start, already on the target: the engine can add them now (logical)
+    tables_to_add: list[str] = field(default_factory=list)
 
     @property
     def copy_done(self) -> bool:

@@ -11,7 +11,7 @@ Initial copy, by `copy_method`:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -49,7 +49,14 @@ from lambdas.core.engines.table_locks import run_waiting_for_locks
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, applied_lsn
 from lambdas.core.ranges import plan_ranges
-from lambdas.core.schema_compare import FORWARD_SIDES, Sides, drift_problem, partitions_missing, schema_drift
+from lambdas.core.schema_compare import (
+    FORWARD_SIDES,
+    Sides,
+    drift_problem,
+    join_names,
+    partitions_missing,
+    schema_drift,
+)
 from lambdas.core.statement_logging import settings_keeping_statements
 from lambdas.core.tables import TableName
 
@@ -128,6 +135,12 @@ class LogicalReplicationPlan:
     sides: Sides = FORWARD_SIDES  # what the status's problems call the two databases
 
 
+@dataclass(frozen=True)
+class AddedTables:
+    added: list[str]  # into the publication and the subscription: their table sync copies them now
+    waiting: list[str]  # created on the source after the start, still missing on the target
+
+
 class LogicalEngine(ReplicationEngine):
     name = "logical"
 
@@ -197,6 +210,53 @@ class LogicalEngine(ReplicationEngine):
             self._ensure_publication(source, _replicated_tables(self._describe(source)))
         finally:
             source.close()
+
+    def add_tables(self) -> AddedTables:
+        """Tables created on the source after the start (`tables_added_after_start`) that the target has since
+        been given, empty and alike: added to the publication, then the subscription refreshed with copy_data,
+        so PostgreSQL's table sync copies each from a snapshot of its own and hands it to the apply worker.
+        Safe to run again: a table the subscription holds is not added twice, and one a run that died left in
+        the publication only is refreshed. Tables the target lacks are named as waiting; nothing else changes."""
+        names = self.plan.names
+        source, target = self._source(), self._target()
+        try:
+            sub = _subscription(target, names.subscription)
+            if sub is None or not sub[1]:
+                raise ReplicationSetupError(
+                    f"subscription {names.subscription} is {'missing' if sub is None else 'disabled'}: tables are "
+                    "added to a running replication only"
+                )
+            on_source = self._describe(source)
+            added = tables_added_after_start(on_source, _subscription_tables(target, sub[0]))
+            on_target = describe_tables(target, added)
+            ready = [on_source[t] for t in added if t in on_target]
+            if ready:
+                found = schema_drift(on_source, on_target, [t.name for t in ready], self.plan.sides)
+                if found:
+                    raise ReplicationSetupError(f"{drift_problem(found, self.plan.sides)}; nothing was added")
+                _require_empty(target, ready)
+                published = _published_oids(source, names.publication) or set()
+                unpublished = [t for t in ready if t.oid not in published]
+                if unpublished:
+                    run_waiting_for_locks(
+                        source,
+                        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                            sql.Identifier(names.publication), sql.SQL(", ").join(_only(t) for t in unpublished)
+                        ),
+                        [t.oid for t in unpublished],
+                        what=f"adding {join_names(t.name for t in unpublished)} to publication {names.publication}",
+                        wait_seconds=self.plan.settings.lock_wait_seconds,
+                    )
+                execute(
+                    target,
+                    sql.SQL("ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = true)").format(
+                        sql.Identifier(names.subscription)
+                    ),
+                )
+            return AddedTables([str(t.name) for t in ready], [str(t) for t in added if t not in on_target])
+        finally:
+            source.close()
+            target.close()
 
     def _describe(self, source: Connection) -> dict[TableName, TableInfo]:
         infos = describe_tables(source, self.plan.tables)
@@ -475,10 +535,15 @@ class LogicalEngine(ReplicationEngine):
                 )
             if enabled and not slot.exists:
                 problems.append(f"slot {names.slot} is missing on the {self.plan.sides.publisher}")
-            unpublished = unpublished_tables(source, names.publication, self.plan.tables)
+            on_source = describe_tables(source, self.plan.tables)
+            added = tables_added_after_start(on_source, tables)
+            on_target = describe_tables(target, added) if added else {}
+            unpublished = [t for t in unpublished_tables(source, names.publication, self.plan.tables) if t not in added]
             if unpublished:
                 problems.append(unpublished_problem(unpublished, names.publication, self.plan.sides))
-            problems += schema_drift_problems(source, target, self.plan.tables, self.plan.sides)
+            if added:
+                problems.append(added_tables_problem(added, set(on_target), self.plan.sides))
+            problems += schema_drift_problems(source, target, self.plan.tables, self.plan.sides, on_source=on_source)
             if slot.lost or (enabled and not slot.exists):
                 phase = Phase.FAILED  # no change can flow any more: never 'streaming'
             elif not enabled:
@@ -497,6 +562,7 @@ class LogicalEngine(ReplicationEngine):
                 applied_lsn=str(applied) if applied else None,
                 slot=slot,
                 problems=problems,
+                tables_to_add=[str(t) for t in added if t in on_target],
             )
         finally:
             source.close()
@@ -773,15 +839,46 @@ def unpublished_tables(source: Connection, publication: str, tables: Sequence[Ta
 
 
 def schema_drift_problems(
-    source: Connection, target: Connection, tables: Sequence[TableName], sides: Sides = FORWARD_SIDES
+    source: Connection,
+    target: Connection,
+    tables: Sequence[TableName],
+    sides: Sides = FORWARD_SIDES,
+    *,
+    on_source: Mapping[TableName, TableInfo] | None = None,
 ) -> list[str]:
     """One problem naming how the selected tables' definitions came apart after the start (DDL is not
-    replicated): columns, types and keys (`schema_drift`), and partitions the source added (`partitions_missing`)."""
-    on_source = describe_tables(source, tables)
+    replicated): columns, types and keys (`schema_drift`), and partitions the source added (`partitions_missing`).
+    `on_source`: the tables as the caller already described them on the source."""
+    on_source = on_source if on_source is not None else describe_tables(source, tables)
     roots = [name for name, info in on_source.items() if info.relkind == "p"]
     found = schema_drift(on_source, describe_tables(target, tables), tables, sides)
     found += partitions_missing(partition_trees(source, roots), partition_trees(target, roots), sides)
     return [drift_problem(found, sides)] if found else []
+
+
+def tables_added_after_start(
+    on_source: Mapping[TableName, TableInfo], subscribed: Sequence[TableStatus]
+) -> list[TableName]:
+    """Selected tables (as replicated: partitions through their partitioned root) that the subscription does
+    not hold: created on the source after the start (or selected since), so nothing of them is replicated."""
+    known = {t.table for t in subscribed}
+    return [t.name for t in _replicated_tables(dict(on_source)) if str(t.name) not in known]
+
+
+def added_tables_problem(added: Sequence[TableName], on_target: set[TableName], sides: Sides = FORWARD_SIDES) -> str:
+    """Tables created after the start: what replicates none of their rows yet, and what adds them."""
+    waiting = [t for t in added if t not in on_target]
+    text = (
+        f"{join_names(added)}: created on the {sides.publisher} after the start, not replicated yet; the migration "
+        "adds such a table while it waits for the copy (`add_tables`: its rows copied by PostgreSQL's table sync, "
+        "then streamed), not once reads have moved"
+    )
+    if waiting:
+        text += (
+            f"; first create {join_names(waiting)} on the {sides.subscriber} as on the {sides.publisher} "
+            f"(pg_dump --schema-only --table=...)"
+        )
+    return text
 
 
 def unpublished_problem(tables: Sequence[TableName], publication: str, sides: Sides = FORWARD_SIDES) -> str:
