@@ -1,6 +1,6 @@
 """`python -m rehearsal`: rehearse a whole migration locally (see rehearsal/run.py), then report.
 
-    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover|ddl|reverse-ddl]
+    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover|ddl|reverse-ddl|new-table]
 
 Writes OUT/summary.json and OUT/report.html (open it in a browser; it needs no network).
 """
@@ -23,7 +23,7 @@ from rehearsal.servers import ServerError
 
 # What each fault ends in: a rollback by itself, but for a reverse replication broken after the cutover,
 # which stops the migration with the writer on the target (nothing to roll back for; a rollback would be refused)
-EXPECTED_OUTCOME = {"reverse-ddl": "reverse_replication_broken"}
+EXPECTED_OUTCOME = {"reverse-ddl": "reverse_replication_broken", "new-table": "migrated"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -192,6 +192,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         say(
             f"final row compare      {summary['final_rows_compared']:,} rows, {summary['final_differences']} differences"
         )
+    if summary.get("tables_added"):
+        say(f"tables added           after the start, by the copy loop: {', '.join(summary['tables_added'])}")
     if summary.get("rollback_problems"):
         say(f"rollback would fail    {'; '.join(summary['rollback_problems'])[:400]}")
     if summary["outcome"] == "migrated" or summary.get("reverse_mended") is not None:
@@ -266,9 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     mended = args.fault != "reverse-ddl" or (
         summary["reverse_replication_retired"] and summary["final_differences"] == 0
     )
+    # Fault new-table: the table created after the start was added, and the final compare covered it
+    added = args.fault != "new-table" or bool(summary.get("tables_added"))
     passed = (
         summary["outcome"] == expected
         and mended
+        and added
         and summary["rows_lost"] == 0
         and summary["failed_transactions"] == 0
         and not summary.get("sequences_behind")

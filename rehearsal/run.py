@@ -55,7 +55,9 @@ from rehearsal.workload import WorkloadProcess, WorkloadStats
 ROOT = Path(__file__).resolve().parent.parent
 DEFINITION = ROOT / "statemachine" / "migration.asl.json"
 VALIDATION_BUCKET = "zdm-local-validation"  # in the mock: the plans' chunks and the chunks' results
-FAULTS = ("gate", "kill-target", "cutover", "ddl", "reverse-ddl")
+# Fault new-table: the table the application's release creates on both sides right after the start
+NEW_TABLE = "coupons"
+FAULTS = ("gate", "kill-target", "cutover", "ddl", "reverse-ddl", "new-table")
 ENGINES = ("logical", "debezium")
 DBNAME = "shop"
 FAULT_HELP = {
@@ -66,6 +68,8 @@ FAULT_HELP = {
     "reverse-ddl": "add a column on the target (the new writer) as the rollback window opens: the reverse "
     "replication breaks, the window stops naming it; then the rehearsal mends it (the same column on the source) "
     "and retires the reverse replication, as an operator would",
+    "new-table": f"create a table ({NEW_TABLE}) on both sides right after the start, with rows on the source: the copy "
+    "loop adds it to the replication, it is validated and migrated with the rest",
 }
 # Fault reverse-ddl: the reverse replication's problems count as lasting after this long (lag.problems_max_seconds)
 REVERSE_FAULT_LASTING_SECONDS = 3
@@ -346,6 +350,10 @@ class Rehearsal:
         handlers = handler_map()
         if self.fault == "cutover":
             handlers["CutoverFunctionArn"] = _failing_after_fence(handlers["CutoverFunctionArn"], injected)
+        if self.fault == "new-table":
+            handlers["ReplicationFunctionArn"] = _creating_a_table_after_the_start(
+                handlers["ReplicationFunctionArn"], src, tgt, injected, timeline
+            )
         handlers["CutoverFunctionArn"] = _stopping_writers_before_retire(
             handlers["CutoverFunctionArn"], workload, timeline
         )
@@ -382,6 +390,11 @@ class Rehearsal:
         if self.fault == "reverse-ddl" and result.error == "ReverseReplicationBroken":
             self.reverse_mended = self._mend_reverse(handlers["CutoverFunctionArn"], settings_data, src, timeline)
         return self._summarize(migration, result, stats, timeline, total_rows, src, tgt, router, injected)
+
+    def _new_tables(self, injected: list[str]) -> list[Any]:
+        from lambdas.core.tables import TableName
+
+        return [TableName("public", NEW_TABLE)] if "new-table" in injected else []
 
     def _mend_reverse(
         self, cutover: Callable[[dict[str, Any], Any], Any], settings_data: dict[str, Any], src: str, timeline: Timeline
@@ -481,14 +494,16 @@ class Rehearsal:
         rows_compared = 0
         retire = (timeline.state_outputs.get("RetireReverseReplication") or {}).get("retire") or {}
         left: list[str] | None = None  # not looked for when not migrated: the target may be down (a fault)
+        rows_by_table: dict[str, int] = {}
         if outcome == "migrated" or self.reverse_mended:
             left = _reverse_replication_left(migration, src, tgt)
             # The retire waited until the source had applied the target's writes up to its start,
             # and the writers had stopped before it: the two must be equal row for row.
-            tables = [t for t in migration_tables()]
+            tables = [*migration_tables(), *self._new_tables(injected)]
             diffs = compare_databases(src, tgt, tables)
             differences = sum(len(d.missing_on_target) + len(d.extra_on_target) + len(d.changed) for d in diffs)
             rows_compared = sum(d.source_rows for d in diffs)
+            rows_by_table = {d.table: d.source_rows for d in diffs}
         # Each state's output from the history: there even when the execution failed.
         output = {
             "start": (timeline.state_outputs.get("StartReplication") or {}).get("start"),
@@ -534,6 +549,7 @@ class Rehearsal:
             ],
             "writer_on": writer.value if writer is not None else None,
             "final_rows_compared": rows_compared,
+            "final_rows_by_table": rows_by_table,
             "final_differences": differences,
             "reverse_replication_retired": retire.get("status") in ("done", "already_done") and left == [],
             "reverse_replication_left": left,
@@ -542,6 +558,7 @@ class Rehearsal:
                 "rollback_problems"
             ),
             "reverse_mended": self.reverse_mended,
+            "tables_added": ((timeline.state_outputs.get("AddNewTables") or {}).get("added_tables") or {}).get("added"),
             "lambda_invocations": invocation_summary(result.invocations),
             "lambda_limits_broken": result.limits_broken,
             "_latencies": [(round(s - timeline.start, 3), round(d, 4)) for s, d in stats.latencies],
@@ -784,6 +801,34 @@ def _stopping_writers_before_retire(
             timeline.events.append((timeline.now(), "writers stopped"))
             say(f"[{timeline.now():7.1f}s] writers stopped before the retire ({stats.committed:,} transactions)")
         return handler(event, context)
+
+    return wrapped
+
+
+def _creating_a_table_after_the_start(
+    handler: Callable[[dict[str, Any], Any], Any], src: str, tgt: str, injected: list[str], timeline: Timeline
+) -> Callable[[dict[str, Any], Any], Any]:
+    """The replication handler; once its start has returned, the application's next release creates a table on
+    both sides (as a schema migration tool run against each would) and writes rows to it on the source (fault
+    'new-table'). A wrapper, so it happens before the copy loop's first poll."""
+
+    def wrapped(event: dict[str, Any], context: Any) -> Any:
+        result = handler(event, context)
+        if event.get("action") == "start" and not injected:
+            injected.append("new-table")
+            table = sql.Identifier(NEW_TABLE)
+            for dsn in (src, tgt):
+                with contextlib.closing(connect(dsn)) as conn:
+                    execute(
+                        conn, sql.SQL("CREATE TABLE {} (code text PRIMARY KEY, percent int NOT NULL)").format(table)
+                    )
+            with contextlib.closing(connect(src)) as conn:
+                execute(
+                    conn,
+                    sql.SQL("INSERT INTO {} SELECT 'c' || g, g % 50 FROM generate_series(1, 2000) g").format(table),
+                )
+            say(f"[{timeline.now():7.1f}s] fault: table {NEW_TABLE} created on both sides after the start, 2,000 rows")
+        return result
 
     return wrapped
 

@@ -133,6 +133,20 @@ def test_ddl_on_the_new_writer_in_the_rollback_window_stops_the_migration_naming
     assert "mended, retired" in (tmp_path / "report.html").read_text()
 
 
+def test_a_table_created_after_the_start_is_added_validated_and_migrated_with_the_rest(tmp_path: Path) -> None:
+    # When the application's release creates a table on both sides right after the start, rows on the source
+    proc, summary = rehearse(tmp_path, "--fault", "new-table")
+    # Then the copy loop added it, and the migration completed with every row of it on the target
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary["fault_injected"] is True and summary["outcome"] == "migrated", (summary["error"], summary["cause"])
+    assert summary["tables_added"] == ["public.coupons"]
+    assert summary["persistent_differences"] == 0
+    assert summary["final_differences"] == 0 and summary["rows_lost"] == 0
+    assert summary["final_rows_by_table"]["public.coupons"] == 2_000  # compared row for row, source and target
+    assert summary["reverse_replication_retired"] is True
+    assert "tables added           after the start, by the copy loop: public.coupons" in proc.stderr
+
+
 def test_bad_migration_file_stops_before_anything_starts_with_the_field_and_fix(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: shop\nsource: {dsn: 'host=x'}\ntarget: {dsn: 'host=y'}\nread_shift: {steps: [10, 50]}\n")
