@@ -89,13 +89,14 @@ def build_runner(migration: Migration, *, forward_stream: bool = True) -> Cutove
 
 
 def rollback_readiness(migration: Migration) -> RollbackReadiness:
-    """Whether a rollback would run now (the rollback window's checks); a database out of reach, while the
-    runner is built (it lists the source's tables), is a problem to report like one found later."""
+    """Whether a rollback would run now (the rollback window's checks), having added to the back replication a
+    table created on the target after the cutover once the source has it too; a database out of reach, while
+    the runner is built (it lists the source's tables), is a problem to report like one found later."""
     try:
         runner = build_runner(migration, forward_stream=False)
     except DatabaseUnreachable as exc:
         return RollbackReadiness.unreachable(exc)
-    return runner.rollback_readiness()
+    return runner.rollback_readiness(add_new_tables=True)
 
 
 @logger.inject_lambda_context

@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import replace
 
 import pytest
 from cutover_env import REVERSE, Shop, assert_no_difference, read_only_error, shop_in, until
@@ -18,6 +20,7 @@ from psycopg2 import sql
 
 from lambdas.core.cutover import (
     CutoverError,
+    CutoverRunner,
     Hooks,
     Operation,
     OperationBusy,
@@ -327,3 +330,44 @@ def test_after_the_retire_there_is_no_rollback_window_to_watch(shop: Shop) -> No
     # When the window's check runs (a gate retried after the retire, say)
     # Then it reports nothing to watch, rather than a broken back replication
     assert readiness(shop) == RollbackReadiness(applies=False)
+
+
+def test_a_table_created_on_the_target_in_the_window_breaks_a_rollback_until_the_source_has_it_then_it_is_added(
+    shop: Shop,
+) -> None:
+    # Given a cutover done under writes, the runner selecting tables with the file's patterns
+    cut_over_under_writes(shop, seconds=0.5)
+    runner = CutoverRunner(
+        shop.src, shop.tgt, shop.router, replace(shop.plan(), patterns=(("public.*",), ("public.*_archive",)))
+    )
+    until(lambda: runner.rollback_readiness().ready, 30, "the back replication streaming without problems")
+    # When the application's next release creates a table on the new writer and writes to it
+    conn = connect(shop.app)
+    try:
+        execute(conn, "CREATE TABLE coupons (code text PRIMARY KEY, percent int)")
+        execute(conn, "INSERT INTO coupons SELECT 'c' || g, g % 40 FROM generate_series(1, 300) g")
+    finally:
+        conn.close()
+    # Then a rollback would lose it: the window's check says so, and what to do first
+    broken = runner.rollback_readiness(add_new_tables=True)
+    assert broken.applies and not broken.ready
+    text = " ".join(broken.problems)
+    assert "public.coupons: created on the target after the start, not replicated yet" in text, text
+    assert "first create public.coupons on the source as on the target" in text, text
+    # When the same table is created (empty) on the source, and the window checks again
+    source = connect(shop.src)
+    make_writable(source)  # the source is fenced after the cutover
+    try:
+        execute(source, "CREATE TABLE coupons (code text PRIMARY KEY, percent int)")
+    finally:
+        source.close()
+    runner.rollback_readiness(add_new_tables=True)
+    # Then it was added to the back replication: its rows reach the source, and a rollback is ready again
+    until(lambda: runner.rollback_readiness().ready, 30, "the new table copied back")
+    with closing(connect(shop.src)) as conn:
+        assert fetch_value(conn, "SELECT count(*) FROM coupons") == 300
+    # And a rollback now keeps it whole on the source
+    runner.rollback()
+    assert shop.router.state().writer is Side.SOURCE
+    with closing(connect(shop.src)) as conn:
+        assert fetch_value(conn, "SELECT count(*) FROM coupons") == 300

@@ -58,6 +58,7 @@ from typing import Any, Protocol
 import psycopg2
 from psycopg2 import sql
 
+from lambdas.core.catalog import list_tables
 from lambdas.core.config import Cutover as CutoverSettings
 from lambdas.core.config import LogicalSettings, Migration
 from lambdas.core.cutover import store
@@ -86,7 +87,7 @@ from lambdas.core.lsn import Lsn, LsnWaitTimeout, current_lsn, wait_for_lsn
 from lambdas.core.routers.base import Side, TrafficRouter
 from lambdas.core.schema_compare import Sides
 from lambdas.core.sequences import sync_sequences
-from lambdas.core.tables import TableName
+from lambdas.core.tables import TableName, select_tables
 
 # How long a rollback waits for a running cutover or retire (the Cutover function has 15 minutes: this
 # leaves 10 for the rollback itself).
@@ -126,6 +127,9 @@ class CutoverPlan:
     settings: CutoverSettings = field(default_factory=CutoverSettings)
     logical: LogicalSettings = field(default_factory=LogicalSettings)
     max_lag_bytes: int | None = None
+    # The file's table patterns (include, exclude): the rollback window selects the target's tables anew with
+    # them, so a table the application creates there after the cutover is seen; None: `tables` only
+    patterns: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
     @classmethod
     def for_migration(cls, migration: Migration, tables: Sequence[TableName]) -> CutoverPlan:
@@ -138,6 +142,7 @@ class CutoverPlan:
             migration.cutover,
             migration.engine.logical,
             migration.lag.max_bytes,
+            (tuple(migration.tables.include), tuple(migration.tables.exclude)),
         )
 
 
@@ -287,10 +292,12 @@ class CutoverRunner:
                 with suppress(psycopg2.Error):
                     conn.close()
 
-    def _engine(self, old: Side, names: ReplicationNames) -> LogicalEngine:
-        """The logical replication old -> new under `names` (no initial copy)."""
+    def _engine(self, old: Side, names: ReplicationNames, tables: Sequence[TableName] | None = None) -> LogicalEngine:
+        """The logical replication old -> new under `names` (no initial copy), over `tables` (the plan's)."""
         sides = Sides(old.value, old.other.value)
-        plan = LogicalReplicationPlan(names, self.plan.tables, self.plan.logical, initial_copy=False, sides=sides)
+        plan = LogicalReplicationPlan(
+            names, tuple(tables or self.plan.tables), self.plan.logical, initial_copy=False, sides=sides
+        )
         return LogicalEngine(
             self._dsn[old],
             self._dsn[old.other],
@@ -388,22 +395,31 @@ class CutoverRunner:
                 notes=["the source stays fenced (read-only): a copy of the target as of the retire"],
             )
 
-    def rollback_readiness(self) -> RollbackReadiness:
+    def rollback_readiness(self, *, add_new_tables: bool = False) -> RollbackReadiness:
         """Whether a rollback would run now, read through the rollback window: DDL run on the target alone,
-        a stopped subscription or a lost slot breaks the back replication, and a rollback would then be
-        refused (`_check_ready`) when an alarm asks for it. Read-only; takes no lock. A database that cannot
-        be reached is a problem to report, not an error: the window's gate must not roll back for it."""
+        a table created there, a stopped subscription or a lost slot breaks the back replication, and a
+        rollback would then be refused (`_check_ready`) or lose rows when an alarm asks for it. The target's
+        tables are selected anew (`plan.patterns`). With `add_new_tables`, a table created on the target
+        after the cutover that the source has since been given alike and empty is added to the back
+        replication first (`LogicalEngine.add_tables`: its table sync copies it); else read-only. Takes no
+        lock. A database that cannot be reached is a problem to report, not an error: the window's gate
+        must not roll back for it."""
         try:
             target = self._open(Side.TARGET)
             try:
                 records = {op: store.load(target, self.plan.migration, op) for op in Operation}
+                tables = self._selected_on(target)
             finally:
                 target.close()
             if retire_blocker(records[Operation.CUTOVER], records[Operation.ROLLBACK]) is not None or not (
                 rollback_possible(records[Operation.RETIRE_REVERSE])
             ):
                 return RollbackReadiness(applies=False)
-            status = self._engine(Side.TARGET, self.plan.reverse).status()
+            engine = self._engine(Side.TARGET, self.plan.reverse, tables)
+            status = engine.status()
+            if add_new_tables and status.tables_to_add:
+                engine.add_tables()
+                status = engine.status()
         except DatabaseUnreachable as exc:
             return RollbackReadiness.unreachable(exc)
         what = f"replication target -> source ({self.plan.reverse.subscription})"
@@ -415,6 +431,13 @@ class CutoverRunner:
             problems.append(f"{lagging}: a rollback would hold writes while the source catches up")
         retained = status.slot.retained_wal_bytes if status.slot is not None else None
         return RollbackReadiness(True, problems, status.lag_bytes, retained)
+
+    def _selected_on(self, conn: Connection) -> list[TableName]:
+        """The migration's tables as `conn`'s database holds them now (the plan's when it has no patterns)."""
+        if self.plan.patterns is None:
+            return list(self.plan.tables)
+        include, exclude = self.plan.patterns
+        return select_tables(list_tables(conn), include, exclude) or list(self.plan.tables)
 
     def status(self) -> dict[str, Any]:
         with self._sessions(lock=False) as conns:
