@@ -836,3 +836,29 @@ def test_a_long_lock_on_a_table_fails_the_start_naming_its_session_before_the_co
             assert_converged(src, tgt)
         finally:
             holder.close()
+
+
+def test_a_table_created_on_the_source_after_the_start_is_named_as_not_captured(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given the stream started over the sample's tables and its snapshot applied
+    src, tgt = fresh_dbs
+    given_sample(src, tgt, 500)
+    engine = make_engine(src, tgt, broker, tmp_path, TABLES, name="dbz-added")
+    with running(engine):
+        engine.start()
+        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+        # When the application's release creates a table on both sides and writes it on the source, and the
+        # next invocation's engine selects it (the file's patterns match it)
+        for dsn in (src, tgt):
+            with closing(connect(dsn)) as conn:
+                execute(conn, "CREATE TABLE coupons (code text PRIMARY KEY)")
+        with closing(connect(src)) as conn:
+            execute(conn, "INSERT INTO coupons VALUES ('spring')")
+        later = make_engine(src, tgt, broker, tmp_path, [*TABLES, TableName("public", "coupons")], name="dbz-added")
+        # Then its status names the table as not captured and says what to do, and nothing else goes wrong
+        problems = later.status().problems
+        text = " ".join(problems)
+        assert "public.coupons: created on the source after the start, not captured" in text, problems
+        assert "tables.exclude" in text
+        assert "no longer in publication" not in text and "cannot read the broker" not in text, problems
