@@ -276,6 +276,7 @@ def test_debezium_refuses_and_its_snapshot_fails_rather_than_skip_rows_policies_
         runtime = engine.runtime
         assert isinstance(runtime, LocalChangeStream)
         log = runtime.workdir / "connector" / "process.log"
+        run_sql(rls.as_role("source"), f"CREATE PUBLICATION {engine.plan.publication} FOR TABLE t")  # as a start would
         runtime.start(engine.plan.connector, engine.plan.table_topics)
         wait_until(lambda: engine.runtime.health().connector is PartState.FAILED, 120, "the connector to fail", engine)
         assert "query would be affected by row-level security policy" in log.read_text(errors="replace")
