@@ -14,11 +14,11 @@ from cutover_env import Shop, server_port, shop_in
 from moto import mock_aws
 
 from lambdas.core.cutover import RollbackError
-from lambdas.core.db import connect, execute
 from lambdas.core.telemetry import composite_alarm_name
 from lambdas.handlers import cutover, health_gate, read_shift
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload
+from tests.integration.db_env import run_sql
 
 
 @dataclass
@@ -141,12 +141,8 @@ def test_the_rollback_window_gate_reads_the_back_replication_and_says_when_to_ch
         assert first["healthy"] is True and first["rollback_ready"] is True, first
         assert first["window"]["next"] == "wait" and first["window"]["next_check_seconds"] == 30
         # When a column is added on the new writer only, and written there
-        conn = connect(shop.app)
-        try:
-            execute(conn, "ALTER TABLE customers ADD COLUMN gift_note text")
-            execute(conn, "INSERT INTO customers (email, name, gift_note) VALUES ('g@example.com', 'G', 'bow')")
-        finally:
-            conn.close()
+        run_sql(shop.app, "ALTER TABLE customers ADD COLUMN gift_note text")
+        run_sql(shop.app, "INSERT INTO customers (email, name, gift_note) VALUES ('g@example.com', 'G', 'bow')")
         later = {**window, "started": first["window"]["started"]}
         second = health_gate.handler(event(shop, phase="rollback window", check_replication=False, window=later), ctx)
     # Then the gate stays healthy (the new writer is fine: no rollback for this), but says a rollback would

@@ -36,6 +36,7 @@ from lambdas.core.lsn import Lsn
 from lambdas.core.routers.base import Side
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload
+from tests.integration.db_env import run_sql
 
 
 @pytest.fixture
@@ -298,11 +299,7 @@ def test_the_rollback_window_sees_ddl_on_the_target_break_the_back_replication_a
     until(lambda: readiness(shop).ready, 30, "the back replication streaming without problems")
     # When the application's next release adds a column on the new writer (the target) and writes it
     add_gift_note(shop.tgt)
-    conn = connect(shop.app)
-    try:
-        execute(conn, "INSERT INTO customers (email, name, gift_note) VALUES ('gift@example.com', 'G', 'ribbon')")
-    finally:
-        conn.close()
+    run_sql(shop.app, "INSERT INTO customers (email, name, gift_note) VALUES ('gift@example.com', 'G', 'ribbon')")
     # Then the window's check says a rollback would not run, naming the column, the side and the fix
     broken = readiness(shop)
     assert broken.applies and not broken.ready
@@ -342,12 +339,8 @@ def test_a_table_created_on_the_target_in_the_window_breaks_a_rollback_until_the
     )
     until(lambda: runner.rollback_readiness().ready, 30, "the back replication streaming without problems")
     # When the application's next release creates a table on the new writer and writes to it
-    conn = connect(shop.app)
-    try:
-        execute(conn, "CREATE TABLE coupons (code text PRIMARY KEY, percent int)")
-        execute(conn, "INSERT INTO coupons SELECT 'c' || g, g % 40 FROM generate_series(1, 300) g")
-    finally:
-        conn.close()
+    run_sql(shop.app, "CREATE TABLE coupons (code text PRIMARY KEY, percent int)")
+    run_sql(shop.app, "INSERT INTO coupons SELECT 'c' || g, g % 40 FROM generate_series(1, 300) g")
     # Then a rollback would lose it: the window's check says so, and what to do first
     broken = runner.rollback_readiness(add_new_tables=True)
     assert broken.applies and not broken.ready
