@@ -103,6 +103,7 @@ def trigger_rollback(
         input=json.dumps(
             {
                 "action": "rollback",
+                "reason": cause,  # the RolledBack state's cause names it
                 "migration_name": migration_name,
                 "alarm": {"name": change.alarm_name, "reason": change.reason, "time": change.time},
                 "stopped_executions": stopped,

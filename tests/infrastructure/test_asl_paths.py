@@ -134,3 +134,52 @@ def test_tables_created_after_the_start_are_added_then_the_copy_loop_waits_for_t
     assert path[first + 1] == ("Replication", "add_tables")
     assert path.count(("Replication", "status")) == 3
     assert result.output is not None and result.output["added_tables"]["added"] == ["public.coupons"]
+
+
+def test_a_rollback_asked_for_in_the_input_names_its_reason_or_says_it_was_asked_for() -> None:
+    # Given executions asking for a rollback: a person's with a reason, and one without
+    stubs = Stubs()
+    reasoned = execute(stubs, {"action": "rollback", "reason": "checkout errors seen by the on-call engineer"})
+    bare = execute(Stubs(), {"action": "rollback"})
+    # Then each rolls back at once, the cause naming the reason given, or that the input asked for it
+    assert stubs.path() == [("Cutover", "rollback")]
+    assert reasoned.error == "RolledBack"
+    assert reasoned.cause == "rolled back after RollbackRequested: checkout errors seen by the on-call engineer"
+    assert bare.cause == "rolled back after RollbackRequested: a rollback asked for in the execution's input"
+
+
+def test_a_person_retires_the_reverse_replication_once_mended_by_starting_an_execution() -> None:
+    # Given a migration stopped in ReverseReplicationBroken, its reverse replication mended since
+    stubs = Stubs()
+    # When an execution is started with {"action": "retire_reverse"}
+    result = execute(stubs, {"action": "retire_reverse"})
+    # Then only the retire runs (no preflight, no replication, no gate), and the migration ends Migrated
+    assert stubs.path() == [("Cutover", "retire_reverse")]
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+    assert result.output is not None and result.output["retire"]["status"] == "done"
+
+
+class RollbackError(RuntimeError):  # lambdas.core.cutover.RollbackError
+    pass
+
+
+def test_a_person_abandons_the_migration_rolling_back_what_moved_then_removing_the_replication() -> None:
+    # Given a migration rolled back before its cutover (its stopped slot keeps WAL on the source)
+    stubs = Stubs()
+    # When an execution is started with {"action": "abandon"}
+    result = execute(stubs, {"action": "abandon"})
+    # Then the rollback's protocol runs first, then the forward replication is removed, and it ends Abandoned
+    assert stubs.path() == [("Cutover", "rollback"), ("Replication", "teardown")]
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+    assert result.output is not None and result.output["teardown"]["removed"] == ["subscription zdm_shop_orders"]
+
+
+def test_abandoning_after_the_retire_is_refused_and_removes_nothing() -> None:
+    # Given a migration whose reverse replication was retired: a rollback is refused
+    stubs = Stubs()
+    stubs.failures[("Cutover", "rollback")] = [RollbackError("the back replication was retired after the window")]
+    # When it is abandoned / Then it fails naming why, and nothing is torn down
+    result = execute(stubs, {"action": "abandon"})
+    assert result.status == "FAILED" and result.error == "AbandonFailed"
+    assert "RollbackError" in (result.cause or "") and "retired after the window" in (result.cause or "")
+    assert ("Replication", "teardown") not in stubs.path()

@@ -51,6 +51,7 @@ def test_alarm_stops_the_running_migration_and_starts_one_rollback(machine: tupl
     assert started["name"] == "rollback-3f4e-event"
     payload = json.loads(started["input"])
     assert payload["action"] == "rollback" and payload["alarm"]["name"] == "zdm-shop-orders-health"
+    assert payload["reason"].startswith("zdm-shop-orders-health entered ALARM at ")
     assert payload["stopped_executions"] == [running]
 
 
