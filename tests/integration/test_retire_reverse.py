@@ -347,11 +347,23 @@ def test_a_table_created_on_the_target_in_the_window_breaks_a_rollback_until_the
     text = " ".join(broken.problems)
     assert "public.coupons: created on the target after the start, not replicated yet" in text, text
     assert "first create public.coupons on the source as on the target" in text, text
-    # When the same table is created (empty) on the source, and the window checks again
+    # When the table is created on the source, but without one of its columns, and the window checks again
     source = connect(shop.src)
     make_writable(source)  # the source is fenced after the cutover
     try:
-        execute(source, "CREATE TABLE coupons (code text PRIMARY KEY, percent int)")
+        execute(source, "CREATE TABLE coupons (code text PRIMARY KEY)")
+        # Then it is not added, and the check says why rather than failing (a failed gate would roll back)
+        refused = runner.rollback_readiness(add_new_tables=True)
+        assert not refused.ready
+        assert any(
+            p.startswith(
+                "adding public.coupons to it: the schemas no longer match: public.coupons.percent: missing on "
+                "the source"
+            )
+            for p in refused.problems
+        ), refused.problems
+        # When the source's table is made alike / Then the next check adds it
+        execute(source, "ALTER TABLE coupons ADD COLUMN percent int")
     finally:
         source.close()
     runner.rollback_readiness(add_new_tables=True)

@@ -81,7 +81,14 @@ from lambdas.core.cutover.steps import (
 )
 from lambdas.core.db import Connection, DatabaseUnreachable, connect, execute, fetch_all
 from lambdas.core.engines.base import FenceReached, Phase, ReplicationStatus, StartResult, TeardownResult
-from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames, _subscription
+from lambdas.core.engines.logical import (
+    LogicalEngine,
+    LogicalReplicationPlan,
+    ReplicationNames,
+    ReplicationSetupError,
+    _subscription,
+)
+from lambdas.core.engines.table_locks import TableLocksBusy
 from lambdas.core.fence import fence_position, is_fenced, lift_fence, make_writable, take_fence
 from lambdas.core.lsn import Lsn, LsnWaitTimeout, current_lsn, wait_for_lsn
 from lambdas.core.routers.base import Side, TrafficRouter
@@ -209,9 +216,6 @@ class RollbackReadiness:
         """A database that cannot be reached: reported as why a rollback could not run, never raised (the
         rollback window's gate must not roll back for it; the DSN in the message is redacted)."""
         return cls(applies=True, problems=[f"a rollback could not run: {_first_line(exc)}"])
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "ready": self.ready}
 
 
 def lag_problem(what: str, status: ReplicationStatus, max_lag_bytes: int | None) -> str | None:
@@ -417,13 +421,17 @@ class CutoverRunner:
                 return RollbackReadiness(applies=False)
             engine = self._engine(Side.TARGET, self.plan.reverse, tables)
             status = engine.status()
+            refused: list[str] = []
             if add_new_tables and status.tables_to_add:
-                engine.add_tables()
+                try:
+                    engine.add_tables()
+                except (ReplicationSetupError, TableLocksBusy) as exc:  # reported: the gate must not fail on it
+                    refused.append(f"adding {', '.join(status.tables_to_add)} to it: {_first_line(exc)}")
                 status = engine.status()
         except DatabaseUnreachable as exc:
             return RollbackReadiness.unreachable(exc)
         what = f"replication target -> source ({self.plan.reverse.subscription})"
-        problems = list(status.problems)
+        problems = [*status.problems, *refused]
         if status.phase is not Phase.STREAMING:
             problems.insert(0, f"{what} is {status.phase.value}, not streaming")
         lagging = lag_problem(what, status, self.plan.max_lag_bytes)
