@@ -716,7 +716,11 @@ def test_tables_are_not_added_to_a_target_table_holding_rows_nor_to_one_defined_
     try:
         run_sql(src, "CREATE TABLE coupons (code text PRIMARY KEY, pct int)")
         run_sql(tgt, "CREATE TABLE coupons (code text PRIMARY KEY)")
-        # When the engine adds it / Then it refuses, naming the difference; nothing was added
+        # When the status reads it / Then it is not offered for adding, and says what must change first
+        status = later.status()
+        assert status.tables_to_add == []
+        assert any("public.coupons must first be alike on both sides" in p for p in status.problems), status.problems
+        # When the engine is asked to add it anyway / Then it refuses, naming the difference; nothing was added
         with pytest.raises(
             ReplicationSetupError, match=r"public.coupons.pct: missing on the target.*nothing was added"
         ):
@@ -725,6 +729,7 @@ def test_tables_are_not_added_to_a_target_table_holding_rows_nor_to_one_defined_
         # When it is alike but already holds rows on the target / Then it refuses too (the copy would duplicate)
         run_sql(tgt, "ALTER TABLE coupons ADD COLUMN pct int")
         run_sql(tgt, "INSERT INTO coupons VALUES ('stray', 1)")
+        assert later.status().tables_to_add == []
         with pytest.raises(ReplicationSetupError, match=r"target tables already hold rows: public.coupons"):
             later.add_tables()
         assert query(src, "SELECT count(*) FROM pg_publication_tables WHERE tablename = 'coupons'") == [(0,)]

@@ -49,11 +49,17 @@ def test_a_new_partition_of_a_replicated_partitioned_table_is_not_a_table_of_its
     assert tables_added_after_start(on_source, held(EVENTS)) == []
 
 
-def test_the_problem_says_what_to_do_first_for_a_table_the_target_lacks() -> None:
-    text = added_tables_problem([COUPONS, ORDERS], {ORDERS})
+def test_the_problem_says_what_to_do_first_for_a_table_the_target_lacks_or_holds_otherwise() -> None:
+    # Given coupons missing on the target and orders there, alike and empty (addable)
+    text = added_tables_problem([COUPONS, ORDERS], {ORDERS}, [ORDERS])
     assert text.startswith("public.coupons, public.orders: created on the source after the start, not replicated")
     assert text.endswith(
         "first create public.coupons on the target as on the source (pg_dump --schema-only --table=...)"
     )
+    # Given orders on the target but not addable (a difference, or rows there)
+    held = added_tables_problem([ORDERS], {ORDERS}, [])
+    assert held.endswith(
+        "public.orders must first be alike on both sides (see the schema differences) and empty on the target"
+    )
     # And from the back replication's side, the databases are named the other way round
-    assert "created on the target after the start" in added_tables_problem([COUPONS], set(), REVERSE_SIDES)
+    assert "created on the target after the start" in added_tables_problem([COUPONS], set(), sides=REVERSE_SIDES)

@@ -538,11 +538,12 @@ class LogicalEngine(ReplicationEngine):
             on_source = describe_tables(source, self.plan.tables)
             added = tables_added_after_start(on_source, tables)
             on_target = describe_tables(target, added) if added else {}
+            addable = addable_tables(target, on_source, on_target, added, self.plan.sides)
             unpublished = [t for t in unpublished_tables(source, names.publication, self.plan.tables) if t not in added]
             if unpublished:
                 problems.append(unpublished_problem(unpublished, names.publication, self.plan.sides))
             if added:
-                problems.append(added_tables_problem(added, set(on_target), self.plan.sides))
+                problems.append(added_tables_problem(added, set(on_target), addable, self.plan.sides))
             problems += schema_drift_problems(source, target, self.plan.tables, self.plan.sides, on_source=on_source)
             if slot.lost or (enabled and not slot.exists):
                 phase = Phase.FAILED  # no change can flow any more: never 'streaming'
@@ -562,7 +563,7 @@ class LogicalEngine(ReplicationEngine):
                 applied_lsn=str(applied) if applied else None,
                 slot=slot,
                 problems=problems,
-                tables_to_add=[str(t) for t in added if t in on_target],
+                tables_to_add=[str(t) for t in addable],
             )
         finally:
             source.close()
@@ -865,9 +866,31 @@ def tables_added_after_start(
     return [t.name for t in _replicated_tables(dict(on_source)) if str(t.name) not in known]
 
 
-def added_tables_problem(added: Sequence[TableName], on_target: set[TableName], sides: Sides = FORWARD_SIDES) -> str:
+def addable_tables(
+    target: Connection,
+    on_source: Mapping[TableName, TableInfo],
+    on_target: Mapping[TableName, TableInfo],
+    added: Sequence[TableName],
+    sides: Sides = FORWARD_SIDES,
+) -> list[TableName]:
+    """Of the tables created after the start, those `add_tables` would add now: on the target, alike (no
+    blocking difference) and empty there."""
+    alike = [
+        t for t in added if t in on_target and not schema_drift(on_source, on_target, [t], sides) and t in on_source
+    ]
+    full = set(_tables_with_rows(target, [on_target[t] for t in alike]))
+    return [t for t in alike if t not in full]
+
+
+def added_tables_problem(
+    added: Sequence[TableName],
+    on_target: set[TableName],
+    addable: Sequence[TableName] = (),
+    sides: Sides = FORWARD_SIDES,
+) -> str:
     """Tables created after the start: what replicates none of their rows yet, and what adds them."""
     waiting = [t for t in added if t not in on_target]
+    held = [t for t in added if t in on_target and t not in addable]
     text = (
         f"{join_names(added)}: created on the {sides.publisher} after the start, not replicated yet; the migration "
         "adds such a table while it waits for the copy (`add_tables`: its rows copied by PostgreSQL's table sync, "
@@ -877,6 +900,11 @@ def added_tables_problem(added: Sequence[TableName], on_target: set[TableName], 
         text += (
             f"; first create {join_names(waiting)} on the {sides.subscriber} as on the {sides.publisher} "
             f"(pg_dump --schema-only --table=...)"
+        )
+    if held:
+        text += (
+            f"; {join_names(held)} must first be alike on both sides (see the schema differences) and empty on the "
+            f"{sides.subscriber}"
         )
     return text
 
@@ -943,10 +971,12 @@ def drop_slot(source: Connection, slot: str, wait_seconds: float = 10.0) -> bool
         time.sleep(0.05)
 
 
+def _tables_with_rows(target: Connection, tables: Sequence[TableInfo]) -> list[TableName]:
+    return [t.name for t in tables if fetch_value(target, sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(_only(t)))]
+
+
 def _require_empty(target: Connection, tables: Sequence[TableInfo]) -> None:
-    full = [
-        str(t.name) for t in tables if fetch_value(target, sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(_only(t)))
-    ]
+    full = [str(t) for t in _tables_with_rows(target, tables)]
     if full:
         raise ReplicationSetupError(
             f"target tables already hold rows: {', '.join(full)}; the initial copy needs them empty "
