@@ -18,6 +18,7 @@ import pytest
 from cutover_env import REVERSE, Shop, assert_no_difference, read_only_error, shop_in, until
 from psycopg2 import sql
 
+from lambdas.core.config import LogicalSettings
 from lambdas.core.cutover import (
     CutoverError,
     CutoverRunner,
@@ -334,8 +335,12 @@ def test_a_table_created_on_the_target_in_the_window_breaks_a_rollback_until_the
 ) -> None:
     # Given a cutover done under writes, the runner selecting tables with the file's patterns
     cut_over_under_writes(shop, seconds=0.5)
+    quick_locks = LogicalSettings(copy_workers=2, copy_chunk_rows=5000, lock_wait_seconds=3)
     runner = CutoverRunner(
-        shop.src, shop.tgt, shop.router, replace(shop.plan(), patterns=(("public.*",), ("public.*_archive",)))
+        shop.src,
+        shop.tgt,
+        shop.router,
+        replace(shop.plan(quick_locks), patterns=(("public.*",), ("public.*_archive",))),
     )
     until(lambda: runner.rollback_readiness().ready, 30, "the back replication streaming without problems")
     # When the application's next release creates a table on the new writer and writes to it
@@ -350,21 +355,27 @@ def test_a_table_created_on_the_target_in_the_window_breaks_a_rollback_until_the
     # When the table is created on the source, but without one of its columns, and the window checks again
     source = connect(shop.src)
     make_writable(source)  # the source is fenced after the cutover
+    holder = connect(shop.tgt, application_name="nightly-vacuum", autocommit=False)
     try:
         execute(source, "CREATE TABLE coupons (code text PRIMARY KEY)")
-        # Then it is not added, and the check says why rather than failing (a failed gate would roll back)
-        refused = runner.rollback_readiness(add_new_tables=True)
-        assert not refused.ready
-        assert any(
-            p.startswith(
-                "adding public.coupons to it: the schemas no longer match: public.coupons.percent: missing on "
-                "the source"
-            )
-            for p in refused.problems
-        ), refused.problems
-        # When the source's table is made alike / Then the next check adds it
+        # Then it is not added, and the check says what must change first
+        refused = " ".join(runner.rollback_readiness(add_new_tables=True).problems)
+        assert "public.coupons must first be alike on both sides" in refused, refused
+        assert "public.coupons.percent: missing on the source" in refused, refused
+        # When the source's table is made alike, but a session holds a lock on the target's table
         execute(source, "ALTER TABLE coupons ADD COLUMN percent int")
+        execute(holder, "LOCK TABLE coupons IN SHARE UPDATE EXCLUSIVE MODE")
+        # Then the add gives up after its wait and the check reports it, rather than failing (a failed gate
+        # would roll back)
+        waited = runner.rollback_readiness(add_new_tables=True)
+        assert not waited.ready
+        assert any(p.startswith("adding public.coupons to it:") and "nightly-vacuum" in p for p in waited.problems), (
+            waited.problems
+        )
+        # When the lock is released / Then the next check adds it
+        holder.rollback()
     finally:
+        holder.close()
         source.close()
     runner.rollback_readiness(add_new_tables=True)
     # Then it was added to the back replication: its rows reach the source, and a rollback is ready again
