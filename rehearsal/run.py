@@ -44,6 +44,7 @@ from lambdas.core.sequences import read_position
 from lambdas.core.telemetry import composite_alarm_name
 from lambdas.handlers.runtime import VALIDATION_BUCKET_ENV
 from rehearsal import sample
+from rehearsal.alarms import put_stand_in_alarm
 from rehearsal.broker import start_broker
 from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
 from rehearsal.compare import compare_databases
@@ -302,17 +303,7 @@ class Rehearsal:
             )
 
         def create_alarm() -> None:
-            boto3.client("cloudwatch", region_name=REGION).put_metric_alarm(
-                AlarmName=alarm,
-                Namespace="Zdm/Rehearsal",
-                MetricName="LocalHealth",
-                Statistic="Maximum",
-                Period=60,
-                EvaluationPeriods=1,
-                Threshold=0,
-                ComparisonOperator="GreaterThanThreshold",
-            )
-            set_alarm("OK", "rehearsal started")
+            put_stand_in_alarm(boto3.client("cloudwatch", region_name=REGION), alarm, "OK", "rehearsal started")
 
         def on_phase(phase: str) -> None:
             say(f"[{timeline.now():7.1f}s] phase: {phase}")

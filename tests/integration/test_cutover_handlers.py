@@ -16,6 +16,7 @@ from moto import mock_aws
 from lambdas.core.cutover import RollbackError
 from lambdas.core.telemetry import composite_alarm_name
 from lambdas.handlers import cutover, health_gate, read_shift
+from rehearsal.alarms import put_stand_in_alarm
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload
 from tests.integration.db_env import run_sql
@@ -37,18 +38,7 @@ def shop(pg_pair: tuple[PostgresServer, PostgresServer], fresh_dbs: tuple[str, s
 
 def create_health_alarm(migration: str) -> None:
     """The migration's composite alarm, in OK, in moto's CloudWatch (the gate reads it by name)."""
-    cloudwatch = boto3.client("cloudwatch")
-    cloudwatch.put_metric_alarm(
-        AlarmName=composite_alarm_name(migration),
-        Namespace="Zdm/Test",
-        MetricName="Health",
-        Statistic="Maximum",
-        Period=60,
-        EvaluationPeriods=1,
-        Threshold=0,
-        ComparisonOperator="GreaterThanThreshold",
-    )
-    cloudwatch.set_alarm_state(AlarmName=composite_alarm_name(migration), StateValue="OK", StateReason="test")
+    put_stand_in_alarm(boto3.client("cloudwatch"), composite_alarm_name(migration))
 
 
 def event(shop: Shop, **extra: Any) -> dict[str, Any]:

@@ -10,20 +10,11 @@ from moto import mock_aws
 from lambdas.core.config import LagLimits
 from lambdas.core.engines.base import Phase, ReplicationStatus, SlotHealth
 from lambdas.core.health import AlarmSignal, HealthSignal, ReplicationSignal, evaluate_health
+from rehearsal.alarms import put_stand_in_alarm
 
 
 def alarm(cw: Any, name: str, state: str) -> None:
-    cw.put_metric_alarm(
-        AlarmName=name,
-        MetricName="M",
-        Namespace="N",
-        Statistic="Maximum",
-        Period=60,
-        EvaluationPeriods=1,
-        Threshold=1,
-        ComparisonOperator="GreaterThanThreshold",
-    )
-    cw.set_alarm_state(AlarmName=name, StateValue=state, StateReason="test")
+    put_stand_in_alarm(cw, name, state, "test")
 
 
 @mock_aws
