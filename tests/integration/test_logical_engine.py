@@ -659,19 +659,26 @@ def test_a_transaction_larger_than_the_decoding_memory_streams_to_the_target_ins
         engine.teardown()
 
 
+ORDERS, COUPONS = TableName("public", "orders"), TableName("public", "coupons")
+
+
+def replicating_orders(src: str, tgt: str, rows: int = 0) -> tuple[LogicalEngine, LogicalEngine]:
+    """orders (with `rows` rows) on both sides, replicated: the engine that started it, and the engine of a
+    later invocation, which selects coupons too (the file's patterns match a table created since)."""
+    for dsn in (src, tgt):
+        run_sql(dsn, "CREATE TABLE orders (id int PRIMARY KEY, v text)")
+    run_sql(src, "INSERT INTO orders SELECT g, 'x' FROM generate_series(1, %s) g", (rows,))
+    engine = make_engine(src, tgt, tables=[ORDERS])
+    engine.start()
+    return engine, make_engine(src, tgt, tables=[COUPONS, ORDERS])
+
+
 def test_a_table_created_on_the_source_after_the_start_is_named_then_added_and_replicated_whole(
     fresh_dbs: tuple[str, str],
 ) -> None:
     # Given a running replication of orders
     src, tgt = fresh_dbs
-    orders, coupons = TableName("public", "orders"), TableName("public", "coupons")
-    for dsn in (src, tgt):
-        run_sql(dsn, "CREATE TABLE orders (id int PRIMARY KEY, v text)")
-    run_sql(src, "INSERT INTO orders SELECT g, 'x' FROM generate_series(1, 1000) g")
-    engine = make_engine(src, tgt, tables=[orders])
-    engine.start()
-    # The next invocation selects the new table too (the file's patterns match it): an engine of both
-    later = make_engine(src, tgt, tables=[coupons, orders])
+    engine, later = replicating_orders(src, tgt, rows=1000)
     try:
         wait_until(lambda: streaming_without_problems(engine), 30, "streaming without problems")
         # When the application's release creates a table on the source only and writes to it
@@ -696,7 +703,7 @@ def test_a_table_created_on_the_source_after_the_start_is_named_then_added_and_r
         # Then its rows are copied and its changes follow; no problem is left
         wait_until(lambda: streaming_without_problems(later), 60, "the new table copied and streaming")
         caught_up(later, src, tgt)
-        diffs = [d for d in compare_databases(src, tgt, [coupons, orders]) if not d.equal]
+        diffs = [d for d in compare_databases(src, tgt, [COUPONS, ORDERS]) if not d.equal]
         assert diffs == [], diffs
         assert query(tgt, "SELECT count(*) FROM coupons") == [(5001,)]
     finally:
@@ -708,11 +715,7 @@ def test_tables_are_not_added_to_a_target_table_holding_rows_nor_to_one_defined_
 ) -> None:
     # Given a running replication, and a table created after the start on both sides, but not alike
     src, tgt = fresh_dbs
-    orders, coupons = TableName("public", "orders"), TableName("public", "coupons")
-    for dsn in (src, tgt):
-        run_sql(dsn, "CREATE TABLE orders (id int PRIMARY KEY)")
-    make_engine(src, tgt, tables=[orders]).start()
-    later = make_engine(src, tgt, tables=[coupons, orders])
+    _, later = replicating_orders(src, tgt)
     try:
         run_sql(src, "CREATE TABLE coupons (code text PRIMARY KEY, pct int)")
         run_sql(tgt, "CREATE TABLE coupons (code text PRIMARY KEY)")
