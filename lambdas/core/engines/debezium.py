@@ -161,7 +161,7 @@ class DebeziumEngine(ReplicationEngine):
                 target,
                 _q("SELECT topic, kafka_partition, next_offset, last_source_lsn, last_ts_ms FROM {}.dbz_partitions"),
             )
-            added = tables_added_after_start(self.plan.tables, state.source_columns(target))
+            added = tables_not_captured(self.plan.tables, state.source_columns(target))
             try:
                 ends = self.kafka.end_offsets(self.plan.table_topics)
             except Exception as exc:
@@ -194,7 +194,7 @@ class DebeziumEngine(ReplicationEngine):
         if unpublished:
             problems.append(unpublished_problem(unpublished, self.plan.publication))
         if added:
-            problems.append(added_tables_problem(added))
+            problems.append(not_captured_problem(added))
         problems += drift
         applied = {(t, p): off for t, p, off, _, _ in partitions}
         pending_by_topic: dict[str, int] = {}
@@ -351,12 +351,12 @@ def _q(template: str) -> sql.Composable:
     return sql.SQL(template).format(sql.Identifier(state.SCHEMA))
 
 
-def tables_added_after_start(tables: Sequence[TableName], recorded: Mapping[str, object]) -> list[TableName]:
+def tables_not_captured(tables: Sequence[TableName], recorded: Mapping[str, object]) -> list[TableName]:
     """Selected tables the start did not record (its connector's table list): created on the source since."""
     return [t for t in tables if str(t) not in recorded] if recorded else []
 
 
-def added_tables_problem(added: Sequence[TableName]) -> str:
+def not_captured_problem(added: Sequence[TableName]) -> str:
     return (
         f"{', '.join(map(str, added))}: created on the source after the start, not captured: engine debezium does "
         "not add tables (its connector's table list is fixed at the start), so none of their rows reach the target; "
