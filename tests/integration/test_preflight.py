@@ -1119,3 +1119,74 @@ def test_a_foreign_key_to_a_table_left_out_fails_until_the_table_is_selected(dbs
     # And with customers selected it passes
     report = dbs.preflight(tables={"include": ["public.orders", "public.customers", "public.m", "public.n"]})
     assert report.get("references_outside_selection").status == "pass"
+
+
+def test_a_rolled_back_executions_replication_fails_the_start_until_abandoned(dbs: Pair) -> None:
+    # Given this migration's replication, started and copied, then stopped as a rollback before the cutover
+    # stops it (kept: its slot holds the source's WAL), and the target's tables emptied as target_empty says
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    execute(dbs.source, "INSERT INTO t SELECT g, g FROM generate_series(1, 500) g")
+    plan = LogicalReplicationPlan(
+        ReplicationNames(dbs.migration().slot_name), (TableName("public", "t"),), LogicalSettings()
+    )
+    engine = LogicalEngine(dbs.source_dsn, dbs.target_dsn, plan)
+    engine.start()
+    assert _wait(lambda: fetch_value(dbs.target, "SELECT count(*) FROM t") == 500)
+    engine.stop()
+    execute(dbs.target, "TRUNCATE t")
+
+    # When the preflight runs for a new execution
+    report = dbs.preflight()
+
+    # Then it fails, naming what the earlier execution left on each side
+    result = report.get("earlier_attempt")
+    assert result.status == "fail", format_report(report)
+    assert result.details == [
+        "source: replication slot zdm_t (keeps WAL until it is dropped)",
+        "source: publication zdm_t",
+        "target: subscription zdm_t (disabled)",
+    ]
+    assert '{"action": "abandon"}' in result.remedy
+    # ...as it must: a start resumes the stopped replication and copies nothing, the target stays empty
+    engine.start()
+    execute(dbs.source, "INSERT INTO t VALUES (501, 501)")
+    assert _wait(lambda: fetch_value(dbs.target, "SELECT count(*) FROM t") == 1)
+    assert fetch_value(dbs.target, "SELECT count(*) FROM t WHERE id <= 500") == 0
+
+    # And once abandoned (the teardown), nothing is left and the check passes
+    engine.teardown()
+    assert dbs.preflight().get("earlier_attempt").status == "pass"
+
+
+def test_a_target_fenced_by_a_rollback_after_the_cutover_fails_the_start_until_lifted(dbs: Pair) -> None:
+    # Given a target left fenced read-only (as a rollback after the cutover leaves it) and emptied by a
+    # session that lifted the fence for itself
+    dbs.both("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    execute(dbs.source, "INSERT INTO t SELECT g, g FROM generate_series(1, 500) g")
+    take_fence(dbs.target, DnsLikeRouter(), grace=0.1, timeout=5)
+
+    # When the preflight runs
+    report = dbs.preflight()
+
+    # Then it fails, naming the target and the statement that lifts its fence
+    result = report.get("read_only_fence")
+    assert result.status == "fail", format_report(report)
+    assert result.details[0].startswith(f"target: database {dbname(dbs.target_dsn)!r} is read-only by default")
+    lift = (
+        "SET default_transaction_read_only = off; "
+        f'ALTER DATABASE "{dbname(dbs.target_dsn)}" RESET default_transaction_read_only;'
+    )
+    assert lift in result.remedy
+    # ...as it must: the parallel copy's sessions cannot write there
+    with pytest.raises(Exception, match="read-only transaction"):
+        _forward(dbs, "public.t").start()
+
+    # And once lifted as the remedy says, in a new session (read-only from its start), a statement at a time
+    # as psql sends them, the check passes
+    operator = connect(dbs.target_dsn)
+    try:
+        for statement in lift.split("; "):
+            execute(operator, statement)
+    finally:
+        operator.close()
+    assert dbs.preflight().get("read_only_fence").status == "pass"

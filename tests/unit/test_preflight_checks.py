@@ -528,6 +528,45 @@ def test_writers_the_fence_cannot_stop_are_named_per_side_and_the_migrations_own
     assert checks.check_writers_the_fence_cannot_stop(facts(own_subscriptions=("zdm_shop",))).status == "pass"
 
 
+def test_an_earlier_executions_replication_fails_the_start_and_says_to_abandon_it_first() -> None:
+    # Given the replication a rolled back execution keeps: its slot and publication on the source, its
+    # subscription (disabled) on the target
+    left = (
+        "source: replication slot zdm_shop (keeps WAL until it is dropped)",
+        "source: publication zdm_shop",
+        "target: subscription zdm_shop (disabled)",
+    )
+    # When the check runs
+    result = checks.check_earlier_attempt(facts(replication_left=left))
+    # Then it fails, naming each object, and says what to do: abandon, empty the target, start again
+    assert result.status == "fail"
+    assert result.details == list(left)
+    assert '{"action": "abandon"}' in result.remedy and "empty the target's tables" in result.remedy
+    assert "would resume it rather than copy again" in result.remedy
+    # And a pair with nothing of it passes
+    assert checks.check_earlier_attempt(facts()).status == "pass"
+
+
+def test_a_fence_left_on_either_database_fails_the_start_naming_the_side_and_how_to_lift_it() -> None:
+    # Given a target fenced by a rollback after the cutover, in a database whose name needs quoting
+    fenced_target = facts(target=server(fenced=True, database='shop "eu"'))
+    # When the check runs
+    result = checks.check_read_only_fence(fenced_target)
+    # Then it fails for the target, and says how to lift its fence, the name quoted as SQL spells it
+    assert result.status == "fail"
+    assert len(result.details) == 1 and result.details[0].startswith("target: database 'shop \"eu\"' is read-only")
+    assert (
+        'SET default_transaction_read_only = off; ALTER DATABASE "shop ""eu""" RESET default_transaction_read_only;'
+        in result.remedy
+    )
+    # And a fenced source is named with what it means (a cutover's fence: the target may be the database)
+    source = checks.check_read_only_fence(facts(source=server(fenced=True)))
+    assert source.status == "fail" and source.details[0].startswith("source: database 'app' is read-only")
+    assert "do not start it again" in source.remedy and "ALTER DATABASE" not in source.remedy
+    # And neither fenced passes
+    assert checks.check_read_only_fence(facts()).status == "pass"
+
+
 @pytest.mark.parametrize(
     ("source", "target", "safe"),
     [

@@ -22,6 +22,7 @@ from lambdas.core.preflight.facts import (
     foreign_slots,
     gather_server,
     gather_tables,
+    replication_left,
     server_version,
 )
 from lambdas.core.preflight.model import CheckResult, PreflightReport, Status
@@ -97,6 +98,7 @@ def gather_facts(
         expected_copy_mb_per_s=migration.engine.logical.expected_copy_mb_per_s,
         own_subscriptions=(migration.slot_name, migration.slot_name + "_rev"),
         foreign_slots=tuple(slots),
+        replication_left=tuple(replication_left(source_conn, target_conn, migration.slot_name)),
         # AWS endpoints (secrets): the copy runs inside the Replication function; locally nothing limits it
         copy_time_limit_seconds=COPY_TIME_BUDGET_SECONDS if migration.source.secret_arn else None,
         copy_workers=migration.engine.logical.copy_workers,

@@ -586,6 +586,60 @@ def check_slot_names(facts: PreflightFacts) -> CheckResult:
     )
 
 
+def _quoted(identifier: str) -> str:
+    """An identifier as a remedy's SQL must spell it (text shown to a person, never run)."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def check_earlier_attempt(facts: PreflightFacts) -> CheckResult:
+    """An earlier execution's replication: a start would resume it (a subscription is enabled again, not
+    created), on a target emptied or changed since, and skip the copy."""
+    name = "earlier_attempt"
+    left = facts.replication_left
+    if not left:
+        return CheckResult(name, "pass", "nothing of an earlier execution of this migration is left")
+    return CheckResult(
+        name,
+        "fail",
+        f"{len(left)} replication object(s) of an earlier execution of this migration left",
+        "A rollback stops this migration's replication and keeps it (nothing is lost, and its slot keeps WAL on "
+        "the source); a new start would resume it rather than copy again. Remove it first: start the state "
+        'machine with {"action": "abandon"}, then empty the target\'s tables and start again (docs/operations.md).',
+        list(left),
+    )
+
+
+def check_read_only_fence(facts: PreflightFacts) -> CheckResult:
+    """A fence left in place: on the source, a cutover's (applications cannot write there); on the target, a
+    rollback's after the cutover (the copy cannot write there)."""
+    name = "read_only_fence"
+    details: list[str] = []
+    remedies: list[str] = []
+    if facts.source.fenced:
+        details.append(
+            f"source: database {facts.source.database!r} is read-only by default (default_transaction_read_only "
+            "= on): a cutover's fence, which stays after a cutover so that no client writes to the old database"
+        )
+        remedies.append(
+            "If this migration's cutover completed, the target is the database now: do not start it again. If a "
+            'cutover stopped half-way, start {"action": "rollback"}: it lifts the fence.'
+        )
+    if facts.target.fenced:
+        details.append(
+            f"target: database {facts.target.database!r} is read-only by default (default_transaction_read_only "
+            "= on): a rollback after the cutover leaves this fence, so that no client still pointed at the "
+            "target commits a write there that the source would never see"
+        )
+        remedies.append(
+            "Once no client writes to the target any more, lift it there (the first statement lets this session "
+            "write): SET default_transaction_read_only = off; ALTER DATABASE "
+            f"{_quoted(facts.target.database)} RESET default_transaction_read_only;"
+        )
+    if not details:
+        return CheckResult(name, "pass", "neither database is fenced read-only")
+    return CheckResult(name, "fail", f"{len(details)} database(s) fenced read-only", " ".join(remedies), details)
+
+
 # --- tables ----------------------------------------------------------------------------------
 
 
@@ -1488,6 +1542,8 @@ CHECKS: tuple[Check, ...] = (
     check_cutover_rights,
     check_subscription_password_logging,
     check_slot_names,
+    check_earlier_attempt,
+    check_read_only_fence,
     check_database_encoding,
     check_table_selection,
     check_references_outside_the_selection,

@@ -20,7 +20,7 @@ from psycopg2 import sql
 from lambdas.core.catalog import SequenceUse, TableInfo, describe_tables, list_tables, sequences_for_tables
 from lambdas.core.db import Connection, fetch_all, fetch_one, fetch_value, settable
 from lambdas.core.engines.slot_creation import BlockingTransaction
-from lambdas.core.fence import role_overrides
+from lambdas.core.fence import is_fenced, role_overrides
 from lambdas.core.lsn import Lsn, current_lsn, origin_progress_readable
 from lambdas.core.matviews import MaterializedView, list_materialized_views
 from lambdas.core.statement_logging import LogSetting, log_settings
@@ -150,6 +150,9 @@ class ServerFacts:
     subscriptions: tuple[str, ...] = ()
     prepared_transactions: int = 0
     encoding: str = "UTF8"  # the database's server encoding
+    # The database is read-only by default (ALTER DATABASE ... SET default_transaction_read_only = on):
+    # a fence (fence.take_fence) that a cutover, or a rollback after it, leaves in place on purpose.
+    fenced: bool = False
     # Roles with their own default_transaction_read_only (ALTER ROLE ... SET): the fence refuses while they exist.
     read_only_overrides: tuple[str, ...] = ()
     # The settings under which the server keeps a statement's text (CREATE SUBSCRIPTION's holds a password),
@@ -236,6 +239,8 @@ class PreflightFacts:
     # Slots named as the migration's (forward on the source, back on the target) that belong to another
     # database of the server: starting would drop them. "side: slot (database db)"
     foreign_slots: tuple[str, ...] = ()
+    # The migration's own replication objects, left by an earlier execution (`replication_left`)
+    replication_left: tuple[str, ...] = ()
     copy_time_limit_seconds: float | None = None  # the parallel copy's time limit on AWS (one function run)
     copy_workers: int = 4  # logical.copy_workers: session pairs of the parallel copy
     validation_sessions: int = 8  # validation.max_parallel_chunks (0: no validation): one session a side each
@@ -390,6 +395,7 @@ def gather_server(conn: Connection, *, long_transaction_seconds: float = LONG_TR
         ),
         encoding=str(role_row[5]),
         read_only_overrides=tuple(role_overrides(conn)),
+        fenced=is_fenced(conn),
         statement_logging=log_settings(conn),
         extensions={str(n): str(v) for n, v in fetch_all(conn, "SELECT extname, extversion FROM pg_extension")},
         available_extensions=frozenset(str(r[0]) for r in fetch_all(conn, "SELECT name FROM pg_available_extensions")),
@@ -674,3 +680,35 @@ def foreign_slots(conn: Connection, slot: str) -> list[str]:
         (slot,),
     )
     return [f"{slot} ({kind} slot" + (f" of database {db!r})" if db else ")") for kind, db in rows]
+
+
+def replication_left(source: Connection, target: Connection, base: str) -> list[str]:
+    """What of this migration's replication exists in these two databases, named `base` (forward: slot and
+    publication on the source, subscription on the target; `base`_dbz: the change stream's slot and
+    publication; `base`_rev: the replication back, the other way round), "side: kind name (state)".
+    A fresh migration has none of it; a rolled back one keeps it (its slot holds the source's WAL)."""
+    forward, stream, back = base, f"{base}_dbz", f"{base}_rev"
+    found: list[str] = []
+    for side, conn, publishes, subscribes in (
+        ("source", source, [forward, stream], [back]),
+        ("target", target, [back], [forward]),
+    ):
+        for (name,) in fetch_all(
+            conn,
+            "SELECT slot_name FROM pg_replication_slots WHERE slot_name = ANY(%s) AND database = current_database()"
+            " ORDER BY 1",
+            (publishes,),
+        ):
+            found.append(f"{side}: replication slot {name} (keeps WAL until it is dropped)")
+        for (name,) in fetch_all(
+            conn, "SELECT pubname FROM pg_publication WHERE pubname = ANY(%s) ORDER BY 1", (publishes,)
+        ):
+            found.append(f"{side}: publication {name}")
+        for name, enabled in fetch_all(
+            conn,
+            "SELECT subname, subenabled FROM pg_subscription WHERE subname = ANY(%s)"
+            " AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1",
+            (subscribes,),
+        ):
+            found.append(f"{side}: subscription {name} ({'enabled' if enabled else 'disabled'})")
+    return found
