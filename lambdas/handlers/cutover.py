@@ -33,7 +33,7 @@ from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, trac
 
 
 class CutoverRequest(MigrationEvent):
-    action: Literal["run", "rollback", "retire_reverse", "status"] = "run"
+    action: Literal["run", "rollback", "retire_reverse", "close_records", "status"] = "run"
 
 
 TRAFFIC_ENV = "ZDM_TRAFFIC"  # set by stacks/orchestration.py: the zone, record names and proxies the stack made
@@ -107,7 +107,12 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     runner = build_runner(request.parsed())
     if request.action == "status":
         return runner.status()
-    operations = {"run": runner.cutover, "rollback": runner.rollback, "retire_reverse": runner.retire_reverse}
+    operations = {
+        "run": runner.cutover,
+        "rollback": runner.rollback,
+        "retire_reverse": runner.retire_reverse,
+        "close_records": runner.close_records,
+    }
     result = operations[request.action]()
     metric = {"run": "CutoverPauseSeconds", "rollback": "RollbackPauseSeconds"}.get(request.action)
     if metric is not None and result.pause_seconds is not None:

@@ -118,6 +118,8 @@ class Stubs:
             self._note("Cutover", action)
             if action == "retire_reverse":
                 return {"status": "done", "steps": [{"step": "catch_up", "seconds": 0.01, "detail": {}}]}
+            if action == "close_records":
+                return {"status": "done", "notes": ["set aside: cutover attempt 1: done"]}
             return {"status": "done", "pause_seconds": 0.05}
 
         return {

@@ -168,10 +168,12 @@ def test_a_person_abandons_the_migration_rolling_back_what_moved_then_removing_t
     stubs = Stubs()
     # When an execution is started with {"action": "abandon"}
     result = execute(stubs, {"action": "abandon"})
-    # Then the rollback's protocol runs first, then the forward replication is removed, and it ends Abandoned
-    assert stubs.path() == [("Cutover", "rollback"), ("Replication", "teardown")]
+    # Then the rollback's protocol runs first, then the forward replication is removed, then the cutover's
+    # records are set aside (a new start gets a cutover of its own), and it ends Abandoned
+    assert stubs.path() == [("Cutover", "rollback"), ("Replication", "teardown"), ("Cutover", "close_records")]
     assert result.status == "SUCCEEDED", (result.error, result.cause)
     assert result.output is not None and result.output["teardown"]["removed"] == ["subscription zdm_shop_orders"]
+    assert result.output["records"]["notes"] == ["set aside: cutover attempt 1: done"]
 
 
 def test_abandoning_after_the_retire_is_refused_and_removes_nothing() -> None:
@@ -182,4 +184,4 @@ def test_abandoning_after_the_retire_is_refused_and_removes_nothing() -> None:
     result = execute(stubs, {"action": "abandon"})
     assert result.status == "FAILED" and result.error == "AbandonFailed"
     assert "RollbackError" in (result.cause or "") and "retired after the window" in (result.cause or "")
-    assert ("Replication", "teardown") not in stubs.path()
+    assert ("Replication", "teardown") not in stubs.path() and ("Cutover", "close_records") not in stubs.path()

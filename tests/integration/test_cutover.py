@@ -29,11 +29,21 @@ from cutover_env import (
 from psycopg2 import sql
 
 from lambdas.core.config import LogicalSettings
-from lambdas.core.cutover import CutoverAborted, CutoverNotReady, CutoverRunner, Hooks, Operation, Status, Step, store
+from lambdas.core.cutover import (
+    CutoverAborted,
+    CutoverError,
+    CutoverNotReady,
+    CutoverRunner,
+    Hooks,
+    Operation,
+    Status,
+    Step,
+    store,
+)
 from lambdas.core.cutover.steps import CUTOVER_STEPS
 from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.engines.table_locks import TableLocksBusy
-from lambdas.core.fence import is_fenced
+from lambdas.core.fence import is_fenced, lift_fence
 from lambdas.core.routers.base import Side
 from rehearsal.compare import Snapshot
 from rehearsal.servers import PostgresServer
@@ -173,6 +183,58 @@ def test_rollback_after_cutover_brings_every_target_write_back_to_the_source(sho
     assert shop.runner().rollback().status == "already_done"
     with pytest.raises(Exception, match="was rolled back after its cutover"):
         shop.runner().cutover()
+
+
+def test_abandoned_records_are_set_aside_so_the_migration_started_anew_cuts_over_again(shop: Shop) -> None:
+    # Given a migration cut over (the writer on the target, which took an order)
+    shop.runner().cutover()
+    conn = connect(shop.app)
+    try:
+        fetch_value(conn, "INSERT INTO orders (customer_id) VALUES (1) RETURNING id")
+    finally:
+        conn.close()
+    # When the abandon's last step runs before any rollback / Then it is refused, the records untouched
+    with pytest.raises(CutoverError, match=r"the writer may be on the target: roll back first\. Nothing was changed"):
+        shop.runner().close_records()
+    tgt = connect(shop.tgt)
+    try:
+        assert store.load(tgt, "shop", Operation.CUTOVER).status is Status.DONE  # type: ignore[union-attr]
+    finally:
+        tgt.close()
+
+    # Given the rollback done (a new cutover is refused on its record)
+    assert shop.runner().rollback().kind == "after_cutover"
+    with pytest.raises(CutoverError, match="was rolled back after its cutover"):
+        shop.runner().cutover()
+    # When the records are set aside, twice (a retried task)
+    first, second = shop.runner().close_records(), shop.runner().close_records()
+    # Then the first sets aside the cutover and the rollback, kept in the log under another name; the second nothing
+    assert first.status == "done" and second.status == "already_done"
+    assert first.notes == ["set aside: cutover attempt 1: done", "set aside: rollback attempt 1: done"]
+    tgt = connect(shop.tgt)
+    try:
+        assert store.load(tgt, "shop", Operation.CUTOVER) is None
+        assert fetch_value(tgt, "SELECT count(*) FROM _zdm.cutover_log WHERE migration LIKE 'shop (abandoned %'") > 0
+        assert fetch_value(tgt, "SELECT count(*) FROM _zdm.cutover_log WHERE migration = 'shop'") == 0
+    finally:
+        tgt.close()
+
+    # And the migration started anew as the runbook says (the target's fence lifted, its tables emptied, the
+    # replication started and caught up) cuts over for real: a new attempt, every row on the target
+    tgt = connect(shop.tgt)
+    try:
+        lift_fence(tgt)
+        execute(
+            tgt, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in TABLES))
+        )
+    finally:
+        tgt.close()
+    shop.forward_engine().start()
+    shop.wait_caught_up()
+    again = shop.runner().cutover()
+    assert (again.status, again.attempt) == ("done", 1)
+    assert server_port(shop.app) == shop.target.port
+    assert assert_no_difference(shop.diffs()) > 5_000
 
 
 class SimulatedCrash(BaseException):

@@ -364,6 +364,34 @@ class CutoverRunner:
                 return self._run(BACKWARD, resume, conns, kind=kind.value)
             return self._rollback_before(cut, conns)
 
+    def close_records(self) -> OperationResult:
+        """An abandon's last step, after its rollback and the forward replication's teardown: the cutover,
+        rollback and retire records are set aside (`store.close`), so that the migration started anew gets a
+        cutover of its own; left, they would refuse it ("rolled back after its cutover") or, a cutover recorded
+        done, skip it. Refused, changing nothing, while the writer may be on the target or a cutover runs."""
+        with self._sessions(wait_seconds=ROLLBACK_LOCK_WAIT_SECONDS) as conns:
+            target = conns[Side.TARGET]
+            migration = self.plan.migration
+            cut = store.load(target, migration, Operation.CUTOVER)
+            back = store.load(target, migration, Operation.ROLLBACK)
+            kind = rollback_kind(cut, back, self.router.state().writer)
+            if not rollback_possible(store.load(target, migration, Operation.RETIRE_REVERSE)):
+                why = "its back replication was retired: the target is the database"
+            elif kind is RollbackKind.AFTER_CUTOVER:
+                why = "the writer may be on the target: roll back first"
+            elif cut is not None and cut.status is Status.RUNNING:
+                why = f"cutover attempt {cut.attempt} is running: roll back first"
+            else:
+                closed = store.close(target, migration)
+                return OperationResult(
+                    migration,
+                    "abandon",
+                    kind.value,
+                    "done" if closed else "already_done",
+                    notes=[f"set aside: {record}" for record in closed] or ["no record of a cutover to set aside"],
+                )
+            raise CutoverError(f"the records of {migration!r} cannot be set aside: {why}. Nothing was changed")
+
     def retire_reverse(self) -> OperationResult:
         """End the back replication once the rollback window has passed (see the module's docstring)."""
         operation = Operation.RETIRE_REVERSE

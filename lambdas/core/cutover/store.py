@@ -234,6 +234,26 @@ def mark(conn: Connection, migration: str, progress: Progress, status: Status, e
     )
 
 
+def close(conn: Connection, migration: str) -> list[str]:
+    """Set the migration's records aside (an abandon, once its rollback and teardown are done): its state and log
+    rows are renamed '<migration> (abandoned <time>)', kept to read, and the next cutover of the migration is a
+    new one, from attempt 1. Returns what was set aside ("operation attempt N: status"); nothing the second time."""
+    if not _exists(conn):
+        return []
+    rows = fetch_all(
+        conn,
+        sql.SQL(
+            "WITH k AS (SELECT %(m)s || ' (abandoned ' || clock_timestamp()::text || ')' AS aside),"
+            " s AS (UPDATE {s}.cutover_state SET migration = (SELECT aside FROM k) WHERE migration = %(m)s"
+            "  RETURNING operation, attempt, status),"
+            " l AS (UPDATE {s}.cutover_log SET migration = (SELECT aside FROM k) WHERE migration = %(m)s RETURNING 1)"
+            " SELECT operation, attempt, status FROM s ORDER BY operation"
+        ).format(s=sql.Identifier(SCHEMA)),
+        {"m": migration},
+    )
+    return [f"{operation} attempt {attempt}: {status}" for operation, attempt, status in rows]
+
+
 def pause_seconds(conn: Connection, migration: str, operation: Operation) -> float | None:
     """From the fence to the release, across invocations (None until both happened)."""
     if not _exists(conn):
