@@ -1,6 +1,6 @@
 """`python -m rehearsal`: rehearse a whole migration locally (see rehearsal/run.py), then report.
 
-    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover|ddl|reverse-ddl|new-table]
+    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover|ddl|reverse-ddl|new-table|retry]
 
 Writes OUT/summary.json and OUT/report.html (open it in a browser; it needs no network).
 """
@@ -23,7 +23,7 @@ from rehearsal.servers import ServerError
 
 # What each fault ends in: a rollback by itself, but for a reverse replication broken after the cutover,
 # which stops the migration with the writer on the target (nothing to roll back for; a rollback would be refused)
-EXPECTED_OUTCOME = {"reverse-ddl": "reverse_replication_broken", "new-table": "migrated"}
+EXPECTED_OUTCOME = {"reverse-ddl": "reverse_replication_broken", "new-table": "migrated", "retry": "migrated"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,6 +145,9 @@ def write_report(summary: dict[str, Any], timeline: Any, out: Path) -> Path:
         cards.append(
             ("reverse replication", f"{mended}retired" if retired else "not retired", "ok" if retired else "bad")
         )
+    if summary.get("abandoned"):
+        clean = _abandoned_cleanly(summary)
+        cards.append(("rolled back, abandoned", "nothing left" if clean else "not clean", "ok" if clean else "bad"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
     path.write_text(render_report(summary, charts, phases, cards, summary["total_seconds"]))
@@ -194,6 +197,14 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         )
     if summary.get("tables_added"):
         say(f"tables added           after the start, by the copy loop: {', '.join(summary['tables_added'])}")
+    if summary.get("abandoned"):
+        abandon = summary["abandoned"]
+        say(f"rolled back first      {abandon['rolled_back_because'][:200]}")
+        say(
+            f"abandon                {abandon['status']}"
+            + (f" ({abandon['error']}: {(abandon['cause'] or '')[:200]})" if abandon["error"] else "")
+            + f"; left of either replication: {', '.join(abandon['left']) or 'nothing'}"
+        )
     if summary.get("rollback_problems"):
         say(f"rollback would fail    {'; '.join(summary['rollback_problems'])[:400]}")
     if summary["outcome"] == "migrated" or summary.get("reverse_mended") is not None:
@@ -237,6 +248,11 @@ def _handler_logs_to(stream: TextIO) -> Iterator[None]:
         handler.setStream(previous)
 
 
+def _abandoned_cleanly(summary: dict[str, Any]) -> bool:
+    abandon = summary.get("abandoned") or {}
+    return abandon.get("status") == "SUCCEEDED" and abandon.get("left") == []
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rehearsal = Rehearsal(
@@ -270,10 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Fault new-table: the table created after the start was added, and the final compare covered it
     added = args.fault != "new-table" or bool(summary.get("tables_added"))
+    # Fault retry: the abandon succeeded and left nothing of the forward replication before the second start
+    abandoned = args.fault != "retry" or _abandoned_cleanly(summary)
     passed = (
         summary["outcome"] == expected
         and mended
         and added
+        and abandoned
         and summary["rows_lost"] == 0
         and summary["failed_transactions"] == 0
         and not summary.get("sequences_behind")

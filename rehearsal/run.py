@@ -35,9 +35,8 @@ from psycopg2 import sql
 
 from lambdas.core.catalog import sequences_for_tables
 from lambdas.core.config import Migration, load_migration
-from lambdas.core.cutover import ReverseReplicationBehind
 from lambdas.core.db import connect, execute, fetch_all, fetch_value
-from lambdas.core.fence import make_writable
+from lambdas.core.fence import lift_fence, make_writable
 from lambdas.core.matviews import list_materialized_views
 from lambdas.core.routers import Side, router_for
 from lambdas.core.sequences import read_position
@@ -50,7 +49,13 @@ from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
 from rehearsal.compare import compare_databases
 from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
 from rehearsal.servers import PostgresServer, running_servers
-from rehearsal.stepfunctions import REGION, STATE_PAYLOAD_LIMIT_BYTES, Invocation, LambdaContext, LocalStateMachine
+from rehearsal.stepfunctions import (
+    REGION,
+    STATE_PAYLOAD_LIMIT_BYTES,
+    ExecutionResult,
+    Invocation,
+    LocalStateMachine,
+)
 from rehearsal.workload import WorkloadProcess, WorkloadStats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +63,7 @@ DEFINITION = ROOT / "statemachine" / "migration.asl.json"
 VALIDATION_BUCKET = "zdm-local-validation"  # in the mock: the plans' chunks and the chunks' results
 # Fault new-table: the table the application's release creates on both sides right after the start
 NEW_TABLE = "coupons"
-FAULTS = ("gate", "kill-target", "cutover", "ddl", "reverse-ddl", "new-table")
+FAULTS = ("gate", "kill-target", "cutover", "ddl", "reverse-ddl", "new-table", "retry")
 ENGINES = ("logical", "debezium")
 DBNAME = "shop"
 FAULT_HELP = {
@@ -71,6 +76,9 @@ FAULT_HELP = {
     "and retires the reverse replication, as an operator would",
     "new-table": f"create a table ({NEW_TABLE}) on both sides right after the start, with rows on the source: the copy "
     "loop adds it to the replication, it is validated and migrated with the rest",
+    "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
+    "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
+    "tables, start the migration anew; the writers run throughout",
 }
 # Fault reverse-ddl: the reverse replication's problems count as lasting after this long (lag.problems_max_seconds)
 REVERSE_FAULT_LASTING_SECONDS = 3
@@ -93,8 +101,11 @@ PHASE_OF = {
     "OpenRollbackWindow": "rollback window",
     "RollbackWindowGate": "rollback window",
     "RollbackWindowWait": "rollback window",
+    "RetireRequested": "retire reverse",
     "RetireReverseReplication": "retire reverse",
     "Rollback": "rollback",
+    "Abandon": "abandon",
+    "AbandonTeardown": "abandon",
 }
 
 
@@ -216,6 +227,7 @@ class Rehearsal:
     engine: str = "logical"  # logical, or debezium (a local broker, connector and applier; see docs/change-stream.md)
     rows_snapshotted: int | None = None  # debezium: rows the applier wrote from the connector's snapshot
     reverse_mended: bool | None = None  # fault reverse-ddl: the reverse replication mended and retired after the stop
+    abandoned: dict[str, Any] | None = None  # fault retry: how the abandon ended, and what it left
     timeline: Timeline = field(default_factory=lambda: Timeline(time.monotonic()))
 
     def run_with_timeline(self) -> tuple[dict[str, Any], Timeline]:
@@ -320,6 +332,10 @@ class Rehearsal:
                 injected.append("gate")
                 set_alarm("ALARM", "fault injected: health gate tripped during the read shift")
                 say(f"[{timeline.now():7.1f}s] fault: composite alarm set to ALARM during the read shift")
+            if self.fault == "retry" and details.get("name") == "PostCutoverBake" and not injected:
+                injected.append("retry")
+                set_alarm("ALARM", "fault injected: health gate tripped after the cutover")
+                say(f"[{timeline.now():7.1f}s] fault: composite alarm set to ALARM after the cutover")
             if self.fault == "reverse-ddl" and details.get("name") == "OpenRollbackWindow" and not injected:
                 injected.append("reverse-ddl")
                 with contextlib.closing(connect(tgt)) as conn:  # the application's next release, on its new database
@@ -369,8 +385,16 @@ class Rehearsal:
             "timing": {"poll_seconds": self.poll_seconds},
             "rollback_window_seconds": self.rollback_window_seconds,
         }
+        runs: list[ExecutionResult] = []  # every execution: the migration's, and the runbook's after it (faults)
+
+        def execute_machine(execution: dict[str, Any]) -> ExecutionResult:
+            runs.append(machine.run(execution, timeout=1800, on_event=on_event, on_start=create_alarm))
+            return runs[-1]
+
         try:
-            result = machine.run(execution_input, timeout=1800, on_event=on_event, on_start=create_alarm)
+            result = execute_machine(execution_input)
+            if self.fault == "retry" and _rolled_back(result):
+                result = self._abandon_and_migrate_again(result, execution_input, migration, src, tgt, execute_machine)
         finally:
             if not workload.stopped:
                 time.sleep(0.5)  # writes after the last step, through the final writer
@@ -379,33 +403,62 @@ class Rehearsal:
             monitor.join(timeout=10)
         say(f"[{timeline.now():7.1f}s] execution {result.status}: {result.error or ''} {(result.cause or '')[:200]}")
         if self.fault == "reverse-ddl" and result.error == "ReverseReplicationBroken":
-            self.reverse_mended = self._mend_reverse(handlers["CutoverFunctionArn"], settings_data, src, timeline)
-        return self._summarize(migration, result, stats, timeline, total_rows, src, tgt, router, injected)
+            self.reverse_mended = self._mend_reverse(src, timeline, lambda e: execute_machine({**execution_input, **e}))
+        return self._summarize(migration, result, runs, stats, timeline, total_rows, src, tgt, router, injected)
 
     def _new_tables(self, injected: list[str]) -> list[Any]:
         from lambdas.core.tables import TableName
 
         return [TableName("public", NEW_TABLE)] if "new-table" in injected else []
 
-    def _mend_reverse(
-        self, cutover: Callable[[dict[str, Any], Any], Any], settings_data: dict[str, Any], src: str, timeline: Timeline
-    ) -> bool:
+    def _mend_reverse(self, src: str, timeline: Timeline, execute_machine: Callable[[dict[str, Any]], Any]) -> bool:
         """What the stop asks a person to do: the target's column added on the source too (the reverse
-        replication then applies the rows it held back), then the Cutover function's retire_reverse."""
+        replication then applies the rows it held back), then an execution of `{"action": "retire_reverse"}`."""
         with contextlib.closing(connect(src)) as conn:
             make_writable(conn)  # the source stays fenced after the cutover; this session may still run DDL
             execute(conn, "ALTER TABLE orders ADD COLUMN gift_note text")
-        say(f"[{timeline.now():7.1f}s] mended: the same column added to orders on the source; retiring ...")
-        event = {"migration": settings_data, "action": "retire_reverse"}
-        for attempt in range(1, 4):  # as the state machine retries ReverseReplicationBehind
-            try:
-                retired = cutover(event, LambdaContext("zdm-rehearsal-cutover", f"mend-{attempt}"))
-            except ReverseReplicationBehind:
-                continue
-            self.timeline.state_outputs["RetireReverseReplication"] = {"retire": retired}
-            say(f"[{timeline.now():7.1f}s] reverse replication retired after the mend")
-            return True
-        return False
+        say(f"[{timeline.now():7.1f}s] mended: the same column added to orders on the source; starting the retire ...")
+        retired = execute_machine({"action": "retire_reverse"})
+        say(f"[{timeline.now():7.1f}s] retire execution {retired.status}: {retired.error or ''} {retired.cause or ''}")
+        return bool(retired.status == "SUCCEEDED")
+
+    def _abandon_and_migrate_again(
+        self,
+        rolled_back: Any,
+        execution_input: dict[str, Any],
+        migration: Migration,
+        src: str,
+        tgt: str,
+        execute_machine: Callable[[dict[str, Any]], Any],
+    ) -> Any:
+        """What the runbook (docs/operations.md) says to do after a rollback, to migrate again: start
+        `{"action": "abandon"}`, lift the target's fence if a rollback after the cutover left it, empty the
+        target's tables, start `{}`. The execution that migrated (or
+        the one that stopped) is returned; `self.abandoned` says how the abandon ended and what it left."""
+        timeline = self.timeline
+        say(f"[{timeline.now():7.1f}s] rolled back; starting the abandon, as the runbook says to migrate again ...")
+        abandon = execute_machine({**execution_input, "action": "abandon"})
+        left = _replication_left(migration.slot_name, publisher=src, subscriber=tgt)
+        left += _replication_left(migration.slot_name + "_rev", publisher=tgt, subscriber=src)
+        self.abandoned = {
+            "rolled_back_because": (rolled_back.cause or "")[:500],
+            "status": abandon.status,
+            "error": abandon.error,
+            "cause": abandon.cause,
+            "left": left,
+        }
+        say(f"[{timeline.now():7.1f}s] abandon {abandon.status}: {abandon.error or ''} left: {left or 'nothing'}")
+        if abandon.status != "SUCCEEDED":
+            return abandon
+        with contextlib.closing(connect(tgt)) as conn:
+            # A rollback after the cutover leaves the target fenced (preflight's read_only_fence): lifted as it says
+            self.abandoned["target_fence_lifted"] = lift_fence(conn)
+        with contextlib.closing(connect(tgt)) as conn:  # a new session: the database's default is read at its start
+            tables = sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in migration_tables())
+            execute(conn, sql.SQL("TRUNCATE {}").format(tables))
+        lifted = "fence lifted and " if self.abandoned["target_fence_lifted"] else ""
+        say(f"[{timeline.now():7.1f}s] target's {lifted}tables emptied; starting the migration anew ...")
+        return execute_machine(execution_input)
 
     def _kill_target_soon(self, target: PostgresServer, tgt: str, timeline: Timeline) -> None:
         """Kill the target once the copy has written rows to it (mid-copy, not before it starts)."""
@@ -459,6 +512,7 @@ class Rehearsal:
         self,
         migration: Migration,
         result: Any,
+        runs: list[ExecutionResult],
         stats: WorkloadStats,
         timeline: Timeline,
         total_rows: int,
@@ -487,7 +541,7 @@ class Rehearsal:
         left: list[str] | None = None  # not looked for when not migrated: the target may be down (a fault)
         rows_by_table: dict[str, int] = {}
         if outcome == "migrated" or self.reverse_mended:
-            left = _reverse_replication_left(migration, src, tgt)
+            left = _replication_left(migration.slot_name + "_rev", publisher=tgt, subscriber=src)
             # The retire waited until the source had applied the target's writes up to its start,
             # and the writers had stopped before it: the two must be equal row for row.
             tables = [*migration_tables(), *self._new_tables(injected)]
@@ -549,9 +603,10 @@ class Rehearsal:
                 "rollback_problems"
             ),
             "reverse_mended": self.reverse_mended,
+            "abandoned": self.abandoned,
             "tables_added": ((timeline.state_outputs.get("AddNewTables") or {}).get("added_tables") or {}).get("added"),
-            "lambda_invocations": invocation_summary(result.invocations),
-            "lambda_limits_broken": result.limits_broken,
+            "lambda_invocations": invocation_summary([i for run in runs for i in run.invocations]),
+            "lambda_limits_broken": [broken for run in runs for broken in run.limits_broken],
             "_latencies": [(round(s - timeline.start, 3), round(d, 4)) for s, d in stats.latencies],
             "_failed_starts": [round(s - timeline.start, 3) for s in stats.failed_starts],
         }
@@ -731,15 +786,14 @@ def _views_stale(src: str, tgt: str) -> list[str]:
     return stale
 
 
-def _reverse_replication_left(migration: Migration, src: str, tgt: str) -> list[str]:
-    """What of the reverse replication still exists: its subscription on the source, slot and
-    publication on the target (read from the databases, not from what the state machine said)."""
-    name = migration.slot_name + "_rev"
+def _replication_left(name: str, *, publisher: str, subscriber: str) -> list[str]:
+    """What of one replication direction still exists: its slot and publication on the publisher, its
+    subscription on the subscriber (read from the databases, not from what the state machine said)."""
     left: list[str] = []
     for dsn, kind, query in (
-        (src, "subscription", "SELECT count(*) FROM pg_subscription WHERE subname = %s"),
-        (tgt, "slot", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s"),
-        (tgt, "publication", "SELECT count(*) FROM pg_publication WHERE pubname = %s"),
+        (subscriber, "subscription", "SELECT count(*) FROM pg_subscription WHERE subname = %s"),
+        (publisher, "slot", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s"),
+        (publisher, "publication", "SELECT count(*) FROM pg_publication WHERE pubname = %s"),
     ):
         conn = connect(dsn)
         try:

@@ -24,6 +24,7 @@ import contextlib
 import decimal
 import io
 import json
+import logging
 import os
 import re
 import threading
@@ -244,6 +245,9 @@ class LocalStateMachine:
         import boto3
         from moto import mock_aws
 
+        # The interpreter logs each error a state raises, caught or not, with the whole definition's repr:
+        # the history (and so `on_event` and the result) has them, told once and readably.
+        logging.getLogger("moto.stepfunctions.parser.asl.component.eval_component").setLevel(logging.CRITICAL)
         # As in Lambda: the region is in the environment (handlers build their clients from it).
         os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
         os.environ.setdefault("AWS_REGION", REGION)

@@ -147,6 +147,33 @@ def test_a_table_created_after_the_start_is_added_validated_and_migrated_with_th
     assert "tables added           after the start, by the copy loop: public.coupons" in proc.stderr
 
 
+def test_after_a_rollback_the_runbook_abandons_and_a_second_start_migrates_with_nothing_lost(tmp_path: Path) -> None:
+    # When the gate trips after the cutover (rolled back over the reverse replication), and the runbook is followed
+    # to migrate again: the abandon, the target's fence lifted, its tables emptied, the migration started anew,
+    # the writers running throughout
+    proc, summary = rehearse(tmp_path, "--fault", "retry")
+    # Then the first execution rolled back after its cutover, on the tripped gate
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    abandon = summary["abandoned"]
+    assert summary["fault_injected"] is True
+    assert "HealthGateTripped: after cutover" in abandon["rolled_back_because"]
+    # And the abandon succeeded and left nothing of either replication (read from both databases); the
+    # rollback's fence on the target was there to lift
+    assert abandon["status"] == "SUCCEEDED" and abandon["error"] is None and abandon["left"] == []
+    assert abandon["target_fence_lifted"] is True
+    # And the second execution migrated: every write of both attempts is on the target, equal row for row
+    assert summary["outcome"] == "migrated", (summary["error"], summary["cause"])
+    assert summary["writer_on"] == "target"
+    assert summary["rows_lost"] == 0 and summary["failed_transactions"] == 0
+    assert summary["updates_lost"] == 0 and summary["deletes_lost"] == 0 and summary["child_rows_lost"] == 0
+    assert summary["persistent_differences"] == 0
+    assert summary["final_differences"] == 0 and summary["final_rows_compared"] >= 20_000
+    assert summary["reverse_replication_retired"] is True
+    assert {"rollback", "abandon", "cutover"} <= set(summary["phase_seconds"])
+    assert "abandon                SUCCEEDED; left of either replication: nothing" in proc.stderr
+    assert "Exception=" not in proc.stderr  # the local interpreter's error dumps stay out of the terminal
+
+
 def test_bad_migration_file_stops_before_anything_starts_with_the_field_and_fix(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: shop\nsource: {dsn: 'host=x'}\ntarget: {dsn: 'host=y'}\nread_shift: {steps: [10, 50]}\n")
