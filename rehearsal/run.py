@@ -38,6 +38,7 @@ from lambdas.core.config import Migration, load_migration
 from lambdas.core.db import connect, execute, fetch_all, fetch_value
 from lambdas.core.fence import lift_fence, make_writable
 from lambdas.core.matviews import list_materialized_views
+from lambdas.core.preflight.facts import replication_left
 from lambdas.core.routers import Side, router_for
 from lambdas.core.sequences import read_position
 from lambdas.core.telemetry import composite_alarm_name
@@ -438,8 +439,7 @@ class Rehearsal:
         timeline = self.timeline
         say(f"[{timeline.now():7.1f}s] rolled back; starting the abandon, as the runbook says to migrate again ...")
         abandon = execute_machine({**execution_input, "action": "abandon"})
-        left = _replication_left(migration.slot_name, publisher=src, subscriber=tgt)
-        left += _replication_left(migration.slot_name + "_rev", publisher=tgt, subscriber=src)
+        left = _replication_left(migration, src, tgt)
         self.abandoned = {
             "rolled_back_because": (rolled_back.cause or "")[:500],
             "status": abandon.status,
@@ -541,7 +541,7 @@ class Rehearsal:
         left: list[str] | None = None  # not looked for when not migrated: the target may be down (a fault)
         rows_by_table: dict[str, int] = {}
         if outcome == "migrated" or self.reverse_mended:
-            left = _replication_left(migration.slot_name + "_rev", publisher=tgt, subscriber=src)
+            left = _replication_left(migration, src, tgt, back_only=True)
             # The retire waited until the source had applied the target's writes up to its start,
             # and the writers had stopped before it: the two must be equal row for row.
             tables = [*migration_tables(), *self._new_tables(injected)]
@@ -786,22 +786,11 @@ def _views_stale(src: str, tgt: str) -> list[str]:
     return stale
 
 
-def _replication_left(name: str, *, publisher: str, subscriber: str) -> list[str]:
-    """What of one replication direction still exists: its slot and publication on the publisher, its
-    subscription on the subscriber (read from the databases, not from what the state machine said)."""
-    left: list[str] = []
-    for dsn, kind, query in (
-        (subscriber, "subscription", "SELECT count(*) FROM pg_subscription WHERE subname = %s"),
-        (publisher, "slot", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s"),
-        (publisher, "publication", "SELECT count(*) FROM pg_publication WHERE pubname = %s"),
-    ):
-        conn = connect(dsn)
-        try:
-            if fetch_value(conn, query, (name,)):
-                left.append(f"{kind} {name}")
-        finally:
-            conn.close()
-    return left
+def _replication_left(migration: Migration, src: str, tgt: str, *, back_only: bool = False) -> list[str]:
+    """What of the migration's replication still exists, read from the databases (preflight's
+    `replication_left`), not from what the state machine said."""
+    with contextlib.closing(connect(src)) as source, contextlib.closing(connect(tgt)) as target:
+        return replication_left(source, target, migration.slot_name, back_only=back_only)
 
 
 def _caught_up_position(retire: dict[str, Any]) -> str | None:

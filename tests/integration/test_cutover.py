@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import psycopg2
@@ -44,6 +45,7 @@ from lambdas.core.cutover.steps import CUTOVER_STEPS
 from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.engines.table_locks import TableLocksBusy
 from lambdas.core.fence import is_fenced, lift_fence
+from lambdas.core.preflight.facts import replication_left
 from lambdas.core.routers.base import Side
 from rehearsal.compare import Snapshot
 from rehearsal.servers import PostgresServer
@@ -193,6 +195,12 @@ def test_abandoned_records_are_set_aside_so_the_migration_started_anew_cuts_over
         fetch_value(conn, "INSERT INTO orders (customer_id) VALUES (1) RETURNING id")
     finally:
         conn.close()
+    with closing(connect(shop.src)) as src, closing(connect(shop.tgt)) as tgt:
+        assert replication_left(src, tgt, "zdm_shop", back_only=True) == [
+            "source: subscription zdm_shop_rev (enabled)",
+            "target: replication slot zdm_shop_rev (keeps WAL until it is dropped)",
+            "target: publication zdm_shop_rev",
+        ]
     # When the abandon's last step runs before any rollback / Then it is refused, the records untouched
     with pytest.raises(CutoverError, match=r"the writer may be on the target: roll back first\. Nothing was changed"):
         shop.runner().close_records()
@@ -202,8 +210,10 @@ def test_abandoned_records_are_set_aside_so_the_migration_started_anew_cuts_over
     finally:
         tgt.close()
 
-    # Given the rollback done (a new cutover is refused on its record)
+    # Given the rollback done, which leaves nothing of either replication (a new cutover is refused on its record)
     assert shop.runner().rollback().kind == "after_cutover"
+    with closing(connect(shop.src)) as src, closing(connect(shop.tgt)) as tgt:
+        assert replication_left(src, tgt, "zdm_shop") == []
     with pytest.raises(CutoverError, match="was rolled back after its cutover"):
         shop.runner().cutover()
     # When the records are set aside, twice (a retried task)

@@ -682,16 +682,18 @@ def foreign_slots(conn: Connection, slot: str) -> list[str]:
     return [f"{slot} ({kind} slot" + (f" of database {db!r})" if db else ")") for kind, db in rows]
 
 
-def replication_left(source: Connection, target: Connection, base: str) -> list[str]:
+def replication_left(source: Connection, target: Connection, base: str, *, back_only: bool = False) -> list[str]:
     """What of this migration's replication exists in these two databases, named `base` (forward: slot and
     publication on the source, subscription on the target; `base`_dbz: the change stream's slot and
-    publication; `base`_rev: the replication back, the other way round), "side: kind name (state)".
-    A fresh migration has none of it; a rolled back one keeps it (its slot holds the source's WAL)."""
-    forward, stream, back = base, f"{base}_dbz", f"{base}_rev"
+    publication; `base`_rev: the replication back, the other way round; only that one with `back_only`),
+    "side: kind name (state)". A fresh migration has none of it; a rolled back one keeps it (its slot holds
+    the source's WAL)."""
+    forward = [] if back_only else [base, f"{base}_dbz"]
+    back = [f"{base}_rev"]
     found: list[str] = []
     for side, conn, publishes, subscribes in (
-        ("source", source, [forward, stream], [back]),
-        ("target", target, [back], [forward]),
+        ("source", source, forward, back),
+        ("target", target, back, forward[:1]),
     ):
         for (name,) in fetch_all(
             conn,
