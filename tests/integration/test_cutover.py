@@ -41,6 +41,7 @@ from lambdas.core.cutover import (
     Step,
     store,
 )
+from lambdas.core.cutover.readshift import shift_reads
 from lambdas.core.cutover.steps import CUTOVER_STEPS
 from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.engines.table_locks import TableLocksBusy
@@ -187,6 +188,17 @@ def test_rollback_after_cutover_brings_every_target_write_back_to_the_source(sho
         shop.runner().cutover()
 
 
+def start_anew(shop: Shop) -> None:
+    """What the runbook says after an abandon: the target's fence lifted, its tables emptied, the replication
+    started (and caught up)."""
+    with closing(connect(shop.tgt)) as tgt:
+        lift_fence(tgt)
+        tables = sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in TABLES)
+        execute(tgt, sql.SQL("TRUNCATE {}").format(tables))
+    shop.forward_engine().start()
+    shop.wait_caught_up()
+
+
 def test_abandoned_records_are_set_aside_so_the_migration_started_anew_cuts_over_again(shop: Shop) -> None:
     # Given a migration cut over (the writer on the target, which took an order)
     shop.runner().cutover()
@@ -229,22 +241,41 @@ def test_abandoned_records_are_set_aside_so_the_migration_started_anew_cuts_over
     finally:
         tgt.close()
 
-    # And the migration started anew as the runbook says (the target's fence lifted, its tables emptied, the
-    # replication started and caught up) cuts over for real: a new attempt, every row on the target
-    tgt = connect(shop.tgt)
-    try:
-        lift_fence(tgt)
-        execute(
-            tgt, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in TABLES))
-        )
-    finally:
-        tgt.close()
-    shop.forward_engine().start()
-    shop.wait_caught_up()
+    # And the migration started anew as the runbook says cuts over for real: a new attempt, every row on the target
+    start_anew(shop)
     again = shop.runner().cutover()
     assert (again.status, again.attempt) == ("done", 1)
     assert server_port(shop.app) == shop.target.port
     assert assert_no_difference(shop.diffs()) > 5_000
+
+
+def test_a_second_abandon_keeps_the_fence_a_rollback_after_the_cutover_left_on_the_target(shop: Shop) -> None:
+    # Given a migration cut over, rolled back and abandoned: the target fenced, the records set aside
+    shop.runner().cutover()
+    shop.runner().rollback()
+    shop.forward_engine().teardown()
+    shop.runner().close_records()
+    assert read_only_error(shop.tgt) == "ReadOnlySqlTransaction"
+    # When it is abandoned again (its rollback, which finds no record, the teardown, the records)
+    again = shop.runner().rollback()
+    shop.forward_engine().teardown()
+    shop.runner().close_records()
+    # Then the target stays fenced: a client still pointed at it fails rather than writes where nobody reads
+    assert again.kind == "before_cutover"
+    assert {r.step: r.detail for r in again.steps}["lift_target_fence"] == {
+        "lifted": False,
+        "kept": "a rollback after the cutover left it",
+    }
+    assert read_only_error(shop.tgt) == "ReadOnlySqlTransaction"
+
+    # And once a person lifted it and a new attempt's read shift fenced the target itself, a rollback before
+    # that attempt's cutover lifts the read shift's fence, as for any attempt
+    start_anew(shop)
+    with closing(connect(shop.tgt)) as tgt:
+        shift_reads(tgt, shop.router, "shop", 10, execution_started=None)
+    assert read_only_error(shop.tgt) == "ReadOnlySqlTransaction"
+    shop.runner().rollback()
+    assert read_only_error(shop.tgt) is None
 
 
 class SimulatedCrash(BaseException):

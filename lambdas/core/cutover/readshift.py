@@ -15,7 +15,7 @@ from datetime import datetime
 from lambdas.core.cutover import store
 from lambdas.core.cutover.runner import CutoverError
 from lambdas.core.db import Connection
-from lambdas.core.fence import is_fenced, set_fence
+from lambdas.core.fence import is_fenced, make_writable, set_fence
 from lambdas.core.routers.base import TrafficRouter
 
 READ_SHIFT_LOCK_WAIT_SECONDS = 60.0  # a rollback or a cutover holding the lock: both should not be running now
@@ -48,6 +48,9 @@ def shift_reads(
                 f"a rollback of {migration!r} started at {last.isoformat()}, after this execution did "
                 f"({execution_started.isoformat()}): reads stay where the rollback put them; nothing was changed"
             )
+        if percent > 0:
+            make_writable(target)  # a fence kept from an earlier attempt is this read shift's now
+            store.forget_target_fence(target, migration)
         if percent > 0 and not is_fenced(target):
             # Before the cutover the target is a replica: a write reaching it through the reader path
             # would never travel back to the source (lost on a rollback). Read-only by default from

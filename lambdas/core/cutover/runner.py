@@ -382,6 +382,8 @@ class CutoverRunner:
             elif cut is not None and cut.status is Status.RUNNING:
                 why = f"cutover attempt {cut.attempt} is running: roll back first"
             else:
+                if back is not None and back.status is Status.DONE:
+                    store.keep_target_fence(target, migration)
                 closed = store.close(target, migration)
                 return OperationResult(
                     migration,
@@ -820,8 +822,13 @@ class CutoverRunner:
         # stays read-only until then, so a write through the reader path cannot land there and be lost.
         timed("reader_ttl", lambda: time.sleep(self.router.stale_seconds))
         # The read shift fenced the target (a replica takes no writes); with no traffic left on it,
-        # it goes back to how the migration found it, so the migration can be started again.
-        timed("lift_target_fence", lambda: {"lifted": lift_fence(conns[Side.TARGET])})
+        # it goes back to how the migration found it, so the migration can be started again. Not a fence
+        # a rollback after an earlier cutover left (an abandon run twice): that one a person lifts.
+        target = conns[Side.TARGET]
+        if store.target_fence_kept(target, self.plan.migration):
+            timed("lift_target_fence", lambda: {"lifted": False, "kept": "a rollback after the cutover left it"})
+        else:
+            timed("lift_target_fence", lambda: {"lifted": lift_fence(target)})
         timed("stop_forward_replication", self._stop_forward)
         notes.append(
             "forward replication is stopped (its slot keeps WAL on the source until it is started again or torn down)"

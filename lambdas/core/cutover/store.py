@@ -69,10 +69,9 @@ def unlock(conn: Connection, migration: str) -> None:
 
 
 def ensure_tables(conn: Connection) -> None:
+    tables = ("cutover_state", "cutover_log", "cutover_rollbacks", "target_fence_kept")
     if fetch_value(
-        conn,
-        "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
-        (f"{SCHEMA}.cutover_state", f"{SCHEMA}.cutover_log", f"{SCHEMA}.cutover_rollbacks"),
+        conn, "SELECT bool_and(to_regclass(%s || '.' || t) IS NOT NULL) FROM unnest(%s) t", (SCHEMA, list(tables))
     ):
         return
     schema = sql.Identifier(SCHEMA)
@@ -100,6 +99,13 @@ def ensure_tables(conn: Connection) -> None:
         conn,
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {}.cutover_rollbacks ("
+            " migration text PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        ).format(schema),
+    )
+    execute(
+        conn,
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.target_fence_kept ("
             " migration text PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())"
         ).format(schema),
     )
@@ -252,6 +258,44 @@ def close(conn: Connection, migration: str) -> list[str]:
         {"m": migration},
     )
     return [f"{operation} attempt {attempt}: {status}" for operation, attempt, status in rows]
+
+
+def keep_target_fence(conn: Connection, migration: str) -> None:
+    """The target's fence is a rollback's after the cutover, kept on purpose (a client still pointed at the
+    target must fail, not write where nobody reads): once the records are set aside (`close`), a rollback
+    would otherwise take it for the read shift's and lift it. Idempotent."""
+    ensure_tables(conn)
+    execute(
+        conn,
+        sql.SQL("INSERT INTO {}.target_fence_kept (migration) VALUES (%s) ON CONFLICT (migration) DO NOTHING").format(
+            sql.Identifier(SCHEMA)
+        ),
+        (migration,),
+    )
+
+
+def target_fence_kept(conn: Connection, migration: str) -> bool:
+    if not fetch_value(conn, "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.target_fence_kept",)):
+        return False
+    return bool(
+        fetch_value(
+            conn,
+            sql.SQL("SELECT EXISTS (SELECT 1 FROM {}.target_fence_kept WHERE migration = %s)").format(
+                sql.Identifier(SCHEMA)
+            ),
+            (migration,),
+        )
+    )
+
+
+def forget_target_fence(conn: Connection, migration: str) -> None:
+    """A new attempt's read shift fences the target itself: from then on its fence is that one's to lift."""
+    if target_fence_kept(conn, migration):
+        execute(
+            conn,
+            sql.SQL("DELETE FROM {}.target_fence_kept WHERE migration = %s").format(sql.Identifier(SCHEMA)),
+            (migration,),
+        )
 
 
 def pause_seconds(conn: Connection, migration: str, operation: Operation) -> float | None:
