@@ -1,6 +1,6 @@
 """`python -m rehearsal`: rehearse a whole migration locally (see rehearsal/run.py), then report.
 
-    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover|ddl|reverse-ddl|new-table|retry]
+    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover|ddl|reverse-ddl|new-table|retry|alarm-rule]
 
 Writes OUT/summary.json and OUT/report.html (open it in a browser; it needs no network).
 """
@@ -24,6 +24,7 @@ from rehearsal.servers import ServerError
 # What each fault ends in: a rollback by itself, but for a reverse replication broken after the cutover,
 # which stops the migration with the writer on the target (nothing to roll back for; a rollback would be refused)
 EXPECTED_OUTCOME = {"reverse-ddl": "reverse_replication_broken", "new-table": "migrated", "retry": "migrated"}
+# Fault alarm-rule: the execution the rule stopped, then its rollback execution, which must have rolled back
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,6 +161,15 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     say(f"engine                 {summary['engine']}")
     if summary["outcome"] != "migrated":
         say(f"why                    {summary['error']}: {summary['cause'][:300]}")
+    if summary.get("rollback_kind"):
+        say(f"rollback               {summary['rollback_kind'].replace('_', ' ')}")
+    if summary.get("alarm_rule"):
+        rule = summary["alarm_rule"]["rule"] or {}
+        say(
+            f"alarm rule             stopped the execution ({summary['alarm_rule']['stopped']['status']}) and started "
+            f"{(rule.get('started') or 'nothing').rsplit(':', 1)[-1]}"
+            + (f"; {rule['skipped']}" if rule.get("skipped") else "")
+        )
     for name, seconds in summary["phase_seconds"].items():
         say(f"  {name:<20} {seconds:8.2f} s")
     say(f"rows copied            {summary['rows_copied']}")

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -55,6 +56,7 @@ from rehearsal.stepfunctions import (
     STATE_PAYLOAD_LIMIT_BYTES,
     ExecutionResult,
     Invocation,
+    LambdaContext,
     LocalStateMachine,
 )
 from rehearsal.workload import WorkloadProcess, WorkloadStats
@@ -64,7 +66,7 @@ DEFINITION = ROOT / "statemachine" / "migration.asl.json"
 VALIDATION_BUCKET = "zdm-local-validation"  # in the mock: the plans' chunks and the chunks' results
 # Fault new-table: the table the application's release creates on both sides right after the start
 NEW_TABLE = "coupons"
-FAULTS = ("gate", "kill-target", "cutover", "ddl", "reverse-ddl", "new-table", "retry")
+FAULTS = ("gate", "kill-target", "cutover", "ddl", "reverse-ddl", "new-table", "retry", "alarm-rule")
 ENGINES = ("logical", "debezium")
 DBNAME = "shop"
 FAULT_HELP = {
@@ -77,6 +79,9 @@ FAULT_HELP = {
     "and retires the reverse replication, as an operator would",
     "new-table": f"create a table ({NEW_TABLE}) on both sides right after the start, with rows on the source: the copy "
     "loop adds it to the replication, it is validated and migrated with the rest",
+    "alarm-rule": "set the composite alarm to ALARM while the cutover runs (right after its fence), and deliver "
+    "the alarm's state change to the alarm rule's Rollback function, as EventBridge does: it stops the execution "
+    "and starts the rollback one, which waits for the cutover still running in its Lambda, then rolls it back",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",
@@ -229,6 +234,7 @@ class Rehearsal:
     rows_snapshotted: int | None = None  # debezium: rows the applier wrote from the connector's snapshot
     reverse_mended: bool | None = None  # fault reverse-ddl: the reverse replication mended and retired after the stop
     abandoned: dict[str, Any] | None = None  # fault retry: how the abandon ended, and what it left
+    alarm_rule: dict[str, Any] | None = None  # fault alarm-rule: the execution it stopped, what it did
     timeline: Timeline = field(default_factory=lambda: Timeline(time.monotonic()))
 
     def run_with_timeline(self) -> tuple[dict[str, Any], Timeline]:
@@ -357,7 +363,14 @@ class Rehearsal:
         monitor.start()
         handlers = handler_map()
         if self.fault == "cutover":
-            handlers["CutoverFunctionArn"] = _failing_after_fence(handlers["CutoverFunctionArn"], injected)
+            handlers["CutoverFunctionArn"] = _at_the_cutovers_fence(
+                handlers["CutoverFunctionArn"], "cutover", injected, _fail_the_cutover
+            )
+        alarm_rule = _AlarmRule(migration, alarm, timeline)
+        if self.fault == "alarm-rule":
+            handlers["CutoverFunctionArn"] = _at_the_cutovers_fence(
+                handlers["CutoverFunctionArn"], "alarm-rule", injected, alarm_rule.fire
+            )
         if self.fault == "new-table":
             handlers["ReplicationFunctionArn"] = _creating_a_table_after_the_start(
                 handlers["ReplicationFunctionArn"], src, tgt, injected, timeline
@@ -386,14 +399,23 @@ class Rehearsal:
             "timing": {"poll_seconds": self.poll_seconds},
             "rollback_window_seconds": self.rollback_window_seconds,
         }
+        alarm_rule.machine = machine
         runs: list[ExecutionResult] = []  # every execution: the migration's, and the runbook's after it (faults)
 
         def execute_machine(execution: dict[str, Any]) -> ExecutionResult:
-            runs.append(machine.run(execution, timeout=1800, on_event=on_event, on_start=create_alarm))
+            runs.append(
+                machine.run(execution, timeout=1800, on_event=on_event, on_start=create_alarm, on_end=alarm_rule.join)
+            )
             return runs[-1]
 
         try:
             result = execute_machine(execution_input)
+            if result.followed:  # the alarm rule stopped it and started the rollback: how that one ended counts
+                self.alarm_rule = {
+                    "stopped": {"status": result.status, "error": result.error, "cause": (result.cause or "")[:500]},
+                    "rule": alarm_rule.result,
+                }
+                result = result.last
             if self.fault == "retry" and _rolled_back(result):
                 result = self._abandon_and_migrate_again(result, execution_input, migration, src, tgt, execute_machine)
         finally:
@@ -604,6 +626,9 @@ class Rehearsal:
             ),
             "reverse_mended": self.reverse_mended,
             "abandoned": self.abandoned,
+            "alarm_rule": self.alarm_rule,
+            # before_cutover, after_cutover (over the reverse replication), or nothing (rolled back already)
+            "rollback_kind": ((timeline.state_outputs.get("Rollback") or {}).get("rollback") or {}).get("kind"),
             "tables_added": ((timeline.state_outputs.get("AddNewTables") or {}).get("added_tables") or {}).get("added"),
             "lambda_invocations": invocation_summary([i for run in runs for i in run.invocations]),
             "lambda_limits_broken": [broken for run in runs for broken in run.limits_broken],
@@ -867,18 +892,19 @@ def _creating_a_table_after_the_start(
     return wrapped
 
 
-def _failing_after_fence(
-    handler: Callable[[dict[str, Any], Any], Any], injected: list[str]
+def _at_the_cutovers_fence(
+    handler: Callable[[dict[str, Any], Any], Any], fault: str, injected: list[str], act: Callable[[], None]
 ) -> Callable[[dict[str, Any], Any], Any]:
-    """The cutover handler, made to fail once right after the fence is taken (fault 'cutover')."""
+    """The cutover handler; once, right after its fence is recorded, `act` runs in it (faults 'cutover': it
+    raises; 'alarm-rule': it starts the alarm rule's rollback beside the cutover, which goes on)."""
     from lambdas.core.cutover import Hooks
     from lambdas.core.cutover.steps import Step
     from lambdas.handlers import cutover as cutover_handler
 
     def hook(operation: Any, step: Any) -> None:
         if step == Step.FENCE and not injected:
-            injected.append("cutover")
-            raise RuntimeError("fault injected: cutover failed right after the fence")
+            injected.append(fault)
+            act()
 
     def wrapped(event: dict[str, Any], context: Any) -> Any:
         if event.get("action") != "run" or injected:
@@ -897,6 +923,54 @@ def _failing_after_fence(
             cutover_handler.build_runner = original
 
     return wrapped
+
+
+def _fail_the_cutover() -> None:
+    raise RuntimeError("fault injected: cutover failed right after the fence")
+
+
+class _AlarmRule:
+    """What EventBridge does when the composite alarm enters ALARM: the alarm rule's Rollback function gets
+    the state change event, stops the running execution and starts the rollback one (fault 'alarm-rule')."""
+
+    def __init__(self, migration: Migration, alarm: str, timeline: Timeline) -> None:
+        self.migration, self.alarm, self.timeline = migration, alarm, timeline
+        self.machine: LocalStateMachine | None = None  # set once made: its ARN is the function's environment
+        self.thread: threading.Thread | None = None
+        self.result: dict[str, Any] | None = None
+
+    def fire(self) -> None:
+        """Beside the caller (a Lambda still running, which the stop does not end), as on AWS."""
+        self.thread = threading.Thread(target=self._deliver, daemon=True)
+        self.thread.start()
+
+    def _deliver(self) -> None:
+        from lambdas.handlers import rollback as rollback_handler
+
+        reason = "fault injected: the application's alarm fired during the cutover"
+        boto3.client("cloudwatch", region_name=REGION).set_alarm_state(
+            AlarmName=self.alarm, StateValue="ALARM", StateReason=reason
+        )
+        say(
+            f"[{self.timeline.now():7.1f}s] fault: composite alarm set to ALARM during the cutover; the alarm rule runs"
+        )
+        event = {
+            "id": str(uuid.uuid4()),
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "detail-type": "CloudWatch Alarm State Change",
+            "source": "aws.cloudwatch",
+            "detail": {"alarmName": self.alarm, "state": {"value": "ALARM", "reason": reason}},
+        }
+        assert self.machine is not None and self.machine.arn is not None
+        os.environ[rollback_handler.STATE_MACHINE_ENV] = self.machine.arn
+        os.environ[rollback_handler.MIGRATION_ENV] = self.migration.name
+        rollback_handler._stepfunctions.cache_clear()  # a client of this run's mock
+        self.result = rollback_handler.handler(event, LambdaContext("zdm-rehearsal-rollback", "alarm-rule-1"))
+        self.timeline.events.append((self.timeline.now(), "alarm rule: execution stopped, rollback started"))
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout=60)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

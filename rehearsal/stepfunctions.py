@@ -108,6 +108,14 @@ class ExecutionResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     invocations: list[Invocation] = field(default_factory=list)
+    # Executions of the machine that something else started while this one ran (the alarm rule's rollback),
+    # each followed to its end; their Lambda runs are in `invocations` (one list for the whole run)
+    followed: list[ExecutionResult] = field(default_factory=list)
+
+    @property
+    def last(self) -> ExecutionResult:
+        """The execution that ended last: this one, or the last one it was followed by."""
+        return self.followed[-1] if self.followed else self
 
     @property
     def limits_broken(self) -> list[str]:
@@ -227,6 +235,7 @@ class LocalStateMachine:
         self.buckets = list(buckets)
         self.environment = dict(environment or {})
         self.timeouts = dict(timeouts or {})
+        self.arn: str | None = None  # the machine's ARN in the mock, while an execution runs
         missing = [p for p in placeholders(self.definition) if p not in self.handlers and p not in self.values]
         if missing:
             raise StateMachineError(f"{definition_path.name} needs substitutions with no value: {', '.join(missing)}")
@@ -238,10 +247,13 @@ class LocalStateMachine:
         timeout: float = 3600,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         on_start: Callable[[], None] | None = None,
+        on_end: Callable[[], None] | None = None,
         poll_interval: float = 0.2,
     ) -> ExecutionResult:
         """Execute once; `on_start` runs inside the mock before the execution starts (to create
-        the alarms a health gate reads, say), `on_event` gets each history event as it appears."""
+        the alarms a health gate reads, say), `on_event` gets each history event as it appears,
+        `on_end` runs once it ended (to wait for whatever may start another execution). Executions
+        started meanwhile by anything else (`self.arn` is the machine's) are then followed to their end."""
         import boto3
         from moto import mock_aws
 
@@ -287,37 +299,61 @@ class LocalStateMachine:
                 on_start()
             sfn = boto3.client("stepfunctions", region_name=REGION)
             machine = sfn.create_state_machine(name="zdm-local", definition=filled, roleArn=role)["stateMachineArn"]
+            self.arn = machine
             started = time.monotonic()
             # Named, as AWS names an execution started without one (moto leaves $$.Execution.Name null)
             execution = sfn.start_execution(
                 stateMachineArn=machine, name=str(uuid.uuid4()), input=json.dumps(execution_input)
             )["executionArn"]
-            seen = 0
-            history: list[dict[str, Any]] = []
-            while True:
-                description = sfn.describe_execution(executionArn=execution)
-                events = _history(sfn, execution)
-                for event in events[seen:]:
-                    history.append(event)
-                    if on_event is not None:
-                        on_event(event)
-                seen = len(events)
-                if description["status"] != "RUNNING":
-                    break
-                if time.monotonic() - started > timeout:
-                    sfn.stop_execution(executionArn=execution, error="Timeout", cause=f"local run exceeded {timeout}s")
-                    raise StateMachineError(f"execution did not finish within {timeout}s")
-                time.sleep(poll_interval)
-            output = description.get("output")
-            return ExecutionResult(
-                status=description["status"],
-                output=json.loads(output) if output else None,
-                error=description.get("error"),
-                cause=description.get("cause"),
-                history=history,
-                seconds=time.monotonic() - started,
-                invocations=invocations,
-            )
+            follow = _Follow(sfn, on_event, started + timeout, timeout, poll_interval)
+            result = follow.to_end(execution, invocations)
+            if on_end is not None:
+                on_end()
+            for other in sfn.list_executions(stateMachineArn=machine)["executions"][::-1]:  # oldest first
+                if other["executionArn"] != execution:
+                    result.followed.append(follow.to_end(other["executionArn"], invocations))
+            return result
+
+
+@dataclass
+class _Follow:
+    """Polls an execution to its end, handing each new history event to `on_event`."""
+
+    sfn: Any
+    on_event: Callable[[dict[str, Any]], None] | None
+    deadline: float  # time.monotonic()
+    timeout: float  # the run's, which set the deadline
+    poll_interval: float
+
+    def to_end(self, execution: str, invocations: list[Invocation]) -> ExecutionResult:
+        started = time.monotonic()
+        seen = 0
+        history: list[dict[str, Any]] = []
+        while True:
+            description = self.sfn.describe_execution(executionArn=execution)
+            events = _history(self.sfn, execution)
+            for event in events[seen:]:
+                history.append(event)
+                if self.on_event is not None:
+                    self.on_event(event)
+            seen = len(events)
+            if description["status"] != "RUNNING":
+                break
+            if time.monotonic() > self.deadline:
+                cause = f"local run exceeded {self.timeout:g}s"
+                self.sfn.stop_execution(executionArn=execution, error="Timeout", cause=cause)
+                raise StateMachineError(f"execution did not finish within {self.timeout:g}s")
+            time.sleep(self.poll_interval)
+        output = description.get("output")
+        return ExecutionResult(
+            status=description["status"],
+            output=json.loads(output) if output else None,
+            error=description.get("error"),
+            cause=description.get("cause"),
+            history=history,
+            seconds=time.monotonic() - started,
+            invocations=invocations,
+        )
 
 
 def _history(sfn: Any, execution: str) -> list[dict[str, Any]]:

@@ -113,6 +113,28 @@ def test_injected_fault_ends_in_a_clean_rollback_with_nothing_lost(tmp_path: Pat
     assert "rolled back" in (tmp_path / "report.html").read_text()
 
 
+def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the_cutover_lambda_ends(
+    tmp_path: Path,
+) -> None:
+    # When the composite alarm enters ALARM right after the cutover's fence, and its state change reaches the
+    # alarm rule's Rollback function (as EventBridge delivers it) while the Cutover function still runs
+    proc, summary = rehearse(tmp_path, "--fault", "alarm-rule")
+    # Then the rule stopped the execution and started the rollback execution
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary["fault_injected"] is True
+    assert summary["alarm_rule"]["stopped"]["status"] == "ABORTED"
+    assert summary["alarm_rule"]["rule"]["started"].rsplit(":", 1)[-1].startswith("rollback-")
+    # And that one waited for the cutover still running in its Lambda, then rolled it back over the reverse
+    # replication: the writer back on the source, nothing lost
+    assert summary["outcome"] == "rolled_back" and summary["error"] == "RolledBack"
+    assert "RollbackRequested: zdm-shop-orders-health entered ALARM" in summary["cause"]
+    assert summary["rollback_kind"] == "after_cutover"
+    assert summary["writer_on"] == "source"
+    assert summary["rows_lost"] == 0 and summary["failed_transactions"] == 0
+    assert summary["updates_lost"] == 0 and summary["deletes_lost"] == 0 and summary["child_rows_lost"] == 0
+    assert "alarm rule             stopped the execution (ABORTED) and started rollback-" in proc.stderr
+
+
 def test_ddl_on_the_new_writer_in_the_rollback_window_stops_the_migration_naming_it_and_the_mend_loses_nothing(
     tmp_path: Path,
 ) -> None:

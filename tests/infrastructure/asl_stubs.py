@@ -120,7 +120,9 @@ class Stubs:
                 return {"status": "done", "steps": [{"step": "catch_up", "seconds": 0.01, "detail": {}}]}
             if action == "close_records":
                 return {"status": "done", "notes": ["set aside: cutover attempt 1: done"]}
-            return {"status": "done", "pause_seconds": 0.05}
+            # as OperationResult.to_json() has them; the stub's rollback is one after the cutover
+            kind = {"rollback": "after_cutover", "run": "cutover"}.get(action, action)
+            return {"status": "done", "kind": kind, "pause_seconds": 0.05}
 
         return {
             "PreflightFunctionArn": preflight,

@@ -229,3 +229,67 @@ def test_a_result_lambdas_runtime_cannot_serialize_fails_as_it_would_on_aws(tmp_
     assert result.output["slow"] == {"remaining": 1.5}
     assert result.output["too_big"]["Error"] == "Runtime.MarshalError"
     assert "datetime is not JSON serializable" in result.output["too_big"]["Cause"]
+
+
+STOPPABLE = {
+    "StartAt": "Choose",
+    "States": {
+        "Choose": {
+            "Type": "Choice",
+            "Choices": [{"Variable": "$.action", "StringEquals": "rollback", "Next": "Undo"}],
+            "Default": "Work",
+        },
+        "Work": {
+            "Type": "Task",
+            "Resource": "arn:aws:states:::lambda:invoke",
+            "Parameters": {"FunctionName": "${WorkFunctionArn}", "Payload": {}},
+            "Next": "Done",
+        },
+        "Undo": {
+            "Type": "Task",
+            "Resource": "arn:aws:states:::lambda:invoke",
+            "Parameters": {"FunctionName": "${UndoFunctionArn}", "Payload": {}},
+            "ResultSelector": {"undone.$": "$.Payload.undone"},
+            "Next": "Done",
+        },
+        "Done": {"Type": "Succeed"},
+    },
+}
+
+
+def test_an_execution_started_by_something_else_while_one_runs_is_followed_to_its_end(tmp_path: Path) -> None:
+    # Given a function that, while it runs, has the running execution stopped and another one started (as the
+    # alarm rule does), and then goes on to its end (a stop does not end a Lambda that runs)
+    import threading
+
+    import boto3
+
+    path = tmp_path / "stoppable.asl.json"
+    path.write_text(json.dumps(STOPPABLE))
+    finished: list[str] = []
+    machine: LocalStateMachine
+
+    def work(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        def rule() -> None:
+            sfn = boto3.client("stepfunctions", region_name="us-east-1")
+            running = sfn.list_executions(stateMachineArn=machine.arn, statusFilter="RUNNING")["executions"]
+            sfn.stop_execution(executionArn=running[0]["executionArn"], error="Zdm.AlarmRollback")
+            sfn.start_execution(stateMachineArn=machine.arn, name="rollback-1", input='{"action": "rollback"}')
+
+        thread = threading.Thread(target=rule)
+        thread.start()
+        thread.join()
+        finished.append("work")
+        return {}
+
+    machine = LocalStateMachine(path, {"WorkFunctionArn": work, "UndoFunctionArn": lambda e, c: {"undone": True}})
+    seen: list[str] = []
+    # When it runs
+    result = machine.run({"action": "migrate"}, timeout=60, on_event=lambda e: seen.append(e["type"]))
+    # Then the first execution was stopped, its function still ran to its end, and the one started meanwhile
+    # was followed to its end, its events handed on too
+    assert result.status == "ABORTED" and finished == ["work"]
+    assert [r.status for r in result.followed] == ["SUCCEEDED"]
+    assert result.last is result.followed[0] and result.last.output == {"undone": True}
+    assert seen.count("ExecutionStarted") == 2 and "ExecutionAborted" in seen and "ExecutionSucceeded" in seen
+    assert sorted(i.function for i in result.invocations) == ["Undo", "Work"]  # the two ran side by side
