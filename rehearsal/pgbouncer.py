@@ -45,6 +45,8 @@ BASE_SETTINGS: dict[str, str] = {
     "max_client_conn": "1000",
     "default_pool_size": "20",
     "server_round_robin": "1",
+    # A server that restarts (the source-crash fault) is tried again within a second, not after the 15 s default
+    "server_login_retry": "1",
     "ignore_startup_parameters": "extra_float_digits",
     "log_connections": "0",
     "log_disconnections": "0",

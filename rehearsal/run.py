@@ -66,7 +66,7 @@ DEFINITION = ROOT / "statemachine" / "migration.asl.json"
 VALIDATION_BUCKET = "zdm-local-validation"  # in the mock: the plans' chunks and the chunks' results
 # Fault new-table: the table the application's release creates on both sides right after the start
 NEW_TABLE = "coupons"
-FAULTS = ("gate", "kill-target", "cutover", "ddl", "reverse-ddl", "new-table", "retry", "alarm-rule")
+FAULTS = ("gate", "kill-target", "cutover", "ddl", "reverse-ddl", "new-table", "retry", "alarm-rule", "source-crash")
 ENGINES = ("logical", "debezium")
 DBNAME = "shop"
 FAULT_HELP = {
@@ -82,6 +82,9 @@ FAULT_HELP = {
     "alarm-rule": "set the composite alarm to ALARM while the cutover runs (right after its fence), and deliver "
     "the alarm's state change to the alarm rule's Rollback function, as EventBridge does: it stops the execution "
     "and starts the rollback one, which waits for the cutover still running in its Lambda, then rolls it back",
+    "source-crash": "crash the source (immediate shutdown) a second into the read shift and start it again 3 s "
+    "later, its commits durable (synchronous_commit on): the application's transactions fail meanwhile; the "
+    "replication must resume with nothing lost or applied twice, and the migration complete",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",
@@ -234,6 +237,7 @@ class Rehearsal:
     rows_snapshotted: int | None = None  # debezium: rows the applier wrote from the connector's snapshot
     reverse_mended: bool | None = None  # fault reverse-ddl: the reverse replication mended and retired after the stop
     abandoned: dict[str, Any] | None = None  # fault retry: how the abandon ended, and what it left
+    outage: tuple[float, float] | None = None  # fault source-crash: from the crash to the restart, timeline seconds
     alarm_rule: dict[str, Any] | None = None  # fault alarm-rule: the execution it stopped, what it did
     timeline: Timeline = field(default_factory=lambda: Timeline(time.monotonic()))
 
@@ -245,6 +249,10 @@ class Rehearsal:
         self.timeline = Timeline(time.monotonic())
         base = load_migration(self.migration_file)
         settings = {"wal_retrieve_retry_interval": "200ms"}  # apply workers start at once, not within 5 s
+        if self.fault == "source-crash":
+            # Acknowledged commits survive the crash (as on RDS): the fault asks what the migration loses, and with
+            # the servers' fast default (off) the crash itself would drop the last few hundred milliseconds
+            settings["synchronous_commit"] = "on"
         with running_servers(["rehearsal-source", "rehearsal-target"], settings=settings) as servers:
             if self.engine != "debezium":
                 return self._run(base, *servers)
@@ -326,6 +334,9 @@ class Rehearsal:
 
         def on_phase(phase: str) -> None:
             say(f"[{timeline.now():7.1f}s] phase: {phase}")
+            if self.fault == "source-crash" and phase == "read shift" and not injected:
+                injected.append("source-crash")
+                threading.Thread(target=self._crash_source, args=(source, timeline), daemon=True).start()
             if self.fault == "kill-target" and phase == "initial copy" and not injected:
                 injected.append("kill-target")
                 threading.Thread(target=self._kill_target_soon, args=(target, tgt, timeline), daemon=True).start()
@@ -482,6 +493,22 @@ class Rehearsal:
         say(f"[{timeline.now():7.1f}s] target's {lifted}tables emptied; starting the migration anew ...")
         return execute_machine(execution_input)
 
+    def _crash_source(self, source: PostgresServer, timeline: Timeline) -> None:
+        """Fault source-crash: a second into the read shift, the source stops as a crash would, and starts
+        again 3 s later (as RDS restarts a failed instance); `self.outage` says when, on the timeline."""
+        time.sleep(1.0)
+        crashed = timeline.now()
+        source.kill()
+        if source.is_running():
+            raise RuntimeError("fault source-crash: the source server is still running after its immediate shutdown")
+        timeline.events.append((crashed, "source crashed"))
+        say(f"[{crashed:7.1f}s] fault: source server crashed (immediate shutdown) during the read shift")
+        time.sleep(3.0)
+        source.restart()
+        self.outage = (crashed, timeline.now())
+        timeline.events.append((self.outage[1], "source restarted"))
+        say(f"[{self.outage[1]:7.1f}s] source server restarted")
+
     def _kill_target_soon(self, target: PostgresServer, tgt: str, timeline: Timeline) -> None:
         """Kill the target once the copy has written rows to it (mid-copy, not before it starts)."""
         deadline = time.monotonic() + 60
@@ -627,6 +654,9 @@ class Rehearsal:
             "reverse_mended": self.reverse_mended,
             "abandoned": self.abandoned,
             "alarm_rule": self.alarm_rule,
+            "outage": self.outage,
+            # transactions that failed while no crash explains it (all of them, without fault source-crash)
+            "failed_outside_outage": _failed_outside(stats, timeline, self.outage),
             # before_cutover, after_cutover (over the reverse replication), or nothing (rolled back already)
             "rollback_kind": ((timeline.state_outputs.get("Rollback") or {}).get("rollback") or {}).get("kind"),
             "tables_added": ((timeline.state_outputs.get("AddNewTables") or {}).get("added_tables") or {}).get("added"),
@@ -665,6 +695,19 @@ def change_stream_environment(target_dsn: str, base: Migration) -> Iterator[Loca
             os.environ[CHANGE_STREAM_ENV] = previous
         broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# Fault source-crash: a transaction may fail from slightly before the crash (in flight) until pgbouncer has
+# reconnected after the restart (server_login_retry = 1 s)
+OUTAGE_MARGIN_BEFORE_SECONDS = 1.0
+OUTAGE_MARGIN_AFTER_SECONDS = 3.0
+
+
+def _failed_outside(stats: WorkloadStats, timeline: Timeline, outage: tuple[float, float] | None) -> int:
+    if outage is None:
+        return stats.failed
+    low, high = outage[0] - OUTAGE_MARGIN_BEFORE_SECONDS, outage[1] + OUTAGE_MARGIN_AFTER_SECONDS
+    return sum(1 for started in stats.failed_starts if not low <= started - timeline.start <= high)
 
 
 def _slowest_start(stats: WorkloadStats) -> float:

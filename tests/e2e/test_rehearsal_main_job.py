@@ -135,6 +135,24 @@ def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the
     assert "alarm rule             stopped the execution (ABORTED) and started rollback-" in proc.stderr
 
 
+def test_a_source_crash_during_the_read_shift_loses_nothing_and_the_migration_completes(tmp_path: Path) -> None:
+    # When the source crashes (immediate shutdown) during the read shift and starts again 3 s later
+    proc, summary = rehearse(tmp_path, "--fault", "source-crash")
+    # Then it was down (checked by the fault) and restarted, and no transaction failed but while it was down
+    # (those in flight at the crash; pgbouncer holds the others until it reconnects)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary["fault_injected"] is True
+    crashed, restarted = summary["outage"]
+    assert restarted > crashed
+    assert summary["failed_outside_outage"] == 0
+    # And the replication resumed from its slot: nothing lost, nothing applied twice, both databases equal
+    assert summary["outcome"] == "migrated", (summary["error"], summary["cause"])
+    assert summary["rows_lost"] == 0
+    assert summary["updates_lost"] == 0 and summary["deletes_lost"] == 0 and summary["child_rows_lost"] == 0
+    assert summary["final_differences"] == 0 and summary["final_rows_compared"] >= 20_000
+    assert summary["reverse_replication_retired"] is True
+
+
 def test_ddl_on_the_new_writer_in_the_rollback_window_stops_the_migration_naming_it_and_the_mend_loses_nothing(
     tmp_path: Path,
 ) -> None:
