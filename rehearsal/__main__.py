@@ -1,6 +1,6 @@
 """`python -m rehearsal`: rehearse a whole migration locally (see rehearsal/run.py), then report.
 
-    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover|ddl|reverse-ddl|new-table|retry|alarm-rule|source-crash]
+    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover|ddl|reverse-ddl|new-table|retry|alarm-rule|source-crash|target-crash]
 
 Writes OUT/summary.json and OUT/report.html (open it in a browser; it needs no network).
 """
@@ -28,6 +28,7 @@ EXPECTED_OUTCOME = {
     "new-table": "migrated",
     "retry": "migrated",
     "source-crash": "migrated",  # a crash and restart is weathered: the replication resumes from its slot
+    "target-crash": "migrated",
 }
 # Fault alarm-rule: the execution the rule stopped, then its rollback execution, which must have rolled back
 
@@ -191,7 +192,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     say(
         f"transactions           {summary['committed_transactions']:,} committed, {summary['failed_transactions']} failed"
         + (
-            f" ({summary['failed_outside_outage']} outside the source's outage,"
+            f" ({summary['failed_outside_outage']} outside the crashed server's outage,"
             f" {summary['outage'][0]:.1f}-{summary['outage'][1]:.1f} s)"
             if summary.get("outage")
             else ""

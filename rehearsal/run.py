@@ -66,7 +66,20 @@ DEFINITION = ROOT / "statemachine" / "migration.asl.json"
 VALIDATION_BUCKET = "zdm-local-validation"  # in the mock: the plans' chunks and the chunks' results
 # Fault new-table: the table the application's release creates on both sides right after the start
 NEW_TABLE = "coupons"
-FAULTS = ("gate", "kill-target", "cutover", "ddl", "reverse-ddl", "new-table", "retry", "alarm-rule", "source-crash")
+FAULTS = (
+    "gate",
+    "kill-target",
+    "cutover",
+    "ddl",
+    "reverse-ddl",
+    "new-table",
+    "retry",
+    "alarm-rule",
+    "source-crash",
+    "target-crash",
+)
+# Faults that crash a server and start it again, and the phase whose start they wait for (a second into it)
+CRASHES = {"source-crash": ("source", "read shift"), "target-crash": ("target", "post-cutover bake")}
 ENGINES = ("logical", "debezium")
 DBNAME = "shop"
 FAULT_HELP = {
@@ -85,6 +98,9 @@ FAULT_HELP = {
     "source-crash": "crash the source (immediate shutdown) a second into the read shift and start it again 3 s "
     "later, its commits durable (synchronous_commit on): the application's transactions fail meanwhile; the "
     "replication must resume with nothing lost or applied twice, and the migration complete",
+    "target-crash": "crash the target, the new writer, a second into the bake after the cutover and start it again "
+    "3 s later: the reverse replication must resume from its slot on the target, the source stay whole, and the "
+    "migration complete",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",
@@ -237,7 +253,7 @@ class Rehearsal:
     rows_snapshotted: int | None = None  # debezium: rows the applier wrote from the connector's snapshot
     reverse_mended: bool | None = None  # fault reverse-ddl: the reverse replication mended and retired after the stop
     abandoned: dict[str, Any] | None = None  # fault retry: how the abandon ended, and what it left
-    outage: tuple[float, float] | None = None  # fault source-crash: from the crash to the restart, timeline seconds
+    outage: tuple[float, float] | None = None  # crash faults: from the crash to the restart, timeline seconds
     alarm_rule: dict[str, Any] | None = None  # fault alarm-rule: the execution it stopped, what it did
     timeline: Timeline = field(default_factory=lambda: Timeline(time.monotonic()))
 
@@ -249,7 +265,7 @@ class Rehearsal:
         self.timeline = Timeline(time.monotonic())
         base = load_migration(self.migration_file)
         settings = {"wal_retrieve_retry_interval": "200ms"}  # apply workers start at once, not within 5 s
-        if self.fault == "source-crash":
+        if self.fault in CRASHES:
             # Acknowledged commits survive the crash (as on RDS): the fault asks what the migration loses, and with
             # the servers' fast default (off) the crash itself would drop the last few hundred milliseconds
             settings["synchronous_commit"] = "on"
@@ -334,9 +350,11 @@ class Rehearsal:
 
         def on_phase(phase: str) -> None:
             say(f"[{timeline.now():7.1f}s] phase: {phase}")
-            if self.fault == "source-crash" and phase == "read shift" and not injected:
-                injected.append("source-crash")
-                threading.Thread(target=self._crash_source, args=(source, timeline), daemon=True).start()
+            if self.fault in CRASHES and phase == CRASHES[self.fault][1] and not injected:
+                injected.append(self.fault)
+                side = CRASHES[self.fault][0]
+                server = source if side == "source" else target
+                threading.Thread(target=self._crash, args=(server, side, phase, timeline), daemon=True).start()
             if self.fault == "kill-target" and phase == "initial copy" and not injected:
                 injected.append("kill-target")
                 threading.Thread(target=self._kill_target_soon, args=(target, tgt, timeline), daemon=True).start()
@@ -493,21 +511,21 @@ class Rehearsal:
         say(f"[{timeline.now():7.1f}s] target's {lifted}tables emptied; starting the migration anew ...")
         return execute_machine(execution_input)
 
-    def _crash_source(self, source: PostgresServer, timeline: Timeline) -> None:
-        """Fault source-crash: a second into the read shift, the source stops as a crash would, and starts
-        again 3 s later (as RDS restarts a failed instance); `self.outage` says when, on the timeline."""
+    def _crash(self, server: PostgresServer, side: str, phase: str, timeline: Timeline) -> None:
+        """Crash faults: a second into `phase`, the server stops as a crash would, and starts again 3 s later
+        (as RDS restarts a failed instance); `self.outage` says when, on the timeline."""
         time.sleep(1.0)
         crashed = timeline.now()
-        source.kill()
-        if source.is_running():
-            raise RuntimeError("fault source-crash: the source server is still running after its immediate shutdown")
-        timeline.events.append((crashed, "source crashed"))
-        say(f"[{crashed:7.1f}s] fault: source server crashed (immediate shutdown) during the read shift")
+        server.kill()
+        if server.is_running():
+            raise RuntimeError(f"fault {self.fault}: the {side} server is still running after its immediate shutdown")
+        timeline.events.append((crashed, f"{side} crashed"))
+        say(f"[{crashed:7.1f}s] fault: {side} server crashed (immediate shutdown) during the {phase}")
         time.sleep(3.0)
-        source.restart()
+        server.restart()
         self.outage = (crashed, timeline.now())
-        timeline.events.append((self.outage[1], "source restarted"))
-        say(f"[{self.outage[1]:7.1f}s] source server restarted")
+        timeline.events.append((self.outage[1], f"{side} restarted"))
+        say(f"[{self.outage[1]:7.1f}s] {side} server restarted")
 
     def _kill_target_soon(self, target: PostgresServer, tgt: str, timeline: Timeline) -> None:
         """Kill the target once the copy has written rows to it (mid-copy, not before it starts)."""
@@ -697,7 +715,7 @@ def change_stream_environment(target_dsn: str, base: Migration) -> Iterator[Loca
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-# Fault source-crash: a transaction may fail from slightly before the crash (in flight) until pgbouncer has
+# Crash faults: a transaction may fail from slightly before the crash (in flight) until pgbouncer has
 # reconnected after the restart (server_login_retry = 1 s)
 OUTAGE_MARGIN_BEFORE_SECONDS = 1.0
 OUTAGE_MARGIN_AFTER_SECONDS = 3.0

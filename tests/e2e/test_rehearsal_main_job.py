@@ -135,9 +135,16 @@ def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the
     assert "alarm rule             stopped the execution (ABORTED) and started rollback-" in proc.stderr
 
 
-def test_a_source_crash_during_the_read_shift_loses_nothing_and_the_migration_completes(tmp_path: Path) -> None:
-    # When the source crashes (immediate shutdown) during the read shift and starts again 3 s later
-    proc, summary = rehearse(tmp_path, "--fault", "source-crash")
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "source-crash",  # during the read shift: the forward replication resumes from its slot on the source
+        "target-crash",  # the new writer, after the cutover: the reverse replication resumes from its slot there
+    ],
+)
+def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tmp_path: Path, fault: str) -> None:
+    # When a server crashes (immediate shutdown) mid-migration and starts again 3 s later
+    proc, summary = rehearse(tmp_path, "--fault", fault)
     # Then it was down (checked by the fault) and restarted, and no transaction failed but while it was down
     # (those in flight at the crash; pgbouncer holds the others until it reconnects)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -145,7 +152,7 @@ def test_a_source_crash_during_the_read_shift_loses_nothing_and_the_migration_co
     crashed, restarted = summary["outage"]
     assert restarted > crashed
     assert summary["failed_outside_outage"] == 0
-    # And the replication resumed from its slot: nothing lost, nothing applied twice, both databases equal
+    # And the replication resumed: nothing lost, nothing applied twice, both databases equal at the end
     assert summary["outcome"] == "migrated", (summary["error"], summary["cause"])
     assert summary["rows_lost"] == 0
     assert summary["updates_lost"] == 0 and summary["deletes_lost"] == 0 and summary["child_rows_lost"] == 0
