@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lambdas.core.config import MigrationFileError
+from rehearsal.faults import FAULT_HELP, FAULTS
 from rehearsal.report import Chart, PhaseSpan, Series, render_report
-from rehearsal.run import ENGINES, FAULT_HELP, FAULTS, Rehearsal, say
+from rehearsal.run import ENGINES, Rehearsal
 from rehearsal.servers import ServerError
+from rehearsal.timeline import say
 
 # What each fault ends in: a rollback by itself, but for a reverse replication broken after the cutover,
 # which stops the migration with the writer on the target (nothing to roll back for; a rollback would be refused)

@@ -24,24 +24,18 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import boto3
 from psycopg2 import sql
 
-from lambdas.core.catalog import sequences_for_tables
 from lambdas.core.config import Migration, load_migration
-from lambdas.core.db import connect, execute, fetch_all, fetch_value
+from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.fence import lift_fence, make_writable
-from lambdas.core.matviews import list_materialized_views
-from lambdas.core.preflight.facts import replication_left
 from lambdas.core.routers import Side, router_for
-from lambdas.core.sequences import read_position
 from lambdas.core.telemetry import composite_alarm_name
 from lambdas.handlers.runtime import VALIDATION_BUCKET_ENV
 from rehearsal import sample
@@ -49,6 +43,25 @@ from rehearsal.alarms import put_stand_in_alarm
 from rehearsal.broker import start_broker
 from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
 from rehearsal.compare import compare_databases
+from rehearsal.faults import (
+    CRASHES,
+    NEW_TABLE,
+    REVERSE_FAULT_LASTING_SECONDS,
+    AlarmRule,
+    at_the_cutovers_fence,
+    creating_a_table_after_the_start,
+    fail_the_cutover,
+    failed_outside,
+)
+from rehearsal.losses import (
+    caught_up_position,
+    lost_updates_and_deletes,
+    missing_children,
+    missing_orders,
+    replication_still_there,
+    sequences_behind,
+    stale_views,
+)
 from rehearsal.pgbouncer import LocalBackend, start_pgbouncer
 from rehearsal.servers import PostgresServer, running_servers
 from rehearsal.stepfunctions import (
@@ -56,57 +69,16 @@ from rehearsal.stepfunctions import (
     STATE_PAYLOAD_LIMIT_BYTES,
     ExecutionResult,
     Invocation,
-    LambdaContext,
     LocalStateMachine,
 )
+from rehearsal.timeline import Timeline, say
 from rehearsal.workload import WorkloadProcess, WorkloadStats
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFINITION = ROOT / "statemachine" / "migration.asl.json"
 VALIDATION_BUCKET = "zdm-local-validation"  # in the mock: the plans' chunks and the chunks' results
-# Fault new-table: the table the application's release creates on both sides right after the start
-NEW_TABLE = "coupons"
-FAULTS = (
-    "gate",
-    "kill-target",
-    "cutover",
-    "ddl",
-    "reverse-ddl",
-    "new-table",
-    "retry",
-    "alarm-rule",
-    "source-crash",
-    "target-crash",
-)
-# Faults that crash a server and start it again, and the phase whose start they wait for (a second into it)
-CRASHES = {"source-crash": ("source", "read shift"), "target-crash": ("target", "post-cutover bake")}
 ENGINES = ("logical", "debezium")
 DBNAME = "shop"
-FAULT_HELP = {
-    "gate": "trip the health gate during the read shift",
-    "kill-target": "kill the target server during the initial copy",
-    "cutover": "fail the cutover after the fence is taken",
-    "ddl": "add a column to a table on the source only during the read shift (DDL is not replicated)",
-    "reverse-ddl": "add a column on the target (the new writer) as the rollback window opens: the reverse "
-    "replication breaks, the window stops naming it; then the rehearsal mends it (the same column on the source) "
-    "and retires the reverse replication, as an operator would",
-    "new-table": f"create a table ({NEW_TABLE}) on both sides right after the start, with rows on the source: the copy "
-    "loop adds it to the replication, it is validated and migrated with the rest",
-    "alarm-rule": "set the composite alarm to ALARM while the cutover runs (right after its fence), and deliver "
-    "the alarm's state change to the alarm rule's Rollback function, as EventBridge does: it stops the execution "
-    "and starts the rollback one, which waits for the cutover still running in its Lambda, then rolls it back",
-    "source-crash": "crash the source (immediate shutdown) a second into the read shift and start it again 3 s "
-    "later, its commits durable (synchronous_commit on): the application's transactions fail meanwhile; the "
-    "replication must resume with nothing lost or applied twice, and the migration complete",
-    "target-crash": "crash the target, the new writer, a second into the bake after the cutover and start it again "
-    "3 s later: the reverse replication must resume from its slot on the target, the source stay whole, and the "
-    "migration complete",
-    "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
-    "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
-    "tables, start the migration anew; the writers run throughout",
-}
-# Fault reverse-ddl: the reverse replication's problems count as lasting after this long (lag.problems_max_seconds)
-REVERSE_FAULT_LASTING_SECONDS = 3
 # What each state belongs to, for phase timings and the report's bands.
 PHASE_OF = {
     "Preflight": "preflight",
@@ -132,27 +104,6 @@ PHASE_OF = {
     "Abandon": "abandon",
     "AbandonTeardown": "abandon",
 }
-
-
-def say(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr, flush=True)
-
-
-@dataclass
-class Timeline:
-    start: float
-    lag_seconds: list[tuple[float, float]] = field(default_factory=list)
-    lag_bytes: list[tuple[float, float]] = field(default_factory=list)
-    reads_on_target: list[tuple[float, float]] = field(default_factory=list)
-    writer_on_target: list[tuple[float, float]] = field(default_factory=list)
-    phases: list[tuple[str, float, float, str]] = field(default_factory=list)  # name, start, end, status
-    state_outputs: dict[str, Any] = field(default_factory=dict)  # last output of each state, from the history
-    events: list[tuple[float, str]] = field(default_factory=list)
-
-    def now(self) -> float:
-        return time.monotonic() - self.start
 
 
 class PhaseTracker:
@@ -392,16 +343,16 @@ class Rehearsal:
         monitor.start()
         handlers = handler_map()
         if self.fault == "cutover":
-            handlers["CutoverFunctionArn"] = _at_the_cutovers_fence(
-                handlers["CutoverFunctionArn"], "cutover", injected, _fail_the_cutover
+            handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
+                handlers["CutoverFunctionArn"], "cutover", injected, fail_the_cutover
             )
-        alarm_rule = _AlarmRule(migration, alarm, timeline)
+        alarm_rule = AlarmRule(migration, alarm, timeline)
         if self.fault == "alarm-rule":
-            handlers["CutoverFunctionArn"] = _at_the_cutovers_fence(
+            handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
                 handlers["CutoverFunctionArn"], "alarm-rule", injected, alarm_rule.fire
             )
         if self.fault == "new-table":
-            handlers["ReplicationFunctionArn"] = _creating_a_table_after_the_start(
+            handlers["ReplicationFunctionArn"] = creating_a_table_after_the_start(
                 handlers["ReplicationFunctionArn"], src, tgt, injected, timeline
             )
         handlers["CutoverFunctionArn"] = _stopping_writers_before_retire(
@@ -490,7 +441,7 @@ class Rehearsal:
         timeline = self.timeline
         say(f"[{timeline.now():7.1f}s] rolled back; starting the abandon, as the runbook says to migrate again ...")
         abandon = execute_machine({**execution_input, "action": "abandon"})
-        left = _replication_left(migration, src, tgt)
+        left = replication_still_there(migration, src, tgt)
         self.abandoned = {
             "rolled_back_because": (rolled_back.cause or "")[:500],
             "status": abandon.status,
@@ -597,18 +548,18 @@ class Rehearsal:
         )
         writer = router.state().writer
         writer_dsn = tgt if writer is Side.TARGET else src
-        lost = _missing_orders(writer_dsn, stats.order_ids)
-        behind = _sequences_behind(writer_dsn, migration_tables())
-        updates_lost, deletes_lost = _lost_updates_and_deletes(writer_dsn, stats)
-        child_rows_lost = _missing_children(writer_dsn, stats)
-        views_stale = _views_stale(src, tgt) if writer is Side.TARGET else []
+        lost = missing_orders(writer_dsn, stats.order_ids)
+        behind = sequences_behind(writer_dsn, migration_tables())
+        updates_lost, deletes_lost = lost_updates_and_deletes(writer_dsn, stats)
+        child_rows_lost = missing_children(writer_dsn, stats)
+        views_stale = stale_views(src, tgt) if writer is Side.TARGET else []
         differences: int | None = None
         rows_compared = 0
         retire = (timeline.state_outputs.get("RetireReverseReplication") or {}).get("retire") or {}
         left: list[str] | None = None  # not looked for when not migrated: the target may be down (a fault)
         rows_by_table: dict[str, int] = {}
         if outcome == "migrated" or self.reverse_mended:
-            left = _replication_left(migration, src, tgt, back_only=True)
+            left = replication_still_there(migration, src, tgt, back_only=True)
             # The retire waited until the source had applied the target's writes up to its start,
             # and the writers had stopped before it: the two must be equal row for row.
             tables = [*migration_tables(), *self._new_tables(injected)]
@@ -665,7 +616,7 @@ class Rehearsal:
             "final_differences": differences,
             "reverse_replication_retired": retire.get("status") in ("done", "already_done") and left == [],
             "reverse_replication_left": left,
-            "source_whole_as_of_lsn": _caught_up_position(retire),
+            "source_whole_as_of_lsn": caught_up_position(retire),
             "rollback_problems": ((timeline.state_outputs.get("RollbackWindowGate") or {}).get("gate") or {}).get(
                 "rollback_problems"
             ),
@@ -674,7 +625,7 @@ class Rehearsal:
             "alarm_rule": self.alarm_rule,
             "outage": self.outage,
             # transactions that failed while no crash explains it (all of them, without fault source-crash)
-            "failed_outside_outage": _failed_outside(stats, timeline, self.outage),
+            "failed_outside_outage": failed_outside(stats, timeline, self.outage),
             # before_cutover, after_cutover (over the reverse replication), or nothing (rolled back already)
             "rollback_kind": ((timeline.state_outputs.get("Rollback") or {}).get("rollback") or {}).get("kind"),
             "tables_added": ((timeline.state_outputs.get("AddNewTables") or {}).get("added_tables") or {}).get("added"),
@@ -715,19 +666,6 @@ def change_stream_environment(target_dsn: str, base: Migration) -> Iterator[Loca
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-# Crash faults: a transaction may fail from slightly before the crash (in flight) until pgbouncer has
-# reconnected after the restart (server_login_retry = 1 s)
-OUTAGE_MARGIN_BEFORE_SECONDS = 1.0
-OUTAGE_MARGIN_AFTER_SECONDS = 3.0
-
-
-def _failed_outside(stats: WorkloadStats, timeline: Timeline, outage: tuple[float, float] | None) -> int:
-    if outage is None:
-        return stats.failed
-    low, high = outage[0] - OUTAGE_MARGIN_BEFORE_SECONDS, outage[1] + OUTAGE_MARGIN_AFTER_SECONDS
-    return sum(1 for started in stats.failed_starts if not low <= started - timeline.start <= high)
-
-
 def _slowest_start(stats: WorkloadStats) -> float:
     return max(stats.latencies, key=lambda item: item[1], default=(0.0, 0.0))[0]
 
@@ -749,142 +687,6 @@ def migration_tables() -> list[Any]:
 def _rolled_back(result: Any) -> bool:
     """The RolledBack Fail state (statemachine/migration.asl.json) ends every completed rollback."""
     return bool(result.error == "RolledBack")
-
-
-def _missing_orders(dsn: str, order_ids: list[int]) -> int:
-    """Committed inserts that the database holding the writer does not have: rows lost."""
-    if not order_ids:
-        return 0
-    conn = connect(dsn)
-    try:
-        found = fetch_value(
-            conn,
-            sql.SQL("SELECT count(*) FROM {} WHERE id = ANY(%s)").format(sql.Identifier("orders")),
-            (order_ids,),
-        )
-    finally:
-        conn.close()
-    return len(set(order_ids)) - int(found)
-
-
-def _missing_children(dsn: str, stats: WorkloadStats) -> int:
-    """order_items and events rows inserted by committed new orders that the database holding the
-    writer does not have (an events row the workload deleted since is not expected)."""
-    if not stats.order_children:
-        return 0
-    conn = connect(dsn)
-    try:
-        lines = {order_id: n for order_id, n, _ in stats.order_children}
-        found = dict(
-            fetch_all(
-                conn,
-                "SELECT order_id, count(*) FROM order_items WHERE order_id = ANY(%s) GROUP BY order_id",
-                (list(lines),),
-            )
-        )
-        missing = sum(max(0, n - int(found.get(order_id, 0))) for order_id, n in lines.items())
-        deleted = set(stats.deleted_events)
-        events = [e for _, _, e in stats.order_children if e not in deleted]
-        if events:
-            present = int(fetch_value(conn, "SELECT count(*) FROM events WHERE id = ANY(%s::uuid[])", (events,)))
-            missing += len(events) - present
-    finally:
-        conn.close()
-    return missing
-
-
-def _lost_updates_and_deletes(dsn: str, stats: WorkloadStats) -> tuple[int, int]:
-    """Committed updates and deletes the database holding the writer does not show.
-
-    Every committed order update adds 1 to its total and returned the total after it, so an order
-    updated k times has, at the end, the smallest total returned - 1 + k (only the workload writes
-    totals); less means an increment was lost (a lost update the final compare cannot see when a
-    later write on the target carried the stale row back to the old source). A committed delete's
-    row must be gone."""
-    seen: dict[int, tuple[Decimal, int]] = {}
-    for order_id, total in stats.order_increments:
-        low, count = seen.get(order_id, (Decimal(total), 0))
-        seen[order_id] = (min(low, Decimal(total)), count + 1)
-    conn = connect(dsn)
-    try:
-        updates_lost = 0
-        if seen:
-            rows = fetch_all(conn, "SELECT id, total FROM orders WHERE id = ANY(%s)", (list(seen),))
-            found = {int(i): Decimal(t) for i, t in rows}
-            for order_id, (low, count) in seen.items():
-                expected = low - 1 + count
-                actual = found.get(order_id)
-                if actual is None or actual < expected:
-                    updates_lost += int(expected - actual) if actual is not None else count
-        deletes_lost = 0
-        if stats.deleted_events:
-            deletes_lost = int(
-                fetch_value(conn, "SELECT count(*) FROM events WHERE id = ANY(%s::uuid[])", (stats.deleted_events,))
-            )
-    finally:
-        conn.close()
-    return updates_lost, deletes_lost
-
-
-def _sequences_behind(dsn: str, tables: list[Any]) -> list[str]:
-    """Sequences on the database holding the writer whose next value is not past the largest value
-    already in a column they feed: the next insert may reuse a value (a duplicate key, or a silent
-    duplicate where nothing is unique, e.g. orders.invoice_no). Row compares cannot see this."""
-    conn = connect(dsn)
-    behind: list[str] = []
-    try:
-        for use in sequences_for_tables(conn, tables):
-            position = read_position(conn, use.sequence)
-            if position.increment <= 0:
-                continue
-            largest = fetch_value(
-                conn,
-                sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(use.column), use.table.ident),
-            )
-            if largest is not None and position.next_value <= int(largest):
-                behind.append(f"{use.sequence} next {position.next_value} <= max({use.table}.{use.column}) {largest}")
-    finally:
-        conn.close()
-    return behind
-
-
-def _views_stale(src: str, tgt: str) -> list[str]:
-    """Materialized views the source answers and the target, now the writer, does not: unpopulated there,
-    or holding another number of rows (the sample's view has a row per country, which the workload keeps)."""
-    stale: list[str] = []
-    source, target = connect(src), connect(tgt)
-    try:
-        on_target = {v.name: v for v in list_materialized_views(target)}
-        for view in list_materialized_views(source):
-            if not view.populated:
-                continue
-            twin = on_target.get(view.name)
-            if twin is None or not twin.populated:
-                stale.append(f"{view.name}: not populated on the target")
-                continue
-            count = sql.SQL("SELECT count(*) FROM {}").format(view.name.ident)
-            rows, source_rows = fetch_value(target, count), fetch_value(source, count)
-            if rows != source_rows:
-                stale.append(f"{view.name}: {rows} rows on the target, {source_rows} on the source")
-    finally:
-        source.close()
-        target.close()
-    return stale
-
-
-def _replication_left(migration: Migration, src: str, tgt: str, *, back_only: bool = False) -> list[str]:
-    """What of the migration's replication still exists, read from the databases (preflight's
-    `replication_left`), not from what the state machine said."""
-    with contextlib.closing(connect(src)) as source, contextlib.closing(connect(tgt)) as target:
-        return replication_left(source, target, migration.slot_name, back_only=back_only)
-
-
-def _caught_up_position(retire: dict[str, Any]) -> str | None:
-    """The target's position the source had applied when the retire dropped the reverse replication."""
-    for step in retire.get("steps") or []:
-        if step.get("step") == "catch_up":
-            return str(step["detail"]["position"])
-    return None
 
 
 class _Writers:
@@ -923,115 +725,6 @@ def _stopping_writers_before_retire(
         return handler(event, context)
 
     return wrapped
-
-
-def _creating_a_table_after_the_start(
-    handler: Callable[[dict[str, Any], Any], Any], src: str, tgt: str, injected: list[str], timeline: Timeline
-) -> Callable[[dict[str, Any], Any], Any]:
-    """The replication handler; once its start has returned, the application's next release creates a table on
-    both sides (as a schema migration tool run against each would) and writes rows to it on the source (fault
-    'new-table'). A wrapper, so it happens before the copy loop's first poll."""
-
-    def wrapped(event: dict[str, Any], context: Any) -> Any:
-        result = handler(event, context)
-        if event.get("action") == "start" and not injected:
-            injected.append("new-table")
-            table = sql.Identifier(NEW_TABLE)
-            for dsn in (src, tgt):
-                with contextlib.closing(connect(dsn)) as conn:
-                    execute(
-                        conn, sql.SQL("CREATE TABLE {} (code text PRIMARY KEY, percent int NOT NULL)").format(table)
-                    )
-            with contextlib.closing(connect(src)) as conn:
-                execute(
-                    conn,
-                    sql.SQL("INSERT INTO {} SELECT 'c' || g, g % 50 FROM generate_series(1, 2000) g").format(table),
-                )
-            say(f"[{timeline.now():7.1f}s] fault: table {NEW_TABLE} created on both sides after the start, 2,000 rows")
-        return result
-
-    return wrapped
-
-
-def _at_the_cutovers_fence(
-    handler: Callable[[dict[str, Any], Any], Any], fault: str, injected: list[str], act: Callable[[], None]
-) -> Callable[[dict[str, Any], Any], Any]:
-    """The cutover handler; once, right after its fence is recorded, `act` runs in it (faults 'cutover': it
-    raises; 'alarm-rule': it starts the alarm rule's rollback beside the cutover, which goes on)."""
-    from lambdas.core.cutover import Hooks
-    from lambdas.core.cutover.steps import Step
-    from lambdas.handlers import cutover as cutover_handler
-
-    def hook(operation: Any, step: Any) -> None:
-        if step == Step.FENCE and not injected:
-            injected.append(fault)
-            act()
-
-    def wrapped(event: dict[str, Any], context: Any) -> Any:
-        if event.get("action") != "run" or injected:
-            return handler(event, context)
-        original = cutover_handler.build_runner
-
-        def build_runner_with_fault(migration: Migration, **kwargs: Any) -> Any:
-            runner = original(migration, **kwargs)
-            runner.hooks = Hooks(after_record=hook)
-            return runner
-
-        cutover_handler.build_runner = build_runner_with_fault
-        try:
-            return handler(event, context)
-        finally:
-            cutover_handler.build_runner = original
-
-    return wrapped
-
-
-def _fail_the_cutover() -> None:
-    raise RuntimeError("fault injected: cutover failed right after the fence")
-
-
-class _AlarmRule:
-    """What EventBridge does when the composite alarm enters ALARM: the alarm rule's Rollback function gets
-    the state change event, stops the running execution and starts the rollback one (fault 'alarm-rule')."""
-
-    def __init__(self, migration: Migration, alarm: str, timeline: Timeline) -> None:
-        self.migration, self.alarm, self.timeline = migration, alarm, timeline
-        self.machine: LocalStateMachine | None = None  # set once made: its ARN is the function's environment
-        self.thread: threading.Thread | None = None
-        self.result: dict[str, Any] | None = None
-
-    def fire(self) -> None:
-        """Beside the caller (a Lambda still running, which the stop does not end), as on AWS."""
-        self.thread = threading.Thread(target=self._deliver, daemon=True)
-        self.thread.start()
-
-    def _deliver(self) -> None:
-        from lambdas.handlers import rollback as rollback_handler
-
-        reason = "fault injected: the application's alarm fired during the cutover"
-        boto3.client("cloudwatch", region_name=REGION).set_alarm_state(
-            AlarmName=self.alarm, StateValue="ALARM", StateReason=reason
-        )
-        say(
-            f"[{self.timeline.now():7.1f}s] fault: composite alarm set to ALARM during the cutover; the alarm rule runs"
-        )
-        event = {
-            "id": str(uuid.uuid4()),
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "detail-type": "CloudWatch Alarm State Change",
-            "source": "aws.cloudwatch",
-            "detail": {"alarmName": self.alarm, "state": {"value": "ALARM", "reason": reason}},
-        }
-        assert self.machine is not None and self.machine.arn is not None
-        os.environ[rollback_handler.STATE_MACHINE_ENV] = self.machine.arn
-        os.environ[rollback_handler.MIGRATION_ENV] = self.migration.name
-        rollback_handler._stepfunctions.cache_clear()  # a client of this run's mock
-        self.result = rollback_handler.handler(event, LambdaContext("zdm-rehearsal-rollback", "alarm-rule-1"))
-        self.timeline.events.append((self.timeline.now(), "alarm rule: execution stopped, rollback started"))
-
-    def join(self) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout=60)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import rehearsal.__main__ as main_mod
-from rehearsal.run import Timeline
+from rehearsal.timeline import Timeline
 
 
 def _summary(**over: Any) -> dict[str, Any]:
@@ -33,6 +33,7 @@ def _summary(**over: Any) -> dict[str, Any]:
         "cutover_pause_ms": 5.0,
         "committed_transactions": 1000,
         "failed_transactions": 0,
+        "failed_outside_outage": 0,
         "failed_transaction_errors": [],
         "rows_lost": 0,
         "writer_on": "target",
@@ -65,7 +66,17 @@ def test_final_row_differences_make_the_rehearsal_fail(monkeypatch: pytest.Monke
 
 def test_failed_transactions_make_the_rehearsal_fail(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Writers saw failed transactions (e.g. duplicate keys after a missed sequence sync): not zero-downtime.
-    assert _run_main(monkeypatch, tmp_path, _summary(failed_transactions=250)) != 0
+    assert _run_main(monkeypatch, tmp_path, _summary(failed_transactions=250, failed_outside_outage=250)) != 0
+
+
+def test_failures_only_while_a_crashed_server_was_down_pass_and_others_fail(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given a crash fault, whose server was down from 6.6 s to 9.9 s: transactions in flight then failed
+    crash = {"fault": "source-crash", "fault_injected": True, "outage": [6.6, 9.9], "failed_transactions": 40}
+    # Then failures inside the outage pass, and one outside it fails the run
+    assert _run_main(monkeypatch, tmp_path / "inside", _summary(**crash, failed_outside_outage=0)) == 0
+    assert _run_main(monkeypatch, tmp_path / "outside", _summary(**crash, failed_outside_outage=1)) != 0
 
 
 def test_report_shows_the_final_row_compare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,0 +1,199 @@
+"""The rehearsal's faults: what each injects, and the wrappers and helpers that inject them.
+
+`Rehearsal` (rehearsal/run.py) decides when; these do it: a handler wrapped to act at a step
+(the cutover's fence, the replication's start), the alarm rule delivered as EventBridge would,
+the failed transactions a crash explains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+from psycopg2 import sql
+
+from lambdas.core.config import Migration
+from lambdas.core.db import connect, execute
+from rehearsal.stepfunctions import REGION, LambdaContext, LocalStateMachine
+from rehearsal.timeline import Timeline, say
+from rehearsal.workload import WorkloadStats
+
+# Fault new-table: the table the application's release creates on both sides right after the start
+NEW_TABLE = "coupons"
+
+
+FAULTS = (
+    "gate",
+    "kill-target",
+    "cutover",
+    "ddl",
+    "reverse-ddl",
+    "new-table",
+    "retry",
+    "alarm-rule",
+    "source-crash",
+    "target-crash",
+)
+
+
+# Faults that crash a server and start it again, and the phase whose start they wait for (a second into it)
+CRASHES = {"source-crash": ("source", "read shift"), "target-crash": ("target", "post-cutover bake")}
+
+
+FAULT_HELP = {
+    "gate": "trip the health gate during the read shift",
+    "kill-target": "kill the target server during the initial copy",
+    "cutover": "fail the cutover after the fence is taken",
+    "ddl": "add a column to a table on the source only during the read shift (DDL is not replicated)",
+    "reverse-ddl": "add a column on the target (the new writer) as the rollback window opens: the reverse "
+    "replication breaks, the window stops naming it; then the rehearsal mends it (the same column on the source) "
+    "and retires the reverse replication, as an operator would",
+    "new-table": f"create a table ({NEW_TABLE}) on both sides right after the start, with rows on the source: the copy "
+    "loop adds it to the replication, it is validated and migrated with the rest",
+    "alarm-rule": "set the composite alarm to ALARM while the cutover runs (right after its fence), and deliver "
+    "the alarm's state change to the alarm rule's Rollback function, as EventBridge does: it stops the execution "
+    "and starts the rollback one, which waits for the cutover still running in its Lambda, then rolls it back",
+    "source-crash": "crash the source (immediate shutdown) a second into the read shift and start it again 3 s "
+    "later, its commits durable (synchronous_commit on): the application's transactions fail meanwhile; the "
+    "replication must resume with nothing lost or applied twice, and the migration complete",
+    "target-crash": "crash the target, the new writer, a second into the bake after the cutover and start it again "
+    "3 s later: the reverse replication must resume from its slot on the target, the source stay whole, and the "
+    "migration complete",
+    "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
+    "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
+    "tables, start the migration anew; the writers run throughout",
+}
+
+
+# Fault reverse-ddl: the reverse replication's problems count as lasting after this long (lag.problems_max_seconds)
+REVERSE_FAULT_LASTING_SECONDS = 3
+
+
+# Crash faults: a transaction may fail from slightly before the crash (in flight) until pgbouncer has
+# reconnected after the restart (server_login_retry = 1 s)
+OUTAGE_MARGIN_BEFORE_SECONDS = 1.0
+
+
+OUTAGE_MARGIN_AFTER_SECONDS = 3.0
+
+
+def failed_outside(stats: WorkloadStats, timeline: Timeline, outage: tuple[float, float] | None) -> int:
+    if outage is None:
+        return stats.failed
+    low, high = outage[0] - OUTAGE_MARGIN_BEFORE_SECONDS, outage[1] + OUTAGE_MARGIN_AFTER_SECONDS
+    return sum(1 for started in stats.failed_starts if not low <= started - timeline.start <= high)
+
+
+def creating_a_table_after_the_start(
+    handler: Callable[[dict[str, Any], Any], Any], src: str, tgt: str, injected: list[str], timeline: Timeline
+) -> Callable[[dict[str, Any], Any], Any]:
+    """The replication handler; once its start has returned, the application's next release creates a table on
+    both sides (as a schema migration tool run against each would) and writes rows to it on the source (fault
+    'new-table'). A wrapper, so it happens before the copy loop's first poll."""
+
+    def wrapped(event: dict[str, Any], context: Any) -> Any:
+        result = handler(event, context)
+        if event.get("action") == "start" and not injected:
+            injected.append("new-table")
+            table = sql.Identifier(NEW_TABLE)
+            for dsn in (src, tgt):
+                with contextlib.closing(connect(dsn)) as conn:
+                    execute(
+                        conn, sql.SQL("CREATE TABLE {} (code text PRIMARY KEY, percent int NOT NULL)").format(table)
+                    )
+            with contextlib.closing(connect(src)) as conn:
+                execute(
+                    conn,
+                    sql.SQL("INSERT INTO {} SELECT 'c' || g, g % 50 FROM generate_series(1, 2000) g").format(table),
+                )
+            say(f"[{timeline.now():7.1f}s] fault: table {NEW_TABLE} created on both sides after the start, 2,000 rows")
+        return result
+
+    return wrapped
+
+
+def at_the_cutovers_fence(
+    handler: Callable[[dict[str, Any], Any], Any], fault: str, injected: list[str], act: Callable[[], None]
+) -> Callable[[dict[str, Any], Any], Any]:
+    """The cutover handler; once, right after its fence is recorded, `act` runs in it (faults 'cutover': it
+    raises; 'alarm-rule': it starts the alarm rule's rollback beside the cutover, which goes on)."""
+    from lambdas.core.cutover import Hooks
+    from lambdas.core.cutover.steps import Step
+    from lambdas.handlers import cutover as cutover_handler
+
+    def hook(operation: Any, step: Any) -> None:
+        if step == Step.FENCE and not injected:
+            injected.append(fault)
+            act()
+
+    def wrapped(event: dict[str, Any], context: Any) -> Any:
+        if event.get("action") != "run" or injected:
+            return handler(event, context)
+        original = cutover_handler.build_runner
+
+        def build_runner_with_fault(migration: Migration, **kwargs: Any) -> Any:
+            runner = original(migration, **kwargs)
+            runner.hooks = Hooks(after_record=hook)
+            return runner
+
+        cutover_handler.build_runner = build_runner_with_fault
+        try:
+            return handler(event, context)
+        finally:
+            cutover_handler.build_runner = original
+
+    return wrapped
+
+
+def fail_the_cutover() -> None:
+    raise RuntimeError("fault injected: cutover failed right after the fence")
+
+
+class AlarmRule:
+    """What EventBridge does when the composite alarm enters ALARM: the alarm rule's Rollback function gets
+    the state change event, stops the running execution and starts the rollback one (fault 'alarm-rule')."""
+
+    def __init__(self, migration: Migration, alarm: str, timeline: Timeline) -> None:
+        self.migration, self.alarm, self.timeline = migration, alarm, timeline
+        self.machine: LocalStateMachine | None = None  # set once made: its ARN is the function's environment
+        self.thread: threading.Thread | None = None
+        self.result: dict[str, Any] | None = None
+
+    def fire(self) -> None:
+        """Beside the caller (a Lambda still running, which the stop does not end), as on AWS."""
+        self.thread = threading.Thread(target=self._deliver, daemon=True)
+        self.thread.start()
+
+    def _deliver(self) -> None:
+        from lambdas.handlers import rollback as rollback_handler
+
+        reason = "fault injected: the application's alarm fired during the cutover"
+        boto3.client("cloudwatch", region_name=REGION).set_alarm_state(
+            AlarmName=self.alarm, StateValue="ALARM", StateReason=reason
+        )
+        say(
+            f"[{self.timeline.now():7.1f}s] fault: composite alarm set to ALARM during the cutover; the alarm rule runs"
+        )
+        event = {
+            "id": str(uuid.uuid4()),
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "detail-type": "CloudWatch Alarm State Change",
+            "source": "aws.cloudwatch",
+            "detail": {"alarmName": self.alarm, "state": {"value": "ALARM", "reason": reason}},
+        }
+        assert self.machine is not None and self.machine.arn is not None
+        os.environ[rollback_handler.STATE_MACHINE_ENV] = self.machine.arn
+        os.environ[rollback_handler.MIGRATION_ENV] = self.migration.name
+        rollback_handler._stepfunctions.cache_clear()  # a client of this run's mock
+        self.result = rollback_handler.handler(event, LambdaContext("zdm-rehearsal-rollback", "alarm-rule-1"))
+        self.timeline.events.append((self.timeline.now(), "alarm rule: execution stopped, rollback started"))
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout=60)
