@@ -160,7 +160,8 @@ def write_report(summary: dict[str, Any], timeline: Any, out: Path) -> Path:
         cards.append(("rolled back, abandoned", "nothing left" if clean else "not clean", "ok" if clean else "bad"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
-    path.write_text(render_report(summary, charts, phases, cards, summary["total_seconds"]))
+    events = sorted((round(t, 3), what) for t, what in timeline.events)
+    path.write_text(render_report(summary, charts, phases, cards, summary["total_seconds"], events=events))
     return path
 
 

@@ -62,7 +62,18 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def render_chart(chart: Chart, phases: Sequence[PhaseSpan], t_end: float, width: int = 960, height: int = 220) -> str:
+MAX_EVENT_MARKS = 40  # a run retrying one step for minutes would otherwise cover the charts in lines
+
+
+def render_chart(
+    chart: Chart,
+    phases: Sequence[PhaseSpan],
+    t_end: float,
+    events: Sequence[tuple[float, str]] = (),
+    width: int = 960,
+    height: int = 220,
+) -> str:
+    """`events` (seconds, what happened: a fault, a server crash, a task's error) are drawn as dashed lines."""
     left, right, top, bottom = 64, 16, 28, 28
     plot_w, plot_h = width - left - right, height - top - bottom
     values = [v for s in chart.series for _, v in s.points]
@@ -110,6 +121,11 @@ def render_chart(chart: Chart, phases: Sequence[PhaseSpan], t_end: float, width:
             f'<polyline points="{" ".join(coords)}" fill="none" stroke="{series.colour}" stroke-width="1.8">'
             f"<title>{html.escape(series.name)}</title></polyline>"
         )
+    for t, what in list(events)[:MAX_EVENT_MARKS]:
+        parts.append(
+            f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{top}" y2="{top + plot_h}" class="event">'
+            f"<title>{t:.1f}s: {html.escape(what)}</title></line>"
+        )
     legend_x = left + plot_w
     for series in reversed(chart.series):
         label = html.escape(series.name)
@@ -148,7 +164,7 @@ h1{font-size:22px;margin:0 0 4px} .sub{color:#5f6368;margin-bottom:16px}
 .card .k{color:#5f6368;font-size:12px;text-transform:uppercase;letter-spacing:.04em}
 svg text.title{font-size:13px;font-weight:600;fill:#202124} svg text.axis{font-size:10px;fill:#5f6368}
 svg text.legend{font-size:11px;fill:#3c4043} svg text.phase{font-size:11px;fill:#202124}
-svg line.grid{stroke:#e8eaed;stroke-width:1}
+svg line.grid{stroke:#e8eaed;stroke-width:1} svg line.event{stroke:#d93025;stroke-width:1.2;stroke-dasharray:4 3}
 table{border-collapse:collapse;width:100%;font-size:13px;margin-top:8px} td,th{border-bottom:1px solid #e8eaed;padding:4px 8px;text-align:left}
 th{color:#5f6368;font-weight:500} section{margin-top:22px} details{margin-top:16px}
 pre{background:#f8f9fa;padding:10px;overflow:auto;font-size:12px}
@@ -190,8 +206,10 @@ def render_report(
     cards: Sequence[tuple[str, str, str]],
     t_end: float,
     title: str = "Migration rehearsal",
+    events: Sequence[tuple[float, str]] = (),
 ) -> str:
-    """`cards` are (label, value, tone) with tone ok / bad / warn / ''."""
+    """`cards` are (label, value, tone) with tone ok / bad / warn / ''; `events` are marked on every chart and
+    listed under the phases."""
     outcome = str(summary.get("outcome", "unknown"))
     tone = "ok" if outcome == "migrated" else ("warn" if outcome == "rolled_back" else "bad")
     fault = summary.get("fault") or "none"
@@ -204,7 +222,13 @@ def render_report(
         f"<td>{html.escape(p.status)}</td></tr>"
         for p in phases
     )
-    chart_html = "".join(f"<section>{render_chart(c, phases, t_end)}</section>" for c in charts)
+    chart_html = "".join(f"<section>{render_chart(c, phases, t_end, events)}</section>" for c in charts)
+    event_rows = "".join(f"<tr><td>{t:.2f}</td><td>{html.escape(what)}</td></tr>" for t, what in events)
+    events_html = (
+        f"<section><h3>Events</h3><table><tr><th>at (s)</th><th>what</th></tr>{event_rows}</table></section>"
+        if events
+        else ""
+    )
     functions = render_function_table(summary["lambda_invocations"]) if summary.get("lambda_invocations") else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
@@ -217,6 +241,7 @@ def render_report(
 {chart_html}
 <section><h3>Phases</h3><table><tr><th>phase</th><th>start (s)</th><th>duration (s)</th><th>status</th></tr>
 {phase_rows}</table></section>
+{events_html}
 {functions}
 <details><summary>summary.json</summary><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre></details>
 </body></html>

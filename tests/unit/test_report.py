@@ -50,3 +50,21 @@ def test_report_shows_each_function_against_its_timeout_and_the_state_limit() ->
     assert "450.00 s of 900 s" in page and "50.0%" in page
     assert '<span class="bad" style="width:100.0%"></span></span> 105.6%' in page
     assert "1,200 B" in page
+
+
+def test_events_are_marked_on_every_chart_and_listed() -> None:
+    # Given a run in which the source crashed and came back
+    charts = [
+        Chart("Replication lag", "seconds", [Series("lag", [(0, 0.0), (5, 0.1)])]),
+        Chart("Write latency", "ms", [Series("p99", [(0, 2.0), (5, 3.0)])]),
+    ]
+    events = [(6.6, "source crashed"), (9.9, "source restarted <now>")]
+    # When the report is rendered
+    page = render_report({"outcome": "migrated"}, charts, [PhaseSpan("read shift", 0, 10)], [], 12.0, events=events)
+    # Then each chart carries a dashed mark per event, named on hover, and the events are listed, escaped
+    assert page.count('class="event"') == 2 * len(charts)
+    assert "<title>6.6s: source crashed</title>" in page
+    assert "<h3>Events</h3>" in page and "<td>9.90</td><td>source restarted &lt;now&gt;</td>" in page
+    # And a run without events shows neither
+    quiet = render_report({"outcome": "migrated"}, charts, [PhaseSpan("read shift", 0, 10)], [], 12.0)
+    assert 'class="event"' not in quiet and "<h3>Events</h3>" not in quiet
