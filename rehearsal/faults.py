@@ -21,7 +21,7 @@ from psycopg2 import sql
 from lambdas.core.config import Migration
 from lambdas.core.db import connect, execute
 from rehearsal.stepfunctions import REGION, LambdaContext, LocalStateMachine
-from rehearsal.timeline import Timeline, say
+from rehearsal.timeline import Timeline
 from rehearsal.workload import WorkloadStats
 
 # Fault new-table: the table the application's release creates on both sides right after the start
@@ -112,7 +112,7 @@ def creating_a_table_after_the_start(
                     conn,
                     sql.SQL("INSERT INTO {} SELECT 'c' || g, g % 50 FROM generate_series(1, 2000) g").format(table),
                 )
-            say(f"[{timeline.now():7.1f}s] fault: table {NEW_TABLE} created on both sides after the start, 2,000 rows")
+            timeline.note(f"fault: table {NEW_TABLE} created on both sides after the start, 2,000 rows")
         return result
 
     return wrapped
@@ -177,9 +177,7 @@ class AlarmRule:
         boto3.client("cloudwatch", region_name=REGION).set_alarm_state(
             AlarmName=self.alarm, StateValue="ALARM", StateReason=reason
         )
-        say(
-            f"[{self.timeline.now():7.1f}s] fault: composite alarm set to ALARM during the cutover; the alarm rule runs"
-        )
+        self.timeline.note("fault: composite alarm set to ALARM during the cutover; the alarm rule runs")
         event = {
             "id": str(uuid.uuid4()),
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -192,7 +190,7 @@ class AlarmRule:
         os.environ[rollback_handler.MIGRATION_ENV] = self.migration.name
         rollback_handler._stepfunctions.cache_clear()  # a client of this run's mock
         self.result = rollback_handler.handler(event, LambdaContext("zdm-rehearsal-rollback", "alarm-rule-1"))
-        self.timeline.events.append((self.timeline.now(), "alarm rule: execution stopped, rollback started"))
+        self.timeline.note("alarm rule: execution stopped, rollback started")
 
     def join(self) -> None:
         if self.thread is not None:

@@ -318,21 +318,21 @@ class Rehearsal:
             if self.fault == "gate" and details.get("name") == "Bake" and not injected:
                 injected.append("gate")
                 set_alarm("ALARM", "fault injected: health gate tripped during the read shift")
-                say(f"[{timeline.now():7.1f}s] fault: composite alarm set to ALARM during the read shift")
+                timeline.note("fault: composite alarm set to ALARM during the read shift")
             if self.fault == "retry" and details.get("name") == "PostCutoverBake" and not injected:
                 injected.append("retry")
                 set_alarm("ALARM", "fault injected: health gate tripped after the cutover")
-                say(f"[{timeline.now():7.1f}s] fault: composite alarm set to ALARM after the cutover")
+                timeline.note("fault: composite alarm set to ALARM after the cutover")
             if self.fault == "reverse-ddl" and details.get("name") == "OpenRollbackWindow" and not injected:
                 injected.append("reverse-ddl")
                 with contextlib.closing(connect(tgt)) as conn:  # the application's next release, on its new database
                     execute(conn, "ALTER TABLE orders ADD COLUMN gift_note text")
-                say(f"[{timeline.now():7.1f}s] fault: a column added to orders on the target (the writer) only")
+                timeline.note("fault: a column added to orders on the target (the writer) only")
             if self.fault == "ddl" and details.get("name") == "Bake" and not injected:
                 injected.append("ddl")
                 with contextlib.closing(connect(src)) as conn:  # as a release run against the old database would
                     execute(conn, "ALTER TABLE orders ADD COLUMN gift_note text")
-                say(f"[{timeline.now():7.1f}s] fault: a column added to orders on the source only")
+                timeline.note("fault: a column added to orders on the source only")
             failed = event.get("taskFailedEventDetails") or event.get("executionFailedEventDetails")
             if failed:
                 timeline.events.append((timeline.now(), str(failed.get("error"))))
@@ -470,13 +470,11 @@ class Rehearsal:
         server.kill()
         if server.is_running():
             raise RuntimeError(f"fault {self.fault}: the {side} server is still running after its immediate shutdown")
-        timeline.events.append((crashed, f"{side} crashed"))
-        say(f"[{crashed:7.1f}s] fault: {side} server crashed (immediate shutdown) during the {phase}")
+        timeline.note(f"fault: {side} server crashed (immediate shutdown) during the {phase}")
         time.sleep(3.0)
         server.restart()
         self.outage = (crashed, timeline.now())
-        timeline.events.append((self.outage[1], f"{side} restarted"))
-        say(f"[{self.outage[1]:7.1f}s] {side} server restarted")
+        timeline.note(f"{side} server restarted")
 
     def _kill_target_soon(self, target: PostgresServer, tgt: str, timeline: Timeline) -> None:
         """Kill the target once the copy has written rows to it (mid-copy, not before it starts)."""
@@ -494,8 +492,7 @@ class Rehearsal:
                 break
             time.sleep(0.02)
         target.kill()
-        timeline.events.append((timeline.now(), "target killed"))
-        say(f"[{timeline.now():7.1f}s] fault: target server killed during the initial copy")
+        timeline.note("fault: target server killed during the initial copy")
 
     def _monitor(
         self, migration: Migration, router: Any, timeline: Timeline, stop: threading.Event, src: str, tgt: str

@@ -25,3 +25,9 @@ class Timeline:
 
     def now(self) -> float:
         return time.monotonic() - self.start
+
+    def note(self, what: str) -> None:
+        """Something that happened (a fault, a crash): on the terminal now, marked on the report's charts later."""
+        at = self.now()
+        self.events.append((at, what))
+        say(f"[{at:7.1f}s] {what}")
