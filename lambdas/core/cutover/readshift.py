@@ -48,8 +48,8 @@ def shift_reads(
                 f"a rollback of {migration!r} started at {last.isoformat()}, after this execution did "
                 f"({execution_started.isoformat()}): reads stay where the rollback put them; nothing was changed"
             )
-        if percent > 0:
-            make_writable(target)  # a fence kept from an earlier attempt is this read shift's now
+        if percent > 0 and store.target_fence_kept(target, migration):
+            make_writable(target)  # the fence kept from an earlier attempt is this read shift's now
             store.forget_target_fence(target, migration)
         if percent > 0 and not is_fenced(target):
             # Before the cutover the target is a replica: a write reaching it through the reader path

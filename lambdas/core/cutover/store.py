@@ -289,13 +289,13 @@ def target_fence_kept(conn: Connection, migration: str) -> bool:
 
 
 def forget_target_fence(conn: Connection, migration: str) -> None:
-    """A new attempt's read shift fences the target itself: from then on its fence is that one's to lift."""
-    if target_fence_kept(conn, migration):
-        execute(
-            conn,
-            sql.SQL("DELETE FROM {}.target_fence_kept WHERE migration = %s").format(sql.Identifier(SCHEMA)),
-            (migration,),
-        )
+    """A new attempt's read shift fences the target itself: from then on its fence is that one's to lift.
+    Only after `keep_target_fence` (the table exists)."""
+    execute(
+        conn,
+        sql.SQL("DELETE FROM {}.target_fence_kept WHERE migration = %s").format(sql.Identifier(SCHEMA)),
+        (migration,),
+    )
 
 
 def pause_seconds(conn: Connection, migration: str, operation: Operation) -> float | None:
