@@ -427,7 +427,7 @@ class Rehearsal:
 
     def _abandon_and_migrate_again(
         self,
-        rolled_back: Any,
+        rolled_back: ExecutionResult,
         execution_input: dict[str, Any],
         migration: Migration,
         src: str,

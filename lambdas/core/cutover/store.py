@@ -126,7 +126,7 @@ def note_rollback(conn: Connection, migration: str) -> None:
 
 def last_rollback(conn: Connection, migration: str) -> datetime | None:
     """When the migration's last rollback started (None: never, or no state on this database)."""
-    if not fetch_value(conn, "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.cutover_rollbacks",)):
+    if not _has(conn, "cutover_rollbacks"):
         return None
     value = fetch_value(
         conn,
@@ -136,8 +136,13 @@ def last_rollback(conn: Connection, migration: str) -> datetime | None:
     return value if isinstance(value, datetime) else None
 
 
+def _has(conn: Connection, table: str) -> bool:
+    """Whether `_zdm.<table>` exists (a database no operation ever ran on has none)."""
+    return bool(fetch_value(conn, "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.{table}",)))
+
+
 def _exists(conn: Connection) -> bool:
-    return bool(fetch_value(conn, "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.cutover_state",)))
+    return _has(conn, "cutover_state")
 
 
 def load(conn: Connection, migration: str, operation: Operation) -> Progress | None:
@@ -275,7 +280,7 @@ def keep_target_fence(conn: Connection, migration: str) -> None:
 
 
 def target_fence_kept(conn: Connection, migration: str) -> bool:
-    if not fetch_value(conn, "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.target_fence_kept",)):
+    if not _has(conn, "target_fence_kept"):
         return False
     return bool(
         fetch_value(
