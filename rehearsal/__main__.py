@@ -32,7 +32,7 @@ EXPECTED_OUTCOME = {
     "source-crash": "migrated",  # a crash and restart is weathered: the replication resumes from its slot
     "target-crash": "migrated",
 }
-# Fault alarm-rule: the execution the rule stopped, then its rollback execution, which must have rolled back
+# Any other fault (alarm-rule included: its rollback execution, after the one the rule stopped) must roll back
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Fault new-table: the table created after the start was added, and the final compare covered it
     added = args.fault != "new-table" or bool(summary.get("tables_added"))
-    # Fault retry: the abandon succeeded and left nothing of the forward replication before the second start
+    # Fault retry: the abandon succeeded and left nothing of either replication before the second start
     abandoned = args.fault != "retry" or _abandoned_cleanly(summary)
     passed = (
         summary["outcome"] == expected
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         and added
         and abandoned
         and summary["rows_lost"] == 0
-        and summary["failed_outside_outage"] == 0  # every failure, but while a crash fault had the source down
+        and summary["failed_outside_outage"] == 0  # every failure, but while a crash fault had its server down
         and not summary.get("sequences_behind")
         and not summary.get("updates_lost")
         and not summary.get("deletes_lost")
