@@ -33,6 +33,21 @@ class DatabaseUnreachable(ConnectionError):
     pass
 
 
+# What a server that went away answers with (shut down, crashed, starting again). Not class 08: a server
+# sends it when a connection the statement itself opens fails (CREATE SUBSCRIPTION's to its publisher),
+# while the session's own is fine; a connection of ours that fails has no SQLSTATE.
+_SERVER_GONE = tuple(psycopg2.errors.lookup(code) for code in ("57P01", "57P02", "57P03"))
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` says a server went away or could not be reached, not that a statement failed on it:
+    what a retry after the server is back can get past."""
+    if isinstance(exc, (DatabaseUnreachable, psycopg2.InterfaceError, *_SERVER_GONE)):  # InterfaceError: found closed
+        return True
+    # A connection dropped without a word ("server closed the connection unexpectedly") has no SQLSTATE
+    return type(exc) is psycopg2.OperationalError and exc.pgcode is None
+
+
 class InvalidDsn(ValueError):
     """A DSN libpq cannot parse (a data error: never retried)."""
 

@@ -43,12 +43,13 @@ from lambdas.core.cutover import (
 )
 from lambdas.core.cutover.readshift import shift_reads
 from lambdas.core.cutover.steps import CUTOVER_STEPS
-from lambdas.core.db import connect, execute, fetch_value
+from lambdas.core.db import DatabaseUnreachable, connect, execute, fetch_value
 from lambdas.core.engines.table_locks import TableLocksBusy
 from lambdas.core.fence import is_fenced, lift_fence
 from lambdas.core.preflight.facts import replication_left
 from lambdas.core.routers.base import Side
 from rehearsal.compare import Snapshot
+from rehearsal.losses import missing_orders
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload, WorkloadStats
 
@@ -354,6 +355,60 @@ def test_cutover_interrupted_at_every_step_resumes_and_completes(shop: Shop, whe
     shop.wait_caught_up(reverse=True)
     assert_no_difference(shop.diffs())
     assert shop.router.state().writer is Side.TARGET
+
+
+def durable_commits(shop: Shop, durable: bool) -> None:
+    """Both servers' synchronous_commit on (the test servers run with it off, which a crash would show), or back."""
+    for dsn in (shop.src, shop.tgt):
+        with closing(connect(dsn)) as conn:
+            execute(
+                conn, "ALTER SYSTEM SET synchronous_commit = on" if durable else "ALTER SYSTEM RESET synchronous_commit"
+            )
+            execute(conn, "SELECT pg_reload_conf()")
+
+
+@pytest.mark.parametrize("side", [Side.SOURCE, Side.TARGET])
+def test_a_server_crash_inside_the_fence_leaves_the_cutover_to_resume_once_it_is_back(shop: Shop, side: Side) -> None:
+    # Given clients writing through pgbouncer, their commits durable (a crash drops no acknowledged commit)
+    durable_commits(shop, True)
+    workload = run_workload(shop.app, clients=8, rate=60)
+    started = time.monotonic()
+    time.sleep(1.0)
+    server = shop.source if side is Side.SOURCE else shop.target
+
+    def crash(operation: Operation, step: Step) -> None:
+        if step is Step.FENCE:
+            server.kill()
+
+    try:
+        # When that server crashes (immediate shutdown) right after the fence is recorded
+        with pytest.raises(DatabaseUnreachable, match=f"lost its connection to the {side.value} at catch_up") as lost:
+            shop.runner(Hooks(after_record=crash)).cutover()
+        # Then nothing was undone (which needs the server gone): the router still holds its clients
+        assert "Nothing was undone" in str(lost.value)
+        assert shop.router.state().holding
+        server.restart()
+        # And, the server back, the attempt is still running, past its fence, and the source still fenced
+        with closing(connect(shop.tgt)) as tgt:
+            progress = store.load(tgt, "shop", Operation.CUTOVER)
+        assert progress is not None and progress.status is Status.RUNNING and progress.completed(Step.FENCE)
+        assert read_only_error(shop.src) == "ReadOnlySqlTransaction"
+    finally:
+        if not server.is_running():
+            server.restart()
+        durable_commits(shop, False)
+    # When the cutover runs again (the task's retry)
+    final = shop.runner().cutover()
+    time.sleep(0.5)
+    stats = workload.stop()
+    # Then it resumed the same attempt and completed it: the held clients waited, none failed
+    assert final.status == "done" and final.attempt == 1
+    assert shop.router.state().writer is Side.TARGET
+    assert_no_failures(stats, time.monotonic() - started)
+    # And nothing was lost: every committed order is on the new writer, and both databases are equal
+    assert missing_orders(shop.tgt, stats.order_ids) == 0
+    shop.wait_caught_up(reverse=True)
+    assert_no_difference(shop.diffs())
 
 
 def test_direct_sessions_connected_before_the_fence_are_fenced_too(shop: Shop) -> None:

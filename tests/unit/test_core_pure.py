@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import psycopg2
+import psycopg2.errors
 import pytest
 from psycopg2.extensions import parse_dsn
 
 from lambdas.core.config import Endpoint
-from lambdas.core.db import InvalidDsn, redact_dsn, with_unbounded_session
+from lambdas.core.db import DatabaseUnreachable, InvalidDsn, connection_lost, redact_dsn, with_unbounded_session
 from lambdas.core.endpoints import EndpointError, resolve_dsn
 from lambdas.core.lsn import Lsn
 from lambdas.core.tables import TableName, select_tables, unmatched_patterns
@@ -120,3 +122,24 @@ def test_an_unparsable_dsn_given_for_a_subscription_is_an_error_that_shows_no_pa
     with pytest.raises(InvalidDsn) as raised:
         with_unbounded_session("host=db password=Canary-7 x")
     assert "Canary" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("error", "lost"),
+    [
+        (psycopg2.OperationalError("server closed the connection unexpectedly"), True),  # no SQLSTATE
+        (psycopg2.errors.AdminShutdown(), True),  # 57P01: shut down
+        (psycopg2.errors.CrashShutdown(), True),  # 57P02: another backend crashed
+        (psycopg2.errors.CannotConnectNow(), True),  # 57P03: starting up
+        (psycopg2.errors.ConnectionFailure(), False),  # 08006 from the server: the statement's own connection failed
+        (psycopg2.InterfaceError("connection already closed"), True),
+        (DatabaseUnreachable("cannot connect to host=db"), True),
+        (psycopg2.errors.LockNotAvailable(), False),  # an OperationalError too, but the statement's own failure
+        (psycopg2.errors.QueryCanceled(), False),
+        (psycopg2.errors.ReadOnlySqlTransaction(), False),
+        (RuntimeError("server closed the connection unexpectedly"), False),
+    ],
+)
+def test_a_server_going_away_is_told_from_a_statement_failing(error: BaseException, lost: bool) -> None:
+    # Given an error a step raised; Then it counts as the connection lost (a retry gets past it) only when it is
+    assert connection_lost(error) is lost

@@ -24,7 +24,9 @@ replication never travel forward. The order of the steps is what prevents the lo
 
 A failure before step 6 undoes the attempt (back replication dropped, forward replication
 enabled again, fence lifted, clients released on the source) and raises `CutoverAborted`;
-the source is writable and replication running, ready for another attempt. From step 6
+the source is writable and replication running, ready for another attempt; but a lost
+connection (a server crashed or restarting) is left as it is, fenced, for the task's retry to
+resume (`_interrupted`): the undo would need that server too. From step 6
 on the target may take writes, so a failure is finished, not undone: run it again and it
 resumes at the first step not recorded. A process that dies (a Lambda timeout) records
 nothing more; the next invocation resumes the same way, re-asserting the fence first.
@@ -79,7 +81,7 @@ from lambdas.core.cutover.steps import (
     rollback_kind,
     rollback_possible,
 )
-from lambdas.core.db import Connection, DatabaseUnreachable, connect, execute, fetch_all
+from lambdas.core.db import Connection, DatabaseUnreachable, connect, connection_lost, execute, fetch_all
 from lambdas.core.engines.base import FenceReached, Phase, ReplicationStatus, StartResult, TeardownResult
 from lambdas.core.engines.logical import (
     LogicalEngine,
@@ -526,6 +528,8 @@ class CutoverRunner:
                 detail, extra = self._do(step, direction, progress, conns, names, back)
             except Exception as exc:
                 if direction.steps.index(step) < direction.steps.index(POINT_OF_NO_RETURN):
+                    if connection_lost(exc):
+                        self._interrupted(direction, progress, conns, step, exc)
                     self._abort(direction, progress, conns, names, back, step, exc)
                 raise
             progress = self._record(target, progress, step, self._clock() - started, detail, runs, **extra)
@@ -706,6 +710,20 @@ class CutoverRunner:
                 removed += self._teardown_forward()
             return {"removed": removed}, {}
         raise AssertionError(f"unknown step {step}")  # pragma: no cover
+
+    def _interrupted(
+        self, direction: Direction, progress: Progress, conns: dict[Side, Connection], step: Step, exc: BaseException
+    ) -> None:
+        """A server went away inside the fence (crashed, restarting): undoing needs it too, and the fence keeps
+        every write out meanwhile, so nothing is undone. The task's retry (DatabaseUnreachable) resumes at `step`
+        once it is back, as after a process that died; when the retries run out, the rollback undoes it."""
+        lost = " and ".join(side.value for side, conn in conns.items() if conn.closed) or "database"
+        raise DatabaseUnreachable(
+            f"{direction.operation.value} of {self.plan.migration!r} (attempt {progress.attempt}) lost its "
+            f"connection to the {lost} at {step.value}: {_first_line(exc)}. Nothing was undone: the "
+            f"{direction.old.value} database "
+            "stays fenced and the router holds its clients; run it again to resume, or the rollback to undo it"
+        ) from exc
 
     def _abort(
         self,
