@@ -31,6 +31,8 @@ EXPECTED_OUTCOME = {
     "retry": "migrated",
     "source-crash": "migrated",  # a crash and restart is weathered: the replication resumes from its slot
     "target-crash": "migrated",
+    "source-crash-fence": "migrated",  # the cutover's task is retried, and resumes from its records
+    "target-crash-fence": "migrated",
 }
 # Any other fault (alarm-rule included: its rollback execution, after the one the rule stopped) must roll back
 

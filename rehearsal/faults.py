@@ -39,11 +39,22 @@ FAULTS = (
     "alarm-rule",
     "source-crash",
     "target-crash",
+    "source-crash-fence",
+    "target-crash-fence",
 )
 
 
-# Faults that crash a server and start it again, and the phase whose start they wait for (a second into it)
-CRASHES = {"source-crash": ("source", "read shift"), "target-crash": ("target", "post-cutover bake")}
+# Crash faults' moment inside the cutover: right after its fence is recorded, the writes held
+AT_THE_FENCE = "cutover's fence"
+
+
+# Faults that crash a server and start it again, and when: a second into a phase, or at the cutover's fence
+CRASHES = {
+    "source-crash": ("source", "read shift"),
+    "target-crash": ("target", "post-cutover bake"),
+    "source-crash-fence": ("source", AT_THE_FENCE),
+    "target-crash-fence": ("target", AT_THE_FENCE),
+}
 
 
 FAULT_HELP = {
@@ -65,6 +76,11 @@ FAULT_HELP = {
     "target-crash": "crash the target, the new writer, a second into the bake after the cutover and start it again "
     "3 s later: the reverse replication must resume from its slot on the target, the source stay whole, and the "
     "migration complete",
+    "source-crash-fence": "crash the source, fenced and holding the last writes, right after the cutover's fence "
+    "is recorded, and start it again 3 s later: the cutover's task fails and is retried; the retry resumes the "
+    "cutover where it stopped, nothing lost",
+    "target-crash-fence": "crash the target while it catches up inside the cutover's fence (its steps are recorded "
+    "there), and start it again 3 s later: the retried cutover resumes from its records, nothing lost",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",

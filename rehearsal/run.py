@@ -44,6 +44,7 @@ from rehearsal.broker import start_broker
 from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
 from rehearsal.compare import compare_databases
 from rehearsal.faults import (
+    AT_THE_FENCE,
     CRASHES,
     NEW_TABLE,
     REVERSE_FAULT_LASTING_SECONDS,
@@ -206,6 +207,7 @@ class Rehearsal:
     abandoned: dict[str, Any] | None = None  # fault retry: how the abandon ended, and what it left
     outage: tuple[float, float] | None = None  # crash faults: from the crash to the restart, timeline seconds
     alarm_rule: dict[str, Any] | None = None  # fault alarm-rule: the execution it stopped, what it did
+    task_errors: list[str] = field(default_factory=list)  # each failed task's error (retried or caught), in order
     timeline: Timeline = field(default_factory=lambda: Timeline(time.monotonic()))
 
     def run_with_timeline(self) -> tuple[dict[str, Any], Timeline]:
@@ -299,13 +301,23 @@ class Rehearsal:
         def create_alarm() -> None:
             put_stand_in_alarm(boto3.client("cloudwatch", region_name=REGION), alarm, "OK", "rehearsal started")
 
+        crash = CRASHES.get(self.fault or "")  # crash faults: the side, and when
+
+        def crash_soon(side: str, moment: str, *, delay: float) -> None:
+            """Crash the `side` server `delay` seconds from now, beside the caller; return once it is down."""
+            server = source if side == "source" else target
+            down = threading.Event()
+            threading.Thread(
+                target=self._crash, args=(server, side, moment, timeline, delay, down), daemon=True
+            ).start()
+            if delay == 0:
+                down.wait(timeout=30)
+
         def on_phase(phase: str) -> None:
             say(f"[{timeline.now():7.1f}s] phase: {phase}")
-            if self.fault in CRASHES and phase == CRASHES[self.fault][1] and not injected:
-                injected.append(self.fault)
-                side = CRASHES[self.fault][0]
-                server = source if side == "source" else target
-                threading.Thread(target=self._crash, args=(server, side, phase, timeline), daemon=True).start()
+            if crash is not None and phase == crash[1] and not injected:
+                injected.append(str(self.fault))
+                crash_soon(crash[0], phase, delay=1.0)
             if self.fault == "kill-target" and phase == "initial copy" and not injected:
                 injected.append("kill-target")
                 threading.Thread(target=self._kill_target_soon, args=(target, tgt, timeline), daemon=True).start()
@@ -335,6 +347,7 @@ class Rehearsal:
                 timeline.note("fault: a column added to orders on the source only")
             failed = event.get("taskFailedEventDetails") or event.get("executionFailedEventDetails")
             if failed:
+                self.task_errors.append(str(failed.get("error")))
                 timeline.events.append((timeline.now(), str(failed.get("error"))))
 
         monitor = threading.Thread(
@@ -350,6 +363,14 @@ class Rehearsal:
         if self.fault == "alarm-rule":
             handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
                 handlers["CutoverFunctionArn"], "alarm-rule", injected, alarm_rule.fire
+            )
+        if crash is not None and crash[1] == AT_THE_FENCE:
+            side = crash[0]
+            handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
+                handlers["CutoverFunctionArn"],
+                str(self.fault),
+                injected,
+                lambda: crash_soon(side, AT_THE_FENCE, delay=0),
             )
         if self.fault == "new-table":
             handlers["ReplicationFunctionArn"] = creating_a_table_after_the_start(
@@ -462,15 +483,18 @@ class Rehearsal:
         say(f"[{timeline.now():7.1f}s] target's {lifted}tables emptied; starting the migration anew ...")
         return execute_machine(execution_input)
 
-    def _crash(self, server: PostgresServer, side: str, phase: str, timeline: Timeline) -> None:
-        """Crash faults: a second into `phase`, the server stops as a crash would, and starts again 3 s later
-        (as RDS restarts a failed instance); `self.outage` says when, on the timeline."""
-        time.sleep(1.0)
+    def _crash(
+        self, server: PostgresServer, side: str, moment: str, timeline: Timeline, delay: float, down: threading.Event
+    ) -> None:
+        """Crash faults: `delay` seconds into `moment`, the server stops as a crash would (`down` set then), and
+        starts again 3 s later (as RDS restarts a failed instance); `self.outage` says when, on the timeline."""
+        time.sleep(delay)
         crashed = timeline.now()
         server.kill()
         if server.is_running():
             raise RuntimeError(f"fault {self.fault}: the {side} server is still running after its immediate shutdown")
-        timeline.note(f"fault: {side} server crashed (immediate shutdown) during the {phase}")
+        down.set()
+        timeline.note(f"fault: {side} server crashed (immediate shutdown) during the {moment}")
         time.sleep(3.0)
         server.restart()
         self.outage = (crashed, timeline.now())
@@ -621,6 +645,7 @@ class Rehearsal:
             "abandoned": self.abandoned,
             "alarm_rule": self.alarm_rule,
             "outage": self.outage,
+            "task_errors": self.task_errors,
             # transactions that failed while no crash explains it (all of them, without fault source-crash)
             "failed_outside_outage": failed_outside(stats, timeline, self.outage),
             # before_cutover, after_cutover (over the reverse replication), or nothing (rolled back already)

@@ -140,6 +140,8 @@ def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the
     [
         "source-crash",  # during the read shift: the forward replication resumes from its slot on the source
         "target-crash",  # the new writer, after the cutover: the reverse replication resumes from its slot there
+        "source-crash-fence",  # the old writer, fenced, inside the cutover: its task's retry resumes it
+        "target-crash-fence",  # the new writer while it catches up inside the cutover's fence: the same
     ],
 )
 def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tmp_path: Path, fault: str) -> None:
@@ -158,6 +160,9 @@ def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tm
     assert summary["updates_lost"] == 0 and summary["deletes_lost"] == 0 and summary["child_rows_lost"] == 0
     assert summary["final_differences"] == 0 and summary["final_rows_compared"] >= 20_000
     assert summary["reverse_replication_retired"] is True
+    if fault.endswith("-fence"):
+        # And inside the cutover the crash failed its task, whose retry resumed it rather than rolling it back
+        assert "DatabaseUnreachable" in summary["task_errors"] and summary["rollback_kind"] is None
 
 
 def test_ddl_on_the_new_writer_in_the_rollback_window_stops_the_migration_naming_it_and_the_mend_loses_nothing(
