@@ -44,8 +44,9 @@ def connection_lost(exc: BaseException) -> bool:
     what a retry after the server is back can get past."""
     if isinstance(exc, (DatabaseUnreachable, psycopg2.InterfaceError, *_SERVER_GONE)):  # InterfaceError: found closed
         return True
-    # A connection dropped without a word ("server closed the connection unexpectedly") has no SQLSTATE
-    return type(exc) is psycopg2.OperationalError and exc.pgcode is None
+    # A connection dropped without a word ("server closed the connection unexpectedly") has no SQLSTATE; psycopg2
+    # raises it as a bare OperationalError, or a bare DatabaseError in the middle of a COPY
+    return type(exc) in (psycopg2.OperationalError, psycopg2.DatabaseError) and getattr(exc, "pgcode", None) is None
 
 
 class InvalidDsn(ValueError):

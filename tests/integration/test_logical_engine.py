@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
@@ -13,7 +14,7 @@ from psycopg2 import sql
 from psycopg2.extensions import parse_dsn
 
 from lambdas.core.config import LogicalSettings
-from lambdas.core.db import connect, execute, fetch_value
+from lambdas.core.db import Connection, connect, execute, fetch_value
 from lambdas.core.engines.base import Phase, ReplicationStatus
 from lambdas.core.engines.logical import (
     AddedTables,
@@ -22,7 +23,7 @@ from lambdas.core.engines.logical import (
     ReplicationNames,
     ReplicationSetupError,
 )
-from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyFailed
+from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopyFailed
 from lambdas.core.engines.table_locks import TableLocksBusy
 from lambdas.core.lsn import LsnWaitTimeout, current_lsn, wait_for_lsn
 from lambdas.core.sequences import sync_sequences
@@ -261,6 +262,77 @@ def test_teardown_and_restart_after_a_start_that_died_mid_copy(fresh_dbs: tuple[
     assert index_exists(tgt, "public.orders_customer_idx")
     assert constraints(tgt) == schema_constraints
     assert engine.status().phase is Phase.NOT_STARTED
+
+
+def test_a_target_crash_mid_copy_is_ridden_through_each_chunk_copied_once_from_the_same_snapshot() -> None:
+    # Given a copy of many chunks (own servers: the target is crashed)
+    with server_pair("copycrash") as (source_server, target_server):
+        src, tgt = source_server.dsn(), target_server.dsn()
+        given_sample(src, tgt, 30_000)
+        schema_constraints = constraints(tgt)
+        counted: list[ChunkCopied] = []
+        restarted = threading.Event()
+        engine = make_engine(src, tgt, on_copy_progress=counted.append, copy_workers=2, copy_chunk_rows=4_000)
+        record_chunk = engine._record_chunk
+
+        def crash_at_the_third_commit(target: Connection, chunk: CopyChunk, rows: int) -> None:
+            record_chunk(target, chunk, rows)
+            if len(counted) == 2 and not restarted.is_set() and not getattr(engine, "crashed", False):
+                # When the target crashes (immediate shutdown) right as a chunk commits (durable, but its worker
+                # never hears so) while another chunk is in flight, and is back 2 s later
+                target.commit()
+                engine.crashed = True  # type: ignore[attr-defined]
+                target_server.kill()
+                threading.Timer(2.0, lambda: (target_server.restart(), restarted.set())).start()
+                fetch_value(target, "SELECT 1")  # the worker learns of it (as from its own commit): it raises
+
+        engine._record_chunk = crash_at_the_third_commit  # type: ignore[method-assign]
+        result = engine.start()
+        # Then the start completed without a new start: the chunks in flight were copied again from the
+        # same snapshot, each chunk counted once, every source row copied once
+        assert restarted.is_set()
+        chunks = [(c.table, c.number) for c in counted]
+        assert len(chunks) == len(set(chunks)) > 10
+        with closing(connect(src)) as source:
+            source_rows = sum(
+                fetch_value(source, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t.schema, t.name)))
+                for t in TABLES
+            )
+        assert result.rows_copied == source_rows
+        # And replication streams on from the slot: the target equals the source, with its indexes and keys back
+        with closing(connect(src)) as source:
+            execute(source, "UPDATE orders SET status = 'shipped' WHERE id % 7 = 0")
+        wait_until(lambda: streaming_without_problems(engine), 30, "streaming")
+        caught_up(engine, src, tgt)
+        assert_identical(src, tgt)
+        assert index_exists(tgt, "public.orders_customer_idx")
+        assert constraints(tgt) == schema_constraints
+        engine.teardown()
+
+
+def test_a_source_crash_mid_copy_fails_the_copy_at_once_naming_it() -> None:
+    # Given a copy of many chunks
+    with server_pair("copysrccrash") as (source_server, target_server):
+        src, tgt = source_server.dsn(), target_server.dsn()
+        given_sample(src, tgt, 30_000)
+        counted: list[ChunkCopied] = []
+
+        def crash_after_two(chunk: ChunkCopied) -> None:
+            counted.append(chunk)
+            if len(counted) == 2:
+                source_server.kill()  # When the source crashes: its exported snapshot is gone with it
+                threading.Timer(2.0, source_server.restart).start()
+
+        engine = make_engine(src, tgt, on_copy_progress=crash_after_two, copy_workers=2, copy_chunk_rows=4_000)
+        started = time.monotonic()
+        # Then the copy fails (a start copies anew; nothing could resume from that snapshot), without waiting
+        # for the source to come back
+        with pytest.raises(CopyFailed):
+            engine.start()
+        assert time.monotonic() - started < 30
+        time.sleep(2.5)
+        wait_until(lambda: source_server.is_running(), 30, "the source to restart")
+        assert engine.status().phase is Phase.COPYING
 
 
 def test_refuses_to_copy_into_a_target_that_already_has_data(fresh_dbs: tuple[str, str]) -> None:

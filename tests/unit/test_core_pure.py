@@ -128,6 +128,8 @@ def test_an_unparsable_dsn_given_for_a_subscription_is_an_error_that_shows_no_pa
     ("error", "lost"),
     [
         (psycopg2.OperationalError("server closed the connection unexpectedly"), True),  # no SQLSTATE
+        (psycopg2.DatabaseError("server closed the connection unexpectedly"), True),  # so in a COPY
+        (psycopg2.errors.BadCopyFileFormat(), False),  # a DatabaseError too: the stream's fault
         (psycopg2.errors.AdminShutdown(), True),  # 57P01: shut down
         (psycopg2.errors.CrashShutdown(), True),  # 57P02: another backend crashed
         (psycopg2.errors.CannotConnectNow(), True),  # 57P03: starting up

@@ -4,7 +4,8 @@ Initial copy, by `copy_method`:
 - parallel-snapshot: the slot is created over the replication protocol with EXPORT_SNAPSHOT,
   key ranges are copied in parallel from that snapshot, then a subscription is attached to
   the existing slot without copying. The copy's progress is recorded on the target in
-  `_zdm.copy_state`, so a start interrupted mid-copy is recognised and redone from scratch.
+  `_zdm.copy_state`, so a start interrupted mid-copy is recognised and redone from scratch; a
+  target restart during the copy is ridden through by the same start (`copy_in_parallel`).
 - subscription: PostgreSQL's own table synchronisation (one stream per table).
 """
 
@@ -23,7 +24,9 @@ from lambdas.core.catalog import TableInfo, describe_tables, partition_trees
 from lambdas.core.config import LogicalSettings
 from lambdas.core.db import (
     Connection,
+    DatabaseUnreachable,
     connect,
+    connection_lost,
     execute,
     fetch_all,
     fetch_one,
@@ -44,7 +47,13 @@ from lambdas.core.engines.base import (
 )
 from lambdas.core.engines.deferred_indexes import defer_indexes, ensure_deferred_table, restore_indexes
 from lambdas.core.engines.slot_creation import create_logical_slot
-from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopySessionFactory, copy_in_parallel
+from lambdas.core.engines.snapshot_copy import (
+    RECONNECT_SECONDS,
+    ChunkCopied,
+    CopyChunk,
+    CopySessionFactory,
+    copy_in_parallel,
+)
 from lambdas.core.engines.table_locks import run_waiting_for_locks
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, applied_lsn
@@ -171,6 +180,8 @@ class LogicalEngine(ReplicationEngine):
         conn = self._connect(self._target_dsn, application_name="zdm-control")
         make_writable(conn)
         keep_when_idle(conn)  # idle while the parallel copy runs, then it creates the subscription
+        # What it records (the copy's state, indexes set aside) must survive a crash the copy rides through
+        execute(conn, "SET synchronous_commit = on")
         return conn
 
     # -- start -------------------------------------------------------------------------
@@ -387,11 +398,29 @@ class LogicalEngine(ReplicationEngine):
                 ),
                 workers=self.plan.settings.copy_workers,
                 record_chunk=self._record_chunk,
+                recorded_rows=self._recorded_rows,
                 on_table_copied=self._finish_table,
                 on_progress=self._on_copy_progress,
             )
         finally:
             repl.close()  # the exported snapshot is no longer needed once every worker imported it
+        alive = self._alive(target)  # idle while the copy ran: the copy may have outlived a target restart
+        try:
+            return self._subscribe_after_copy(source, alive, consistent_lsn, copied, started, tables)
+        finally:
+            if alive is not target:
+                alive.close()
+
+    def _subscribe_after_copy(
+        self,
+        source: Connection,
+        target: Connection,
+        consistent_lsn: str,
+        copied: Sequence[ChunkCopied],
+        started: float,
+        tables: Sequence[TableInfo],
+    ) -> StartResult:
+        names = self.plan.names
         # The subscription is created only while this copy's record stands, under its row lock: a teardown
         # deletes the record first, so one that ran during the copy is not undone by a subscription created
         # after it, and one that comes now waits for us and then drops what we created.
@@ -455,6 +484,36 @@ class LogicalEngine(ReplicationEngine):
             ).format(sql.Identifier(STATE_SCHEMA)),
             (rows, self.plan.names.slot, str(chunk.table.name), chunk.number),
         )
+
+    def _alive(self, target: Connection) -> Connection:
+        """`target`, or a new control session in its place when the server went away meanwhile (waiting for
+        it up to `snapshot_copy.RECONNECT_SECONDS`: the copy is done, and a failed start would copy again)."""
+        try:
+            fetch_value(target, "SELECT 1")
+            return target
+        except psycopg2.Error as exc:
+            if not connection_lost(exc):
+                raise
+        target.close()
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            try:
+                return self._target()
+            except DatabaseUnreachable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    def _recorded_rows(self, target: Connection, chunk: CopyChunk) -> int | None:
+        """The rows a chunk's committed copy recorded (`_record_chunk`), or None when it has not committed."""
+        row = fetch_one(
+            target,
+            sql.SQL(
+                "SELECT rows_copied FROM {}.copy_chunks WHERE slot = %s AND table_name = %s AND chunk_no = %s AND done"
+            ).format(sql.Identifier(STATE_SCHEMA)),
+            (self.plan.names.slot, str(chunk.table.name), chunk.number),
+        )
+        return None if row is None else int(row[0])
 
     def _finish_table(self, target: Connection, table: TableInfo) -> None:
         """A table's rows are all in: build its deferred indexes, then gather planner statistics."""

@@ -21,7 +21,7 @@ import psycopg2
 from psycopg2 import sql
 
 from lambdas.core.catalog import TableInfo
-from lambdas.core.db import Connection, execute, unbound_session
+from lambdas.core.db import Connection, connection_lost, execute, unbound_session
 from lambdas.core.ranges import KeyRange, range_predicate_literal
 from lambdas.core.textform import pin_text_form
 
@@ -154,7 +154,14 @@ def _prepare_target(conn: Connection) -> None:
     # The source already enforced its constraints; firing FK triggers per copied row would
     # only slow the copy (the subscription's apply worker runs as 'replica' too).
     execute(conn, "SET session_replication_role = replica")
-    execute(conn, "SET synchronous_commit = off")
+    # A chunk counted as committed must survive a crash of the target, which the copy's workers ride
+    # through (`copy_in_parallel`), whatever the server's default: one WAL flush per chunk of thousands of rows.
+    execute(conn, "SET synchronous_commit = on")
+
+
+# How long a copy worker keeps trying to reach a server that went away (a crash, a restart, a Multi-AZ
+# failover takes one to two minutes) before the copy fails
+RECONNECT_SECONDS = 180.0
 
 
 def copy_in_parallel(
@@ -164,8 +171,11 @@ def copy_in_parallel(
     *,
     workers: int,
     record_chunk: Callable[[Connection, CopyChunk, int], None] | None = None,
+    recorded_rows: Callable[[Connection, CopyChunk], int | None] | None = None,
     on_table_copied: Callable[[Connection, TableInfo], None] | None = None,
     on_progress: ProgressCallback | None = None,
+    reconnect_seconds: float = RECONNECT_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[ChunkCopied]:
     """Copy all chunks with `workers` session pairs; each target chunk commits on its own.
 
@@ -173,7 +183,13 @@ def copy_in_parallel(
     progress record and the data commit together. `on_table_copied(target, table)` runs in
     the worker that committed a table's last chunk (index builds and ANALYZE then overlap
     the other tables' copy). The first failure stops every worker and is raised; the caller
-    decides how to clean up (the snapshot cannot be reused).
+    decides how to clean up (the snapshot cannot be reused once the caller's exporting session ends).
+
+    A worker that loses a connection (`db.connection_lost`: the target restarted, say) opens both
+    again, importing the snapshot again (which the source still exports while the caller's session
+    lives), for up to `reconnect_seconds`. The target's record (`recorded_rows`, read after the
+    reconnect) then tells whether the chunk in flight committed; if not, it is copied again. Without
+    `recorded_rows`, or when the source's exporting session went too, the copy fails as before.
     """
     work: queue.Queue[CopyChunk] = queue.Queue()
     for chunk in sorted(chunks, key=lambda c: -c.estimated_cost):
@@ -188,19 +204,56 @@ def copy_in_parallel(
     lock = threading.Lock()
     imported = threading.Barrier(min(workers, len(chunks)) + 1, timeout=120)
 
-    def worker() -> None:
+    def open_pair() -> tuple[Connection, Connection]:
         source = target = None
         try:
             source = sessions.open_source()
             _prepare_source(source, snapshot)
             target = sessions.open_target()
             _prepare_target(target)
+        except BaseException:
+            _close(source, target)
+            raise
+        return source, target
+
+    def reopen_pair(lost: BaseException, source: Connection, target: Connection) -> tuple[Connection, Connection]:
+        """Both sessions again once the servers answer; `lost` is raised when that cannot help."""
+        if recorded_rows is None or not connection_lost(lost):
+            raise lost
+        _close(source, target)
+        deadline = clock() + reconnect_seconds
+        while True:
+            time.sleep(1.0)
+            try:
+                return open_pair()
+            except BaseException as exc:
+                if not connection_lost(exc):
+                    raise  # the exported snapshot is gone with its session (the source restarted): start again
+                if clock() > deadline:
+                    raise CopyFailed(
+                        f"initial copy failed: a server went away and did not answer again within "
+                        f"{reconnect_seconds:g}s: {exc}"
+                    ) from exc
+
+    def chunk_copied(chunk: CopyChunk, rows: int, started: float) -> TableInfo | None:
+        """Count a committed chunk; its table when that was the table's last chunk."""
+        result = ChunkCopied(str(chunk.table.name), chunk.number, rows, time.monotonic() - started)
+        with lock:
+            done.append(result)
+            chunks_left[result.table] -= 1
+            table_finished = chunks_left[result.table] == 0
+        if on_progress is not None:
+            on_progress(result)
+        return tables[result.table] if table_finished and on_table_copied is not None else None
+
+    def worker() -> None:
+        source: Connection | None = None
+        target: Connection | None = None
+        try:
+            source, target = open_pair()
         except BaseException as exc:
             failures.append(exc)
             imported.abort()
-            for conn in (source, target):
-                if conn is not None:
-                    conn.close()
             return
         try:
             imported.wait()
@@ -210,30 +263,34 @@ def copy_in_parallel(
                 except queue.Empty:
                     break
                 started = time.monotonic()
-                rows = copy_chunk(source, target, chunk)
-                if record_chunk is not None:
-                    record_chunk(target, chunk, rows)
-                target.commit()
-                result = ChunkCopied(str(chunk.table.name), chunk.number, rows, time.monotonic() - started)
-                with lock:
-                    done.append(result)
-                    chunks_left[result.table] -= 1
-                    table_finished = chunks_left[result.table] == 0
-                if on_progress is not None:
-                    on_progress(result)
-                if table_finished and on_table_copied is not None:
-                    on_table_copied(target, tables[result.table])
+                try:
+                    rows = copy_chunk(source, target, chunk)
+                    if record_chunk is not None:
+                        record_chunk(target, chunk, rows)
                     target.commit()
+                except BaseException as exc:
+                    source, target = reopen_pair(exc, source, target)
+                    assert recorded_rows is not None
+                    committed = recorded_rows(target, chunk)  # a commit cut off may have happened
+                    target.commit()
+                    if committed is None:
+                        work.put(chunk)
+                        continue
+                    rows = committed
+                finished = chunk_copied(chunk, rows, started)
+                while finished is not None and on_table_copied is not None:
+                    try:
+                        on_table_copied(target, finished)  # builds what is missing: safe to run again
+                        target.commit()
+                        finished = None
+                    except BaseException as exc:
+                        source, target = reopen_pair(exc, source, target)
         except threading.BrokenBarrierError:
             pass
         except BaseException as exc:
             failures.append(exc)
         finally:
-            for conn in (source, target):
-                try:
-                    conn.rollback()
-                finally:
-                    conn.close()
+            _close(source, target)
 
     threads = [
         threading.Thread(target=worker, name=f"copy-worker-{i}", daemon=True) for i in range(min(workers, len(chunks)))
@@ -247,3 +304,15 @@ def copy_in_parallel(
     if failures:
         raise CopyFailed(f"initial copy failed: {failures[0]}") from failures[0]
     return done
+
+
+def _close(*conns: Connection | None) -> None:
+    for conn in conns:
+        if conn is None or conn.closed:
+            continue
+        try:
+            conn.rollback()
+        except psycopg2.Error:
+            pass
+        finally:
+            conn.close()
