@@ -33,6 +33,7 @@ EXPECTED_OUTCOME = {
     "target-crash": "migrated",
     "source-crash-fence": "migrated",  # the cutover's task is retried, and resumes from its records
     "target-crash-fence": "migrated",
+    "target-crash-copy": "migrated",  # the copy's task is retried
 }
 # Any other fault (alarm-rule included: its rollback execution, after the one the rule stopped) must roll back
 

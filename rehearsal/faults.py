@@ -41,6 +41,7 @@ FAULTS = (
     "target-crash",
     "source-crash-fence",
     "target-crash-fence",
+    "target-crash-copy",
 )
 
 
@@ -54,6 +55,7 @@ CRASHES = {
     "target-crash": ("target", "post-cutover bake"),
     "source-crash-fence": ("source", AT_THE_FENCE),
     "target-crash-fence": ("target", AT_THE_FENCE),
+    "target-crash-copy": ("target", "initial copy"),  # once the copy has committed rows, not a second in
 }
 
 
@@ -81,6 +83,8 @@ FAULT_HELP = {
     "cutover where it stopped, nothing lost",
     "target-crash-fence": "crash the target while it catches up inside the cutover's fence (its steps are recorded "
     "there), and start it again 3 s later: the retried cutover resumes from its records, nothing lost",
+    "target-crash-copy": "crash the target once the initial copy has committed rows to it, and start it again 3 s "
+    "later: the copy's task is retried and the copy completes, nothing copied twice or left out",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",

@@ -303,21 +303,26 @@ class Rehearsal:
 
         crash = CRASHES.get(self.fault or "")  # crash faults: the side, and when
 
-        def crash_soon(side: str, moment: str, *, delay: float) -> None:
-            """Crash the `side` server `delay` seconds from now, beside the caller; return once it is down."""
+        def crash_soon(side: str, moment: str, *, delay: float, until_down: bool = False) -> None:
+            """Crash the `side` server `delay` seconds from now, beside the caller (`until_down`: return once it is
+            down)."""
             server = source if side == "source" else target
             down = threading.Event()
-            threading.Thread(
-                target=self._crash, args=(server, side, moment, timeline, delay, down), daemon=True
-            ).start()
-            if delay == 0:
+
+            def crash() -> None:
+                if moment == "initial copy":  # a second may be past the copy: once it has committed rows
+                    _wait_for_copied_rows(tgt)
+                self._crash(server, side, moment, timeline, delay, down)
+
+            threading.Thread(target=crash, daemon=True).start()
+            if until_down:
                 down.wait(timeout=30)
 
         def on_phase(phase: str) -> None:
             say(f"[{timeline.now():7.1f}s] phase: {phase}")
             if crash is not None and phase == crash[1] and not injected:
                 injected.append(str(self.fault))
-                crash_soon(crash[0], phase, delay=1.0)
+                crash_soon(crash[0], phase, delay=0.0 if phase == "initial copy" else 1.0)
             if self.fault == "kill-target" and phase == "initial copy" and not injected:
                 injected.append("kill-target")
                 threading.Thread(target=self._kill_target_soon, args=(target, tgt, timeline), daemon=True).start()
@@ -370,7 +375,7 @@ class Rehearsal:
                 handlers["CutoverFunctionArn"],
                 str(self.fault),
                 injected,
-                lambda: crash_soon(side, AT_THE_FENCE, delay=0),
+                lambda: crash_soon(side, AT_THE_FENCE, delay=0, until_down=True),
             )
         if self.fault == "new-table":
             handlers["ReplicationFunctionArn"] = creating_a_table_after_the_start(
@@ -502,19 +507,7 @@ class Rehearsal:
 
     def _kill_target_soon(self, target: PostgresServer, tgt: str, timeline: Timeline) -> None:
         """Kill the target once the copy has written rows to it (mid-copy, not before it starts)."""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                conn = connect(tgt)
-                try:
-                    copied = fetch_value(conn, "SELECT count(*) FROM order_items")
-                finally:
-                    conn.close()
-            except ConnectionError:
-                copied = 0
-            if copied:
-                break
-            time.sleep(0.02)
+        _wait_for_copied_rows(tgt)
         target.kill()
         timeline.note("fault: target server killed during the initial copy")
 
@@ -704,6 +697,19 @@ def migration_tables() -> list[Any]:
     from lambdas.core.tables import TableName
 
     return [TableName.parse(t) for t in sample.SAMPLE_TABLES]
+
+
+def _wait_for_copied_rows(tgt: str, timeout: float = 60) -> None:
+    """Until the copy has committed rows to the target (mid-copy, not before it starts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with contextlib.closing(connect(tgt)) as conn:
+                if fetch_value(conn, "SELECT count(*) FROM order_items"):
+                    return
+        except ConnectionError:
+            pass
+        time.sleep(0.02)
 
 
 def _rolled_back(result: Any) -> bool:

@@ -142,6 +142,7 @@ def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the
         "target-crash",  # the new writer, after the cutover: the reverse replication resumes from its slot there
         "source-crash-fence",  # the old writer, fenced, inside the cutover: its task's retry resumes it
         "target-crash-fence",  # the new writer while it catches up inside the cutover's fence: the same
+        "target-crash-copy",  # the target during the initial copy: the copy resumes from the same snapshot
     ],
 )
 def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tmp_path: Path, fault: str) -> None:
