@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import boto3
+import pytest
 
 from lambdas.core import polling
 from rehearsal.stepfunctions import ExecutionResult, LocalStateMachine
@@ -308,6 +310,53 @@ def test_a_status_read_cut_by_a_database_failover_is_retried() -> None:
     # Then the read is retried, as an OperationalError is, and the migration goes on (not a rollback)
     assert stubs.path().count(("Replication", "status")) >= 2, stubs.path()
     assert result.status == "SUCCEEDED", (result.error, result.cause)
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [
+        "DatabaseError",  # the connection dropped in the middle of a COPY: psycopg2 raises the bare base class
+        "InterfaceError",  # a connection found closed (the server went away since it was last used)
+    ],
+)
+def test_a_task_that_lost_its_connection_mid_copy_or_found_it_closed_is_retried(lost: str) -> None:
+    import psycopg2
+
+    from lambdas.core.db import connection_lost
+
+    # Given the target restarting while a task reads: psycopg2 raises a bare DatabaseError or an InterfaceError,
+    # whose names are not OperationalError's (Step Functions matches the errorType exactly)
+    error = getattr(psycopg2, lost)("server closed the connection unexpectedly")
+    assert connection_lost(error)
+    stubs = Stubs()
+    stubs.failures[("Replication", "status")] = [error]
+    # When the migration runs
+    result = execute(stubs)
+    # Then the read is retried, and the migration goes on (not a rollback)
+    assert stubs.path().count(("Replication", "status")) >= 2, stubs.path()
+    assert result.status == "SUCCEEDED", (result.error, result.cause)
+
+
+def test_every_retry_for_a_lost_connection_names_every_error_a_lost_connection_raises() -> None:
+    # Given the definition's retriers that retry a lost connection (they name OperationalError)
+    def states(machine: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        for state in machine["States"].values():
+            yield state
+            for inner in [*state.get("Branches", []), *(state[k] for k in ("ItemProcessor", "Iterator") if k in state)]:
+                yield from states(inner)
+
+    retriers = [
+        retrier
+        for state in states(json.loads(ASL.read_text()))
+        for retrier in state.get("Retry", [])
+        if "OperationalError" in retrier["ErrorEquals"]
+    ]
+    # Then each also names the other classes psycopg2 raises for one, and the failover errors
+    assert len(retriers) >= 19
+    for retrier in retriers:
+        assert {"DatabaseUnreachable", "DatabaseError", "InterfaceError", "AdminShutdown", "CrashShutdown"} <= set(
+            retrier["ErrorEquals"]
+        )
 
 
 def test_the_status_of_a_3000_table_migration_passes_through_the_copy_loop() -> None:
