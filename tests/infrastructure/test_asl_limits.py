@@ -359,6 +359,21 @@ def test_every_retry_for_a_lost_connection_names_every_error_a_lost_connection_r
         )
 
 
+def test_the_cutovers_retries_of_a_lost_connection_outlast_a_server_restart_whatever_the_draw() -> None:
+    # Given the Cutover task's retrier for a lost connection (inside the fence it holds the application's writes,
+    # and a retry resumes the attempt: spent in the first seconds of a restart, they end in a rollback)
+    retrier = next(
+        r
+        for r in json.loads(ASL.read_text())["States"]["Cutover"]["Retry"]
+        if "DatabaseUnreachable" in r["ErrorEquals"]
+    )
+    # Then its waits are fixed (no jitter, whose draw may be near 0 each time) and the last retry comes at least
+    # 20 s after the failure: a restarted server (3 s in the rehearsal, tens of seconds on RDS) is back by then
+    assert retrier.get("JitterStrategy", "NONE") == "NONE"
+    waits = [retrier["IntervalSeconds"] * retrier["BackoffRate"] ** n for n in range(retrier["MaxAttempts"])]
+    assert waits[0] >= 3 and sum(waits) >= 20, waits
+
+
 def test_the_status_of_a_3000_table_migration_passes_through_the_copy_loop() -> None:
     from lambdas.core.engines.base import Phase, ReplicationStatus, SlotHealth, TableStatus, TableSyncState
     from lambdas.handlers import replication
