@@ -146,6 +146,13 @@ class LogicalSettings(_Model):
     )
     copy_workers: int = Field(default=4, ge=1, le=64)
     copy_chunk_rows: int = Field(default=250_000, ge=1_000)
+    copy_reconnect_seconds: int = Field(
+        default=180,
+        ge=1,
+        le=600,
+        description="how long the parallel copy waits for the target to answer again after losing it (a crash, "
+        "a restart, a Multi-AZ failover) before the start fails; the copy then resumes where it was",
+    )
     expected_copy_mb_per_s: float = Field(
         default=50.0, gt=0, description="used by preflight to estimate the WAL kept during the copy"
     )

@@ -48,7 +48,6 @@ from lambdas.core.engines.base import (
 from lambdas.core.engines.deferred_indexes import defer_indexes, ensure_deferred_table, restore_indexes
 from lambdas.core.engines.slot_creation import create_logical_slot
 from lambdas.core.engines.snapshot_copy import (
-    RECONNECT_SECONDS,
     ChunkCopied,
     CopyChunk,
     CopySessionFactory,
@@ -401,6 +400,7 @@ class LogicalEngine(ReplicationEngine):
                 recorded_rows=self._recorded_rows,
                 on_table_copied=self._finish_table,
                 on_progress=self._on_copy_progress,
+                reconnect_seconds=self.plan.settings.copy_reconnect_seconds,
             )
         finally:
             repl.close()  # the exported snapshot is no longer needed once every worker imported it
@@ -487,7 +487,7 @@ class LogicalEngine(ReplicationEngine):
 
     def _alive(self, target: Connection) -> Connection:
         """`target`, or a new control session in its place when the server went away meanwhile (waiting for
-        it up to `snapshot_copy.RECONNECT_SECONDS`: the copy is done, and a failed start would copy again)."""
+        it up to `copy_reconnect_seconds`: the copy is done, and a failed start would copy again)."""
         try:
             fetch_value(target, "SELECT 1")
             return target
@@ -495,7 +495,7 @@ class LogicalEngine(ReplicationEngine):
             if not connection_lost(exc):
                 raise
         target.close()
-        deadline = time.monotonic() + RECONNECT_SECONDS
+        deadline = time.monotonic() + self.plan.settings.copy_reconnect_seconds
         while True:
             try:
                 return self._target()

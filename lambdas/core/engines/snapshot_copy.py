@@ -160,7 +160,7 @@ def _prepare_target(conn: Connection) -> None:
 
 
 # How long a copy worker keeps trying to reach a server that went away (a crash, a restart, a Multi-AZ
-# failover takes one to two minutes) before the copy fails
+# failover takes one to two minutes) before the copy fails (`logical.copy_reconnect_seconds`)
 RECONNECT_SECONDS = 180.0
 
 
