@@ -146,8 +146,14 @@ def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the
     ],
 )
 def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tmp_path: Path, fault: str) -> None:
+    # Given the local migration with 2-second bakes in the read shift (the suite's time; the crash is the point)
+    local = (ROOT / "migrations" / "local.yaml").read_text()
+    read_shift = "read_shift:\n  steps: [10, 50, 100]\n  bake_seconds: 5\n"
+    assert read_shift in local
+    migration = tmp_path / "local-short-bakes.yaml"
+    migration.write_text(local.replace(read_shift, read_shift.replace("bake_seconds: 5", "bake_seconds: 2")))
     # When a server crashes (immediate shutdown) mid-migration and starts again 3 s later
-    proc, summary = rehearse(tmp_path, "--fault", fault)
+    proc, summary = rehearse(tmp_path / "out", "--fault", fault, "--migration", str(migration))
     # Then it was down (checked by the fault) and restarted, and no transaction failed but while it was down
     # (those in flight at the crash; pgbouncer holds the others until it reconnects)
     assert proc.returncode == 0, proc.stderr[-3000:]
