@@ -224,6 +224,8 @@ def copy_in_parallel(
         deadline = clock() + reconnect_seconds
         while True:
             time.sleep(1.0)
+            if failures:  # another worker failed for good (the source went too, say): the copy is over
+                raise lost
             try:
                 return open_pair()
             except BaseException as exc:
