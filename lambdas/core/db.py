@@ -6,8 +6,9 @@ DSNs carry passwords: they are never put into messages. `redact_dsn` gives a log
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.errors
@@ -47,6 +48,30 @@ def connection_lost(exc: BaseException) -> bool:
     # A connection dropped without a word ("server closed the connection unexpectedly") has no SQLSTATE; psycopg2
     # raises it as a bare OperationalError, or a bare DatabaseError in the middle of a COPY
     return type(exc) in (psycopg2.OperationalError, psycopg2.DatabaseError) and getattr(exc, "pgcode", None) is None
+
+
+T = TypeVar("T")
+
+
+def when_reachable(
+    open_session: Callable[[], T],
+    seconds: float,
+    *,
+    stop: Callable[[], bool] = lambda: False,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """`open_session()` once the server answers: tried again every second while it fails with a lost
+    connection (`connection_lost`), for up to `seconds`. Any other error, the last one past `seconds`, or
+    the last one once `stop()` says so, is raised."""
+    deadline = clock() + seconds
+    while True:
+        try:
+            return open_session()
+        except Exception as exc:
+            if not connection_lost(exc) or stop() or clock() > deadline:
+                raise
+        sleep(1.0)
 
 
 class InvalidDsn(ValueError):

@@ -11,7 +11,14 @@ import pytest
 from psycopg2.extensions import parse_dsn
 
 from lambdas.core.config import Endpoint
-from lambdas.core.db import DatabaseUnreachable, InvalidDsn, connection_lost, redact_dsn, with_unbounded_session
+from lambdas.core.db import (
+    DatabaseUnreachable,
+    InvalidDsn,
+    connection_lost,
+    redact_dsn,
+    when_reachable,
+    with_unbounded_session,
+)
 from lambdas.core.endpoints import EndpointError, resolve_dsn
 from lambdas.core.lsn import Lsn
 from lambdas.core.tables import TableName, select_tables, unmatched_patterns
@@ -145,3 +152,50 @@ def test_an_unparsable_dsn_given_for_a_subscription_is_an_error_that_shows_no_pa
 def test_a_server_going_away_is_told_from_a_statement_failing(error: BaseException, lost: bool) -> None:
     # Given an error a step raised; Then it counts as the connection lost (a retry gets past it) only when it is
     assert connection_lost(error) is lost
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_session_is_opened_again_once_the_server_answers_within_the_wait_and_not_after_it() -> None:
+    # Given a server that refuses connections for 3 s (a restart), and a clock that sleeping moves
+    clock = _Clock()
+
+    def open_session() -> str:
+        if clock.now < 3:
+            raise DatabaseUnreachable("cannot connect to host=db: Connection refused")
+        return "session"
+
+    # Then a wait of 10 s gets the session once it answers; a wait of 2 s raises the last refusal
+    assert when_reachable(open_session, 10, clock=clock, sleep=clock.sleep) == "session"
+    assert clock.now == 3
+    clock.now = -3  # a server refusing for 6 s from now
+    with pytest.raises(DatabaseUnreachable):
+        when_reachable(open_session, 2, clock=clock, sleep=clock.sleep)
+    assert clock.now == 0  # tried 0, 1, 2 and 3 s in: the one past the 2 s failed, and its error stands
+
+
+def test_a_wait_for_a_server_stops_at_once_for_another_error_or_when_told() -> None:
+    # Given a session that fails for a reason other than a lost connection, and one told to stop waiting
+    clock = _Clock()
+
+    def refused() -> str:
+        raise psycopg2.errors.InvalidPassword("password authentication failed")
+
+    def unreachable() -> str:
+        raise DatabaseUnreachable("cannot connect")
+
+    # Then neither waits
+    with pytest.raises(psycopg2.errors.InvalidPassword):
+        when_reachable(refused, 60, clock=clock, sleep=clock.sleep)
+    with pytest.raises(DatabaseUnreachable):
+        when_reachable(unreachable, 60, stop=lambda: True, clock=clock, sleep=clock.sleep)
+    assert clock.now == 0

@@ -24,7 +24,6 @@ from lambdas.core.catalog import TableInfo, describe_tables, partition_trees
 from lambdas.core.config import LogicalSettings
 from lambdas.core.db import (
     Connection,
-    DatabaseUnreachable,
     connect,
     connection_lost,
     execute,
@@ -33,6 +32,7 @@ from lambdas.core.db import (
     fetch_value,
     keep_when_idle,
     server_version_num,
+    when_reachable,
     with_unbounded_session,
 )
 from lambdas.core.engines.base import (
@@ -47,12 +47,7 @@ from lambdas.core.engines.base import (
 )
 from lambdas.core.engines.deferred_indexes import defer_indexes, ensure_deferred_table, restore_indexes
 from lambdas.core.engines.slot_creation import create_logical_slot
-from lambdas.core.engines.snapshot_copy import (
-    ChunkCopied,
-    CopyChunk,
-    CopySessionFactory,
-    copy_in_parallel,
-)
+from lambdas.core.engines.snapshot_copy import ChunkCopied, CopyChunk, CopySessionFactory, copy_in_parallel
 from lambdas.core.engines.table_locks import run_waiting_for_locks
 from lambdas.core.fence import make_writable
 from lambdas.core.lsn import Lsn, applied_lsn
@@ -495,14 +490,7 @@ class LogicalEngine(ReplicationEngine):
             if not connection_lost(exc):
                 raise
         target.close()
-        deadline = time.monotonic() + self.plan.settings.copy_reconnect_seconds
-        while True:
-            try:
-                return self._target()
-            except DatabaseUnreachable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
+        return when_reachable(self._target, self.plan.settings.copy_reconnect_seconds)
 
     def _recorded_rows(self, target: Connection, chunk: CopyChunk) -> int | None:
         """The rows a chunk's committed copy recorded (`_record_chunk`), or None when it has not committed."""

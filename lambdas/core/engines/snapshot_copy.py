@@ -21,7 +21,7 @@ import psycopg2
 from psycopg2 import sql
 
 from lambdas.core.catalog import TableInfo
-from lambdas.core.db import Connection, connection_lost, execute, unbound_session
+from lambdas.core.db import Connection, connection_lost, execute, unbound_session, when_reachable
 from lambdas.core.ranges import KeyRange, range_predicate_literal
 from lambdas.core.textform import pin_text_form
 
@@ -221,21 +221,15 @@ def copy_in_parallel(
         if recorded_rows is None or not connection_lost(lost):
             raise lost
         _close(source, target)
-        deadline = clock() + reconnect_seconds
-        while True:
-            time.sleep(1.0)
-            if failures:  # another worker failed for good (the source went too, say): the copy is over
-                raise lost
-            try:
-                return open_pair()
-            except BaseException as exc:
-                if not connection_lost(exc):
-                    raise  # the exported snapshot is gone with its session (the source restarted): start again
-                if clock() > deadline:
-                    raise CopyFailed(
-                        f"initial copy failed: a server went away and did not answer again within "
-                        f"{reconnect_seconds:g}s: {exc}"
-                    ) from exc
+        try:
+            # Not past another worker's failure for good (the source went too, say): the copy is over then
+            return when_reachable(open_pair, reconnect_seconds, stop=lambda: bool(failures), clock=clock)
+        except Exception as exc:
+            if not connection_lost(exc) or failures:
+                raise  # a snapshot gone with its exporting session (the source restarted) is not lost: start again
+            raise CopyFailed(
+                f"initial copy failed: a server went away and did not answer again within {reconnect_seconds:g}s: {exc}"
+            ) from exc
 
     def chunk_copied(chunk: CopyChunk, rows: int, started: float) -> TableInfo | None:
         """Count a committed chunk; its table when that was the table's last chunk."""
