@@ -172,6 +172,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     say("")
     say(f"outcome                {summary['outcome']}" + (f" (fault: {summary['fault']})" if summary["fault"] else ""))
     say(f"engine                 {summary['engine']}")
+    if summary.get("fault_missed"):
+        say(f"FAULT MISSED           {summary['fault_missed']} (the run proves nothing about this fault)")
     if summary["outcome"] != "migrated":
         say(f"why                    {summary['error']}: {summary['cause'][:300]}")
     if summary.get("rollback_kind"):
@@ -319,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     abandoned = args.fault != "retry" or _abandoned_cleanly(summary)
     passed = (
         summary["outcome"] == expected
+        and (summary["fault_injected"] or not args.fault)  # a fault that missed its moment proves nothing
         and mended
         and added
         and abandoned

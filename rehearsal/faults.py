@@ -13,6 +13,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import boto3
@@ -49,13 +50,27 @@ FAULTS = (
 AT_THE_FENCE = "cutover's fence"
 
 
-# Faults that crash a server and start it again, and when: a second into a phase, or at the cutover's fence
+@dataclass(frozen=True)
+class Crash:
+    """A fault that crashes a server and starts it again: which server, in which phase (or AT_THE_FENCE),
+    and how far into it."""
+
+    side: str  # source or target
+    moment: str  # a phase of the timeline, or AT_THE_FENCE
+    once_rows_copied: bool = False  # not a second in (which may be past a short copy): once it has committed rows
+
+    @property
+    def delay(self) -> float:
+        """Seconds from the moment to the crash: a second into a phase, at once at the fence or on copied rows."""
+        return 0.0 if self.moment == AT_THE_FENCE or self.once_rows_copied else 1.0
+
+
 CRASHES = {
-    "source-crash": ("source", "read shift"),
-    "target-crash": ("target", "post-cutover bake"),
-    "source-crash-fence": ("source", AT_THE_FENCE),
-    "target-crash-fence": ("target", AT_THE_FENCE),
-    "target-crash-copy": ("target", "initial copy"),  # once the copy has committed rows, not a second in
+    "source-crash": Crash("source", "read shift"),
+    "target-crash": Crash("target", "post-cutover bake"),
+    "source-crash-fence": Crash("source", AT_THE_FENCE),
+    "target-crash-fence": Crash("target", AT_THE_FENCE),
+    "target-crash-copy": Crash("target", "initial copy", once_rows_copied=True),
 }
 
 

@@ -49,6 +49,7 @@ from rehearsal.faults import (
     NEW_TABLE,
     REVERSE_FAULT_LASTING_SECONDS,
     AlarmRule,
+    Crash,
     at_the_cutovers_fence,
     creating_a_table_after_the_start,
     fail_the_cutover,
@@ -206,6 +207,7 @@ class Rehearsal:
     reverse_mended: bool | None = None  # fault reverse-ddl: the reverse replication mended and retired after the stop
     abandoned: dict[str, Any] | None = None  # fault retry: how the abandon ended, and what it left
     outage: tuple[float, float] | None = None  # crash faults: from the crash to the restart, timeline seconds
+    fault_missed: str | None = None  # why the fault's injection failed (it did not happen as named)
     alarm_rule: dict[str, Any] | None = None  # fault alarm-rule: the execution it stopped, what it did
     task_errors: list[str] = field(default_factory=list)  # each failed task's error (retried or caught), in order
     timeline: Timeline = field(default_factory=lambda: Timeline(time.monotonic()))
@@ -301,31 +303,35 @@ class Rehearsal:
         def create_alarm() -> None:
             put_stand_in_alarm(boto3.client("cloudwatch", region_name=REGION), alarm, "OK", "rehearsal started")
 
-        crash = CRASHES.get(self.fault or "")  # crash faults: the side, and when
+        crash = CRASHES.get(self.fault or "")
 
-        def crash_soon(side: str, moment: str, *, delay: float, until_down: bool = False) -> None:
-            """Crash the `side` server `delay` seconds from now, beside the caller (`until_down`: return once it is
-            down)."""
-            server = source if side == "source" else target
+        def crash_soon(crash: Crash, *, until_down: bool = False) -> None:
+            """Crash the fault's server beside the caller, `crash.delay` seconds from now or once the copy has
+            committed rows (`until_down`: return once it is down)."""
+            server = source if crash.side == "source" else target
             down = threading.Event()
 
-            def crash() -> None:
-                if moment == "initial copy":  # a second may be past the copy: once it has committed rows
-                    _wait_for_copied_rows(tgt)
-                self._crash(server, side, moment, timeline, delay, down)
+            def inject() -> None:
+                if crash.once_rows_copied:
+                    self._wait_for_copied_rows(tgt)
+                self._crash(server, crash, timeline, down)
 
-            threading.Thread(target=crash, daemon=True).start()
+            threading.Thread(target=self._missed_if_raises, args=(inject, timeline), daemon=True).start()
             if until_down:
                 down.wait(timeout=30)
 
         def on_phase(phase: str) -> None:
             say(f"[{timeline.now():7.1f}s] phase: {phase}")
-            if crash is not None and phase == crash[1] and not injected:
+            if crash is not None and phase == crash.moment and not injected:
                 injected.append(str(self.fault))
-                crash_soon(crash[0], phase, delay=0.0 if phase == "initial copy" else 1.0)
+                crash_soon(crash)
             if self.fault == "kill-target" and phase == "initial copy" and not injected:
                 injected.append("kill-target")
-                threading.Thread(target=self._kill_target_soon, args=(target, tgt, timeline), daemon=True).start()
+                threading.Thread(
+                    target=self._missed_if_raises,
+                    args=(lambda: self._kill_target_soon(target, tgt, timeline), timeline),
+                    daemon=True,
+                ).start()
 
         tracker = PhaseTracker(timeline, on_phase)
 
@@ -369,13 +375,13 @@ class Rehearsal:
             handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
                 handlers["CutoverFunctionArn"], "alarm-rule", injected, alarm_rule.fire
             )
-        if crash is not None and crash[1] == AT_THE_FENCE:
-            side = crash[0]
+        if crash is not None and crash.moment == AT_THE_FENCE:
+            fence_crash = crash
             handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
                 handlers["CutoverFunctionArn"],
                 str(self.fault),
                 injected,
-                lambda: crash_soon(side, AT_THE_FENCE, delay=0, until_down=True),
+                lambda: crash_soon(fence_crash, until_down=True),
             )
         if self.fault == "new-table":
             handlers["ReplicationFunctionArn"] = creating_a_table_after_the_start(
@@ -488,28 +494,49 @@ class Rehearsal:
         say(f"[{timeline.now():7.1f}s] target's {lifted}tables emptied; starting the migration anew ...")
         return execute_machine(execution_input)
 
-    def _crash(
-        self, server: PostgresServer, side: str, moment: str, timeline: Timeline, delay: float, down: threading.Event
-    ) -> None:
-        """Crash faults: `delay` seconds into `moment`, the server stops as a crash would (`down` set then), and
+    def _crash(self, server: PostgresServer, crash: Crash, timeline: Timeline, down: threading.Event) -> None:
+        """Crash faults: `crash.delay` seconds from now, the server stops as a crash would (`down` set then), and
         starts again 3 s later (as RDS restarts a failed instance); `self.outage` says when, on the timeline."""
-        time.sleep(delay)
+        time.sleep(crash.delay)
         crashed = timeline.now()
         server.kill()
         if server.is_running():
-            raise RuntimeError(f"fault {self.fault}: the {side} server is still running after its immediate shutdown")
+            raise RuntimeError(f"the {crash.side} server is still running after its immediate shutdown")
         down.set()
-        timeline.note(f"fault: {side} server crashed (immediate shutdown) during the {moment}")
+        timeline.note(f"fault: {crash.side} server crashed (immediate shutdown) during the {crash.moment}")
         time.sleep(3.0)
         server.restart()
         self.outage = (crashed, timeline.now())
-        timeline.note(f"{side} server restarted")
+        timeline.note(f"{crash.side} server restarted")
 
     def _kill_target_soon(self, target: PostgresServer, tgt: str, timeline: Timeline) -> None:
         """Kill the target once the copy has written rows to it (mid-copy, not before it starts)."""
-        _wait_for_copied_rows(tgt)
+        self._wait_for_copied_rows(tgt)
         target.kill()
         timeline.note("fault: target server killed during the initial copy")
+
+    def _missed_if_raises(self, inject: Callable[[], None], timeline: Timeline) -> None:
+        """Run a fault's injection beside the migration; one that fails is recorded as missed (the summary's
+        `fault_missed`), so a rehearsal whose fault never happened cannot pass."""
+        try:
+            inject()
+        except Exception as exc:
+            self.fault_missed = f"{type(exc).__name__}: {exc}"
+            timeline.note(f"fault {self.fault} missed its moment: {self.fault_missed}")
+
+    @staticmethod
+    def _wait_for_copied_rows(tgt: str, timeout: float = 60) -> None:
+        """Until the copy has committed rows to the target (mid-copy, not before it starts)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with contextlib.closing(connect(tgt)) as conn:
+                    if fetch_value(conn, "SELECT count(*) FROM order_items"):
+                        return
+            except ConnectionError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"the initial copy committed no rows to the target within {timeout:g}s")
 
     def _monitor(
         self, migration: Migration, router: Any, timeline: Timeline, stop: threading.Event, src: str, tgt: str
@@ -591,7 +618,8 @@ class Rehearsal:
         return {
             "outcome": outcome,
             "fault": self.fault,
-            "fault_injected": bool(injected) if self.fault else False,
+            "fault_injected": bool(injected) and self.fault_missed is None if self.fault else False,
+            "fault_missed": self.fault_missed,
             "error": result.error,
             "cause": (result.cause or "")[:2000],
             "phase_seconds": phases,
@@ -697,19 +725,6 @@ def migration_tables() -> list[Any]:
     from lambdas.core.tables import TableName
 
     return [TableName.parse(t) for t in sample.SAMPLE_TABLES]
-
-
-def _wait_for_copied_rows(tgt: str, timeout: float = 60) -> None:
-    """Until the copy has committed rows to the target (mid-copy, not before it starts)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with contextlib.closing(connect(tgt)) as conn:
-                if fetch_value(conn, "SELECT count(*) FROM order_items"):
-                    return
-        except ConnectionError:
-            pass
-        time.sleep(0.02)
 
 
 def _rolled_back(result: Any) -> bool:

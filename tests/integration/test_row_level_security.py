@@ -194,7 +194,7 @@ def test_a_policy_made_after_the_check_fails_the_parallel_copy_instead_of_thinni
 
         # When the copy runs, Then it fails naming row-level security, and nothing lands on the target
         with pytest.raises(CopyFailed, match="row-level security"):
-            copy_in_parallel([CopyChunk(info, 0, WHOLE_TABLE, 1)], snapshot, sessions, workers=1)
+            copy_in_parallel([CopyChunk(info, 0, WHOLE_TABLE, 1)], snapshot, sessions, workers=1, reconnect_seconds=1)
     finally:
         exporter.close()
     assert query(rls.target_dsn, "SELECT count(*) FROM t")[0][0] == 0

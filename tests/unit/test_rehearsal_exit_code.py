@@ -52,7 +52,8 @@ def _run_main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, summary: dict[str
     import time
 
     monkeypatch.setattr(main_mod.Rehearsal, "run_with_timeline", lambda self: (summary, Timeline(time.monotonic())))
-    return main_mod.main(["--rows", "20000", "--out", str(tmp_path)])
+    fault = ["--fault", summary["fault"]] if summary["fault"] else []
+    return main_mod.main(["--rows", "20000", "--out", str(tmp_path), *fault])
 
 
 def test_sanity_clean_summary_exits_0(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -77,6 +78,20 @@ def test_failures_only_while_a_crashed_server_was_down_pass_and_others_fail(
     # Then failures inside the outage pass, and one outside it fails the run
     assert _run_main(monkeypatch, tmp_path / "inside", _summary(**crash, failed_outside_outage=0)) == 0
     assert _run_main(monkeypatch, tmp_path / "outside", _summary(**crash, failed_outside_outage=1)) != 0
+
+
+def test_a_fault_that_missed_its_moment_fails_the_rehearsal_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a copy-crash run whose copy committed no rows in time, so the crash never happened
+    missed = "TimeoutError: the initial copy committed no rows to the target within 60s"
+    fault = {"fault": "target-crash-copy", "outage": None}
+    # When the rehearsal ends, migrated and clean otherwise
+    code = _run_main(monkeypatch, tmp_path / "missed", _summary(**fault, fault_injected=False, fault_missed=missed))
+    # Then it fails and says why; the same run with its crash injected passes
+    assert code == 1
+    assert f"FAULT MISSED           {missed}" in capsys.readouterr().err
+    assert _run_main(monkeypatch, tmp_path / "hit", _summary(**fault, fault_injected=True, fault_missed=None)) == 0
 
 
 def test_report_shows_the_final_row_compare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -159,22 +159,17 @@ def _prepare_target(conn: Connection) -> None:
     execute(conn, "SET synchronous_commit = on")
 
 
-# How long a copy worker keeps trying to reach a server that went away (a crash, a restart, a Multi-AZ
-# failover takes one to two minutes) before the copy fails (`logical.copy_reconnect_seconds`)
-RECONNECT_SECONDS = 180.0
-
-
 def copy_in_parallel(
     chunks: Sequence[CopyChunk],
     snapshot: str,
     sessions: CopySessionFactory,
     *,
     workers: int,
+    reconnect_seconds: float,
     record_chunk: Callable[[Connection, CopyChunk, int], None] | None = None,
     recorded_rows: Callable[[Connection, CopyChunk], int | None] | None = None,
     on_table_copied: Callable[[Connection, TableInfo], None] | None = None,
     on_progress: ProgressCallback | None = None,
-    reconnect_seconds: float = RECONNECT_SECONDS,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[ChunkCopied]:
     """Copy all chunks with `workers` session pairs; each target chunk commits on its own.
@@ -187,7 +182,8 @@ def copy_in_parallel(
 
     A worker that loses a connection (`db.connection_lost`: the target restarted, say) opens both
     again, importing the snapshot again (which the source still exports while the caller's session
-    lives), for up to `reconnect_seconds`. The target's record (`recorded_rows`, read after the
+    lives), for up to `reconnect_seconds` (`logical.copy_reconnect_seconds`: a crash, a restart, a
+    Multi-AZ failover takes one to two minutes). The target's record (`recorded_rows`, read after the
     reconnect) then tells whether the chunk in flight committed; if not, it is copied again. Without
     `recorded_rows`, or when the source's exporting session went too, the copy fails as before.
     """
