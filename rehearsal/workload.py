@@ -194,9 +194,10 @@ class Workload:
         if conn is not None:
             conn.close()
 
-    def stop(self) -> WorkloadStats:
+    def stop(self, *, wait_seconds: float = 30) -> WorkloadStats:
+        """Stop the writers; one still waiting for the database after `wait_seconds` counts as failed."""
         self._stop.set()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + wait_seconds
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         total = WorkloadStats()

@@ -34,6 +34,23 @@ def rehearse(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], 
     return proc, summary
 
 
+def short_bakes(folder: Path, *, post_cutover: bool = True) -> list[str]:
+    """`--migration` for the local migration with 2-second bakes: the read shift's (and, with `post_cutover`, the
+    bake after the cutover). The suite's time: a fault's test checks what the fault does, and every gate still runs
+    after its wait; the happy path keeps the shipped file's bakes."""
+    text = (ROOT / "migrations" / "local.yaml").read_text()
+    edits = {"\n  bake_seconds: 5\n": "\n  bake_seconds: 2\n"}
+    if post_cutover:
+        edits["\n  post_cutover_bake_seconds: 5\n"] = "\n  post_cutover_bake_seconds: 2\n"
+    for shipped, short in edits.items():
+        assert text.count(shipped) == 1, f"migrations/local.yaml no longer has {shipped.strip()!r}"
+        text = text.replace(shipped, short)
+    folder.mkdir(parents=True, exist_ok=True)
+    migration = folder / "local-short-bakes.yaml"
+    migration.write_text(text)
+    return ["--migration", str(migration)]
+
+
 def processes_started_by(out: Path) -> list[str]:
     """Command lines of live processes the rehearsal writing to `out` started (they inherit RUN_MARK):
     other processes on the machine, another test's included, are not counted."""
@@ -99,7 +116,7 @@ def test_happy_path_migrates_with_no_failed_transaction_no_lost_row_and_no_diffe
 )
 def test_injected_fault_ends_in_a_clean_rollback_with_nothing_lost(tmp_path: Path, fault: str, reason: str) -> None:
     # When a fault is injected into the rehearsal
-    proc, summary = rehearse(tmp_path, "--fault", fault)
+    proc, summary = rehearse(tmp_path / "out", "--fault", fault, *short_bakes(tmp_path))
     # Then the state machine rolled back by itself, and the source holds every committed write
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary["fault"] == fault and summary["fault_injected"] is True
@@ -110,7 +127,7 @@ def test_injected_fault_ends_in_a_clean_rollback_with_nothing_lost(tmp_path: Pat
     assert summary["failed_transactions"] == 0
     assert "rollback" in summary["phase_seconds"]
     assert summary["reverse_replication_retired"] is False and "rollback window" not in summary["phase_seconds"]
-    assert "rolled back" in (tmp_path / "report.html").read_text()
+    assert "rolled back" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the_cutover_lambda_ends(
@@ -118,7 +135,7 @@ def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the
 ) -> None:
     # When the composite alarm enters ALARM right after the cutover's fence, and its state change reaches the
     # alarm rule's Rollback function (as EventBridge delivers it) while the Cutover function still runs
-    proc, summary = rehearse(tmp_path, "--fault", "alarm-rule")
+    proc, summary = rehearse(tmp_path / "out", "--fault", "alarm-rule", *short_bakes(tmp_path))
     # Then the rule stopped the execution and started the rollback execution
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary["fault_injected"] is True
@@ -146,14 +163,9 @@ def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the
     ],
 )
 def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tmp_path: Path, fault: str) -> None:
-    # Given the local migration with 2-second bakes in the read shift (the suite's time; the crash is the point)
-    local = (ROOT / "migrations" / "local.yaml").read_text()
-    read_shift = "read_shift:\n  steps: [10, 50, 100]\n  bake_seconds: 5\n"
-    assert read_shift in local
-    migration = tmp_path / "local-short-bakes.yaml"
-    migration.write_text(local.replace(read_shift, read_shift.replace("bake_seconds: 5", "bake_seconds: 2")))
-    # When a server crashes (immediate shutdown) mid-migration and starts again 3 s later
-    proc, summary = rehearse(tmp_path / "out", "--fault", fault, "--migration", str(migration))
+    # When a server crashes (immediate shutdown) mid-migration and starts again 3 s later (the bake after the
+    # cutover as shipped: the target-crash fault's server is back before its gate)
+    proc, summary = rehearse(tmp_path / "out", "--fault", fault, *short_bakes(tmp_path, post_cutover=False))
     # Then it was down (checked by the fault) and restarted, and no transaction failed but while it was down
     # (those in flight at the crash; pgbouncer holds the others until it reconnects)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -176,7 +188,7 @@ def test_ddl_on_the_new_writer_in_the_rollback_window_stops_the_migration_naming
     tmp_path: Path,
 ) -> None:
     # When a column is added on the target (the writer) as the rollback window opens
-    proc, summary = rehearse(tmp_path, "--fault", "reverse-ddl")
+    proc, summary = rehearse(tmp_path / "out", "--fault", "reverse-ddl", *short_bakes(tmp_path))
     # Then the window's checks stopped the migration, naming the column and the side it is missing on,
     # without rolling back (the rollback is what would be refused) and without retiring
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -189,12 +201,12 @@ def test_ddl_on_the_new_writer_in_the_rollback_window_stops_the_migration_naming
     # And once mended as the stop says (the same column on the source), the retire left the source whole
     assert summary["reverse_mended"] is True and summary["reverse_replication_retired"] is True
     assert summary["final_differences"] == 0 and summary["final_rows_compared"] >= 20_000
-    assert "mended, retired" in (tmp_path / "report.html").read_text()
+    assert "mended, retired" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_a_table_created_after_the_start_is_added_validated_and_migrated_with_the_rest(tmp_path: Path) -> None:
     # When the application's release creates a table on both sides right after the start, rows on the source
-    proc, summary = rehearse(tmp_path, "--fault", "new-table")
+    proc, summary = rehearse(tmp_path / "out", "--fault", "new-table", *short_bakes(tmp_path))
     # Then the copy loop added it, and the migration completed with every row of it on the target
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary["fault_injected"] is True and summary["outcome"] == "migrated", (summary["error"], summary["cause"])
@@ -210,7 +222,7 @@ def test_after_a_rollback_the_runbook_abandons_and_a_second_start_migrates_with_
     # When the gate trips after the cutover (rolled back over the reverse replication), and the runbook is followed
     # to migrate again: the abandon, the target's fence lifted, its tables emptied, the migration started anew,
     # the writers running throughout
-    proc, summary = rehearse(tmp_path, "--fault", "retry")
+    proc, summary = rehearse(tmp_path / "out", "--fault", "retry", *short_bakes(tmp_path))
     # Then the first execution rolled back after its cutover, on the tripped gate
     assert proc.returncode == 0, proc.stderr[-3000:]
     abandon = summary["abandoned"]
@@ -250,7 +262,7 @@ def test_bad_migration_file_stops_before_anything_starts_with_the_field_and_fix(
 
 def test_the_debezium_engine_migrates_the_same_way(tmp_path: Path) -> None:
     # When the whole migration is rehearsed with the change stream (Debezium -> local broker -> applier)
-    proc, summary = rehearse(tmp_path, "--engine", "debezium")
+    proc, summary = rehearse(tmp_path / "out", "--engine", "debezium", *short_bakes(tmp_path))
     # Then it migrated with nothing failed, lost or different, the copy done by Debezium's snapshot
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary["engine"] == "debezium"
@@ -261,5 +273,5 @@ def test_the_debezium_engine_migrates_the_same_way(tmp_path: Path) -> None:
     assert summary["rows_copied"] >= 20_000
     assert summary["reverse_replication_retired"] is True
     # And no process of the change stream is left behind
-    left = processes_started_by(tmp_path)
+    left = processes_started_by(tmp_path / "out")
     assert left == [], f"processes of the rehearsal left running: {left}"

@@ -42,6 +42,20 @@ def given_sample(src: str, tgt: str, rows: int) -> None:
     target.close()
 
 
+@contextmanager
+def sample_streaming(
+    src: str, tgt: str, broker: Broker, workdir: Path, *, rows: int, name: str
+) -> Iterator[DebeziumEngine]:
+    """The sample shop (`rows` orders) on the source and its schema on the target; the stream started over its
+    tables and its snapshot applied. Stops the stream at the end."""
+    given_sample(src, tgt, rows)
+    engine = make_engine(src, tgt, broker, workdir, TABLES, name=name)
+    with running(engine):
+        engine.start()
+        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+        yield engine
+
+
 def local(engine: DebeziumEngine) -> LocalChangeStream:
     runtime = engine.runtime
     assert isinstance(runtime, LocalChangeStream)
@@ -93,11 +107,7 @@ def test_snapshot_then_stream_converges_under_writes(
 ) -> None:
     # Given a source with the sample schema and rows, an empty target, and the stream started
     src, tgt = fresh_dbs
-    given_sample(src, tgt, 20_000)
-    engine = make_engine(src, tgt, broker, tmp_path / "stream", TABLES)
-    with running(engine):
-        engine.start()
-        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+    with sample_streaming(src, tgt, broker, tmp_path / "stream", rows=20_000, name="dbz-test") as engine:
         # When writers insert, update and delete for a while
         workload = Workload(src, clients=3).start()
         wait_until(lambda: (engine.status().pending_events or 0) > 0 or True, 5, "changes")
@@ -534,12 +544,8 @@ def test_the_applier_rides_through_a_target_crash_and_restart_and_loses_nothing(
     # Given the sample shop streaming to the target while writers insert, update and delete on the source
     src, tgt = fresh_dbs
     target_server = pg_pair[1]
-    given_sample(src, tgt, 5_000)
-    engine = make_engine(src, tgt, broker, tmp_path / "stream", TABLES, name="dbz-target-crash")
-    runtime = local(engine)
-    with running(engine):
-        engine.start()
-        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+    with sample_streaming(src, tgt, broker, tmp_path / "stream", rows=5_000, name="dbz-target-crash") as engine:
+        runtime = local(engine)
         workload = Workload(src, clients=3).start()
         time.sleep(1.0)
         applier = runtime.process("applier")
@@ -640,12 +646,8 @@ def test_connector_restart_resumes_from_its_offset_without_a_new_snapshot(
 ) -> None:
     # Given the stream past its snapshot
     src, tgt = fresh_dbs
-    given_sample(src, tgt, 5_000)
-    engine = make_engine(src, tgt, broker, tmp_path / "stream", TABLES, name="dbz-restart")
-    runtime = local(engine)
-    with running(engine):
-        engine.start()
-        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+    with sample_streaming(src, tgt, broker, tmp_path / "stream", rows=5_000, name="dbz-restart") as engine:
+        runtime = local(engine)
         snapshotted = snapshot_rows(tgt)
         after_snapshot = engine.kafka.end_offsets(engine.plan.table_topics)
         workload = Workload(src, clients=2, rate=100).start()
@@ -881,11 +883,7 @@ def test_a_table_created_on_the_source_after_the_start_is_named_as_not_captured(
 ) -> None:
     # Given the stream started over the sample's tables and its snapshot applied
     src, tgt = fresh_dbs
-    given_sample(src, tgt, 500)
-    engine = make_engine(src, tgt, broker, tmp_path, TABLES, name="dbz-added")
-    with running(engine):
-        engine.start()
-        wait_until(lambda: engine.status().copy_done, 120, "the snapshot to be applied", engine)
+    with sample_streaming(src, tgt, broker, tmp_path, rows=500, name="dbz-added"):
         # When the application's release creates a table on both sides and writes it on the source, and the
         # next invocation's engine selects it (the file's patterns match it)
         for dsn in (src, tgt):
