@@ -43,6 +43,7 @@ FAULTS = (
     "source-crash-fence",
     "target-crash-fence",
     "target-crash-copy",
+    "source-outage-fence",
 )
 
 
@@ -58,6 +59,7 @@ class Crash:
     side: str  # source or target
     moment: str  # a phase of the timeline, or AT_THE_FENCE
     once_rows_copied: bool = False  # not a second in (which may be past a short copy): once it has committed rows
+    down_seconds: float = 3.0  # from the crash to the restart (RDS restarts a failed instance)
 
     @property
     def delay(self) -> float:
@@ -71,6 +73,8 @@ CRASHES = {
     "source-crash-fence": Crash("source", AT_THE_FENCE),
     "target-crash-fence": Crash("target", AT_THE_FENCE),
     "target-crash-copy": Crash("target", "initial copy", once_rows_copied=True),
+    # Down longer than the cutover's retries (3, 6 and 12 s apart): its catch rolls back, riding the rest out
+    "source-outage-fence": Crash("source", AT_THE_FENCE, down_seconds=25.0),
 }
 
 
@@ -100,6 +104,9 @@ FAULT_HELP = {
     "there), and start it again 3 s later: the retried cutover resumes from its records, nothing lost",
     "target-crash-copy": "crash the target once the initial copy has committed rows to it, and start it again 3 s "
     "later: the copy's task is retried and the copy completes, nothing copied twice or left out",
+    "source-outage-fence": "crash the source right after the cutover's fence is recorded and start it again only "
+    "25 s later, past the cutover task's retries: the cutover fails for good and the rollback, retried until the "
+    "source answers, lifts the fence and sends the writers back to the source, nothing lost",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",

@@ -496,7 +496,8 @@ class Rehearsal:
 
     def _crash(self, server: PostgresServer, crash: Crash, timeline: Timeline, down: threading.Event) -> None:
         """Crash faults: `crash.delay` seconds from now, the server stops as a crash would (`down` set then), and
-        starts again 3 s later (as RDS restarts a failed instance); `self.outage` says when, on the timeline."""
+        starts again `crash.down_seconds` later (as RDS restarts a failed instance); `self.outage` says when, on the
+        timeline."""
         time.sleep(crash.delay)
         crashed = timeline.now()
         server.kill()
@@ -504,7 +505,7 @@ class Rehearsal:
             raise RuntimeError(f"the {crash.side} server is still running after its immediate shutdown")
         down.set()
         timeline.note(f"fault: {crash.side} server crashed (immediate shutdown) during the {crash.moment}")
-        time.sleep(3.0)
+        time.sleep(crash.down_seconds)
         server.restart()
         self.outage = (crashed, timeline.now())
         timeline.note(f"{crash.side} server restarted")

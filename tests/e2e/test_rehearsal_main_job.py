@@ -184,6 +184,27 @@ def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tm
         assert "DatabaseUnreachable" in summary["task_errors"] and summary["rollback_kind"] is None
 
 
+def test_a_source_down_longer_than_the_cutovers_retries_is_rolled_back_once_it_answers_with_nothing_lost(
+    tmp_path: Path,
+) -> None:
+    # When the source crashes right after the cutover's fence and is down for 25 s, longer than the cutover task's
+    # retries (3, 6 and 12 s apart)
+    proc, summary = rehearse(tmp_path / "out", "--fault", "source-outage-fence", *short_bakes(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary["fault_injected"] is True
+    crashed, restarted = summary["outage"]
+    assert restarted - crashed >= 25
+    # Then every cutover attempt failed on the unreachable source, and the catch rolled back, before the cutover
+    # completed: the rollback's own retries waited for the source
+    assert summary["task_errors"].count("DatabaseUnreachable") >= 4
+    assert summary["outcome"] == "rolled_back" and summary["rollback_kind"] == "before_cutover"
+    assert "DatabaseUnreachable" in summary["cause"]
+    # And the writers, held in pgbouncer meanwhile, are back on the source with every committed write there
+    assert summary["writer_on"] == "source"
+    assert summary["rows_lost"] == 0 and summary["failed_outside_outage"] == 0
+    assert summary["updates_lost"] == 0 and summary["deletes_lost"] == 0 and summary["child_rows_lost"] == 0
+
+
 def test_ddl_on_the_new_writer_in_the_rollback_window_stops_the_migration_naming_it_and_the_mend_loses_nothing(
     tmp_path: Path,
 ) -> None:
