@@ -31,6 +31,7 @@ EXPECTED_OUTCOME = {
     "retry": "migrated",
     "source-crash": "migrated",  # a crash and restart is weathered: the replication resumes from its slot
     "target-crash": "migrated",
+    "source-crash-after": "migrated",
     "source-crash-fence": "migrated",  # the cutover's task is retried, and resumes from its records
     "target-crash-fence": "migrated",
     "target-crash-copy": "migrated",  # the copy's task is retried

@@ -40,10 +40,12 @@ FAULTS = (
     "alarm-rule",
     "source-crash",
     "target-crash",
+    "source-crash-after",
     "source-crash-fence",
     "target-crash-fence",
     "target-crash-copy",
     "source-outage-fence",
+    "target-outage-after",
 )
 
 
@@ -60,6 +62,7 @@ class Crash:
     moment: str  # a phase of the timeline, or AT_THE_FENCE
     once_rows_copied: bool = False  # not a second in (which may be past a short copy): once it has committed rows
     down_seconds: float = 3.0  # from the crash to the restart (RDS restarts a failed instance)
+    alarm: bool = False  # the composite alarm enters ALARM at the crash, as the server's own alarm would make it
 
     @property
     def delay(self) -> float:
@@ -70,11 +73,14 @@ class Crash:
 CRASHES = {
     "source-crash": Crash("source", "read shift"),
     "target-crash": Crash("target", "post-cutover bake"),
+    "source-crash-after": Crash("source", "post-cutover bake"),  # the old writer, now the reverse subscriber
     "source-crash-fence": Crash("source", AT_THE_FENCE),
     "target-crash-fence": Crash("target", AT_THE_FENCE),
     "target-crash-copy": Crash("target", "initial copy", once_rows_copied=True),
     # Down longer than the cutover's retries (3, 6 and 12 s apart): its catch rolls back, riding the rest out
     "source-outage-fence": Crash("source", AT_THE_FENCE, down_seconds=25.0),
+    # The new writer down 10 s, its alarm tripping the gate after the cutover: the rollback must wait for it
+    "target-outage-after": Crash("target", "post-cutover bake", down_seconds=10.0, alarm=True),
 }
 
 
@@ -97,6 +103,9 @@ FAULT_HELP = {
     "target-crash": "crash the target, the new writer, a second into the bake after the cutover and start it again "
     "3 s later: the reverse replication must resume from its slot on the target, the source stay whole, and the "
     "migration complete",
+    "source-crash-after": "crash the source, the old writer, a second into the bake after the cutover and start it "
+    "again 3 s later: its reverse subscription must resume from its origin, the source stay whole for a rollback, "
+    "and the migration complete",
     "source-crash-fence": "crash the source, fenced and holding the last writes, right after the cutover's fence "
     "is recorded, and start it again 3 s later: the cutover's task fails and is retried; the retry resumes the "
     "cutover where it stopped, nothing lost",
@@ -107,6 +116,10 @@ FAULT_HELP = {
     "source-outage-fence": "crash the source right after the cutover's fence is recorded and start it again only "
     "25 s later, past the cutover task's retries: the cutover fails for good and the rollback, retried until the "
     "source answers, lifts the fence and sends the writers back to the source, nothing lost",
+    "target-outage-after": "crash the target, the new writer, a second into the bake after the cutover, its alarm "
+    "entering ALARM, and start it again only 10 s later: the gate trips and the rollback, which needs the target to "
+    "bring its writes back, waits for it (its task's retries), then rolls back over the reverse replication, "
+    "nothing lost",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",

@@ -311,10 +311,13 @@ class Rehearsal:
             server = source if crash.side == "source" else target
             down = threading.Event()
 
+            def alarm() -> None:
+                set_alarm("ALARM", f"fault injected: the {crash.side} server crashed")
+
             def inject() -> None:
                 if crash.once_rows_copied:
                     self._wait_for_copied_rows(tgt)
-                self._crash(server, crash, timeline, down)
+                self._crash(server, crash, timeline, down, on_down=alarm if crash.alarm else None)
 
             threading.Thread(target=self._missed_if_raises, args=(inject, timeline), daemon=True).start()
             if until_down:
@@ -494,10 +497,18 @@ class Rehearsal:
         say(f"[{timeline.now():7.1f}s] target's {lifted}tables emptied; starting the migration anew ...")
         return execute_machine(execution_input)
 
-    def _crash(self, server: PostgresServer, crash: Crash, timeline: Timeline, down: threading.Event) -> None:
-        """Crash faults: `crash.delay` seconds from now, the server stops as a crash would (`down` set then), and
-        starts again `crash.down_seconds` later (as RDS restarts a failed instance); `self.outage` says when, on the
-        timeline."""
+    def _crash(
+        self,
+        server: PostgresServer,
+        crash: Crash,
+        timeline: Timeline,
+        down: threading.Event,
+        *,
+        on_down: Callable[[], None] | None = None,
+    ) -> None:
+        """Crash faults: `crash.delay` seconds from now, the server stops as a crash would (`down` set, then
+        `on_down` run), and starts again `crash.down_seconds` later (as RDS restarts a failed instance);
+        `self.outage` says when, on the timeline."""
         time.sleep(crash.delay)
         crashed = timeline.now()
         server.kill()
@@ -505,6 +516,8 @@ class Rehearsal:
             raise RuntimeError(f"the {crash.side} server is still running after its immediate shutdown")
         down.set()
         timeline.note(f"fault: {crash.side} server crashed (immediate shutdown) during the {crash.moment}")
+        if on_down is not None:
+            on_down()
         time.sleep(crash.down_seconds)
         server.restart()
         self.outage = (crashed, timeline.now())

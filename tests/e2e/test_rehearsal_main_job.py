@@ -157,6 +157,7 @@ def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the
     [
         "source-crash",  # during the read shift: the forward replication resumes from its slot on the source
         "target-crash",  # the new writer, after the cutover: the reverse replication resumes from its slot there
+        "source-crash-after",  # the old writer, after the cutover: its reverse subscription resumes from its origin
         "source-crash-fence",  # the old writer, fenced, inside the cutover: its task's retry resumes it
         "target-crash-fence",  # the new writer while it catches up inside the cutover's fence: the same
         "target-crash-copy",  # the target during the initial copy: the copy resumes from the same snapshot
@@ -184,22 +185,31 @@ def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tm
         assert "DatabaseUnreachable" in summary["task_errors"] and summary["rollback_kind"] is None
 
 
-def test_a_source_down_longer_than_the_cutovers_retries_is_rolled_back_once_it_answers_with_nothing_lost(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("fault", "down_seconds", "kind", "why"),
+    [
+        # the old writer, fenced, down past the cutover task's retries (3, 6 and 12 s apart): its catch rolls back
+        ("source-outage-fence", 25, "before_cutover", "DatabaseUnreachable"),
+        # the new writer down 10 s after the cutover, its alarm tripping the gate: the rollback needs its writes
+        ("target-outage-after", 10, "after_cutover", "HealthGateTripped: after cutover"),
+    ],
+)
+def test_a_server_down_for_long_is_rolled_back_once_it_answers_with_nothing_lost(
+    tmp_path: Path, fault: str, down_seconds: int, kind: str, why: str
 ) -> None:
-    # When the source crashes right after the cutover's fence and is down for 25 s, longer than the cutover task's
-    # retries (3, 6 and 12 s apart)
-    proc, summary = rehearse(tmp_path / "out", "--fault", "source-outage-fence", *short_bakes(tmp_path))
+    # When a server crashes and stays down long enough to end the migration
+    proc, summary = rehearse(tmp_path / "out", "--fault", fault, *short_bakes(tmp_path, post_cutover=False))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary["fault_injected"] is True
     crashed, restarted = summary["outage"]
-    assert restarted - crashed >= 25
-    # Then every cutover attempt failed on the unreachable source, and the catch rolled back, before the cutover
-    # completed: the rollback's own retries waited for the source
-    assert summary["task_errors"].count("DatabaseUnreachable") >= 4
-    assert summary["outcome"] == "rolled_back" and summary["rollback_kind"] == "before_cutover"
-    assert "DatabaseUnreachable" in summary["cause"]
-    # And the writers, held in pgbouncer meanwhile, are back on the source with every committed write there
+    assert restarted - crashed >= down_seconds
+    # Then it rolled back, its tasks failing on the unreachable server until it answered (the rollback's own
+    # retries waited for it rather than give up or roll back without its writes)
+    assert summary["outcome"] == "rolled_back" and summary["rollback_kind"] == kind
+    assert why in summary["cause"]
+    assert "DatabaseUnreachable" in summary["task_errors"]
+    # And the writers are back on the source with every write committed on either side there; none failed but
+    # while the server was down
     assert summary["writer_on"] == "source"
     assert summary["rows_lost"] == 0 and summary["failed_outside_outage"] == 0
     assert summary["updates_lost"] == 0 and summary["deletes_lost"] == 0 and summary["child_rows_lost"] == 0

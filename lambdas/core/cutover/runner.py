@@ -880,11 +880,14 @@ class CutoverRunner:
     def _rollback_without_target(self, reason: DatabaseUnreachable) -> OperationResult:
         writer = self.router.state().writer
         if writer is Side.TARGET:
-            raise RollbackError(
+            # Retried by the task (DatabaseUnreachable): the target that tripped the alarm by crashing is often back
+            # within a minute, and only with it can the rollback bring its writes over
+            raise DatabaseUnreachable(
                 f"the writer points at the target, which cannot be reached ({reason}). Rolling back now would lose "
-                "the writes made on the target that the back replication has not applied to the source yet: "
-                "restore access to the target and run the rollback again"
-            )
+                "the writes made on the target that the back replication has not applied to the source yet, so "
+                "nothing was changed: the rollback waits for the target (its task's retries), and if it stays "
+                "unreachable, restore access to it and run the rollback again"
+            ) from reason
         source = self._open(Side.SOURCE)
         try:
             lifted = lift_fence(source)
