@@ -186,6 +186,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             f"{(rule.get('started') or 'nothing').rsplit(':', 1)[-1]}"
             + (f"; {rule['skipped']}" if rule.get("skipped") else "")
         )
+        if summary["alarm_rule"].get("late_read_shift"):
+            say(f"late read shift step   {summary['alarm_rule']['late_read_shift'][:200]}")
+            say(f"reads on the target    {summary.get('reads_on_target_percent')}% at the end")
     for name, seconds in summary["phase_seconds"].items():
         say(f"  {name:<20} {seconds:8.2f} s")
     say(f"rows copied            {summary['rows_copied']}")
@@ -318,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Fault new-table: the table created after the start was added, and the final compare covered it
     added = args.fault != "new-table" or bool(summary.get("tables_added"))
+    # Fault alarm-rule-reads: the stopped execution's late step was refused, and every read is on the source
+    late_refused = args.fault != "alarm-rule-reads" or (
+        str((summary.get("alarm_rule") or {}).get("late_read_shift")).startswith("ReadShiftRefused")
+        and summary.get("reads_on_target_percent") == 0
+    )
     # Fault retry: the abandon succeeded and left nothing of either replication before the second start
     abandoned = args.fault != "retry" or _abandoned_cleanly(summary)
     passed = (
@@ -325,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         and (summary["fault_injected"] or not args.fault)  # a fault that missed its moment proves nothing
         and mended
         and added
+        and late_refused
         and abandoned
         and summary["rows_lost"] == 0
         and summary["failed_outside_outage"] == 0  # every failure, but while a crash fault had its server down

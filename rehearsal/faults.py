@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ FAULTS = (
     "new-table",
     "retry",
     "alarm-rule",
+    "alarm-rule-reads",
     "source-crash",
     "target-crash",
     "source-crash-after",
@@ -97,6 +99,9 @@ FAULT_HELP = {
     "alarm-rule": "set the composite alarm to ALARM while the cutover runs (right after its fence), and deliver "
     "the alarm's state change to the alarm rule's Rollback function, as EventBridge does: it stops the execution "
     "and starts the rollback one, which waits for the cutover still running in its Lambda, then rolls it back",
+    "alarm-rule-reads": "the same as alarm-rule, at the read shift's second step, before it moves reads: that step "
+    "of the stopped execution goes on once the rollback has started, and must be refused, reads staying on the "
+    "source",
     "source-crash": "crash the source (immediate shutdown) a second into the read shift and start it again 3 s "
     "later, its commits durable (synchronous_commit on): the application's transactions fail meanwhile; the "
     "replication must resume with nothing lost or applied twice, and the migration complete",
@@ -210,6 +215,41 @@ def fail_the_cutover() -> None:
     raise RuntimeError("fault injected: cutover failed right after the fence")
 
 
+def at_a_read_shift_step(
+    handler: Callable[[dict[str, Any], Any], Any], percent: int, injected: list[str], rule: AlarmRule, tgt: str
+) -> Callable[[dict[str, Any], Any], Any]:
+    """The read shift handler; once, at the step to `percent`, before it moves reads, the alarm rule fires (it stops
+    the execution and starts the rollback one), and the step goes on once the rollback has started (fault
+    'alarm-rule-reads'). On AWS the stop does not end a running Lambda: this late step must be refused, or reads
+    would stay partly on the target after the rollback put them back. `rule.late_read_shift` says what it did."""
+    from lambdas.core.cutover import store
+
+    def rollback_started(migration: str) -> bool:
+        with contextlib.closing(connect(tgt)) as conn:
+            return store.last_rollback(conn, migration) is not None
+
+    def wrapped(event: dict[str, Any], context: Any) -> Any:
+        if event.get("percent") != percent or injected:
+            return handler(event, context)
+        injected.append("alarm-rule-reads")
+        rule.fire("the read shift")
+        rule.join()
+        deadline = time.monotonic() + 60
+        while not rollback_started(rule.migration.name):
+            if time.monotonic() > deadline:
+                raise RuntimeError("fault alarm-rule-reads: the rollback execution did not start within 60 s")
+            time.sleep(0.05)
+        try:
+            result = handler(event, context)
+        except Exception as exc:
+            rule.late_read_shift = f"{type(exc).__name__}: {exc}"
+            raise
+        rule.late_read_shift = f"moved reads to {percent}%"  # what this fault exists to catch
+        return result
+
+    return wrapped
+
+
 class AlarmRule:
     """What EventBridge does when the composite alarm enters ALARM: the alarm rule's Rollback function gets
     the state change event, stops the running execution and starts the rollback one (fault 'alarm-rule')."""
@@ -219,20 +259,21 @@ class AlarmRule:
         self.machine: LocalStateMachine | None = None  # set once made: its ARN is the function's environment
         self.thread: threading.Thread | None = None
         self.result: dict[str, Any] | None = None
+        self.late_read_shift: str | None = None  # fault alarm-rule-reads: what the stopped execution's step did
 
-    def fire(self) -> None:
+    def fire(self, moment: str = "the cutover") -> None:
         """Beside the caller (a Lambda still running, which the stop does not end), as on AWS."""
-        self.thread = threading.Thread(target=self._deliver, daemon=True)
+        self.thread = threading.Thread(target=self._deliver, args=(moment,), daemon=True)
         self.thread.start()
 
-    def _deliver(self) -> None:
+    def _deliver(self, moment: str) -> None:
         from lambdas.handlers import rollback as rollback_handler
 
-        reason = "fault injected: the application's alarm fired during the cutover"
+        reason = f"fault injected: the application's alarm fired during {moment}"
         boto3.client("cloudwatch", region_name=REGION).set_alarm_state(
             AlarmName=self.alarm, StateValue="ALARM", StateReason=reason
         )
-        self.timeline.note("fault: composite alarm set to ALARM during the cutover; the alarm rule runs")
+        self.timeline.note(f"fault: composite alarm set to ALARM during {moment}; the alarm rule runs")
         event = {
             "id": str(uuid.uuid4()),
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -50,6 +50,7 @@ from rehearsal.faults import (
     REVERSE_FAULT_LASTING_SECONDS,
     AlarmRule,
     Crash,
+    at_a_read_shift_step,
     at_the_cutovers_fence,
     creating_a_table_after_the_start,
     fail_the_cutover,
@@ -378,6 +379,10 @@ class Rehearsal:
             handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
                 handlers["CutoverFunctionArn"], "alarm-rule", injected, alarm_rule.fire
             )
+        if self.fault == "alarm-rule-reads":
+            handlers["ReadShiftFunctionArn"] = at_a_read_shift_step(
+                handlers["ReadShiftFunctionArn"], migration.read_shift.steps[1], injected, alarm_rule, tgt
+            )
         if crash is not None and crash.moment == AT_THE_FENCE:
             fence_crash = crash
             handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
@@ -429,6 +434,7 @@ class Rehearsal:
                 self.alarm_rule = {
                     "stopped": {"status": result.status, "error": result.error, "cause": (result.cause or "")[:500]},
                     "rule": alarm_rule.result,
+                    "late_read_shift": alarm_rule.late_read_shift,
                 }
                 result = result.last
             if self.fault == "retry" and _rolled_back(result):
@@ -667,6 +673,7 @@ class Rehearsal:
                 if v["refreshed"]
             ],
             "writer_on": writer.value if writer is not None else None,
+            "reads_on_target_percent": router.state().read_weight,
             "final_rows_compared": rows_compared,
             "final_rows_by_table": rows_by_table,
             "final_differences": differences,

@@ -152,6 +152,26 @@ def test_an_alarm_during_the_cutover_rolls_back_through_the_alarm_rule_after_the
     assert "alarm rule             stopped the execution (ABORTED) and started rollback-" in proc.stderr
 
 
+def test_an_alarm_during_the_read_shift_rolls_back_and_the_stopped_executions_late_step_is_refused(
+    tmp_path: Path,
+) -> None:
+    # When the alarm rule stops the execution at the read shift's second step, before that step moves reads, and
+    # the step goes on once the rollback has started (on AWS a stop does not end a running Lambda)
+    proc, summary = rehearse(tmp_path / "out", "--fault", "alarm-rule-reads", *short_bakes(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary["fault_injected"] is True
+    rule = summary["alarm_rule"]
+    assert rule["rule"]["stopped"] and rule["rule"]["started"].rsplit(":", 1)[-1].startswith("rollback-")
+    # Then the late step was refused, and every read is where the rollback put it, on the source
+    assert rule["late_read_shift"].startswith("ReadShiftRefused: a rollback of 'shop-orders' started at")
+    assert summary["reads_on_target_percent"] == 0
+    # And the rollback execution rolled back before any cutover, nothing lost
+    assert summary["outcome"] == "rolled_back" and summary["rollback_kind"] == "before_cutover"
+    assert "RollbackRequested" in summary["cause"]
+    assert summary["writer_on"] == "source"
+    assert summary["rows_lost"] == 0 and summary["failed_transactions"] == 0
+
+
 @pytest.mark.parametrize(
     "fault",
     [
