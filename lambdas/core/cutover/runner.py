@@ -898,7 +898,9 @@ class CutoverRunner:
         self.router.release()
         self.router.set_read_weight(0)
         notes = [
-            f"the target could not be reached ({reason}); the writer never left the source",
+            # Either it never left, or a rollback after the cutover had moved it back (past its catch-up) when the
+            # target went: the target's records, which would tell, are out of reach
+            f"the target could not be reached ({reason}); the writer points at the source",
             "forward replication was not stopped: its subscription lives on the target",
         ]
         if dropped:
