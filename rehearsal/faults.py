@@ -48,11 +48,15 @@ FAULTS = (
     "target-crash-copy",
     "source-outage-fence",
     "target-outage-after",
+    "source-crash-rollback",
+    "target-crash-rollback",
 )
 
 
 # Crash faults' moment inside the cutover: right after its fence is recorded, the writes held
 AT_THE_FENCE = "cutover's fence"
+# ... and inside the rollback after the cutover (the gate trips in the bake after it), right after its fence
+AT_THE_ROLLBACKS_FENCE = "rollback's fence"
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class Crash:
     and how far into it."""
 
     side: str  # source or target
-    moment: str  # a phase of the timeline, or AT_THE_FENCE
+    moment: str  # a phase of the timeline, AT_THE_FENCE or AT_THE_ROLLBACKS_FENCE
     once_rows_copied: bool = False  # not a second in (which may be past a short copy): once it has committed rows
     down_seconds: float = 3.0  # from the crash to the restart (RDS restarts a failed instance)
     alarm: bool = False  # the composite alarm enters ALARM at the crash, as the server's own alarm would make it
@@ -69,7 +73,7 @@ class Crash:
     @property
     def delay(self) -> float:
         """Seconds from the moment to the crash: a second into a phase, at once at the fence or on copied rows."""
-        return 0.0 if self.moment == AT_THE_FENCE or self.once_rows_copied else 1.0
+        return 0.0 if self.moment in (AT_THE_FENCE, AT_THE_ROLLBACKS_FENCE) or self.once_rows_copied else 1.0
 
 
 CRASHES = {
@@ -83,6 +87,9 @@ CRASHES = {
     "source-outage-fence": Crash("source", AT_THE_FENCE, down_seconds=25.0),
     # The new writer down 10 s, its alarm tripping the gate after the cutover: the rollback must wait for it
     "target-outage-after": Crash("target", "post-cutover bake", down_seconds=10.0, alarm=True),
+    # The old writer, as it catches up on the new one's writes inside the rollback's fence
+    "source-crash-rollback": Crash("source", AT_THE_ROLLBACKS_FENCE),
+    "target-crash-rollback": Crash("target", AT_THE_ROLLBACKS_FENCE),  # the new writer, fenced by the rollback
 }
 
 
@@ -125,6 +132,11 @@ FAULT_HELP = {
     "entering ALARM, and start it again only 10 s later: the gate trips and the rollback, which needs the target to "
     "bring its writes back, waits for it (its task's retries), then rolls back over the reverse replication, "
     "nothing lost",
+    "source-crash-rollback": "trip the health gate in the bake after the cutover, and crash the source right after "
+    "the rollback's fence is recorded (the source catching up on the target's writes), starting it again 3 s "
+    "later: the rollback's task is retried and resumes from its records, every write of the target on the source",
+    "target-crash-rollback": "the same, crashing the target, fenced by the rollback and holding the writes the "
+    "source catches up on",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",
@@ -179,10 +191,16 @@ def creating_a_table_after_the_start(
 
 
 def at_the_cutovers_fence(
-    handler: Callable[[dict[str, Any], Any], Any], fault: str, injected: list[str], act: Callable[[], None]
+    handler: Callable[[dict[str, Any], Any], Any],
+    fault: str,
+    injected: list[str],
+    act: Callable[[], None],
+    *,
+    action: str = "run",
 ) -> Callable[[dict[str, Any], Any], Any]:
-    """The cutover handler; once, right after its fence is recorded, `act` runs in it (faults 'cutover': it
-    raises; 'alarm-rule': it starts the alarm rule's rollback beside the cutover, which goes on)."""
+    """The cutover handler; once, right after the fence of its `action` (run: the cutover; rollback) is recorded,
+    `act` runs in it (faults 'cutover': it raises; 'alarm-rule': it starts the alarm rule's rollback beside the
+    cutover, which goes on)."""
     from lambdas.core.cutover import Hooks
     from lambdas.core.cutover.steps import Step
     from lambdas.handlers import cutover as cutover_handler
@@ -193,7 +211,7 @@ def at_the_cutovers_fence(
             act()
 
     def wrapped(event: dict[str, Any], context: Any) -> Any:
-        if event.get("action") != "run" or injected:
+        if event.get("action") != action or injected:
             return handler(event, context)
         original = cutover_handler.build_runner
 

@@ -45,6 +45,7 @@ from rehearsal.changestream import LocalChangeStream, LocalStreamSettings
 from rehearsal.compare import compare_databases
 from rehearsal.faults import (
     AT_THE_FENCE,
+    AT_THE_ROLLBACKS_FENCE,
     CRASHES,
     NEW_TABLE,
     REVERSE_FAULT_LASTING_SECONDS,
@@ -346,8 +347,13 @@ class Rehearsal:
                 injected.append("gate")
                 set_alarm("ALARM", "fault injected: health gate tripped during the read shift")
                 timeline.note("fault: composite alarm set to ALARM during the read shift")
-            if self.fault == "retry" and details.get("name") == "PostCutoverBake" and not injected:
-                injected.append("retry")
+            if (
+                details.get("name") == "PostCutoverBake"
+                and not injected
+                and (self.fault == "retry" or (crash is not None and crash.moment == AT_THE_ROLLBACKS_FENCE))
+            ):
+                if self.fault == "retry":
+                    injected.append("retry")  # the crash faults' count once their crash is in
                 set_alarm("ALARM", "fault injected: health gate tripped after the cutover")
                 timeline.note("fault: composite alarm set to ALARM after the cutover")
             if self.fault == "reverse-ddl" and details.get("name") == "OpenRollbackWindow" and not injected:
@@ -383,13 +389,14 @@ class Rehearsal:
             handlers["ReadShiftFunctionArn"] = at_a_read_shift_step(
                 handlers["ReadShiftFunctionArn"], migration.read_shift.steps[1], injected, alarm_rule, tgt
             )
-        if crash is not None and crash.moment == AT_THE_FENCE:
+        if crash is not None and crash.moment in (AT_THE_FENCE, AT_THE_ROLLBACKS_FENCE):
             fence_crash = crash
             handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
                 handlers["CutoverFunctionArn"],
                 str(self.fault),
                 injected,
                 lambda: crash_soon(fence_crash, until_down=True),
+                action="run" if crash.moment == AT_THE_FENCE else "rollback",
             )
         if self.fault == "new-table":
             handlers["ReplicationFunctionArn"] = creating_a_table_after_the_start(

@@ -212,12 +212,15 @@ def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tm
         ("source-outage-fence", 25, "before_cutover", "DatabaseUnreachable"),
         # the new writer down 10 s after the cutover, its alarm tripping the gate: the rollback needs its writes
         ("target-outage-after", 10, "after_cutover", "HealthGateTripped: after cutover"),
+        # the old writer inside the rollback after the cutover (the gate tripped), catching up on the target's
+        # writes: the rollback's task is retried and resumes from its records
+        ("source-crash-rollback", 3, "after_cutover", "HealthGateTripped: after cutover"),
     ],
 )
-def test_a_server_down_for_long_is_rolled_back_once_it_answers_with_nothing_lost(
+def test_a_server_crash_that_ends_in_a_rollback_or_during_one_loses_nothing(
     tmp_path: Path, fault: str, down_seconds: int, kind: str, why: str
 ) -> None:
-    # When a server crashes and stays down long enough to end the migration
+    # When a server crashes so that the migration rolls back (down long enough), or while it rolls back
     proc, summary = rehearse(tmp_path / "out", "--fault", fault, *short_bakes(tmp_path, post_cutover=False))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary["fault_injected"] is True
