@@ -1,6 +1,6 @@
 """`python -m rehearsal`: rehearse a whole migration locally (see rehearsal/run.py), then report.
 
-    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault gate|kill-target|cutover|ddl|reverse-ddl|new-table|retry|alarm-rule|source-crash|target-crash]
+    python -m rehearsal --rows 1000000 --out out/rehearsal [--fault F]   (--help names every fault)
 
 Writes OUT/summary.json and OUT/report.html (open it in a browser; it needs no network).
 """
