@@ -61,8 +61,8 @@ AT_THE_ROLLBACKS_FENCE = "rollback's fence"
 
 @dataclass(frozen=True)
 class Crash:
-    """A fault that crashes a server and starts it again: which server, in which phase (or AT_THE_FENCE),
-    and how far into it."""
+    """A fault that crashes a server and starts it again: which server, in which phase (or at the cutover's or
+    the rollback's fence), how far into it, and for how long."""
 
     side: str  # source or target
     moment: str  # a phase of the timeline, AT_THE_FENCE or AT_THE_ROLLBACKS_FENCE

@@ -614,7 +614,8 @@ class Rehearsal:
             if result.error == "ReverseReplicationBroken"
             else ("rolled_back" if result.error != "RollbackFailed" and _rolled_back(result) else "failed")
         )
-        writer = router.state().writer
+        routed = router.state()  # where the writer and the reads are at the end
+        writer = routed.writer
         writer_dsn = tgt if writer is Side.TARGET else src
         lost = missing_orders(writer_dsn, stats.order_ids)
         behind = sequences_behind(writer_dsn, migration_tables())
@@ -680,7 +681,7 @@ class Rehearsal:
                 if v["refreshed"]
             ],
             "writer_on": writer.value if writer is not None else None,
-            "reads_on_target_percent": router.state().read_weight,
+            "reads_on_target_percent": routed.read_weight,
             "final_rows_compared": rows_compared,
             "final_rows_by_table": rows_by_table,
             "final_differences": differences,

@@ -94,6 +94,30 @@ def test_a_fault_that_missed_its_moment_fails_the_rehearsal_and_says_why(
     assert _run_main(monkeypatch, tmp_path / "hit", _summary(**fault, fault_injected=True, fault_missed=None)) == 0
 
 
+def test_a_late_read_shift_step_that_moved_reads_fails_the_alarm_rule_reads_rehearsal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given an alarm-rule-reads run that rolled back, clean otherwise
+    rolled_back = {"fault": "alarm-rule-reads", "fault_injected": True, "outcome": "rolled_back"}
+    rule = {"stopped": {"status": "FAILED"}, "rule": {"started": "arn:x:rollback-1"}}
+    refused = {**rule, "late_read_shift": "ReadShiftRefused: a rollback of 'shop' started at ..."}
+    moved = {**rule, "late_read_shift": "moved reads to 50%"}
+    # Then a refused late step with every read on the source passes
+    assert (
+        _run_main(monkeypatch, tmp_path / "a", _summary(**rolled_back, alarm_rule=refused, reads_on_target_percent=0))
+        == 0
+    )
+    # And a late step that moved reads, or reads left on the target, fails it
+    assert (
+        _run_main(monkeypatch, tmp_path / "b", _summary(**rolled_back, alarm_rule=moved, reads_on_target_percent=50))
+        == 1
+    )
+    assert (
+        _run_main(monkeypatch, tmp_path / "c", _summary(**rolled_back, alarm_rule=refused, reads_on_target_percent=10))
+        == 1
+    )
+
+
 def test_report_shows_the_final_row_compare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _run_main(monkeypatch, tmp_path, _summary(final_differences=3))
     page = (tmp_path / "report.html").read_text()
