@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lambdas.core.config import MigrationFileError
-from rehearsal.faults import FAULT_HELP, FAULTS
+from rehearsal.faults import CRASHES, FAULT_HELP, FAULTS, IN_A_CHUNK
 from rehearsal.report import Chart, PhaseSpan, Series, render_report
 from rehearsal.run import ENGINES, Rehearsal
 from rehearsal.servers import ServerError
@@ -35,6 +35,8 @@ EXPECTED_OUTCOME = {
     "source-crash-fence": "migrated",  # the cutover's task is retried, and resumes from its records
     "target-crash-fence": "migrated",
     "target-crash-copy": "migrated",  # the copy's task is retried
+    "source-crash-validate": "migrated",  # the chunk's task is retried, comparing the chunk anew
+    "target-crash-validate": "migrated",
 }
 # Any other fault (alarm-rule included: its rollback execution, after the one the rule stopped) must roll back
 
@@ -259,7 +261,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         say(
             f"  {function:<20} {use['invocations']:4d} run(s), longest {use['longest_seconds']:7.1f} s"
             f" of {use['timeout_seconds']:.0f} s, largest result {use['largest_result_bytes']:,} of"
-            f" {use['result_limit_bytes']:,} bytes"
+            f" {use['result_limit_bytes']:,} bytes{_failures(use.get('errors') or {})}"
         )
     for broken in summary.get("lambda_limits_broken", []):
         say(f"LAMBDA LIMIT BROKEN    {broken} (AWS would have failed this step)")
@@ -281,6 +283,14 @@ def _handler_logs_to(stream: TextIO) -> Iterator[None]:
         yield
     finally:
         handler.setStream(previous)
+
+
+def _failures(errors: dict[str, int]) -> str:
+    """`; failed 3 times (OperationalError 2, DatabaseUnreachable 1)`, or nothing."""
+    if not errors:
+        return ""
+    listed = ", ".join(f"{error} {count}" for error, count in errors.items())
+    return f"; failed {sum(errors.values())} time(s) ({listed})"
 
 
 def _abandoned_cleanly(summary: dict[str, Any]) -> bool:
@@ -326,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         str((summary.get("alarm_rule") or {}).get("late_read_shift")).startswith("ReadShiftRefused")
         and summary.get("reads_on_target_percent") == 0
     )
+    # Faults crashing a server inside a validation chunk: a chunk's task failed (the crash reached it mid-chunk)
+    # and was retried; the validation it then passed is the outcome's
+    crash = CRASHES.get(args.fault or "")
+    chunk_errors = ((summary.get("lambda_invocations") or {}).get("ValidateChunk") or {}).get("errors")
+    chunk_failed = crash is None or crash.moment != IN_A_CHUNK or bool(chunk_errors)
     # Fault retry: the abandon succeeded and left nothing of either replication before the second start
     abandoned = args.fault != "retry" or _abandoned_cleanly(summary)
     passed = (
@@ -334,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         and mended
         and added
         and late_refused
+        and chunk_failed
         and abandoned
         and summary["rows_lost"] == 0
         and summary["failed_outside_outage"] == 0  # every failure, but while a crash fault had its server down

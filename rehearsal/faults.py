@@ -50,6 +50,8 @@ FAULTS = (
     "target-outage-after",
     "source-crash-rollback",
     "target-crash-rollback",
+    "source-crash-validate",
+    "target-crash-validate",
 )
 
 
@@ -57,6 +59,10 @@ FAULTS = (
 AT_THE_FENCE = "cutover's fence"
 # ... and inside the rollback after the cutover (the gate trips in the bake after it), right after its fence
 AT_THE_ROLLBACKS_FENCE = "rollback's fence"
+# ... and inside a validation chunk's task: its first key range compared, the rest to come
+IN_A_CHUNK = "validation chunk"
+# ... which the rehearsal cuts into slices of this many rows, so that a chunk has a rest after its first slice
+IN_A_CHUNK_SLICE_ROWS = 1_000
 
 
 @dataclass(frozen=True)
@@ -65,15 +71,18 @@ class Crash:
     the rollback's fence), how far into it, and for how long."""
 
     side: str  # source or target
-    moment: str  # a phase of the timeline, AT_THE_FENCE or AT_THE_ROLLBACKS_FENCE
+    moment: str  # a phase of the timeline, AT_THE_FENCE, AT_THE_ROLLBACKS_FENCE or IN_A_CHUNK
     once_rows_copied: bool = False  # not a second in (which may be past a short copy): once it has committed rows
     down_seconds: float = 3.0  # from the crash to the restart (RDS restarts a failed instance)
     alarm: bool = False  # the composite alarm enters ALARM at the crash, as the server's own alarm would make it
 
     @property
     def delay(self) -> float:
-        """Seconds from the moment to the crash: a second into a phase, at once at the fence or on copied rows."""
-        return 0.0 if self.moment in (AT_THE_FENCE, AT_THE_ROLLBACKS_FENCE) or self.once_rows_copied else 1.0
+        """Seconds from the moment to the crash: a second into a phase, at once at a fence, in a chunk or on copied
+        rows."""
+        return (
+            0.0 if self.moment in (AT_THE_FENCE, AT_THE_ROLLBACKS_FENCE, IN_A_CHUNK) or self.once_rows_copied else 1.0
+        )
 
 
 CRASHES = {
@@ -90,6 +99,9 @@ CRASHES = {
     # The old writer, as it catches up on the new one's writes inside the rollback's fence
     "source-crash-rollback": Crash("source", AT_THE_ROLLBACKS_FENCE),
     "target-crash-rollback": Crash("target", AT_THE_ROLLBACKS_FENCE),  # the new writer, fenced by the rollback
+    # Mid-chunk, replication running: the chunk's task fails and its retry compares the chunk anew
+    "source-crash-validate": Crash("source", IN_A_CHUNK),
+    "target-crash-validate": Crash("target", IN_A_CHUNK),
 }
 
 
@@ -137,6 +149,12 @@ FAULT_HELP = {
     "later: the rollback's task is retried and resumes from its records, every write of the target on the source",
     "target-crash-rollback": "the same, crashing the target, fenced by the rollback and holding the writes the "
     "source catches up on",
+    "source-crash-validate": "crash the source inside a validation chunk's task (its first key range compared, "
+    f"the chunks cut into slices of {IN_A_CHUNK_SLICE_ROWS:,} rows so that more are to come) and start it again 3 s "
+    "later: the chunk's task fails and is retried, comparing the chunk anew; the validation finds no difference and "
+    "the migration completes",
+    "target-crash-validate": "the same, crashing the target, which is applying the source's changes as the chunks "
+    "compare",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",
@@ -225,6 +243,45 @@ def at_the_cutovers_fence(
             return handler(event, context)
         finally:
             cutover_handler.build_runner = original
+
+    return wrapped
+
+
+def in_a_validation_chunk(
+    handler: Callable[[dict[str, Any], Any], Any], fault: str, injected: list[str], act: Callable[[], None]
+) -> Callable[[dict[str, Any], Any], Any]:
+    """The validation chunk handler; once, in the first chunk to have compared a piece of its key range with more
+    of it to come, `act` runs in it (the crash faults: it returns once the server is down)."""
+    from lambdas.core.validation import compare_chunk as original
+    from lambdas.handlers import validate_chunk as chunk_handler
+
+    handler_globals = vars(chunk_handler)  # the name the handler calls, imported into its module
+    lock = threading.Lock()  # chunks run side by side (the Map's concurrency)
+
+    def compare_with_fault(pair: Any, chunk: Any, **kwargs: Any) -> Any:
+        on_step = kwargs.pop("on_step", None)
+
+        def step(seen: Any) -> None:
+            if on_step is not None:
+                on_step(seen)
+            if seen.step != "key ranges" or not 0 < seen.done < (seen.total or 0):
+                return
+            with lock:
+                if injected:
+                    return
+                injected.append(fault)
+            act()
+
+        return original(pair, chunk, on_step=step, **kwargs)
+
+    def wrapped(event: dict[str, Any], context: Any) -> Any:
+        if injected:
+            return handler(event, context)
+        handler_globals["compare_chunk"] = compare_with_fault
+        try:
+            return handler(event, context)
+        finally:
+            handler_globals["compare_chunk"] = original
 
     return wrapped
 

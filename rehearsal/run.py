@@ -47,6 +47,8 @@ from rehearsal.faults import (
     AT_THE_FENCE,
     AT_THE_ROLLBACKS_FENCE,
     CRASHES,
+    IN_A_CHUNK,
+    IN_A_CHUNK_SLICE_ROWS,
     NEW_TABLE,
     REVERSE_FAULT_LASTING_SECONDS,
     AlarmRule,
@@ -56,6 +58,7 @@ from rehearsal.faults import (
     creating_a_table_after_the_start,
     fail_the_cutover,
     failed_outside,
+    in_a_validation_chunk,
 )
 from rehearsal.losses import (
     caught_up_position,
@@ -175,13 +178,15 @@ def handler_timeouts() -> dict[str, float]:
 
 
 def invocation_summary(invocations: Sequence[Invocation]) -> dict[str, dict[str, Any]]:
-    """Per function: how often it ran, its longest run and largest result, against its limits."""
+    """Per function: how often it ran and failed (by error), its longest run and largest result, against its
+    limits."""
     by_function: dict[str, dict[str, Any]] = {}
     for i in invocations:
         entry = by_function.setdefault(
             i.function,
             {
                 "invocations": 0,
+                "errors": {},
                 "longest_seconds": 0.0,
                 "timeout_seconds": i.timeout_seconds,
                 "largest_result_bytes": 0,
@@ -189,6 +194,8 @@ def invocation_summary(invocations: Sequence[Invocation]) -> dict[str, dict[str,
             },
         )
         entry["invocations"] += 1
+        if i.error is not None:
+            entry["errors"][i.error] = entry["errors"].get(i.error, 0) + 1
         entry["longest_seconds"] = round(max(entry["longest_seconds"], i.seconds), 3)
         entry["largest_result_bytes"] = max(entry["largest_result_bytes"], i.result_bytes)
     return dict(sorted(by_function.items()))
@@ -398,6 +405,14 @@ class Rehearsal:
                 lambda: crash_soon(fence_crash, until_down=True),
                 action="run" if crash.moment == AT_THE_FENCE else "rollback",
             )
+        if crash is not None and crash.moment == IN_A_CHUNK:
+            chunk_crash = crash
+            handlers["ValidateChunkFunctionArn"] = in_a_validation_chunk(
+                handlers["ValidateChunkFunctionArn"],
+                str(self.fault),
+                injected,
+                lambda: crash_soon(chunk_crash, until_down=True),
+            )
         if self.fault == "new-table":
             handlers["ReplicationFunctionArn"] = creating_a_table_after_the_start(
                 handlers["ReplicationFunctionArn"], src, tgt, injected, timeline
@@ -408,6 +423,8 @@ class Rehearsal:
         settings_data = local_settings(migration)
         if self.fault == "reverse-ddl":
             settings_data["lag"]["problems_max_seconds"] = REVERSE_FAULT_LASTING_SECONDS
+        if crash is not None and crash.moment == IN_A_CHUNK:
+            settings_data["validation"]["slice_rows"] = IN_A_CHUNK_SLICE_ROWS
         machine = LocalStateMachine(
             DEFINITION,
             handlers,

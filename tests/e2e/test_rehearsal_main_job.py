@@ -181,6 +181,7 @@ def test_an_alarm_during_the_read_shift_rolls_back_and_the_stopped_executions_la
         "source-crash-fence",  # the old writer, fenced, inside the cutover: its task's retry resumes it
         "target-crash-fence",  # the new writer while it catches up inside the cutover's fence: the same
         "target-crash-copy",  # the target during the initial copy: the copy resumes from the same snapshot
+        "target-crash-validate",  # the target inside a validation chunk, applying changes: the chunk is retried
     ],
 )
 def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tmp_path: Path, fault: str) -> None:
@@ -203,6 +204,10 @@ def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tm
     if fault.endswith("-fence"):
         # And inside the cutover the crash failed its task, whose retry resumed it rather than rolling it back
         assert "DatabaseUnreachable" in summary["task_errors"] and summary["rollback_kind"] is None
+    if fault.endswith("-validate"):
+        # And inside a chunk the crash failed its task, whose retry compared the chunk anew and found no difference
+        assert summary["lambda_invocations"]["ValidateChunk"]["errors"]
+        assert summary["rows_validated"] >= 20_000 and summary["persistent_differences"] == 0
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,14 @@ import pytest
 import rehearsal.__main__ as main_mod
 from rehearsal.timeline import Timeline
 
+# One function's use in a summary's lambda_invocations, within its limits
+_LAMBDA_USE = {
+    "longest_seconds": 0.2,
+    "timeout_seconds": 900.0,
+    "largest_result_bytes": 77,
+    "result_limit_bytes": 262144,
+}
+
 
 def _summary(**over: Any) -> dict[str, Any]:
     s: dict[str, Any] = {
@@ -172,3 +180,34 @@ def test_handler_logs_go_to_the_log_file_not_the_terminal(
     assert "health gate" not in capsys.readouterr().out
     logger.info("after the rehearsal")
     assert "after the rehearsal" not in (tmp_path / "handlers.log").read_text()
+
+
+def test_a_crash_inside_a_validation_chunk_must_have_failed_a_chunks_task(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given target-crash-validate runs that migrated cleanly, the server down for a while
+    migrated = {"fault": "target-crash-validate", "fault_injected": True, "outage": [4.5, 7.8]}
+
+    def chunk_runs(errors: dict[str, int]) -> dict[str, Any]:
+        return {"ValidateChunk": {**_LAMBDA_USE, "invocations": 14, "errors": errors}}
+
+    # Then one in which a chunk's task failed on the crash and was retried passes
+    failed_once = chunk_runs({"OperationalError": 3, "DatabaseUnreachable": 5})
+    assert _run_main(monkeypatch, tmp_path / "a", _summary(**migrated, lambda_invocations=failed_once)) == 0
+    # And one in which no chunk's task failed fails it: the crash missed the chunks it names
+    assert _run_main(monkeypatch, tmp_path / "b", _summary(**migrated, lambda_invocations=chunk_runs({}))) == 1
+
+
+def test_the_terminal_says_how_often_a_function_failed_and_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a run in which a chunk's task failed three times, and the cutover's never
+    uses = {
+        "ValidateChunk": {**_LAMBDA_USE, "invocations": 9, "errors": {"OperationalError": 2, "DatabaseUnreachable": 1}},
+        "Cutover": {**_LAMBDA_USE, "invocations": 1, "errors": {}},
+    }
+    _run_main(monkeypatch, tmp_path, _summary(lambda_invocations=uses))
+    lines = {line.split()[0]: line for line in capsys.readouterr().err.splitlines() if line.startswith("  ")}
+    # Then its line names the failures by error, and the other line none
+    assert lines["ValidateChunk"].endswith("; failed 3 time(s) (OperationalError 2, DatabaseUnreachable 1)")
+    assert "failed" not in lines["Cutover"]
