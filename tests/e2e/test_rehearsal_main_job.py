@@ -173,25 +173,38 @@ def test_an_alarm_during_the_read_shift_rolls_back_and_the_stopped_executions_la
 
 
 @pytest.mark.parametrize(
-    "fault",
+    ("fault", "engine"),
     [
-        "source-crash",  # during the read shift: the forward replication resumes from its slot on the source
-        "target-crash",  # the new writer, after the cutover: the reverse replication resumes from its slot there
-        "source-crash-after",  # the old writer, after the cutover: its reverse subscription resumes from its origin
-        "source-crash-fence",  # the old writer, fenced, inside the cutover: its task's retry resumes it
-        "target-crash-fence",  # the new writer while it catches up inside the cutover's fence: the same
-        "target-crash-copy",  # the target during the initial copy: the copy resumes from the same snapshot
-        "target-crash-validate",  # the target inside a validation chunk, applying changes: the chunk is retried
+        # during the read shift: the forward replication resumes from its slot on the source
+        ("source-crash", "logical"),
+        # the new writer, after the cutover: the reverse replication resumes from its slot there
+        ("target-crash", "logical"),
+        # the old writer, after the cutover: its reverse subscription resumes from its origin
+        ("source-crash-after", "logical"),
+        # the old writer, fenced, inside the cutover: its task's retry resumes it
+        ("source-crash-fence", "logical"),
+        # the new writer while it catches up inside the cutover's fence: the same
+        ("target-crash-fence", "logical"),
+        # the same under the change stream: the applier reconnects, the catch-up waits for its marker
+        ("target-crash-fence", "debezium"),
+        # the target during the initial copy: the copy resumes from the same snapshot
+        ("target-crash-copy", "logical"),
+        # the target inside a validation chunk, applying changes: the chunk's task is retried
+        ("target-crash-validate", "logical"),
     ],
 )
-def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tmp_path: Path, fault: str) -> None:
+def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(
+    tmp_path: Path, fault: str, engine: str
+) -> None:
     # When a server crashes (immediate shutdown) mid-migration and starts again 3 s later (the bake after the
     # cutover as shipped: the target-crash fault's server is back before its gate)
-    proc, summary = rehearse(tmp_path / "out", "--fault", fault, *short_bakes(tmp_path, post_cutover=False))
+    proc, summary = rehearse(
+        tmp_path / "out", "--fault", fault, "--engine", engine, *short_bakes(tmp_path, post_cutover=False)
+    )
     # Then it was down (checked by the fault) and restarted, and no transaction failed but while it was down
     # (those in flight at the crash; pgbouncer holds the others until it reconnects)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert summary["fault_injected"] is True
+    assert summary["fault_injected"] is True and summary["engine"] == engine
     crashed, restarted = summary["outage"]
     assert restarted > crashed
     assert summary["failed_outside_outage"] == 0
@@ -220,6 +233,8 @@ def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(tm
         # the old writer inside the rollback after the cutover (the gate tripped), catching up on the target's
         # writes: the rollback's task is retried and resumes from its records
         ("source-crash-rollback", 3, "after_cutover", "HealthGateTripped: after cutover"),
+        # the new writer, fenced by that rollback and holding the writes the source catches up on: the same
+        ("target-crash-rollback", 3, "after_cutover", "HealthGateTripped: after cutover"),
     ],
 )
 def test_a_server_crash_that_ends_in_a_rollback_or_during_one_loses_nothing(
