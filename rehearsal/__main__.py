@@ -37,6 +37,7 @@ EXPECTED_OUTCOME = {
     "target-crash-copy": "migrated",  # the copy's task is retried
     "source-crash-validate": "migrated",  # the chunk's task is retried, comparing the chunk anew
     "target-crash-validate": "migrated",
+    "router-crash-fence": "migrated",  # the cutover's task is retried once the router answers
 }
 # Any other fault (alarm-rule included: its rollback execution, after the one the rule stopped) must roll back
 

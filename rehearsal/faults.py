@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import boto3
 from psycopg2 import sql
@@ -52,6 +52,7 @@ FAULTS = (
     "target-crash-rollback",
     "source-crash-validate",
     "target-crash-validate",
+    "router-crash-fence",
 )
 
 
@@ -65,16 +66,31 @@ IN_A_CHUNK = "validation chunk"
 IN_A_CHUNK_SLICE_ROWS = 1_000
 
 
+class Crashable(Protocol):
+    """What a crash fault does to a server or the router: stops it as a crash would, and starts it again."""
+
+    def kill(self) -> None: ...
+
+    def is_running(self) -> bool: ...
+
+    def restart(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Crash:
     """A fault that crashes a server and starts it again: which server, in which phase (or at the cutover's or
     the rollback's fence), how far into it, and for how long."""
 
-    side: str  # source or target
+    side: str  # source, target or router (pgbouncer, in front of the application's writers and readers)
     moment: str  # a phase of the timeline, AT_THE_FENCE, AT_THE_ROLLBACKS_FENCE or IN_A_CHUNK
     once_rows_copied: bool = False  # not a second in (which may be past a short copy): once it has committed rows
     down_seconds: float = 3.0  # from the crash to the restart (RDS restarts a failed instance)
     alarm: bool = False  # the composite alarm enters ALARM at the crash, as the server's own alarm would make it
+
+    @property
+    def what(self) -> str:
+        """What crashes, as the timeline says it."""
+        return "pgbouncer (the router)" if self.side == "router" else f"{self.side} server"
 
     @property
     def delay(self) -> float:
@@ -102,6 +118,8 @@ CRASHES = {
     # Mid-chunk, replication running: the chunk's task fails and its retry compares the chunk anew
     "source-crash-validate": Crash("source", IN_A_CHUNK),
     "target-crash-validate": Crash("target", IN_A_CHUNK),
+    # The router, holding the writers at the fence: its hold is lost with it, the old database's fence is not
+    "router-crash-fence": Crash("router", AT_THE_FENCE),
 }
 
 
@@ -155,6 +173,10 @@ FAULT_HELP = {
     "the migration completes",
     "target-crash-validate": "the same, crashing the target, which is applying the source's changes as the chunks "
     "compare",
+    "router-crash-fence": "crash pgbouncer, the router holding the writers, right after the cutover's fence is "
+    "recorded, and start it again 3 s later with its pgbouncer.ini as it was: the held transactions fail with it, "
+    "and the writers reconnecting meet the old database's fence until the writer is switched; the cutover resumes "
+    "once the router answers, nothing lost",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",

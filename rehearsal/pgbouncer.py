@@ -111,6 +111,16 @@ class PgbouncerProcess:
         if self.process is not None:
             self.process.wait(timeout=10)
 
+    def restart(self, timeout: float = 15.0) -> None:
+        """Start it again after `kill`, on its port, with its pgbouncer.ini as it is now (as a supervisor would)."""
+        proc = _launch(find_pgbouncer(), self.config_path, self.run_as)
+        if not _listening(proc, self.port, timeout):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            raise ServerError(f"pgbouncer did not start again on port {self.port}: {self.log_tail(2000).strip()}")
+        self.pid, self.process = proc.pid, proc
+
     def stop(self) -> None:
         if self.stopped:
             return
@@ -187,6 +197,26 @@ def _accepting(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _launch(binary: Path, config: Path, run_as: RunAs) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(binary), str(config)],
+        user=run_as.uid,
+        group=run_as.gid,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _listening(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
+    """Whether `proc` runs and accepts connections on `port` within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not _accepting(port) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc.poll() is None and _accepting(port)
+
+
 def start_pgbouncer(
     databases: Mapping[str, str | LocalBackend],
     *,
@@ -226,19 +256,8 @@ def start_pgbouncer(
             config = directory / "pgbouncer.ini"
             config.write_text(_render(resolved, conf))
             os.chmod(config, 0o644)
-            proc = subprocess.Popen(
-                [str(binary), str(config)],
-                user=run_as.uid,
-                group=run_as.gid,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None and not _accepting(port) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if proc.poll() is None and _accepting(port):
+            proc = _launch(binary, config, run_as)
+            if _listening(proc, port, timeout):
                 return PgbouncerProcess(directory, port, run_as, proc.pid, guardian_pid, proc)
             log = (
                 (directory / "pgbouncer.log").read_text(errors="replace")[-2000:]

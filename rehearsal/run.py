@@ -53,6 +53,7 @@ from rehearsal.faults import (
     REVERSE_FAULT_LASTING_SECONDS,
     AlarmRule,
     Crash,
+    Crashable,
     at_a_read_shift_step,
     at_the_cutovers_fence,
     creating_a_table_after_the_start,
@@ -317,11 +318,11 @@ class Rehearsal:
         def crash_soon(crash: Crash, *, until_down: bool = False) -> None:
             """Crash the fault's server beside the caller, `crash.delay` seconds from now or once the copy has
             committed rows (`until_down`: return once it is down)."""
-            server = source if crash.side == "source" else target
+            server: Crashable = {"source": source, "target": target, "router": pgb}[crash.side]
             down = threading.Event()
 
             def alarm() -> None:
-                set_alarm("ALARM", f"fault injected: the {crash.side} server crashed")
+                set_alarm("ALARM", f"fault injected: the {crash.what} crashed")
 
             def inject() -> None:
                 if crash.once_rows_copied:
@@ -529,7 +530,7 @@ class Rehearsal:
 
     def _crash(
         self,
-        server: PostgresServer,
+        server: Crashable,
         crash: Crash,
         timeline: Timeline,
         down: threading.Event,
@@ -543,15 +544,15 @@ class Rehearsal:
         crashed = timeline.now()
         server.kill()
         if server.is_running():
-            raise RuntimeError(f"the {crash.side} server is still running after its immediate shutdown")
+            raise RuntimeError(f"the {crash.what} is still running after it was stopped as a crash would")
         down.set()
-        timeline.note(f"fault: {crash.side} server crashed (immediate shutdown) during the {crash.moment}")
+        timeline.note(f"fault: {crash.what} crashed during the {crash.moment}")
         if on_down is not None:
             on_down()
         time.sleep(crash.down_seconds)
         server.restart()
         self.outage = (crashed, timeline.now())
-        timeline.note(f"{crash.side} server restarted")
+        timeline.note(f"{crash.what} restarted")
 
     def _kill_target_soon(self, target: PostgresServer, tgt: str, timeline: Timeline) -> None:
         """Kill the target once the copy has written rows to it (mid-copy, not before it starts)."""

@@ -294,6 +294,14 @@ class PgbouncerSettings(_Model):
         "none: the source endpoint's host, port and database",
     )
     target_backend: str | None = Field(default=None, description="the same for the target")
+    reconnect_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=600,
+        description="how long a step waits for pgbouncer's admin console to answer again (a restart) before it "
+        "fails, leaving it to the task's retries; restarted mid-cutover, pgbouncer no longer holds the writers, "
+        "who meet the old database's fence until the writer is switched",
+    )
 
     @field_validator("source_backend", "target_backend")
     @classmethod

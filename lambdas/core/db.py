@@ -60,9 +60,10 @@ def when_reachable(
     stop: Callable[[], bool] = lambda: False,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    interval: float = 1.0,
 ) -> T:
-    """`open_session()` once the server answers: tried again every second while it fails with a lost
-    connection (`connection_lost`), for up to `seconds`. Any other error, the last one past `seconds`, or
+    """`open_session()` once the server answers: tried again every `interval` seconds while it fails with a
+    lost connection (`connection_lost`), for up to `seconds`. Any other error, the last one past `seconds`, or
     the last one once `stop()` says so, is raised."""
     deadline = clock() + seconds
     while True:
@@ -71,7 +72,7 @@ def when_reachable(
         except Exception as exc:
             if not connection_lost(exc) or stop() or clock() > deadline:
                 raise
-        sleep(1.0)
+        sleep(interval)
 
 
 class InvalidDsn(ValueError):

@@ -189,6 +189,8 @@ def test_an_alarm_during_the_read_shift_rolls_back_and_the_stopped_executions_la
         ("target-crash-fence", "debezium"),
         # the target during the initial copy: the copy resumes from the same snapshot
         ("target-crash-copy", "logical"),
+        # pgbouncer, holding the writers at the fence: the cutover switches the writer once it answers again
+        ("router-crash-fence", "logical"),
         # the target inside a validation chunk, applying changes: the chunk's task is retried
         ("target-crash-validate", "logical"),
     ],
@@ -214,9 +216,14 @@ def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(
     assert summary["updates_lost"] == 0 and summary["deletes_lost"] == 0 and summary["child_rows_lost"] == 0
     assert summary["final_differences"] == 0 and summary["final_rows_compared"] >= 20_000
     assert summary["reverse_replication_retired"] is True
-    if fault.endswith("-fence"):
+    if fault in ("source-crash-fence", "target-crash-fence"):
         # And inside the cutover the crash failed its task, whose retry resumed it rather than rolling it back
         assert "DatabaseUnreachable" in summary["task_errors"] and summary["rollback_kind"] is None
+    if fault == "router-crash-fence":
+        # And the cutover waited for the restarted router inside its task (the writers meet the fence meanwhile),
+        # rather than fail and wait for its task's next retry
+        assert summary["lambda_invocations"]["Cutover"]["errors"] == {}
+        assert summary["cutover_pause_ms"] >= 1000 * (restarted - crashed)
     if fault.endswith("-validate"):
         # And inside a chunk the crash failed its task, whose retry compared the chunk anew and found no difference
         assert summary["lambda_invocations"]["ValidateChunk"]["errors"]

@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 from cutover_env import server_port, until
 
-from lambdas.core.db import connect, execute, fetch_value
+from lambdas.core.db import DatabaseUnreachable, connect, execute, fetch_value
 from lambdas.core.routers.base import RouterError, Side
 from lambdas.core.routers.pgbouncer import PgbouncerBackend, PgbouncerRouter
 from rehearsal.pgbouncer import LocalBackend, PgbouncerProcess, start_pgbouncer
@@ -247,3 +247,43 @@ def test_a_read_shift_that_an_include_overrides_is_an_error_not_a_success(
     with pytest.raises(RouterError, match="still routes 'app_ro' elsewhere after RELOAD"):
         router.set_read_weight(100)
     assert router.state().read_weight == 0
+
+
+def test_a_switch_waits_for_a_restarting_pgbouncer_and_lands_on_the_new_writer(
+    bouncer: tuple[PgbouncerProcess, PgbouncerRouter], pg_pair: tuple[PostgresServer, PostgresServer]
+) -> None:
+    pgb, router = bouncer
+    _, target = pg_pair
+    waiting = PgbouncerRouter(
+        pgb.admin_dsn(),
+        pgb.config_path,
+        writer_alias="app",
+        reader_alias="app_ro",
+        source=router.backend(Side.SOURCE),
+        target=router.backend(Side.TARGET),
+        reconnect_seconds=10,
+    )
+    # Given pgbouncer crashed (SIGKILL) and starts again 1.5 s later, as a supervisor would restart it
+    pgb.kill()
+    assert not pgb.is_running()
+    # Then a router that does not wait fails at once, saying it cannot connect
+    with pytest.raises(DatabaseUnreachable, match="cannot connect"):
+        router.switch_writer(Side.TARGET)
+    restarting: list[float] = []
+
+    def restart() -> None:
+        time.sleep(1.5)
+        restarting.append(time.monotonic())
+        pgb.restart()
+
+    supervisor = threading.Thread(target=restart)
+    supervisor.start()
+    # When the waiting router switches the writer meanwhile
+    waiting.switch_writer(Side.TARGET)
+    switched = time.monotonic()
+    supervisor.join(10)
+    # Then the switch happened once pgbouncer answered again, within a fraction of a second of its start, and
+    # clients now reach the target through it
+    assert restarting and 0 <= switched - restarting[0] < 0.5
+    assert waiting.state().writer is Side.TARGET
+    assert server_port(pgb.dsn("app")) == target.port

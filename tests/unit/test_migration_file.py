@@ -180,7 +180,7 @@ def test_unknown_nested_key_lists_the_keys_of_that_section() -> None:
     # When parsed / Then the hint comes from the pgbouncer section, not the top level
     assert problems_for(data) == [
         "router.pgbouncer.admin_dns: unknown key 'admin_dns'; did you mean 'admin_dsn'? "
-        "allowed keys here: admin_dsn, config_path, database_alias, reader_alias, source_backend, target_backend"
+        "allowed keys here: admin_dsn, config_path, database_alias, reader_alias, reconnect_seconds, source_backend, target_backend"
     ]
 
 

@@ -93,6 +93,7 @@ def router_for(
             source=_pgbouncer_backend(migration.source, pgb.source_backend, Side.SOURCE),
             target=_pgbouncer_backend(migration.target, pgb.target_backend, Side.TARGET),
             connector=connector,
+            reconnect_seconds=pgb.reconnect_seconds,
         )
     r53 = settings.route53
     zone_id = r53.hosted_zone_id or hosted_zone_id

@@ -48,10 +48,12 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from lambdas.core.db import Connection, connect, redact_dsn
+from lambdas.core.db import Connection, connect, redact_dsn, when_reachable
 from lambdas.core.routers.base import HoldHandle, RouterError, RouterState, Side, TrafficRouter, check_weight
 
 MAX_HOST_ENTRIES = 20
+# A restarted pgbouncer answers within milliseconds of listening: every writer refused meanwhile is a failed transaction
+ADMIN_RECONNECT_INTERVAL_SECONDS = 0.1
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
 _PLAIN_VALUE_RE = re.compile(r"^[A-Za-z0-9_./,:@+-]+$")
 _SECTION_RE = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*$")
@@ -238,6 +240,7 @@ class PgbouncerRouter(TrafficRouter):
         reader_alias: str | None = None,
         connector: Callable[..., Connection] = connect,
         connect_timeout: float = 10.0,
+        reconnect_seconds: float = 0.0,
     ) -> None:
         self._admin_dsn = admin_dsn
         self._config = Path(config_path)
@@ -248,6 +251,7 @@ class PgbouncerRouter(TrafficRouter):
         self._backends = {Side.SOURCE: source, Side.TARGET: target}
         self._connect = connector
         self._connect_timeout = connect_timeout
+        self._reconnect_seconds = reconnect_seconds
 
     @property
     def holds_clients(self) -> bool:
@@ -267,7 +271,14 @@ class PgbouncerRouter(TrafficRouter):
 
     # -- admin console -----------------------------------------------------------------------
     def _admin(self) -> Connection:
-        return self._connect(self._admin_dsn, application_name="zdm-router")
+        """The admin console, waiting up to `reconnect_seconds` for a pgbouncer that does not answer (restarting):
+        restarted in the middle of a cutover, it no longer holds the writers, who meet the old database's fence
+        until the writer is switched, so the switch waits here rather than for the task's next retry."""
+        return when_reachable(
+            lambda: self._connect(self._admin_dsn, application_name="zdm-router"),
+            self._reconnect_seconds,
+            interval=ADMIN_RECONNECT_INTERVAL_SECONDS,
+        )
 
     def _command(self, command: str, alias: str | None = None) -> None:
         admin = self._admin()
