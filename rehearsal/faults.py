@@ -174,9 +174,9 @@ FAULT_HELP = {
     "target-crash-validate": "the same, crashing the target, which is applying the source's changes as the chunks "
     "compare",
     "router-crash-fence": "crash pgbouncer, the router holding the writers, right after the cutover's fence is "
-    "recorded, and start it again 3 s later with its pgbouncer.ini as it was: the held transactions fail with it, "
-    "and the writers reconnecting meet the old database's fence until the writer is switched; the cutover resumes "
-    "once the router answers, nothing lost",
+    "recorded, and start it again 3 s later with its pgbouncer.ini as it is then: the held transactions fail with "
+    "it, and the writers reconnecting go where the file points (the old database refuses them while fenced); the "
+    "cutover goes on once the router answers, nothing lost",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",

@@ -274,7 +274,8 @@ class Rehearsal:
             data["engine"]["debezium"]["heartbeat_interval_ms"] = 1000
         data["router"] = {
             "type": "pgbouncer",
-            "pgbouncer": {
+            "pgbouncer": {  # the file's settings (reconnect_seconds), this run's pgbouncer
+                **data["router"]["pgbouncer"],
                 "admin_dsn": pgb.admin_dsn(),
                 "config_path": str(pgb.config_path),
                 "database_alias": "app",

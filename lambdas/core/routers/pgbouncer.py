@@ -273,7 +273,7 @@ class PgbouncerRouter(TrafficRouter):
     def _admin(self) -> Connection:
         """The admin console, waiting up to `reconnect_seconds` for a pgbouncer that does not answer (restarting):
         restarted in the middle of a cutover, it no longer holds the writers, who meet the old database's fence
-        until the writer is switched, so the switch waits here rather than for the task's next retry."""
+        until the writer is switched, so the cutover waits here rather than for the task's next retry."""
         return when_reachable(
             lambda: self._connect(self._admin_dsn, application_name="zdm-router"),
             self._reconnect_seconds,
