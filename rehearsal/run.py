@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -398,23 +399,21 @@ class Rehearsal:
             handlers["ReadShiftFunctionArn"] = at_a_read_shift_step(
                 handlers["ReadShiftFunctionArn"], migration.read_shift.steps[1], injected, alarm_rule, tgt
             )
-        if crash is not None and crash.moment in (AT_THE_FENCE, AT_THE_ROLLBACKS_FENCE):
-            fence_crash = crash
-            handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
-                handlers["CutoverFunctionArn"],
-                str(self.fault),
-                injected,
-                lambda: crash_soon(fence_crash, until_down=True),
-                action="run" if crash.moment == AT_THE_FENCE else "rollback",
-            )
-        if crash is not None and crash.moment == IN_A_CHUNK:
-            chunk_crash = crash
-            handlers["ValidateChunkFunctionArn"] = in_a_validation_chunk(
-                handlers["ValidateChunkFunctionArn"],
-                str(self.fault),
-                injected,
-                lambda: crash_soon(chunk_crash, until_down=True),
-            )
+        if crash is not None and crash.moment in (AT_THE_FENCE, AT_THE_ROLLBACKS_FENCE, IN_A_CHUNK):
+            # Inside a task: the crash happens in it, which goes on once the server is down
+            crash_inside = functools.partial(crash_soon, crash, until_down=True)
+            if crash.moment == IN_A_CHUNK:
+                handlers["ValidateChunkFunctionArn"] = in_a_validation_chunk(
+                    handlers["ValidateChunkFunctionArn"], str(self.fault), injected, crash_inside
+                )
+            else:
+                handlers["CutoverFunctionArn"] = at_the_cutovers_fence(
+                    handlers["CutoverFunctionArn"],
+                    str(self.fault),
+                    injected,
+                    crash_inside,
+                    action="run" if crash.moment == AT_THE_FENCE else "rollback",
+                )
         if self.fault == "new-table":
             handlers["ReplicationFunctionArn"] = creating_a_table_after_the_start(
                 handlers["ReplicationFunctionArn"], src, tgt, injected, timeline

@@ -272,16 +272,22 @@ def test_a_target_crash_mid_copy_is_ridden_through_each_chunk_copied_once_from_t
         schema_constraints = constraints(tgt)
         counted: list[ChunkCopied] = []
         restarted = threading.Event()
+        crash_lock = threading.Lock()  # both workers record chunks
+        crashes: list[int] = []  # chunks counted at the crash
         engine = make_engine(src, tgt, on_copy_progress=counted.append, copy_workers=2, copy_chunk_rows=4_000)
         record_chunk = engine._record_chunk
 
         def crash_at_the_third_commit(target: Connection, chunk: CopyChunk, rows: int) -> None:
             record_chunk(target, chunk, rows)
-            if len(counted) == 2 and not restarted.is_set() and not getattr(engine, "crashed", False):
+            # At least two chunks counted (the other worker may have counted a third meanwhile), once
+            with crash_lock:
+                crash_now = len(counted) >= 2 and not crashes
+                if crash_now:
+                    crashes.append(len(counted))
+            if crash_now:
                 # When the target crashes (immediate shutdown) right as a chunk commits (durable, but its worker
                 # never hears so) while another chunk is in flight, and is back 2 s later
                 target.commit()
-                engine.crashed = True  # type: ignore[attr-defined]
                 target_server.kill()
                 threading.Timer(2.0, lambda: (target_server.restart(), restarted.set())).start()
                 fetch_value(target, "SELECT 1")  # the worker learns of it (as from its own commit): it raises
