@@ -53,6 +53,7 @@ FAULTS = (
     "source-crash-validate",
     "target-crash-validate",
     "router-crash-fence",
+    "router-crash-rollback",
 )
 
 
@@ -120,6 +121,8 @@ CRASHES = {
     "target-crash-validate": Crash("target", IN_A_CHUNK),
     # The router, holding the writers at the fence: its hold is lost with it, the old database's fence is not
     "router-crash-fence": Crash("router", AT_THE_FENCE),
+    # ... and holding them at the rollback's fence, after the cutover (its pgbouncer.ini still on the target)
+    "router-crash-rollback": Crash("router", AT_THE_ROLLBACKS_FENCE),
 }
 
 
@@ -177,6 +180,9 @@ FAULT_HELP = {
     "recorded, and start it again 3 s later with its pgbouncer.ini as it is then: the held transactions fail with "
     "it, and the writers reconnecting go where the file points (the old database refuses them while fenced); the "
     "cutover goes on once the router answers, nothing lost",
+    "router-crash-rollback": "trip the health gate in the bake after the cutover, and crash pgbouncer right after "
+    "the rollback's fence is recorded, starting it again 3 s later: the writers reconnecting meet the target's fence "
+    "until the rollback, going on once the router answers, has switched them back to the source, nothing lost",
     "retry": "trip the health gate in the bake after the cutover (rolled back over the reverse replication), then "
     "do what the runbook says to migrate again: start the abandon, lift the target's fence, empty the target's "
     "tables, start the migration anew; the writers run throughout",
