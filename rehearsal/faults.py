@@ -371,6 +371,7 @@ class AlarmRule:
 
     def _deliver(self, moment: str) -> None:
         from lambdas.handlers import rollback as rollback_handler
+        from lambdas.handlers import runtime
 
         reason = f"fault injected: the application's alarm fired during {moment}"
         boto3.client("cloudwatch", region_name=REGION).set_alarm_state(
@@ -387,7 +388,7 @@ class AlarmRule:
         assert self.machine is not None and self.machine.arn is not None
         os.environ[rollback_handler.STATE_MACHINE_ENV] = self.machine.arn
         os.environ[rollback_handler.MIGRATION_ENV] = self.migration.name
-        rollback_handler._stepfunctions.cache_clear()  # a client of this run's mock
+        runtime.aws_client.cache_clear()  # a client of this run's mock
         self.result = rollback_handler.handler(event, LambdaContext("zdm-rehearsal-rollback", "alarm-rule-1"))
         self.timeline.note("alarm rule: execution stopped, rollback started")
 

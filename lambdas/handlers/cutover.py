@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-from functools import cache
 from typing import Any, Literal
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -29,7 +28,7 @@ from lambdas.core.db import DatabaseUnreachable, connect
 from lambdas.core.routers import TrafficRouter, router_for
 from lambdas.core.tables import select_tables
 from lambdas.handlers.replication import build_debezium_engine, build_dms_stream
-from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
+from lambdas.handlers.runtime import MigrationEvent, aws_client, dsns, logger, metrics, tracer
 
 
 class CutoverRequest(MigrationEvent):
@@ -45,21 +44,14 @@ def stack_hosted_zone_id() -> str | None:
     return str(json.loads(raw).get("hosted_zone_id") or "") or None if raw else None
 
 
-@cache
-def _aws_client(service: str) -> Any:
-    import boto3  # only the route53 and rds-proxy routers need AWS clients
-
-    return boto3.client(service)
-
-
 def build_router(migration: Migration) -> TrafficRouter:
     kind = migration.router.type
     zone_id = migration.router.route53.hosted_zone_id or stack_hosted_zone_id()
     needs_route53 = kind == "route53" or (kind == "rds-proxy" and zone_id is not None)
     return router_for(
         migration,
-        route53_client=_aws_client("route53") if needs_route53 else None,
-        rds_client=_aws_client("rds") if kind == "rds-proxy" else None,
+        route53_client=aws_client("route53") if needs_route53 else None,
+        rds_client=aws_client("rds") if kind == "rds-proxy" else None,
         hosted_zone_id=zone_id,
     )
 

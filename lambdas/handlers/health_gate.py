@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -22,7 +21,7 @@ from lambdas.core.rollback_window import WindowCheck, window_check
 from lambdas.core.telemetry import composite_alarm_name
 from lambdas.handlers.cutover import rollback_readiness
 from lambdas.handlers.replication import engine_for
-from lambdas.handlers.runtime import MigrationEvent, logger, metrics, tracer
+from lambdas.handlers.runtime import MigrationEvent, aws_client, logger, metrics, tracer
 
 
 class WindowState(BaseModel):
@@ -40,13 +39,6 @@ class GateRequest(MigrationEvent):
     window: WindowState | None = None  # in the rollback window: also read the back replication
 
 
-@cache
-def _cloudwatch() -> Any:
-    import boto3
-
-    return boto3.client("cloudwatch")
-
-
 @logger.inject_lambda_context
 @metrics.log_metrics
 @tracer.capture_lambda_handler
@@ -54,7 +46,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     request = GateRequest.model_validate(event)
     migration = request.parsed()
     signals: list[HealthSignal] = [
-        AlarmSignal(_cloudwatch(), [composite_alarm_name(migration.name), *migration.alarms.names])
+        AlarmSignal(aws_client("cloudwatch"), [composite_alarm_name(migration.name), *migration.alarms.names])
     ]
     if request.check_replication:
         status = engine_for(migration).status()

@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any, Literal
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -28,7 +27,7 @@ from lambdas.core.engines.dms import DmsEngine, DmsTarget
 from lambdas.core.engines.dms_fence import DmsForwardStream
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
 from lambdas.core.tables import TableName, select_tables
-from lambdas.handlers.runtime import MigrationEvent, dsns, logger, metrics, tracer
+from lambdas.handlers.runtime import MigrationEvent, aws_client, dsns, logger, metrics, tracer
 
 # Set by the CDK stack on the replication function: the DMS task or serverless replication to drive,
 # and the CDC-only DMS task that writes the change stream to MSK (started with the migration).
@@ -61,19 +60,12 @@ def build_engine(migration: Migration, source_dsn: str, target_dsn: str) -> Repl
     return LogicalEngine(source_dsn, target_dsn, plan)
 
 
-@cache
-def _aws_client(service: str) -> Any:
-    import boto3  # only on AWS paths
-
-    return boto3.client(service)
-
-
 def build_dms_engine(environ: Mapping[str, str] = os.environ, variable: str = DMS_TARGET_ENV) -> DmsEngine:
     """The DMS engine over the task the stack created (its ARN and metric dimensions in the environment)."""
     raw = environ.get(variable)
     if not raw:
         raise ValueError(f"engine 'dms' runs on AWS only: {variable} is not set (deploy the stack)")
-    return DmsEngine(_aws_client("dms"), _aws_client("cloudwatch"), DmsTarget.from_json(raw))
+    return DmsEngine(aws_client("dms"), aws_client("cloudwatch"), DmsTarget.from_json(raw))
 
 
 def change_stream_engine(environ: Mapping[str, str] = os.environ) -> DmsEngine | None:
@@ -140,7 +132,7 @@ def _runtime(
             password=secret_reference(endpoint.secret_arn, "password"),
         )
         kafka = KafkaStream(_msk_kafka_config(msk.bootstrap_servers, environ.get("AWS_REGION", "us-east-1")))
-        runtime = MskChangeStream(_aws_client("kafkaconnect"), _aws_client("lambda"), msk, kafka.ensure_topics)
+        runtime = MskChangeStream(aws_client("kafkaconnect"), aws_client("lambda"), msk, kafka.ensure_topics)
         return runtime, kafka, connector
     raise ValueError(f"{CHANGE_STREAM_ENV} names backend {backend!r}; expected 'msk' or 'local'")
 

@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from functools import cache
 from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from lambdas.core.rollback import AlarmChange, StepFunctionsClient, trigger_rollback
-from lambdas.handlers.runtime import logger, tracer
+from lambdas.handlers.runtime import aws_client, logger, tracer
 
 STATE_MACHINE_ENV = "ZDM_STATE_MACHINE_ARN"
 MIGRATION_ENV = "ZDM_MIGRATION"
 
 
-@cache
 def _stepfunctions() -> StepFunctionsClient:
-    import boto3
-
-    client: StepFunctionsClient = boto3.client("stepfunctions")
+    client: StepFunctionsClient = aws_client("stepfunctions")
     return client
 
 

@@ -41,6 +41,28 @@ class MigrationEvent(BaseModel):
         return parse_migration(self.migration, "event.migration")
 
 
+# AWS API calls inside a step (a Route53 change in the cutover, an alarm read by a gate) ride out throttling and
+# transient errors here, with backoff, rather than fail the task: a task failed on a throttle past the cutover's
+# point of no return would roll it back. Standard mode: throttles, 5xx and connection errors; jittered backoff
+# of at most 20 s; 10 attempts are at most about a minute.
+AWS_MAX_ATTEMPTS = 10
+
+
+def aws_retries() -> Any:
+    """The botocore client configuration of `aws_client`."""
+    from botocore.config import Config
+
+    return Config(retries={"mode": "standard", "total_max_attempts": AWS_MAX_ATTEMPTS})
+
+
+@cache
+def aws_client(service: str) -> Any:
+    """One client per service and process (a warm Lambda reuses it), retrying as `aws_retries` says."""
+    import boto3  # only on AWS paths
+
+    return boto3.client(service, config=aws_retries())
+
+
 @cache
 def _secrets_client() -> SecretReader:
     import boto3  # only on AWS paths: local endpoints are DSNs
