@@ -29,7 +29,7 @@ from lambdas.core.config import Migration, parse_migration
 from lambdas.core.db import Connection, connect
 from lambdas.core.endpoints import resolve_dsn
 from lambdas.core.fence import make_writable
-from lambdas.handlers.runtime import _secrets_client, logger, metrics, tracer
+from lambdas.handlers.runtime import _secrets_client, aws_client, logger, metrics, tracer
 
 SETTINGS_PARAMETER_ENV = "ZDM_SETTINGS_PARAMETER"  # the migration's settings in SSM (stacks/config.py)
 DEAD_LETTER_QUEUE_URL_ENV = "ZDM_DEAD_LETTER_QUEUE_URL"
@@ -64,10 +64,8 @@ class KafkaEvent(BaseModel):
 
 @cache
 def _migration() -> Migration:
-    import boto3
-
     name = os.environ[SETTINGS_PARAMETER_ENV]
-    value = boto3.client("ssm").get_parameter(Name=name)["Parameter"]["Value"]
+    value = aws_client("ssm").get_parameter(Name=name)["Parameter"]["Value"]
     return parse_migration(json.loads(value), name)
 
 
@@ -92,9 +90,7 @@ def _sink() -> DeadLetterSink:
     url = os.environ.get(DEAD_LETTER_QUEUE_URL_ENV)
     if not url:
         return NoDeadLetterSink()
-    import boto3
-
-    return SqsDeadLetters(boto3.client("sqs"), url)
+    return SqsDeadLetters(aws_client("sqs"), url)
 
 
 @logger.inject_lambda_context

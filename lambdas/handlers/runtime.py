@@ -63,11 +63,8 @@ def aws_client(service: str) -> Any:
     return boto3.client(service, config=aws_retries())
 
 
-@cache
 def _secrets_client() -> SecretReader:
-    import boto3  # only on AWS paths: local endpoints are DSNs
-
-    client: SecretReader = boto3.client("secretsmanager")
+    client: SecretReader = aws_client("secretsmanager")  # only on AWS paths: local endpoints are DSNs
     return client
 
 
@@ -85,7 +82,8 @@ def validation_store() -> ValidationStore:
     import boto3
     from botocore.config import Config
 
-    return S3ValidationStore(boto3.client("s3", config=Config(max_pool_connections=S3_READERS)), bucket)
+    config = aws_retries().merge(Config(max_pool_connections=S3_READERS))
+    return S3ValidationStore(boto3.client("s3", config=config), bucket)
 
 
 def dsns(migration: Migration) -> tuple[str, str]:
