@@ -38,6 +38,7 @@ EXPECTED_OUTCOME = {
     "source-crash-validate": "migrated",  # the chunk's task is retried, comparing the chunk anew
     "target-crash-validate": "migrated",
     "router-crash-fence": "migrated",  # the cutover's task is retried once the router answers
+    "router-restart-fence": "migrated",
 }
 # Any other fault (alarm-rule included: its rollback execution, after the one the rule stopped) must roll back
 
@@ -206,6 +207,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     )
     say(
         f"transactions           {summary['committed_transactions']:,} committed, {summary['failed_transactions']} failed"
+        + (f" ({summary['failed_read_only']} refused read-only)" if summary.get("failed_read_only") else "")
         + (
             f" ({summary['failed_outside_outage']} outside the crashed server's outage,"
             f" {summary['outage'][0]:.1f}-{summary['outage'][1]:.1f} s)"
@@ -342,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     crash = CRASHES.get(args.fault or "")
     chunk_errors = ((summary.get("lambda_invocations") or {}).get("ValidateChunk") or {}).get("errors")
     chunk_failed = crash is None or crash.moment != IN_A_CHUNK or bool(chunk_errors)
+    # Fault router-restart-fence: writers reconnected through the restarted router before the switch, and the old
+    # database's fence refused them (else the run did not show what the fault names)
+    fence_met = args.fault != "router-restart-fence" or bool(summary.get("failed_read_only"))
     # Fault retry: the abandon succeeded and left nothing of either replication before the second start
     abandoned = args.fault != "retry" or _abandoned_cleanly(summary)
     passed = (
@@ -351,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         and added
         and late_refused
         and chunk_failed
+        and fence_met
         and abandoned
         and summary["rows_lost"] == 0
         and summary["failed_outside_outage"] == 0  # every failure, but while a crash fault had its server down

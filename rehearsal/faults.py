@@ -54,6 +54,7 @@ FAULTS = (
     "target-crash-validate",
     "router-crash-fence",
     "router-crash-rollback",
+    "router-restart-fence",
 )
 
 
@@ -87,6 +88,8 @@ class Crash:
     once_rows_copied: bool = False  # not a second in (which may be past a short copy): once it has committed rows
     down_seconds: float = 3.0  # from the crash to the restart (RDS restarts a failed instance)
     alarm: bool = False  # the composite alarm enters ALARM at the crash, as the server's own alarm would make it
+    # Inside a task: it goes on once the server is down (None), or this many seconds after it is back
+    resume_after_restart: float | None = None
 
     @property
     def what(self) -> str:
@@ -123,6 +126,9 @@ CRASHES = {
     "router-crash-fence": Crash("router", AT_THE_FENCE),
     # ... and holding them at the rollback's fence, after the cutover (its pgbouncer.ini still on the target)
     "router-crash-rollback": Crash("router", AT_THE_ROLLBACKS_FENCE),
+    # ... back before the cutover switches the writer (its task held 1 s more): the writers reconnecting through it
+    # go to the old database, fenced, and are refused until the switch
+    "router-restart-fence": Crash("router", AT_THE_FENCE, resume_after_restart=1.0),
 }
 
 
@@ -180,6 +186,9 @@ FAULT_HELP = {
     "recorded, and start it again 3 s later with its pgbouncer.ini as it is then: the held transactions fail with "
     "it, and the writers reconnecting go where the file points (the old database refuses them while fenced); the "
     "cutover goes on once the router answers, nothing lost",
+    "router-restart-fence": "the same as router-crash-fence, the cutover going on only 1 s after pgbouncer is back: "
+    "meanwhile its pgbouncer.ini still points at the old database, so the writers reconnecting through it are "
+    "refused by that database's fence (read-only), and must be refused, never lost, until the switch",
     "router-crash-rollback": "trip the health gate in the bake after the cutover, and crash pgbouncer right after "
     "the rollback's fence is recorded, starting it again 3 s later: the writers reconnecting meet the target's fence "
     "until the rollback, going on once the router answers, has switched them back to the source, nothing lost",

@@ -319,9 +319,10 @@ class Rehearsal:
 
         def crash_soon(crash: Crash, *, until_down: bool = False) -> None:
             """Crash the fault's server beside the caller, `crash.delay` seconds from now or once the copy has
-            committed rows (`until_down`: return once it is down)."""
+            committed rows (`until_down`: return once it is down, or `crash.resume_after_restart` seconds after it
+            is back)."""
             server: Crashable = {"source": source, "target": target, "router": pgb}[crash.side]
-            down = threading.Event()
+            down, back = threading.Event(), threading.Event()
 
             def alarm() -> None:
                 set_alarm("ALARM", f"fault injected: the {crash.what} crashed")
@@ -329,11 +330,14 @@ class Rehearsal:
             def inject() -> None:
                 if crash.once_rows_copied:
                     self._wait_for_copied_rows(tgt)
-                self._crash(server, crash, timeline, down, on_down=alarm if crash.alarm else None)
+                self._crash(server, crash, timeline, down, back, on_down=alarm if crash.alarm else None)
 
             threading.Thread(target=self._missed_if_raises, args=(inject, timeline), daemon=True).start()
             if until_down:
                 down.wait(timeout=30)
+            if until_down and crash.resume_after_restart is not None:
+                back.wait(timeout=60)
+                time.sleep(crash.resume_after_restart)
 
         def on_phase(phase: str) -> None:
             say(f"[{timeline.now():7.1f}s] phase: {phase}")
@@ -534,12 +538,13 @@ class Rehearsal:
         crash: Crash,
         timeline: Timeline,
         down: threading.Event,
+        back: threading.Event,
         *,
         on_down: Callable[[], None] | None = None,
     ) -> None:
         """Crash faults: `crash.delay` seconds from now, the server stops as a crash would (`down` set, then
-        `on_down` run), and starts again `crash.down_seconds` later (as RDS restarts a failed instance);
-        `self.outage` says when, on the timeline."""
+        `on_down` run), and starts again `crash.down_seconds` later (as RDS restarts a failed instance; `back`
+        set); `self.outage` says when, on the timeline."""
         time.sleep(crash.delay)
         crashed = timeline.now()
         server.kill()
@@ -552,6 +557,7 @@ class Rehearsal:
         time.sleep(crash.down_seconds)
         server.restart()
         self.outage = (crashed, timeline.now())
+        back.set()
         timeline.note(f"{crash.what} restarted")
 
     def _kill_target_soon(self, target: PostgresServer, tgt: str, timeline: Timeline) -> None:
@@ -684,6 +690,7 @@ class Rehearsal:
             "cutover_pause_ms": _ms((output.get("cutover") or {}).get("pause_seconds")),
             "committed_transactions": stats.committed,
             "failed_transactions": stats.failed,
+            "failed_read_only": stats.refused_read_only,
             "failed_transaction_errors": stats.errors[:5],
             "rows_lost": lost,
             "sequences_behind": behind,

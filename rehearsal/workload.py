@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
+from psycopg2.errorcodes import READ_ONLY_SQL_TRANSACTION
 
 from lambdas.core.db import Connection, connect
 
@@ -25,6 +26,7 @@ from lambdas.core.db import Connection, connect
 class WorkloadStats:
     committed: int = 0
     failed: int = 0
+    refused_read_only: int = 0  # of the failed: refused by a read-only database (a migration's write fence)
     errors: list[str] = field(default_factory=list)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (start time, seconds)
     order_ids: list[int] = field(default_factory=list)  # orders whose insert committed: must never be lost
@@ -39,6 +41,7 @@ class WorkloadStats:
     def merge(self, other: WorkloadStats) -> None:
         self.committed += other.committed
         self.failed += other.failed
+        self.refused_read_only += other.refused_read_only
         self.errors += other.errors[:20]
         self.latencies += other.latencies
         self.order_ids += other.order_ids
@@ -178,6 +181,8 @@ class Workload:
                 stats.deleted_events += deleted
             except (psycopg2.Error, ConnectionError) as exc:
                 stats.failed += 1
+                if getattr(exc, "pgcode", None) == READ_ONLY_SQL_TRANSACTION:
+                    stats.refused_read_only += 1
                 stats.failed_starts.append(began)
                 if len(stats.errors) < 20:
                     stats.errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)

@@ -191,6 +191,8 @@ def test_an_alarm_during_the_read_shift_rolls_back_and_the_stopped_executions_la
         ("target-crash-copy", "logical"),
         # pgbouncer, holding the writers at the fence: the cutover switches the writer once it answers again
         ("router-crash-fence", "logical"),
+        # ... back 1 s before the switch: the writers reconnecting through it meet the source's fence
+        ("router-restart-fence", "logical"),
         # the target inside a validation chunk, applying changes: the chunk's task is retried
         ("target-crash-validate", "logical"),
     ],
@@ -219,11 +221,15 @@ def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(
     if fault in ("source-crash-fence", "target-crash-fence"):
         # And inside the cutover the crash failed its task, whose retry resumed it rather than rolling it back
         assert "DatabaseUnreachable" in summary["task_errors"] and summary["rollback_kind"] is None
-    if fault == "router-crash-fence":
-        # And the cutover waited for the restarted router inside its task (the writers meet the fence meanwhile),
-        # rather than fail and wait for its task's next retry
+    if fault.startswith("router-"):
+        # And the cutover waited for the restarted router inside its task, rather than fail and wait for its
+        # task's next retry
         assert summary["lambda_invocations"]["Cutover"]["errors"] == {}
         assert summary["cutover_pause_ms"] >= 1000 * (restarted - crashed)
+    if fault == "router-restart-fence":
+        # And the writers that reconnected through it before the switch were refused by the source's fence (the
+        # other failures: pgbouncer down), and none of their writes was lost (above)
+        assert summary["failed_read_only"] > 0
     if fault.endswith("-validate"):
         # And inside a chunk the crash failed its task, whose retry compared the chunk anew and found no difference
         assert summary["lambda_invocations"]["ValidateChunk"]["errors"]

@@ -211,3 +211,14 @@ def test_the_terminal_says_how_often_a_function_failed_and_why(
     # Then its line names the failures by error, and the other line none
     assert lines["ValidateChunk"].endswith("; failed 3 time(s) (OperationalError 2, DatabaseUnreachable 1)")
     assert "failed" not in lines["Cutover"]
+
+
+def test_a_router_restart_before_the_switch_must_show_writers_refused_by_the_fence(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given router-restart-fence runs that migrated cleanly, pgbouncer down for a while
+    migrated = {"fault": "router-restart-fence", "fault_injected": True, "outage": [12.5, 15.5]}
+    # Then one in which writers reconnecting met the old database's fence (refused read-only) passes
+    assert _run_main(monkeypatch, tmp_path / "a", _summary(**migrated, failed_read_only=515)) == 0
+    # And one in which none did fails it: the restart came too late to show what the fault names
+    assert _run_main(monkeypatch, tmp_path / "b", _summary(**migrated, failed_read_only=0)) == 1
