@@ -37,8 +37,8 @@ EXPECTED_OUTCOME = {
     "target-crash-copy": "migrated",  # the copy's task is retried
     "source-crash-validate": "migrated",  # the chunk's task is retried, comparing the chunk anew
     "target-crash-validate": "migrated",
-    "router-crash-fence": "migrated",  # the cutover's task is retried once the router answers
-    "router-restart-fence": "migrated",
+    "router-crash-fence": "migrated",  # the cutover waits in its task until the router answers again
+    "router-restart-fence": "migrated",  # the same; meanwhile the source's fence refuses the writers
 }
 # Any other fault (alarm-rule included: its rollback execution, after the one the rule stopped) must roll back
 
