@@ -53,6 +53,8 @@ class Stubs:
         # What the rollback window's checks find wrong with the back replication, one list per check (the
         # last one repeats)
         self.reverse_problems: list[list[str]] = [[]]
+        # The `window` each rollback-window check was given (its `started` is None at the window's first check)
+        self.windows: list[dict[str, Any]] = []
 
     def _note(self, function: str, what: str) -> None:
         self.calls.append((function, what, time.monotonic()))
@@ -107,6 +109,7 @@ class Stubs:
             request = GateRequest.model_validate(event)
             if request.window is None:
                 return verdict
+            self.windows.append(dict(event["window"]))
             # The window's next step as the real handler decides it, over the queued readiness problems
             problems = self.reverse_problems.pop(0) if len(self.reverse_problems) > 1 else self.reverse_problems[0]
             readiness = RollbackReadiness(applies=True, problems=problems)

@@ -44,11 +44,17 @@ def test_after_finalize_the_window_is_checked_from_its_start_to_its_end_then_rev
     assert checks == [("HealthGate", "rollback window")] * len(checks) and len(checks) >= 2
     assert ("Cutover", "rollback") not in stubs.path()
     assert result.output is not None and result.output["retire"]["status"] == "done"
-    # And the first check ran as the window opened, the retire once it had lasted the file's seconds
+    # And the first check opened the window: no state waited between the teardown and it, and it was given no
+    # start; the retire ran once the window had lasted the file's seconds from that check. Read from the
+    # history and the checks' input, not from how soon after the teardown they ran: a loaded machine delays a
+    # transition by a second or more (seen: 1.2 s in CI).
+    entered = [e["stateEnteredEventDetails"]["name"] for e in result.history if e["type"].endswith("StateEntered")]
+    between = entered[entered.index("Finalize") : entered.index("RollbackWindowGate")]  # Finalize tears down
+    assert between and not [name for name in between if "Wait" in name], between
+    assert stubs.windows[0]["started"] is None
+    assert all(window["started"] is not None for window in stubs.windows[1:])
     gates = [t for f, w, t in stubs.calls if (f, w) == ("HealthGate", "rollback window")]
-    teardown = stubs.at("Replication", "teardown")
-    assert gates[0] - teardown < 1.0
-    assert 1.8 <= stubs.at("Cutover", "retire_reverse") - teardown < 10
+    assert stubs.at("Cutover", "retire_reverse") - gates[0] >= 1.8
 
 
 def test_the_input_shortens_the_window_and_a_zero_window_is_accepted() -> None:

@@ -92,9 +92,7 @@ def test_good_pair_passes_with_no_failure(shop: Pair) -> None:
     # Given the sample schema on both servers, data on the source only
 
     # When the preflight runs
-    started = time.monotonic()
     report = shop.preflight()
-    elapsed = time.monotonic() - started
 
     # Then nothing fails, and the only warning is the sample's sequence that no column owns
     assert report.ok, format_report(report)
@@ -105,8 +103,7 @@ def test_good_pair_passes_with_no_failure(shop: Pair) -> None:
     assert report.get("table_selection").measured.startswith("5 of 5 source tables selected")
     # free disk was measured on this machine, so the WAL estimate is compared with it
     assert "free disk unknown" not in report.get("wal_retention").measured
-    # and it is quick: the WAL sample overlaps the other reads
-    assert elapsed < 2.0
+    # (that its WAL sample overlaps the other reads is shown without a clock: tests/unit/test_preflight_wal_sampler.py)
 
 
 def test_report_reads_as_a_table(shop: Pair) -> None:
