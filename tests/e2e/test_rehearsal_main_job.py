@@ -219,8 +219,12 @@ def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(
     assert summary["final_differences"] == 0 and summary["final_rows_compared"] >= 20_000
     assert summary["reverse_replication_retired"] is True
     if fault in ("source-crash-fence", "target-crash-fence"):
-        # And inside the cutover the crash failed its task, whose retry resumed it rather than rolling it back
-        assert "DatabaseUnreachable" in summary["task_errors"] and summary["rollback_kind"] is None
+        # And inside the cutover the crash failed its task, whose retry resumed it rather than rolling it back.
+        # Which error depends on the moment: a statement in flight (OperationalError, seen on a loaded machine)
+        # or a connection refused while the server is down (DatabaseUnreachable)
+        failed = summary["lambda_invocations"]["Cutover"]["errors"]
+        assert set(failed) & {"DatabaseUnreachable", "OperationalError"}, failed
+        assert summary["rollback_kind"] is None
     if fault.startswith("router-"):
         # And the cutover waited for the restarted router inside its task, rather than fail and wait for its
         # task's next retry
