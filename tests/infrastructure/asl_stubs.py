@@ -2,7 +2,7 @@
 
 Each stub records its call (function, action or gate phase, when), so a test reads the path taken;
 by default every function is healthy and succeeds; `status` is what Replication's status returns,
-`failures` queues exceptions a call raises, `unhealthy_phase` trips that gate, `reverse_problems` are
+`failures` queues exceptions a call raises (None: that call succeeds), `unhealthy_phase` trips that gate, `reverse_problems` are
 what the rollback window's checks find.
 """
 
@@ -49,7 +49,7 @@ class Stubs:
         # Replies of successive status polls, each over `status` (the last one repeats); none: `status` alone
         self.status_replies: list[dict[str, Any]] = []
         self.unhealthy_phase: str | None = None
-        self.failures: dict[tuple[str, str], list[Exception]] = {}
+        self.failures: dict[tuple[str, str], list[Exception | None]] = {}  # None: that call succeeds
         # What the rollback window's checks find wrong with the back replication, one list per check (the
         # last one repeats)
         self.reverse_problems: list[list[str]] = [[]]
@@ -60,7 +60,9 @@ class Stubs:
         self.calls.append((function, what, time.monotonic()))
         queued = self.failures.get((function, what))
         if queued:
-            raise queued.pop(0)
+            failure = queued.pop(0)
+            if failure is not None:
+                raise failure
 
     def _next_status_reply(self) -> dict[str, Any]:
         if not self.status_replies:
