@@ -195,6 +195,8 @@ def test_an_alarm_during_the_read_shift_rolls_back_and_the_stopped_executions_la
         ("router-restart-fence", "logical"),
         # the target inside a validation chunk, applying changes: the chunk's task is retried
         ("target-crash-validate", "logical"),
+        # the source inside a validation chunk, taking writes: the same, the writers failing while it is down
+        ("source-crash-validate", "logical"),
     ],
 )
 def test_a_server_crash_and_restart_loses_nothing_and_the_migration_completes(
