@@ -103,6 +103,19 @@ class SubscriptionTask:
             finally:
                 target.close()
             self.created = True
+        elif StartReplicationTaskType == "reload-target":
+            # Every table loaded again, then the changes from there: a subscription made anew (its slot too)
+            target = connect(self.target_dsn)
+            try:
+                execute(target, "DROP SUBSCRIPTION dms_emu")
+                execute(
+                    target,
+                    sql.SQL("CREATE SUBSCRIPTION dms_emu CONNECTION {} PUBLICATION dms_emu").format(
+                        sql.Literal(self.source_dsn)
+                    ),
+                )
+            finally:
+                target.close()
         else:
             self._alter("ENABLE")
         return {}
@@ -241,6 +254,49 @@ def test_a_marker_that_never_arrives_aborts_the_cutover_and_the_task_resumes(
     assert result.status == "done" and result.attempt == 2
     shop.wait_caught_up(reverse=True)
     assert_no_difference(shop.diffs())
+
+
+def test_a_start_resumes_a_stopped_task_over_its_rows_and_reloads_it_over_an_emptied_target(
+    dms_shop: tuple[Shop, DmsForwardStream, SubscriptionTask],
+) -> None:
+    # Given the stand-in task streaming, stopped (a cutover undone), and a write on the source meanwhile
+    shop, stream, task = dms_shop
+    stream.stop()
+    until(lambda: stream.status().phase is Phase.STOPPED, 30, "the task to stop")
+    _insert_customer(shop.src, "while-stopped@x")
+    # When it is started again over the target's rows / Then it resumes from its stop, and the write arrives
+    stream.start()
+    assert task.calls[-1] == "start:resume-processing"
+    until(lambda: not _differences(shop), 30, "the resumed task to carry the write made while it was stopped")
+    # Given it is then stopped as an abandon stops it (its teardown: the stack owns the task), and the target
+    # emptied to migrate again, as preflight's target_empty asks, while the source takes one more write
+    stream.teardown()
+    until(lambda: stream.status().phase is Phase.STOPPED, 30, "the task to stop")
+    target = connect(shop.tgt)
+    try:
+        execute(target, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(t.ident for t in TABLES)))
+    finally:
+        target.close()
+    _insert_customer(shop.src, "after-abandon@x")
+    # When the migration starts anew
+    stream.start()
+    # Then the task loads every table again rather than resume (which would bring only the changes since its
+    # stop: every earlier row missing on the target), and both databases end equal
+    assert task.calls[-1] == "start:reload-target"
+    until(lambda: not _differences(shop), 60, "the reloaded task to copy every table again")
+    assert stream.status().phase is Phase.STREAMING
+
+
+def _insert_customer(dsn: str, email: str) -> None:
+    conn = connect(dsn)
+    try:
+        execute(conn, "INSERT INTO customers (email, name) VALUES (%s, 'x')", (email,))
+    finally:
+        conn.close()
+
+
+def _differences(shop: Shop) -> bool:
+    return not all(d.equal for d in shop.diffs())
 
 
 def test_validation_re_checks_wait_for_a_marker_of_their_own_not_the_cutover(

@@ -127,6 +127,28 @@ def test_start_begins_a_ready_task_fresh_and_a_stopped_task_resumes(aws: None) -
         "start_replication_task",
         {"ReplicationTaskArn": arn, "StartReplicationTaskType": "resume-processing"},
     )
+    # And, stopped again, a start asked to reload loads every table again (a migration started anew)
+    engine.stop()
+    engine.start(reload=True)
+    assert calls.calls[-1] == (
+        "start_replication_task",
+        {"ReplicationTaskArn": arn, "StartReplicationTaskType": "reload-target"},
+    )
+
+
+def test_a_task_that_never_ran_starts_fresh_even_when_asked_to_reload(aws: None) -> None:
+    # Given a task DMS has created and not run (DMS refuses any other type for a first run)
+    dms = boto3.client("dms", region_name=REGION)
+    arn = _task(dms)
+    _set_status(arn, "ready")
+    engine, calls = _engine(arn, None)
+    # When started with reload / Then it starts with 'start-replication', and has loaded no table before
+    assert engine.loaded_tables() == []
+    engine.start(reload=True)
+    assert calls.calls[-1] == (
+        "start_replication_task",
+        {"ReplicationTaskArn": arn, "StartReplicationTaskType": "start-replication"},
+    )
 
 
 def test_start_of_a_task_being_created_asks_for_a_retry(aws: None) -> None:

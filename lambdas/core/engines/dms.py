@@ -148,16 +148,21 @@ class DmsEngine(ReplicationEngine):
         self._window = latency_window
 
     # -- start -----------------------------------------------------------------------------
-    def start(self) -> StartResult:
-        """Start the task the first time, resume it after a stop or a recoverable failure;
-        a running task is left alone (idempotent)."""
+    def start(self, *, reload: bool = False) -> StartResult:
+        """Start the task the first time, resume it after a stop or a recoverable failure; with `reload`, a
+        task that ran before loads every table again and then applies the changes from there (DMS's
+        reload-target: a resume would apply only the changes since its stop). A running task is left alone
+        (idempotent)."""
         run = self._describe()
         tables = [t.table for t in self._tables(run)[0]] if run.status in _RUNNING else []
         if run.status in _RUNNING:
             return StartResult(self.name, already_running=True, tables=tables)
         if run.status in _BUSY:
             raise DmsTaskBusy(f"DMS {self._what()} is {run.status}; start it once that finishes")
-        start_type = "start-replication" if run.status in _NEVER_STARTED else "resume-processing"
+        if run.status in _NEVER_STARTED:
+            start_type = "start-replication"  # the only type DMS accepts for a task's first run
+        else:
+            start_type = "reload-target" if reload else "resume-processing"
         if self.target.kind == "task":
             self._dms.start_replication_task(ReplicationTaskArn=self.target.arn, StartReplicationTaskType=start_type)
         else:
@@ -295,6 +300,13 @@ class DmsEngine(ReplicationEngine):
         and DMS drops its slot with the task. Deleting them here would leave the stack drifted."""
         self.stop()
         return TeardownResult(removed=[f"{self._what()} stopped (deleted with the stack)"])
+
+    def loaded_tables(self) -> list[TableName]:
+        """The tables the task's earlier runs loaded, from DMS's table statistics; none for a task that never ran."""
+        run = self._describe()
+        if run.status in _NEVER_STARTED or run.status in _BUSY:
+            return []
+        return sorted({TableName(str(row.get("SchemaName")), str(row.get("TableName"))) for row in self._statistics()})
 
     # -- DMS reads -------------------------------------------------------------------------
     def _what(self) -> str:

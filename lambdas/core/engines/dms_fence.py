@@ -37,6 +37,7 @@ from lambdas.core.engines.base import (
 from lambdas.core.engines.dms import FENCE_MARKER_TABLE as MARKER_TABLE
 from lambdas.core.engines.dms import DmsBehind, DmsEngine
 from lambdas.core.fence import make_writable
+from lambdas.core.tables import TableName
 
 STOP_TIMEOUT_SECONDS = DMS_STOP_TIMEOUT_SECONDS  # how long the cutover waits for DMS to say the task stopped
 
@@ -87,18 +88,42 @@ class DmsForwardStream(ReplicationEngine):
     def start(self) -> StartResult:
         """The marker table on both databases, then the task (started, or resumed: `DmsEngine.start`).
 
-        Before the task's first start the target's copy is emptied: the full load copies the source's
-        rows into it, and rows left by an earlier migration of this database would collide."""
-        first_start = self.engine.status().phase is Phase.NOT_STARTED
+        A task that ran before and is stopped, over a target whose every table it loaded is empty, loads them
+        all again (the migration started anew after an abandon, which stops the task the stack owns, and the
+        target emptied as preflight's `target_empty` asks): resumed, it would apply only the changes made since
+        its stop, and every row from before would be missing on the target. Over a target holding rows it
+        resumes (a cutover undone, a task that failed).
+
+        Before the task's first start, and before a reload, the target's copy of the marker table is emptied:
+        the full load copies the source's rows into it, and rows left by an earlier run would collide."""
+        phase = self.engine.status().phase
+        reload = phase in (Phase.STOPPED, Phase.FAILED) and self._target_empty(self.engine.loaded_tables())
+        fresh = phase is Phase.NOT_STARTED or reload
         for dsn in (self._source_dsn, self._target_dsn):
             conn = self._session(dsn)
             try:
                 ensure_marker_table(conn)
-                if first_start and dsn == self._target_dsn:
+                if fresh and dsn == self._target_dsn:
                     execute(conn, sql.SQL("DELETE FROM {}").format(MARKER_TABLE.ident))
             finally:
                 conn.close()
-        return self.engine.start()
+        return self.engine.start(reload=reload)
+
+    def _target_empty(self, tables: list[TableName]) -> bool:
+        """Whether every one of `tables` but the marker table is empty on the target (one missing there holds
+        nothing); False when there are none to judge by."""
+        judged = [t for t in tables if t != MARKER_TABLE]
+        if not judged:
+            return False
+        conn = self._connect(self._target_dsn, application_name="zdm-dms-start")
+        try:
+            for table in judged:
+                exists = fetch_value(conn, "SELECT to_regclass(%s) IS NOT NULL", (table.regclass,))
+                if exists and fetch_value(conn, sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(table.ident)):
+                    return False
+            return True
+        finally:
+            conn.close()
 
     def status(self) -> ReplicationStatus:
         return self.engine.status()
