@@ -92,33 +92,28 @@ class SubscriptionTask:
                 execute(source, sql.SQL("CREATE PUBLICATION dms_emu FOR TABLE {}").format(names))
             finally:
                 source.close()
-            target = connect(self.target_dsn)
-            try:
-                execute(
-                    target,
-                    sql.SQL("CREATE SUBSCRIPTION dms_emu CONNECTION {} PUBLICATION dms_emu").format(
-                        sql.Literal(self.source_dsn)
-                    ),
-                )
-            finally:
-                target.close()
+            self._subscribe()
             self.created = True
         elif StartReplicationTaskType == "reload-target":
             # Every table loaded again, then the changes from there: a subscription made anew (its slot too)
-            target = connect(self.target_dsn)
-            try:
-                execute(target, "DROP SUBSCRIPTION dms_emu")
-                execute(
-                    target,
-                    sql.SQL("CREATE SUBSCRIPTION dms_emu CONNECTION {} PUBLICATION dms_emu").format(
-                        sql.Literal(self.source_dsn)
-                    ),
-                )
-            finally:
-                target.close()
+            self._subscribe(again=True)
         else:
             self._alter("ENABLE")
         return {}
+
+    def _subscribe(self, *, again: bool = False) -> None:
+        target = connect(self.target_dsn)
+        try:
+            if again:
+                execute(target, "DROP SUBSCRIPTION dms_emu")
+            execute(
+                target,
+                sql.SQL("CREATE SUBSCRIPTION dms_emu CONNECTION {} PUBLICATION dms_emu").format(
+                    sql.Literal(self.source_dsn)
+                ),
+            )
+        finally:
+            target.close()
 
     def stop_replication_task(self, *, ReplicationTaskArn: str) -> dict[str, Any]:
         self.calls.append("stop")
