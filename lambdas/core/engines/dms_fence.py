@@ -86,7 +86,7 @@ class DmsForwardStream(ReplicationEngine):
         return conn
 
     def start(self) -> StartResult:
-        """The marker table on both databases, then the task (started, or resumed: `DmsEngine.start`).
+        """The marker table on both databases, then the task (started, resumed or reloaded: `DmsEngine.start`).
 
         A task that ran before and is stopped, over a target whose every table it loaded is empty, loads them
         all again (the migration started anew after an abandon, which stops the task the stack owns, and the
