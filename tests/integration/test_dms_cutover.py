@@ -262,7 +262,7 @@ def test_a_start_resumes_a_stopped_task_over_its_rows_and_reloads_it_over_an_emp
     # When it is started again over the target's rows / Then it resumes from its stop, and the write arrives
     stream.start()
     assert task.calls[-1] == "start:resume-processing"
-    until(lambda: not _differences(shop), 30, "the resumed task to carry the write made while it was stopped")
+    until(lambda: _equal(shop), 30, "the resumed task to carry the write made while it was stopped")
     # Given it is then stopped as an abandon stops it (its teardown: the stack owns the task), and the target
     # emptied to migrate again, as preflight's target_empty asks, while the source takes one more write
     stream.teardown()
@@ -278,7 +278,7 @@ def test_a_start_resumes_a_stopped_task_over_its_rows_and_reloads_it_over_an_emp
     # Then the task loads every table again rather than resume (which would bring only the changes since its
     # stop: every earlier row missing on the target), and both databases end equal
     assert task.calls[-1] == "start:reload-target"
-    until(lambda: not _differences(shop), 60, "the reloaded task to copy every table again")
+    until(lambda: _equal(shop), 60, "the reloaded task to copy every table again")
     assert stream.status().phase is Phase.STREAMING
 
 
@@ -290,8 +290,8 @@ def _insert_customer(dsn: str, email: str) -> None:
         conn.close()
 
 
-def _differences(shop: Shop) -> bool:
-    return not all(d.equal for d in shop.diffs())
+def _equal(shop: Shop) -> bool:
+    return all(d.equal for d in shop.diffs())
 
 
 def test_validation_re_checks_wait_for_a_marker_of_their_own_not_the_cutover(
