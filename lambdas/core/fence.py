@@ -20,6 +20,9 @@ It is taken in this order, within `timeout` seconds or not at all:
    A session that started after step 3 but holds a write transaction id (it set
    `transaction_read_only = off` itself) is treated like an old one in a transaction.
    Walsenders, replication workers and other background processes are never ended.
+   Sessions `exempt_pids` names are left alone too: a change stream's own (its connector's probes and
+   heartbeats on the source), which the cutover ends right before the catch-up's marker (`end_backends`),
+   so that whatever they might commit still comes before the marker.
 5. The fence holds when the router holds its clients and no session above is left.
 
 If it cannot be taken in time, it is lifted (`ALTER DATABASE ... RESET`, router resumed) and
@@ -232,6 +235,64 @@ def prepared_transactions(conn: Connection) -> list[str]:
 def end_session(conn: Connection, pid: int) -> None:
     # No wait argument: pg_terminate_backend(pid, timeout) polls in 100 ms steps; we poll faster.
     execute(conn, "SELECT pg_terminate_backend(%s)", (pid,))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One server process: its pid and start (microseconds since the epoch). Together they name it even
+    after a restart that hands the pid to another process."""
+
+    pid: int
+    started_us: int
+
+
+_BACKEND_START_US = "(extract(epoch FROM backend_start) * 1000000)::bigint"
+
+
+def sessions_of(conn: Connection, user: str, application_like: str) -> list[Backend]:
+    """The client sessions of this database under `user` whose application name is LIKE `application_like`."""
+    rows = fetch_all(
+        conn,
+        f"SELECT pid, {_BACKEND_START_US} FROM pg_stat_activity"
+        " WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND usename = %s"
+        " AND application_name LIKE %s ORDER BY 1",
+        (user, application_like),
+    )
+    return [Backend(int(r[0]), int(r[1])) for r in rows]
+
+
+def end_backends(
+    conn: Connection,
+    backends: Sequence[Backend],
+    *,
+    timeout: float,
+    poll_interval: float = 0.005,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """End those of `backends` still running (the same pid and start) and return once they are gone, or
+    raise FenceError after `timeout` seconds: whatever they committed is then behind us in the WAL. Returns
+    how many were ended (none the second time)."""
+    if not backends:
+        return 0
+    pids, starts = [b.pid for b in backends], [b.started_us for b in backends]
+    query = (
+        "SELECT pid FROM pg_stat_activity WHERE (pid, "
+        + _BACKEND_START_US
+        + ") IN (SELECT * FROM unnest(%s::int[], %s::bigint[]))"
+    )
+    running = [int(r[0]) for r in fetch_all(conn, query, (pids, starts))]
+    for pid in running:
+        end_session(conn, pid)
+    deadline = clock() + timeout
+    left = running
+    while left:
+        if clock() > deadline:
+            raise FenceError(f"session(s) {', '.join(map(str, left))} did not end within {timeout:g} s of being ended")
+        sleep(poll_interval)
+        left = [int(r[0]) for r in fetch_all(conn, query, (pids, starts))]
+    return len(running)
 
 
 # -- the fence --------------------------------------------------------------------------------

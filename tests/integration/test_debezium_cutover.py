@@ -7,6 +7,7 @@ the change stream, starts native reverse replication, and moves the writer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from cutover_env import (
 
 from lambdas.core.changestream.runtime import PartState
 from lambdas.core.cutover import CutoverAborted, CutoverRunner, Hooks, Operation, Step
-from lambdas.core.db import connect, fetch_value
+from lambdas.core.db import connect, execute, fetch_value
+from lambdas.core.engines.base import FenceReached
 from lambdas.core.engines.debezium import DebeziumEngine
+from lambdas.core.fence import Backend
 from lambdas.core.routers.base import Side
 from rehearsal.broker import Broker
 from rehearsal.compare import Snapshot
@@ -125,5 +128,91 @@ def _exists(dsn: str, customer_id: int) -> bool:
     conn = connect(dsn)
     try:
         return bool(fetch_value(conn, "SELECT EXISTS (SELECT 1 FROM customers WHERE id = %s)", (customer_id,)))
+    finally:
+        conn.close()
+
+
+def test_the_connectors_sessions_outlive_the_fence_and_end_before_the_marker_so_a_slow_cutover_keeps_the_connector(
+    streamed_shop: tuple[Shop, DebeziumEngine],
+) -> None:
+    # Given the change stream running, and a session under the connector's role that calls itself what Debezium
+    # calls its own (as a client could), opened before the cutover
+    shop, engine = streamed_shop
+    # (a change streamed first: Debezium reads a table's columns through its session at the table's first change)
+    conn = connect(shop.app)
+    try:
+        first = fetch_value(conn, "INSERT INTO customers (email, name) VALUES ('first@x', 'first') RETURNING id")
+    finally:
+        conn.close()
+    wait_until(lambda: _exists(shop.tgt, first), 60, "a first change to reach the target", engine)
+    posing = connect(shop.src, application_name="Debezium General")
+    named: list[Backend] = []
+    alive_at_marker: list[int] = []
+    logs: list[str] = []
+    own_source_sessions, wait_for_fence = engine.own_source_sessions, engine.wait_for_fence
+
+    def sessions_named(source: psycopg2.extensions.connection) -> list[Backend]:
+        named.extend(own_source_sessions(source))
+        return named
+
+    def marker_after_the_sessions_ended(source: psycopg2.extensions.connection, timeout: float) -> FenceReached:
+        alive_at_marker.extend(_running(shop.src, named))
+        return wait_for_fence(source, timeout)
+
+    def after_the_fence(operation: Operation, step: Step) -> None:
+        if step is Step.FENCE:
+            # The cutover held past several of the connector's heartbeats (1 s apart), as a router down would
+            # hold it; meanwhile the posing session, which the fence left alone, commits a write
+            time.sleep(3.5)
+            execute(posing, "INSERT INTO customers (email, name) VALUES ('posing@x', 'posing')")
+        if step is Step.CATCH_UP:  # the connector's log, before the retire removes it with the connector
+            logs.append((engine.runtime.workdir / "connector" / "process.log").read_text(errors="replace"))  # type: ignore[attr-defined]
+
+    engine.own_source_sessions = sessions_named  # type: ignore[method-assign]
+    engine.wait_for_fence = marker_after_the_sessions_ended  # type: ignore[method-assign]
+    cutover = runner(shop, engine, Hooks(after_record=after_the_fence))
+    # When the cutover runs
+    result = cutover.cutover()
+    fence = next(s for s in result.steps if s.step == Step.FENCE.value)
+    catch_up = next(s for s in result.steps if s.step == Step.CATCH_UP.value)
+    # Then the fence left the connector's sessions (and the posing one) running, and ended none of them
+    left = {s["pid"] for s in fence.detail["stream_sessions"]}
+    assert posing.get_backend_pid() in left and len(left) >= 2
+    assert not left & {s["pid"] for s in fence.detail["ended_sessions"]}
+    # And the catch-up found every one of them still running (the connector had not lost them and restarted),
+    # ended them, and wrote its marker only once they were gone
+    assert catch_up.detail["stream_sessions_ended"] == len(left)
+    assert alive_at_marker == []
+    assert len(logs) == 1 and "Going to restart connector" not in logs[0]
+    # And the write the posing session committed inside the fence came before the marker: it is on the target
+    assert _email_on(shop.tgt, "posing@x")
+    with pytest.raises(psycopg2.OperationalError):
+        execute(posing, "SELECT 1")
+    posing.close()
+    shop.wait_caught_up(reverse=True)
+    assert_no_difference(shop.diffs())
+
+
+def _running(dsn: str, backends: list[Backend]) -> list[int]:
+    conn = connect(dsn)
+    try:
+        return [
+            b.pid
+            for b in backends
+            if fetch_value(
+                conn,
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+                " AND (extract(epoch FROM backend_start) * 1000000)::bigint = %s",
+                (b.pid, b.started_us),
+            )
+        ]
+    finally:
+        conn.close()
+
+
+def _email_on(dsn: str, email: str) -> bool:
+    conn = connect(dsn)
+    try:
+        return bool(fetch_value(conn, "SELECT EXISTS (SELECT 1 FROM customers WHERE email = %s)", (email,)))
     finally:
         conn.close()

@@ -10,7 +10,17 @@ import pytest
 from psycopg2 import sql
 
 from lambdas.core.db import connect, execute, fetch_value
-from lambdas.core.fence import FenceError, FenceTimeout, fence_position, is_fenced, lift_fence, take_fence
+from lambdas.core.fence import (
+    Backend,
+    FenceError,
+    FenceTimeout,
+    end_backends,
+    fence_position,
+    is_fenced,
+    lift_fence,
+    sessions_of,
+    take_fence,
+)
 from lambdas.core.lsn import current_lsn
 from lambdas.core.routers.base import NoHold, RouterState, Side, TrafficRouter
 
@@ -180,3 +190,36 @@ def test_a_session_that_turns_read_only_off_after_the_fence_is_ended_when_it_wri
     assert fetch_value(control, "SELECT count(*) FROM t WHERE id = 20") == 0
     blocker.close()
     control.close()
+
+
+def test_sessions_left_to_a_stream_outlive_the_fence_until_they_are_ended_by_pid_and_start(db: str) -> None:
+    # Given two sessions a change stream names as its own (its role, an application name Debezium gives), and one
+    # of another application, all connected before the fence
+    ours = [connect(db, application_name=f"Debezium {n}") for n in ("General", "Heartbeat")]
+    other = connect(db, application_name="app")
+    control = connect(db)
+    user = fetch_value(control, "SELECT current_user")
+    left = sessions_of(control, user, "Debezium %")
+    assert {b.pid for b in left} == {c.get_backend_pid() for c in ours}
+    assert sessions_of(control, "nobody", "Debezium %") == []
+    # When the fence is taken leaving them alone
+    result = take_fence(control, DnsLikeRouter(), grace=0.0, timeout=3, exempt_pids=[b.pid for b in left])
+    # Then it ended only the other session; the stream's sessions still run (and could still write)
+    assert [s.application for s in result.ended] == ["app"]
+    for conn in ours:
+        execute(conn, "INSERT INTO t VALUES (%s, 'left')", (conn.get_backend_pid(),))
+    # And a backend named by its pid but another start (the pid handed to a new process) is not ended
+    stale = Backend(left[0].pid, left[0].started_us - 1)
+    assert end_backends(control, [stale], timeout=3) == 0
+    execute(ours[0], "SELECT 1")
+    # And ending them by pid and start returns once both are gone, and the second time ends nothing
+    assert end_backends(control, left, timeout=3) == 2
+    assert (
+        fetch_value(control, "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", ([b.pid for b in left],)) == 0
+    )
+    assert end_backends(control, left, timeout=3) == 0
+    for conn in ours:
+        with pytest.raises(psycopg2.OperationalError):
+            execute(conn, "SELECT 1")
+    for conn in (*ours, other, control):
+        conn.close()

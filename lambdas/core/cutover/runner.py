@@ -91,7 +91,15 @@ from lambdas.core.engines.logical import (
     _subscription,
 )
 from lambdas.core.engines.table_locks import TableLocksBusy
-from lambdas.core.fence import fence_position, is_fenced, lift_fence, make_writable, take_fence
+from lambdas.core.fence import (
+    Backend,
+    end_backends,
+    fence_position,
+    is_fenced,
+    lift_fence,
+    make_writable,
+    take_fence,
+)
 from lambdas.core.lsn import Lsn, LsnWaitTimeout, current_lsn, wait_for_lsn
 from lambdas.core.routers.base import Side, TrafficRouter
 from lambdas.core.schema_compare import Sides
@@ -159,6 +167,7 @@ class ForwardChangeStream(Protocol):
     """The forward replication when it is not native logical replication (engines debezium and dms)."""
 
     def status(self) -> ReplicationStatus: ...
+    def own_source_sessions(self, source: Connection) -> list[Backend]: ...
     def wait_for_fence(self, source: Connection, timeout: float) -> FenceReached: ...
     def start(self) -> StartResult: ...
     def stop(self) -> None: ...
@@ -633,13 +642,17 @@ class CutoverRunner:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         old, new = conns[direction.old], conns[direction.new]
         settings = self.plan.settings
+        stream = self._stream(direction)
         if step is Step.FENCE:
+            # The stream's own sessions outlive the fence until its catch-up (see there).
+            left = stream.own_source_sessions(old) if stream is not None else []
             fence = take_fence(
                 old,
                 self.router,
                 grace=settings.fence_grace_seconds,
                 timeout=settings.fence_timeout_seconds,
                 terminate_long=settings.terminate_long_transactions,
+                exempt_pids=[b.pid for b in left],
                 exempt_subscriptions=[n.subscription for n in (names, back, self.plan.forward) if n is not None],
             )
             lsn = fence_position(old)
@@ -647,14 +660,24 @@ class CutoverRunner:
                 "database": fence.database,
                 "router_held_clients": fence.router_held_clients,
                 "ended_sessions": [asdict(s) for s in fence.ended],
+                "stream_sessions": [asdict(b) for b in left],
                 "lsn": str(lsn),
             }
             return detail, {"fence_lsn": str(lsn), "held_seconds": fence.seconds}
-        stream = self._stream(direction)
         if step is Step.CATCH_UP and stream is not None:
+            # A connector whose session the fence ended fails at its next probe or heartbeat and restarts
+            # (Debezium waits 10 s) before it publishes the marker. So its sessions are ended only now, and
+            # gone before the marker is written: whatever they committed precedes the marker.
+            fenced = store.step_detail(conns[Side.TARGET], self.plan.migration, progress, Step.FENCE) or {}
+            ended = end_backends(
+                old,
+                [Backend(**b) for b in fenced.get("stream_sessions", [])],
+                timeout=settings.fence_timeout_seconds,
+            )
             reached = stream.wait_for_fence(old, settings.catch_up_timeout_seconds)
             return {
                 "signal": "fence marker",
+                "stream_sessions_ended": ended,
                 "waited_seconds": reached.waited_seconds,
                 "marker_seen_seconds": reached.marker_seen_seconds,
                 "reached": reached.marker_lsn,

@@ -318,6 +318,19 @@ def pause_seconds(conn: Connection, migration: str, operation: Operation) -> flo
     return None if value is None else float(value)
 
 
+def step_detail(conn: Connection, migration: str, progress: Progress, step: Step) -> dict[str, Any] | None:
+    """What `step` recorded in this attempt of the operation (its last record; None when it has none)."""
+    value = fetch_value(
+        conn,
+        sql.SQL(
+            "SELECT detail FROM {}.cutover_log WHERE migration = %s AND operation = %s AND attempt = %s AND step = %s"
+            " ORDER BY at DESC LIMIT 1"
+        ).format(sql.Identifier(SCHEMA)),
+        (migration, progress.operation.value, progress.attempt, step.value),
+    )
+    return dict(value) if value is not None else None
+
+
 def history(conn: Connection, migration: str) -> list[dict[str, Any]]:
     """Every recorded step of every attempt, oldest first (for reports)."""
     if not _exists(conn):

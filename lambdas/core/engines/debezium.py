@@ -40,9 +40,12 @@ from lambdas.core.engines.logical import (
     unpublished_problem,
     unpublished_tables,
 )
-from lambdas.core.fence import make_writable
+from lambdas.core.fence import Backend, make_writable, sessions_of
 from lambdas.core.lsn import Lsn, current_lsn
 from lambdas.core.tables import TableName
+
+# Debezium's PostgresConnection names its JDBC sessions "Debezium General", "Debezium Heartbeat", ...
+DEBEZIUM_SESSIONS = "Debezium %"
 
 
 class ChangeStreamBehind(TimeoutError):
@@ -284,6 +287,14 @@ class DebeziumEngine(ReplicationEngine):
         finally:
             target.close()
         return TeardownResult(removed)
+
+    def own_source_sessions(self, source: Connection) -> list[Backend]:
+        """The connector's JDBC sessions on the source (its connection probes, heartbeats and schema reads;
+        the slot's walsender is no client session): those of the connector's role that Debezium names
+        ("Debezium General", ...). The cutover's fence leaves them to its catch-up, which ends them before
+        its marker (`CutoverRunner`)."""
+        user = self.plan.connector.get("database.user")
+        return sessions_of(source, user, DEBEZIUM_SESSIONS) if user else []
 
     def catch_up(self, timeout: float) -> FenceReached:
         """Wait until the target has applied everything the source committed so far (the same marker as

@@ -36,7 +36,7 @@ from lambdas.core.engines.base import (
 )
 from lambdas.core.engines.dms import FENCE_MARKER_TABLE as MARKER_TABLE
 from lambdas.core.engines.dms import DmsBehind, DmsEngine
-from lambdas.core.fence import make_writable
+from lambdas.core.fence import Backend, make_writable
 from lambdas.core.tables import TableName
 
 STOP_TIMEOUT_SECONDS = DMS_STOP_TIMEOUT_SECONDS  # how long the cutover waits for DMS to say the task stopped
@@ -162,6 +162,10 @@ class DmsForwardStream(ReplicationEngine):
             return self.wait_for_fence(source, timeout)
         finally:
             source.close()
+
+    def own_source_sessions(self, source: Connection) -> list[Backend]:
+        """None is known: the fence ends DMS's client sessions on the source like any other (not tested on AWS)."""
+        return []
 
     def pause_applying(self) -> None:
         """Stop the task and wait until DMS says it stopped: nothing is applied after this."""
