@@ -290,11 +290,17 @@ class DebeziumEngine(ReplicationEngine):
 
     def own_source_sessions(self, source: Connection) -> list[Backend]:
         """The connector's JDBC sessions on the source (its connection probes, heartbeats and schema reads;
-        the slot's walsender is no client session): those of the connector's role that Debezium names
-        ("Debezium General", ...). The cutover's fence leaves them to its catch-up, which ends them before
+        the slot's walsender is no client session): those of the role its walsender runs as (its settings
+        may hold only a reference to a secret) that Debezium names ("Debezium General", ...); none while
+        the slot has no walsender. The cutover's fence leaves them to its catch-up, which ends them before
         its marker (`CutoverRunner`)."""
-        user = self.plan.connector.get("database.user")
-        return sessions_of(source, user, DEBEZIUM_SESSIONS) if user else []
+        role = fetch_value(
+            source,
+            "SELECT a.usename FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid"
+            " WHERE s.slot_name = %s",
+            (self.plan.slot,),
+        )
+        return sessions_of(source, str(role), DEBEZIUM_SESSIONS) if role is not None else []
 
     def catch_up(self, timeout: float) -> FenceReached:
         """Wait until the target has applied everything the source committed so far (the same marker as
