@@ -111,11 +111,7 @@ def test_a_cutover_failing_after_the_pause_is_undone_and_the_stream_resumes(
     # Then clients write to the source again and the stream carries those writes to the target
     assert shop.router.state().writer is Side.SOURCE and not shop.router.state().holding
     assert engine.runtime.health().running
-    conn = connect(shop.app)
-    try:
-        new_id = fetch_value(conn, "INSERT INTO customers (email, name) VALUES ('late@x', 'late') RETURNING id")
-    finally:
-        conn.close()
+    new_id = _new_customer(shop.app, "late@x")
     wait_until(lambda: _exists(shop.tgt, new_id), 60, "the write after the undone cutover to reach the target", engine)
     # And a new attempt completes, losing nothing
     result = runner(shop, engine).cutover()
@@ -139,16 +135,13 @@ def test_the_connectors_sessions_outlive_the_fence_and_end_before_the_marker_so_
     # calls its own (as a client could), opened before the cutover
     shop, engine = streamed_shop
     # (a change streamed first: Debezium reads a table's columns through its session at the table's first change)
-    conn = connect(shop.app)
-    try:
-        first = fetch_value(conn, "INSERT INTO customers (email, name) VALUES ('first@x', 'first') RETURNING id")
-    finally:
-        conn.close()
+    first = _new_customer(shop.app, "first@x")
     wait_until(lambda: _exists(shop.tgt, first), 60, "a first change to reach the target", engine)
     posing = connect(shop.src, application_name="Debezium General")
     named: list[Backend] = []
     alive_at_marker: list[int] = []
     logs: list[str] = []
+    written: list[int] = []
     own_source_sessions, wait_for_fence = engine.own_source_sessions, engine.wait_for_fence
 
     def sessions_named(source: psycopg2.extensions.connection) -> list[Backend]:
@@ -166,7 +159,9 @@ def test_the_connectors_sessions_outlive_the_fence_and_end_before_the_marker_so_
             # The cutover held past several of the connector's heartbeats (1 s apart), as a router down would
             # hold it; meanwhile the posing session, which the fence left alone, commits a write
             time.sleep(3.5)
-            execute(posing, "INSERT INTO customers (email, name) VALUES ('posing@x', 'posing')")
+            written.append(
+                fetch_value(posing, "INSERT INTO customers (email, name) VALUES ('posing@x', 'x') RETURNING id")
+            )
 
     engine.own_source_sessions = sessions_named  # type: ignore[method-assign]
     engine.wait_for_fence = marker_after_the_sessions_ended  # type: ignore[method-assign]
@@ -185,7 +180,7 @@ def test_the_connectors_sessions_outlive_the_fence_and_end_before_the_marker_so_
     assert alive_at_marker == []
     assert len(logs) == 1 and "Going to restart connector" not in logs[0]
     # And the write the posing session committed inside the fence came before the marker: it is on the target
-    assert _email_on(shop.tgt, "posing@x")
+    assert _exists(shop.tgt, written[0])
     with pytest.raises(psycopg2.OperationalError):
         execute(posing, "SELECT 1")
     posing.close()
@@ -210,9 +205,9 @@ def _running(dsn: str, backends: list[Backend]) -> list[int]:
         conn.close()
 
 
-def _email_on(dsn: str, email: str) -> bool:
+def _new_customer(dsn: str, email: str) -> int:
     conn = connect(dsn)
     try:
-        return bool(fetch_value(conn, "SELECT EXISTS (SELECT 1 FROM customers WHERE email = %s)", (email,)))
+        return int(fetch_value(conn, "INSERT INTO customers (email, name) VALUES (%s, 'x') RETURNING id", (email,)))
     finally:
         conn.close()
