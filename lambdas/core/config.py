@@ -762,7 +762,9 @@ class Migration(_Model):
 
     @model_validator(mode="after")
     def _cutover_fits_its_function(self) -> Migration:
-        cut = self.cutover.fence_timeout_seconds + self.cutover.catch_up_timeout_seconds
+        # catch_up_timeout_seconds twice: the wait for a replication streaming without problems before the
+        # fence (`CutoverRunner._check_ready`), then the catch-up inside it
+        cut = self.cutover.fence_timeout_seconds + 2 * self.cutover.catch_up_timeout_seconds
         if self.engine.type == "dms":
             cut += DMS_STOP_TIMEOUT_SECONDS
         router = 0.0
@@ -773,8 +775,8 @@ class Migration(_Model):
         if cut + router > CUTOVER_WAIT_BUDGET_SECONDS:
             where = "router" if router > cut else "cutover"
             raise ValueError(
-                f"{where}: a cutover may wait {cut + router:g} s (cutover.fence_timeout_seconds + "
-                "catch_up_timeout_seconds + the router's insync/registration timeouts"
+                f"{where}: a cutover may wait {cut + router:g} s (cutover.fence_timeout_seconds + twice "
+                "catch_up_timeout_seconds, before the fence and inside it, + the router's insync/registration timeouts"
                 + (f" + {DMS_STOP_TIMEOUT_SECONDS:g} s for the DMS task to stop" if self.engine.type == "dms" else "")
                 + "), more than the "
                 f"{CUTOVER_WAIT_BUDGET_SECONDS:g} s the Cutover function has for them (it is stopped at 15 minutes, "

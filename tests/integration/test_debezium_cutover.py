@@ -20,11 +20,12 @@ from cutover_env import (
     clean_up,
     cutover_under_writes,
     longest_gap,
+    read_only_error,
     start_shop,
 )
 
 from lambdas.core.changestream.runtime import PartState
-from lambdas.core.cutover import CutoverAborted, CutoverRunner, Hooks, Operation, Step
+from lambdas.core.cutover import CutoverAborted, CutoverNotReady, CutoverRunner, Hooks, Operation, Step
 from lambdas.core.db import connect, execute, fetch_value
 from lambdas.core.engines.base import FenceReached
 from lambdas.core.engines.debezium import DebeziumEngine
@@ -209,5 +210,53 @@ def _new_customer(dsn: str, email: str) -> int:
     conn = connect(dsn)
     try:
         return int(fetch_value(conn, "INSERT INTO customers (email, name) VALUES (%s, 'x') RETURNING id", (email,)))
+    finally:
+        conn.close()
+
+
+def test_a_cutover_waits_for_the_connector_to_read_its_slot_again_before_its_fence(
+    streamed_shop: tuple[Shop, DebeziumEngine],
+) -> None:
+    # Given the connector's walsender ended (its connection lost, as when the source restarts): Debezium waits
+    # 10 s before it starts streaming again, and meanwhile nothing reads its slot
+    shop, engine = streamed_shop
+    conn = connect(shop.src)
+    try:
+        execute(
+            conn,
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s",
+            (engine.plan.slot,),
+        )
+    finally:
+        conn.close()
+    wait_until(lambda: not _slot_read(shop.src, engine.plan.slot), 30, "the slot to lose its reader")
+    read_at_fence: list[bool] = []
+
+    def at_the_fence(operation: Operation, step: Step) -> None:
+        if step is Step.FENCE:
+            read_at_fence.append(_slot_read(shop.src, engine.plan.slot))
+
+    # When a cutover allowed 2 s to catch up starts meanwhile
+    impatient = CutoverRunner(
+        shop.src, shop.tgt, shop.router, shop.plan(catch_up_timeout_seconds=2.0), forward_stream=engine
+    )
+    # Then it refuses, naming the slot, and changes nothing: no fence, the writer still on the source
+    with pytest.raises(CutoverNotReady, match=rf"its slot {engine.plan.slot} had no reader connected"):
+        impatient.cutover()
+    assert read_at_fence == [] and shop.router.state().writer is Side.SOURCE
+    assert read_only_error(shop.src) is None
+    # And a cutover with the default 30 s takes its fence only once the connector reads the slot again (the wait
+    # comes before the write pause), and completes, losing nothing
+    result = runner(shop, engine, Hooks(before_record=at_the_fence)).cutover()
+    assert read_at_fence == [True]
+    assert result.status == "done"
+    shop.wait_caught_up(reverse=True)
+    assert_no_difference(shop.diffs())
+
+
+def _slot_read(dsn: str, slot: str) -> bool:
+    conn = connect(dsn)
+    try:
+        return bool(fetch_value(conn, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)))
     finally:
         conn.close()

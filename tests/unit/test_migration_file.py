@@ -485,6 +485,8 @@ def test_a_boolean_or_a_non_finite_number_is_refused_naming_the_field(sections: 
     ("sections", "field"),
     [
         ({"cutover": {"catch_up_timeout_seconds": 1200}}, "cutover"),
+        # waited twice (before the fence for a streaming replication, inside it for the catch-up): 5 + 2 x 420 s
+        ({"cutover": {"catch_up_timeout_seconds": 420}}, "cutover"),
         (
             {"router": {"type": "route53", "route53": {"hosted_zone_id": "Z1", "insync_timeout_seconds": 1000}}},
             "router",

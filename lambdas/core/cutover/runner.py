@@ -583,15 +583,27 @@ class CutoverRunner:
         what = f"replication {direction.old.value} -> {direction.new.value} ({'change stream' if stream else names.subscription})"
         # PostgreSQL's launcher starts apply workers at most once per wal_retrieve_retry_interval
         # (5 s) per server: a subscription created or enabled moments ago may not run yet.
-        deadline = self._clock() + self.plan.settings.catch_up_timeout_seconds
+        # Nor may a cutover fence while nothing reads the slot (a Debezium connector waits 10 s before it
+        # restarts after a lost connection): its catch-up would wait for the reader inside the write pause.
+        timeout = self.plan.settings.catch_up_timeout_seconds
+        deadline = self._clock() + timeout
         while True:
             status = engine.status()
             if status.phase is not Phase.STREAMING:
                 raise CutoverNotReady(f"{what} is {status.phase.value}, not streaming: nothing was changed")
-            if not status.problems:
+            slot = status.slot
+            unread = (
+                slot if direction.operation is Operation.CUTOVER and slot and slot.exists and not slot.active else None
+            )
+            if not status.problems and unread is None:
                 break
             if self._clock() > deadline:
-                raise CutoverNotReady(f"{what} has problems: {'; '.join(status.problems)}; nothing was changed")
+                if status.problems:
+                    raise CutoverNotReady(f"{what} has problems: {'; '.join(status.problems)}; nothing was changed")
+                raise CutoverNotReady(
+                    f"{what}: its slot {unread.name if unread else ''} had no reader connected through a wait of "
+                    f"{timeout:g} s (restarting, or down); nothing was changed"
+                )
             time.sleep(0.1)
         lagging = lag_problem(what, status, self.plan.max_lag_bytes)
         if lagging is not None:
