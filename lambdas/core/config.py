@@ -251,12 +251,19 @@ class DebeziumSettings(_Model):
     snapshot_fetch_size: int = Field(default=10_240, ge=100, description="rows per fetch in the initial snapshot")
     max_batch_size: int = Field(default=4096, ge=1, description="Debezium's max.batch.size (events per poll)")
     max_retries: int = Field(
-        default=30,
+        default=100,
         ge=-1,
         description="Debezium's errors.max.retries: a failure it deems retriable (a lost connection, but also a "
-        "refused read) is retried this many times, about 10 s apart, before the connector fails and the "
-        "engine reports it; -1 retries without end (Debezium's default, which shows a lasting failure as a "
-        "copy that never ends)",
+        "refused read) is retried this many times, restart_wait_ms apart (100 x 3 s: about 5 minutes, an RDS "
+        "failover's time and more), before the connector fails and the engine reports it; -1 retries without "
+        "end (Debezium's default, which shows a lasting failure as a copy that never ends)",
+    )
+    restart_wait_ms: int = Field(
+        default=3_000,
+        ge=100,
+        description="Debezium's retriable.restart.connector.wait.ms: how long the connector waits after a lost "
+        "connection (or another retriable failure) before it starts again (Debezium's default: 10,000); until then nothing reads its slot, and a "
+        "cutover waits for it",
     )
 
     @field_validator("topic_prefix")

@@ -218,7 +218,7 @@ def test_a_cutover_waits_for_the_connector_to_read_its_slot_again_before_its_fen
     streamed_shop: tuple[Shop, DebeziumEngine],
 ) -> None:
     # Given the connector's walsender ended (its connection lost, as when the source restarts): Debezium waits
-    # 10 s before it starts streaming again, and meanwhile nothing reads its slot
+    # `restart_wait_ms` (3 s) before it starts streaming again, and meanwhile nothing reads its slot
     shop, engine = streamed_shop
     conn = connect(shop.src)
     try:
@@ -236,9 +236,9 @@ def test_a_cutover_waits_for_the_connector_to_read_its_slot_again_before_its_fen
         if step is Step.FENCE:
             read_at_fence.append(_slot_read(shop.src, engine.plan.slot))
 
-    # When a cutover allowed 2 s to catch up starts meanwhile
+    # When a cutover allowed 0.5 s to catch up starts meanwhile
     impatient = CutoverRunner(
-        shop.src, shop.tgt, shop.router, shop.plan(catch_up_timeout_seconds=2.0), forward_stream=engine
+        shop.src, shop.tgt, shop.router, shop.plan(catch_up_timeout_seconds=0.5), forward_stream=engine
     )
     # Then it refuses, naming the slot, and changes nothing: no fence, the writer still on the source
     with pytest.raises(CutoverNotReady, match=rf"its slot {engine.plan.slot} had no reader connected"):

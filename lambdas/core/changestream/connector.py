@@ -105,6 +105,7 @@ def connector_properties(
         "snapshot.fetch.size": str(settings.snapshot_fetch_size),
         "max.batch.size": str(settings.max_batch_size),
         "errors.max.retries": str(settings.max_retries),
+        "retriable.restart.connector.wait.ms": str(settings.restart_wait_ms),
         # How long the connector waits to fill a batch (default 500 ms): the cutover's fence marker,
         # alone in its batch, would wait that long while clients are held.
         "poll.interval.ms": "20",

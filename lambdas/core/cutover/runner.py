@@ -583,7 +583,7 @@ class CutoverRunner:
         what = f"replication {direction.old.value} -> {direction.new.value} ({'change stream' if stream else names.subscription})"
         # PostgreSQL's launcher starts apply workers at most once per wal_retrieve_retry_interval
         # (5 s) per server: a subscription created or enabled moments ago may not run yet.
-        # Nor may a cutover fence while nothing reads the slot (a Debezium connector waits 10 s before it
+        # Nor may a cutover fence while nothing reads the slot (a Debezium connector waits `restart_wait_ms` before it
         # restarts after a lost connection): its catch-up would wait for the reader inside the write pause.
         timeout = self.plan.settings.catch_up_timeout_seconds
         deadline = self._clock() + timeout
@@ -678,7 +678,7 @@ class CutoverRunner:
             return detail, {"fence_lsn": str(lsn), "held_seconds": fence.seconds}
         if step is Step.CATCH_UP and stream is not None:
             # A connector whose session the fence ended fails at its next probe or heartbeat and restarts
-            # (Debezium waits 10 s) before it publishes the marker. So its sessions are ended only now, and
+            # (`restart_wait_ms` later) before it publishes the marker. So its sessions are ended only now, and
             # gone before the marker is written: whatever they committed precedes the marker.
             fenced = store.step_detail(conns[Side.TARGET], self.plan.migration, progress, Step.FENCE) or {}
             ended = end_backends(
