@@ -176,8 +176,8 @@ FAULT_HELP = {
     "later: the rollback's task is retried and resumes from its records, every write of the target on the source",
     "target-crash-rollback": "the same, crashing the target, fenced by the rollback and holding the writes the "
     "source catches up on",
-    "source-crash-validate": "crash the source inside a validation chunk's task (its first key range compared, "
-    f"the chunks cut into slices of {IN_A_CHUNK_SLICE_ROWS:,} rows so that more are to come) and start it again 3 s "
+    "source-crash-validate": "crash the source inside a validation chunk's task (one with key ranges left to "
+    f"compare, the chunks cut into slices of {IN_A_CHUNK_SLICE_ROWS:,} rows) and start it again 3 s "
     "later: the chunk's task fails and is retried, comparing the chunk anew; the validation finds no difference and "
     "the migration completes",
     "target-crash-validate": "the same, crashing the target, which is applying the source's changes as the chunks "
@@ -287,8 +287,10 @@ def at_the_cutovers_fence(
 def in_a_validation_chunk(
     handler: Callable[[dict[str, Any], Any], Any], fault: str, injected: list[str], act: Callable[[], None]
 ) -> Callable[[dict[str, Any], Any], Any]:
-    """The validation chunk handler; once, in the first chunk to have compared a piece of its key range with more
-    of it to come, `act` runs in it (the crash faults: it returns once the server is down)."""
+    """The validation chunk handler; once, in the first chunk of more than one slice with slices still to compare
+    (at its start, or between its pieces), `act` runs in it (the crash faults: it returns once the server is
+    down). Not only between pieces: once the table's policy is informed (chunks share it, in any order the Map
+    runs them) a chunk compares all its slices in one piece, and reports no step between them."""
     from lambdas.core.validation import compare_chunk as original
     from lambdas.handlers import validate_chunk as chunk_handler
 
@@ -301,7 +303,7 @@ def in_a_validation_chunk(
         def step(seen: Any) -> None:
             if on_step is not None:
                 on_step(seen)
-            if seen.step != "key ranges" or not 0 < seen.done < (seen.total or 0):
+            if seen.step != "key ranges" or (seen.total or 0) < 2 or seen.done >= seen.total:
                 return
             with lock:
                 if injected:
