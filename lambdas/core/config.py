@@ -262,8 +262,8 @@ class DebeziumSettings(_Model):
         default=3_000,
         ge=100,
         description="Debezium's retriable.restart.connector.wait.ms: how long the connector waits after a lost "
-        "connection (or another retriable failure) before it starts again (Debezium's default: 10,000); until then nothing reads its slot, and a "
-        "cutover waits for it",
+        "connection (or another retriable failure) before it starts again (Debezium's default: 10,000); until "
+        "then nothing reads its slot, and a cutover waits for it",
     )
 
     @field_validator("topic_prefix")

@@ -194,7 +194,7 @@ def test_an_alarm_during_the_read_shift_rolls_back_and_the_stopped_executions_la
         # ... back 1 s before the switch: the writers reconnecting through it meet the source's fence
         ("router-restart-fence", "logical"),
         # the same under the change stream: the connector's own sessions outlive the fence, so it does not restart
-        # (10 s) before publishing the catch-up's marker while the writers are refused
+        # (restart_wait_ms later) before publishing the catch-up's marker while the writers are refused
         ("router-restart-fence", "debezium"),
         # the target inside a validation chunk, applying changes: the chunk's task is retried
         ("target-crash-validate", "logical"),
