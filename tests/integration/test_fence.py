@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -223,3 +225,27 @@ def test_sessions_left_to_a_stream_outlive_the_fence_until_they_are_ended_by_pid
             execute(conn, "SELECT 1")
     for conn in (*ours, other, control):
         conn.close()
+
+
+def test_ending_sessions_gives_up_with_an_error_naming_them_when_one_does_not_end_in_time(db: str) -> None:
+    # Given a stream's session whose server process is stopped (SIGSTOP: it cannot act on being ended, as a
+    # backend stuck in I/O), connected before the fence
+    stuck = connect(db, application_name="Debezium General")
+    control = connect(db)
+    (left,) = sessions_of(control, fetch_value(control, "SELECT current_user"), "Debezium %")
+    os.kill(left.pid, signal.SIGSTOP)
+    try:
+        # When the catch-up ends it with a timeout of 0.3 s
+        started = time.monotonic()
+        with pytest.raises(FenceError, match=rf"session\(s\) {left.pid} did not end within 0.3 s"):
+            end_backends(control, [left], timeout=0.3)
+        # Then it gave up after about that long, naming the session (a cutover's catch-up aborts on it)
+        assert 0.3 <= time.monotonic() - started < 3
+        assert fetch_value(control, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (left.pid,)) == 1
+    finally:
+        os.kill(left.pid, signal.SIGCONT)
+    # And once the process runs again it ends, and a second call returns as soon as it is gone
+    assert end_backends(control, [left], timeout=5) in (0, 1)
+    assert fetch_value(control, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (left.pid,)) == 0
+    stuck.close()
+    control.close()
