@@ -29,6 +29,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -436,18 +437,40 @@ def pg15_and_16() -> Iterator[tuple[PostgresServer, PostgresServer]]:
         yield pair
 
 
-@pytest.fixture
-def dbs_15_and_16(pg15_and_16: tuple[PostgresServer, PostgresServer]) -> Iterator[tuple[str, str]]:
-    source, target = pg15_and_16
-    name = f"r{next(_databases)}"
-    source.create_database(name)
-    target.create_database(name)
-    yield source.dsn(name), target.dsn(name)
-    for server in pg15_and_16:
-        server.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+@contextmanager
+def one_database(servers: tuple[PostgresServer, PostgresServer], name: str) -> Iterator[tuple[str, str]]:
+    """A database of `name` on both servers for the module (creating one per case would take longer than the
+    cases); dropped after."""
+    for server in servers:
+        server.create_database(name)
+    try:
+        yield servers[0].dsn(name), servers[1].dsn(name)
+    finally:
+        for server in servers:
+            server.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-_databases = iter(range(1_000_000))
+@pytest.fixture(scope="module")
+def module_dbs(pg_pair: tuple[PostgresServer, PostgresServer]) -> Iterator[tuple[str, str]]:
+    with one_database(pg_pair, "random_tables") as dsns:
+        yield dsns
+
+
+@pytest.fixture(scope="module")
+def module_dbs_15_and_16(pg15_and_16: tuple[PostgresServer, PostgresServer]) -> Iterator[tuple[str, str]]:
+    with one_database(pg15_and_16, "random_tables") as dsns:
+        yield dsns
+
+
+def without_the_table(dsns: tuple[str, str]) -> tuple[str, str]:
+    """The pair, with the previous case's table dropped on both sides."""
+    for dsn in dsns:
+        conn = connect(dsn)
+        try:
+            execute(conn, sql.SQL("DROP TABLE IF EXISTS {}").format(TABLE.ident))
+        finally:
+            conn.close()
+    return dsns
 
 
 def check_case(src: str, tgt: str, case: Case) -> None:
@@ -464,23 +487,23 @@ def check_case(src: str, tgt: str, case: Case) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed_{s}")
-def test_the_validator_reports_exactly_what_a_full_comparison_finds(fresh_dbs: tuple[str, str], seed: int) -> None:
+def test_the_validator_reports_exactly_what_a_full_comparison_finds(module_dbs: tuple[str, str], seed: int) -> None:
     # Given a random table on both servers, the target's copy changed at random
     # When the validator compares them
     # Then it reports exactly what comparing every column of every row finds, and nothing else
-    check_case(*fresh_dbs, make_case(seed))
+    check_case(*without_the_table(module_dbs), make_case(seed))
 
 
 @pytest.mark.parametrize("seed", range(14, 28), ids=lambda s: f"seed_{s}")
 def test_across_postgresql_15_and_16_the_validator_reports_exactly_what_a_full_comparison_finds(
-    dbs_15_and_16: tuple[str, str], seed: int
+    module_dbs_15_and_16: tuple[str, str], seed: int
 ) -> None:
     # Given a random table on a PostgreSQL 15 source and a 16 target (one seed per key kind), changed at random
     case = make_case(seed)
     if KEY_KINDS[case.key].collation == "und-x-icu":
         case = replace(case, key="text-default")  # the PostgreSQL 16 build (pgserver) has no ICU
     # When validated, then exactly what a full comparison finds is reported
-    check_case(*dbs_15_and_16, case)
+    check_case(*without_the_table(module_dbs_15_and_16), case)
 
 
 # -- under live replication ----------------------------------------------------------------------------
