@@ -13,11 +13,13 @@ import psycopg2
 import pytest
 from psycopg2.extensions import parse_dsn
 
+from lambdas.core.catalog import describe_tables
 from lambdas.core.config import LogicalSettings, Migration, parse_migration
 from lambdas.core.db import Connection, connect, execute, fetch_value
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
 from lambdas.core.fence import FenceError, take_fence
 from lambdas.core.preflight import LocalDiskProbe, PreflightReport, format_report, run_preflight
+from lambdas.core.preflight.facts import array_shapes
 from lambdas.core.sequences import SequenceSyncError, sync_sequences
 from lambdas.core.tables import TableName
 from rehearsal.sample import create_schema, load_data
@@ -698,6 +700,52 @@ def test_debezium_engine_fails_columns_its_connector_leaves_out_or_cannot_carry(
         "public.odd.bx",
         "public.odd.opens",
     ]
+
+
+def test_debezium_engine_fails_arrays_it_would_send_wrongly_found_by_scanning_the_source(dbs: Pair) -> None:
+    # Given array columns: one holding a 2-D value, one a value whose first index is 0, and one holding only
+    # one-dimensional arrays from index 1, empty arrays and NULLs (a generated array column is never sent)
+    dbs.both(
+        "CREATE TABLE grids (id int PRIMARY KEY, grid integer[], shifted text[], plain text[],"
+        " twice integer[] GENERATED ALWAYS AS (ARRAY[id, id]) STORED); ALTER TABLE grids REPLICA IDENTITY FULL"
+    )
+    execute(
+        dbs.source,
+        "INSERT INTO grids (id, grid, shifted, plain) VALUES (1, '{{1,2},{3,4}}', '{a}', '{x,y}'),"
+        " (2, '{5}', '[0:1]={b,c}', '{}'), (3, NULL, NULL, NULL), (4, '{{7}}', '{d}', '{z}')",
+    )
+    timeout = fetch_value(dbs.source, "SELECT current_setting('statement_timeout')")
+    # When the preflight runs for engine debezium
+    check = dbs.preflight(engine={"type": "debezium"}).get("change_stream_types")
+    # Then it fails naming the two columns and how many such values each holds, not the others
+    assert check.status == "fail"
+    assert check.details == ["public.grids.grid (integer[]): 2 value(s)", "public.grids.shifted (text[]): 1 value(s)"]
+    assert "'{{1,2},{3,4}}' arrives as '{NULL,NULL}'" in check.remedy
+    assert fetch_value(dbs.source, "SELECT current_setting('statement_timeout')") == timeout  # put back as it was
+    # And once the values are one-dimensional from index 1 it only warns, naming every array column
+    execute(dbs.source, "UPDATE grids SET grid = '{1}', shifted = '{b}' WHERE id IN (1, 2, 4)")
+    clean = dbs.preflight(engine={"type": "debezium"}).get("change_stream_types")
+    assert (clean.status, clean.details) == (
+        "warn",
+        ["public.grids.grid", "public.grids.shifted", "public.grids.plain"],
+    )
+    # And the logical engine, which carries arrays as they are, scans nothing
+    assert dbs.preflight().get("change_stream_types").status == "pass"
+
+
+def test_the_array_scan_names_the_tables_it_had_no_time_for_and_puts_the_timeout_back(dbs: Pair) -> None:
+    # Given a table of 300,000 rows with an array column, and a session statement timeout of 10 minutes
+    execute(dbs.source, "CREATE TABLE big (id int PRIMARY KEY, tags text[])")
+    execute(dbs.source, "INSERT INTO big SELECT g, ARRAY[g::text] FROM generate_series(1, 300000) g")
+    execute(dbs.source, "SET statement_timeout = '10min'")
+    infos = describe_tables(dbs.source, [TableName("public", "big")])
+    # When the scan has 5 ms for it, and then nothing left
+    found, unscanned = array_shapes(dbs.source, infos.values(), budget_seconds=0.005)
+    # Then the table is named as not scanned, nothing as found, and the session's timeout is as it was
+    assert (found, unscanned) == ([], [TableName("public", "big")])
+    assert fetch_value(dbs.source, "SELECT current_setting('statement_timeout')") == "10min"
+    # And with time enough it scans it and finds nothing
+    assert array_shapes(dbs.source, infos.values()) == ([], [])
 
 
 def test_a_target_that_reaches_the_source_database_fails_before_anything_else(fresh_dbs: tuple[str, str]) -> None:

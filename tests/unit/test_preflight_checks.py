@@ -1032,9 +1032,10 @@ def test_debezium_engine_refuses_arrays_it_would_send_as_null_unless_replica_ide
     # array's elements before 1582, see below)
     full = table(columns=columns, replica_identity="f")
     assert checks.check_change_stream_types(facts(engine="debezium", tables=tables(full))).status == "warn"
-    # And text[] arrays, which Debezium marks, pass as they are
+    # And text[] arrays, which Debezium marks, do not fail (they warn only of the shapes it cannot send, see below)
     marked = table(columns=(Column("id", "bigint", True), Column("tags", "text[]", False)))
-    assert checks.check_change_stream_types(facts(engine="debezium", tables=tables(marked))).status == "pass"
+    result = checks.check_change_stream_types(facts(engine="debezium", tables=tables(marked)))
+    assert (result.status, result.details) == ("warn", ["public.orders.tags"])
 
 
 def stream_types(*columns: tuple[str, str], engine: str = "debezium") -> CheckResult:
@@ -1066,7 +1067,7 @@ def test_debezium_engine_warns_about_arrays_of_dates_and_timestamps_and_numeric(
     # When the engine is debezium it warns, naming each column and what to do
     result = stream_types(*columns, ("names", "text[]"))
     assert result.status == "warn"
-    assert result.details == ["public.orders.amounts", "public.orders.days", "public.orders.stamps"]
+    assert sorted(result.details) == [f"public.orders.{c}" for c in ("amounts", "days", "names", "stamps")]
     assert "1582-10-15" in result.remedy and "NaN" in result.remedy and "engine 'logical'" in result.remedy
 
 
@@ -1099,9 +1100,36 @@ def test_debezium_engine_refuses_types_it_leaves_out_or_cannot_carry(type_name: 
 def test_debezium_engine_takes_the_types_it_carries_exactly() -> None:
     # Given types verified end to end through the real connector (tests/integration/test_debezium_stream.py)
     names = ["bit(8)", "bit(1)", "point", "inet", "cidr", "macaddr", "int4range", "tstzrange", "citext", "ltree"]
-    names += ["xml", "tsvector", "money", "oid", "character(5)", "time(6) without time zone", "inet[]", "real[]"]
+    names += ["xml", "tsvector", "money", "oid", "character(5)", "time(6) without time zone"]
     # Then nothing fails or warns
     assert stream_types(*((f"c{i}", n) for i, n in enumerate(names))).status == "pass"
+    # And arrays of them only warn of the shapes Debezium cannot send (below)
+    result = stream_types(("ips", "inet[]"), ("ratios", "real[]"))
+    assert (result.status, result.details) == ("warn", ["public.orders.ips", "public.orders.ratios"])
+
+
+def test_debezium_engine_refuses_arrays_of_shapes_it_sends_wrongly_and_warns_of_any_array_column() -> None:
+    # Given array columns, one of them holding 2-D values on the source (found by preflight's scan)
+    cols = (Column("id", "bigint", True), Column("grid", "integer[]", False), Column("tags", "text[]", False))
+    info = table(columns=cols, replica_identity="f")
+    found = tables(info, array_shapes=["public.orders.grid (integer[]): 3 value(s)"])
+    # When the engine is debezium it fails, naming the column and what arrives instead, and what to do
+    result = checks.check_change_stream_types(facts(engine="debezium", tables=found))
+    assert result.status == "fail"
+    assert result.details == ["public.orders.grid (integer[]): 3 value(s)"]
+    assert "'{{1,2},{3,4}}' arrives as '{NULL,NULL}'" in result.remedy and "engine 'logical'" in result.remedy
+    assert "1 holding arrays it would send wrongly" in result.measured
+    # And with none on the source now it warns for every array column, giving the CHECK that keeps them out
+    clean = checks.check_change_stream_types(facts(engine="debezium", tables=tables(info)))
+    assert (clean.status, clean.details) == ("warn", ["public.orders.grid", "public.orders.tags"])
+    assert "CHECK (array_ndims(<column>) = 1 AND array_lower(<column>, 1) = 1) NOT VALID" in clean.remedy
+    # And a table whose scan did not finish in time is named as such
+    late = checks.check_change_stream_types(
+        facts(engine="debezium", tables=tables(info, array_shapes_unscanned=[ORDERS]))
+    )
+    assert late.status == "warn" and late.details[0] == "public.orders" and "not scanned in time" in late.remedy
+    # And the other engines carry arrays as they are
+    assert checks.check_change_stream_types(facts(tables=found)).status == "pass"
 
 
 def test_debezium_engine_refuses_composite_columns_the_catalog_names() -> None:

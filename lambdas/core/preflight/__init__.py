@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
@@ -19,6 +20,7 @@ from lambdas.core.preflight.facts import (
     LocalDiskProbe,
     PreflightFacts,
     WalSampler,
+    array_shapes,
     foreign_slots,
     gather_server,
     gather_tables,
@@ -81,6 +83,9 @@ def gather_facts(
     source = gather_server(source_conn)
     target = gather_server(target_conn)
     tables = gather_tables(source_conn, target_conn, list(migration.tables.include), list(migration.tables.exclude))
+    if migration.engine.type == "debezium":  # the logical and DMS engines carry arrays as they are
+        shapes, unscanned = array_shapes(source_conn, tables.source.values())
+        tables = replace(tables, array_shapes=shapes, array_shapes_unscanned=unscanned)
     free_disk = disk_probe.free_bytes(source_conn) if disk_probe is not None else None
     wal = sampler.finish()
     # The forward slot is created on the source, the back one on the target (at cutover); the engine drops a

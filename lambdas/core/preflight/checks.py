@@ -774,6 +774,13 @@ def _debezium_type_problem(column: Column) -> str | None:
     return None
 
 
+# Measured through the real connector (tests/integration/test_debezium_stream.py)
+_ARRAY_SHAPES = (
+    "of more than one dimension, or whose first index is not 1, wrongly and without an error ('{{1,2},{3,4}}' "
+    "arrives as '{NULL,NULL}', '[0:1]={5,6}' as '{5,6}')"
+)
+
+
 def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
     name = "change_stream_types"
     if facts.engine != "debezium":
@@ -792,6 +799,7 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
         and (element := _array_element(c.type)) is not None
         and element not in _MARKED_ARRAY_ELEMENTS
     ]
+    arrays = [f"{i.name}.{c.name}" for i, c in columns if _array_element(c.type) is not None]
     numeric_arrays = [f"{i.name}.{c.name}" for i, c in columns if _array_element(c.type) == "numeric"]
     calendar_arrays = [
         f"{i.name}.{c.name}"
@@ -812,12 +820,28 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
                 "types, and the target would lose the value: set ALTER TABLE <table> REPLICA IDENTITY FULL on the "
                 "listed tables (more WAL per UPDATE/DELETE), exclude them, or use engine 'logical'.",
             ),
+            (
+                facts.tables.array_shapes,
+                f"These columns hold arrays {_ARRAY_SHAPES}: use engine 'logical', exclude these tables, or store "
+                "the values otherwise (jsonb, or one dimension from index 1).",
+            ),
         )
         if items
     ]
     warnings = [
         (items, advice)
         for items, advice in (
+            (
+                [str(t) for t in facts.tables.array_shapes_unscanned],
+                "These tables' array columns were not scanned in time for values of more than one dimension or "
+                "whose first index is not 1.",
+            ),
+            (
+                arrays,
+                f"Debezium sends an array {_ARRAY_SHAPES}; none is on the source now, but one written later would "
+                "reach the target wrong, also after validation: on the source, add CHECK (array_ndims(<column>) = 1 "
+                "AND array_lower(<column>, 1) = 1) NOT VALID to each such column, or use engine 'logical'.",
+            ),
             (numeric_arrays, "Debezium sends NULL for a numeric[] value holding NaN."),
             (
                 calendar_arrays,
@@ -830,7 +854,8 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
     ]
     measured = (
         f"{len(lost)} column(s) of types Debezium cannot carry exactly, "
-        f"{len(unmarked)} array column(s) it could send as NULL when unchanged"
+        f"{len(unmarked)} array column(s) it could send as NULL when unchanged, "
+        f"{len(facts.tables.array_shapes)} holding arrays it would send wrongly"
     )
     if failures:
         details = [item for items, _ in failures for item in items]
@@ -843,7 +868,7 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
             " ".join(advice for _, advice in warnings)
             + " If these columns can hold such values, use engine 'logical'; validation before the cutover would "
             "find such rows.",
-            [item for items, _ in warnings for item in items],
+            list(dict.fromkeys(item for items, _ in warnings for item in items)),
         )
     return CheckResult(name, "pass", measured)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg2
 from psycopg2 import sql
 
 from lambdas.core.catalog import SequenceUse, TableInfo, describe_tables, list_tables, sequences_for_tables
@@ -210,6 +211,10 @@ class TableFacts:
     # Foreign keys of selected tables (on the source) to tables that are not migrated (neither selected nor
     # read through a selected partitioned ancestor).
     references_outside: list[OutsideReference] = field(default_factory=list)
+    # Engine debezium only (`array_shapes`): "table.column (type): N value(s)" for array columns holding
+    # values of more than one dimension or whose first index is not 1, and the tables not scanned in time.
+    array_shapes: list[str] = field(default_factory=list)
+    array_shapes_unscanned: list[TableName] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -714,3 +719,49 @@ def replication_left(source: Connection, target: Connection, base: str, *, back_
         ):
             found.append(f"{side}: subscription {name} ({'enabled' if enabled else 'disabled'})")
     return found
+
+
+# All the tables' array scans together, at most: the Preflight function has 300 s for every read of the checks
+ARRAY_SCAN_SECONDS = 120.0
+
+
+def array_shapes(
+    conn: Connection,
+    tables: Iterable[TableInfo],
+    *,
+    budget_seconds: float = ARRAY_SCAN_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[list[str], list[TableName]]:
+    """Array columns holding values of more than one dimension or whose first index is not 1 (Debezium sends
+    such values wrongly, without an error), as "table.column (type): N value(s)", by one scan of each table
+    with array columns; and the tables whose scan did not fit the budget (each scan stops at what is left)."""
+    found: list[str] = []
+    unscanned: list[TableName] = []
+    deadline = clock() + budget_seconds
+    previous = fetch_value(conn, "SELECT current_setting('statement_timeout')")
+    try:
+        for table in sorted(tables, key=lambda t: t.name):
+            columns = [c for c in table.columns if c.type.endswith("[]") and not c.generated]
+            if not columns:
+                continue
+            left_ms = int((deadline - clock()) * 1000)
+            if left_ms <= 0:
+                unscanned.append(table.name)
+                continue
+            counts = sql.SQL(", ").join(
+                sql.SQL("count(*) FILTER (WHERE array_ndims({c}) > 1 OR array_lower({c}, 1) <> 1)").format(
+                    c=sql.Identifier(c.name)
+                )
+                for c in columns
+            )
+            fetch_value(conn, "SELECT set_config('statement_timeout', %s, false)", (str(left_ms),))
+            try:
+                row = fetch_one(conn, sql.SQL("SELECT {} FROM {}").format(counts, table.name.ident))
+            except psycopg2.errors.QueryCanceled:
+                unscanned.append(table.name)
+                continue
+            assert row is not None
+            found += [f"{table.name}.{c.name} ({c.type}): {n} value(s)" for c, n in zip(columns, row, strict=True) if n]
+    finally:
+        fetch_value(conn, "SELECT set_config('statement_timeout', %s, false)", (previous,))
+    return found, unscanned
