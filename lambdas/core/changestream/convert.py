@@ -67,7 +67,9 @@ _ISO_DATE = re.compile(r"^(\d{4,})-(\d\d)-(\d\d)")
 SPECIAL_VALUES: dict[str, dict[Any, str]] = {
     "timestamp": {9223372036825200000: "infinity", -9223372036832400000: "-infinity"},
     "timestamp_ms": {9223372036825200: "infinity", -9223372036832400: "-infinity"},
-    "date": {-622191234: "infinity", -2147472691: "-infinity", -625821272: "-infinity"},  # the last: in arrays
+    # A date's infinities arrive as one pair of day numbers from the snapshot (and in arrays) and another from
+    # the stream; all four lie outside PostgreSQL's date range, so none can be a real date
+    "date": {-622191234: "infinity", -625821272: "-infinity", -2147472692: "infinity", -2147472691: "-infinity"},
     "numeric": {"NAN": "NaN", "POSITIVE_INFINITY": "Infinity", "NEGATIVE_INFINITY": "-Infinity"},
     "timestamptz": {"+292269055-12-02T23:00:00.000000Z": "-infinity"},
 }
