@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from lambdas.core.changestream.connector import UNAVAILABLE_PLACEHOLDER
-from lambdas.core.changestream.convert import ColumnType, ConversionError, Kind, is_unavailable, to_text
+from lambdas.core.changestream.convert import ColumnType, ConversionError, Kind, is_unavailable, sql_conversion, to_text
 
 
 def text(value: object, sql_type: str) -> str | None:
@@ -320,3 +320,19 @@ def test_point_from_debeziums_struct_keeps_every_double() -> None:
     assert text({"x": 1.5, "y": -2.25, "wkb": "", "srid": None}, "point") == "(1.5,-2.25)"
     with pytest.raises(ConversionError, match="cannot convert a JSON dict to point"):
         text({"wkb": "AQEAAAAAAAAAAAD4PwAAAAAAAALA"}, "point")
+
+
+def test_a_timestamp_debezium_sends_as_the_largest_64_bit_number_is_refused_not_guessed() -> None:
+    # Given the number Debezium sends for every timestamp after 294247-01-10 04:00:54.775807 (read from the
+    # real connector: '294276-12-31 12:00:00' arrived so)
+    saturated = 2**63 - 1
+    # Then converting it fails, saying why, alone and in an array
+    with pytest.raises(ConversionError, match=r"after 294247-01-10 04:00:54\.775807"):
+        to_text(saturated, ColumnType.of("timestamp without time zone"))
+    with pytest.raises(ConversionError, match=r"after 294247-01-10 04:00:54\.775807"):
+        to_text([saturated], ColumnType.of("timestamp(6) without time zone[]"))
+    # And the SQL conversion fails on it too (by a cast of text made of the value, not of a constant)
+    expression = sql_conversion(ColumnType.of("timestamp without time zone")).expression
+    assert f"WHEN {saturated} THEN ('refused: ' || {{0}})::timestamp" in expression
+    # And the number one less is a timestamp like any other
+    assert to_text(saturated - 1, ColumnType.of("timestamp without time zone")) == "294247-01-10 04:00:54.775806"

@@ -74,6 +74,17 @@ SPECIAL_VALUES: dict[str, dict[Any, str]] = {
     "timestamptz": {"+292269055-12-02T23:00:00.000000Z": "-infinity"},
 }
 
+# Values Debezium sends for more than one source value, so that the value is not known: refused (a dead letter).
+# A timestamp past 294247-01-10 04:00:54.775807 (PostgreSQL's last is 294276-12-31) overflows Java's 64-bit
+# microseconds since 1970: Debezium sends the largest number for all of them.
+_LONG_MAX = 2**63 - 1
+REFUSED_VALUES: dict[str, dict[int, str]] = {
+    "timestamp": {
+        _LONG_MAX: "a timestamp after 294247-01-10 04:00:54.775807: Debezium sends every such value as the largest "
+        "64-bit number, so its value is not known; use engine 'logical' for this table"
+    },
+}
+
 
 class Kind(StrEnum):
     TEXT = "text"  # numbers, strings, uuid, interval, ...: the value's own text
@@ -182,7 +193,10 @@ def _with_specials(kind: Kind, type_name: str, otherwise: str) -> str:
         f"WHEN {k if isinstance(k, int) else _quote(k)} THEN {_quote(v)}::{type_name}"
         for k, v in SPECIAL_VALUES[kind.value].items()
     )
-    return f"(CASE {{0}} {cases} ELSE {otherwise} END)"
+    # A refused value fails the statement (the batch is then applied change by change, and `to_text` names why):
+    # by a cast of text made of the value, never a constant, which the planner would fold and fail every time
+    refused = " ".join(f"WHEN {k} THEN ('refused: ' || {{0}})::{type_name}" for k in REFUSED_VALUES.get(kind.value, {}))
+    return f"(CASE {{0}} {cases} {refused} ELSE {otherwise} END)"
 
 
 def _quote(text: str) -> str:
@@ -271,6 +285,9 @@ def to_text(value: Any, column: ColumnType) -> str | None:
 
 
 def _scalar(value: Any, kind: Kind, sql_type: str) -> str:
+    refused = REFUSED_VALUES.get(kind.value, {})
+    if isinstance(value, int) and value in refused:
+        raise ConversionError(refused[value])
     special = SPECIAL_VALUES.get(kind.value)
     if special is not None and isinstance(value, (int, str)) and not isinstance(value, bool) and value in special:
         return special[value]
