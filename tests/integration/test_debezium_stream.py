@@ -22,7 +22,7 @@ from lambdas.core.engines.base import Phase
 from lambdas.core.engines.debezium import DebeziumEngine
 from lambdas.core.engines.table_locks import TableLocksBusy
 from lambdas.core.health import ReplicationSignal, evaluate_health
-from lambdas.core.preflight.facts import array_shapes
+from lambdas.core.preflight.facts import SentWrongly, values_sent_wrongly
 from lambdas.core.tables import TableName
 from rehearsal import sample
 from rehearsal.broker import Broker
@@ -455,9 +455,8 @@ def test_arrays_of_two_dimensions_or_another_first_index_arrive_wrong_without_an
         assert rows[0][2] == "{x,y}" and rows[1][2].startswith("{[Ljava.lang.String;@") and rows[2][2] == "{z}"
         assert fetch_all(target, "SELECT count(*) FROM _zdm.dbz_dead_letters") == [(0,)]
         infos = describe_tables(source, list(tables))
-        assert array_shapes(source, infos.values()) == (
-            ["public.shapes.a (integer[]): 2 value(s)", "public.shapes.t (text[]): 2 value(s)"],
-            [],
+        assert values_sent_wrongly(source, infos.values()) == SentWrongly(
+            ["public.shapes.a (integer[]): 2 value(s)", "public.shapes.t (text[]): 2 value(s)"], [], []
         )
 
 
@@ -501,6 +500,30 @@ def test_infinite_dates_and_timestamps_arrive_exactly_from_the_snapshot_and_from
             )
         }
         assert sent == {1: -622191234, 2: -625821272, 3: -2147472692, 4: -2147472691}
+
+
+def test_a_timestamp_past_what_debezium_can_encode_is_a_dead_letter_not_a_wrong_row(
+    fresh_dbs: tuple[str, str], broker: Broker, tmp_path: Path
+) -> None:
+    # Given a timestamp after 294247-01-10 04:00:54.775807 (valid in PostgreSQL) in a row before the snapshot
+    tables = (TableName("public", "late"),)
+    ddl = "CREATE TABLE late (id int PRIMARY KEY, at timestamp, ats timestamp[])"
+    first = "INSERT INTO late VALUES (1, '294276-12-31 12:00:00', NULL), (2, '2024-01-01', NULL)"
+    with streaming_after_snapshot(fresh_dbs, broker, tmp_path, ddl, first, tables) as (engine, source, target):
+        # When another streams in, and one holds such a timestamp in an array
+        execute(
+            source, "INSERT INTO late VALUES (3, '294270-01-01', NULL), (4, NULL, ARRAY['294270-01-01'::timestamp])"
+        )
+        execute(source, "INSERT INTO late VALUES (5, '294247-01-10 04:00:54.775806', NULL)")
+        engine.wait_for_fence(source, timeout=60)
+        # Then those rows are dead letters saying why, not rows holding 294247-01-10 04:00:54.775807; the rest
+        # (the last timestamp Debezium can encode included) arrive exactly
+        assert fetch_all(target, "SELECT id, at::text FROM late ORDER BY id") == [
+            (2, "2024-01-01 00:00:00"),
+            (5, "294247-01-10 04:00:54.775806"),
+        ]
+        reasons = [r[0] for r in fetch_all(target, "SELECT reason FROM _zdm.dbz_dead_letters ORDER BY id")]
+        assert len(reasons) == 3 and all("after 294247-01-10 04:00:54.775807" in r for r in reasons), reasons
 
 
 MORE_TYPES_SQL = """

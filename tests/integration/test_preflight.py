@@ -19,7 +19,7 @@ from lambdas.core.db import Connection, connect, execute, fetch_value
 from lambdas.core.engines.logical import LogicalEngine, LogicalReplicationPlan, ReplicationNames
 from lambdas.core.fence import FenceError, take_fence
 from lambdas.core.preflight import LocalDiskProbe, PreflightReport, format_report, run_preflight
-from lambdas.core.preflight.facts import array_shapes
+from lambdas.core.preflight.facts import SentWrongly, values_sent_wrongly
 from lambdas.core.sequences import SequenceSyncError, sync_sequences
 from lambdas.core.tables import TableName
 from rehearsal.sample import create_schema, load_data
@@ -702,28 +702,37 @@ def test_debezium_engine_fails_columns_its_connector_leaves_out_or_cannot_carry(
     ]
 
 
-def test_debezium_engine_fails_arrays_it_would_send_wrongly_found_by_scanning_the_source(dbs: Pair) -> None:
+def test_debezium_engine_fails_arrays_and_dates_it_would_send_wrongly_found_by_scanning_the_source(dbs: Pair) -> None:
     # Given array columns: one holding a 2-D value, one a value whose first index is 0, and one holding only
-    # one-dimensional arrays from index 1, empty arrays and NULLs (a generated array column is never sent)
+    # one-dimensional arrays from index 1, empty arrays and NULLs (a generated array column is never sent); and
+    # date columns, one holding dates BC
     dbs.both(
         "CREATE TABLE grids (id int PRIMARY KEY, grid integer[], shifted text[], plain text[],"
-        " twice integer[] GENERATED ALWAYS AS (ARRAY[id, id]) STORED); ALTER TABLE grids REPLICA IDENTITY FULL"
+        " twice integer[] GENERATED ALWAYS AS (ARRAY[id, id]) STORED, born date, seen date);"
+        " ALTER TABLE grids REPLICA IDENTITY FULL"
     )
     execute(
         dbs.source,
-        "INSERT INTO grids (id, grid, shifted, plain) VALUES (1, '{{1,2},{3,4}}', '{a}', '{x,y}'),"
-        " (2, '{5}', '[0:1]={b,c}', '{}'), (3, NULL, NULL, NULL), (4, '{{7}}', '{d}', '{z}')",
+        "INSERT INTO grids (id, grid, shifted, plain, born, seen) VALUES"
+        " (1, '{{1,2},{3,4}}', '{a}', '{x,y}', '0044-03-15 BC', '-infinity'),"
+        " (2, '{5}', '[0:1]={b,c}', '{}', '0001-01-01', 'infinity'), (3, NULL, NULL, NULL, NULL, '2024-01-01'),"
+        " (4, '{{7}}', '{d}', '{z}', '4713-01-01 BC', '0001-01-01')",
     )
     timeout = fetch_value(dbs.source, "SELECT current_setting('statement_timeout')")
     # When the preflight runs for engine debezium
     check = dbs.preflight(engine={"type": "debezium"}).get("change_stream_types")
-    # Then it fails naming the two columns and how many such values each holds, not the others
+    # Then it fails naming the two array columns and the date column holding dates BC, with how many such
+    # values each holds, not the others (a date's -infinity is carried)
     assert check.status == "fail"
-    assert check.details == ["public.grids.grid (integer[]): 2 value(s)", "public.grids.shifted (text[]): 1 value(s)"]
+    assert check.details == [
+        "public.grids.grid (integer[]): 2 value(s)",
+        "public.grids.shifted (text[]): 1 value(s)",
+        "public.grids.born (date): 2 value(s)",
+    ]
     assert "'{{1,2},{3,4}}' arrives as '{NULL,NULL}'" in check.remedy
     assert fetch_value(dbs.source, "SELECT current_setting('statement_timeout')") == timeout  # put back as it was
     # And once the values are one-dimensional from index 1 it only warns, naming every array column
-    execute(dbs.source, "UPDATE grids SET grid = '{1}', shifted = '{b}' WHERE id IN (1, 2, 4)")
+    execute(dbs.source, "UPDATE grids SET grid = '{1}', shifted = '{b}', born = '2000-01-01' WHERE id IN (1, 2, 4)")
     clean = dbs.preflight(engine={"type": "debezium"}).get("change_stream_types")
     assert (clean.status, clean.details) == (
         "warn",
@@ -733,19 +742,19 @@ def test_debezium_engine_fails_arrays_it_would_send_wrongly_found_by_scanning_th
     assert dbs.preflight().get("change_stream_types").status == "pass"
 
 
-def test_the_array_scan_names_the_tables_it_had_no_time_for_and_puts_the_timeout_back(dbs: Pair) -> None:
+def test_the_value_scan_names_the_tables_it_had_no_time_for_and_puts_the_timeout_back(dbs: Pair) -> None:
     # Given a table of 300,000 rows with an array column, and a session statement timeout of 10 minutes
     execute(dbs.source, "CREATE TABLE big (id int PRIMARY KEY, tags text[])")
     execute(dbs.source, "INSERT INTO big SELECT g, ARRAY[g::text] FROM generate_series(1, 300000) g")
     execute(dbs.source, "SET statement_timeout = '10min'")
     infos = describe_tables(dbs.source, [TableName("public", "big")])
     # When the scan has 5 ms for it, and then nothing left
-    found, unscanned = array_shapes(dbs.source, infos.values(), budget_seconds=0.005)
+    scanned = values_sent_wrongly(dbs.source, infos.values(), budget_seconds=0.005)
     # Then the table is named as not scanned, nothing as found, and the session's timeout is as it was
-    assert (found, unscanned) == ([], [TableName("public", "big")])
+    assert scanned == SentWrongly([], [], [TableName("public", "big")])
     assert fetch_value(dbs.source, "SELECT current_setting('statement_timeout')") == "10min"
     # And with time enough it scans it and finds nothing
-    assert array_shapes(dbs.source, infos.values()) == ([], [])
+    assert values_sent_wrongly(dbs.source, infos.values()) == SentWrongly([], [], [])
 
 
 def test_a_target_that_reaches_the_source_database_fails_before_anything_else(fresh_dbs: tuple[str, str]) -> None:

@@ -18,6 +18,7 @@ from lambdas.core.preflight.facts import (
     OutsideReference,
     PreflightFacts,
     RoleFacts,
+    SentWrongly,
     ServerFacts,
     ServerVersion,
     TableFacts,
@@ -1112,22 +1113,27 @@ def test_debezium_engine_refuses_arrays_of_shapes_it_sends_wrongly_and_warns_of_
     # Given array columns, one of them holding 2-D values on the source (found by preflight's scan)
     cols = (Column("id", "bigint", True), Column("grid", "integer[]", False), Column("tags", "text[]", False))
     info = table(columns=cols, replica_identity="f")
-    found = tables(info, array_shapes=["public.orders.grid (integer[]): 3 value(s)"])
+    found = tables(info, sent_wrongly=SentWrongly(["public.orders.grid (integer[]): 3 value(s)"], [], []))
     # When the engine is debezium it fails, naming the column and what arrives instead, and what to do
     result = checks.check_change_stream_types(facts(engine="debezium", tables=found))
     assert result.status == "fail"
     assert result.details == ["public.orders.grid (integer[]): 3 value(s)"]
     assert "'{{1,2},{3,4}}' arrives as '{NULL,NULL}'" in result.remedy and "engine 'logical'" in result.remedy
-    assert "1 holding arrays it would send wrongly" in result.measured
+    assert "1 holding values it would send wrongly" in result.measured
     # And with none on the source now it warns for every array column, giving the CHECK that keeps them out
     clean = checks.check_change_stream_types(facts(engine="debezium", tables=tables(info)))
     assert (clean.status, clean.details) == ("warn", ["public.orders.grid", "public.orders.tags"])
     assert "CHECK (array_ndims(<column>) = 1 AND array_lower(<column>, 1) = 1) NOT VALID" in clean.remedy
     # And a table whose scan did not finish in time is named as such
     late = checks.check_change_stream_types(
-        facts(engine="debezium", tables=tables(info, array_shapes_unscanned=[ORDERS]))
+        facts(engine="debezium", tables=tables(info, sent_wrongly=SentWrongly([], [], [ORDERS])))
     )
     assert late.status == "warn" and late.details[0] == "public.orders" and "not scanned in time" in late.remedy
+    # And dates BC (its snapshot sends them as AD) fail, naming the column
+    bc = tables(table(), sent_wrongly=SentWrongly([], ["public.orders.born (date): 2 value(s)"], []))
+    dated = checks.check_change_stream_types(facts(engine="debezium", tables=bc))
+    assert (dated.status, dated.details) == ("fail", ["public.orders.born (date): 2 value(s)"])
+    assert "'0044-03-15 BC' arrives as '0044-03-15'" in dated.remedy
     # And the other engines carry arrays as they are
     assert checks.check_change_stream_types(facts(tables=found)).status == "pass"
 

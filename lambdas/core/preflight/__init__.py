@@ -20,12 +20,12 @@ from lambdas.core.preflight.facts import (
     LocalDiskProbe,
     PreflightFacts,
     WalSampler,
-    array_shapes,
     foreign_slots,
     gather_server,
     gather_tables,
     replication_left,
     server_version,
+    values_sent_wrongly,
 )
 from lambdas.core.preflight.model import CheckResult, PreflightReport, Status
 from lambdas.core.preflight.report import format_report
@@ -84,8 +84,7 @@ def gather_facts(
     target = gather_server(target_conn)
     tables = gather_tables(source_conn, target_conn, list(migration.tables.include), list(migration.tables.exclude))
     if migration.engine.type == "debezium":  # the logical and DMS engines carry arrays as they are
-        shapes, unscanned = array_shapes(source_conn, tables.source.values())
-        tables = replace(tables, array_shapes=shapes, array_shapes_unscanned=unscanned)
+        tables = replace(tables, sent_wrongly=values_sent_wrongly(source_conn, tables.source.values()))
     free_disk = disk_probe.free_bytes(source_conn) if disk_probe is not None else None
     wal = sampler.finish()
     # The forward slot is created on the source, the back one on the target (at cutover); the engine drops a

@@ -20,6 +20,7 @@ from lambdas.core.preflight.facts import (
     LONG_TRANSACTION_SECONDS,
     TARGET_ROW_COUNT_CAP,
     PreflightFacts,
+    SentWrongly,
     ServerFacts,
     ServerVersion,
 )
@@ -800,6 +801,7 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
         and element not in _MARKED_ARRAY_ELEMENTS
     ]
     arrays = [f"{i.name}.{c.name}" for i, c in columns if _array_element(c.type) is not None]
+    sent_wrongly = facts.tables.sent_wrongly or SentWrongly([], [], [])
     numeric_arrays = [f"{i.name}.{c.name}" for i, c in columns if _array_element(c.type) == "numeric"]
     calendar_arrays = [
         f"{i.name}.{c.name}"
@@ -821,9 +823,15 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
                 "listed tables (more WAL per UPDATE/DELETE), exclude them, or use engine 'logical'.",
             ),
             (
-                facts.tables.array_shapes,
+                sent_wrongly.arrays,
                 f"These columns hold arrays {_ARRAY_SHAPES}: use engine 'logical', exclude these tables, or store "
                 "the values otherwise (jsonb, or one dimension from index 1).",
+            ),
+            (
+                sent_wrongly.bc_dates,
+                "These date columns hold dates BC, which Debezium's snapshot sends as the same day AD ('0044-03-15 "
+                "BC' arrives as '0044-03-15', with no error; its stream sends them right): use engine 'logical' "
+                "or exclude these tables.",
             ),
         )
         if items
@@ -832,9 +840,9 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
         (items, advice)
         for items, advice in (
             (
-                [str(t) for t in facts.tables.array_shapes_unscanned],
-                "These tables' array columns were not scanned in time for values of more than one dimension or "
-                "whose first index is not 1.",
+                [str(t) for t in sent_wrongly.unscanned],
+                "These tables were not scanned in time for arrays of more than one dimension or another first "
+                "index, or dates BC.",
             ),
             (
                 arrays,
@@ -855,7 +863,7 @@ def check_change_stream_types(facts: PreflightFacts) -> CheckResult:
     measured = (
         f"{len(lost)} column(s) of types Debezium cannot carry exactly, "
         f"{len(unmarked)} array column(s) it could send as NULL when unchanged, "
-        f"{len(facts.tables.array_shapes)} holding arrays it would send wrongly"
+        f"{len(sent_wrongly.arrays) + len(sent_wrongly.bc_dates)} holding values it would send wrongly"
     )
     if failures:
         details = [item for items, _ in failures for item in items]

@@ -211,10 +211,9 @@ class TableFacts:
     # Foreign keys of selected tables (on the source) to tables that are not migrated (neither selected nor
     # read through a selected partitioned ancestor).
     references_outside: list[OutsideReference] = field(default_factory=list)
-    # Engine debezium only (`array_shapes`): "table.column (type): N value(s)" for array columns holding
-    # values of more than one dimension or whose first index is not 1, and the tables not scanned in time.
-    array_shapes: list[str] = field(default_factory=list)
-    array_shapes_unscanned: list[TableName] = field(default_factory=list)
+    # Engine debezium only (`values_sent_wrongly`): values it sends wrongly without an error, and the tables
+    # not scanned in time
+    sent_wrongly: SentWrongly | None = None
 
 
 @dataclass(frozen=True)
@@ -721,38 +720,54 @@ def replication_left(source: Connection, target: Connection, base: str, *, back_
     return found
 
 
-# All the tables' array scans together, at most: the Preflight function has 300 s for every read of the checks
-ARRAY_SCAN_SECONDS = 120.0
+# All the tables' scans together, at most: the Preflight function has 300 s for every read of the checks
+VALUE_SCAN_SECONDS = 120.0
 
 
-def array_shapes(
+@dataclass(frozen=True)
+class SentWrongly:
+    """Values on the source that Debezium sends wrongly and without an error ("table.column (type): N value(s)"),
+    found by `values_sent_wrongly`; and the tables whose scan did not fit the budget."""
+
+    arrays: list[str]  # arrays of more than one dimension, or whose first index is not 1
+    bc_dates: list[str]  # dates before 0001-01-01 (its snapshot sends them as the same day AD)
+    unscanned: list[TableName]
+
+
+# (which columns, the condition that finds such a value in column {c})
+_ARRAY_SHAPE = "array_ndims({c}) > 1 OR array_lower({c}, 1) <> 1"
+_BC_DATE = "isfinite({c}) AND {c} < '0001-01-01'::date"
+
+
+def values_sent_wrongly(
     conn: Connection,
     tables: Iterable[TableInfo],
     *,
-    budget_seconds: float = ARRAY_SCAN_SECONDS,
+    budget_seconds: float = VALUE_SCAN_SECONDS,
     clock: Callable[[], float] = time.monotonic,
-) -> tuple[list[str], list[TableName]]:
-    """Array columns holding values of more than one dimension or whose first index is not 1 (Debezium sends
-    such values wrongly, without an error), as "table.column (type): N value(s)", by one scan of each table
-    with array columns; and the tables whose scan did not fit the budget (each scan stops at what is left)."""
-    found: list[str] = []
+) -> SentWrongly:
+    """Scan each table with array or date columns once for values Debezium sends wrongly without an error
+    (`SentWrongly`); each scan stops at what is left of the budget."""
+    found: dict[str, list[str]] = {_ARRAY_SHAPE: [], _BC_DATE: []}
     unscanned: list[TableName] = []
     deadline = clock() + budget_seconds
     previous = fetch_value(conn, "SELECT current_setting('statement_timeout')")
     try:
         for table in sorted(tables, key=lambda t: t.name):
-            columns = [c for c in table.columns if c.type.endswith("[]") and not c.generated]
-            if not columns:
+            probes = [
+                (c, _ARRAY_SHAPE if c.type.endswith("[]") else _BC_DATE)
+                for c in table.columns
+                if not c.generated and (c.type.endswith("[]") or c.type == "date")
+            ]
+            if not probes:
                 continue
             left_ms = int((deadline - clock()) * 1000)
             if left_ms <= 0:
                 unscanned.append(table.name)
                 continue
             counts = sql.SQL(", ").join(
-                sql.SQL("count(*) FILTER (WHERE array_ndims({c}) > 1 OR array_lower({c}, 1) <> 1)").format(
-                    c=sql.Identifier(c.name)
-                )
-                for c in columns
+                sql.SQL("count(*) FILTER (WHERE {})").format(sql.SQL(condition).format(c=sql.Identifier(c.name)))
+                for c, condition in probes
             )
             fetch_value(conn, "SELECT set_config('statement_timeout', %s, false)", (str(left_ms),))
             try:
@@ -761,7 +776,9 @@ def array_shapes(
                 unscanned.append(table.name)
                 continue
             assert row is not None
-            found += [f"{table.name}.{c.name} ({c.type}): {n} value(s)" for c, n in zip(columns, row, strict=True) if n]
+            for (c, condition), n in zip(probes, row, strict=True):
+                if n:
+                    found[condition].append(f"{table.name}.{c.name} ({c.type}): {n} value(s)")
     finally:
         fetch_value(conn, "SELECT set_config('statement_timeout', %s, false)", (previous,))
-    return found, unscanned
+    return SentWrongly(found[_ARRAY_SHAPE], found[_BC_DATE], unscanned)
