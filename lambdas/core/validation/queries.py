@@ -76,10 +76,14 @@ _VALUE_HASH_SQL = {
 
 
 def column_text(column: sql.Composable, type_name: str) -> sql.Composable:
-    """A column's text form. For character/bpchar, its output function's (cast to text drops trailing
-    spaces, which an unconstrained bpchar keeps and a client reads), as ROW(...)::text has it."""
+    """A column's text form: what its output function gives, as a client reads it and ROW(...)::text has it.
+    For character/bpchar and xml, the cast to text gives something else: it drops the trailing spaces an
+    unconstrained bpchar keeps, and gives xml's text as stored, with a default declaration
+    (`<?xml version="1.0"?>`) that the output function leaves out, as COPY, pg_dump and replication do."""
     if type_name == "bpchar" or type_name.startswith("character(") or type_name == "character":
         return sql.SQL("textin(bpcharout({}::bpchar))").format(column)
+    if type_name == "xml":
+        return sql.SQL("textin(xml_out({}))").format(column)
     return sql.SQL("{}::text").format(column)
 
 
