@@ -431,12 +431,23 @@ def change_row(conn: Connection, case: Case, rng: random.Random, key: tuple[str,
     execute(conn, statement, [value, *params])
 
 
-class RandomWriter(threading.Thread):
-    """Inserts, updates and deletes on the source, one a transaction, on its own keys only, until stopped."""
+def move_row(conn: Connection, case: Case, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+    """Change a row's key (every key column) from `old` to `new`."""
+    where, params = by_key(case, old)
+    columns = KEY_KINDS[case.key].columns
+    sets = sql.SQL(", ").join(sql.SQL("{} = %s::" + t).format(sql.Identifier(n)) for n, t in columns)
+    execute(conn, sql.SQL("UPDATE {} SET {} WHERE {}").format(TABLE.ident, sets, where), [*new, *params])
 
-    def __init__(self, dsn: str, case: Case, keys: list[tuple[str, ...]], fresh: list[tuple[str, ...]]) -> None:
+
+class RandomWriter(threading.Thread):
+    """Inserts, updates and deletes on the source (and, with `moves`, key changes), one a transaction, on its own
+    keys only, until stopped."""
+
+    def __init__(
+        self, dsn: str, case: Case, keys: list[tuple[str, ...]], fresh: list[tuple[str, ...]], *, moves: bool = False
+    ) -> None:
         super().__init__(daemon=True)
-        self.dsn, self.case, self.keys, self.fresh = dsn, case, keys, fresh
+        self.dsn, self.case, self.keys, self.fresh, self.moves = dsn, case, keys, fresh, moves
         self.rng = random.Random(case.seed + 5)
         self.stopping = threading.Event()
         self.committed = 0
@@ -448,7 +459,11 @@ class RandomWriter(threading.Thread):
             try:
                 while not self.stopping.is_set():
                     roll = self.rng.random()
-                    if roll < 0.15 and self.fresh:
+                    if self.moves and roll < 0.1 and self.keys and self.fresh:
+                        new = self.fresh.pop()
+                        move_row(conn, self.case, self.keys.pop(self.rng.randrange(len(self.keys))), new)
+                        self.keys.append(new)
+                    elif roll < 0.15 and self.fresh:
                         key = self.fresh.pop()
                         insert_row(conn, self.case, random_row(self.case, self.rng, key))
                         self.keys.append(key)
