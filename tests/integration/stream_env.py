@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from lambdas.core.db import connect
 from lambdas.core.engines.debezium import DebeziumEngine
 from lambdas.core.tables import TableName
 from rehearsal.broker import Broker
@@ -22,6 +23,8 @@ def make_engine(
     tables: Sequence[TableName],
     *,
     name: str = "dbz-test",
+    batch_size: int = 500,
+    batch_window_seconds: float = 0.1,
     **debezium: object,
 ) -> DebeziumEngine:
     """`name` gives the topic prefix: tests sharing a broker use one name each."""
@@ -33,9 +36,18 @@ def make_engine(
         workdir,
         tables,
         debezium={"heartbeat_interval_ms": 1000, **debezium},
-        batch_size=500,
-        batch_window_seconds=0.1,
+        batch_size=batch_size,
+        batch_window_seconds=batch_window_seconds,
     )
+
+
+def fence(engine: DebeziumEngine, src: str, timeout: float = 60) -> None:
+    """Wait until the applier has applied everything the source committed so far (a fence marker)."""
+    source = connect(src)
+    try:
+        engine.wait_for_fence(source, timeout=timeout)
+    finally:
+        source.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, engine: DebeziumEngine | None = None) -> None:

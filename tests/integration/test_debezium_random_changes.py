@@ -24,9 +24,8 @@ from psycopg2 import sql
 from lambdas.core.db import Connection, connect, execute, fetch_all
 from lambdas.core.tables import TableName
 from rehearsal.broker import Broker
-from rehearsal.changestream import standalone_engine
 from rehearsal.compare import compare_databases
-from tests.integration.stream_env import running, wait_until
+from tests.integration.stream_env import fence, make_engine, running, wait_until
 
 MAIN = TableName("public", "r_main")
 PAIR = TableName("public", "r_pair")
@@ -203,14 +202,13 @@ def test_random_transactions_leave_the_target_equal_to_the_source(
     writer = Writer(source, random.Random(seed))
     for _ in range(150):
         writer.transaction()
-    engine = standalone_engine(
-        f"dbz-rand-{seed}",
+    engine = make_engine(
         src,
         tgt,
-        broker.bootstrap,
+        broker,
         tmp_path / "stream",
         TABLES,
-        debezium={"heartbeat_interval_ms": 1000},
+        name=f"dbz-rand-{seed}",
         batch_size=batch_size,
         batch_window_seconds=0.05,
     )
@@ -222,11 +220,7 @@ def test_random_transactions_leave_the_target_equal_to_the_source(
         for _ in range(600):
             writer.transaction()
         assert _keys(source) == (writer.main, writer.pair)  # the writer's idea of the keys held
-        control = connect(src)
-        try:
-            engine.wait_for_fence(control, timeout=120)
-        finally:
-            control.close()
+        fence(engine, src, timeout=120)
         # Then the target equals the source row for row, every column's text form, with no dead letter
         diffs = [d for d in compare_databases(src, tgt, TABLES) if not d.equal]
         assert diffs == [], diffs

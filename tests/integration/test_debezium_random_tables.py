@@ -25,7 +25,6 @@ import pytest
 
 from lambdas.core.db import connect, fetch_all
 from rehearsal.broker import Broker
-from rehearsal.changestream import standalone_engine
 from tests.integration.random_tables import (
     COLUMN_TYPES,
     KEY_KINDS,
@@ -40,7 +39,7 @@ from tests.integration.random_tables import (
     pick,
     random_row,
 )
-from tests.integration.stream_env import running, wait_until
+from tests.integration.stream_env import fence, make_engine, running, wait_until
 
 # What Debezium carries: the generators, but arrays in one dimension from index 1 and no date BC (which its
 # snapshot sends as AD); preflight refuses tables holding those
@@ -88,14 +87,13 @@ def test_random_tables_arrive_exactly_through_snapshot_and_stream(
     rng.shuffle(keys)
     rows, fresh = keys[: case.rows], keys[case.rows :]
     insert_rows(src, case, [random_row(case, rng, k) for k in rows], clustered=case.clustered)
-    engine = standalone_engine(
-        f"dbz-random-{seed}",
+    engine = make_engine(
         src,
         tgt,
-        broker.bootstrap,
+        broker,
         tmp_path / "stream",
         (TABLE,),
-        debezium={"heartbeat_interval_ms": 1000},
+        name=f"dbz-random-{seed}",
         batch_size=batch_size,
         batch_window_seconds=0.05,
     )
@@ -109,11 +107,7 @@ def test_random_tables_arrive_exactly_through_snapshot_and_stream(
         writer.stopping.set()
         writer.join(10)
         assert writer.error is None and writer.committed > 100, writer.error
-        control = connect(src)
-        try:
-            engine.wait_for_fence(control, timeout=120)
-        finally:
-            control.close()
+        fence(engine, src, timeout=120)
         # Then the target equals the source, every column's text form, with no dead letter
         target = connect(tgt)
         try:

@@ -30,7 +30,7 @@ from rehearsal.changestream import LocalChangeStream
 from rehearsal.compare import compare_databases
 from rehearsal.servers import PostgresServer
 from rehearsal.workload import Workload
-from tests.integration.stream_env import make_engine, running, wait_until
+from tests.integration.stream_env import fence, make_engine, running, wait_until
 
 TABLES = tuple(TableName.parse(t) for t in sample.SAMPLE_TABLES)
 
@@ -96,14 +96,6 @@ def snapshot_rows(tgt: str) -> dict[str, int]:
         return {name: int(n) for name, n in fetch_all(target, "SELECT table_name, snapshot_rows FROM _zdm.dbz_tables")}
     finally:
         target.close()
-
-
-def fence(engine: DebeziumEngine, src: str, timeout: float = 60) -> None:
-    source = connect(src)
-    try:
-        engine.wait_for_fence(source, timeout=timeout)
-    finally:
-        source.close()
 
 
 def assert_converged(src: str, tgt: str, tables: Sequence[TableName] = TABLES) -> None:
